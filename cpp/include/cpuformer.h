@@ -1,0 +1,12 @@
+// cpuformer.h: everything in the cpuformer C++ core.
+#pragma once
+
+#include "cpuformer/activations.h"
+#include "cpuformer/common.h"
+#include "cpuformer/embedding.h"
+#include "cpuformer/layernorm.h"
+#include "cpuformer/loss.h"
+#include "cpuformer/matmul.h"
+#include "cpuformer/optim.h"
+#include "cpuformer/runtime.h"
+#include "cpuformer/softmax.h"

@@ -1,0 +1,30 @@
+// cpuformer/activations.h: element-wise activations (optionally fused with a bias add), dropout, residual add.
+#pragma once
+
+#include <cstdint>
+
+#include "cpuformer/common.h"
+
+namespace cpuformer {
+
+enum class Activation { kIdentity, kRelu, kGeluErf, kGeluTanh };
+
+// out[r, c] = act(inp[r, c] + bias[c]); bias may be null. out may alias inp.
+void activation_forward(float* out, const float* inp, const float* bias, index_t rows, index_t cols,
+                        Activation act);
+// dinp = dout * act'(inp + bias), where inp is the PRE-activation input given to forward; dinp may alias dout.
+// dbias += column sums of dinp when dbias is non-null (the fused bias gradient).
+void activation_backward(float* dinp, float* dbias, const float* dout, const float* inp, const float* bias,
+                         index_t rows, index_t cols, Activation act);
+
+// Inverted dropout: out = inp * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from a counter-based hash of
+// (seed, element index), so the mask does not depend on the thread count and backward regenerates it
+// instead of storing it. mask (uint8, may be null) receives the keep flags.
+void dropout_forward(float* out, std::uint8_t* mask, const float* inp, index_t n, float p, std::uint64_t seed);
+// dinp = dout * keep / (1 - p) with keep regenerated from (seed, index).
+void dropout_backward(float* dinp, const float* dout, index_t n, float p, std::uint64_t seed);
+
+// out = a + b (out may alias a or b).
+void residual_forward(float* out, const float* a, const float* b, index_t n);
+
+}  // namespace cpuformer

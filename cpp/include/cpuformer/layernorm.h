@@ -1,0 +1,20 @@
+// cpuformer/layernorm.h: layer normalization over the last axis, inp (rows, C).
+#pragma once
+
+#include "cpuformer/common.h"
+
+namespace cpuformer {
+
+// out = (inp - mean) * rstd * weight + bias; saves mean and rstd (rows) for backward.
+// weight and bias may be null (no affine transform); mean/rstd may be null in inference.
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                       const float* bias, index_t rows, index_t C, float eps);
+
+// dinp = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight   (dinp overwritten;
+// when accumulate_dinp is true it is added to dinp instead, which fuses the residual-branch sum)
+// dweight += sum_rows(dout * xhat), dbias += sum_rows(dout)   (either may be null)
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                        const float* weight, const float* mean, const float* rstd, index_t rows, index_t C,
+                        bool accumulate_dinp = false);
+
+}  // namespace cpuformer

@@ -1,0 +1,26 @@
+// cpuformer/matmul.h: single-precision GEMM.
+#pragma once
+
+#include "cpuformer/common.h"
+
+namespace cpuformer {
+
+// C[M,N] = alpha * op(A)[M,K] * op(B)[K,N] + beta * C + bias[N]   (bias broadcast over rows; may be null)
+//   op(A) = A (A is M x K, row stride lda) or A^T (A stored K x M) when trans_a; likewise op(B).
+//   beta == 0 means C is write-only (its old contents, even NaN, are ignored).
+// Packed panels, cache blocking, a 6x16 AVX2/FMA register-blocked micro-kernel, OpenMP over blocks.
+void sgemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
+           const float* B, index_t ldb, float beta, float* C, index_t ldc, const float* bias = nullptr);
+
+// The same over `batch` independent problems at element strides stride_a/b/c (stride 0 broadcasts an operand).
+void sgemm_strided_batched(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
+                           const float* A, index_t lda, index_t stride_a, const float* B, index_t ldb,
+                           index_t stride_b, float beta, float* C, index_t ldc, index_t stride_c, index_t batch,
+                           const float* bias = nullptr);
+
+// Plain triple loop with double accumulation: the reference the tests and the C++ test program compare against.
+void sgemm_ref(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha, const float* A,
+               index_t lda, const float* B, index_t ldb, float beta, float* C, index_t ldc,
+               const float* bias = nullptr);
+
+}  // namespace cpuformer

@@ -1,0 +1,227 @@
+// activations.cpp: ReLU / GELU (erf and tanh forms) fused with an optional bias add, dropout, residual add.
+#include "cpuformer/activations.h"
+
+#include <cmath>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+
+namespace cpuformer {
+namespace {
+
+constexpr index_t kMinElemsPerThread = 1 << 15;
+constexpr float kSqrt1_2 = 0.70710678118654752440f;
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;   // 1/sqrt(2 pi)
+constexpr float kSqrt2OverPi = 0.79788456080286535588f;  // sqrt(2/pi)
+constexpr float kGeluCoef = 0.044715f;
+
+index_t rows_per_chunk(index_t cols) { return std::max<index_t>(1, kMinElemsPerThread / std::max<index_t>(1, cols)); }
+
+float act_scalar(float x, Activation act) {
+  switch (act) {
+    case Activation::kRelu: return x > 0.0f ? x : 0.0f;
+    case Activation::kGeluErf: return 0.5f * x * (1.0f + std::erf(x * kSqrt1_2));
+    case Activation::kGeluTanh:
+      return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + kGeluCoef * x * x * x)));
+    default: return x;
+  }
+}
+
+// d act / dx at x
+float act_grad_scalar(float x, Activation act) {
+  switch (act) {
+    case Activation::kRelu: return x > 0.0f ? 1.0f : 0.0f;  // PyTorch: relu'(0) = 0
+    case Activation::kGeluErf:
+      return 0.5f * (1.0f + std::erf(x * kSqrt1_2)) + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
+    case Activation::kGeluTanh: {
+      const float t = std::tanh(kSqrt2OverPi * (x + kGeluCoef * x * x * x));
+      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
+    }
+    default: return 1.0f;
+  }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static inline __m256 act_avx2(__m256 x, Activation act) {
+  using namespace simd;
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  switch (act) {
+    case Activation::kRelu: return _mm256_max_ps(x, _mm256_setzero_ps());
+    case Activation::kGeluErf:
+      return _mm256_mul_ps(_mm256_mul_ps(half, x),
+                           _mm256_add_ps(one, erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(kSqrt1_2)))));
+    case Activation::kGeluTanh: {
+      const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+      const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi), _mm256_fmadd_ps(_mm256_set1_ps(kGeluCoef), x3, x));
+      return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh_ps(u)));
+    }
+    default: return x;
+  }
+}
+
+CPUFORMER_AVX2 static inline __m256 act_grad_avx2(__m256 x, Activation act) {
+  using namespace simd;
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
+  switch (act) {
+    case Activation::kRelu:
+      return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ), one);
+    case Activation::kGeluErf: {
+      const __m256 cdf = _mm256_mul_ps(half, _mm256_add_ps(one, erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(kSqrt1_2)))));
+      const __m256 pdf = _mm256_mul_ps(_mm256_set1_ps(kInvSqrt2Pi),
+                                       exp_ps(_mm256_mul_ps(_mm256_set1_ps(-0.5f), _mm256_mul_ps(x, x))));
+      return _mm256_fmadd_ps(x, pdf, cdf);
+    }
+    case Activation::kGeluTanh: {
+      const __m256 x2 = _mm256_mul_ps(x, x);
+      const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
+                                     _mm256_fmadd_ps(_mm256_set1_ps(kGeluCoef), _mm256_mul_ps(x2, x), x));
+      const __m256 t = tanh_ps(u);
+      const __m256 du = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
+                                      _mm256_fmadd_ps(_mm256_set1_ps(3.0f * kGeluCoef), x2, one));
+      const __m256 left = _mm256_mul_ps(half, _mm256_add_ps(one, t));
+      const __m256 right = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(_mm256_fnmadd_ps(t, t, one), du));
+      return _mm256_add_ps(left, right);
+    }
+    default: return one;
+  }
+}
+
+CPUFORMER_AVX2 static void forward_rows_avx2(float* out, const float* inp, const float* bias, index_t r0, index_t r1,
+                                             index_t cols, Activation act) {
+  using namespace simd;
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = inp + r * cols;
+    float* y = out + r * cols;
+    index_t j = 0;
+    for (; j + kWidth <= cols; j += kWidth) {
+      __m256 v = _mm256_loadu_ps(x + j);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+      _mm256_storeu_ps(y + j, act_avx2(v, act));
+    }
+    for (; j < cols; ++j) y[j] = act_scalar(bias ? x[j] + bias[j] : x[j], act);
+  }
+}
+
+CPUFORMER_AVX2 static void backward_rows_avx2(float* dinp, double* dbias_part, const float* dout, const float* inp,
+                                              const float* bias, index_t r0, index_t r1, index_t cols,
+                                              Activation act) {
+  using namespace simd;
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = inp + r * cols;
+    const float* dy = dout + r * cols;
+    float* dx = dinp + r * cols;
+    index_t j = 0;
+    for (; j + kWidth <= cols; j += kWidth) {
+      __m256 v = _mm256_loadu_ps(x + j);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+      const __m256 g = _mm256_mul_ps(_mm256_loadu_ps(dy + j), act_grad_avx2(v, act));
+      _mm256_storeu_ps(dx + j, g);
+    }
+    for (; j < cols; ++j) dx[j] = dy[j] * act_grad_scalar(bias ? x[j] + bias[j] : x[j], act);
+    if (dbias_part)
+      for (j = 0; j < cols; ++j) dbias_part[j] += dx[j];
+  }
+}
+#endif
+
+void forward_rows_scalar(float* out, const float* inp, const float* bias, index_t r0, index_t r1, index_t cols,
+                         Activation act) {
+  for (index_t r = r0; r < r1; ++r)
+    for (index_t j = 0; j < cols; ++j) {
+      const float v = bias ? inp[r * cols + j] + bias[j] : inp[r * cols + j];
+      out[r * cols + j] = act_scalar(v, act);
+    }
+}
+
+void backward_rows_scalar(float* dinp, double* dbias_part, const float* dout, const float* inp, const float* bias,
+                          index_t r0, index_t r1, index_t cols, Activation act) {
+  for (index_t r = r0; r < r1; ++r)
+    for (index_t j = 0; j < cols; ++j) {
+      const float v = bias ? inp[r * cols + j] + bias[j] : inp[r * cols + j];
+      const float g = dout[r * cols + j] * act_grad_scalar(v, act);
+      dinp[r * cols + j] = g;
+      if (dbias_part) dbias_part[j] += g;
+    }
+}
+
+// splitmix64 finaliser: a counter-based generator, so element i's draw depends only on (seed, i).
+inline std::uint64_t mix64(std::uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+inline bool dropout_keep(std::uint64_t seed, index_t i, std::uint32_t threshold) {
+  const std::uint64_t h = mix64(seed * 0x9e3779b97f4a7c15ULL + static_cast<std::uint64_t>(i) + 0x632be59bd9b4e019ULL);
+  return static_cast<std::uint32_t>(h >> 40) >= threshold;  // 24 random bits against p * 2^24
+}
+std::uint32_t dropout_threshold(float p) { return static_cast<std::uint32_t>(std::llround(double(p) * (1 << 24))); }
+
+}  // namespace
+
+void activation_forward(float* out, const float* inp, const float* bias, index_t rows, index_t cols,
+                        Activation act) {
+  CPUFORMER_CHECK(rows >= 0 && cols >= 0, "activation_forward: negative size");
+  detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int) {
+#ifdef CPUFORMER_HAVE_AVX2
+    if (detail::use_avx2()) return forward_rows_avx2(out, inp, bias, r0, r1, cols, act);
+#endif
+    forward_rows_scalar(out, inp, bias, r0, r1, cols, act);
+  });
+}
+
+void activation_backward(float* dinp, float* dbias, const float* dout, const float* inp, const float* bias,
+                         index_t rows, index_t cols, Activation act) {
+  CPUFORMER_CHECK(rows >= 0 && cols >= 0, "activation_backward: negative size");
+  const int nt = detail::kernel_threads();
+  std::vector<double> partial(dbias ? static_cast<size_t>(nt) * cols : 0, 0.0);
+  std::vector<char> used(nt, 0);
+  detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int t) {
+    double* part = dbias ? partial.data() + static_cast<size_t>(t) * cols : nullptr;
+    used[t] = 1;
+#ifdef CPUFORMER_HAVE_AVX2
+    if (detail::use_avx2()) return backward_rows_avx2(dinp, part, dout, inp, bias, r0, r1, cols, act);
+#endif
+    backward_rows_scalar(dinp, part, dout, inp, bias, r0, r1, cols, act);
+  });
+  if (!dbias) return;
+  for (index_t j = 0; j < cols; ++j) {
+    double s = 0.0;
+    for (int t = 0; t < nt; ++t)
+      if (used[t]) s += partial[static_cast<size_t>(t) * cols + j];
+    dbias[j] += static_cast<float>(s);
+  }
+}
+
+void dropout_forward(float* out, std::uint8_t* mask, const float* inp, index_t n, float p, std::uint64_t seed) {
+  CPUFORMER_CHECK(n >= 0, "dropout_forward: negative size");
+  CPUFORMER_CHECK(p >= 0.0f && p < 1.0f, "dropout_forward: p must be in [0, 1), got ", p);
+  const std::uint32_t threshold = dropout_threshold(p);
+  const float scale = 1.0f / (1.0f - p);
+  detail::parallel_for(n, kMinElemsPerThread, [&](index_t i0, index_t i1, int) {
+    for (index_t i = i0; i < i1; ++i) {
+      const bool keep = dropout_keep(seed, i, threshold);
+      out[i] = keep ? inp[i] * scale : 0.0f;
+      if (mask) mask[i] = keep;
+    }
+  });
+}
+
+void dropout_backward(float* dinp, const float* dout, index_t n, float p, std::uint64_t seed) {
+  CPUFORMER_CHECK(n >= 0, "dropout_backward: negative size");
+  CPUFORMER_CHECK(p >= 0.0f && p < 1.0f, "dropout_backward: p must be in [0, 1), got ", p);
+  const std::uint32_t threshold = dropout_threshold(p);
+  const float scale = 1.0f / (1.0f - p);
+  detail::parallel_for(n, kMinElemsPerThread, [&](index_t i0, index_t i1, int) {
+    for (index_t i = i0; i < i1; ++i) dinp[i] = dropout_keep(seed, i, threshold) ? dout[i] * scale : 0.0f;
+  });
+}
+
+void residual_forward(float* out, const float* a, const float* b, index_t n) {
+  CPUFORMER_CHECK(n >= 0, "residual_forward: negative size");
+  detail::parallel_for(n, kMinElemsPerThread * 4, [&](index_t i0, index_t i1, int) {
+    for (index_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+  });
+}
+
+}  // namespace cpuformer

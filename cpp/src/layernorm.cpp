@@ -1,0 +1,142 @@
+// layernorm.cpp: LayerNorm over the last axis, inp (rows, C), forward and backward.
+// Backward is parallel over rows for dinp, with per-thread partial sums for dweight/dbias that are then reduced
+// in a fixed order (deterministic for a fixed thread count), as PyTorch's CPU kernel does.
+#include "cpuformer/layernorm.h"
+
+#include <cmath>
+#include <vector>
+
+#include "parallel.h"
+#include "simd.h"
+
+namespace cpuformer {
+namespace {
+
+constexpr index_t kMinElemsPerThread = 1 << 14;
+
+index_t rows_per_chunk(index_t C) { return std::max<index_t>(1, kMinElemsPerThread / std::max<index_t>(1, C)); }
+
+// Mean and variance of one row; double accumulation over a two-pass scheme (no catastrophic cancellation).
+void row_moments(const float* x, index_t C, float& mean, float& var) {
+  double s = 0.0;
+  for (index_t j = 0; j < C; ++j) s += x[j];
+  const double m = s / C;
+  double ss = 0.0;
+  for (index_t j = 0; j < C; ++j) {
+    const double d = x[j] - m;
+    ss += d * d;
+  }
+  mean = static_cast<float>(m);
+  var = static_cast<float>(ss / C);
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static void row_moments_avx2(const float* x, index_t C, float& mean, float& var) {
+  using namespace simd;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  index_t j = 0;
+  for (; j + 16 <= C; j += 16) {
+    s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + j));
+    s1 = _mm256_add_ps(s1, _mm256_loadu_ps(x + j + 8));
+  }
+  double s = hsum(_mm256_add_ps(s0, s1));
+  for (; j < C; ++j) s += x[j];
+  const float m = static_cast<float>(s / C);
+  const __m256 vm = _mm256_set1_ps(m);
+  __m256 q0 = _mm256_setzero_ps(), q1 = _mm256_setzero_ps();
+  for (j = 0; j + 16 <= C; j += 16) {
+    const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + j), vm);
+    const __m256 d1 = _mm256_sub_ps(_mm256_loadu_ps(x + j + 8), vm);
+    q0 = _mm256_fmadd_ps(d0, d0, q0);
+    q1 = _mm256_fmadd_ps(d1, d1, q1);
+  }
+  double ss = hsum(_mm256_add_ps(q0, q1));
+  for (; j < C; ++j) ss += static_cast<double>(x[j] - m) * (x[j] - m);
+  mean = m;
+  var = static_cast<float>(ss / C);
+}
+#endif
+
+void moments(const float* x, index_t C, float& mean, float& var) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return row_moments_avx2(x, C, mean, var);
+#endif
+  row_moments(x, C, mean, var);
+}
+
+}  // namespace
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                       const float* bias, index_t rows, index_t C, float eps) {
+  CPUFORMER_CHECK(rows >= 0 && C >= 1, "layernorm_forward: bad size rows=", rows, " C=", C);
+  CPUFORMER_CHECK(eps >= 0.0f && std::isfinite(eps), "layernorm_forward: eps must be finite and >= 0, got ", eps);
+  detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int) {
+    for (index_t r = r0; r < r1; ++r) {
+      const float* x = inp + r * C;
+      float m, var;
+      moments(x, C, m, var);
+      const float rs = 1.0f / std::sqrt(var + eps);
+      float* y = out + r * C;
+      for (index_t j = 0; j < C; ++j) {
+        float v = (x[j] - m) * rs;
+        if (weight) v *= weight[j];
+        if (bias) v += bias[j];
+        y[j] = v;
+      }
+      if (mean) mean[r] = m;
+      if (rstd) rstd[r] = rs;
+    }
+  });
+}
+
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                        const float* weight, const float* mean, const float* rstd, index_t rows, index_t C,
+                        bool accumulate_dinp) {
+  CPUFORMER_CHECK(rows >= 0 && C >= 1, "layernorm_backward: bad size rows=", rows, " C=", C);
+  const int nt = detail::kernel_threads();
+  const bool need_params = dweight || dbias;
+  // Per-thread partial sums of dweight (first C) and dbias (next C).
+  std::vector<double> partial(need_params ? static_cast<size_t>(nt) * 2 * C : 0, 0.0);
+  std::vector<char> used(nt, 0);
+  detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int t) {
+    double* pw = need_params ? partial.data() + static_cast<size_t>(t) * 2 * C : nullptr;
+    used[t] = 1;
+    for (index_t r = r0; r < r1; ++r) {
+      const float* x = inp + r * C;
+      const float* dy = dout + r * C;
+      const float m = mean[r], rs = rstd[r];
+      double sum_g = 0.0, sum_gx = 0.0;
+      for (index_t j = 0; j < C; ++j) {
+        const float xh = (x[j] - m) * rs;
+        const float g = weight ? dy[j] * weight[j] : dy[j];
+        sum_g += g;
+        sum_gx += static_cast<double>(g) * xh;
+        if (pw) {
+          pw[j] += static_cast<double>(dy[j]) * xh;
+          pw[C + j] += dy[j];
+        }
+      }
+      const float mg = static_cast<float>(sum_g / C), mgx = static_cast<float>(sum_gx / C);
+      float* dx = dinp + r * C;
+      for (index_t j = 0; j < C; ++j) {
+        const float xh = (x[j] - m) * rs;
+        const float g = weight ? dy[j] * weight[j] : dy[j];
+        const float v = rs * (g - mg - xh * mgx);
+        dx[j] = accumulate_dinp ? dx[j] + v : v;
+      }
+    }
+  });
+  if (!need_params) return;
+  for (index_t j = 0; j < C; ++j) {  // fixed reduction order over threads
+    double w = 0.0, b = 0.0;
+    for (int t = 0; t < nt; ++t) {
+      if (!used[t]) continue;
+      w += partial[static_cast<size_t>(t) * 2 * C + j];
+      b += partial[static_cast<size_t>(t) * 2 * C + C + j];
+    }
+    if (dweight) dweight[j] += static_cast<float>(w);
+    if (dbias) dbias[j] += static_cast<float>(b);
+  }
+}
+
+}  // namespace cpuformer

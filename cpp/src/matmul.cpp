@@ -1,0 +1,441 @@
+// matmul.cpp: single-precision GEMM, C = alpha * op(A) * op(B) + beta * C + bias.
+//
+// Structure (GotoBLAS/BLIS "five loops around a micro-kernel", see shared design note kernels.md section 1):
+//   for jc (NC columns of C)        B panel kc x nc packed once per (jc, pc), shared by all threads (L3)
+//     for pc (KC of the K dimension)
+//       for ic (MC rows, split over threads)   A block mc x kc packed per thread (L2)
+//         for jr (NR-wide B slivers, L1) / for ir (MR-tall A slivers): 6x16 micro-kernel in registers
+// Transposes are absorbed by the pack routines; the micro-kernel only sees packed, zero-padded panels, so any
+// M, N, K (1 and odd sizes included) runs the same full-tile kernel and edges are cut at write-back.
+#include "cpuformer/matmul.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+
+#include "parallel.h"
+#include "simd.h"
+
+namespace cpuformer {
+namespace {
+
+constexpr int MR = 6;    // micro-tile rows (broadcasts of A)
+constexpr int NR = 16;   // micro-tile columns (two 8-float vectors of B)
+constexpr index_t KC = 256;   // B sliver KC x NR = 16 KiB: half of L1d
+constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
+constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
+
+// Below this many multiply-adds a GEMM runs on one thread: a parallel region costs more than it saves.
+constexpr index_t kMinMacsPerThread = 128 * 64 * 64;
+
+// Grow-only 64-byte-aligned scratch, one per thread (no allocation per call once warm).
+struct Scratch {
+  float* data = nullptr;
+  index_t capacity = 0;
+  ~Scratch() { std::free(data); }
+  float* get(index_t n) {
+    if (n > capacity) {
+      std::free(data);
+      const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
+      data = static_cast<float*>(std::aligned_alloc(64, bytes));
+      if (!data) throw std::bad_alloc();
+      capacity = n;
+    }
+    return data;
+  }
+};
+thread_local Scratch t_pack_a;
+thread_local Scratch t_pack_b;
+
+struct GemmArgs {
+  bool trans_a, trans_b;
+  index_t M, N, K;
+  float alpha;
+  const float* A;
+  index_t lda;
+  const float* B;
+  index_t ldb;
+  float beta;
+  float* C;
+  index_t ldc;
+  const float* bias;
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Packing. A sliver: for each k, MR consecutive rows (dst[k*MR + r]). B sliver: for each k, NR consecutive columns
+// (dst[k*NR + c]). Rows/columns past the edge are zero so the kernel always computes a full tile.
+
+void pack_a_block(float* dst, const GemmArgs& g, index_t i0, index_t p0, index_t mc, index_t kc) {
+  for (index_t s = 0; s < mc; s += MR) {
+    const int mr = static_cast<int>(std::min<index_t>(MR, mc - s));
+    float* d = dst + s * kc;
+    if (g.trans_a) {  // op(A)[i, k] = A[k, i]: the MR values of one k are contiguous
+      for (index_t k = 0; k < kc; ++k) {
+        const float* src = g.A + (p0 + k) * g.lda + i0 + s;
+        int r = 0;
+        for (; r < mr; ++r) d[k * MR + r] = src[r];
+        for (; r < MR; ++r) d[k * MR + r] = 0.0f;
+      }
+    } else {  // op(A)[i, k] = A[i, k]: gather MR row streams
+      const float* rows[MR];
+      for (int r = 0; r < MR; ++r) rows[r] = g.A + (i0 + s + std::min(r, mr - 1)) * g.lda + p0;
+      for (index_t k = 0; k < kc; ++k) {
+        for (int r = 0; r < MR; ++r) d[k * MR + r] = r < mr ? rows[r][k] : 0.0f;
+      }
+    }
+  }
+}
+
+void pack_b_sliver_scalar(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc, int nr) {
+  if (g.trans_b) {  // op(B)[k, j] = B[j, k]: each column j is a contiguous run along k
+    for (int c = 0; c < NR; ++c) {
+      if (c < nr) {
+        const float* src = g.B + (j0 + c) * g.ldb + p0;
+        for (index_t k = 0; k < kc; ++k) d[k * NR + c] = src[k];
+      } else {
+        for (index_t k = 0; k < kc; ++k) d[k * NR + c] = 0.0f;
+      }
+    }
+  } else {  // op(B)[k, j] = B[k, j]: NR contiguous floats per k
+    for (index_t k = 0; k < kc; ++k) {
+      const float* src = g.B + (p0 + k) * g.ldb + j0;
+      int c = 0;
+      for (; c < nr; ++c) d[k * NR + c] = src[c];
+      for (; c < NR; ++c) d[k * NR + c] = 0.0f;
+    }
+  }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+// Transposed B (the forward of a Linear layer, W^T): load 8 k-values from each of 8 columns, transpose the 8x8
+// block in registers, store 8 rows of the sliver. Edges fall back to the scalar routine.
+CPUFORMER_AVX2 static void transpose8_store(float* d, const float* const* src, index_t k, int col0) {
+  __m256 r0 = _mm256_loadu_ps(src[0] + k), r1 = _mm256_loadu_ps(src[1] + k);
+  __m256 r2 = _mm256_loadu_ps(src[2] + k), r3 = _mm256_loadu_ps(src[3] + k);
+  __m256 r4 = _mm256_loadu_ps(src[4] + k), r5 = _mm256_loadu_ps(src[5] + k);
+  __m256 r6 = _mm256_loadu_ps(src[6] + k), r7 = _mm256_loadu_ps(src[7] + k);
+  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  float* o = d + k * NR + col0;
+  _mm256_storeu_ps(o + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(o + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(o + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(o + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(o + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(o + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(o + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(o + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
+CPUFORMER_AVX2 static void pack_b_sliver_avx2(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc,
+                                              int nr) {
+  if (!g.trans_b) {
+    if (nr == NR) {
+      for (index_t k = 0; k < kc; ++k) {
+        const float* src = g.B + (p0 + k) * g.ldb + j0;
+        _mm256_store_ps(d + k * NR, _mm256_loadu_ps(src));
+        _mm256_store_ps(d + k * NR + 8, _mm256_loadu_ps(src + 8));
+      }
+      return;
+    }
+    pack_b_sliver_scalar(d, g, p0, j0, kc, nr);
+    return;
+  }
+  if (nr != NR) {
+    pack_b_sliver_scalar(d, g, p0, j0, kc, nr);
+    return;
+  }
+  const float* src[NR];
+  for (int c = 0; c < NR; ++c) src[c] = g.B + (j0 + c) * g.ldb + p0;
+  index_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    transpose8_store(d, src, k, 0);
+    transpose8_store(d, src + 8, k, 8);
+  }
+  for (; k < kc; ++k)
+    for (int c = 0; c < NR; ++c) d[k * NR + c] = src[c][k];
+}
+#endif
+
+void pack_b_sliver(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc, int nr) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return pack_b_sliver_avx2(d, g, p0, j0, kc, nr);
+#endif
+  pack_b_sliver_scalar(d, g, p0, j0, kc, nr);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Micro-kernels: acc[MR x NR] = sum_k a[k, :] outer b[k, :], then C = alpha * acc + beta * C (+ bias), only the
+// top-left mr x nr of the tile is written. beta == 0 never reads C.
+
+void tile_writeback(const float* acc, float* c, index_t ldc, float alpha, float beta, const float* bias, int mr,
+                    int nr) {
+  for (int r = 0; r < mr; ++r) {
+    for (int j = 0; j < nr; ++j) {
+      float v = alpha * acc[r * NR + j];
+      if (beta != 0.0f) v += beta * c[r * ldc + j];
+      if (bias) v += bias[j];
+      c[r * ldc + j] = v;
+    }
+  }
+}
+
+void kernel_scalar(index_t kc, const float* a, const float* b, float* c, index_t ldc, float alpha, float beta,
+                   const float* bias, int mr, int nr) {
+  float acc[MR * NR] = {};
+  for (index_t k = 0; k < kc; ++k) {
+    for (int r = 0; r < MR; ++r) {
+      const float ar = a[k * MR + r];
+      for (int j = 0; j < NR; ++j) acc[r * NR + j] += ar * b[k * NR + j];
+    }
+  }
+  tile_writeback(acc, c, ldc, alpha, beta, bias, mr, nr);
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static inline void row_writeback(float* c, __m256 x0, __m256 x1, __m256 alpha, float beta,
+                                                __m256 bias0, __m256 bias1) {
+  x0 = _mm256_fmadd_ps(x0, alpha, bias0);
+  x1 = _mm256_fmadd_ps(x1, alpha, bias1);
+  if (beta != 0.0f) {
+    const __m256 vb = _mm256_set1_ps(beta);
+    x0 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c), x0);
+    x1 = _mm256_fmadd_ps(vb, _mm256_loadu_ps(c + 8), x1);
+  }
+  _mm256_storeu_ps(c, x0);
+  _mm256_storeu_ps(c + 8, x1);
+}
+
+// 12 named accumulators (an indexed array made GCC spill them to the stack on every k step).
+CPUFORMER_AVX2 static void kernel_avx2(index_t kc, const float* a, const float* b, float* c, index_t ldc,
+                                       float alpha, float beta, const float* bias, int mr, int nr) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
+         c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
+         c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
+         c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+#pragma GCC unroll 4
+  for (index_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
+    _mm_prefetch(reinterpret_cast<const char*>(a + 8 * MR), _MM_HINT_T0);
+    __m256 av = _mm256_broadcast_ss(a + 0);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    av = _mm256_broadcast_ss(a + 1);
+    c10 = _mm256_fmadd_ps(av, b0, c10);
+    c11 = _mm256_fmadd_ps(av, b1, c11);
+    av = _mm256_broadcast_ss(a + 2);
+    c20 = _mm256_fmadd_ps(av, b0, c20);
+    c21 = _mm256_fmadd_ps(av, b1, c21);
+    av = _mm256_broadcast_ss(a + 3);
+    c30 = _mm256_fmadd_ps(av, b0, c30);
+    c31 = _mm256_fmadd_ps(av, b1, c31);
+    av = _mm256_broadcast_ss(a + 4);
+    c40 = _mm256_fmadd_ps(av, b0, c40);
+    c41 = _mm256_fmadd_ps(av, b1, c41);
+    av = _mm256_broadcast_ss(a + 5);
+    c50 = _mm256_fmadd_ps(av, b0, c50);
+    c51 = _mm256_fmadd_ps(av, b1, c51);
+    a += MR;
+    b += NR;
+  }
+  if (mr == MR && nr == NR) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+    const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+    row_writeback(c + 0 * ldc, c00, c01, va, beta, bias0, bias1);
+    row_writeback(c + 1 * ldc, c10, c11, va, beta, bias0, bias1);
+    row_writeback(c + 2 * ldc, c20, c21, va, beta, bias0, bias1);
+    row_writeback(c + 3 * ldc, c30, c31, va, beta, bias0, bias1);
+    row_writeback(c + 4 * ldc, c40, c41, va, beta, bias0, bias1);
+    row_writeback(c + 5 * ldc, c50, c51, va, beta, bias0, bias1);
+    return;
+  }
+  alignas(32) float acc[MR * NR];
+  _mm256_store_ps(acc + 0 * NR, c00), _mm256_store_ps(acc + 0 * NR + 8, c01);
+  _mm256_store_ps(acc + 1 * NR, c10), _mm256_store_ps(acc + 1 * NR + 8, c11);
+  _mm256_store_ps(acc + 2 * NR, c20), _mm256_store_ps(acc + 2 * NR + 8, c21);
+  _mm256_store_ps(acc + 3 * NR, c30), _mm256_store_ps(acc + 3 * NR + 8, c31);
+  _mm256_store_ps(acc + 4 * NR, c40), _mm256_store_ps(acc + 4 * NR + 8, c41);
+  _mm256_store_ps(acc + 5 * NR, c50), _mm256_store_ps(acc + 5 * NR + 8, c51);
+  tile_writeback(acc, c, ldc, alpha, beta, bias, mr, nr);
+}
+#endif
+
+using KernelFn = void (*)(index_t, const float*, const float*, float*, index_t, float, float, const float*, int, int);
+
+KernelFn select_kernel() {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return kernel_avx2;
+#endif
+  return kernel_scalar;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The blocked driver, run by every thread of a team (tid of nt). b_panel is shared by the team.
+
+// A barrier of the GEMM's own team. With nt == 1 it must do nothing: an orphaned `omp barrier` binds to whatever
+// team encloses the call (the batch loop of sgemm_strided_batched runs single-threaded GEMMs inside one).
+inline void team_barrier(int nt) {
+#ifdef _OPENMP
+  if (nt > 1) {
+#pragma omp barrier
+  }
+#else
+  (void)nt;
+#endif
+}
+
+void gemm_team(const GemmArgs& g, float* b_panel, int tid, int nt) {
+  const KernelFn kernel = select_kernel();
+  // Balance the row blocks over the team: a block count that is a multiple of nt, each a multiple of MR rows.
+  index_t m_blocks = (g.M + MC - 1) / MC;
+  const bool split_rows = m_blocks >= nt;
+  if (split_rows) m_blocks = (m_blocks + nt - 1) / nt * nt;
+  index_t mc = (g.M + m_blocks - 1) / m_blocks;
+  mc = (mc + MR - 1) / MR * MR;
+  m_blocks = (g.M + mc - 1) / mc;
+  float* a_pack = t_pack_a.get(mc * KC);
+
+  for (index_t jc = 0; jc < g.N; jc += NC) {
+    const index_t nc = std::min(NC, g.N - jc);
+    const index_t slivers = (nc + NR - 1) / NR;
+    for (index_t pc = 0; pc < g.K; pc += KC) {
+      const index_t kc = std::min(KC, g.K - pc);
+      const bool first = pc == 0, last = pc + kc == g.K;
+      const float beta = first ? g.beta : 1.0f;
+      // 1. The team packs the B panel together.
+      for (index_t s = slivers * tid / nt; s < slivers * (tid + 1) / nt; ++s) {
+        const int nr = static_cast<int>(std::min<index_t>(NR, nc - s * NR));
+        pack_b_sliver(b_panel + s * NR * kc, g, pc, jc + s * NR, kc, nr);
+      }
+      team_barrier(nt);
+      // 2. Each thread takes whole row blocks (or, for short M, a share of the B slivers of every block).
+      const index_t ib0 = split_rows ? m_blocks * tid / nt : 0;
+      const index_t ib1 = split_rows ? m_blocks * (tid + 1) / nt : m_blocks;
+      const index_t s0 = split_rows ? 0 : slivers * tid / nt;
+      const index_t s1 = split_rows ? slivers : slivers * (tid + 1) / nt;
+      if (s0 < s1) {
+        for (index_t ib = ib0; ib < ib1; ++ib) {
+          const index_t ic = ib * mc;
+          const index_t mcur = std::min(mc, g.M - ic);
+          pack_a_block(a_pack, g, ic, pc, mcur, kc);
+          for (index_t s = s0; s < s1; ++s) {
+            const index_t j = jc + s * NR;
+            const int nr = static_cast<int>(std::min<index_t>(NR, g.N - j));
+            const float* bs = b_panel + s * NR * kc;
+            const float* bias = last && g.bias ? g.bias + j : nullptr;
+            for (index_t ir = 0; ir < mcur; ir += MR) {
+              const int mr = static_cast<int>(std::min<index_t>(MR, mcur - ir));
+              kernel(kc, a_pack + ir * kc, bs, g.C + (ic + ir) * g.ldc + j, g.ldc, g.alpha, beta, bias, mr, nr);
+            }
+          }
+        }
+      }
+      team_barrier(nt);  // the panel is repacked next
+    }
+  }
+}
+
+// K == 0: the product is empty, C = beta * C + bias.
+void gemm_empty_k(const GemmArgs& g) {
+  for (index_t i = 0; i < g.M; ++i) {
+    for (index_t j = 0; j < g.N; ++j) {
+      float v = g.beta != 0.0f ? g.beta * g.C[i * g.ldc + j] : 0.0f;
+      if (g.bias) v += g.bias[j];
+      g.C[i * g.ldc + j] = v;
+    }
+  }
+}
+
+int threads_for(index_t M, index_t N, index_t K) {
+  const index_t macs = M * N * K;
+  const index_t useful = std::max<index_t>(1, macs / kMinMacsPerThread);
+  return static_cast<int>(std::min<index_t>(detail::kernel_threads(), useful));
+}
+
+void gemm_run(const GemmArgs& g, int nt) {
+  if (g.M == 0 || g.N == 0) return;
+  if (g.K == 0) return gemm_empty_k(g);
+  const index_t panel = KC * ((std::min(NC, g.N) + NR - 1) / NR * NR);
+  float* b_panel = t_pack_b.get(panel);
+  if (nt <= 1) return gemm_team(g, b_panel, 0, 1);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  gemm_team(g, b_panel, omp_get_thread_num(), omp_get_num_threads());
+#else
+  gemm_team(g, b_panel, 0, 1);
+#endif
+}
+
+void check_args(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, const float* A, index_t lda,
+                const float* B, index_t ldb, const float* C, index_t ldc) {
+  CPUFORMER_CHECK(M >= 0 && N >= 0 && K >= 0, "sgemm: negative size M=", M, " N=", N, " K=", K);
+  CPUFORMER_CHECK(lda >= std::max<index_t>(1, trans_a ? M : K), "sgemm: lda=", lda, " too small");
+  CPUFORMER_CHECK(ldb >= std::max<index_t>(1, trans_b ? K : N), "sgemm: ldb=", ldb, " too small");
+  CPUFORMER_CHECK(ldc >= std::max<index_t>(1, N), "sgemm: ldc=", ldc, " too small");
+  CPUFORMER_CHECK(M * N == 0 || C, "sgemm: C is null");
+  CPUFORMER_CHECK(M * N * K == 0 || (A && B), "sgemm: A or B is null");
+}
+
+}  // namespace
+
+void sgemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
+           const float* B, index_t ldb, float beta, float* C, index_t ldc, const float* bias) {
+  check_args(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+  const GemmArgs g{trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias};
+  gemm_run(g, threads_for(M, N, K));
+}
+
+void sgemm_strided_batched(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
+                           const float* A, index_t lda, index_t stride_a, const float* B, index_t ldb,
+                           index_t stride_b, float beta, float* C, index_t ldc, index_t stride_c, index_t batch,
+                           const float* bias) {
+  check_args(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+  CPUFORMER_CHECK(batch >= 0, "sgemm_strided_batched: negative batch ", batch);
+  CPUFORMER_CHECK(batch <= 1 || stride_c >= M * ldc, "sgemm_strided_batched: stride_c=", stride_c,
+                  " makes outputs overlap");
+  const auto args = [&](index_t b) {
+    return GemmArgs{trans_a, trans_b, M, N, K, alpha, A + b * stride_a, lda, B + b * stride_b, ldb,
+                    beta, C + b * stride_c, ldc, bias};
+  };
+  const int per_problem = threads_for(M, N, K);
+  const int all = detail::kernel_threads();
+  if (per_problem >= all || batch < 2) {
+    // Big problems: thread inside each one.
+    for (index_t b = 0; b < batch; ++b) gemm_run(args(b), per_problem);
+    return;
+  }
+  // Many small problems (attention heads, sequences): one thread per problem, problems split over the team.
+  detail::parallel_for(batch, std::max<index_t>(1, kMinMacsPerThread / std::max<index_t>(1, M * N * K)),
+                       [&](index_t b0, index_t b1, int) {
+                         for (index_t b = b0; b < b1; ++b) gemm_run(args(b), 1);
+                       });
+}
+
+void sgemm_ref(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha, const float* A,
+               index_t lda, const float* B, index_t ldb, float beta, float* C, index_t ldc, const float* bias) {
+  check_args(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+  for (index_t i = 0; i < M; ++i) {
+    for (index_t j = 0; j < N; ++j) {
+      double acc = 0.0;
+      for (index_t k = 0; k < K; ++k) {
+        const double a = trans_a ? A[k * lda + i] : A[i * lda + k];
+        const double b = trans_b ? B[j * ldb + k] : B[k * ldb + j];
+        acc += a * b;
+      }
+      double v = alpha * acc;
+      if (beta != 0.0f) v += static_cast<double>(beta) * C[i * ldc + j];
+      if (bias) v += bias[j];
+      C[i * ldc + j] = static_cast<float>(v);
+    }
+  }
+}
+
+}  // namespace cpuformer

@@ -1,0 +1,291 @@
+"""Functional kernels: forward and backward of every op the layers use.
+
+Conventions
+-----------
+* Float inputs are used without a copy when they are ``float32`` C-contiguous numpy arrays. Anything else that
+  ``numpy.asarray`` reads as real numbers (float64, float16, integer arrays, lists, torch CPU tensors) is
+  **converted to a float32 C-contiguous copy**. Complex, boolean, object and string data raise ``TypeError``.
+* Id and label inputs must be integers (any integer dtype; converted to int64); floats raise ``TypeError``.
+* Zero-size dimensions, wrong ranks and mismatched shapes raise ``ValueError`` naming the argument and shapes;
+  ids or labels out of range raise ``IndexError``. Checks happen before anything is computed.
+* Every kernel releases the GIL while it runs, so Python threads can call kernels concurrently.
+* Backward functions return input gradients; parameter gradients are returned as new arrays unless the function
+  says it accumulates into an array you pass.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import _core
+
+__all__ = [
+    "matmul", "gemm", "softmax", "softmax_backward", "log_softmax", "log_softmax_backward",
+    "layer_norm", "layer_norm_forward", "layer_norm_backward", "gelu", "gelu_backward", "relu", "relu_backward",
+    "bias_activation", "bias_activation_backward", "dropout", "dropout_backward", "add",
+    "embedding", "embedding_backward", "cross_entropy", "cross_entropy_with_grad", "adamw_step", "sum_squares",
+]
+
+_GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+def _f32(x, name: str) -> np.ndarray:
+    """x as a float32 C-contiguous array: no copy when it already is one."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.flags.c_contiguous:
+        return x
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # e.g. a tensor that needs .detach()
+        raise TypeError(f"{name}: cannot read {type(x).__name__} as an array ({exc})") from exc
+    if arr.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def _opt_f32(x, name: str) -> Optional[np.ndarray]:
+    return None if x is None else _f32(x, name)
+
+
+def _ids(x, name: str) -> np.ndarray:
+    arr = np.asarray(x)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def _finite_scalar(value, name: str) -> float:
+    v = float(value)
+    if not np.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return v
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# matmul
+
+
+def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, bias=None, alpha: float = 1.0):
+    """``alpha * op(a) @ op(b) + bias``, where ``op(x)`` is ``x`` or its last-two-axes transpose.
+
+    ``a`` and ``b`` are 2-D, or 3-D for a batch; a 2-D operand is broadcast over the other's batch (as
+    ``np.matmul`` does on the op()-ed operands). ``bias`` (length N) is added to every row, fused into the GEMM.
+    """
+    return _core.matmul(_f32(a, "a"), _f32(b, "b"), bool(transpose_a), bool(transpose_b),
+                        _opt_f32(bias, "bias"), _finite_scalar(alpha, "alpha"))
+
+
+def gemm(a, b, out: np.ndarray, *, transpose_a: bool = False, transpose_b: bool = False, alpha: float = 1.0,
+         beta: float = 0.0, bias=None) -> np.ndarray:
+    """In place: ``out = alpha * op(a) @ op(b) + beta * out + bias``; ``beta=1`` accumulates (gradients).
+
+    ``out`` must be a writable float32 C-contiguous array of the result's shape (it is never converted).
+    """
+    _core.gemm(_f32(a, "a"), _f32(b, "b"), out, bool(transpose_a), bool(transpose_b),
+               _finite_scalar(alpha, "alpha"), _finite_scalar(beta, "beta"), _opt_f32(bias, "bias"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# softmax
+
+
+def softmax(x) -> np.ndarray:
+    """Softmax over the last axis (stable: the row max is subtracted). A row of all ``-inf`` gives zeros."""
+    return _core.softmax(_f32(x, "x"))
+
+
+def softmax_backward(grad_output, output) -> np.ndarray:
+    """Gradient of softmax from its output ``y``: ``y * (dy - sum(y * dy))``."""
+    return _core.softmax_backward(_f32(grad_output, "grad_output"), _f32(output, "output"))
+
+
+def log_softmax(x) -> np.ndarray:
+    """``x - logsumexp(x)`` over the last axis."""
+    return _core.log_softmax(_f32(x, "x"))
+
+
+def log_softmax_backward(grad_output, output) -> np.ndarray:
+    """Gradient of log-softmax from its output: ``dy - exp(y) * sum(dy)``."""
+    return _core.log_softmax_backward(_f32(grad_output, "grad_output"), _f32(output, "output"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layer norm
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
+    """Layer normalization over the last axis: ``(x - mean) / sqrt(var + eps) * weight + bias``."""
+    return layer_norm_forward(x, weight, bias, eps)[0]
+
+
+def layer_norm_forward(x, weight=None, bias=None, eps: float = 1e-5) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`layer_norm`, also returning ``mean`` and ``rstd`` (shape ``x.shape[:-1]``) for backward."""
+    eps = _finite_scalar(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return _core.layer_norm(_f32(x, "x"), _opt_f32(weight, "weight"), _opt_f32(bias, "bias"), eps)
+
+
+def layer_norm_backward(grad_output, x, weight, mean, rstd, *, need_param_grads: bool = True):
+    """Returns ``(dx, dweight, dbias)`` (the last two ``None`` when ``need_param_grads`` is false)."""
+    return _core.layer_norm_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), _opt_f32(weight, "weight"),
+                                     _f32(mean, "mean"), _f32(rstd, "rstd"), bool(need_param_grads))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# activations
+
+
+def _gelu_kind(approximate: str) -> str:
+    if approximate not in _GELU_KINDS:
+        raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _GELU_KINDS[approximate]
+
+
+def gelu(x, approximate: str = "none") -> np.ndarray:
+    """GELU: ``x * Phi(x)`` (``approximate="none"``, erf form) or the tanh approximation (``"tanh"``)."""
+    return _core.activation(_f32(x, "x"), None, _gelu_kind(approximate))
+
+
+def gelu_backward(grad_output, x, approximate: str = "none") -> np.ndarray:
+    """``grad_output * gelu'(x)`` with ``x`` the input given to :func:`gelu`."""
+    return _core.activation_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), None,
+                                     _gelu_kind(approximate), False)[0]
+
+
+def relu(x) -> np.ndarray:
+    """``max(x, 0)``."""
+    return _core.activation(_f32(x, "x"), None, "relu")
+
+
+def relu_backward(grad_output, x) -> np.ndarray:
+    """``grad_output * (x > 0)``."""
+    return _core.activation_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), None, "relu", False)[0]
+
+
+def _activation_kind(activation: str) -> str:
+    kinds = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "identity": "identity"}
+    if activation not in kinds:
+        raise ValueError(f"activation must be one of {sorted(kinds)}, got {activation!r}")
+    return kinds[activation]
+
+
+def bias_activation(x, bias, activation: str = "gelu") -> np.ndarray:
+    """``act(x + bias)`` in one pass (bias over the last axis); ``activation`` is relu, gelu, gelu_tanh or
+    identity."""
+    return _core.activation(_f32(x, "x"), _opt_f32(bias, "bias"), _activation_kind(activation))
+
+
+def bias_activation_backward(grad_output, x, bias, activation: str = "gelu"):
+    """Returns ``(dx, dbias)`` for :func:`bias_activation`: ``dx = dy * act'(x + bias)``, ``dbias`` its column
+    sums, in one pass."""
+    return _core.activation_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), _opt_f32(bias, "bias"),
+                                     _activation_kind(activation), bias is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dropout, residual
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return int(seed) & 0xFFFFFFFFFFFFFFFF
+
+
+def _check_p(p) -> float:
+    p = float(p)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    return p
+
+
+def dropout(x, p: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Inverted dropout: returns ``(y, keep_mask)`` with ``y = x * keep / (1 - p)``. The mask is a pure function
+    of ``(seed, element index)``: the same seed gives the same mask whatever the thread count."""
+    return _core.dropout(_f32(x, "x"), _check_p(p), _seed(seed))
+
+
+def dropout_backward(grad_output, p: float, seed: int) -> np.ndarray:
+    """Gradient of :func:`dropout` with the same ``p`` and ``seed`` (the mask is regenerated, not stored)."""
+    return _core.dropout_backward(_f32(grad_output, "grad_output"), _check_p(p), _seed(seed))
+
+
+def add(a, b) -> np.ndarray:
+    """Residual add ``a + b`` (same shapes)."""
+    return _core.add(_f32(a, "a"), _f32(b, "b"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# embedding
+
+
+def embedding(ids, weight) -> np.ndarray:
+    """``weight[ids]``: ids of any shape, result ``ids.shape + (C,)``. Ids outside ``[0, V)`` raise IndexError."""
+    return _core.embedding(_ids(ids, "ids"), _f32(weight, "weight"))
+
+
+def embedding_backward(grad_output, ids, weight_grad: np.ndarray, *, padding_idx: Optional[int] = None) -> np.ndarray:
+    """Accumulate ``weight_grad[ids[t]] += grad_output[t]`` in place (deterministic, thread-safe); positions whose
+    id is ``padding_idx`` get none. ``weight_grad`` must be a writable float32 (V, C) array. Returns it."""
+    _core.embedding_backward(weight_grad, _f32(grad_output, "grad_output"), _ids(ids, "ids"),
+                             -1 if padding_idx is None else int(padding_idx))
+    return weight_grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loss
+
+
+def _ce_args(logits, targets):
+    logits = _f32(logits, "logits")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (N, classes), got shape {logits.shape}")
+    return logits, _ids(targets, "targets")
+
+
+def _check_loss(loss: float) -> float:
+    if not np.isfinite(loss):
+        raise ValueError(f"cross_entropy: the loss is not finite ({loss}); logits contain inf or NaN")
+    return loss
+
+
+def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0) -> float:
+    """Mean cross-entropy of ``logits`` (N, V) against integer ``targets`` (N,), as ``torch.nn.functional
+    .cross_entropy``: targets equal to ``ignore_index`` are left out of the mean; ``label_smoothing`` mixes the
+    one-hot target with the uniform distribution. Non-finite logits raise ValueError."""
+    logits, targets = _ce_args(logits, targets)
+    loss, _, _ = _core.cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), False, 1.0, False)
+    return _check_loss(loss)
+
+
+def cross_entropy_with_grad(logits, targets, ignore_index: int = -100, label_smoothing: float = 0.0, *,
+                            grad_scale: float = 1.0, inplace: bool = False) -> Tuple[float, np.ndarray]:
+    """Fused forward + backward: ``(mean loss, d loss / d logits * grad_scale)``. With ``inplace=True`` the
+    gradient overwrites ``logits`` (which must then be a float32 C-contiguous array), saving an (N, V) buffer."""
+    logits, targets = _ce_args(logits, targets)
+    loss, grad, _ = _core.cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), True,
+                                        _finite_scalar(grad_scale, "grad_scale"), bool(inplace))
+    return _check_loss(loss), grad
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optimizer
+
+
+def adamw_step(param: np.ndarray, grad, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, *, lr: float, step: int,
+               beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.01,
+               grad_scale: float = 1.0) -> None:
+    """One AdamW update (as ``torch.optim.AdamW``), in place on ``param``, ``exp_avg``, ``exp_avg_sq`` (writable
+    float32 arrays of one shape); ``grad * grad_scale`` is the gradient used. ``step`` counts from 1."""
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
+        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    _core.adamw_step(param, _f32(grad, "grad"), exp_avg, exp_avg_sq, _finite_scalar(lr, "lr"), float(beta1),
+                     float(beta2), float(eps), _finite_scalar(weight_decay, "weight_decay"), int(step),
+                     _finite_scalar(grad_scale, "grad_scale"))
+
+
+def sum_squares(x) -> float:
+    """Sum of squares accumulated in float64 (for the global gradient norm)."""
+    return _core.sum_squares(_f32(x, "x"))

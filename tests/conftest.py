@@ -1,0 +1,54 @@
+"""Shared fixtures: SIMD path and thread count switching, random data, tolerances."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cpuformer
+from cpuformer import _core
+
+SIMD_PATHS = ["avx2", "scalar"] if cpuformer.build_info()["cpu_avx2_fma"] and \
+    cpuformer.build_info()["simd_compiled"] != "scalar" else ["scalar"]
+
+
+@pytest.fixture(params=SIMD_PATHS)
+def simd(request):
+    """Run the test once per SIMD path this machine and build have."""
+    _core.set_simd_path(request.param)
+    yield request.param
+    _core.set_simd_path("auto")
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    """Run the test with 1 and with 2 threads."""
+    before = cpuformer.get_num_threads()
+    cpuformer.set_num_threads(request.param)
+    yield request.param
+    cpuformer.set_num_threads(before)
+
+
+@pytest.fixture
+def rng(request):
+    # A different but reproducible stream per test.
+    return np.random.default_rng(abs(hash(request.node.nodeid)) % (2**32))
+
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what=""):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.abs(actual - expected)
+    bad = err > atol + rtol * np.abs(expected)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} elements off; max abs err {err.max():.3g}, "
+                           f"max rel err {(err / (np.abs(expected) + 1e-30)).max():.3g}")
+
+
+def rel_err(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)

@@ -1,0 +1,153 @@
+"""matmul / gemm against a float64 NumPy reference: every transpose combination, odd/tiny/large shapes, batches,
+fused bias, alpha/beta, both SIMD paths, 1 and 2 threads."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cpuformer import ops
+from conftest import randn, rel_err
+
+# Sizes around the micro-tile (6x16), the blocking (MC=144, KC=256) and odd values.
+SHAPES = [(1, 1, 1), (1, 7, 5), (5, 1, 3), (2, 3, 1), (6, 16, 8), (7, 17, 9), (15, 33, 31), (64, 64, 64),
+          (97, 95, 96), (143, 145, 257), (150, 200, 255), (289, 31, 513), (13, 4100, 17)]
+
+
+def ref_matmul(a, b, ta, tb):
+    a64 = a.astype(np.float64)
+    b64 = b.astype(np.float64)
+    a64 = np.swapaxes(a64, -1, -2) if ta else a64
+    b64 = np.swapaxes(b64, -1, -2) if tb else b64
+    return a64 @ b64
+
+
+def operand(rng, rows, cols, transposed, batch=None):
+    shape = (cols, rows) if transposed else (rows, cols)
+    return randn(rng, *(((batch,) if batch else ()) + shape))
+
+
+@pytest.mark.parametrize("M,N,K", SHAPES)
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_matmul_matches_float64_reference(rng, simd, M, N, K, ta, tb):
+    a = operand(rng, M, K, ta)
+    b = operand(rng, K, N, tb)
+    c = ops.matmul(a, b, transpose_a=ta, transpose_b=tb)
+    ref = ref_matmul(a, b, ta, tb)
+    assert c.shape == (M, N) and c.dtype == np.float32
+    # Worst-case float32 summation bound for K-blocked accumulation (KC=256 terms, then K/256 block sums),
+    # element by element, relative to |op(a)| @ |op(b)|.
+    bound = 2 * (min(K, 256) + K / 256 + 2) * 2.0**-24 * ref_matmul(np.abs(a), np.abs(b), ta, tb)
+    err = np.abs(c - ref)
+    assert (err <= bound + 1e-30).all(), f"max err/bound {(err / (bound + 1e-30)).max():.3g}"
+    assert rel_err(c, ref) < 1e-5
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (31, 47, 300), (300, 70, 20)])
+def test_matmul_bias_and_alpha(rng, simd, M, N, K):
+    a, b, bias = randn(rng, M, K), randn(rng, N, K), randn(rng, N)
+    c = ops.matmul(a, b, transpose_b=True, bias=bias, alpha=0.5)
+    ref = 0.5 * ref_matmul(a, b, False, True) + bias
+    assert rel_err(c, ref) < 1e-5
+
+
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True)])
+def test_gemm_accumulates_with_beta(rng, simd, ta, tb):
+    M, N, K = 37, 70, 290
+    a, b = operand(rng, M, K, ta), operand(rng, K, N, tb)
+    out = randn(rng, M, N)
+    expected = 2.0 * ref_matmul(a, b, ta, tb) + 0.75 * out.astype(np.float64)
+    ops.gemm(a, b, out, transpose_a=ta, transpose_b=tb, alpha=2.0, beta=0.75)
+    assert rel_err(out, expected) < 1e-5
+
+
+def test_gemm_beta_zero_ignores_nan_in_out(rng):
+    a, b = randn(rng, 9, 20), randn(rng, 20, 18)
+    out = np.full((9, 18), np.nan, np.float32)
+    ops.gemm(a, b, out, beta=0.0)
+    assert rel_err(out, ref_matmul(a, b, False, False)) < 1e-5
+
+
+@pytest.mark.parametrize("batch,M,N,K", [(1, 5, 7, 9), (3, 17, 33, 65), (12, 64, 64, 32), (5, 130, 20, 300)])
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False)])
+def test_batched_matmul(rng, simd, threads, batch, M, N, K, ta, tb):
+    a = operand(rng, M, K, ta, batch)
+    b = operand(rng, K, N, tb, batch)
+    c = ops.matmul(a, b, transpose_a=ta, transpose_b=tb)
+    assert c.shape == (batch, M, N)
+    assert rel_err(c, ref_matmul(a, b, ta, tb)) < 1e-5
+
+
+def test_batched_broadcasts_a_2d_operand(rng):
+    a = randn(rng, 4, 10, 24)
+    w = randn(rng, 24, 8)
+    assert rel_err(ops.matmul(a, w), ref_matmul(a, w, False, False)) < 1e-5
+    assert rel_err(ops.matmul(w.T.copy(), a, transpose_b=True),
+                   ref_matmul(w.T.copy(), a, False, True)) < 1e-5
+
+
+def test_large_square_two_threads_equals_one(rng):
+    import cpuformer
+    a, b = randn(rng, 700, 600), randn(rng, 600, 650)
+    before = cpuformer.get_num_threads()
+    try:
+        cpuformer.set_num_threads(1)
+        c1 = ops.matmul(a, b)
+        cpuformer.set_num_threads(2)
+        c2 = ops.matmul(a, b)
+    finally:
+        cpuformer.set_num_threads(before)
+    # Each output element is summed in the same order (the K blocking does not depend on threads).
+    np.testing.assert_array_equal(c1, c2)
+    assert rel_err(c1, ref_matmul(a, b, False, False)) < 1e-5
+
+
+def test_simd_paths_agree(rng):
+    from cpuformer import _core
+    a, b = randn(rng, 123, 321), randn(rng, 321, 77)
+    _core.set_simd_path("scalar")
+    try:
+        cs = ops.matmul(a, b)
+    finally:
+        _core.set_simd_path("auto")
+    ca = ops.matmul(a, b)
+    assert rel_err(cs, ca) < 1e-5
+
+
+def test_no_copy_for_float32_contiguous_and_conversion_otherwise(rng):
+    a64 = rng.standard_normal((8, 5))
+    b64 = rng.standard_normal((5, 3))
+    assert rel_err(ops.matmul(a64, b64), a64 @ b64) < 1e-5  # float64 input converted
+    nc = randn(rng, 5, 8).T  # non-contiguous view converted
+    assert rel_err(ops.matmul(nc, b64), nc.astype(np.float64) @ b64) < 1e-5
+    assert rel_err(ops.matmul([[1, 2]], [[3], [4]]), np.array([[11.0]])) == 0
+
+
+def test_matmul_errors(rng):
+    a = randn(rng, 4, 5)
+    with pytest.raises(ValueError, match=r"inner dimensions differ.*\(4, 5\)"):
+        ops.matmul(a, randn(rng, 4, 5))
+    with pytest.raises(ValueError, match=r"a must have 2..3 dimensions, got shape \(5,\)"):
+        ops.matmul(randn(rng, 5), a)
+    with pytest.raises(ValueError, match="zero-size"):
+        ops.matmul(np.zeros((0, 5), np.float32), randn(rng, 5, 3))
+    with pytest.raises(ValueError, match="batch sizes differ"):
+        ops.matmul(randn(rng, 2, 3, 4), randn(rng, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        ops.matmul(a, randn(rng, 5, 3), bias=randn(rng, 4))
+    with pytest.raises(TypeError, match="real numbers"):
+        ops.matmul(a.astype(np.complex64), a.T)
+    with pytest.raises(TypeError, match="real numbers"):
+        ops.matmul(np.ones((2, 2), bool), np.ones((2, 2), np.float32))
+    with pytest.raises(TypeError):
+        ops.matmul("abc", a)
+    out = np.zeros((4, 4), np.float32)
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 3\)"):
+        ops.gemm(a, randn(rng, 5, 3), out)
+    with pytest.raises(TypeError, match="float32"):
+        ops.gemm(a, randn(rng, 5, 3), np.zeros((4, 3)))
+    ro = np.zeros((4, 3), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="writable"):
+        ops.gemm(a, randn(rng, 5, 3), ro)
+    with pytest.raises(ValueError, match="finite"):
+        ops.matmul(a, randn(rng, 5, 3), alpha=float("nan"))
