@@ -18,12 +18,26 @@ constexpr float kGeluCoef = 0.044715f;
 
 index_t rows_per_chunk(index_t cols) { return std::max<index_t>(1, kMinElemsPerThread / std::max<index_t>(1, cols)); }
 
+// Tanh-GELU through e = exp(2u), u = sqrt(2/pi) (x + 0.044715 x^3), r = 1 / (e + 1): then 1 + tanh u = 2 e r and
+// 1 - tanh^2 u = 4 e r^2 without the cancellation of 1 - t*t near saturation. |u| <= 40 already gives tanh = +-1
+// in float and keeps e finite.
+constexpr float kTanhClamp = 40.0f;
+inline void tanh_parts(float x, float& e, float& r) {
+  float u = kSqrt2OverPi * (x + kGeluCoef * x * x * x);
+  u = std::fmin(std::fmax(u, -kTanhClamp), kTanhClamp);
+  e = std::exp(2.0f * u);
+  r = 1.0f / (e + 1.0f);
+}
+
 float act_scalar(float x, Activation act) {
   switch (act) {
     case Activation::kRelu: return x > 0.0f ? x : 0.0f;
     case Activation::kGeluErf: return 0.5f * x * (1.0f + std::erf(x * kSqrt1_2));
-    case Activation::kGeluTanh:
-      return 0.5f * x * (1.0f + std::tanh(kSqrt2OverPi * (x + kGeluCoef * x * x * x)));
+    case Activation::kGeluTanh: {
+      float e, r;
+      tanh_parts(x, e, r);
+      return x * (e * r);  // 0.5 x (1 + tanh u) = x e / (e + 1); e * r first, x * e can overflow
+    }
     default: return x;
   }
 }
@@ -35,14 +49,24 @@ float act_grad_scalar(float x, Activation act) {
     case Activation::kGeluErf:
       return 0.5f * (1.0f + std::erf(x * kSqrt1_2)) + x * kInvSqrt2Pi * std::exp(-0.5f * x * x);
     case Activation::kGeluTanh: {
-      const float t = std::tanh(kSqrt2OverPi * (x + kGeluCoef * x * x * x));
-      return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
+      float e, r;
+      tanh_parts(x, e, r);
+      const float one_plus_t = 2.0f * e * r, sech2 = one_plus_t * 2.0f * r;  // 1 - tanh^2 = 4e / (e + 1)^2
+      return 0.5f * one_plus_t + 0.5f * x * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
     }
     default: return 1.0f;
   }
 }
 
 #ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static inline void tanh_parts_avx2(__m256 x, __m256& e, __m256& r) {
+  const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+  __m256 u = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi), _mm256_fmadd_ps(_mm256_set1_ps(kGeluCoef), x3, x));
+  u = _mm256_min_ps(_mm256_set1_ps(kTanhClamp), _mm256_max_ps(_mm256_set1_ps(-kTanhClamp), u));
+  e = simd::exp_ps(_mm256_add_ps(u, u));
+  r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+}
+
 CPUFORMER_AVX2 static inline __m256 act_avx2(__m256 x, Activation act) {
   using namespace simd;
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f);
@@ -52,9 +76,9 @@ CPUFORMER_AVX2 static inline __m256 act_avx2(__m256 x, Activation act) {
       return _mm256_mul_ps(_mm256_mul_ps(half, x),
                            _mm256_add_ps(one, erf_ps(_mm256_mul_ps(x, _mm256_set1_ps(kSqrt1_2)))));
     case Activation::kGeluTanh: {
-      const __m256 x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
-      const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi), _mm256_fmadd_ps(_mm256_set1_ps(kGeluCoef), x3, x));
-      return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, tanh_ps(u)));
+      __m256 e, r;
+      tanh_parts_avx2(x, e, r);
+      return _mm256_mul_ps(x, _mm256_mul_ps(e, r));
     }
     default: return x;
   }
@@ -73,15 +97,13 @@ CPUFORMER_AVX2 static inline __m256 act_grad_avx2(__m256 x, Activation act) {
       return _mm256_fmadd_ps(x, pdf, cdf);
     }
     case Activation::kGeluTanh: {
-      const __m256 x2 = _mm256_mul_ps(x, x);
-      const __m256 u = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
-                                     _mm256_fmadd_ps(_mm256_set1_ps(kGeluCoef), _mm256_mul_ps(x2, x), x));
-      const __m256 t = tanh_ps(u);
+      __m256 e, r;
+      tanh_parts_avx2(x, e, r);
+      const __m256 one_plus_t = _mm256_mul_ps(_mm256_add_ps(e, e), r);
+      const __m256 sech2 = _mm256_mul_ps(one_plus_t, _mm256_add_ps(r, r));
       const __m256 du = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
-                                      _mm256_fmadd_ps(_mm256_set1_ps(3.0f * kGeluCoef), x2, one));
-      const __m256 left = _mm256_mul_ps(half, _mm256_add_ps(one, t));
-      const __m256 right = _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(_mm256_fnmadd_ps(t, t, one), du));
-      return _mm256_add_ps(left, right);
+                                      _mm256_fmadd_ps(_mm256_set1_ps(3.0f * kGeluCoef), _mm256_mul_ps(x, x), one));
+      return _mm256_fmadd_ps(half, one_plus_t, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(sech2, du)));
     }
     default: return one;
   }

@@ -15,8 +15,10 @@
 namespace cpuformer {
 namespace {
 
-// logsumexp and the plain sum of a row, in double.
-void row_stats(const float* x, index_t V, double& lse, double& sum) {
+// Row statistics: the max m, log(sum exp(x - m)) and the plain sum of the row (the latter two in double).
+// lse = m + log_s; keeping m and log_s apart lets the gradient use exp((x - m) - log_s), exact even when |x| is
+// large enough that a float lse would lose digits.
+void row_stats(const float* x, index_t V, float& m_out, double& log_s, double& sum) {
   float m = -std::numeric_limits<float>::infinity();
   for (index_t j = 0; j < V; ++j) m = std::fmax(m, x[j]);
   double s = 0.0, total = 0.0;
@@ -24,12 +26,13 @@ void row_stats(const float* x, index_t V, double& lse, double& sum) {
     s += std::exp(static_cast<double>(x[j]) - m);
     total += x[j];
   }
-  lse = m + std::log(s);
+  m_out = m;
+  log_s = std::log(s);
   sum = total;
 }
 
 #ifdef CPUFORMER_HAVE_AVX2
-CPUFORMER_AVX2 static void row_stats_avx2(const float* x, index_t V, double& lse, double& sum) {
+CPUFORMER_AVX2 static void row_stats_avx2(const float* x, index_t V, float& m_out, double& log_s, double& sum) {
   using namespace simd;
   __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   index_t j = 0;
@@ -56,10 +59,38 @@ CPUFORMER_AVX2 static void row_stats_avx2(const float* x, index_t V, double& lse
     s += std::exp(static_cast<double>(x[j]) - m);
     total += x[j];
   }
-  lse = m + std::log(s);
+  m_out = m;
+  log_s = std::log(s);
   sum = total;
 }
 #endif
+
+// dx[j] = (exp((x[j] - m) - log_s) - smooth) * scale for a whole row (dx may alias x).
+void softmax_grad_row_scalar(float* dx, const float* x, index_t V, float m, float log_s, float smooth, float scale) {
+  for (index_t j = 0; j < V; ++j) dx[j] = (std::exp((x[j] - m) - log_s) - smooth) * scale;
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static void softmax_grad_row_avx2(float* dx, const float* x, index_t V, float m, float log_s,
+                                                 float smooth, float scale) {
+  using namespace simd;
+  const __m256 vm = _mm256_set1_ps(m), vl = _mm256_set1_ps(log_s), vs = _mm256_set1_ps(smooth),
+               vc = _mm256_set1_ps(scale);
+  index_t j = 0;
+  for (; j + kWidth <= V; j += kWidth) {
+    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vl));
+    _mm256_storeu_ps(dx + j, _mm256_mul_ps(_mm256_sub_ps(e, vs), vc));
+  }
+  softmax_grad_row_scalar(dx + j, x + j, V - j, m, log_s, smooth, scale);
+}
+#endif
+
+void softmax_grad_row(float* dx, const float* x, index_t V, float m, float log_s, float smooth, float scale) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return softmax_grad_row_avx2(dx, x, V, m, log_s, smooth, scale);
+#endif
+  softmax_grad_row_scalar(dx, x, V, m, log_s, smooth, scale);
+}
 
 }  // namespace
 
@@ -92,23 +123,24 @@ double cross_entropy_forward_backward(float* dlogits, const float* logits, const
           for (index_t j = 0; j < V; ++j) dx[j] = 0.0f;
         continue;
       }
-      double lse, total;
+      float m;
+      double log_s, total;
 #ifdef CPUFORMER_HAVE_AVX2
       if (detail::use_avx2())
-        row_stats_avx2(x, V, lse, total);
+        row_stats_avx2(x, V, m, log_s, total);
       else
 #endif
-        row_stats(x, V, lse, total);
+        row_stats(x, V, m, log_s, total);
       const index_t tgt = targets[r];
-      const double nll = lse - x[tgt];
-      acc += (1.0 - s) * nll + s * (lse - total / V);
+      const double nll = (static_cast<double>(m) - x[tgt]) + log_s;
+      acc += (1.0 - s) * nll + s * ((static_cast<double>(m) - total / V) + log_s);
       if (dx) {
         const float scale = static_cast<float>(grad_scale * inv_valid);
-        const float flse = static_cast<float>(lse);
+        const float fls = static_cast<float>(log_s);
         const float smooth = static_cast<float>(s / V);
         const float xt = x[tgt];  // read before dx (possibly aliasing x) is written
-        for (index_t j = 0; j < V; ++j) dx[j] = (std::exp(x[j] - flse) - smooth) * scale;
-        dx[tgt] = (std::exp(xt - flse) - smooth - static_cast<float>(1.0 - s)) * scale;
+        softmax_grad_row(dx, x, V, m, fls, smooth, scale);
+        dx[tgt] = (std::exp((xt - m) - fls) - smooth - static_cast<float>(1.0 - s)) * scale;
       }
     }
     partial[t] = acc;

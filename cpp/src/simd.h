@@ -68,13 +68,6 @@ CPUFORMER_AVX2 static inline __m256 exp_ps(__m256 x) {
   return _mm256_andnot_ps(underflow, y);
 }
 
-// tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at +-1 for large |x|.
-CPUFORMER_AVX2 static inline __m256 tanh_ps(__m256 x) {
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 e = exp_ps(_mm256_add_ps(x, x));
-  return _mm256_sub_ps(one, _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, one)));
-}
-
 // erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7; PyTorch's vectorised erf uses the same).
 CPUFORMER_AVX2 static inline __m256 erf_ps(__m256 x) {
   const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));

@@ -1,0 +1,138 @@
+"""GELU (erf, tanh), ReLU, fused bias+activation, dropout and residual add."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cpuformer import ops
+from conftest import assert_close, randn
+
+_erf = np.vectorize(math.erf)
+
+
+def ref_gelu(x, approximate):
+    x = x.astype(np.float64)
+    if approximate == "tanh":
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    return 0.5 * x * (1 + _erf(x / np.sqrt(2)))
+
+
+def ref_gelu_grad(x, approximate):
+    x = x.astype(np.float64)
+    if approximate == "tanh":
+        c = np.sqrt(2 / np.pi)
+        t = np.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t**2) * c * (1 + 3 * 0.044715 * x**2)
+    return 0.5 * (1 + _erf(x / np.sqrt(2))) + x * np.exp(-0.5 * x**2) / np.sqrt(2 * np.pi)
+
+
+SHAPES = [(1,), (7,), (3, 9), (4, 5, 33), (256, 300)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_forward_backward(rng, simd, threads, shape, approximate):
+    x = randn(rng, *shape, scale=3.0)
+    # Absolute tolerance: float32 erf/tanh approximations are accurate to ~1.5e-7 absolute (as PyTorch's).
+    assert_close(ops.gelu(x, approximate), ref_gelu(x, approximate), rtol=1e-5, atol=2e-6)
+    dy = randn(rng, *shape)
+    dx = ops.gelu_backward(dy, x, approximate)
+    assert_close(dx, dy * ref_gelu_grad(x, approximate), rtol=1e-5, atol=2e-6)
+
+
+def test_gelu_extremes(simd):
+    x = np.array([-1e4, -30, -10, -1e-6, 0, 1e-6, 10, 30, 1e4, np.inf, -np.inf], np.float32)
+    for approximate in ("none", "tanh"):
+        y = ops.gelu(x[:-2], approximate)
+        assert_close(y, ref_gelu(x[:-2], approximate), rtol=1e-6, atol=1e-7)
+    assert np.isnan(ops.gelu(np.array([np.nan], np.float32)))[0]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_relu_forward_backward(rng, simd, threads, shape):
+    x = randn(rng, *shape)
+    x.flat[0] = 0.0  # relu'(0) = 0, as PyTorch
+    np.testing.assert_array_equal(ops.relu(x), np.maximum(x, 0))
+    dy = randn(rng, *shape)
+    np.testing.assert_array_equal(ops.relu_backward(dy, x), dy * (x > 0))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "identity"])
+def test_bias_activation_fused(rng, simd, threads, activation):
+    x, bias, dy = randn(rng, 37, 45), randn(rng, 45), randn(rng, 37, 45)
+    pre = x.astype(np.float64) + bias
+    f = {"relu": lambda z: np.maximum(z, 0), "gelu": lambda z: ref_gelu(z, "none"),
+         "gelu_tanh": lambda z: ref_gelu(z, "tanh"), "identity": lambda z: z}[activation]
+    g = {"relu": lambda z: (z > 0).astype(np.float64), "gelu": lambda z: ref_gelu_grad(z, "none"),
+         "gelu_tanh": lambda z: ref_gelu_grad(z, "tanh"), "identity": lambda z: np.ones_like(z)}[activation]
+    assert_close(ops.bias_activation(x, bias, activation), f(pre), rtol=1e-5, atol=2e-6)
+    dx, dbias = ops.bias_activation_backward(dy, x, bias, activation)
+    assert_close(dx, dy * g(pre), rtol=1e-5, atol=2e-6)
+    assert_close(dbias, (dy * g(pre)).sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_gelu_finite_difference(rng):
+    x = rng.standard_normal(50) * 3
+    for approximate in ("none", "tanh"):
+        h = 1e-3
+        num = (ref_gelu(x + h, approximate) - ref_gelu(x - h, approximate)) / (2 * h)
+        assert_close(ops.gelu_backward(np.ones(50), x, approximate), num, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_statistics_and_backward(rng, threads):
+    x = randn(rng, 200, 500)
+    p = 0.3
+    y, mask = ops.dropout(x, p, seed=123)
+    keep = mask.mean()
+    assert abs(keep - (1 - p)) < 0.01  # 1e5 draws: std ~1.5e-3
+    np.testing.assert_allclose(y, np.where(mask, x / (1 - p), 0), rtol=1e-6)
+    dy = randn(rng, 200, 500)
+    np.testing.assert_allclose(ops.dropout_backward(dy, p, seed=123), np.where(mask, dy / (1 - p), 0), rtol=1e-6)
+    y2, mask2 = ops.dropout(x, p, seed=124)
+    assert (mask2 != mask).mean() > 0.3  # another seed, another mask
+
+
+def test_dropout_same_mask_for_any_thread_count(rng):
+    import cpuformer
+    x = randn(rng, 300, 301)
+    before = cpuformer.get_num_threads()
+    try:
+        cpuformer.set_num_threads(1)
+        y1, _ = ops.dropout(x, 0.5, seed=7)
+        cpuformer.set_num_threads(2)
+        y2, _ = ops.dropout(x, 0.5, seed=7)
+    finally:
+        cpuformer.set_num_threads(before)
+    np.testing.assert_array_equal(y1, y2)
+
+
+def test_dropout_p_zero_is_identity(rng):
+    x = randn(rng, 10, 10)
+    y, mask = ops.dropout(x, 0.0, seed=1)
+    np.testing.assert_array_equal(y, x)
+    assert mask.all()
+
+
+def test_add(rng, threads):
+    a, b = randn(rng, 3, 100, 77), randn(rng, 3, 100, 77)
+    np.testing.assert_array_equal(ops.add(a, b), a + b)
+
+
+def test_activation_errors(rng):
+    x = randn(rng, 4, 8)
+    with pytest.raises(ValueError, match="approximate"):
+        ops.gelu(x, approximate="fast")
+    with pytest.raises(ValueError, match="activation must be"):
+        ops.bias_activation(x, randn(rng, 8), "swish")
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
+        ops.bias_activation(x, randn(rng, 9))
+    with pytest.raises(ValueError, match="same shape"):
+        ops.relu_backward(x, randn(rng, 4, 9))
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\)"):
+        ops.dropout(x, 1.0, seed=1)
+    with pytest.raises(TypeError, match="seed"):
+        ops.dropout(x, 0.1, seed=1.5)
+    with pytest.raises(ValueError, match="same shape"):
+        ops.add(x, randn(rng, 8, 4))

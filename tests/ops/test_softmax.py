@@ -1,0 +1,78 @@
+"""softmax / log-softmax forward and backward against float64 references."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cpuformer import ops
+from conftest import assert_close, randn
+
+SHAPES = [(1,), (1, 1), (3, 7), (5, 8), (2, 3, 17), (64, 1000), (4, 50257)]
+
+
+def ref_softmax(x):
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax_forward_backward(rng, simd, threads, shape):
+    x = randn(rng, *shape, scale=3.0)
+    y = ops.softmax(x)
+    ref = ref_softmax(x)
+    assert_close(y, ref, rtol=1e-5, atol=1e-7, what="softmax")
+    dy = randn(rng, *shape)
+    dx = ops.softmax_backward(dy, y)
+    ref_dx = ref * (dy - (ref * dy).sum(-1, keepdims=True))
+    assert_close(dx, ref_dx, rtol=1e-4, atol=1e-6, what="softmax backward")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_log_softmax_forward_backward(rng, simd, threads, shape):
+    x = randn(rng, *shape, scale=3.0)
+    y = ops.log_softmax(x)
+    ref = np.log(ref_softmax(x))
+    assert_close(y, ref, rtol=1e-5, atol=1e-5, what="log_softmax")
+    dy = randn(rng, *shape)
+    dx = ops.log_softmax_backward(dy, y)
+    ref_dx = dy - np.exp(ref) * dy.astype(np.float64).sum(-1, keepdims=True)
+    assert_close(dx, ref_dx, rtol=1e-4, atol=1e-5, what="log_softmax backward")
+
+
+def test_softmax_is_stable_for_large_logits(simd):
+    x = np.array([[1000.0, 1000.0, -1000.0], [-1e30, 0.0, 88.0]], np.float32)
+    y = ops.softmax(x)
+    assert np.isfinite(y).all()
+    assert_close(y, ref_softmax(x), atol=1e-7)
+
+
+def test_fully_masked_row_gives_zeros(simd):
+    x = np.array([[-np.inf] * 9, [0.0, -np.inf, 1.0, -np.inf, -np.inf, 2.0, 0.5, -np.inf, 0.0]], np.float32)
+    y = ops.softmax(x)
+    assert (y[0] == 0).all()
+    assert_close(y[1], ref_softmax(x[1:2])[0], atol=1e-7)
+
+
+def test_softmax_finite_difference(rng):
+    x = rng.standard_normal((3, 11))
+    dy = rng.standard_normal((3, 11))
+    y = ops.softmax(x)
+    dx = ops.softmax_backward(dy, y)
+    h = 1e-3
+    num = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        num[idx] = ((ref_softmax(xp) - ref_softmax(xm)) * dy).sum() / (2 * h)
+    assert_close(dx, num, rtol=1e-3, atol=1e-5)
+
+
+def test_softmax_errors(rng):
+    with pytest.raises(ValueError, match="zero-size"):
+        ops.softmax(np.zeros((3, 0), np.float32))
+    with pytest.raises(ValueError, match="same shape"):
+        ops.softmax_backward(randn(rng, 3, 4), randn(rng, 3, 5))
+    with pytest.raises(TypeError, match="real numbers"):
+        ops.softmax(np.array(["a", "b"]))
