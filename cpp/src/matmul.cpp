@@ -220,6 +220,11 @@ CPUFORMER_AVX2 static void kernel_avx2(index_t kc, const float* a, const float* 
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
          c41 = _mm256_setzero_ps(), c50 = _mm256_setzero_ps(), c51 = _mm256_setzero_ps();
+  // C is revisited once per K block and usually comes from memory: start loading the tile now (as BLIS does).
+  for (int r = 0; r < mr; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + NR - 1), _MM_HINT_T0);
+  }
 #pragma GCC unroll 4
   for (index_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
@@ -292,7 +297,9 @@ inline void team_barrier(int nt) {
 #endif
 }
 
-void gemm_team(const GemmArgs& g, float* b_panel, int tid, int nt) {
+// b_panels holds two panels: the team packs the next K block into one while stragglers may still read the other,
+// so one barrier per K block suffices.
+void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, int nt) {
   const KernelFn kernel = select_kernel();
   // Balance the row blocks over the team: a block count that is a multiple of nt, each a multiple of MR rows.
   index_t m_blocks = (g.M + MC - 1) / MC;
@@ -303,6 +310,7 @@ void gemm_team(const GemmArgs& g, float* b_panel, int tid, int nt) {
   m_blocks = (g.M + mc - 1) / mc;
   float* a_pack = t_pack_a.get(mc * KC);
 
+  int parity = 0;
   for (index_t jc = 0; jc < g.N; jc += NC) {
     const index_t nc = std::min(NC, g.N - jc);
     const index_t slivers = (nc + NR - 1) / NR;
@@ -310,6 +318,8 @@ void gemm_team(const GemmArgs& g, float* b_panel, int tid, int nt) {
       const index_t kc = std::min(KC, g.K - pc);
       const bool first = pc == 0, last = pc + kc == g.K;
       const float beta = first ? g.beta : 1.0f;
+      float* b_panel = b_panels + parity * panel_size;
+      parity ^= 1;
       // 1. The team packs the B panel together.
       for (index_t s = slivers * tid / nt; s < slivers * (tid + 1) / nt; ++s) {
         const int nr = static_cast<int>(std::min<index_t>(NR, nc - s * NR));
@@ -338,7 +348,6 @@ void gemm_team(const GemmArgs& g, float* b_panel, int tid, int nt) {
           }
         }
       }
-      team_barrier(nt);  // the panel is repacked next
     }
   }
 }
@@ -364,13 +373,13 @@ void gemm_run(const GemmArgs& g, int nt) {
   if (g.M == 0 || g.N == 0) return;
   if (g.K == 0) return gemm_empty_k(g);
   const index_t panel = KC * ((std::min(NC, g.N) + NR - 1) / NR * NR);
-  float* b_panel = t_pack_b.get(panel);
-  if (nt <= 1) return gemm_team(g, b_panel, 0, 1);
+  float* b_panels = t_pack_b.get(2 * panel);
+  if (nt <= 1) return gemm_team(g, b_panels, panel, 0, 1);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
-  gemm_team(g, b_panel, omp_get_thread_num(), omp_get_num_threads());
+  gemm_team(g, b_panels, panel, omp_get_thread_num(), omp_get_num_threads());
 #else
-  gemm_team(g, b_panel, 0, 1);
+  gemm_team(g, b_panels, panel, 0, 1);
 #endif
 }
 

@@ -1,0 +1,49 @@
+"""Shared timing protocol for the benchmarks (see README "Performance").
+
+The machine is shared and noisy, so libraries are compared in the same run, interleaved: each round runs every
+library (rotating the order), pausing briefly before switching so the previous library's spinning worker threads
+(OpenBLAS, libgomp) release the cores; within a round a library gets a few consecutive repetitions and keeps its
+best; the figure reported is the median over rounds of those bests.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable, Dict
+
+
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def compare(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3, pause: float = 0.03,
+            budget_s: float = 20.0) -> Dict[str, float]:
+    """Median-of-rounds of the best-of-reps wall time (seconds) of each callable, interleaved."""
+    names = list(fns)
+    for name in names:  # warm up: first-touch buffers, start thread pools
+        fns[name]()
+    best: Dict[str, list] = {n: [] for n in names}
+    start = time.perf_counter()
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            time.sleep(pause)
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fns[name]()
+                ts.append(time.perf_counter() - t0)
+            best[name].append(min(ts))
+        if time.perf_counter() - start > budget_s and r >= 2:
+            break
+    return {n: statistics.median(v) for n, v in best.items()}
+
+
+def threads_line(n: int) -> str:
+    return (f"threads: {n} (cpuformer set_num_threads, torch.set_num_threads, OPENBLAS_NUM_THREADS="
+            f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}), loadavg before: {loadavg()}")
