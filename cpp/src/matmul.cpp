@@ -27,7 +27,9 @@ constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
 constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
 
 // Below this many multiply-adds a GEMM runs on one thread: a parallel region costs more than it saves.
-constexpr index_t kMinMacsPerThread = 128 * 64 * 64;
+constexpr index_t kMinMacsPerThread = 32 * 64 * 64;
+// At or below this many multiply-adds the A operand is read in place instead of packed.
+constexpr index_t kDirectMaxMacs = 128 * 128 * 128;
 
 // Grow-only 64-byte-aligned scratch, one per thread (no allocation per call once warm).
 struct Scratch {
@@ -214,8 +216,11 @@ CPUFORMER_AVX2 static inline void row_writeback(float* c, __m256 x0, __m256 x1, 
 }
 
 // 12 named accumulators (an indexed array made GCC spill them to the stack on every k step).
-CPUFORMER_AVX2 static void kernel_avx2(index_t kc, const float* a, const float* b, float* c, index_t ldc,
-                                       float alpha, float beta, const float* bias, int mr, int nr) {
+// Element (r, k) of the A sliver is a[r * rs + k * ks]: packed slivers have rs = 1, ks = MR; small problems read
+// A in place (rs = lda, ks = 1 for A, or rs = 1, ks = lda for A^T). Rows past mr are clamped, never read.
+CPUFORMER_AVX2 __attribute__((always_inline)) static inline void kernel_avx2_body(
+    index_t kc, const float* a, index_t rs, index_t ks, const float* b, float* c, index_t ldc, float alpha,
+    float beta, const float* bias, int mr, int nr) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps(), c10 = _mm256_setzero_ps(),
          c11 = _mm256_setzero_ps(), c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps(),
          c30 = _mm256_setzero_ps(), c31 = _mm256_setzero_ps(), c40 = _mm256_setzero_ps(),
@@ -225,29 +230,35 @@ CPUFORMER_AVX2 static void kernel_avx2(index_t kc, const float* a, const float* 
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + NR - 1), _MM_HINT_T0);
   }
+  const float* a0 = a;
+  const float* a1 = a + std::min(1, mr - 1) * rs;
+  const float* a2 = a + std::min(2, mr - 1) * rs;
+  const float* a3 = a + std::min(3, mr - 1) * rs;
+  const float* a4 = a + std::min(4, mr - 1) * rs;
+  const float* a5 = a + std::min(5, mr - 1) * rs;
 #pragma GCC unroll 4
   for (index_t k = 0; k < kc; ++k) {
     const __m256 b0 = _mm256_load_ps(b), b1 = _mm256_load_ps(b + 8);
-    _mm_prefetch(reinterpret_cast<const char*>(a + 8 * MR), _MM_HINT_T0);
-    __m256 av = _mm256_broadcast_ss(a + 0);
+    const index_t o = k * ks;
+    if (ks == MR) _mm_prefetch(reinterpret_cast<const char*>(a + o + 8 * MR), _MM_HINT_T0);
+    __m256 av = _mm256_broadcast_ss(a0 + o);
     c00 = _mm256_fmadd_ps(av, b0, c00);
     c01 = _mm256_fmadd_ps(av, b1, c01);
-    av = _mm256_broadcast_ss(a + 1);
+    av = _mm256_broadcast_ss(a1 + o);
     c10 = _mm256_fmadd_ps(av, b0, c10);
     c11 = _mm256_fmadd_ps(av, b1, c11);
-    av = _mm256_broadcast_ss(a + 2);
+    av = _mm256_broadcast_ss(a2 + o);
     c20 = _mm256_fmadd_ps(av, b0, c20);
     c21 = _mm256_fmadd_ps(av, b1, c21);
-    av = _mm256_broadcast_ss(a + 3);
+    av = _mm256_broadcast_ss(a3 + o);
     c30 = _mm256_fmadd_ps(av, b0, c30);
     c31 = _mm256_fmadd_ps(av, b1, c31);
-    av = _mm256_broadcast_ss(a + 4);
+    av = _mm256_broadcast_ss(a4 + o);
     c40 = _mm256_fmadd_ps(av, b0, c40);
     c41 = _mm256_fmadd_ps(av, b1, c41);
-    av = _mm256_broadcast_ss(a + 5);
+    av = _mm256_broadcast_ss(a5 + o);
     c50 = _mm256_fmadd_ps(av, b0, c50);
     c51 = _mm256_fmadd_ps(av, b1, c51);
-    a += MR;
     b += NR;
   }
   if (mr == MR && nr == NR) {
@@ -270,6 +281,17 @@ CPUFORMER_AVX2 static void kernel_avx2(index_t kc, const float* a, const float* 
   _mm256_store_ps(acc + 4 * NR, c40), _mm256_store_ps(acc + 4 * NR + 8, c41);
   _mm256_store_ps(acc + 5 * NR, c50), _mm256_store_ps(acc + 5 * NR + 8, c51);
   tile_writeback(acc, c, ldc, alpha, beta, bias, mr, nr);
+}
+
+CPUFORMER_AVX2 static void kernel_avx2(index_t kc, const float* a, const float* b, float* c, index_t ldc,
+                                       float alpha, float beta, const float* bias, int mr, int nr) {
+  kernel_avx2_body(kc, a, 1, MR, b, c, ldc, alpha, beta, bias, mr, nr);
+}
+
+CPUFORMER_AVX2 static void kernel_avx2_direct(index_t kc, const float* a, index_t rs, index_t ks, const float* b,
+                                              float* c, index_t ldc, float alpha, float beta, const float* bias,
+                                              int mr, int nr) {
+  kernel_avx2_body(kc, a, rs, ks, b, c, ldc, alpha, beta, bias, mr, nr);
 }
 #endif
 
@@ -308,7 +330,14 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
   index_t mc = (g.M + m_blocks - 1) / m_blocks;
   mc = (mc + MR - 1) / MR * MR;
   m_blocks = (g.M + mc - 1) / mc;
-  float* a_pack = t_pack_a.get(mc * KC);
+#ifdef CPUFORMER_HAVE_AVX2
+  // Small problems: packing A costs as much as it saves, so the kernel reads A in place (BLIS "sup" style).
+  const bool direct_a = detail::use_avx2() && g.M * g.N * g.K <= kDirectMaxMacs;
+#else
+  const bool direct_a = false;
+#endif
+  const index_t a_rs = g.trans_a ? 1 : g.lda, a_ks = g.trans_a ? g.lda : 1;
+  float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * KC);
 
   int parity = 0;
   for (index_t jc = 0; jc < g.N; jc += NC) {
@@ -335,7 +364,7 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
         for (index_t ib = ib0; ib < ib1; ++ib) {
           const index_t ic = ib * mc;
           const index_t mcur = std::min(mc, g.M - ic);
-          pack_a_block(a_pack, g, ic, pc, mcur, kc);
+          if (!direct_a) pack_a_block(a_pack, g, ic, pc, mcur, kc);
           for (index_t s = s0; s < s1; ++s) {
             const index_t j = jc + s * NR;
             const int nr = static_cast<int>(std::min<index_t>(NR, g.N - j));
@@ -343,7 +372,15 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
             const float* bias = last && g.bias ? g.bias + j : nullptr;
             for (index_t ir = 0; ir < mcur; ir += MR) {
               const int mr = static_cast<int>(std::min<index_t>(MR, mcur - ir));
-              kernel(kc, a_pack + ir * kc, bs, g.C + (ic + ir) * g.ldc + j, g.ldc, g.alpha, beta, bias, mr, nr);
+              float* c = g.C + (ic + ir) * g.ldc + j;
+#ifdef CPUFORMER_HAVE_AVX2
+              if (direct_a) {
+                kernel_avx2_direct(kc, g.A + (ic + ir) * a_rs + pc * a_ks, a_rs, a_ks, bs, c, g.ldc, g.alpha, beta,
+                                   bias, mr, nr);
+                continue;
+              }
+#endif
+              kernel(kc, a_pack + ir * kc, bs, c, g.ldc, g.alpha, beta, bias, mr, nr);
             }
           }
         }

@@ -14,6 +14,7 @@ Conventions
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import numpy as np
@@ -56,7 +57,7 @@ def _ids(x, name: str) -> np.ndarray:
 
 def _finite_scalar(value, name: str) -> float:
     v = float(value)
-    if not np.isfinite(v):
+    if not math.isfinite(v):
         raise ValueError(f"{name} must be finite, got {value}")
     return v
 
@@ -72,7 +73,8 @@ def matmul(a, b, *, transpose_a: bool = False, transpose_b: bool = False, bias=N
     ``np.matmul`` does on the op()-ed operands). ``bias`` (length N) is added to every row, fused into the GEMM.
     """
     return _core.matmul(_f32(a, "a"), _f32(b, "b"), bool(transpose_a), bool(transpose_b),
-                        _opt_f32(bias, "bias"), _finite_scalar(alpha, "alpha"))
+                        None if bias is None else _f32(bias, "bias"),
+                        1.0 if alpha == 1.0 else _finite_scalar(alpha, "alpha"))
 
 
 def gemm(a, b, out: np.ndarray, *, transpose_a: bool = False, transpose_b: bool = False, alpha: float = 1.0,
