@@ -2,7 +2,7 @@
 
 The machine is shared and noisy, so libraries are compared in the same run, interleaved: each round runs every
 library (rotating the order), pausing briefly before switching so the previous library's spinning worker threads
-(OpenBLAS, libgomp) release the cores; within a round a library gets a few consecutive repetitions and keeps its
+(OpenBLAS spins about 0.1 s after a call, libgomp a little less) release the cores; within a round a library gets a few consecutive repetitions and keeps its
 best; the figure reported is the median over rounds of those bests.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ def loadavg() -> str:
         return "n/a"
 
 
-def compare(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3, pause: float = 0.03,
+def compare(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3, pause: float = 0.15,
             budget_s: float = 20.0) -> Dict[str, float]:
     """Median-of-rounds of the best-of-reps wall time (seconds) of each callable, interleaved."""
     names = list(fns)

@@ -26,8 +26,9 @@ constexpr index_t KC = 256;   // B sliver KC x NR = 16 KiB: half of L1d
 constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
 constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
 
-// Below this many multiply-adds a GEMM runs on one thread: a parallel region costs more than it saves.
-constexpr index_t kMinMacsPerThread = 32 * 64 * 64;
+// Below this many multiply-adds per thread a GEMM runs on fewer threads: waking a parked worker (tens of
+// microseconds on a VM) costs more than a small product takes.
+constexpr index_t kMinMacsPerThread = 64 * 64 * 64 + 1;  // 64^3 and below: one thread (as OpenBLAS)
 // At or below this many multiply-adds the A operand is read in place instead of packed.
 constexpr index_t kDirectMaxMacs = 128 * 128 * 128;
 
@@ -333,10 +334,10 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
 #ifdef CPUFORMER_HAVE_AVX2
   // Small problems: packing A costs as much as it saves, so the kernel reads A in place (BLIS "sup" style).
   const bool direct_a = detail::use_avx2() && g.M * g.N * g.K <= kDirectMaxMacs;
+  const index_t a_rs = g.trans_a ? 1 : g.lda, a_ks = g.trans_a ? g.lda : 1;
 #else
   const bool direct_a = false;
 #endif
-  const index_t a_rs = g.trans_a ? 1 : g.lda, a_ks = g.trans_a ? g.lda : 1;
   float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * KC);
 
   int parity = 0;
