@@ -45,6 +45,10 @@ if args.quick:
 print(f"cpuformer {cpuformer.__version__}  {cpuformer.build_info()['simd']}  numpy {np.__version__}  "
       f"torch {torch.__version__ if torch else 'not installed'}")
 print(threads_line(args.threads))
+# Noise floor: numpy timed against itself with the same protocol (ratio 1.00 on a quiet machine).
+a = rng.standard_normal((1024, 1024)).astype(np.float32)
+t = compare({"numpy": lambda: a @ a, "numpy again": lambda: a @ a})
+print(f"calibration, numpy 1024^3 against itself: ratio {t['numpy'] / t['numpy again']:.2f}")
 hdr = f"{'shape':<24}{'op':<4}{'cpuformer':>11}{'numpy':>9}{'torch':>9}{'ratio':>8}"
 print(hdr)
 print("-" * len(hdr))
