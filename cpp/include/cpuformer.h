@@ -2,6 +2,7 @@
 #pragma once
 
 #include "cpuformer/activations.h"
+#include "cpuformer/attention.h"
 #include "cpuformer/common.h"
 #include "cpuformer/embedding.h"
 #include "cpuformer/layernorm.h"

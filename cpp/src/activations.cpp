@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "parallel.h"
+#include "random.h"
 #include "simd.h"
 
 namespace cpuformer {
@@ -167,18 +168,6 @@ void backward_rows_scalar(float* dinp, double* dbias_part, const float* dout, co
     }
 }
 
-// splitmix64 finaliser: a counter-based generator, so element i's draw depends only on (seed, i).
-inline std::uint64_t mix64(std::uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-inline bool dropout_keep(std::uint64_t seed, index_t i, std::uint32_t threshold) {
-  const std::uint64_t h = mix64(seed * 0x9e3779b97f4a7c15ULL + static_cast<std::uint64_t>(i) + 0x632be59bd9b4e019ULL);
-  return static_cast<std::uint32_t>(h >> 40) >= threshold;  // 24 random bits against p * 2^24
-}
-std::uint32_t dropout_threshold(float p) { return static_cast<std::uint32_t>(std::llround(double(p) * (1 << 24))); }
-
 }  // namespace
 
 void activation_forward(float* out, const float* inp, const float* bias, index_t rows, index_t cols,
@@ -218,11 +207,11 @@ void activation_backward(float* dinp, float* dbias, const float* dout, const flo
 void dropout_forward(float* out, std::uint8_t* mask, const float* inp, index_t n, float p, std::uint64_t seed) {
   CPUFORMER_CHECK(n >= 0, "dropout_forward: negative size");
   CPUFORMER_CHECK(p >= 0.0f && p < 1.0f, "dropout_forward: p must be in [0, 1), got ", p);
-  const std::uint32_t threshold = dropout_threshold(p);
+  const std::uint32_t threshold = detail::dropout_threshold(p);
   const float scale = 1.0f / (1.0f - p);
   detail::parallel_for(n, kMinElemsPerThread, [&](index_t i0, index_t i1, int) {
     for (index_t i = i0; i < i1; ++i) {
-      const bool keep = dropout_keep(seed, i, threshold);
+      const bool keep = detail::dropout_keep(seed, static_cast<std::uint64_t>(i), threshold);
       out[i] = keep ? inp[i] * scale : 0.0f;
       if (mask) mask[i] = keep;
     }
@@ -232,10 +221,10 @@ void dropout_forward(float* out, std::uint8_t* mask, const float* inp, index_t n
 void dropout_backward(float* dinp, const float* dout, index_t n, float p, std::uint64_t seed) {
   CPUFORMER_CHECK(n >= 0, "dropout_backward: negative size");
   CPUFORMER_CHECK(p >= 0.0f && p < 1.0f, "dropout_backward: p must be in [0, 1), got ", p);
-  const std::uint32_t threshold = dropout_threshold(p);
+  const std::uint32_t threshold = detail::dropout_threshold(p);
   const float scale = 1.0f / (1.0f - p);
   detail::parallel_for(n, kMinElemsPerThread, [&](index_t i0, index_t i1, int) {
-    for (index_t i = i0; i < i1; ++i) dinp[i] = dropout_keep(seed, i, threshold) ? dout[i] * scale : 0.0f;
+    for (index_t i = i0; i < i1; ++i) dinp[i] = detail::dropout_keep(seed, static_cast<std::uint64_t>(i), threshold) ? dout[i] * scale : 0.0f;
   });
 }
 

@@ -8,8 +8,8 @@
 #include <limits>
 #include <vector>
 
-#include "cpuformer/softmax.h"
 #include "parallel.h"
+#include "rowops.h"
 #include "simd.h"
 
 namespace cpuformer {
@@ -18,52 +18,14 @@ namespace {
 // Row statistics: the max m, log(sum exp(x - m)) and the plain sum of the row (the latter two in double).
 // lse = m + log_s; keeping m and log_s apart lets the gradient use exp((x - m) - log_s), exact even when |x| is
 // large enough that a float lse would lose digits.
-void row_stats(const float* x, index_t V, float& m_out, double& log_s, double& sum) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (index_t j = 0; j < V; ++j) m = std::fmax(m, x[j]);
-  double s = 0.0, total = 0.0;
-  for (index_t j = 0; j < V; ++j) {
-    s += std::exp(static_cast<double>(x[j]) - m);
-    total += x[j];
-  }
-  m_out = m;
-  log_s = std::log(s);
+void row_stats(const float* x, index_t V, bool need_sum, float& m, double& log_s, double& sum) {
+  m = detail::row_max(x, V);
+  log_s = std::log(detail::row_exp_sum(nullptr, x, V, m));
+  double total = 0.0;
+  if (need_sum)  // only label smoothing needs it
+    for (index_t j = 0; j < V; ++j) total += x[j];
   sum = total;
 }
-
-#ifdef CPUFORMER_HAVE_AVX2
-CPUFORMER_AVX2 static void row_stats_avx2(const float* x, index_t V, float& m_out, double& log_s, double& sum) {
-  using namespace simd;
-  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  index_t j = 0;
-  for (; j + kWidth <= V; j += kWidth) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
-  float m = hmax(vm);
-  for (; j < V; ++j) m = std::fmax(m, x[j]);
-  const __m256 bm = _mm256_set1_ps(m);
-  __m256 vs = _mm256_setzero_ps(), vt = _mm256_setzero_ps();
-  double s = 0.0, total = 0.0;
-  // Flush the float lanes into double every 1024 elements to keep 50k-long sums accurate.
-  for (j = 0; j + kWidth <= V;) {
-    const index_t stop = std::min(V - (V - j) % kWidth, j + 1024);
-    for (; j < stop; j += kWidth) {
-      const __m256 v = _mm256_loadu_ps(x + j);
-      vs = _mm256_add_ps(vs, exp_ps(_mm256_sub_ps(v, bm)));
-      vt = _mm256_add_ps(vt, v);
-    }
-    s += hsum(vs);
-    total += hsum(vt);
-    vs = _mm256_setzero_ps();
-    vt = _mm256_setzero_ps();
-  }
-  for (; j < V; ++j) {
-    s += std::exp(static_cast<double>(x[j]) - m);
-    total += x[j];
-  }
-  m_out = m;
-  log_s = std::log(s);
-  sum = total;
-}
-#endif
 
 // dx[j] = (exp((x[j] - m) - log_s) - smooth) * scale for a whole row (dx may alias x).
 void softmax_grad_row_scalar(float* dx, const float* x, index_t V, float m, float log_s, float smooth, float scale) {
@@ -125,12 +87,7 @@ double cross_entropy_forward_backward(float* dlogits, const float* logits, const
       }
       float m;
       double log_s, total;
-#ifdef CPUFORMER_HAVE_AVX2
-      if (detail::use_avx2())
-        row_stats_avx2(x, V, m, log_s, total);
-      else
-#endif
-        row_stats(x, V, m, log_s, total);
+      row_stats(x, V, s > 0.0, m, log_s, total);
       const index_t tgt = targets[r];
       const double nll = (static_cast<double>(m) - x[tgt]) + log_s;
       acc += (1.0 - s) * nll + s * ((static_cast<double>(m) - total / V) + log_s);

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <memory>
 
+#include "gemm_internal.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -464,6 +465,13 @@ void sgemm_strided_batched(bool trans_a, bool trans_b, index_t M, index_t N, ind
                        [&](index_t b0, index_t b1, int) {
                          for (index_t b = b0; b < b1; ++b) gemm_run(args(b), 1);
                        });
+}
+
+void detail::sgemm_single_thread(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,
+                                 const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,
+                                 index_t ldc, const float* bias) {
+  check_args(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
+  gemm_run(GemmArgs{trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias}, 1);
 }
 
 void sgemm_ref(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha, const float* A,

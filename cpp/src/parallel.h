@@ -42,4 +42,22 @@ void parallel_for(index_t n, index_t min_chunk, Fn&& fn) {
 #endif
 }
 
+// fn(i, thread_index) for each i in [0, n), handed out one at a time (dynamic schedule): for tasks of uneven cost,
+// such as causal attention blocks.
+template <class Fn>
+void parallel_for_dynamic(index_t n, Fn&& fn) {
+  if (n <= 0) return;
+  const int nt = static_cast<int>(std::min<index_t>(kernel_threads(), n));
+  if (nt <= 1) {
+    for (index_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (index_t i = 0; i < n; ++i) fn(i, omp_get_thread_num());
+#else
+  for (index_t i = 0; i < n; ++i) fn(i, 0);
+#endif
+}
+
 }  // namespace cpuformer::detail

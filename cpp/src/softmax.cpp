@@ -6,6 +6,7 @@
 #include <limits>
 
 #include "parallel.h"
+#include "rowops.h"
 #include "simd.h"
 
 namespace cpuformer {
@@ -15,52 +16,64 @@ constexpr index_t kMinElemsPerThread = 1 << 14;
 
 index_t rows_per_chunk(index_t cols) { return std::max<index_t>(1, kMinElemsPerThread / std::max<index_t>(1, cols)); }
 
-// Returns the row max m and sum of exp(x - m); writes exp(x - m) to out when out is non-null.
-void exp_sum_row_scalar(float* out, const float* x, index_t n, float& m, double& s) {
-  m = -std::numeric_limits<float>::infinity();
+float row_max_scalar(const float* x, index_t n) {
+  float m = -std::numeric_limits<float>::infinity();
   for (index_t j = 0; j < n; ++j) m = std::fmax(m, x[j]);
-  s = 0.0;
-  if (m == -std::numeric_limits<float>::infinity()) return;  // all -inf: an empty distribution
+  return m;
+}
+
+double row_exp_sum_scalar(float* out, const float* x, index_t n, float shift) {
+  double s = 0.0;
   for (index_t j = 0; j < n; ++j) {
-    const float e = std::exp(x[j] - m);
+    const float e = std::exp(x[j] - shift);
     if (out) out[j] = e;
     s += e;
   }
+  return s;
 }
 
 #ifdef CPUFORMER_HAVE_AVX2
-CPUFORMER_AVX2 static void exp_sum_row_avx2(float* out, const float* x, index_t n, float& m, double& s) {
+CPUFORMER_AVX2 static float row_max_avx2(const float* x, index_t n) {
   using namespace simd;
   __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   index_t j = 0;
   for (; j + kWidth <= n; j += kWidth) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
-  m = hmax(vm);
+  float m = hmax(vm);
   for (; j < n; ++j) m = std::fmax(m, x[j]);
-  s = 0.0;
-  if (m == -std::numeric_limits<float>::infinity()) return;
-  const __m256 bm = _mm256_set1_ps(m);
-  __m256 vs = _mm256_setzero_ps();
-  for (j = 0; j + kWidth <= n; j += kWidth) {
-    const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), bm));
-    if (out) _mm256_storeu_ps(out + j, e);
-    vs = _mm256_add_ps(vs, e);
+  return m;
+}
+
+CPUFORMER_AVX2 static double row_exp_sum_avx2(float* out, const float* x, index_t n, float shift) {
+  using namespace simd;
+  const __m256 bm = _mm256_set1_ps(shift);
+  double s = 0.0;
+  index_t j = 0;
+  // Flush the float lanes into double every 1024 elements to keep long (50k) sums accurate.
+  while (j + kWidth <= n) {
+    __m256 vs = _mm256_setzero_ps();
+    const index_t stop = std::min(n - (n - j) % kWidth, j + 1024);
+    for (; j < stop; j += kWidth) {
+      const __m256 e = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), bm));
+      if (out) _mm256_storeu_ps(out + j, e);
+      vs = _mm256_add_ps(vs, e);
+    }
+    s += hsum(vs);
   }
   if (j < n) {
     const __m256i mask = tail_mask(static_cast<int>(n - j));
     __m256 e = exp_ps(_mm256_sub_ps(_mm256_maskload_ps(x + j, mask), bm));
     e = _mm256_and_ps(e, _mm256_castsi256_ps(mask));
     if (out) _mm256_maskstore_ps(out + j, mask, e);
-    vs = _mm256_add_ps(vs, e);
+    s += hsum(e);
   }
-  s = hsum(vs);
+  return s;
 }
 #endif
 
+// The row max m and sum of exp(x - m); writes exp(x - m) to out when out is non-null. s = 0 for an all -inf row.
 void exp_sum_row(float* out, const float* x, index_t n, float& m, double& s) {
-#ifdef CPUFORMER_HAVE_AVX2
-  if (detail::use_avx2()) return exp_sum_row_avx2(out, x, n, m, s);
-#endif
-  exp_sum_row_scalar(out, x, n, m, s);
+  m = detail::row_max(x, n);
+  s = m == -std::numeric_limits<float>::infinity() ? 0.0 : detail::row_exp_sum(out, x, n, m);
 }
 
 void check_sizes(const char* who, index_t rows, index_t cols) {
@@ -68,6 +81,26 @@ void check_sizes(const char* who, index_t rows, index_t cols) {
 }
 
 }  // namespace
+
+namespace detail {
+float row_max(const float* x, index_t n) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (use_avx2()) return row_max_avx2(x, n);
+#endif
+  return row_max_scalar(x, n);
+}
+
+double row_exp_sum(float* out, const float* x, index_t n, float shift) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (use_avx2()) return row_exp_sum_avx2(out, x, n, shift);
+#endif
+  return row_exp_sum_scalar(out, x, n, shift);
+}
+
+void row_scale(float* x, index_t n, float s) {
+  for (index_t j = 0; j < n; ++j) x[j] *= s;
+}
+}  // namespace detail
 
 void softmax_forward(float* out, const float* inp, index_t rows, index_t cols) {
   check_sizes("softmax_forward", rows, cols);
@@ -81,8 +114,7 @@ void softmax_forward(float* out, const float* inp, index_t rows, index_t cols) {
         for (index_t j = 0; j < cols; ++j) y[j] = 0.0f;
         continue;
       }
-      const float inv = static_cast<float>(1.0 / s);
-      for (index_t j = 0; j < cols; ++j) y[j] *= inv;
+      detail::row_scale(y, cols, static_cast<float>(1.0 / s));
     }
   });
 }

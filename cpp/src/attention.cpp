@@ -1,0 +1,236 @@
+// attention.cpp: fused multi-head scaled dot-product attention, forward and backward, flash-style.
+//
+// Forward, per (b, h, block of kBlockQ query rows), in parallel with dynamic scheduling (causal blocks differ in work):
+//   for each block of kBlockK keys (only up to the diagonal when causal):
+//     S = scale * Q K^T (GEMM), add masks, online softmax: m' = max(m, rowmax S), P = exp(S - m'),
+//     l = l * exp(m - m') + rowsum P, O = O * exp(m - m') + P V (GEMM)
+//   O /= l, lse = m + log l.
+// Backward, per (b, h) in parallel (dK, dV accumulate over query blocks inside one thread: no races):
+//   D = rowsum(dO * O); for each (query block, key block): recompute S and P = exp(S - lse),
+//   dV += P^T dO, dP = dO V^T, dS = P * (dP - D), dQ += scale dS K, dK += scale dS^T Q   (five GEMMs).
+// See the shared design note kernels.md section 2 (PyTorch's CPU flash attention, ggml).
+#include "cpuformer/attention.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "gemm_internal.h"
+#include "parallel.h"
+#include "random.h"
+#include "rowops.h"
+
+namespace cpuformer {
+namespace {
+
+constexpr index_t kBlockQ = 64;
+constexpr index_t kBlockK = 256;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+void check_config(const char* who, const AttentionConfig& c) {
+  CPUFORMER_CHECK(c.B >= 1 && c.H >= 1 && c.T >= 1 && c.S >= 1 && c.D >= 1, who, ": bad sizes B=", c.B,
+                  " H=", c.H, " T=", c.T, " S=", c.S, " D=", c.D);
+  CPUFORMER_CHECK(std::isfinite(c.scale), who, ": scale must be finite");
+  CPUFORMER_CHECK(c.dropout_p >= 0.0f && c.dropout_p < 1.0f, who, ": dropout_p must be in [0, 1), got ",
+                  c.dropout_p);
+}
+
+// Pointers to row t of head h of batch b.
+inline const float* at(const ConstHeadTensor& x, index_t b, index_t t, index_t h, index_t D) {
+  return x.data + b * x.sb + t * x.st + h * D;
+}
+inline float* at(const HeadTensor& x, index_t b, index_t t, index_t h, index_t D) {
+  return x.data + b * x.sb + t * x.st + h * D;
+}
+
+// Keys past this one are never visible to the query block ending at t_end (exclusive).
+index_t key_limit(const AttentionMask& m, const AttentionConfig& c, index_t t_end) {
+  return m.causal ? std::min(c.S, t_end) : c.S;
+}
+
+// Add the masks to a score tile S (rows t0.., key columns s0..; ld = row stride of the tile).
+void mask_tile(float* S, index_t ld, index_t bq, index_t bk, index_t b, index_t h, index_t t0, index_t s0,
+               const AttentionMask& m, const AttentionConfig& c) {
+  if (m.additive) {
+    for (index_t i = 0; i < bq; ++i) {
+      const float* add = m.additive + b * m.add_sb + h * m.add_sh + (t0 + i) * m.add_st + s0;
+      float* row = S + i * ld;
+      for (index_t j = 0; j < bk; ++j) row[j] += add[j];
+    }
+  }
+  if (m.key_padding) {
+    const std::uint8_t* pad = m.key_padding + b * c.S + s0;
+    for (index_t j = 0; j < bk; ++j)
+      if (pad[j])
+        for (index_t i = 0; i < bq; ++i) S[i * ld + j] = kNegInf;
+  }
+  if (m.causal && s0 + bk - 1 > t0) {  // the tile crosses the diagonal
+    for (index_t i = 0; i < bq; ++i)
+      for (index_t j = std::max<index_t>(0, t0 + i + 1 - s0); j < bk; ++j) S[i * ld + j] = kNegInf;
+  }
+}
+
+// Dropout on a probability tile: P[i, j] *= keep(b, h, t0 + i, s0 + j) / (1 - p).
+void dropout_tile(float* P, index_t ld, index_t bq, index_t bk, index_t b, index_t h, index_t t0, index_t s0,
+                  const AttentionConfig& c) {
+  const std::uint32_t threshold = detail::dropout_threshold(c.dropout_p);
+  const float scale = 1.0f / (1.0f - c.dropout_p);
+  for (index_t i = 0; i < bq; ++i) {
+    const std::uint64_t row = static_cast<std::uint64_t>(((b * c.H + h) * c.T + t0 + i) * c.S + s0);
+    float* p = P + i * ld;
+    for (index_t j = 0; j < bk; ++j)
+      p[j] = detail::dropout_keep(c.seed, row + static_cast<std::uint64_t>(j), threshold) ? p[j] * scale : 0.0f;
+  }
+}
+
+// Grow-only per-thread scratch.
+struct Scratch {
+  std::vector<float> scores, probs, dropped, m, l, d;
+};
+thread_local Scratch t_scratch;
+
+}  // namespace
+
+void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadTensor k, ConstHeadTensor v,
+                       const AttentionMask& mask, const AttentionConfig& c) {
+  check_config("attention_forward", c);
+  const index_t D = c.D, n_qblocks = (c.T + kBlockQ - 1) / kBlockQ;
+  detail::parallel_for_dynamic(c.B * c.H * n_qblocks, [&](index_t task, int) {
+    const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
+    const index_t t0 = qb * kBlockQ, bq = std::min(kBlockQ, c.T - t0);
+    Scratch& s = t_scratch;
+    s.scores.resize(kBlockQ * kBlockK);
+    s.m.assign(bq, kNegInf);
+    s.l.assign(bq, 0.0f);
+    float* S = s.scores.data();
+    float* O = at(out, b, t0, h, D);
+    for (index_t i = 0; i < bq; ++i)
+      for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
+    const index_t s_end = key_limit(mask, c, t0 + bq);
+    for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
+      const index_t bk = std::min(kBlockK, s_end - s0);
+      detail::sgemm_single_thread(false, true, bq, bk, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, s0, h, D),
+                                  k.st, 0.0f, S, kBlockK);
+      mask_tile(S, kBlockK, bq, bk, b, h, t0, s0, mask, c);
+      for (index_t i = 0; i < bq; ++i) {  // online softmax
+        float* row = S + i * kBlockK;
+        const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));
+        if (m_new == kNegInf) {  // nothing visible yet in this row
+          for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
+          continue;
+        }
+        const float correction = std::exp(s.m[i] - m_new);  // 0 when m was -inf
+        s.l[i] = static_cast<float>(s.l[i] * correction + detail::row_exp_sum(row, row, bk, m_new));
+        s.m[i] = m_new;
+        if (correction != 1.0f) detail::row_scale(O + i * out.st, D, correction);
+      }
+      if (c.dropout_p > 0.0f) dropout_tile(S, kBlockK, bq, bk, b, h, t0, s0, c);
+      detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, h, D), v.st, 1.0f, O,
+                                  out.st);
+    }
+    for (index_t i = 0; i < bq; ++i) {
+      const bool empty = s.l[i] == 0.0f;  // every key masked: output 0, lse -inf
+      detail::row_scale(O + i * out.st, D, empty ? 0.0f : 1.0f / s.l[i]);
+      if (lse) lse[bh * c.T + t0 + i] = empty ? kNegInf : s.m[i] + std::log(s.l[i]);
+    }
+  });
+}
+
+void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTensor dout, ConstHeadTensor q,
+                        ConstHeadTensor k, ConstHeadTensor v, ConstHeadTensor out, const float* lse,
+                        const AttentionMask& mask, const AttentionConfig& c) {
+  check_config("attention_backward", c);
+  CPUFORMER_CHECK(lse != nullptr, "attention_backward: lse from the forward is required");
+  const index_t D = c.D;
+  detail::parallel_for_dynamic(c.B * c.H, [&](index_t bh, int) {
+    const index_t b = bh / c.H, h = bh % c.H;
+    Scratch& s = t_scratch;
+    s.scores.resize(kBlockQ * kBlockK);
+    s.probs.resize(kBlockQ * kBlockK);
+    s.d.resize(c.T);
+    float* P = s.scores.data();
+    float* dS = s.probs.data();
+    for (index_t t = 0; t < c.T; ++t) {  // D_t = dO_t . O_t, and dQ starts at zero
+      const float* o = at(out, b, t, h, D);
+      const float* g = at(dout, b, t, h, D);
+      double acc = 0.0;
+      for (index_t d = 0; d < D; ++d) acc += static_cast<double>(o[d]) * g[d];
+      s.d[t] = static_cast<float>(acc);
+      float* dqr = at(dq, b, t, h, D);
+      for (index_t d = 0; d < D; ++d) dqr[d] = 0.0f;
+    }
+    for (index_t t = 0; t < c.S; ++t) {
+      float* dkr = at(dk, b, t, h, D);
+      float* dvr = at(dv, b, t, h, D);
+      for (index_t d = 0; d < D; ++d) dkr[d] = dvr[d] = 0.0f;
+    }
+    const float* lse_bh = lse + bh * c.T;
+    for (index_t t0 = 0; t0 < c.T; t0 += kBlockQ) {
+      const index_t bq = std::min(kBlockQ, c.T - t0);
+      const index_t s_end = key_limit(mask, c, t0 + bq);
+      for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
+        const index_t bk = std::min(kBlockK, s_end - s0);
+        detail::sgemm_single_thread(false, true, bq, bk, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, s0, h, D),
+                                    k.st, 0.0f, P, kBlockK);
+        mask_tile(P, kBlockK, bq, bk, b, h, t0, s0, mask, c);
+        for (index_t i = 0; i < bq; ++i) {  // P = exp(S - lse); a fully masked row (lse = -inf) is all zeros
+          float* row = P + i * kBlockK;
+          if (lse_bh[t0 + i] == kNegInf) {
+            for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
+          } else {
+            detail::row_exp_sum(row, row, bk, lse_bh[t0 + i]);
+          }
+        }
+        // dP = dO V^T (into dS), through the dropout mask when there is one.
+        detail::sgemm_single_thread(false, true, bq, bk, D, 1.0f, at(dout, b, t0, h, D), dout.st,
+                                    at(v, b, s0, h, D), v.st, 0.0f, dS, kBlockK);
+        if (c.dropout_p > 0.0f) {
+          dropout_tile(dS, kBlockK, bq, bk, b, h, t0, s0, c);
+          // dV += (P * keep / (1 - p))^T dO: the dropped probabilities, while P itself is kept for dS.
+          s.dropped.assign(P, P + kBlockQ * kBlockK);
+          dropout_tile(s.dropped.data(), kBlockK, bq, bk, b, h, t0, s0, c);
+          detail::sgemm_single_thread(true, false, bk, D, bq, 1.0f, s.dropped.data(), kBlockK,
+                                      at(dout, b, t0, h, D), dout.st, 1.0f, at(dv, b, s0, h, D), dv.st);
+        } else {
+          detail::sgemm_single_thread(true, false, bk, D, bq, 1.0f, P, kBlockK, at(dout, b, t0, h, D), dout.st,
+                                      1.0f, at(dv, b, s0, h, D), dv.st);
+        }
+        for (index_t i = 0; i < bq; ++i) {  // dS = P * (dP - D)
+          const float* p = P + i * kBlockK;
+          float* g = dS + i * kBlockK;
+          const float di = s.d[t0 + i];
+          for (index_t j = 0; j < bk; ++j) g[j] = p[j] * (g[j] - di);
+        }
+        detail::sgemm_single_thread(false, false, bq, D, bk, c.scale, dS, kBlockK, at(k, b, s0, h, D), k.st, 1.0f,
+                                    at(dq, b, t0, h, D), dq.st);
+        detail::sgemm_single_thread(true, false, bk, D, bq, c.scale, dS, kBlockK, at(q, b, t0, h, D), q.st, 1.0f,
+                                    at(dk, b, s0, h, D), dk.st);
+      }
+    }
+  });
+}
+
+void attention_weights(float* weights, ConstHeadTensor q, ConstHeadTensor k, const AttentionMask& mask,
+                       const AttentionConfig& c) {
+  check_config("attention_weights", c);
+  const index_t D = c.D, n_qblocks = (c.T + kBlockQ - 1) / kBlockQ;
+  detail::parallel_for_dynamic(c.B * c.H * n_qblocks, [&](index_t task, int) {
+    const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
+    const index_t t0 = qb * kBlockQ, bq = std::min(kBlockQ, c.T - t0);
+    float* W = weights + (bh * c.T + t0) * c.S;
+    detail::sgemm_single_thread(false, true, bq, c.S, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, 0, h, D), k.st,
+                                0.0f, W, c.S);
+    mask_tile(W, c.S, bq, c.S, b, h, t0, 0, mask, c);
+    for (index_t i = 0; i < bq; ++i) {
+      float* row = W + i * c.S;
+      const float m = detail::row_max(row, c.S);
+      if (m == kNegInf) {  // fully masked: zeros (scaling -inf by 0 would give NaN)
+        for (index_t j = 0; j < c.S; ++j) row[j] = 0.0f;
+        continue;
+      }
+      detail::row_scale(row, c.S, static_cast<float>(1.0 / detail::row_exp_sum(row, row, c.S, m)));
+    }
+  });
+}
+
+}  // namespace cpuformer
