@@ -427,6 +427,245 @@ double sum_sq(const py::object& x_obj) {
   return sum_squares(px, n);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// attention: q (B, T, E), k and v (B, S, E) with heads side by side along E. They may be strided views (for example
+// the q, k and v thirds of a fused (B, T, 3E) projection) as long as the last axis is contiguous.
+
+struct HeadArg {
+  py::array arr;  // keeps the buffer alive
+  float* data;
+  index_t B, T, E, sb, st;
+};
+
+HeadArg head_arg(const py::handle& obj, const char* name, bool writable) {
+  if (!py::isinstance<py::array>(obj)) throw py::type_error(std::string(name) + " must be a numpy float32 array");
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<float>()))
+    throw py::type_error(std::string(name) + " must be float32, got " + std::string(py::str(a.dtype())));
+  if (a.ndim() != 3) value_error(std::string(name) + " must be 3-D (batch, length, embed), got shape " + shape_of(a));
+  for (int i = 0; i < 3; ++i)
+    if (a.shape(i) == 0) value_error(std::string(name) + " has a zero-size dimension: shape " + shape_of(a));
+  const auto f = static_cast<py::ssize_t>(sizeof(float));
+  if (a.strides(2) != f || a.strides(0) < 0 || a.strides(1) < 0 || a.strides(0) % f || a.strides(1) % f)
+    value_error(std::string(name) + " must have a contiguous last axis and non-negative strides");
+  if (writable && !a.writeable()) value_error(std::string(name) + " must be writable");
+  float* data = static_cast<float*>(a.mutable_data());
+  return {a, data, a.shape(0), a.shape(1), a.shape(2), a.strides(0) / f, a.strides(1) / f};
+}
+
+struct MaskArgs {
+  F32 additive_arr;
+  py::array_t<std::uint8_t, py::array::c_style> padding_arr;
+  AttentionMask mask;
+};
+
+MaskArgs mask_args(const py::object& attn_mask, const py::object& key_padding_mask, bool causal, index_t B,
+                   index_t H, index_t T, index_t S) {
+  MaskArgs m;
+  m.mask.causal = causal;
+  if (!attn_mask.is_none()) {
+    m.additive_arr = f32(attn_mask, "attn_mask", 2, 3);
+    const auto& a = m.additive_arr;
+    const index_t lead = a.ndim() == 3 ? a.shape(0) : 1;
+    const bool ok = a.shape(a.ndim() - 2) == T && a.shape(a.ndim() - 1) == S &&
+                    (a.ndim() == 2 || lead == B || lead == B * H);
+    if (!ok) {
+      std::ostringstream os;
+      os << "attn_mask must have shape (" << T << ", " << S << "), (" << B << ", " << T << ", " << S << ") or ("
+         << B * H << ", " << T << ", " << S << "), got " << shape_of(a);
+      value_error(os.str());
+    }
+    m.mask.additive = a.data();
+    m.mask.add_st = S;
+    if (a.ndim() == 3 && lead == B * H && H > 1) {
+      m.mask.add_sh = T * S;
+      m.mask.add_sb = H * T * S;
+    } else if (a.ndim() == 3) {
+      m.mask.add_sb = T * S;
+    }
+  }
+  if (!key_padding_mask.is_none()) {
+    auto kp = py::reinterpret_borrow<py::array>(key_padding_mask);
+    if (!kp.dtype().is(py::dtype::of<std::uint8_t>()))
+      throw py::type_error("key_padding_mask must be uint8 (cpuformer.ops converts bool masks)");
+    m.padding_arr = py::array_t<std::uint8_t, py::array::c_style>::ensure(kp);
+    if (!m.padding_arr || m.padding_arr.ndim() != 2 || m.padding_arr.shape(0) != B || m.padding_arr.shape(1) != S)
+      value_error("key_padding_mask must have shape (" + std::to_string(B) + ", " + std::to_string(S) + "), got " +
+                  shape_of(kp));
+    m.mask.key_padding = m.padding_arr.data();
+  }
+  return m;
+}
+
+AttentionConfig attention_config(const HeadArg& q, const HeadArg& k, const HeadArg& v, index_t num_heads,
+                                 float scale, float dropout_p, std::uint64_t seed) {
+  if (num_heads < 1) value_error("num_heads must be >= 1");
+  if (q.E % num_heads) value_error("embed size " + std::to_string(q.E) + " is not divisible by num_heads " +
+                                   std::to_string(num_heads));
+  if (k.B != q.B || v.B != q.B || k.E != q.E || v.E != q.E || v.T != k.T) {
+    std::ostringstream os;
+    os << "attention: q (B, T, E) = (" << q.B << ", " << q.T << ", " << q.E << "), k and v must be (" << q.B
+       << ", S, " << q.E << ") with the same S; got k (" << k.B << ", " << k.T << ", " << k.E << "), v (" << v.B
+       << ", " << v.T << ", " << v.E << ")";
+    value_error(os.str());
+  }
+  if (!(dropout_p >= 0.0f && dropout_p < 1.0f)) value_error("dropout_p must be in [0, 1)");
+  if (!std::isfinite(scale)) value_error("scale must be finite");
+  return AttentionConfig{q.B, num_heads, q.T, k.T, q.E / num_heads, scale, dropout_p, seed};
+}
+
+ConstHeadTensor as_const(const HeadArg& a) { return {a.data, a.sb, a.st}; }
+HeadTensor as_mut(const HeadArg& a) { return {a.data, a.sb, a.st}; }
+
+py::tuple attention_fwd(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
+                        index_t num_heads, const py::object& attn_mask, const py::object& key_padding_mask,
+                        bool is_causal, float scale, float dropout_p, std::uint64_t seed, bool need_lse) {
+  const HeadArg q = head_arg(q_obj, "query", false), k = head_arg(k_obj, "key", false),
+                v = head_arg(v_obj, "value", false);
+  const AttentionConfig cfg = attention_config(q, k, v, num_heads, scale, dropout_p, seed);
+  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
+  F32 out({q.B, q.T, q.E});
+  py::object lse_obj = py::none();
+  float* lse = nullptr;
+  if (need_lse) {
+    F32 l({cfg.B, cfg.H, cfg.T});
+    lse = l.mutable_data();
+    lse_obj = l;
+  }
+  const HeadTensor o{out.mutable_data(), q.T * q.E, q.E};
+  {
+    py::gil_scoped_release nogil;
+    attention_forward(o, lse, as_const(q), as_const(k), as_const(v), m.mask, cfg);
+  }
+  return py::make_tuple(out, lse_obj);
+}
+
+void attention_bwd(const py::object& dout_obj, const py::object& q_obj, const py::object& k_obj,
+                   const py::object& v_obj, const py::object& out_obj, const py::object& lse_obj,
+                   const py::object& dq_obj, const py::object& dk_obj, const py::object& dv_obj, index_t num_heads,
+                   const py::object& attn_mask, const py::object& key_padding_mask, bool is_causal, float scale,
+                   float dropout_p, std::uint64_t seed) {
+  const HeadArg q = head_arg(q_obj, "query", false), k = head_arg(k_obj, "key", false),
+                v = head_arg(v_obj, "value", false), out = head_arg(out_obj, "output", false),
+                dout = head_arg(dout_obj, "grad_output", false), dq = head_arg(dq_obj, "grad_query", true),
+                dk = head_arg(dk_obj, "grad_key", true), dv = head_arg(dv_obj, "grad_value", true);
+  const AttentionConfig cfg = attention_config(q, k, v, num_heads, scale, dropout_p, seed);
+  const auto same = [](const HeadArg& a, const HeadArg& b) { return a.B == b.B && a.T == b.T && a.E == b.E; };
+  if (!same(out, q) || !same(dout, q) || !same(dq, q) || !same(dk, k) || !same(dv, v))
+    value_error("attention_backward: output, grad_output and grad_query must match query's shape, grad_key and "
+                "grad_value those of key and value");
+  const F32 lse = f32(lse_obj, "lse", 3, 3);
+  if (lse.shape(0) != cfg.B || lse.shape(1) != cfg.H || lse.shape(2) != cfg.T)
+    value_error("lse must have shape (B, num_heads, T) = (" + std::to_string(cfg.B) + ", " + std::to_string(cfg.H) +
+                ", " + std::to_string(cfg.T) + "), got " + shape_of(lse));
+  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
+  py::gil_scoped_release nogil;
+  attention_backward(as_mut(dq), as_mut(dk), as_mut(dv), as_const(dout), as_const(q), as_const(k), as_const(v),
+                     as_const(out), lse.data(), m.mask, cfg);
+}
+
+F32 attention_probs(const py::object& q_obj, const py::object& k_obj, index_t num_heads,
+                    const py::object& attn_mask, const py::object& key_padding_mask, bool is_causal, float scale) {
+  const HeadArg q = head_arg(q_obj, "query", false), k = head_arg(k_obj, "key", false);
+  const AttentionConfig cfg = attention_config(q, k, k, num_heads, scale, 0.0f, 0);
+  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
+  F32 w({cfg.B, cfg.H, cfg.T, cfg.S});
+  float* pw = w.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    attention_weights(pw, as_const(q), as_const(k), m.mask, cfg);
+  }
+  return w;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// feed-forward: x (..., C), w1 (F, C), b1 (F), w2 (C, F), b2 (C)
+
+struct FfnShapes {
+  index_t rows, C, F;
+};
+
+FfnShapes ffn_shapes(const F32& x, const F32& w1, const F32& w2) {
+  const auto [rows, C] = rows_cols(x);
+  if (w1.ndim() != 2 || w1.shape(1) != C)
+    value_error("linear1.weight must have shape (dim_feedforward, " + std::to_string(C) + "), got " + shape_of(w1));
+  const index_t F = w1.shape(0);
+  if (w2.ndim() != 2 || w2.shape(0) != C || w2.shape(1) != F)
+    value_error("linear2.weight must have shape (" + std::to_string(C) + ", " + std::to_string(F) + "), got " +
+                shape_of(w2));
+  return {rows, C, F};
+}
+
+py::tuple feedforward_fwd(const py::object& x_obj, const py::object& w1_obj, const py::object& b1_obj,
+                          const py::object& w2_obj, const py::object& b2_obj, const std::string& kind,
+                          float dropout_p, std::uint64_t seed) {
+  const F32 x = f32(x_obj, "x", 1), w1 = f32(w1_obj, "linear1.weight", 2, 2), w2 = f32(w2_obj, "linear2.weight", 2, 2);
+  const FfnShapes s = ffn_shapes(x, w1, w2);
+  const auto b1_arr = opt_f32(b1_obj, "linear1.bias"), b2_arr = opt_f32(b2_obj, "linear2.bias");
+  const float* b1 = opt_vec(b1_arr, "linear1.bias", s.F);
+  const float* b2 = opt_vec(b2_arr, "linear2.bias", s.C);
+  check_p(dropout_p);
+  const Activation act = activation_of(kind);
+  F32 out = empty_like(x), u({s.rows, s.F}), a({s.rows, s.F});
+  float *po = out.mutable_data(), *pu = u.mutable_data(), *pa = a.mutable_data();
+  const float *px = x.data(), *pw1 = w1.data(), *pw2 = w2.data();
+  {
+    py::gil_scoped_release nogil;
+    feedforward_forward(po, pu, pa, px, pw1, b1, pw2, b2, s.rows, s.C, s.F, act, dropout_p, seed);
+  }
+  return py::make_tuple(out, u, a);
+}
+
+float* opt_grad(const py::object& obj, const char* name, const std::vector<py::ssize_t>& shape,
+                std::optional<F32>& keep) {
+  if (obj.is_none()) return nullptr;
+  keep = f32(obj, name, 1, 2, true);
+  bool ok = keep->ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t i = 0; ok && i < shape.size(); ++i) ok = keep->shape(i) == shape[i];
+  if (!ok) value_error(std::string(name) + " has the wrong shape " + shape_of(*keep));
+  return keep->mutable_data();
+}
+
+F32 feedforward_bwd(const py::object& dout_obj, const py::object& x_obj, const py::object& u_obj,
+                    const py::object& a_obj, const py::object& w1_obj, const py::object& w2_obj,
+                    const py::object& dw1_obj, const py::object& db1_obj, const py::object& dw2_obj,
+                    const py::object& db2_obj, const std::string& kind, float dropout_p, std::uint64_t seed) {
+  const F32 x = f32(x_obj, "x", 1), w1 = f32(w1_obj, "linear1.weight", 2, 2), w2 = f32(w2_obj, "linear2.weight", 2, 2);
+  const FfnShapes s = ffn_shapes(x, w1, w2);
+  const F32 dout = f32(dout_obj, "grad_output", 1), u = f32(u_obj, "u", 2, 2), a = f32(a_obj, "a", 2, 2);
+  same_shape(dout, "grad_output", x, "x");
+  if (u.shape(0) != s.rows || u.shape(1) != s.F || a.shape(0) != s.rows || a.shape(1) != s.F)
+    value_error("feedforward_backward: saved activations must have shape (rows, dim_feedforward)");
+  std::optional<F32> k1, k2, k3, k4;
+  float* dw1 = opt_grad(dw1_obj, "linear1.weight.grad", {s.F, s.C}, k1);
+  float* db1 = opt_grad(db1_obj, "linear1.bias.grad", {s.F}, k2);
+  float* dw2 = opt_grad(dw2_obj, "linear2.weight.grad", {s.C, s.F}, k3);
+  float* db2 = opt_grad(db2_obj, "linear2.bias.grad", {s.C}, k4);
+  if (!dw1 || !dw2) value_error("feedforward_backward: the weight gradients are required");
+  check_p(dropout_p);
+  const Activation act = activation_of(kind);
+  F32 dx = empty_like(x);
+  float* pdx = dx.mutable_data();
+  const float *pdo = dout.data(), *px = x.data(), *pu = u.data(), *pa = a.data(), *pw1 = w1.data(), *pw2 = w2.data();
+  {
+    py::gil_scoped_release nogil;
+    feedforward_backward(pdx, dw1, db1, dw2, db2, pdo, px, pu, pa, pw1, pw2, s.rows, s.C, s.F, act, dropout_p, seed);
+  }
+  return dx;
+}
+
+void bias_grad(const py::object& dbias_obj, const py::object& dout_obj) {
+  F32 db = f32(dbias_obj, "bias_grad", 1, 1, true);
+  const F32 dout = f32(dout_obj, "grad_output", 1);
+  const auto [rows, cols] = rows_cols(dout);
+  if (db.shape(0) != cols)
+    value_error("bias_grad must have shape (" + std::to_string(cols) + ",), got " + shape_of(db));
+  float* pdb = db.mutable_data();
+  const float* pdo = dout.data();
+  py::gil_scoped_release nogil;
+  bias_backward(pdb, pdo, rows, cols);
+}
+
 py::dict build_info() {
   py::dict d;
   d["version"] = library_version();
@@ -484,4 +723,25 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"), py::arg("step"),
         py::arg("grad_scale") = 1.0f, "In-place AdamW update of param, exp_avg, exp_avg_sq.");
   m.def("sum_squares", &sum_sq, py::arg("x"));
+  m.def("feedforward", &feedforward_fwd, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
+        py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0,
+        "Returns (out, u, a): u = x W1^T + b1 and a = dropout(act(u)) are saved for backward.");
+  m.def("feedforward_backward", &feedforward_bwd, py::arg("grad_output"), py::arg("x"), py::arg("u"), py::arg("a"),
+        py::arg("w1"), py::arg("w2"), py::arg("grad_w1"), py::arg("grad_b1"), py::arg("grad_w2"), py::arg("grad_b2"),
+        py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0,
+        "Returns dx; accumulates into the weight and bias gradients given.");
+  m.def("bias_grad", &bias_grad, py::arg("bias_grad"), py::arg("grad_output"),
+        "bias_grad += column sums of grad_output (over all leading axes).");
+  m.def("attention", &attention_fwd, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("num_heads"),
+        py::arg("attn_mask") = py::none(), py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false,
+        py::arg("scale"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("need_lse") = false,
+        "Fused attention: returns (output (B, T, E), lse (B, H, T) or None).");
+  m.def("attention_backward", &attention_bwd, py::arg("grad_output"), py::arg("query"), py::arg("key"),
+        py::arg("value"), py::arg("output"), py::arg("lse"), py::arg("grad_query"), py::arg("grad_key"),
+        py::arg("grad_value"), py::arg("num_heads"), py::arg("attn_mask") = py::none(),
+        py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false, py::arg("scale"),
+        py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, "Writes the gradients into grad_query/key/value.");
+  m.def("attention_weights", &attention_probs, py::arg("query"), py::arg("key"), py::arg("num_heads"),
+        py::arg("attn_mask") = py::none(), py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false,
+        py::arg("scale"), "Attention probabilities (B, H, T, S).");
 }

@@ -5,6 +5,7 @@
 #include "cpuformer/attention.h"
 #include "cpuformer/common.h"
 #include "cpuformer/embedding.h"
+#include "cpuformer/feedforward.h"
 #include "cpuformer/layernorm.h"
 #include "cpuformer/loss.h"
 #include "cpuformer/matmul.h"

@@ -204,6 +204,20 @@ void activation_backward(float* dinp, float* dbias, const float* dout, const flo
   }
 }
 
+void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols) {
+  CPUFORMER_CHECK(rows >= 0 && cols >= 0, "bias_backward: negative size");
+  // Threads own column ranges and sum rows in order: deterministic, no partial buffers.
+  detail::parallel_for(cols, std::max<index_t>(16, (1 << 14) / std::max<index_t>(1, rows)),
+                       [&](index_t c0, index_t c1, int) {
+                         std::vector<double> acc(static_cast<size_t>(c1 - c0), 0.0);
+                         for (index_t r = 0; r < rows; ++r) {
+                           const float* row = dout + r * cols;
+                           for (index_t c = c0; c < c1; ++c) acc[c - c0] += row[c];
+                         }
+                         for (index_t c = c0; c < c1; ++c) dbias[c] += static_cast<float>(acc[c - c0]);
+                       });
+}
+
 void dropout_forward(float* out, std::uint8_t* mask, const float* inp, index_t n, float p, std::uint64_t seed) {
   CPUFORMER_CHECK(n >= 0, "dropout_forward: negative size");
   CPUFORMER_CHECK(p >= 0.0f && p < 1.0f, "dropout_forward: p must be in [0, 1), got ", p);

@@ -1,16 +1,16 @@
 """cpuformer: a CPU-only Transformer library with a C++17 / OpenMP / AVX2 core.
 
 The arithmetic lives in the compiled extension ``cpuformer._core``; this package gives the Python API:
-``cpuformer.ops`` (functional kernels, forward and backward).
+``cpuformer.ops`` (functional kernels, forward and backward) and ``cpuformer.nn`` (layers with PyTorch's names).
 """
 from __future__ import annotations
 
-from . import _core, ops
+from . import _core, nn, ops
 from ._core import get_num_threads
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["ops", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["ops", "nn", "build_info", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def build_info() -> dict:

@@ -26,6 +26,7 @@ __all__ = [
     "layer_norm", "layer_norm_forward", "layer_norm_backward", "gelu", "gelu_backward", "relu", "relu_backward",
     "bias_activation", "bias_activation_backward", "dropout", "dropout_backward", "add",
     "embedding", "embedding_backward", "cross_entropy", "cross_entropy_with_grad", "adamw_step", "sum_squares",
+    "bias_grad", "attention", "attention_backward", "attention_weights", "feed_forward", "feed_forward_backward",
 ]
 
 _GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -291,3 +292,138 @@ def adamw_step(param: np.ndarray, grad, exp_avg: np.ndarray, exp_avg_sq: np.ndar
 def sum_squares(x) -> float:
     """Sum of squares accumulated in float64 (for the global gradient norm)."""
     return _core.sum_squares(_f32(x, "x"))
+
+
+def bias_grad(grad_output, out: np.ndarray) -> np.ndarray:
+    """Accumulate ``out += grad_output.sum(all leading axes)`` (the gradient of a bias), deterministically."""
+    _core.bias_grad(out, _f32(grad_output, "grad_output"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention
+
+
+def _rows_f32(x, name: str) -> np.ndarray:
+    """Like _f32 but keeps strided views whose last axis is contiguous (the q/k/v thirds of a fused projection)."""
+    if type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 3 and x.strides[-1] == 4 \
+            and min(x.strides) >= 0:
+        return x
+    return _f32(x, name)
+
+
+def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt_len: int, src_len: int):
+    """Normalise PyTorch-style masks for the kernels: returns ``(additive float32 mask or None, uint8 key padding
+    or None)``. ``attn_mask``: boolean (True = not allowed) or additive float, shape (T, S), (B, T, S) or
+    (B*num_heads, T, S). ``key_padding_mask``: (B, S), boolean/integer (True = padding) or additive float."""
+    additive = None
+    if attn_mask is not None:
+        m = np.asarray(attn_mask)
+        if m.dtype == np.bool_:
+            additive = np.where(m, np.float32(-np.inf), np.float32(0.0))
+        elif m.dtype.kind in "fiu":
+            additive = np.ascontiguousarray(m, dtype=np.float32)
+        else:
+            raise TypeError(f"attn_mask must be boolean or float, got dtype {m.dtype}")
+        if np.isnan(additive).any():
+            raise ValueError("attn_mask contains NaN")
+    padding = None
+    if key_padding_mask is not None:
+        kp = np.asarray(key_padding_mask)
+        if kp.shape != (batch, src_len):
+            raise ValueError(f"key_padding_mask must have shape ({batch}, {src_len}), got {kp.shape}")
+        if kp.dtype == np.bool_ or kp.dtype.kind in "iu":
+            padding = np.ascontiguousarray(kp != 0, dtype=np.uint8)
+        elif kp.dtype.kind == "f":  # additive per key: fold into a (B, T, S) additive mask
+            extra = np.broadcast_to(kp.astype(np.float32)[:, None, :], (batch, tgt_len, src_len))
+            if additive is None:
+                additive = np.ascontiguousarray(extra)
+            elif additive.ndim == 3 and additive.shape[0] == batch * num_heads and num_heads > 1:
+                additive = (additive.reshape(batch, num_heads, tgt_len, src_len) + extra[:, None]).reshape(
+                    batch * num_heads, tgt_len, src_len)
+            else:
+                additive = np.ascontiguousarray(additive + extra, dtype=np.float32)
+        else:
+            raise TypeError(f"key_padding_mask must be boolean or float, got dtype {kp.dtype}")
+    return additive, padding
+
+
+def _scale(scale, embed: int, num_heads: int) -> float:
+    return 1.0 / math.sqrt(embed // num_heads) if scale is None else _finite_scalar(scale, "scale")
+
+
+def attention(query, key, value, num_heads: int = 1, *, attn_mask=None, key_padding_mask=None,
+              is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: int = 0,
+              need_lse: bool = False):
+    """Fused multi-head scaled dot-product attention, ``softmax(q k^T * scale + mask) v`` per head.
+
+    ``query`` (B, T, E), ``key`` and ``value`` (B, S, E), heads side by side along E (E = num_heads * head_dim);
+    ``scale`` defaults to 1/sqrt(head_dim). Masks follow PyTorch: ``attn_mask`` boolean (True = not allowed) or
+    additive float, (T, S), (B, T, S) or (B*num_heads, T, S); ``key_padding_mask`` (B, S), True = padding;
+    ``is_causal`` lets query t see keys s <= t. The (T, S) score matrix is never built. A query whose keys are
+    all masked gets zeros. Returns ``(output (B, T, E), lse (B, num_heads, T) or None)``; keep ``lse`` for
+    :func:`attention_backward`.
+    """
+    q, k, v = _rows_f32(query, "query"), _rows_f32(key, "key"), _rows_f32(value, "value")
+    if q.ndim != 3:
+        raise ValueError(f"query must be 3-D (batch, length, embed), got shape {q.shape}")
+    if k.ndim != 3:
+        raise ValueError(f"key must be 3-D (batch, length, embed), got shape {k.shape}")
+    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
+                                        k.shape[1])
+    return _core.attention(q, k, v, int(num_heads), additive, padding, bool(is_causal),
+                           _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p), _seed(seed),
+                           bool(need_lse))
+
+
+def attention_backward(grad_output, query, key, value, output, lse, num_heads: int = 1, *, attn_mask=None,
+                       key_padding_mask=None, is_causal: bool = False, scale: Optional[float] = None,
+                       dropout_p: float = 0.0, seed: int = 0, grad_query=None, grad_key=None, grad_value=None):
+    """Gradients of :func:`attention` with respect to query, key and value, recomputed tile by tile from ``lse``.
+    Pass ``grad_query``/``grad_key``/``grad_value`` (writable float32 arrays or views with a contiguous last axis)
+    to have them written in place, e.g. into the thirds of a fused (B, T, 3E) buffer. Returns ``(dq, dk, dv)``."""
+    q, k, v = _rows_f32(query, "query"), _rows_f32(key, "key"), _rows_f32(value, "value")
+    if q.ndim != 3 or k.ndim != 3:
+        raise ValueError("query and key must be 3-D (batch, length, embed)")
+    dq = np.empty(q.shape, np.float32) if grad_query is None else grad_query
+    dk = np.empty(k.shape, np.float32) if grad_key is None else grad_key
+    dv = np.empty(v.shape, np.float32) if grad_value is None else grad_value
+    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
+                                        k.shape[1])
+    _core.attention_backward(_rows_f32(grad_output, "grad_output"), q, k, v, _rows_f32(output, "output"),
+                             _f32(lse, "lse"), dq, dk, dv, int(num_heads), additive, padding, bool(is_causal),
+                             _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p), _seed(seed))
+    return dq, dk, dv
+
+
+def attention_weights(query, key, num_heads: int = 1, *, attn_mask=None, key_padding_mask=None,
+                      is_causal: bool = False, scale: Optional[float] = None) -> np.ndarray:
+    """The attention probabilities, (B, num_heads, T, S), for inspection and plots (this materialises them)."""
+    q, k = _rows_f32(query, "query"), _rows_f32(key, "key")
+    if q.ndim != 3 or k.ndim != 3:
+        raise ValueError("query and key must be 3-D (batch, length, embed)")
+    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
+                                        k.shape[1])
+    return _core.attention_weights(q, k, int(num_heads), additive, padding, bool(is_causal),
+                                   _scale(scale, q.shape[2], int(num_heads)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# feed-forward
+
+
+def feed_forward(x, w1, b1, w2, b2, activation: str = "relu", *, dropout_p: float = 0.0, seed: int = 0):
+    """``dropout(act(x @ w1.T + b1)) @ w2.T + b2`` over the last axis of ``x``; weights in PyTorch's Linear layout
+    (``w1`` (F, C), ``w2`` (C, F)). Returns ``(out, u, a)``; ``u`` (pre-activation) and ``a`` are kept for
+    :func:`feed_forward_backward`."""
+    return _core.feedforward(_f32(x, "x"), _f32(w1, "w1"), _opt_f32(b1, "b1"), _f32(w2, "w2"), _opt_f32(b2, "b2"),
+                             _activation_kind(activation), _check_p(dropout_p), _seed(seed))
+
+
+def feed_forward_backward(grad_output, x, u, a, w1, w2, grad_w1, grad_b1, grad_w2, grad_b2,
+                          activation: str = "relu", *, dropout_p: float = 0.0, seed: int = 0) -> np.ndarray:
+    """Returns dx; accumulates into ``grad_w1``, ``grad_b1``, ``grad_w2``, ``grad_b2`` (writable float32 arrays;
+    the bias gradients may be None)."""
+    return _core.feedforward_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), u, a, _f32(w1, "w1"),
+                                      _f32(w2, "w2"), grad_w1, grad_b1, grad_w2, grad_b2,
+                                      _activation_kind(activation), _check_p(dropout_p), _seed(seed))

@@ -17,6 +17,9 @@ void activation_forward(float* out, const float* inp, const float* bias, index_t
 void activation_backward(float* dinp, float* dbias, const float* dout, const float* inp, const float* bias,
                          index_t rows, index_t cols, Activation act);
 
+// dbias[c] += sum over rows of dout[r, c] (the gradient of a bias added to every row).
+void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols);
+
 // Inverted dropout: out = inp * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from a counter-based hash of
 // (seed, element index), so the mask does not depend on the thread count and backward regenerates it
 // instead of storing it. mask (uint8, may be null) receives the keep flags.

@@ -1,0 +1,15 @@
+"""Layers with PyTorch's names, arguments and weight layouts, forward and backward (no autograd: each layer's
+``backward(grad_output)`` returns input gradients and accumulates parameter gradients)."""
+from __future__ import annotations
+
+from . import init
+from .attention import MultiheadAttention
+from .layers import GELU, Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEncoding, ReLU
+from .module import Module, ModuleList, Parameter, Sequential
+from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
+                          TransformerEncoderLayer, generate_square_subsequent_mask)
+
+__all__ = ["init", "Parameter", "Module", "Sequential", "ModuleList", "Linear", "Embedding", "PositionalEncoding",
+           "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward", "MultiheadAttention", "TransformerEncoderLayer",
+           "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "Transformer",
+           "generate_square_subsequent_mask"]

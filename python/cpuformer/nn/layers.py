@@ -1,0 +1,325 @@
+"""Basic layers: Linear, Embedding, PositionalEncoding, LayerNorm, Dropout, ReLU, GELU, FeedForward.
+
+Batch-first; the arithmetic runs in the C++ kernels of :mod:`cpuformer.ops`. Initialisation follows PyTorch's
+defaults and draws from :mod:`cpuformer.nn.init`'s generator (``cpuformer.nn.init.manual_seed``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from .. import ops
+from . import init
+from .module import Module, Parameter
+
+__all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward",
+           "feed_forward_apply", "feed_forward_grad"]
+
+
+def _as_input(x, name: str = "input") -> np.ndarray:
+    """float32 C-contiguous (no copy when it already is), at least 1-D."""
+    arr = ops._f32(x, name)
+    if arr.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension")
+    return arr
+
+
+def _check_last_dim(x: np.ndarray, size: int, layer: str, name: str = "input") -> None:
+    if x.shape[-1] != size:
+        raise ValueError(f"{layer}: {name} must have last dimension {size}, got shape {x.shape}")
+
+
+class Linear(Module):
+    """``y = x W^T + b`` over the last axis; ``weight`` (out_features, in_features), ``bias`` (out_features)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear: sizes must be >= 1, got in={in_features}, out={out_features}")
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        bound = 1.0 / math.sqrt(in_features)  # PyTorch's default (kaiming_uniform with a=sqrt(5))
+        self.weight = Parameter(init.uniform((out_features, in_features), bound))
+        if bias:
+            self.bias = Parameter(init.uniform((out_features,), bound))
+        else:
+            object.__setattr__(self, "bias", None)
+        self._x = None
+
+    def forward(self, x):
+        x = _as_input(x)
+        _check_last_dim(x, self.in_features, "Linear")
+        x2 = x.reshape(-1, self.in_features)
+        y = ops.matmul(x2, self.weight.data, transpose_b=True, bias=None if self.bias is None else self.bias.data)
+        self._x = x2
+        return y.reshape(x.shape[:-1] + (self.out_features,))
+
+    def backward(self, grad_output):
+        if self._x is None:
+            raise RuntimeError("Linear.backward called before forward")
+        g = ops._f32(grad_output, "grad_output")
+        lead = g.shape[:-1]
+        g2 = g.reshape(-1, self.out_features)
+        if g2.shape[0] != self._x.shape[0]:
+            raise ValueError(f"Linear.backward: grad_output has {g2.shape[0]} rows, forward had {self._x.shape[0]}")
+        ops.gemm(g2, self._x, self.weight.grad, transpose_a=True, beta=1.0)  # dW += g^T x
+        if self.bias is not None:
+            ops.bias_grad(g2, self.bias.grad)
+        return ops.matmul(g2, self.weight.data).reshape(lead + (self.in_features,))
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    """Lookup table ``weight`` (num_embeddings, embedding_dim), initialised N(0, 1) as PyTorch's; the row
+    ``padding_idx`` starts at zero and receives no gradient. ``backward`` returns None (ids have no gradient)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None) -> None:
+        super().__init__()
+        if num_embeddings < 1 or embedding_dim < 1:
+            raise ValueError("Embedding: sizes must be >= 1")
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise ValueError(f"Embedding: padding_idx {padding_idx} outside [0, {num_embeddings})")
+            padding_idx %= num_embeddings
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.weight = Parameter(init.normal((num_embeddings, embedding_dim), 1.0))
+        if padding_idx is not None:
+            self.weight.data[padding_idx] = 0.0
+        self._ids = None
+
+    def forward(self, ids):
+        self._ids = ops._ids(ids, "ids")
+        return ops.embedding(self._ids, self.weight.data)
+
+    def backward(self, grad_output):
+        if self._ids is None:
+            raise RuntimeError("Embedding.backward called before forward")
+        ops.embedding_backward(grad_output, self._ids, self.weight.grad, padding_idx=self.padding_idx)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}" + (
+            f", padding_idx={self.padding_idx}" if self.padding_idx is not None else "")
+
+
+def sinusoidal_table(max_len: int, d_model: int) -> np.ndarray:
+    """The paper's table: PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
+    pos = np.arange(max_len, dtype=np.float64)[:, None]
+    div = np.exp(np.arange(0, d_model, 2, dtype=np.float64) * (-math.log(10000.0) / d_model))
+    pe = np.zeros((max_len, d_model), np.float64)
+    pe[:, 0::2] = np.sin(pos * div)
+    pe[:, 1::2] = np.cos(pos * div[: d_model // 2])
+    return pe.astype(np.float32)
+
+
+class PositionalEncoding(Module):
+    """Adds position information to (B, T, d_model) inputs, then dropout: the fixed sinusoidal table of
+    "Attention Is All You Need" (default), or a learned table ``weight`` (max_len, d_model) when ``learned``."""
+
+    def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, learned: bool = False) -> None:
+        super().__init__()
+        self.d_model, self.max_len, self.learned = int(d_model), int(max_len), bool(learned)
+        if learned:
+            self.weight = Parameter(init.normal((max_len, d_model), 0.02))
+        else:
+            object.__setattr__(self, "table", sinusoidal_table(max_len, d_model))
+        self.dropout = Dropout(dropout)
+        self._T = None
+
+    def forward(self, x):
+        x = _as_input(x)
+        if x.ndim != 3:
+            raise ValueError(f"PositionalEncoding: input must be (batch, length, d_model), got shape {x.shape}")
+        _check_last_dim(x, self.d_model, "PositionalEncoding")
+        T = x.shape[1]
+        if T > self.max_len:
+            raise ValueError(f"PositionalEncoding: sequence length {T} exceeds max_len {self.max_len}")
+        table = self.weight.data if self.learned else self.table
+        self._T = T
+        return self.dropout(x + table[None, :T])
+
+    def backward(self, grad_output):
+        g = self.dropout.backward(grad_output)
+        if self.learned:
+            self.weight.grad[: self._T] += g.sum(axis=0)
+        return g
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, max_len={self.max_len}, learned={self.learned}"
+
+
+class LayerNorm(Module):
+    """Layer normalization over the last axis with ``weight`` (ones) and ``bias`` (zeros)."""
+
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+        if len(shape) != 1:
+            raise ValueError(f"LayerNorm: only the last axis can be normalised, got normalized_shape={shape}")
+        self.normalized_shape, self.eps = (int(shape[0]),), float(eps)
+        C = self.normalized_shape[0]
+        if elementwise_affine:
+            self.weight = Parameter(np.ones(C, np.float32))
+            if bias:
+                self.bias = Parameter(np.zeros(C, np.float32))
+            else:
+                object.__setattr__(self, "bias", None)
+        else:
+            object.__setattr__(self, "weight", None)
+            object.__setattr__(self, "bias", None)
+        self._saved = None
+
+    def forward(self, x):
+        x = _as_input(x)
+        _check_last_dim(x, self.normalized_shape[0], "LayerNorm")
+        y, mean, rstd = ops.layer_norm_forward(x, None if self.weight is None else self.weight.data,
+                                               None if self.bias is None else self.bias.data, self.eps)
+        self._saved = (x, mean, rstd)
+        return y
+
+    def backward(self, grad_output):
+        if self._saved is None:
+            raise RuntimeError("LayerNorm.backward called before forward")
+        x, mean, rstd = self._saved
+        dx, dw, db = ops.layer_norm_backward(grad_output, x, None if self.weight is None else self.weight.data,
+                                             mean, rstd, need_param_grads=self.weight is not None)
+        if self.weight is not None:
+            self.weight.grad += dw
+            if self.bias is not None:
+                self.bias.grad += db
+        return dx
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+
+
+class Dropout(Module):
+    """Inverted dropout in training mode (identity in eval mode). Each forward draws a seed from
+    :mod:`cpuformer.nn.init`'s generator; backward regenerates the same mask from it."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {p}")
+        self.p = float(p)
+        self._seed = None
+
+    @property
+    def active(self) -> bool:
+        return self.training and self.p > 0.0
+
+    def forward(self, x):
+        if not self.active:
+            self._seed = None
+            return x
+        self._seed = init.next_seed()
+        return ops.dropout(x, self.p, self._seed)[0]
+
+    def backward(self, grad_output):
+        if self._seed is None:
+            return grad_output
+        return ops.dropout_backward(grad_output, self.p, self._seed)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class ReLU(Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self._x = None
+
+    def forward(self, x):
+        self._x = _as_input(x)
+        return ops.relu(self._x)
+
+    def backward(self, grad_output):
+        return ops.relu_backward(grad_output, self._x)
+
+
+class GELU(Module):
+    """GELU, exact (``approximate="none"``) or the tanh approximation (``"tanh"``)."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        ops._gelu_kind(approximate)
+        self.approximate = approximate
+        self._x = None
+
+    def forward(self, x):
+        self._x = _as_input(x)
+        return ops.gelu(self._x, self.approximate)
+
+    def backward(self, grad_output):
+        return ops.gelu_backward(grad_output, self._x, self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate={self.approximate!r}"
+
+
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+
+
+def activation_name(activation) -> str:
+    """"relu", "gelu" (exact), "gelu_tanh", or a ReLU/GELU module instance, as a kernel activation name."""
+    if isinstance(activation, ReLU):
+        return "relu"
+    if isinstance(activation, GELU):
+        return "gelu" if activation.approximate == "none" else "gelu_tanh"
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu', 'gelu' or 'gelu_tanh', got {activation!r}")
+    return _ACTIVATIONS[activation]
+
+
+def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dropout_p: float):
+    """``linear2(dropout(act(linear1(x))))`` in one fused C++ call; returns ``(out, saved)`` for
+    :func:`feed_forward_grad`. Shared by :class:`FeedForward` and the Transformer layers."""
+    x = _as_input(x)
+    _check_last_dim(x, linear1.in_features, "FeedForward")
+    seed = init.next_seed() if dropout_p > 0.0 else 0
+    out, u, a = ops.feed_forward(x, linear1.weight.data, None if linear1.bias is None else linear1.bias.data,
+                                 linear2.weight.data, None if linear2.bias is None else linear2.bias.data,
+                                 activation, dropout_p=dropout_p, seed=seed)
+    return out, (x, u, a, dropout_p, seed, activation)
+
+
+def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output):
+    """Input gradient of :func:`feed_forward_apply`; accumulates the four parameter gradients."""
+    if saved is None:
+        raise RuntimeError("feed-forward backward called before forward")
+    x, u, a, p, seed, activation = saved
+    return ops.feed_forward_backward(
+        grad_output, x, u, a, linear1.weight.data, linear2.weight.data, linear1.weight.grad,
+        None if linear1.bias is None else linear1.bias.grad, linear2.weight.grad,
+        None if linear2.bias is None else linear2.bias.grad, activation, dropout_p=p, seed=seed)
+
+
+class FeedForward(Module):
+    """Position-wise feed-forward network ``linear2(dropout(act(linear1(x))))``, fused in the C++ core (bias in
+    the GEMM write-back, activation and dropout in one pass)."""
+
+    def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, activation="relu",
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        self.activation = activation_name(activation)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"FeedForward: dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
+        self._saved = None
+
+    def forward(self, x):
+        out, self._saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
+                                              self.dropout if self.training else 0.0)
+        return out
+
+    def backward(self, grad_output):
+        return feed_forward_grad(self.linear1, self.linear2, self._saved, grad_output)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}, dropout={self.dropout}"

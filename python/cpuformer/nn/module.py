@@ -1,0 +1,215 @@
+"""Parameter, Module and containers: the bookkeeping every layer shares.
+
+A layer holds its weights as :class:`Parameter` objects (``.data`` and ``.grad``, float32 numpy arrays of one
+shape), computes ``forward(...)`` (also ``__call__``), and ``backward(grad_output)`` returns the gradient with
+respect to its input(s) while **accumulating** parameter gradients into ``.grad``. ``backward`` uses what the most
+recent ``forward`` saved, so call them in pairs. Names in ``state_dict()`` follow PyTorch's, so weights move both
+ways with ``load_state_dict``.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Dict, Iterator, List, NamedTuple, Tuple
+
+import numpy as np
+
+__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "to_numpy"]
+
+
+class Parameter:
+    """A trainable float32 array with its gradient (``grad`` starts at zero, same shape)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data) -> None:
+        self.data = np.ascontiguousarray(data, dtype=np.float32)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return self.data.shape
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.data.shape})"
+
+
+def to_numpy(value, name: str = "value") -> np.ndarray:
+    """Anything ``numpy.asarray`` reads (torch tensors included, also with requires_grad) as a numpy array."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiub":
+        raise TypeError(f"{name}: expected numbers, got dtype {arr.dtype}")
+    return arr
+
+
+class _IncompatibleKeys(NamedTuple):
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+
+class Module:
+    """Base class of layers and models (the PyTorch ``nn.Module`` conventions, without autograd)."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        params = self.__dict__.get("_parameters")
+        if params is None:
+            raise AttributeError("call Module.__init__() before assigning attributes")
+        params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    # -- traversal ------------------------------------------------------------------------------------------------
+    def named_parameters(self, prefix: str = "") -> Iterator[Tuple[str, Parameter]]:
+        """``(name, Parameter)`` pairs with the ``state_dict()`` names, each parameter once."""
+        seen = set()
+        for name, module in self.named_modules(prefix):
+            for pname, p in module._parameters.items():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield (f"{name}.{pname}" if name else pname), p
+
+    def parameters(self) -> Iterator[Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def named_modules(self, prefix: str = "") -> Iterator[Tuple[str, "Module"]]:
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def children(self) -> Iterator["Module"]:
+        yield from self._modules.values()
+
+    def modules(self) -> Iterator["Module"]:
+        for _, m in self.named_modules():
+            yield m
+
+    def num_parameters(self) -> int:
+        return sum(p.data.size for p in self.parameters())
+
+    # -- modes and gradients --------------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad.fill(0.0)
+
+    # -- state ----------------------------------------------------------------------------------------------------
+    def state_dict(self) -> "OrderedDict[str, np.ndarray]":
+        """Parameter arrays by PyTorch-style name (the arrays themselves, not copies)."""
+        return OrderedDict((name, p.data) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state_dict, strict: bool = True) -> _IncompatibleKeys:
+        """Copy weights in by name. Accepts numpy arrays, torch tensors or anything ``numpy.asarray`` reads; shapes
+        must match exactly and values must be finite. With ``strict`` (default), missing or unexpected keys raise
+        ``KeyError``. Returns ``(missing_keys, unexpected_keys)``."""
+        own: Dict[str, Parameter] = OrderedDict(self.named_parameters())
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict for {type(self).__name__}: missing keys {missing}, "
+                           f"unexpected keys {unexpected}")
+        arrays = {}
+        for name, p in own.items():  # check everything before changing anything
+            if name not in state_dict:
+                continue
+            arr = to_numpy(state_dict[name], name)
+            if arr.shape != p.data.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {arr.shape}, expected {p.data.shape}")
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                raise ValueError(f"load_state_dict: {name} contains non-finite values")
+            arrays[name] = arr
+        for name, arr in arrays.items():
+            own[name].data[...] = arr
+        return _IncompatibleKeys(missing, unexpected)
+
+    # -- calling --------------------------------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__}.forward")
+
+    def backward(self, grad_output):
+        raise NotImplementedError(f"{type(self).__name__}.backward")
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in self._modules.items():
+            child_repr = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {child_repr}")
+        return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
+
+    def clone(self) -> "Module":
+        """A deep copy (independent weights), as PyTorch's stacks use for their layers."""
+        return copy.deepcopy(self)
+
+
+class Sequential(Module):
+    """Modules applied in order; ``backward`` runs them in reverse. Children are named "0", "1", ..."""
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(f"Sequential: argument {i} is a {type(m).__name__}, not a Module")
+            setattr(self, str(i), m)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+    def backward(self, grad_output):
+        for m in reversed(list(self._modules.values())):
+            grad_output = m.backward(grad_output)
+        return grad_output
+
+
+class ModuleList(Module):
+    """A list of modules, named "0", "1", ... in the state dict."""
+
+    def __init__(self, modules=()) -> None:
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise TypeError(f"ModuleList: expected a Module, got {type(module).__name__}")
+        setattr(self, str(len(self._modules)), module)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(list(self._modules.values()))
