@@ -197,10 +197,10 @@ def _seed(seed) -> int:
     return int(seed) & 0xFFFFFFFFFFFFFFFF
 
 
-def _check_p(p) -> float:
+def _check_p(p, name: str = "p") -> float:
     p = float(p)
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be in [0, 1), got {p}")
+        raise ValueError(f"{name} must be in [0, 1), got {p}")
     return p
 
 
@@ -372,7 +372,7 @@ def attention(query, key, value, num_heads: int = 1, *, attn_mask=None, key_padd
     additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
                                         k.shape[1])
     return _core.attention(q, k, v, int(num_heads), additive, padding, bool(is_causal),
-                           _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p), _seed(seed),
+                           _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p, "dropout_p"), _seed(seed),
                            bool(need_lse))
 
 
@@ -392,7 +392,7 @@ def attention_backward(grad_output, query, key, value, output, lse, num_heads: i
                                         k.shape[1])
     _core.attention_backward(_rows_f32(grad_output, "grad_output"), q, k, v, _rows_f32(output, "output"),
                              _f32(lse, "lse"), dq, dk, dv, int(num_heads), additive, padding, bool(is_causal),
-                             _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p), _seed(seed))
+                             _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p, "dropout_p"), _seed(seed))
     return dq, dk, dv
 
 
@@ -417,7 +417,7 @@ def feed_forward(x, w1, b1, w2, b2, activation: str = "relu", *, dropout_p: floa
     (``w1`` (F, C), ``w2`` (C, F)). Returns ``(out, u, a)``; ``u`` (pre-activation) and ``a`` are kept for
     :func:`feed_forward_backward`."""
     return _core.feedforward(_f32(x, "x"), _f32(w1, "w1"), _opt_f32(b1, "b1"), _f32(w2, "w2"), _opt_f32(b2, "b2"),
-                             _activation_kind(activation), _check_p(dropout_p), _seed(seed))
+                             _activation_kind(activation), _check_p(dropout_p, "dropout_p"), _seed(seed))
 
 
 def feed_forward_backward(grad_output, x, u, a, w1, w2, grad_w1, grad_b1, grad_w2, grad_b2,
@@ -426,4 +426,4 @@ def feed_forward_backward(grad_output, x, u, a, w1, w2, grad_w1, grad_b1, grad_w
     the bias gradients may be None)."""
     return _core.feedforward_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), u, a, _f32(w1, "w1"),
                                       _f32(w2, "w2"), grad_w1, grad_b1, grad_w2, grad_b2,
-                                      _activation_kind(activation), _check_p(dropout_p), _seed(seed))
+                                      _activation_kind(activation), _check_p(dropout_p, "dropout_p"), _seed(seed))
