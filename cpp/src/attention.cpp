@@ -1,6 +1,6 @@
 // attention.cpp: fused multi-head scaled dot-product attention, forward and backward, flash-style.
 //
-// Forward, per (b, h, block of kBlockQ query rows), in parallel with dynamic scheduling (causal blocks differ in work):
+// Forward, per (b, h, block of query rows), in parallel with dynamic scheduling (causal blocks differ in work):
 //   for each block of kBlockK keys (only up to the diagonal when causal):
 //     S = scale * Q K^T (GEMM), add masks, online softmax: m' = max(m, rowmax S), P = exp(S - m'),
 //     l = l * exp(m - m') + rowsum P, O = O * exp(m - m') + P V (GEMM)
@@ -23,8 +23,13 @@
 namespace cpuformer {
 namespace {
 
-constexpr index_t kBlockQ = 64;
 constexpr index_t kBlockK = 256;
+constexpr index_t kMaxBlockQ = 256;
+
+// Query rows per tile. Each tile re-packs its K and V blocks for the GEMMs, so long sequences use taller tiles
+// (fewer re-packs); short ones keep enough tiles to share between threads. PyTorch's CPU kernel picks 32/64/256
+// by the same reasoning.
+index_t block_q(index_t T) { return T >= 768 ? 256 : T >= 192 ? 128 : 64; }
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 void check_config(const char* who, const AttentionConfig& c) {
@@ -94,12 +99,12 @@ thread_local Scratch t_scratch;
 void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadTensor k, ConstHeadTensor v,
                        const AttentionMask& mask, const AttentionConfig& c) {
   check_config("attention_forward", c);
-  const index_t D = c.D, n_qblocks = (c.T + kBlockQ - 1) / kBlockQ;
+  const index_t D = c.D, block = block_q(c.T), n_qblocks = (c.T + block - 1) / block;
   detail::parallel_for_dynamic(c.B * c.H * n_qblocks, [&](index_t task, int) {
     const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
-    const index_t t0 = qb * kBlockQ, bq = std::min(kBlockQ, c.T - t0);
+    const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
     Scratch& s = t_scratch;
-    s.scores.resize(kBlockQ * kBlockK);
+    s.scores.resize(kMaxBlockQ * kBlockK);
     s.m.assign(bq, kNegInf);
     s.l.assign(bq, 0.0f);
     float* S = s.scores.data();
@@ -145,8 +150,8 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
   detail::parallel_for_dynamic(c.B * c.H, [&](index_t bh, int) {
     const index_t b = bh / c.H, h = bh % c.H;
     Scratch& s = t_scratch;
-    s.scores.resize(kBlockQ * kBlockK);
-    s.probs.resize(kBlockQ * kBlockK);
+    s.scores.resize(kMaxBlockQ * kBlockK);
+    s.probs.resize(kMaxBlockQ * kBlockK);
     s.d.resize(c.T);
     float* P = s.scores.data();
     float* dS = s.probs.data();
@@ -165,8 +170,9 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
       for (index_t d = 0; d < D; ++d) dkr[d] = dvr[d] = 0.0f;
     }
     const float* lse_bh = lse + bh * c.T;
-    for (index_t t0 = 0; t0 < c.T; t0 += kBlockQ) {
-      const index_t bq = std::min(kBlockQ, c.T - t0);
+    const index_t block = block_q(c.T);
+    for (index_t t0 = 0; t0 < c.T; t0 += block) {
+      const index_t bq = std::min(block, c.T - t0);
       const index_t s_end = key_limit(mask, c, t0 + bq);
       for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
         const index_t bk = std::min(kBlockK, s_end - s0);
@@ -187,7 +193,7 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
         if (c.dropout_p > 0.0f) {
           dropout_tile(dS, kBlockK, bq, bk, b, h, t0, s0, c);
           // dV += (P * keep / (1 - p))^T dO: the dropped probabilities, while P itself is kept for dS.
-          s.dropped.assign(P, P + kBlockQ * kBlockK);
+          s.dropped.assign(P, P + kMaxBlockQ * kBlockK);
           dropout_tile(s.dropped.data(), kBlockK, bq, bk, b, h, t0, s0, c);
           detail::sgemm_single_thread(true, false, bk, D, bq, 1.0f, s.dropped.data(), kBlockK,
                                       at(dout, b, t0, h, D), dout.st, 1.0f, at(dv, b, s0, h, D), dv.st);
@@ -213,10 +219,10 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
 void attention_weights(float* weights, ConstHeadTensor q, ConstHeadTensor k, const AttentionMask& mask,
                        const AttentionConfig& c) {
   check_config("attention_weights", c);
-  const index_t D = c.D, n_qblocks = (c.T + kBlockQ - 1) / kBlockQ;
+  const index_t D = c.D, block = block_q(c.T), n_qblocks = (c.T + block - 1) / block;
   detail::parallel_for_dynamic(c.B * c.H * n_qblocks, [&](index_t task, int) {
     const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
-    const index_t t0 = qb * kBlockQ, bq = std::min(kBlockQ, c.T - t0);
+    const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
     float* W = weights + (bh * c.T + t0) * c.S;
     detail::sgemm_single_thread(false, true, bq, c.S, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, 0, h, D), k.st,
                                 0.0f, W, c.S);

@@ -64,6 +64,7 @@ struct GemmArgs {
   float* C;
   index_t ldc;
   const float* bias;
+  bool prefer_direct_a = false;  // A is a small tile already in cache (attention): never pack it
 };
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -334,7 +335,7 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
   m_blocks = (g.M + mc - 1) / mc;
 #ifdef CPUFORMER_HAVE_AVX2
   // Small problems: packing A costs as much as it saves, so the kernel reads A in place (BLIS "sup" style).
-  const bool direct_a = detail::use_avx2() && g.M * g.N * g.K <= kDirectMaxMacs;
+  const bool direct_a = detail::use_avx2() && (g.prefer_direct_a || g.M * g.N * g.K <= kDirectMaxMacs);
   const index_t a_rs = g.trans_a ? 1 : g.lda, a_ks = g.trans_a ? g.lda : 1;
 #else
   const bool direct_a = false;
@@ -471,7 +472,7 @@ void detail::sgemm_single_thread(bool trans_a, bool trans_b, index_t M, index_t 
                                  const float* A, index_t lda, const float* B, index_t ldb, float beta, float* C,
                                  index_t ldc, const float* bias) {
   check_args(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
-  gemm_run(GemmArgs{trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias}, 1);
+  gemm_run(GemmArgs{trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias, true}, 1);
 }
 
 void sgemm_ref(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha, const float* A,

@@ -1,0 +1,176 @@
+"""Transformer layers: cpuformer beside PyTorch (torch.nn.functional.scaled_dot_product_attention,
+torch.nn.Linear/FFN, torch.nn.TransformerEncoderLayer), measured in one run.
+
+Usage: python benchmarks/bench_layers.py [--threads 2] [--quick]
+Rows: attention forward and forward+backward for (B=8,T=128,C=256,H=4), (B=4,T=512,C=512,H=8),
+(B=1,T=2048,C=768,H=12), causal and not; the feed-forward; a whole encoder layer forward+backward; and the peak
+memory (RSS growth in a fresh process) of the encoder layer's forward+backward. Times are milliseconds; ratio =
+cpuformer / torch (below 1 is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--quick", action="store_true", help="first configuration only, fewer rounds")
+args = parser.parse_args()
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # numpy's BLAS is not used in the timed paths
+
+import numpy as np  # noqa: E402
+
+import cpuformer  # noqa: E402
+import cpuformer.nn as cnn  # noqa: E402
+from cpuformer import ops  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import compare, threads_line  # noqa: E402
+
+try:
+    import torch
+except ImportError:
+    sys.exit("bench_layers.py compares against torch: pip install torch==2.13.0")
+
+torch.set_num_threads(args.threads)
+cpuformer.set_num_threads(args.threads)
+rng = np.random.default_rng(0)
+ROUNDS = 3 if args.quick else 5
+CONFIGS = [(8, 128, 256, 4), (4, 512, 512, 8), (1, 2048, 768, 12)]
+if args.quick:
+    CONFIGS = CONFIGS[:1]
+
+print(f"cpuformer {cpuformer.__version__} ({cpuformer.build_info()['simd']}), torch {torch.__version__}")
+print(threads_line(args.threads))
+rows = []
+
+
+def row(name, t_ours, t_torch):
+    ratio = t_ours / t_torch
+    rows.append((name, t_ours * 1e3, t_torch * 1e3, ratio))
+    print(f"{name:<46}{t_ours * 1e3:>11.2f}{t_torch * 1e3:>11.2f}{ratio:>8.2f}", flush=True)
+
+
+print(f"{'case':<46}{'cpuformer':>11}{'torch':>11}{'ratio':>8}")
+print("-" * 76)
+
+# ---- attention kernels -------------------------------------------------------------------------------------------
+for B, T, C, H in CONFIGS:
+    D = C // H
+    q, k, v, g = (rng.standard_normal((B, T, C)).astype(np.float32) for _ in range(4))
+    qt, kt, vt, gt = (torch.from_numpy(a).view(B, T, H, D).transpose(1, 2).contiguous() for a in (q, k, v, g))
+    qg, kg, vg = (x.clone().requires_grad_(True) for x in (qt, kt, vt))
+    for causal in (False, True):
+        tag = f"B={B} T={T} C={C} H={H}{' causal' if causal else ''}"
+
+        def ours_fwd():
+            return ops.attention(q, k, v, H, is_causal=causal)
+
+        def torch_fwd():
+            with torch.no_grad():
+                return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+        t = compare({"ours": ours_fwd, "torch": torch_fwd}, rounds=ROUNDS)
+        row(f"attention fwd {tag}", t["ours"], t["torch"])
+
+        def ours_fb():
+            out, lse = ops.attention(q, k, v, H, is_causal=causal, need_lse=True)
+            return ops.attention_backward(g, q, k, v, out, lse, H, is_causal=causal)
+
+        def torch_fb():
+            for x in (qg, kg, vg):
+                x.grad = None
+            torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).backward(gt)
+
+        t = compare({"ours": ours_fb, "torch": torch_fb}, rounds=ROUNDS)
+        row(f"attention fwd+bwd {tag}", t["ours"], t["torch"])
+
+# ---- feed-forward and encoder layer ------------------------------------------------------------------------------
+LAYER_CONFIGS = [(8, 128, 256, 4, 1024), (4, 512, 512, 8, 2048)]
+if args.quick:
+    LAYER_CONFIGS = LAYER_CONFIGS[:1]
+for B, T, C, H, F in LAYER_CONFIGS:
+    x = rng.standard_normal((B, T, C)).astype(np.float32)
+    g = rng.standard_normal((B, T, C)).astype(np.float32)
+    xt, gt = torch.from_numpy(x), torch.from_numpy(g)
+
+    ff_t = torch.nn.Sequential(torch.nn.Linear(C, F), torch.nn.GELU(), torch.nn.Linear(F, C))
+    ff_o = cnn.FeedForward(C, F, activation="gelu")
+    sd = ff_t.state_dict()
+    ff_o.load_state_dict({"linear1.weight": sd["0.weight"], "linear1.bias": sd["0.bias"],
+                          "linear2.weight": sd["2.weight"], "linear2.bias": sd["2.bias"]})
+    xg = xt.clone().requires_grad_(True)
+
+    def ff_ours():
+        ff_o(x)
+        return ff_o.backward(g)
+
+    def ff_torch():
+        xg.grad = None
+        ff_t(xg).backward(gt)
+
+    t = compare({"ours": ff_ours, "torch": ff_torch}, rounds=ROUNDS)
+    row(f"feed-forward fwd+bwd B={B} T={T} C={C} F={F} gelu", t["ours"], t["torch"])
+
+    enc_t = torch.nn.TransformerEncoderLayer(C, H, F, dropout=0.0, batch_first=True)
+    enc_o = cnn.TransformerEncoderLayer(C, H, F, dropout=0.0)
+    enc_o.load_state_dict(enc_t.state_dict())
+
+    def enc_ours_fwd():
+        return enc_o(x)
+
+    def enc_torch_fwd():
+        with torch.no_grad():
+            return enc_t(xt)
+
+    enc_t.eval()
+    enc_o.eval()
+    t = compare({"ours": enc_ours_fwd, "torch": enc_torch_fwd}, rounds=ROUNDS)
+    row(f"encoder layer fwd (eval) B={B} T={T} C={C} H={H}", t["ours"], t["torch"])
+    enc_t.train()
+    enc_o.train()
+
+    def enc_ours():
+        enc_o(x)
+        return enc_o.backward(g)
+
+    def enc_torch():
+        xg.grad = None
+        enc_t(xg).backward(gt)
+
+    t = compare({"ours": enc_ours, "torch": enc_torch}, rounds=ROUNDS)
+    row(f"encoder layer fwd+bwd B={B} T={T} C={C} H={H}", t["ours"], t["torch"])
+
+# ---- peak memory ------------------------------------------------------------------------------------------------
+MEM = r"""
+import json, resource, sys, numpy as np
+lib, B, T, C, H, F, threads = sys.argv[1], *map(int, sys.argv[2:])
+x = np.random.default_rng(0).standard_normal((B, T, C)).astype(np.float32)
+if lib == "torch":
+    import torch
+    torch.set_num_threads(threads)
+    layer = torch.nn.TransformerEncoderLayer(C, H, F, dropout=0.0, batch_first=True)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layer(xt).backward(torch.ones_like(xt))
+else:
+    import cpuformer, cpuformer.nn as nn
+    cpuformer.set_num_threads(threads)
+    layer = nn.TransformerEncoderLayer(C, H, F, dropout=0.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    layer.backward(np.ones_like(layer(x)))
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024))
+"""
+for B, T, C, H, F in LAYER_CONFIGS:
+    mib = {}
+    for lib in ("cpuformer", "torch"):
+        out = subprocess.run([sys.executable, "-c", MEM, lib, str(B), str(T), str(C), str(H), str(F),
+                              str(args.threads)], capture_output=True, text=True, check=True)
+        mib[lib] = json.loads(out.stdout.strip().splitlines()[-1])
+    rows.append((f"peak RSS growth, encoder fwd+bwd B={B} T={T} C={C}", mib["cpuformer"], mib["torch"],
+                 mib["cpuformer"] / mib["torch"]))
+    print(f"{rows[-1][0]:<46}{mib['cpuformer']:>9.1f}MB{mib['torch']:>9.1f}MB{rows[-1][3]:>8.2f}", flush=True)
+print("times in ms (median over rounds of the best of 3 samples); ratio = cpuformer / torch")
