@@ -298,28 +298,42 @@ def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output):
         None if linear2.bias is None else linear2.bias.grad, activation, dropout_p=p, seed=seed)
 
 
-class FeedForward(Module):
+class FeedForwardMixin:
+    """A feed-forward ``linear2(dropout(act(linear1(x))))`` held as ``linear1`` / ``linear2`` of the module itself,
+    so a Transformer layer's state dict has PyTorch's names (no "ff." prefix)."""
+
+    def _init_ff(self, d_model, dim_feedforward, dropout, activation, bias) -> None:
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        self.activation = activation_name(activation)
+        self._ff_dropout = float(dropout)
+        self._ff_saved = None
+
+    def _ff(self, x):
+        out, self._ff_saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
+                                                 self._ff_dropout if self.training else 0.0)
+        return out
+
+    def _ff_backward(self, grad_output):
+        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, grad_output)
+
+
+class FeedForward(FeedForwardMixin, Module):
     """Position-wise feed-forward network ``linear2(dropout(act(linear1(x))))``, fused in the C++ core (bias in
     the GEMM write-back, activation and dropout in one pass)."""
 
     def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, activation="relu",
                  bias: bool = True) -> None:
         super().__init__()
-        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
-        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
-        self.activation = activation_name(activation)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"FeedForward: dropout must be in [0, 1), got {dropout}")
-        self.dropout = float(dropout)
-        self._saved = None
+        self._init_ff(d_model, dim_feedforward, dropout, activation, bias)
 
     def forward(self, x):
-        out, self._saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
-                                              self.dropout if self.training else 0.0)
-        return out
+        return self._ff(x)
 
     def backward(self, grad_output):
-        return feed_forward_grad(self.linear1, self.linear2, self._saved, grad_output)
+        return self._ff_backward(grad_output)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, dropout={self.dropout}"
+        return f"activation={self.activation!r}, dropout={self._ff_dropout}"

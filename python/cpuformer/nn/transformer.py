@@ -14,7 +14,7 @@ import numpy as np
 from .. import ops
 from . import init
 from .attention import MultiheadAttention
-from .layers import Dropout, LayerNorm, Linear, activation_name, feed_forward_apply, feed_forward_grad
+from .layers import Dropout, FeedForwardMixin, LayerNorm
 from .module import Module, ModuleList
 
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
@@ -32,27 +32,7 @@ def _check_batch_first(batch_first: bool, layer: str) -> None:
                                   "d_model)); transpose sequence-first data before calling")
 
 
-class _FeedForwardMixin:
-    """The layers' feed-forward under the layer's own names (linear1, linear2), as PyTorch's; dropout between
-    the activation and linear2 with the layer's dropout probability."""
-
-    def _init_ff(self, d_model, dim_feedforward, dropout, activation, bias) -> None:
-        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
-        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
-        self.activation = activation_name(activation)
-        self._ff_dropout = float(dropout)
-        self._ff_saved = None
-
-    def _ff(self, x):
-        out, self._ff_saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
-                                                 self._ff_dropout if self.training else 0.0)
-        return out
-
-    def _ff_backward(self, g):
-        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, g)
-
-
-class TransformerEncoderLayer(_FeedForwardMixin, Module):
+class TransformerEncoderLayer(FeedForwardMixin, Module):
     """Self-attention then feed-forward, each with a residual connection and layer norm.
 
     post-norm: ``x = norm1(x + drop1(sa(x))); x = norm2(x + drop2(ff(x)))``;
@@ -98,7 +78,7 @@ class TransformerEncoderLayer(_FeedForwardMixin, Module):
         return g + self.self_attn.backward_self(self.dropout1.backward(g))
 
 
-class TransformerDecoderLayer(_FeedForwardMixin, Module):
+class TransformerDecoderLayer(FeedForwardMixin, Module):
     """Causal self-attention, cross-attention over the encoder's output (memory), feed-forward; each with a
     residual connection and layer norm (post-norm by default, pre-norm with ``norm_first``).
     ``backward`` returns ``(d_tgt, d_memory)``."""
@@ -160,21 +140,28 @@ class TransformerDecoderLayer(_FeedForwardMixin, Module):
         return g + self.self_attn.backward_self(self.dropout1.backward(g)), dmem
 
 
-class TransformerEncoder(Module):
-    """``num_layers`` copies of ``encoder_layer`` (independent weights, identical at start, as PyTorch's
-    deep copies) and an optional final ``norm``."""
+class _LayerStack(Module):
+    """``num_layers`` copies of a layer (independent weights, identical at start, as PyTorch's deep copies) as
+    ``layers.N`` and an optional final ``norm``."""
 
-    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: Optional[LayerNorm] = None,
-                 enable_nested_tensor: bool = True) -> None:
+    def __init__(self, layer: Module, num_layers: int, norm: Optional[LayerNorm]) -> None:
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"TransformerEncoder: num_layers must be >= 1, got {num_layers}")
-        self.layers = ModuleList(encoder_layer.clone() for _ in range(num_layers))
+            raise ValueError(f"{type(self).__name__}: num_layers must be >= 1, got {num_layers}")
+        self.layers = ModuleList(layer.clone() for _ in range(num_layers))
         if norm is not None:
             self.norm = norm
         else:
             object.__setattr__(self, "norm", None)
         self.num_layers = int(num_layers)
+
+
+class TransformerEncoder(_LayerStack):
+    """A stack of encoder layers and an optional final ``norm``."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: Optional[LayerNorm] = None,
+                 enable_nested_tensor: bool = True) -> None:
+        super().__init__(encoder_layer, num_layers, norm)
 
     def forward(self, src, mask=None, src_key_padding_mask=None, is_causal: Optional[bool] = None):
         x = src
@@ -189,21 +176,13 @@ class TransformerEncoder(Module):
         return g
 
 
-class TransformerDecoder(Module):
-    """``num_layers`` copies of ``decoder_layer`` and an optional final ``norm``. ``backward`` returns
-    ``(d_tgt, d_memory)`` with d_memory summed over the layers."""
+class TransformerDecoder(_LayerStack):
+    """A stack of decoder layers and an optional final ``norm``. ``backward`` returns ``(d_tgt, d_memory)`` with
+    d_memory summed over the layers."""
 
     def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int,
                  norm: Optional[LayerNorm] = None) -> None:
-        super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"TransformerDecoder: num_layers must be >= 1, got {num_layers}")
-        self.layers = ModuleList(decoder_layer.clone() for _ in range(num_layers))
-        if norm is not None:
-            self.norm = norm
-        else:
-            object.__setattr__(self, "norm", None)
-        self.num_layers = int(num_layers)
+        super().__init__(decoder_layer, num_layers, norm)
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal: Optional[bool] = None, memory_is_causal: bool = False):
