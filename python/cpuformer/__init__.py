@@ -5,12 +5,12 @@ The arithmetic lives in the compiled extension ``cpuformer._core``; this package
 """
 from __future__ import annotations
 
-from . import _core, nn, ops
+from . import _core, data, io, models, nn, ops, train
 from ._core import get_num_threads
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["ops", "nn", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["ops", "nn", "models", "train", "data", "io", "build_info", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def build_info() -> dict:

@@ -1,7 +1,6 @@
-"""python -m cpuformer [info]: print what this build is and check its kernels against NumPy on this machine."""
+"""python -m cpuformer <command>: see cpuformer.cli (``info`` prints the build and self-checks the kernels)."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -28,12 +27,6 @@ def info() -> int:
     return 0 if err < 1e-3 else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cpuformer", description=__doc__)
-    parser.add_argument("command", nargs="?", default="info", choices=["info"])
-    args = parser.parse_args(argv)
-    return {"info": info}[args.command]()
-
-
 if __name__ == "__main__":
+    from .cli import main
     raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""Model and checkpoint files: safetensors format, read and written by our own code (no pickle, no dependency).
+
+Format: 8-byte little-endian header length N, N bytes of JSON ``{name: {"dtype", "shape", "data_offsets"},
+"__metadata__": {str: str}}``, then the raw little-endian C-order tensor bytes (offsets relative to the data
+section). Files written here load in the official ``safetensors`` package and vice versa. Writes are atomic
+(temporary file, fsync, rename), so a crash mid-write never damages an existing file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
+
+__all__ = ["save_safetensors", "load_safetensors", "atomic_write_bytes", "SafetensorsError"]
+
+_DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
+           "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsError(ValueError):
+    """A malformed or unsupported safetensors file."""
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str, chunks) -> None:
+    """Write the byte chunks to ``path`` atomically: a temporary file in the same folder, fsync, rename, fsync of
+    the folder. Readers see the old file or the complete new one, never a partial one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(folder)
+
+
+def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write named arrays (and string metadata) to a safetensors file, atomically."""
+    arrays = {}
+    for name, value in tensors.items():
+        arr = np.ascontiguousarray(value)
+        if arr.dtype not in _NAMES:
+            raise TypeError(f"save_safetensors: {name} has unsupported dtype {arr.dtype}")
+        arrays[str(name)] = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    # Largest item size first so every tensor is naturally aligned within the 8-byte-aligned data section.
+    order = sorted(arrays, key=lambda n: (-arrays[n].dtype.itemsize, n))
+    header: Dict[str, object] = {}
+    offset = 0
+    for name in order:
+        nbytes = arrays[name].nbytes
+        header[name] = {"dtype": _NAMES[arrays[name].dtype], "shape": list(arrays[name].shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    chunks = [len(raw).to_bytes(8, "little"), raw] + [memoryview(arrays[n]).cast("B") for n in order]
+    atomic_write_bytes(path, chunks)
+
+
+def load_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """Read a safetensors file: ``(tensors, metadata)``. Every bound is checked (header length, offsets inside the
+    data section, sizes matching shapes, no overlaps); a malformed file raises :class:`SafetensorsError`. Tensors
+    are copied out, so unaligned data is fine."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            if size < 8:
+                raise SafetensorsError(f"{path}: file too short for a safetensors header ({size} bytes)")
+            n = int.from_bytes(f.read(8), "little")
+            if n > MAX_HEADER or 8 + n > size:
+                raise SafetensorsError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise SafetensorsError(f"{path}: header is not valid JSON ({exc})") from None
+            if not isinstance(header, dict):
+                raise SafetensorsError(f"{path}: header must be a JSON object")
+            data_size = size - 8 - n
+            metadata = header.pop("__metadata__", {}) or {}
+            if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+                raise SafetensorsError(f"{path}: __metadata__ must map strings to strings")
+            spans = []
+            tensors = {}
+            for name, info in header.items():
+                if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+                    raise SafetensorsError(f"{path}: entry {name!r} is malformed")
+                dtype = _DTYPES.get(info.get("dtype"))
+                if dtype is None:
+                    raise SafetensorsError(f"{path}: {name}: unsupported dtype {info.get('dtype')!r}")
+                shape, offsets = info.get("shape"), info.get("data_offsets")
+                if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                        or not isinstance(offsets, list) or len(offsets) != 2
+                        or not all(isinstance(o, int) for o in offsets)):
+                    raise SafetensorsError(f"{path}: {name}: bad shape or data_offsets")
+                begin, end = offsets
+                count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                if not 0 <= begin <= end <= data_size:
+                    raise SafetensorsError(f"{path}: {name}: data_offsets {offsets} outside the data section "
+                                           f"({data_size} bytes)")
+                if end - begin != count * np.dtype(dtype).itemsize:
+                    raise SafetensorsError(f"{path}: {name}: {end - begin} bytes for shape {shape} of "
+                                           f"{info['dtype']}")
+                spans.append((begin, end, name))
+                f.seek(8 + n + begin)
+                buf = f.read(end - begin)
+                tensors[name] = np.frombuffer(buf, dtype=np.dtype(dtype).newbyteorder("<")).astype(
+                    dtype, copy=True).reshape(shape)
+            spans.sort()
+            for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+                if b1 < e0:
+                    raise SafetensorsError(f"{path}: tensors {n0} and {n1} overlap")
+            return tensors, dict(metadata)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SafetensorsError(f"{path}: cannot read ({exc})") from exc

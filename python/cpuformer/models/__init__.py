@@ -1,0 +1,8 @@
+"""Models for the three classic jobs: classification, language modelling and translation."""
+from __future__ import annotations
+
+from .classifier import TransformerClassifier
+from .gpt import GPT, sample_next
+from .seq2seq import Seq2SeqTransformer
+
+__all__ = ["TransformerClassifier", "GPT", "Seq2SeqTransformer", "sample_next"]

@@ -1,0 +1,173 @@
+"""GPT: a decoder-only Transformer language model (pre-norm causal self-attention blocks), with key/value-cached
+generation (greedy, temperature, top-k, top-p)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .. import ops
+from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, PositionalEncoding, TransformerEncoderLayer, init
+
+__all__ = ["GPT", "sample_next"]
+
+
+def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None, greedy: bool = False) -> np.ndarray:
+    """Next ids (B,) from last-position logits (B, V): greedy (argmax), or sampling at ``temperature`` from the
+    ``top_k`` most likely tokens and/or the smallest set whose probability reaches ``top_p``."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    z = logits.astype(np.float64) / temperature
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        kth = np.sort(z, axis=-1)[:, -min(top_k, z.shape[-1])][:, None]
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        order = np.argsort(-p, axis=-1)
+        sorted_p = np.take_along_axis(p, order, -1)
+        keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p  # always keeps the most likely token
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, -1)
+        p = np.where(keep, p, 0.0)
+        p /= p.sum(-1, keepdims=True)
+    u = rng.random((p.shape[0], 1))
+    return np.minimum((np.cumsum(p, -1) < u).sum(-1), p.shape[-1] - 1)
+
+
+class GPT(Module):
+    """Token embedding ``wte`` + positions (``learned`` table or ``sinusoidal``) -> ``n_layer`` pre-norm blocks
+    (causal self-attention, GELU feed-forward of 4 x n_embd) -> ``ln_f`` -> logits, the head tied to ``wte`` unless
+    ``tie_weights=False`` (then ``lm_head``). ``forward(ids)`` returns logits (B, T, vocab_size); ``backward``
+    takes their gradient."""
+
+    def __init__(self, vocab_size: int, block_size: int = 128, n_layer: int = 4, n_head: int = 4, n_embd: int = 256,
+                 dropout: float = 0.0, positional: str = "learned", tie_weights: bool = True) -> None:
+        super().__init__()
+        if positional not in ("learned", "sinusoidal"):
+            raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {positional!r}")
+        self.config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
+                           n_embd=n_embd, dropout=dropout, positional=positional, tie_weights=tie_weights)
+        self.wte = Embedding(vocab_size, n_embd)
+        self.wte.weight.data[...] = init.normal((vocab_size, n_embd), 0.02)
+        self.wpe = PositionalEncoding(n_embd, block_size, dropout, learned=positional == "learned")
+        self.blocks = ModuleList(TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout, "gelu", 1e-5,
+                                                         norm_first=True) for _ in range(n_layer))
+        self.ln_f = LayerNorm(n_embd)
+        if not tie_weights:
+            self.lm_head = Linear(n_embd, vocab_size, bias=False)
+        self.block_size, self.n_head, self.n_embd, self.vocab_size = block_size, n_head, n_embd, vocab_size
+        self._h = None
+
+    def _head_weight(self):
+        return self.wte.weight if self.config["tie_weights"] else self.lm_head.weight
+
+    def forward(self, ids):
+        ids = ops._ids(ids, "ids")
+        if ids.ndim != 2:
+            raise ValueError(f"GPT: ids must be (batch, length), got shape {ids.shape}")
+        if ids.shape[1] > self.block_size:
+            raise ValueError(f"GPT: sequence length {ids.shape[1]} exceeds block_size {self.block_size}")
+        x = self.wpe(self.wte(ids))
+        for block in self.blocks:
+            x = block(x, is_causal=True)
+        h = self.ln_f(x)
+        B, T, C = h.shape
+        self._h = h.reshape(B * T, C)
+        return ops.matmul(self._h, self._head_weight().data, transpose_b=True).reshape(B, T, self.vocab_size)
+
+    def backward(self, grad_output):
+        g = ops._f32(grad_output, "grad_output")
+        B, T, V = g.shape
+        g2 = g.reshape(B * T, V)
+        W = self._head_weight()
+        ops.gemm(g2, self._h, W.grad, transpose_a=True, beta=1.0)  # head (tied: into wte's gradient)
+        dx = self.ln_f.backward(ops.matmul(g2, W.data).reshape(B, T, self.n_embd))
+        for block in reversed(list(self.blocks)):
+            dx = block.backward(dx)
+        self.wte.backward(self.wpe.backward(dx))
+        return None
+
+    # -- generation -----------------------------------------------------------------------------------------------
+    def _step_cached(self, ids: np.ndarray, caches, start: int) -> np.ndarray:
+        """Run ``ids`` (B, n) at positions start..start+n-1 through the blocks, reading and extending the key/value
+        caches; returns the last position's logits (B, V). Each new token costs O(start) attention work instead of
+        re-running the prefix."""
+        B, n = ids.shape
+        C, H = self.n_embd, self.n_head
+        x = self.wte.weight.data[ids]
+        if self.wpe.learned:
+            x = x + self.wpe.weight.data[start:start + n]
+        else:
+            x = x + self.wpe.table[start:start + n]
+        mask = None
+        if n > 1 and start > 0:  # new queries see the whole cache and the new keys up to themselves
+            mask = np.zeros((n, start + n), np.float32)
+            mask[:, start:] = np.triu(np.full((n, n), -np.inf, np.float32), 1)
+        for block, (kc, vc) in zip(self.blocks, caches):
+            attn = block.self_attn
+            h = block.norm1(x)
+            qkv = ops.matmul(h.reshape(B * n, C), attn.in_proj_weight.data, transpose_b=True,
+                             bias=None if attn.in_proj_bias is None else attn.in_proj_bias.data).reshape(B, n, 3 * C)
+            kc[:, start:start + n] = qkv[..., C:2 * C]
+            vc[:, start:start + n] = qkv[..., 2 * C:]
+            a, _ = ops.attention(qkv[..., :C], kc[:, :start + n], vc[:, :start + n], H, attn_mask=mask,
+                                 is_causal=n > 1 and start == 0)
+            x = x + attn.out_proj(a)
+            x = x + block._ff(block.norm2(x))
+        h = self.ln_f(x[:, -1])
+        return ops.matmul(h, self._head_weight().data, transpose_b=True)
+
+    def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, greedy: bool = False, seed: Optional[int] = None,
+                 use_cache: bool = True, eos_id: Optional[int] = None) -> np.ndarray:
+        """Continue ``ids`` (B, T0) by ``max_new_tokens`` tokens; returns (B, T0 + new). With ``use_cache`` (default)
+        keys and values are cached, so each new token costs O(T) work; past ``block_size`` (and without the cache)
+        the last ``block_size`` tokens are re-run each step. Stops early when every row has produced ``eos_id``."""
+        ids = ops._ids(ids, "ids")
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise ValueError(f"generate: ids must be (batch, length >= 1), got shape {ids.shape}")
+        was_training = self.training
+        self.eval()
+        rng = np.random.default_rng(seed)
+        out = ids.copy()
+        B = ids.shape[0]
+        done = np.zeros(B, bool)
+        caches = None
+        try:
+            for _ in range(int(max_new_tokens)):
+                total = out.shape[1]
+                if use_cache and total <= self.block_size:
+                    if caches is None:
+                        caches = [(np.zeros((B, self.block_size, self.n_embd), np.float32),
+                                   np.zeros((B, self.block_size, self.n_embd), np.float32)) for _ in self.blocks]
+                        logits = self._step_cached(out, caches, 0)
+                    else:
+                        logits = self._step_cached(out[:, -1:], caches, total - 1)
+                else:
+                    logits = self.forward(out[:, -self.block_size:])[:, -1]
+                nxt = sample_next(logits, rng, temperature, top_k, top_p, greedy)
+                if eos_id is not None:
+                    nxt = np.where(done, eos_id, nxt)
+                    done |= nxt == eos_id
+                out = np.concatenate([out, nxt[:, None].astype(np.int64)], axis=1)
+                if use_cache and out.shape[1] > self.block_size:
+                    caches = None  # past the position table: fall back to re-running the window
+                if eos_id is not None and done.all():
+                    break
+        finally:
+            self.train(was_training)
+        return out
+
+    def flops_per_token(self) -> float:
+        """Approximate training FLOPs per token (6 x parameters + attention)."""
+        return 6 * self.num_parameters() + 12 * len(self.blocks) * self.n_embd * self.block_size

@@ -1,0 +1,136 @@
+"""Seq2SeqTransformer: encoder-decoder with source/target embeddings and a generator head; greedy and beam search
+decoding with the encoder run once."""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+
+from .. import ops
+from ..nn import Embedding, Linear, Module, PositionalEncoding, Transformer, init
+
+__all__ = ["Seq2SeqTransformer"]
+
+
+class Seq2SeqTransformer(Module):
+    """``forward(src, tgt_in)`` -> logits (B, T, tgt_vocab_size): sources (B, S) and decoder inputs (B, T) are id
+    arrays where ``pad_id`` marks padding; the decoder is causal. ``translate`` decodes greedily or with beam
+    search."""
+
+    def __init__(self, src_vocab_size: int, tgt_vocab_size: int, d_model: int = 256, nhead: int = 4,
+                 num_encoder_layers: int = 3, num_decoder_layers: int = 3, dim_feedforward: int = 1024,
+                 dropout: float = 0.1, max_len: int = 256, pad_id: int = 0, bos_id: int = 2, eos_id: int = 3,
+                 norm_first: bool = True) -> None:
+        super().__init__()
+        self.config = dict(src_vocab_size=src_vocab_size, tgt_vocab_size=tgt_vocab_size, d_model=d_model, nhead=nhead,
+                           num_encoder_layers=num_encoder_layers, num_decoder_layers=num_decoder_layers,
+                           dim_feedforward=dim_feedforward, dropout=dropout, max_len=max_len, pad_id=pad_id,
+                           bos_id=bos_id, eos_id=eos_id, norm_first=norm_first)
+        self.transformer = Transformer(d_model, nhead, num_encoder_layers, num_decoder_layers, dim_feedforward,
+                                       dropout, "relu", norm_first=norm_first)
+        self.src_embedding = Embedding(src_vocab_size, d_model, padding_idx=pad_id)
+        self.tgt_embedding = Embedding(tgt_vocab_size, d_model, padding_idx=pad_id)
+        for emb, n in ((self.src_embedding, src_vocab_size), (self.tgt_embedding, tgt_vocab_size)):
+            emb.weight.data[...] = init.normal((n, d_model), d_model ** -0.5)
+            emb.weight.data[pad_id] = 0.0
+        self.src_pos = PositionalEncoding(d_model, max_len, dropout)
+        self.tgt_pos = PositionalEncoding(d_model, max_len, dropout)
+        self.generator = Linear(d_model, tgt_vocab_size)
+        self.d_model, self.pad_id, self.bos_id, self.eos_id = d_model, pad_id, bos_id, eos_id
+        self.scale = math.sqrt(d_model)
+        self._src_pad = None
+
+    def encode(self, src):
+        src = ops._ids(src, "src")
+        if src.ndim != 2:
+            raise ValueError(f"src must be (batch, length), got shape {src.shape}")
+        self._src_pad = src == self.pad_id
+        x = self.src_pos(self.src_embedding(src) * self.scale)
+        return self.transformer.encoder(x, src_key_padding_mask=self._src_pad)
+
+    def decode(self, tgt_in, memory, src_pad):
+        tgt_in = ops._ids(tgt_in, "tgt_in")
+        y = self.tgt_pos(self.tgt_embedding(tgt_in) * self.scale)
+        out = self.transformer.decoder(y, memory, tgt_is_causal=True, tgt_key_padding_mask=tgt_in == self.pad_id,
+                                       memory_key_padding_mask=src_pad)
+        return self.generator(out)
+
+    def forward(self, src, tgt_in):
+        memory = self.encode(src)
+        return self.decode(tgt_in, memory, self._src_pad)
+
+    def backward(self, grad_output):
+        d_tgt, d_memory = self.transformer.decoder.backward(self.generator.backward(grad_output))
+        self.tgt_embedding.backward(self.tgt_pos.backward(d_tgt) * self.scale)
+        self.src_embedding.backward(self.src_pos.backward(self.transformer.encoder.backward(d_memory)) * self.scale)
+        return None
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def translate(self, src, max_len: int = 60, beam_size: int = 1, length_penalty: float = 0.6) -> List[List[int]]:
+        """Decode each source row (B, S): greedy when ``beam_size == 1``, else beam search with GNMT length
+        penalty. Returns token-id lists without BOS/EOS. The encoder runs once per call."""
+        was_training = self.training
+        self.eval()
+        try:
+            src = ops._ids(src, "src")
+            memory = self.encode(src)
+            pad = self._src_pad
+            if beam_size <= 1:
+                return self._greedy(memory, pad, max_len)
+            return [self._beam(memory[i:i + 1], pad[i:i + 1], max_len, beam_size, length_penalty)
+                    for i in range(src.shape[0])]
+        finally:
+            self.train(was_training)
+
+    def _greedy(self, memory, pad, max_len):
+        B = memory.shape[0]
+        ys = np.full((B, 1), self.bos_id, np.int64)
+        done = np.zeros(B, bool)
+        for _ in range(max_len):
+            logits = self.decode(ys, memory, pad)[:, -1]
+            nxt = np.where(done, self.pad_id, logits.argmax(-1))
+            done |= nxt == self.eos_id
+            ys = np.concatenate([ys, nxt[:, None]], axis=1)
+            if done.all():
+                break
+        return [self._strip(row[1:]) for row in ys]
+
+    def _strip(self, ids) -> List[int]:
+        out = []
+        for t in ids:
+            if t in (self.eos_id, self.pad_id):
+                break
+            out.append(int(t))
+        return out
+
+    def _beam(self, memory, pad, max_len, beam_size, alpha) -> List[int]:
+        beams = [([self.bos_id], 0.0)]
+        finished = []
+        for _ in range(max_len):
+            ys = np.array([b[0] for b in beams], np.int64)
+            n = len(beams)
+            logits = self.decode(ys, np.repeat(memory, n, 0), np.repeat(pad, n, 0))[:, -1]
+            logp = ops.log_softmax(logits)
+            candidates = []
+            for i, (seq, score) in enumerate(beams):
+                top = np.argpartition(-logp[i], beam_size)[:beam_size]
+                candidates += [(seq + [int(t)], score + float(logp[i, t])) for t in top]
+            candidates.sort(key=lambda c: -c[1])
+            beams = []
+            for seq, score in candidates:
+                if seq[-1] == self.eos_id:
+                    finished.append((seq, score / (((5 + len(seq) - 1) / 6) ** alpha)))
+                else:
+                    beams.append((seq, score))
+                if len(beams) == beam_size:
+                    break
+            if not beams or (len(finished) >= beam_size and max(f[1] for f in finished) >
+                             max(b[1] / (((5 + len(b[0]) - 1) / 6) ** alpha) for b in beams)):
+                break
+        if not finished:
+            finished = [(seq, score / (((5 + len(seq) - 1) / 6) ** alpha)) for seq, score in beams]
+        best = max(finished, key=lambda f: f[1])[0]
+        return self._strip(best[1:])
+
+

@@ -1,0 +1,11 @@
+"""Training: losses, metrics, optimizers, schedules and the Trainer."""
+from __future__ import annotations
+
+from .losses import CrossEntropyLoss
+from .metrics import accuracy, bleu, classification_metrics, perplexity, precision_recall_f1
+from .optim import SGD, AdamW, Schedule, constant, inverse_sqrt, warmup_cosine, warmup_linear
+from .trainer import Callback, EarlyStopping, History, Trainer, latest_checkpoint
+
+__all__ = ["CrossEntropyLoss", "accuracy", "bleu", "classification_metrics", "perplexity", "precision_recall_f1",
+           "AdamW", "SGD", "Schedule", "constant", "inverse_sqrt", "warmup_cosine", "warmup_linear", "Trainer",
+           "Callback", "EarlyStopping", "History", "latest_checkpoint"]

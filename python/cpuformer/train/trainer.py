@@ -1,0 +1,405 @@
+"""Trainer: fit / evaluate / predict for any cpuformer model, with exact resume from atomic checkpoints.
+
+A model is anything with ``forward(*inputs) -> outputs``, ``backward(grad_outputs)``, ``named_parameters()``,
+``zero_grad()``, ``train()`` / ``eval()``. A dataset is indexed with an array of sample indices and returns
+``(inputs_tuple, targets)`` (see :mod:`cpuformer.data`).
+
+Exact resume: a checkpoint (``output_dir/checkpoint-{step}/``: ``model.safetensors``, ``optimizer.safetensors``,
+``trainer_state.json``) holds the weights, the optimizer moments and step, the position in the data order (each
+epoch's order is a pure function of ``(seed, epoch)``), the generator state behind dropout masks, the history and
+the early-stopping state; the learning-rate schedule is a function of the step. With the same thread count,
+resuming reproduces the uninterrupted run's losses exactly. Checkpoint folders are written under a temporary name
+and renamed when complete, so a crash mid-write never loses the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from .. import ops
+from ..data.sequences import IGNORE_INDEX, batch_indices
+from ..io import _fsync_dir, atomic_write_bytes, load_safetensors, save_safetensors
+from ..nn import init
+from .losses import CrossEntropyLoss
+from .metrics import accuracy, perplexity, precision_recall_f1
+from .optim import AdamW, Schedule, constant
+
+__all__ = ["Trainer", "Callback", "EarlyStopping", "latest_checkpoint", "History"]
+
+logger = logging.getLogger("cpuformer")
+logger.addHandler(logging.NullHandler())
+
+_CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The newest complete ``checkpoint-N`` folder in ``output_dir``, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        m = _CKPT_RE.match(name)
+        if m and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+            found.append((int(m.group(1)), name))
+    return os.path.join(output_dir, max(found)[1]) if found else None
+
+
+class Callback:
+    """Hooks called by the Trainer; ``logs`` is the record just added to the history."""
+
+    def on_step_end(self, trainer: "Trainer", logs: dict) -> None:
+        pass
+
+    def on_evaluate(self, trainer: "Trainer", logs: dict) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: "Trainer", logs: dict) -> None:
+        pass
+
+
+class EarlyStopping(Callback):
+    """Stop when ``monitor`` (e.g. ``"val_loss"``, ``"val_accuracy"``) has not improved by ``min_delta`` for
+    ``patience`` evaluations."""
+
+    def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0):
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.monitor, self.patience, self.mode, self.min_delta = monitor, int(patience), mode, float(min_delta)
+        self.best: Optional[float] = None
+        self.bad = 0
+
+    def on_evaluate(self, trainer, logs):
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping: {self.monitor!r} is not among the evaluation results {sorted(logs)}")
+        value = logs[self.monitor]
+        better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"
+                                       else value > self.best + self.min_delta)
+        if better:
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                trainer.should_stop = True
+
+    def state(self) -> dict:
+        return {"best": self.best, "bad": self.bad}
+
+    def load_state(self, state: dict) -> None:
+        self.best, self.bad = state.get("best"), int(state.get("bad", 0))
+
+
+class History(list):
+    """The records of a run (dicts), also written as JSON lines to ``output_dir/history.jsonl``."""
+
+    def values(self, key: str) -> List[float]:
+        return [r[key] for r in self if key in r]
+
+
+class _Progress:
+    """tqdm when installed and wanted; plain log lines otherwise; nothing in quiet mode."""
+
+    def __init__(self, total: int, initial: int, quiet: bool, log_every: int, use_tqdm: bool):
+        self.quiet, self.log_every, self.bar = quiet, log_every, None
+        if not quiet and use_tqdm:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=True)
+            except ImportError:
+                pass
+
+    def update(self, step: int, logs: dict) -> None:
+        if self.quiet:
+            return
+        text = f"loss {logs['loss']:.4f}  lr {logs['lr']:.2e}  {logs['tokens_per_s']:.0f} tok/s"
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif step % self.log_every == 0:
+            print(f"step {step}  epoch {logs['epoch']}  {text}", flush=True)
+
+    def write(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class Trainer:
+    """Keras-style training loop over cpuformer models.
+
+    Arguments: ``model``; ``loss`` (default :class:`CrossEntropyLoss`); ``optimizer`` (default ``AdamW(model,
+    lr)``); ``schedule`` (a :class:`Schedule`, default constant ``lr``); ``max_grad_norm`` (clip by global norm);
+    ``grad_accum_steps``; ``metrics`` (names among accuracy, precision, recall, f1, perplexity);
+    ``output_dir`` with ``save_every`` steps (and at the end) keeping ``save_total_limit`` checkpoints;
+    ``eval_every`` steps (and at each epoch end); ``callbacks`` (e.g. :class:`EarlyStopping`); ``seed`` for the data
+    order; ``on_nonfinite`` "raise" (default: a non-finite loss or gradient stops training with an error naming the
+    step and parameter) or "skip" (the step is skipped and counted); ``progress`` (tqdm when installed), ``quiet``.
+    """
+
+    def __init__(self, model, loss=None, optimizer=None, *, lr: float = 1e-3, schedule: Optional[Schedule] = None,
+                 max_grad_norm: Optional[float] = None, grad_accum_steps: int = 1, metrics: Sequence[str] = (),
+                 output_dir: Optional[str] = None, save_every: Optional[int] = None,
+                 save_total_limit: Optional[int] = 2, eval_every: Optional[int] = None, log_every: int = 20,
+                 seed: int = 0, callbacks: Iterable[Callback] = (), on_nonfinite: str = "raise",
+                 progress: bool = True, quiet: bool = False) -> None:
+        if on_nonfinite not in ("raise", "skip"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+        if grad_accum_steps < 1:
+            raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+        unknown = set(metrics) - {"accuracy", "precision", "recall", "f1", "perplexity"}
+        if unknown:
+            raise ValueError(f"unknown metrics {sorted(unknown)}")
+        self.model = model
+        self.loss = loss or CrossEntropyLoss()
+        self.optimizer = optimizer or AdamW(model, lr=lr)
+        self.schedule = schedule or constant(self.optimizer.lr)
+        self.max_grad_norm = max_grad_norm
+        self.grad_accum_steps = int(grad_accum_steps)
+        self.metrics = tuple(metrics)
+        self.output_dir, self.save_every, self.save_total_limit = output_dir, save_every, save_total_limit
+        self.eval_every, self.log_every, self.seed = eval_every, max(1, int(log_every)), int(seed)
+        self.callbacks = list(callbacks)
+        self.on_nonfinite, self.progress, self.quiet = on_nonfinite, progress, quiet
+        self.step = 0            # optimizer steps taken
+        self.epoch = 0
+        self.batch_in_epoch = 0  # next batch of the current epoch
+        self.skipped_steps = 0
+        self.should_stop = False
+        self.history = History()
+        self.last_loss = float("nan")
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def fit(self, train, val=None, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
+            bucket: bool = False, resume_from: Optional[str] = None, eval_batch_size: Optional[int] = None) -> History:
+        """Train for ``epochs`` (or until ``max_steps`` optimizer steps); ``resume_from`` a checkpoint folder, or
+        ``"latest"`` for the newest in ``output_dir``. Returns the history (also in ``output_dir/history.jsonl``)."""
+        if len(train) == 0:
+            raise ValueError("fit: the training set is empty")
+        if resume_from == "latest":
+            resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
+        if resume_from:
+            self.load_checkpoint(resume_from)
+        n_batches = -(-len(train) // batch_size)
+        steps_per_epoch = max(1, n_batches // self.grad_accum_steps)
+        total = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
+        bar = _Progress(total, self.step, self.quiet, self.log_every, self.progress)
+        self.should_stop = False
+        lengths = getattr(train, "lengths", None)
+        try:
+            while self.epoch < epochs and not self.should_stop and (not max_steps or self.step < max_steps):
+                batches = batch_indices(len(train), batch_size, np.random.default_rng([self.seed, self.epoch]),
+                                        lengths=lengths, bucket=bucket)
+                while self.batch_in_epoch + self.grad_accum_steps <= len(batches):
+                    if self.should_stop or (max_steps and self.step >= max_steps):
+                        break
+                    group = batches[self.batch_in_epoch:self.batch_in_epoch + self.grad_accum_steps]
+                    logs = self._train_step(train, group)
+                    self.batch_in_epoch += self.grad_accum_steps
+                    if logs is None:
+                        continue
+                    self._record(logs)
+                    bar.update(self.step, logs)
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, logs)
+                    if val is not None and self.eval_every and self.step % self.eval_every == 0:
+                        self._evaluate_and_record(val, eval_batch_size or batch_size, bar)
+                    if self.output_dir and self.save_every and self.step % self.save_every == 0:
+                        self.save_checkpoint()
+                else:
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    epoch_logs = {"epoch_end": self.epoch, "step": self.step}
+                    if val is not None and (not self.eval_every or self.step % self.eval_every):
+                        epoch_logs.update(self._evaluate_and_record(val, eval_batch_size or batch_size, bar))
+                    for cb in self.callbacks:
+                        cb.on_epoch_end(self, epoch_logs)
+        finally:
+            bar.close()
+        if self.output_dir:
+            self.save_checkpoint()
+        return self.history
+
+    def _train_step(self, train, group: List[np.ndarray]) -> Optional[dict]:
+        t0 = time.perf_counter()
+        self.model.train()
+        total_loss, total_count, tokens = 0.0, 0, 0
+        counts = []
+        batches = [train[idx] for idx in group]
+        for inputs, targets in batches:  # counted targets across the accumulated batches, for an exact mean
+            counts.append(int((np.asarray(targets) != getattr(self.loss, "ignore_index", IGNORE_INDEX)).sum()))
+        grand = max(1, sum(counts))
+        for (inputs, targets), count in zip(batches, counts):
+            outputs = self.model(*inputs)
+            try:
+                loss, grad, n = self.loss(outputs, targets, grad_scale=count / grand)
+            except ValueError as exc:
+                if "not finite" not in str(exc):
+                    raise
+                return self._nonfinite(f"step {self.step + 1}: the loss is not finite ({exc})")
+            self.model.backward(grad)
+            total_loss += loss * n
+            total_count += n
+            tokens += int(np.asarray(inputs[0]).size)
+        # global gradient norm (float64), non-finite check, clipping folded into the optimizer's pass
+        sq = 0.0
+        named = list(self.model.named_parameters())
+        for name, p in named:
+            sq += ops.sum_squares(p.grad)
+        norm = math.sqrt(sq)
+        if not math.isfinite(norm):
+            bad = next((n for n, p in named if not np.isfinite(p.grad).all()), "?")
+            return self._nonfinite(f"step {self.step + 1}: non-finite gradient in parameter {bad!r}")
+        clip = 1.0
+        if self.max_grad_norm is not None and norm > self.max_grad_norm:
+            clip = self.max_grad_norm / (norm + 1e-6)
+        lr = self.schedule(self.step)
+        self.optimizer.step(lr=lr, grad_scale=clip)
+        self.model.zero_grad()
+        self.step += 1
+        self.last_loss = total_loss / max(1, total_count)
+        dt = time.perf_counter() - t0
+        return {"step": self.step, "epoch": self.epoch, "loss": self.last_loss, "lr": lr, "grad_norm": norm,
+                "tokens_per_s": tokens / dt if dt > 0 else 0.0, "step_time": dt}
+
+    def _nonfinite(self, message: str) -> None:
+        self.model.zero_grad()
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message + " (pass on_nonfinite='skip' to skip such steps)")
+        self.skipped_steps += 1
+        logger.warning("%s: step skipped", message)
+        return None
+
+    def _record(self, logs: dict) -> None:
+        self.history.append(logs)
+        if self.output_dir:
+            os.makedirs(self.output_dir, exist_ok=True)
+            with open(os.path.join(self.output_dir, "history.jsonl"), "a") as f:
+                f.write(json.dumps(logs) + "\n")
+
+    def _evaluate_and_record(self, val, batch_size, bar) -> dict:
+        results = {f"val_{k}": v for k, v in self.evaluate(val, batch_size=batch_size).items()}
+        logs = {"step": self.step, "epoch": self.epoch, **results}
+        self._record(logs)
+        bar.write("eval  step {}  ".format(self.step) + "  ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        for cb in self.callbacks:
+            cb.on_evaluate(self, logs)
+        return results
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+    def evaluate(self, data, batch_size: int = 64) -> Dict[str, float]:
+        """Mean loss over all counted targets and the requested metrics, in eval mode (no dropout)."""
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        ignore = getattr(self.loss, "ignore_index", IGNORE_INDEX)
+        total, count = 0.0, 0
+        preds, golds = [], []
+        try:
+            for idx in batch_indices(len(data), batch_size):
+                inputs, targets = data[idx]
+                outputs = self.model(*inputs)
+                targets = np.asarray(targets)
+                if any(m in self.metrics for m in ("accuracy", "precision", "recall", "f1")):
+                    keep = targets != ignore
+                    preds.append(np.asarray(outputs).argmax(-1)[keep])
+                    golds.append(targets[keep])
+                loss, _, n = self.loss(outputs, targets, need_grad=False)
+                total += loss * n
+                count += n
+        finally:
+            self.model.train(was_training)
+        results = {"loss": total / max(1, count)}
+        if preds:
+            p, g = np.concatenate(preds), np.concatenate(golds)
+            if "accuracy" in self.metrics:
+                results["accuracy"] = accuracy(p, g)
+            prf = precision_recall_f1(p, g)
+            results.update({k: v for k, v in prf.items() if k in self.metrics})
+        if "perplexity" in self.metrics:
+            results["perplexity"] = perplexity(results["loss"])
+        return results
+
+    def predict(self, data, batch_size: int = 64) -> np.ndarray:
+        """Model outputs for every sample of ``data`` (a dataset), in order, in eval mode."""
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        try:
+            outs = [np.asarray(self.model(*data[idx][0])) for idx in batch_indices(len(data), batch_size)]
+        finally:
+            self.model.train(was_training)
+        return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def save_checkpoint(self, path: Optional[str] = None) -> str:
+        """Write ``checkpoint-{step}`` (or ``path``) atomically: files go to a temporary folder renamed at the end."""
+        if path is None:
+            if not self.output_dir:
+                raise ValueError("save_checkpoint: no output_dir and no path")
+            path = os.path.join(self.output_dir, f"checkpoint-{self.step}")
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        config = getattr(self.model, "config", None)
+        meta = {"format": "cpuformer-checkpoint", "version": "1"}
+        if config is not None:
+            meta["config"] = json.dumps(config)
+            meta["model_class"] = type(self.model).__name__
+        save_safetensors(os.path.join(tmp, "model.safetensors"),
+                         {n: p.data for n, p in self.model.named_parameters()}, meta)
+        save_safetensors(os.path.join(tmp, "optimizer.safetensors"), self.optimizer.state_arrays(),
+                         {"step_count": str(self.optimizer.step_count), "class": type(self.optimizer).__name__})
+        state = {"format": "cpuformer-trainer-state", "version": 1, "step": self.step, "epoch": self.epoch,
+                 "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "skipped_steps": self.skipped_steps,
+                 "init_generator": init.get_state(), "history": list(self.history),
+                 "callbacks": [cb.state() if hasattr(cb, "state") else None for cb in self.callbacks],
+                 "schedule": repr(self.schedule)}
+        atomic_write_bytes(os.path.join(tmp, "trainer_state.json"), [json.dumps(state).encode()])
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)  # the checkpoint appears complete or not at all
+        _fsync_dir(parent)
+        if self.output_dir and self.save_total_limit and os.path.dirname(os.path.abspath(path)) == os.path.abspath(
+                self.output_dir):
+            kept = sorted((int(m.group(1)), n) for n in os.listdir(self.output_dir) if (m := _CKPT_RE.match(n)))
+            for _, name in kept[:-self.save_total_limit]:
+                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore everything :meth:`save_checkpoint` wrote, to continue exactly where it left off."""
+        state_path = os.path.join(path, "trainer_state.json")
+        if not os.path.isfile(state_path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
+        with open(state_path) as f:
+            state = json.load(f)
+        if state.get("format") != "cpuformer-trainer-state":
+            raise ValueError(f"{state_path}: not a cpuformer trainer state")
+        weights, _ = load_safetensors(os.path.join(path, "model.safetensors"))
+        self.model.load_state_dict(weights)
+        arrays, meta = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+        self.optimizer.load_state_arrays(arrays, int(meta.get("step_count", state["step"])))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.seed, self.skipped_steps = state["seed"], state.get("skipped_steps", 0)
+        init.set_state(state["init_generator"])
+        self.history = History(state["history"])
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+            if cb_state is not None and hasattr(cb, "load_state"):
+                cb.load_state(cb_state)
+        if self.output_dir:  # the history file restarts from the checkpoint's records
+            atomic_write_bytes(os.path.join(self.output_dir, "history.jsonl"),
+                               [(json.dumps(r) + "\n").encode() for r in self.history])
