@@ -5,7 +5,7 @@ The arithmetic lives in the compiled extension ``cpuformer._core``; this package
 """
 from __future__ import annotations
 
-from . import _core, data, io, models, nn, ops, train
+from . import _core, data, io, models, nn, ops, plot, train
 from ._core import get_num_threads
 
 __version__ = _core.build_info()["version"]

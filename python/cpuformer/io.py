@@ -65,7 +65,9 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Opt
     """Write named arrays (and string metadata) to a safetensors file, atomically."""
     arrays = {}
     for name, value in tensors.items():
-        arr = np.ascontiguousarray(value)
+        arr = np.asarray(value)
+        if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn a 0-d array into 1-d)
+            arr = arr.copy(order="C")
         if arr.dtype not in _NAMES:
             raise TypeError(f"save_safetensors: {name} has unsupported dtype {arr.dtype}")
         arrays[str(name)] = arr.astype(arr.dtype.newbyteorder("<"), copy=False)

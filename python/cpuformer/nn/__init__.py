@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import init
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, attention_maps, record_attention
 from .layers import GELU, Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEncoding, ReLU
 from .module import Module, ModuleList, Parameter, Sequential
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
@@ -12,4 +12,4 @@ from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLay
 __all__ = ["init", "Parameter", "Module", "Sequential", "ModuleList", "Linear", "Embedding", "PositionalEncoding",
            "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward", "MultiheadAttention", "TransformerEncoderLayer",
            "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "Transformer",
-           "generate_square_subsequent_mask"]
+           "generate_square_subsequent_mask", "record_attention", "attention_maps"]

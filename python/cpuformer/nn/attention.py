@@ -10,7 +10,21 @@ from . import init
 from .layers import Linear
 from .module import Module, Parameter
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "record_attention", "attention_maps"]
+
+
+def record_attention(module: Module, enabled: bool = True) -> None:
+    """Make every attention layer inside ``module`` keep its probabilities (B, heads, T, S) after each forward,
+    even when called with ``need_weights=False`` (as the Transformer layers do). Costs a materialising pass."""
+    for m in module.modules():
+        if isinstance(m, MultiheadAttention):
+            object.__setattr__(m, "record_weights", bool(enabled))
+
+
+def attention_maps(module: Module) -> dict:
+    """``{layer name: weights}`` of the attention layers' most recent forward (see :func:`record_attention`)."""
+    return {name: m.last_attn_weights for name, m in module.named_modules()
+            if isinstance(m, MultiheadAttention) and m.last_attn_weights is not None}
 
 
 class MultiheadAttention(Module):
@@ -59,6 +73,7 @@ class MultiheadAttention(Module):
         if bias:
             self.out_proj.bias.data[...] = 0.0
         object.__setattr__(self, "last_attn_weights", None)
+        object.__setattr__(self, "record_weights", False)  # see record_attention()
         self._saved = None
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -111,11 +126,13 @@ class MultiheadAttention(Module):
         attn, lse = ops.attention(q, k, v, self.num_heads, dropout_p=p, seed=seed, need_lse=True, **mask_kw)
         out = self.out_proj(attn)
         weights = None
-        if need_weights:
+        if need_weights or self.record_weights:
             weights = ops.attention_weights(q, k, self.num_heads, **mask_kw)
-            if average_attn_weights:
+            if need_weights and average_attn_weights:
                 weights = weights.mean(axis=1)
         object.__setattr__(self, "last_attn_weights", weights)
+        if not need_weights:
+            weights = None
         self._saved = dict(mode="self" if self_attn else "kv" if same_kv else "qkv", q_in=q_in, k_in=k_in,
                            v_in=v_in, q=q, k=k, v=v, attn=attn, lse=lse, p=p, seed=seed, mask=mask_kw)
         return self._to_layout(out), weights  # weights are (B, ...) in either layout, as PyTorch's
