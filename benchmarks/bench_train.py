@@ -1,0 +1,141 @@
+"""Training-step speed and memory: a cpuformer GPT beside the same model in PyTorch eager (fp32, AdamW, same
+threads), measured in one run.
+
+Usage: python benchmarks/bench_train.py [--threads 2] [--quick]
+Configurations: GPT vocab 4096, T=128, B=8, 4 layers, 4 heads, 256 channels; GPT-2-small-shaped (12 layers,
+12 heads, 768 channels, vocab 50304, T=64, B=4). Prints ms per training step (forward, cross-entropy, backward,
+AdamW), tokens/s, and the peak RSS growth of the first step in a fresh process.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--quick", action="store_true", help="a tiny configuration only (smoke test)")
+args = parser.parse_args()
+
+CONFIGS = [dict(name="GPT 4x256, vocab 4096, T=128, B=8", vocab=4096, T=128, B=8, L=4, H=4, C=256),
+           dict(name="GPT-2 small shape, vocab 50304, T=64, B=4", vocab=50304, T=64, B=4, L=12, H=12, C=768)]
+if args.quick:
+    CONFIGS = [dict(name="tiny GPT 2x64, vocab 512, T=32, B=4", vocab=512, T=32, B=4, L=2, H=2, C=64)]
+
+# One script, run in a fresh process per (library, config): builds the model, times steps or measures memory.
+STEP = r"""
+import json, os, sys, threading, time
+import numpy as np
+lib, mode, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
+cfg = json.loads(sys.argv[4])
+V, T, B, L, H, C = (cfg[k] for k in ("vocab", "T", "B", "L", "H", "C"))
+rng = np.random.default_rng(0)
+x = rng.integers(0, V, size=(B, T))
+y = rng.integers(0, V, size=(B, T))
+if lib == "torch":
+    import torch
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+
+    class TorchGPT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = torch.nn.Embedding(V, C)
+            self.wpe = torch.nn.Embedding(T, C)
+            self.blocks = torch.nn.ModuleList(torch.nn.TransformerEncoderLayer(
+                C, H, 4 * C, dropout=0.0, activation="gelu", batch_first=True, norm_first=True) for _ in range(L))
+            self.ln_f = torch.nn.LayerNorm(C)
+            self.mask = torch.nn.Transformer.generate_square_subsequent_mask(T)
+
+        def forward(self, ids):
+            h = self.wte(ids) + self.wpe.weight[: ids.shape[1]]
+            for blk in self.blocks:
+                h = blk(h, src_mask=self.mask, is_causal=True)
+            return self.ln_f(h) @ self.wte.weight.T  # tied head
+
+    model = TorchGPT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+
+    def step():
+        logits = model(xt)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), yt.reshape(-1))
+        opt.zero_grad(set_to_none=False)
+        loss.backward()
+        opt.step()
+else:
+    import cpuformer
+    from cpuformer.models import GPT
+    from cpuformer.train import AdamW, CrossEntropyLoss
+    cpuformer.set_num_threads(threads)
+    model = GPT(V, T, L, H, C)
+    opt = AdamW(model, lr=1e-4)
+    loss_fn = CrossEntropyLoss()
+
+    def step():
+        logits = model(x)
+        loss, grad, _ = loss_fn(logits, y)
+        model.backward(grad)
+        opt.step()
+        model.zero_grad()
+
+page = os.sysconf("SC_PAGE_SIZE")
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+if mode == "memory":
+    base, peak, done = rss(), [0], [False]
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+    th = threading.Thread(target=sample)
+    th.start()
+    step()
+    done[0] = True
+    th.join()
+    print(json.dumps((max(peak[0], rss()) - base) / 2**20))
+else:
+    step()
+    step()
+    times = []
+    for _ in range(int(cfg["reps"])):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times))
+"""
+
+
+def run(lib: str, mode: str, cfg: dict):
+    out = subprocess.run([sys.executable, "-c", STEP, lib, mode, str(args.threads), json.dumps(cfg)],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit(f"{lib} {mode} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import loadavg  # noqa: E402
+
+import cpuformer  # noqa: E402
+
+print(f"cpuformer {cpuformer.__version__} ({cpuformer.build_info()['simd']}); threads {args.threads}; "
+      f"loadavg {loadavg()}")
+print(f"{'configuration':<44}{'cpuformer ms':>13}{'torch ms':>10}{'ratio':>7}{'cpf tok/s':>11}{'torch tok/s':>12}"
+      f"{'cpf MB':>8}{'torch MB':>9}")
+for cfg in CONFIGS:
+    cfg = dict(cfg, reps=3 if cfg["C"] >= 768 else 6)
+    # alternate the libraries over rounds (each round a fresh process) and keep each library's median step
+    times = {"cpuformer": [], "torch": []}
+    for r in range(2 if args.quick else 3):
+        for lib in (("cpuformer", "torch") if r % 2 == 0 else ("torch", "cpuformer")):
+            times[lib] += run(lib, "time", cfg)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    mem = {lib: run(lib, "memory", cfg) for lib in ("cpuformer", "torch")}
+    tokens = cfg["B"] * cfg["T"]
+    print(f"{cfg['name']:<44}{med['cpuformer'] * 1e3:>13.0f}{med['torch'] * 1e3:>10.0f}"
+          f"{med['cpuformer'] / med['torch']:>7.2f}{tokens / med['cpuformer']:>11.0f}{tokens / med['torch']:>12.0f}"
+          f"{mem['cpuformer']:>8.0f}{mem['torch']:>9.0f}", flush=True)
+print("ms per step: median over all timed steps (fresh processes, libraries alternating); MB: peak RSS growth of "
+      "the first step over the RSS after setup")
