@@ -24,7 +24,8 @@ from . import nn
 from .data import (CharTokenizer, LanguageModelDataset, Seq2SeqDataset, SequenceClassificationDataset, WordTokenizer,
                    read_parallel, read_text, read_tsv)
 from .models import GPT, Seq2SeqTransformer, TransformerClassifier
-from .train import AdamW, Callback, CrossEntropyLoss, Trainer, bleu, classification_metrics, warmup_cosine
+from .train import (AdamW, Callback, CrossEntropyLoss, EarlyStopping, Trainer, bleu, classification_metrics,
+                    warmup_cosine)
 
 __all__ = ["main"]
 
@@ -67,12 +68,13 @@ def _steps_estimate(args, n_train: int) -> int:
     return args.max_steps or max(1000, args.epochs * math.ceil(n_train / args.batch_size))
 
 
-def _trainer(model, args, total_steps: int, metrics) -> Trainer:
+def _trainer(model, args, total_steps: int, metrics, callbacks=()) -> Trainer:
     return Trainer(model, CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0)),
                    AdamW(model, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01),
                    schedule=warmup_cosine(args.lr, args.warmup, total_steps, min_lr=args.lr / 20),
                    max_grad_norm=1.0, metrics=metrics, output_dir=args.output_dir, save_every=args.save_every,
-                   eval_every=args.eval_every, seed=args.seed, callbacks=[TimeBudget(args.minutes)], quiet=args.quiet,
+                   eval_every=args.eval_every, seed=args.seed, callbacks=[TimeBudget(args.minutes), *callbacks],
+                   quiet=args.quiet,
                    log_every=50)
 
 
@@ -159,9 +161,13 @@ def cmd_classify(args) -> int:
     print(f"classification: {len(data['train']):,} training sentences, vocabulary {tok.vocab_size:,}, "
           f"{num_classes} classes, model {model.num_parameters():,} parameters")
     steps = _measure_steps(model, data["train"], args)
-    trainer = _trainer(model, args, steps, ["accuracy", "f1"])
+    # SST-2's validation accuracy peaks and then drifts as a small model overfits the 67k phrases: keep the best.
+    best = EarlyStopping("val_accuracy", patience=args.patience, mode="max", restore_best=True) if "val" in data else None
+    trainer = _trainer(model, args, steps, ["accuracy", "f1"], [best] if best else [])
     trainer.fit(data["train"], data.get("val"), epochs=args.epochs, max_steps=steps, batch_size=args.batch_size,
                 bucket=True, resume_from="latest" if args.resume else None)
+    if best is not None and best.best_step is not None:
+        print(f"kept the weights of step {best.best_step} (best validation accuracy {best.best:.4f})")
     for split in ("val", "test"):
         if split in data:
             logits = trainer.predict(data[split], batch_size=256)
@@ -249,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-freq", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=20000)
     p.add_argument("--pooling", choices=["mean", "cls"], default="mean")
+    p.add_argument("--patience", type=int, default=6, help="evaluations without improvement before stopping")
 
     p = sub.add_parser("translate", help="sequence-to-sequence on line-aligned parallel files")
     for split in ("train", "val", "test"):

@@ -15,7 +15,7 @@ import cpuformer.nn as nn
 from cpuformer.data import (CharTokenizer, LanguageModelDataset, Seq2SeqDataset, SequenceClassificationDataset,
                             WordTokenizer, read_parallel, read_text, read_tsv)
 from cpuformer.models import GPT, Seq2SeqTransformer, TransformerClassifier
-from cpuformer.train import AdamW, EarlyStopping, Trainer, constant, latest_checkpoint, warmup_cosine
+from cpuformer.train import AdamW, Callback, EarlyStopping, Trainer, constant, latest_checkpoint, warmup_cosine
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data not present")
@@ -295,3 +295,19 @@ def test_attention_weights_can_be_pulled_from_every_layer(tmp_path):
     from cpuformer.plot import attention_heatmap
     path = attention_heatmap(w[0], str(tmp_path / "attn.png"), list("the lazy dog"), list("the lazy dog"))
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_early_stopping_restores_the_best_weights():
+    model, tok, ds = tiny_lm()
+    seen = {}
+
+    class Spy(Callback):
+        def on_evaluate(self, trainer, logs):
+            seen[trainer.step] = (logs["val_loss"], model.ln_f.weight.data.copy())
+
+    stopper = EarlyStopping("val_loss", patience=3, mode="min", restore_best=True)
+    t = Trainer(model, optimizer=AdamW(model, lr=0.5), eval_every=1, callbacks=[stopper, Spy()], quiet=True)
+    t.fit(ds, ds, max_steps=12, batch_size=8)  # a huge learning rate: the loss soon gets worse
+    best_step = min(seen, key=lambda s: seen[s][0])
+    assert stopper.best_step == best_step
+    np.testing.assert_array_equal(model.ln_f.weight.data, seen[best_step][1])

@@ -64,17 +64,25 @@ class Callback:
     def on_epoch_end(self, trainer: "Trainer", logs: dict) -> None:
         pass
 
+    def on_train_end(self, trainer: "Trainer") -> None:
+        pass
+
 
 class EarlyStopping(Callback):
     """Stop when ``monitor`` (e.g. ``"val_loss"``, ``"val_accuracy"``) has not improved by ``min_delta`` for
-    ``patience`` evaluations."""
+    ``patience`` evaluations. With ``restore_best`` the weights of the best evaluation are put back when training
+    ends (Keras's restore_best_weights)."""
 
-    def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0):
+    def __init__(self, monitor: str = "val_loss", patience: int = 3, mode: str = "min", min_delta: float = 0.0,
+                 restore_best: bool = False):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         self.monitor, self.patience, self.mode, self.min_delta = monitor, int(patience), mode, float(min_delta)
+        self.restore_best = bool(restore_best)
         self.best: Optional[float] = None
+        self.best_step: Optional[int] = None
         self.bad = 0
+        self._best_weights = None
 
     def on_evaluate(self, trainer, logs):
         if self.monitor not in logs:
@@ -83,17 +91,23 @@ class EarlyStopping(Callback):
         better = self.best is None or (value < self.best - self.min_delta if self.mode == "min"
                                        else value > self.best + self.min_delta)
         if better:
-            self.best, self.bad = value, 0
+            self.best, self.bad, self.best_step = value, 0, trainer.step
+            if self.restore_best:
+                self._best_weights = {n: p.data.copy() for n, p in trainer.model.named_parameters()}
         else:
             self.bad += 1
             if self.bad >= self.patience:
                 trainer.should_stop = True
 
+    def on_train_end(self, trainer):
+        if self.restore_best and self._best_weights is not None:
+            trainer.model.load_state_dict(self._best_weights)
+
     def state(self) -> dict:
-        return {"best": self.best, "bad": self.bad}
+        return {"best": self.best, "bad": self.bad, "best_step": self.best_step}
 
     def load_state(self, state: dict) -> None:
-        self.best, self.bad = state.get("best"), int(state.get("bad", 0))
+        self.best, self.bad, self.best_step = state.get("best"), int(state.get("bad", 0)), state.get("best_step")
 
 
 class History(list):
@@ -230,7 +244,9 @@ class Trainer:
         finally:
             bar.close()
         if self.output_dir:
-            self.save_checkpoint()
+            self.save_checkpoint()  # the state training reached, so a resume continues from it
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         return self.history
 
     def _train_step(self, train, group: List[np.ndarray]) -> Optional[dict]:
