@@ -44,23 +44,25 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
 
 class GPT(Module):
     """Token embedding ``wte`` + positions (``learned`` table or ``sinusoidal``) -> ``n_layer`` pre-norm blocks
-    (causal self-attention, GELU feed-forward of 4 x n_embd) -> ``ln_f`` -> logits, the head tied to ``wte`` unless
-    ``tie_weights=False`` (then ``lm_head``). ``forward(ids)`` returns logits (B, T, vocab_size); ``backward``
+    (causal self-attention, feed-forward of 4 x n_embd with ``activation`` "gelu" or "gelu_tanh" as GPT-2) ->
+    ``ln_f`` -> logits, the head tied to ``wte`` unless ``tie_weights=False`` (then ``lm_head``). ``forward(ids)`` returns logits (B, T, vocab_size); ``backward``
     takes their gradient."""
 
     def __init__(self, vocab_size: int, block_size: int = 128, n_layer: int = 4, n_head: int = 4, n_embd: int = 256,
-                 dropout: float = 0.0, positional: str = "learned", tie_weights: bool = True) -> None:
+                 dropout: float = 0.0, positional: str = "learned", tie_weights: bool = True,
+                 activation: str = "gelu", layer_norm_eps: float = 1e-5) -> None:
         super().__init__()
         if positional not in ("learned", "sinusoidal"):
             raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {positional!r}")
         self.config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
-                           n_embd=n_embd, dropout=dropout, positional=positional, tie_weights=tie_weights)
+                           n_embd=n_embd, dropout=dropout, positional=positional, tie_weights=tie_weights,
+                           activation=activation, layer_norm_eps=layer_norm_eps)
         self.wte = Embedding(vocab_size, n_embd)
         self.wte.weight.data[...] = init.normal((vocab_size, n_embd), 0.02)
         self.wpe = PositionalEncoding(n_embd, block_size, dropout, learned=positional == "learned")
-        self.blocks = ModuleList(TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout, "gelu", 1e-5,
-                                                         norm_first=True) for _ in range(n_layer))
-        self.ln_f = LayerNorm(n_embd)
+        self.blocks = ModuleList(TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout, activation,
+                                                         layer_norm_eps, norm_first=True) for _ in range(n_layer))
+        self.ln_f = LayerNorm(n_embd, eps=layer_norm_eps)
         if not tie_weights:
             self.lm_head = Linear(n_embd, vocab_size, bias=False)
         self.block_size, self.n_head, self.n_embd, self.vocab_size = block_size, n_head, n_embd, vocab_size
