@@ -16,8 +16,8 @@ VERSION = "1"
 
 
 def _classes():
-    from .models import GPT, Seq2SeqTransformer, TransformerClassifier
-    return {c.__name__: c for c in (GPT, TransformerClassifier, Seq2SeqTransformer)}
+    from .models import GPT, BertModel, Seq2SeqTransformer, TransformerClassifier
+    return {c.__name__: c for c in (GPT, TransformerClassifier, Seq2SeqTransformer, BertModel)}
 
 
 def save(model, path: str) -> None:
