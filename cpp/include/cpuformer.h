@@ -9,6 +9,7 @@
 #include "cpuformer/layernorm.h"
 #include "cpuformer/loss.h"
 #include "cpuformer/matmul.h"
+#include "cpuformer/model.h"
 #include "cpuformer/optim.h"
 #include "cpuformer/runtime.h"
 #include "cpuformer/softmax.h"

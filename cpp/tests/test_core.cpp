@@ -4,6 +4,8 @@
 // also under -DCPUFORMER_SANITIZE=ON (AddressSanitizer + UBSan).
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -141,6 +143,52 @@ void test_errors() {
   check(threw, "set_num_threads(0) throws");
 }
 
+// A valid safetensors file, then thousands of mutated copies (flipped bytes, truncations): the reader must return
+// an error or a consistent result, never crash or read out of bounds (this program runs under ASan in CI).
+void test_safetensors_fuzz(std::mt19937& gen) {
+  const std::string header =
+      R"({"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"b":{"dtype":"F16","shape":[4],)"
+      R"("data_offsets":[24,32]},"__metadata__":{"format":"cpuformer-model","config":"{\"x\": [1, 2.5e3]}"}})";
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[i] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+  file += header;
+  for (int i = 0; i < 32; ++i) file.push_back(static_cast<char>(i * 7));
+  const std::string path = "cpuformer_fuzz.safetensors";
+  const auto write = [&](const std::string& bytes) {
+    FILE* f = std::fopen(path.c_str(), "wb");
+    std::fwrite(bytes.data(), 1, bytes.size(), f);
+    std::fclose(f);
+  };
+  write(file);
+  std::map<std::string, cpuformer::Tensor> tensors;
+  std::map<std::string, std::string> meta;
+  check(cpuformer::read_safetensors(path, &tensors, &meta).ok() && tensors["a"].data.size() == 6 &&
+            tensors["b"].data.size() == 4 && meta["format"] == "cpuformer-model",
+        "safetensors: a valid file reads");
+  int errors = 0;
+  std::uniform_int_distribution<size_t> pos(0, file.size() - 1);
+  std::uniform_int_distribution<int> byte(0, 255);
+  for (int trial = 0; trial < 3000; ++trial) {
+    std::string m = file;
+    const int flips = 1 + trial % 4;
+    for (int k = 0; k < flips; ++k) m[pos(gen)] = static_cast<char>(byte(gen));
+    if (trial % 5 == 0) m.resize(pos(gen));
+    write(m);
+    tensors.clear();
+    const cpuformer::Status st = cpuformer::read_safetensors(path, &tensors, nullptr);
+    errors += !st.ok();
+    for (const auto& [name, t] : tensors) {  // whatever parsed is self-consistent
+      std::int64_t n = 1;
+      for (auto d : t.shape) n *= d;
+      if (st.ok()) check(n == static_cast<std::int64_t>(t.data.size()), "safetensors fuzz: sizes agree");
+    }
+  }
+  check(errors > 1000, "safetensors fuzz: mutated files are rejected");
+  std::unique_ptr<cpuformer::Model> model;
+  check(!cpuformer::Model::load(path, &model).ok() && !model, "Model::load of a broken file is an error");
+  std::remove(path.c_str());
+}
+
 }  // namespace
 
 int main() {
@@ -156,6 +204,7 @@ int main() {
     }
   }
   test_errors();
+  test_safetensors_fuzz(gen);
   const int passed = g_checks - g_failures;
   std::printf("cpuformer C++ core, %s, OpenMP %s\n", cpuformer::compiler_version().c_str(),
               cpuformer::build_has_openmp() ? "on" : "off");

@@ -1,0 +1,90 @@
+// cpuformer/model.h: load a cpuformer model file and run inference from C++, with no Python.
+//
+//   #include "cpuformer/model.h"
+//   std::unique_ptr<cpuformer::Model> model;
+//   cpuformer::Status st = cpuformer::Model::load("model.safetensors", &model);
+//   if (!st.ok()) { std::cerr << st.message() << "\n"; return 1; }
+//   std::vector<int64_t> out;
+//   st = model->generate({2, 17, 5}, 50, cpuformer::GenerateOptions{}, &out);   // GPT: ids in, ids out
+//
+// Files are the ones cpuformer.save() writes (safetensors: tensors + the model class and its config as JSON in the
+// metadata). Every function returns a Status instead of throwing; a malformed file (truncated, header past the
+// end, offsets out of bounds or overlapping, unknown dtype, shapes that disagree with the config) is an error
+// status, never a crash or an out-of-bounds read. Tokenization stays the caller's job.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace cpuformer {
+
+class Status {
+ public:
+  Status() = default;
+  static Status error(std::string message) {
+    Status s;
+    s.ok_ = false;
+    s.message_ = std::move(message);
+    return s;
+  }
+  bool ok() const { return ok_; }
+  const std::string& message() const { return message_; }
+
+ private:
+  bool ok_ = true;
+  std::string message_;
+};
+
+struct GenerateOptions {
+  bool greedy = true;        // argmax; otherwise sample from the top_k tokens at `temperature`
+  int top_k = 0;             // 0 = all tokens
+  float temperature = 1.0f;
+  std::uint64_t seed = 0;
+  std::int64_t eos_id = -1;  // stop after this token (-1: never)
+};
+
+// A float32 tensor from a safetensors file.
+struct Tensor {
+  std::vector<std::int64_t> shape;
+  std::vector<float> data;
+};
+
+// Parse a safetensors file defensively: every offset and size is checked against the file.
+Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* tensors,
+                        std::map<std::string, std::string>* metadata);
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  static Status load(const std::string& path, std::unique_ptr<Model>* out);
+
+  // "GPT", "TransformerClassifier" or "BertModel".
+  virtual std::string kind() const = 0;
+
+  // Encoders (BertModel, TransformerClassifier): the last hidden states (B, T, C), row-major. ids (B*T);
+  // attention_mask (B*T, 1 = token, 0 = padding) may be empty (the classifier derives it from its pad id).
+  virtual Status encode(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+                        const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden);
+  // Mean of the hidden states over the tokens (B, C).
+  Status sentence_embeddings(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+                             const std::vector<std::int64_t>& attention_mask, std::vector<float>* embeddings);
+  // TransformerClassifier: class logits (B, num_classes).
+  virtual Status classify(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+                          std::vector<float>* logits);
+  // GPT: next-token logits for every position (B, T, vocab).
+  virtual Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
+                        std::vector<float>* out);
+  // GPT: continue one prompt by up to max_new_tokens (key/value cache: each new token costs O(T)).
+  virtual Status generate(const std::vector<std::int64_t>& prompt, int max_new_tokens, const GenerateOptions& opts,
+                          std::vector<std::int64_t>* out);
+
+  std::int64_t hidden_size() const { return hidden_size_; }
+
+ protected:
+  std::int64_t hidden_size_ = 0;
+};
+
+}  // namespace cpuformer
