@@ -59,3 +59,31 @@ def compare(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3
 def threads_line(n: int) -> str:
     return (f"threads: {n} (cpuformer set_num_threads, torch.set_num_threads, OPENBLAS_NUM_THREADS="
             f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}), loadavg before: {loadavg()}")
+
+
+def peak_rss_growth_mib(step: Callable[[], object]) -> float:
+    """Run ``step()`` once while a thread samples the resident set size every 0.5 ms; returns the peak growth over
+    the RSS before the call, in MiB. (ru_maxrss cannot see below an earlier peak, such as torch's import.)"""
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    base, peak, done = rss(), [0], [False]
+
+    def sample():
+        while not done[0]:
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        step()
+    finally:
+        done[0] = True
+        th.join()
+    return (max(peak[0], rss()) - base) / 2**20

@@ -146,14 +146,10 @@ for B, T, C, H, F in LAYER_CONFIGS:
 
 # ---- peak memory: RSS growth of one forward+backward over the RSS after import and setup, sampled every 0.5 ms -----
 MEM = r"""
-import json, os, sys, threading, time, numpy as np
-lib, B, T, C, H, F, threads = sys.argv[1], *map(int, sys.argv[2:])
-page = os.sysconf("SC_PAGE_SIZE")
-
-def rss():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * page
-
+import json, sys, numpy as np
+sys.path.insert(0, sys.argv[8])
+from _timing import peak_rss_growth_mib
+lib, B, T, C, H, F, threads = sys.argv[1], *map(int, sys.argv[2:7])
 x = np.random.default_rng(0).standard_normal((B, T, C)).astype(np.float32)
 if lib == "torch":
     import torch
@@ -168,25 +164,14 @@ else:
     step = lambda: layer.backward(np.ones_like(layer(x)))
 # No warm-up: memory freed by a previous step stays resident for reuse (numpy's malloc, torch's allocator), so the
 # peak of a first step above the RSS after setup is the comparable figure (each side's one-time pools included).
-base, peak, done = rss(), [0], [False]
-
-def sample():  # ru_maxrss cannot see below the peak reached while importing torch, so sample the RSS
-    while not done[0]:
-        peak[0] = max(peak[0], rss())
-        time.sleep(0.0005)
-
-th = threading.Thread(target=sample)
-th.start()
-step()
-done[0] = True
-th.join()
-print(json.dumps((max(peak[0], rss()) - base) / 2**20))
+print(json.dumps(peak_rss_growth_mib(step)))
 """
 for B, T, C, H, F in LAYER_CONFIGS:
     mib = {}
     for lib in ("cpuformer", "torch"):
         out = subprocess.run([sys.executable, "-c", MEM, lib, str(B), str(T), str(C), str(H), str(F),
-                              str(args.threads)], capture_output=True, text=True, check=True)
+                              str(args.threads), os.path.dirname(os.path.abspath(__file__))],
+                             capture_output=True, text=True, check=True)
         mib[lib] = json.loads(out.stdout.strip().splitlines()[-1])
     rows.append((f"peak RSS growth, encoder fwd+bwd B={B} T={T} C={C}", mib["cpuformer"], mib["torch"],
                  mib["cpuformer"] / mib["torch"]))

@@ -26,7 +26,7 @@ if args.quick:
 
 # One script, run in a fresh process per (library, config): builds the model, times steps or measures memory.
 STEP = r"""
-import json, os, sys, threading, time
+import json, sys, time
 import numpy as np
 lib, mode, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = json.loads(sys.argv[4])
@@ -81,20 +81,10 @@ else:
         opt.step()
         model.zero_grad()
 
-page = os.sysconf("SC_PAGE_SIZE")
-rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
 if mode == "memory":
-    base, peak, done = rss(), [0], [False]
-    def sample():
-        while not done[0]:
-            peak[0] = max(peak[0], rss())
-            time.sleep(0.0005)
-    th = threading.Thread(target=sample)
-    th.start()
-    step()
-    done[0] = True
-    th.join()
-    print(json.dumps((max(peak[0], rss()) - base) / 2**20))
+    sys.path.insert(0, sys.argv[5])
+    from _timing import peak_rss_growth_mib
+    print(json.dumps(peak_rss_growth_mib(step)))
 else:
     step()
     step()
@@ -108,8 +98,8 @@ else:
 
 
 def run(lib: str, mode: str, cfg: dict):
-    out = subprocess.run([sys.executable, "-c", STEP, lib, mode, str(args.threads), json.dumps(cfg)],
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", STEP, lib, mode, str(args.threads), json.dumps(cfg),
+                          os.path.dirname(os.path.abspath(__file__))], capture_output=True, text=True)
     if out.returncode:
         sys.exit(f"{lib} {mode} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
