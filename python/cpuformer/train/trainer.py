@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -118,11 +119,12 @@ class History(list):
 
 
 class _Progress:
-    """tqdm when installed and wanted; plain log lines otherwise; nothing in quiet mode."""
+    """tqdm when installed, wanted and writing to a terminal; plain log lines otherwise (files, CI logs); nothing
+    in quiet mode."""
 
     def __init__(self, total: int, initial: int, quiet: bool, log_every: int, use_tqdm: bool):
         self.quiet, self.log_every, self.bar = quiet, log_every, None
-        if not quiet and use_tqdm:
+        if not quiet and use_tqdm and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, initial=initial, dynamic_ncols=True, leave=True)
