@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "gemm_internal.h"
 #include "parallel.h"
@@ -392,6 +393,100 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Few rows (decoding one token, batch-1 inference): the product is bound by reading B once, so B is read in place
+// rather than packed (packing would copy all of B on every call). Threads split the N columns.
+
+constexpr index_t kSmallM = 4;
+
+void small_m_scalar(const GemmArgs& g, index_t n0, index_t n1) {
+  for (index_t i = 0; i < g.M; ++i)
+    for (index_t j = n0; j < n1; ++j) {
+      float acc = 0.0f;
+      for (index_t k = 0; k < g.K; ++k) {
+        const float a = g.trans_a ? g.A[k * g.lda + i] : g.A[i * g.lda + k];
+        acc += a * (g.trans_b ? g.B[j * g.ldb + k] : g.B[k * g.ldb + j]);
+      }
+      float v = g.alpha * acc;
+      if (g.beta != 0.0f) v += g.beta * g.C[i * g.ldc + j];
+      if (g.bias) v += g.bias[j];
+      g.C[i * g.ldc + j] = v;
+    }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+// C[i, j] for j in [n0, n1): B^T stored (N x K, rows contiguous along K) -> one dot product per column, four
+// columns at a time so each load of A's row feeds four FMAs.
+CPUFORMER_AVX2 static void small_m_dot_avx2(const GemmArgs& g, const float* a, float* out, index_t n0, index_t n1) {
+  using namespace simd;
+  const index_t K = g.K;
+  index_t j = n0;
+  for (; j + 4 <= n1; j += 4) {
+    const float* b0 = g.B + j * g.ldb;
+    const float* b1 = b0 + g.ldb;
+    const float* b2 = b1 + g.ldb;
+    const float* b3 = b2 + g.ldb;
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    index_t k = 0;
+    for (; k + kWidth <= K; k += kWidth) {
+      const __m256 av = _mm256_loadu_ps(a + k);
+      s0 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b0 + k), s0);
+      s1 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b1 + k), s1);
+      s2 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b2 + k), s2);
+      s3 = _mm256_fmadd_ps(av, _mm256_loadu_ps(b3 + k), s3);
+    }
+    float r0 = hsum(s0), r1 = hsum(s1), r2 = hsum(s2), r3 = hsum(s3);
+    for (; k < K; ++k) r0 += a[k] * b0[k], r1 += a[k] * b1[k], r2 += a[k] * b2[k], r3 += a[k] * b3[k];
+    out[j] = r0, out[j + 1] = r1, out[j + 2] = r2, out[j + 3] = r3;
+  }
+  for (; j < n1; ++j) {
+    const float* b = g.B + j * g.ldb;
+    __m256 s = _mm256_setzero_ps();
+    index_t k = 0;
+    for (; k + kWidth <= K; k += kWidth) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s);
+    float r = hsum(s);
+    for (; k < K; ++k) r += a[k] * b[k];
+    out[j] = r;
+  }
+}
+
+// B stored K x N (rows contiguous along N): out[n0:n1] = sum_k a[k] * B[k, n0:n1].
+CPUFORMER_AVX2 static void small_m_axpy_avx2(const GemmArgs& g, const float* a, float* out, index_t n0, index_t n1) {
+  using namespace simd;
+  for (index_t j = n0; j < n1; ++j) out[j] = 0.0f;
+  for (index_t k = 0; k < g.K; ++k) {
+    const __m256 av = _mm256_set1_ps(a[k]);
+    const float* b = g.B + k * g.ldb;
+    index_t j = n0;
+    for (; j + kWidth <= n1; j += kWidth)
+      _mm256_storeu_ps(out + j, _mm256_fmadd_ps(av, _mm256_loadu_ps(b + j), _mm256_loadu_ps(out + j)));
+    for (; j < n1; ++j) out[j] += a[k] * b[j];
+  }
+}
+#endif
+
+void small_m_range(const GemmArgs& g, index_t n0, index_t n1) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2() && !g.trans_a) {
+    std::vector<float> acc(static_cast<size_t>(g.N));
+    for (index_t i = 0; i < g.M; ++i) {
+      const float* a = g.A + i * g.lda;
+      if (g.trans_b) small_m_dot_avx2(g, a, acc.data(), n0, n1);
+      else small_m_axpy_avx2(g, a, acc.data(), n0, n1);
+      float* c = g.C + i * g.ldc;
+      for (index_t j = n0; j < n1; ++j) {
+        float v = g.alpha * acc[j];
+        if (g.beta != 0.0f) v += g.beta * c[j];
+        if (g.bias) v += g.bias[j];
+        c[j] = v;
+      }
+    }
+    return;
+  }
+#endif
+  small_m_scalar(g, n0, n1);
+}
+
 // K == 0: the product is empty, C = beta * C + bias.
 void gemm_empty_k(const GemmArgs& g) {
   for (index_t i = 0; i < g.M; ++i) {
@@ -412,6 +507,16 @@ int threads_for(index_t M, index_t N, index_t K) {
 void gemm_run(const GemmArgs& g, int nt) {
   if (g.M == 0 || g.N == 0) return;
   if (g.K == 0) return gemm_empty_k(g);
+  if (g.M <= kSmallM && !g.trans_a) {
+    // Bound by reading B: split the columns so each thread streams its own part of B (chunks of 64 columns).
+    const index_t chunks = (g.N + 63) / 64;
+    const int team = static_cast<int>(std::min<index_t>(nt, std::max<index_t>(1, g.N * g.K / (1 << 16))));
+    if (team <= 1) return small_m_range(g, 0, g.N);
+    detail::parallel_for(chunks, 1, [&](index_t c0, index_t c1, int) {
+      small_m_range(g, c0 * 64, std::min(g.N, c1 * 64));
+    });
+    return;
+  }
   const index_t panel = KC * ((std::min(NC, g.N) + NR - 1) / NR * NR);
   float* b_panels = t_pack_b.get(2 * panel);
   if (nt <= 1) return gemm_team(g, b_panels, panel, 0, 1);

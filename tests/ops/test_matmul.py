@@ -10,7 +10,8 @@ from conftest import randn, rel_err
 
 # Sizes around the micro-tile (6x16), the blocking (MC=144, KC=256) and odd values.
 SHAPES = [(1, 1, 1), (1, 7, 5), (5, 1, 3), (2, 3, 1), (6, 16, 8), (7, 17, 9), (15, 33, 31), (64, 64, 64),
-          (97, 95, 96), (143, 145, 257), (150, 200, 255), (289, 31, 513), (13, 4100, 17)]
+          (97, 95, 96), (143, 145, 257), (150, 200, 255), (289, 31, 513), (13, 4100, 17),
+          (1, 2304, 768), (3, 1000, 333), (4, 70, 1025)]  # M <= 4: the small-M path reads B in place
 
 
 def ref_matmul(a, b, ta, tb):
