@@ -1,0 +1,177 @@
+"""Inference: encoder latency/throughput and GPT-2 generation, cpuformer beside PyTorch eager (transformers'
+models; onnxruntime too when installed), measured in one run.
+
+Usage: python benchmarks/bench_inference.py [--threads 2] [--quick]
+Rows: a BERT-base-shaped and a MiniLM-shaped encoder (random weights, the same in every library) at batch 1 and 32,
+T=128: ms per batch and sequences/s; GPT-2-small-shaped greedy generation of 128 tokens after a 16-token prompt
+(transformers with its KV cache). Needs torch and transformers (test-only dependencies).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--threads", type=int, default=2)
+parser.add_argument("--quick", action="store_true", help="MiniLM at batch 1 and 32 new tokens only (smoke test)")
+args = parser.parse_args()
+
+import numpy as np  # noqa: E402
+
+import cpuformer  # noqa: E402
+from cpuformer.models import GPT, BertModel  # noqa: E402
+from cpuformer.models.pretrained import _bert_state, _gpt2_state  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import compare, loadavg  # noqa: E402
+
+try:
+    import torch
+    import transformers
+except ImportError:
+    sys.exit("bench_inference.py compares against torch + transformers: pip install torch==2.13.0 transformers")
+try:
+    import onnxruntime  # noqa: F401  (optional: not installed on the development machine)
+except ImportError:
+    onnxruntime = None
+
+
+
+def bert_onnx_session(state: dict, shape: dict, eps: float, threads: int):
+    """The same encoder as an ONNX graph built with onnx.helper from our state dict (opset 17, ir_version 10: torch
+    2.13's exporter fails on these layers here), run by onnxruntime with ``threads`` intra-op threads."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    H, L, heads = shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]
+    D = H // heads
+    inits, nodes = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], **attrs))
+        return name
+
+    def linear(x, w, b, name):  # x @ w.T + b
+        return node("Add", [node("MatMul", [x, const(name + ".wT", w.T)], name + ".mm"), const(name + ".b", b)], name)
+
+    def layer_norm(x, w, b, name):
+        return node("LayerNormalization", [x, const(name + ".g", w), const(name + ".beta", b)], name, axis=-1,
+                    epsilon=eps)
+
+    x = node("Gather", [const("word", state["word_embeddings.weight"]), "input_ids"], "emb_word")
+    x = node("Add", [x, node("Gather", [const("pos", state["position_embeddings.weight"]), "position_ids"], "emb_pos")],
+             "emb_sum")
+    x = node("Add", [x, const("type0", state["token_type_embeddings.weight"][0])], "emb_all")
+    x = layer_norm(x, state["embeddings_norm.weight"], state["embeddings_norm.bias"], "emb_ln")
+    const("split", np.array([H, H, H], np.int64))
+    const("heads_shape", np.array([0, 0, heads, D], np.int64))
+    const("merge_shape", np.array([0, 0, H], np.int64))
+    const("scale", np.array(1.0 / np.sqrt(D), np.float32))
+    const("half", np.array(0.5, np.float32))
+    const("one", np.array(1.0, np.float32))
+    const("rsqrt2", np.array(1.0 / np.sqrt(2.0), np.float32))
+    for i in range(L):
+        p, n = f"layers.{i}.", f"l{i}"
+        qkv = linear(x, state[p + "self_attn.in_proj_weight"], state[p + "self_attn.in_proj_bias"], n + ".qkv")
+        nodes.append(helper.make_node("Split", [qkv, "split"], [n + ".q", n + ".k", n + ".v"], axis=-1))
+        q = node("Transpose", [node("Reshape", [n + ".q", "heads_shape"], n + ".qr")], n + ".qt", perm=[0, 2, 1, 3])
+        k = node("Transpose", [node("Reshape", [n + ".k", "heads_shape"], n + ".kr")], n + ".kt", perm=[0, 2, 3, 1])
+        v = node("Transpose", [node("Reshape", [n + ".v", "heads_shape"], n + ".vr")], n + ".vt", perm=[0, 2, 1, 3])
+        s_ = node("Mul", [node("MatMul", [q, k], n + ".qk"), "scale"], n + ".s")
+        a = node("MatMul", [node("Softmax", [s_], n + ".p", axis=-1), v], n + ".pv")
+        a = node("Reshape", [node("Transpose", [a], n + ".at", perm=[0, 2, 1, 3]), "merge_shape"], n + ".am")
+        a = linear(a, state[p + "self_attn.out_proj.weight"], state[p + "self_attn.out_proj.bias"], n + ".o")
+        x = layer_norm(node("Add", [x, a], n + ".r1"), state[p + "norm1.weight"], state[p + "norm1.bias"], n + ".ln1")
+        u = linear(x, state[p + "linear1.weight"], state[p + "linear1.bias"], n + ".fc1")
+        erf = node("Erf", [node("Mul", [u, "rsqrt2"], n + ".us")], n + ".erf")
+        g = node("Mul", [node("Mul", [u, "half"], n + ".uh"), node("Add", [erf, "one"], n + ".e1")], n + ".gelu")
+        f = linear(g, state[p + "linear2.weight"], state[p + "linear2.bias"], n + ".fc2")
+        x = layer_norm(node("Add", [x, f], n + ".r2"), state[p + "norm2.weight"], state[p + "norm2.bias"], n + ".ln2")
+    nodes.append(helper.make_node("Identity", [x], ["last_hidden_state"]))
+    graph = helper.make_graph(
+        nodes, "bert", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "T"]),
+                        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["T"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["B", "T", H])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    opts = onnxruntime.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+torch.set_num_threads(args.threads)
+cpuformer.set_num_threads(args.threads)
+torch.manual_seed(0)
+print(f"cpuformer {cpuformer.__version__} ({cpuformer.build_info()['simd']}), torch {torch.__version__}, "
+      f"transformers {transformers.__version__}, onnxruntime "
+      f"{'not installed' if onnxruntime is None else onnxruntime.__version__}; threads {args.threads}; "
+      f"loadavg {loadavg()}")
+print(f"{'case':<44}{'cpuformer ms':>13}{'torch ms':>10}{'ratio':>7}{'ort ms':>9}{'ratio':>7}{'cpf seq/s':>11}"
+      f"{'torch seq/s':>12}")
+
+ENCODERS = [("MiniLM shape (6x384, 12 heads)", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                                     intermediate_size=1536)),
+            ("BERT-base shape (12x768, 12 heads)", dict(hidden_size=768, num_hidden_layers=12,
+                                                        num_attention_heads=12, intermediate_size=3072))]
+if args.quick:
+    ENCODERS = ENCODERS[:1]
+rng = np.random.default_rng(0)
+for name, shape in ENCODERS:
+    cfg = transformers.BertConfig(vocab_size=30522, max_position_embeddings=512, **shape)
+    hf = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ours = BertModel(30522, shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
+                     shape["intermediate_size"], 512, 2, cfg.layer_norm_eps, "gelu", pooler=False)
+    ours.load_state_dict(_bert_state({k: v.numpy() for k, v in hf.state_dict().items()},
+                                     shape["num_hidden_layers"], False))
+    ort = bert_onnx_session(ours.state_dict(), shape, cfg.layer_norm_eps, args.threads) if onnxruntime else None
+    for batch in ((1,) if args.quick else (1, 32)):
+        ids = rng.integers(1000, 30000, size=(batch, 128))
+        mask = np.ones_like(ids)
+        ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
+
+        def run_torch():
+            with torch.no_grad():
+                return hf(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+
+        ref = run_torch().numpy()
+        got = ours(ids, attention_mask=mask)
+        assert np.abs(got - ref).max() < 1e-3, "cpuformer and torch disagree"
+        fns = {"ours": lambda: ours(ids, attention_mask=mask), "torch": run_torch}
+        if ort is not None:
+            feeds = {"input_ids": ids, "position_ids": np.arange(128, dtype=np.int64)}
+            assert np.abs(ort.run(None, feeds)[0] - ref).max() < 1e-3, "onnxruntime and torch disagree"
+            fns["ort"] = lambda: ort.run(None, feeds)
+        big = batch * shape["hidden_size"] >= 32 * 768
+        t = compare(fns, rounds=3, reps=1 if big else 3)
+        ort_ms = f"{t['ort'] * 1e3:>9.1f}{t['ours'] / t['ort']:>7.2f}" if "ort" in t else f"{'-':>9}{'-':>7}"
+        print(f"{name + f', B={batch}, T=128':<44}{t['ours'] * 1e3:>13.1f}{t['torch'] * 1e3:>10.1f}"
+              f"{t['ours'] / t['torch']:>7.2f}{ort_ms}{batch / t['ours']:>11.1f}{batch / t['torch']:>12.1f}",
+              flush=True)
+
+new_tokens = 32 if args.quick else 128
+cfg = transformers.GPT2Config()
+hf = transformers.GPT2LMHeadModel(cfg).eval()
+gpt = GPT(cfg.vocab_size, cfg.n_positions, cfg.n_layer, cfg.n_head, cfg.n_embd, 0.0, "learned", True, "gelu_tanh",
+          cfg.layer_norm_epsilon)
+gpt.load_state_dict(_gpt2_state({k: v.numpy() for k, v in hf.state_dict().items()}, cfg.n_layer))
+prompt = rng.integers(0, cfg.vocab_size, size=(1, 16))
+
+
+def gen_torch():
+    with torch.no_grad():
+        return hf.generate(torch.tensor(prompt), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                           use_cache=True)
+
+
+assert (gpt.generate(prompt, new_tokens, greedy=True) == gen_torch().numpy()).all(), "different continuations"
+t = compare({"ours": lambda: gpt.generate(prompt, new_tokens, greedy=True), "torch": gen_torch}, rounds=3, reps=1,
+            min_sample_s=0.0)
+print(f"{f'GPT-2 small greedy, {new_tokens} new tokens':<44}{t['ours'] * 1e3:>13.0f}{t['torch'] * 1e3:>10.0f}"
+      f"{t['ours'] / t['torch']:>7.2f}{'-':>9}{'-':>7}{new_tokens / t['ours']:>11.1f}{new_tokens / t['torch']:>12.1f}")
+print("ms: median over rounds (libraries interleaved); ratios = cpuformer / torch and cpuformer / onnxruntime; "
+      "the last row's seq/s are tokens/s")
