@@ -57,6 +57,40 @@ CPUFORMER_AVX2 static void row_moments_avx2(const float* x, index_t C, float& me
 }
 #endif
 
+// y = (x - mean) * rstd * weight + bias (weight, bias may be null)
+void normalize_row_scalar(float* y, const float* x, const float* weight, const float* bias, index_t C, float m,
+                          float rs) {
+  for (index_t j = 0; j < C; ++j) {
+    float v = (x[j] - m) * rs;
+    if (weight) v *= weight[j];
+    if (bias) v += bias[j];
+    y[j] = v;
+  }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static void normalize_row_avx2(float* y, const float* x, const float* weight, const float* bias,
+                                              index_t C, float m, float rs) {
+  using namespace simd;
+  const __m256 vm = _mm256_set1_ps(m), vr = _mm256_set1_ps(rs);
+  index_t j = 0;
+  for (; j + kWidth <= C; j += kWidth) {
+    __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vr);
+    if (weight) v = _mm256_mul_ps(v, _mm256_loadu_ps(weight + j));
+    if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+    _mm256_storeu_ps(y + j, v);
+  }
+  normalize_row_scalar(y + j, x + j, weight ? weight + j : nullptr, bias ? bias + j : nullptr, C - j, m, rs);
+}
+#endif
+
+void normalize_row(float* y, const float* x, const float* weight, const float* bias, index_t C, float m, float rs) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return normalize_row_avx2(y, x, weight, bias, C, m, rs);
+#endif
+  normalize_row_scalar(y, x, weight, bias, C, m, rs);
+}
+
 void moments(const float* x, index_t C, float& mean, float& var) {
 #ifdef CPUFORMER_HAVE_AVX2
   if (detail::use_avx2()) return row_moments_avx2(x, C, mean, var);
@@ -76,13 +110,7 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
       float m, var;
       moments(x, C, m, var);
       const float rs = 1.0f / std::sqrt(var + eps);
-      float* y = out + r * C;
-      for (index_t j = 0; j < C; ++j) {
-        float v = (x[j] - m) * rs;
-        if (weight) v *= weight[j];
-        if (bias) v += bias[j];
-        y[j] = v;
-      }
+      normalize_row(out + r * C, x, weight, bias, C, m, rs);
       if (mean) mean[r] = m;
       if (rstd) rstd[r] = rs;
     }
