@@ -149,7 +149,7 @@ MEM = r"""
 import json, sys, numpy as np
 sys.path.insert(0, sys.argv[8])
 from _timing import peak_rss_growth_mib
-lib, B, T, C, H, F, threads = sys.argv[1], *map(int, sys.argv[2:7])
+lib, B, T, C, H, F, threads = sys.argv[1], *map(int, sys.argv[2:8])
 x = np.random.default_rng(0).standard_normal((B, T, C)).astype(np.float32)
 if lib == "torch":
     import torch
