@@ -75,6 +75,15 @@ void mask_tile(float* S, index_t ld, index_t bq, index_t bk, index_t b, index_t 
   }
 }
 
+// The score tile S = scale * Q[t0:t0+bq] K[s0:s0+bk]^T + masks (ld = row stride of S). Forward, backward and the
+// weights path all go through here, so backward recomputes exactly the scores forward used.
+void score_tile(float* S, index_t ld, index_t bq, index_t bk, index_t b, index_t h, index_t t0, index_t s0,
+                const ConstHeadTensor& q, const ConstHeadTensor& k, const AttentionMask& m, const AttentionConfig& c) {
+  detail::sgemm_single_thread(false, true, bq, bk, c.D, c.scale, at(q, b, t0, h, c.D), q.st, at(k, b, s0, h, c.D),
+                              k.st, 0.0f, S, ld);
+  mask_tile(S, ld, bq, bk, b, h, t0, s0, m, c);
+}
+
 // Dropout on a probability tile: P[i, j] *= keep(b, h, t0 + i, s0 + j) / (1 - p).
 void dropout_tile(float* P, index_t ld, index_t bq, index_t bk, index_t b, index_t h, index_t t0, index_t s0,
                   const AttentionConfig& c) {
@@ -114,9 +123,7 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
     const index_t s_end = key_limit(mask, c, t0 + bq);
     for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
       const index_t bk = std::min(kBlockK, s_end - s0);
-      detail::sgemm_single_thread(false, true, bq, bk, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, s0, h, D),
-                                  k.st, 0.0f, S, kBlockK);
-      mask_tile(S, kBlockK, bq, bk, b, h, t0, s0, mask, c);
+      score_tile(S, kBlockK, bq, bk, b, h, t0, s0, q, k, mask, c);
       for (index_t i = 0; i < bq; ++i) {  // online softmax
         float* row = S + i * kBlockK;
         const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));
@@ -176,9 +183,7 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
       const index_t s_end = key_limit(mask, c, t0 + bq);
       for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
         const index_t bk = std::min(kBlockK, s_end - s0);
-        detail::sgemm_single_thread(false, true, bq, bk, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, s0, h, D),
-                                    k.st, 0.0f, P, kBlockK);
-        mask_tile(P, kBlockK, bq, bk, b, h, t0, s0, mask, c);
+        score_tile(P, kBlockK, bq, bk, b, h, t0, s0, q, k, mask, c);
         for (index_t i = 0; i < bq; ++i) {  // P = exp(S - lse); a fully masked row (lse = -inf) is all zeros
           float* row = P + i * kBlockK;
           if (lse_bh[t0 + i] == kNegInf) {
@@ -219,14 +224,12 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
 void attention_weights(float* weights, ConstHeadTensor q, ConstHeadTensor k, const AttentionMask& mask,
                        const AttentionConfig& c) {
   check_config("attention_weights", c);
-  const index_t D = c.D, block = block_q(c.T), n_qblocks = (c.T + block - 1) / block;
+  const index_t block = block_q(c.T), n_qblocks = (c.T + block - 1) / block;
   detail::parallel_for_dynamic(c.B * c.H * n_qblocks, [&](index_t task, int) {
     const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
     const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
     float* W = weights + (bh * c.T + t0) * c.S;
-    detail::sgemm_single_thread(false, true, bq, c.S, D, c.scale, at(q, b, t0, h, D), q.st, at(k, b, 0, h, D), k.st,
-                                0.0f, W, c.S);
-    mask_tile(W, c.S, bq, c.S, b, h, t0, 0, mask, c);
+    score_tile(W, c.S, bq, c.S, b, h, t0, 0, q, k, mask, c);
     for (index_t i = 0; i < bq; ++i) {
       float* row = W + i * c.S;
       const float m = detail::row_max(row, c.S);
