@@ -4,11 +4,14 @@ models; onnxruntime too when installed), measured in one run.
 Usage: python benchmarks/bench_inference.py [--threads 2] [--quick]
 Rows: a BERT-base-shaped and a MiniLM-shaped encoder (random weights, the same in every library) at batch 1 and 32,
 T=128: ms per batch and sequences/s; GPT-2-small-shaped greedy generation of 128 tokens after a 16-token prompt
-(transformers with its KV cache). Needs torch and transformers (test-only dependencies).
+(transformers with its KV cache). Each row has cpuformer float32 and int8 (cpuformer.quantize_dynamic), PyTorch
+eager float32 and int8 (torch.ao.quantization.quantize_dynamic on nn.Linear), and onnxruntime float32; a second table
+gives int8's accuracy cost against float32. Needs torch and transformers (test-only dependencies).
 """
 from __future__ import annotations
 
 import argparse
+import warnings
 import os
 import sys
 
@@ -16,6 +19,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--threads", type=int, default=2)
 parser.add_argument("--quick", action="store_true", help="MiniLM at batch 1 and 32 new tokens only (smoke test)")
 args = parser.parse_args()
+warnings.filterwarnings("ignore")  # torch.ao.quantization prints deprecation notices; the API still works
 
 import numpy as np  # noqa: E402
 
@@ -111,8 +115,33 @@ print(f"cpuformer {cpuformer.__version__} ({cpuformer.build_info()['simd']}), to
       f"transformers {transformers.__version__}, onnxruntime "
       f"{'not installed' if onnxruntime is None else onnxruntime.__version__}; threads {args.threads}; "
       f"loadavg {loadavg()}")
-print(f"{'case':<44}{'cpuformer ms':>13}{'torch ms':>10}{'ratio':>7}{'ort ms':>9}{'ratio':>7}{'cpf seq/s':>11}"
-      f"{'torch seq/s':>12}")
+HEADER = (f"{'case':<40}{'cpf fp32':>9}{'cpf int8':>9}{'torch':>8}{'tch int8':>9}{'ort':>8}{'fp32/torch':>11}"
+          f"{'fp32/ort':>9}{'int8/torch':>11}{'int8/fp32':>10}{'cpf seq/s':>10}")
+print(HEADER)
+print("-" * len(HEADER))
+ACCURACY = []
+
+
+def torch_int8(module):
+    """PyTorch's own dynamic int8 quantization of nn.Linear (fbgemm/x86 engine), or None where unavailable."""
+    try:
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+    except Exception as exc:  # noqa: BLE001 - an optional comparison column
+        print(f"(torch int8 unavailable: {exc})")
+        return None
+
+
+def row(name, t, batch):
+    def ms(key):
+        return f"{t[key] * 1e3:>{9 if key != 'torch' and key != 'ort' else 8}.1f}" if key in t else \
+            f"{'-':>{9 if key != 'torch' and key != 'ort' else 8}}"
+
+    def ratio(a, b, width):
+        return f"{t[a] / t[b]:>{width}.2f}" if a in t and b in t else f"{'-':>{width}}"
+    print(f"{name:<40}{ms('ours')}{ms('int8')}{ms('torch')}{ms('torch_int8')}{ms('ort')}"
+          f"{ratio('ours', 'torch', 11)}{ratio('ours', 'ort', 9)}{ratio('int8', 'torch_int8', 11)}"
+          f"{ratio('int8', 'ours', 10)}{batch / t['ours']:>10.1f}", flush=True)
 
 ENCODERS = [("MiniLM shape (6x384, 12 heads)", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                                      intermediate_size=1536)),
@@ -129,6 +158,9 @@ for name, shape in ENCODERS:
     ours.load_state_dict(_bert_state({k: v.numpy() for k, v in hf.state_dict().items()},
                                      shape["num_hidden_layers"], False))
     ort = bert_onnx_session(ours.state_dict(), shape, cfg.layer_norm_eps, args.threads) if onnxruntime else None
+    ours.eval()
+    ours_int8 = cpuformer.quantize_dynamic(ours)
+    hf_int8 = torch_int8(hf)
     for batch in ((1,) if args.quick else (1, 32)):
         ids = rng.integers(1000, 30000, size=(batch, 128))
         mask = np.ones_like(ids)
@@ -141,17 +173,31 @@ for name, shape in ENCODERS:
         ref = run_torch().numpy()
         got = ours(ids, attention_mask=mask)
         assert np.abs(got - ref).max() < 1e-3, "cpuformer and torch disagree"
-        fns = {"ours": lambda: ours(ids, attention_mask=mask), "torch": run_torch}
+        fns = {"ours": lambda: ours(ids, attention_mask=mask), "int8": lambda: ours_int8(ids, attention_mask=mask),
+               "torch": run_torch}
+        if hf_int8 is not None:
+            def run_torch_int8():
+                with torch.no_grad():
+                    return hf_int8(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+            fns["torch_int8"] = run_torch_int8
+        if batch == (1 if args.quick else 32):  # accuracy cost of int8, against each library's float32
+            q = ours_int8(ids, attention_mask=mask)
+            emb, qemb = got.mean(axis=1), q.mean(axis=1)
+            cos = (emb * qemb).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(qemb, axis=1)
+            acc = [name, np.abs(q - got).max() / np.abs(got).max(), cos.min()]
+            if hf_int8 is not None:
+                tq = run_torch_int8().numpy()
+                temb = tq.mean(axis=1)
+                tcos = (emb * temb).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(temb, axis=1)
+                acc += [np.abs(tq - ref).max() / np.abs(ref).max(), tcos.min()]
+            ACCURACY.append(acc)
         if ort is not None:
             feeds = {"input_ids": ids, "position_ids": np.arange(128, dtype=np.int64)}
             assert np.abs(ort.run(None, feeds)[0] - ref).max() < 1e-3, "onnxruntime and torch disagree"
             fns["ort"] = lambda: ort.run(None, feeds)
         big = batch * shape["hidden_size"] >= 32 * 768
         t = compare(fns, rounds=3, reps=1 if big else 3)
-        ort_ms = f"{t['ort'] * 1e3:>9.1f}{t['ours'] / t['ort']:>7.2f}" if "ort" in t else f"{'-':>9}{'-':>7}"
-        print(f"{name + f', B={batch}, T=128':<44}{t['ours'] * 1e3:>13.1f}{t['torch'] * 1e3:>10.1f}"
-              f"{t['ours'] / t['torch']:>7.2f}{ort_ms}{batch / t['ours']:>11.1f}{batch / t['torch']:>12.1f}",
-              flush=True)
+        row(name.split(" (")[0] + f", B={batch}, T=128", t, batch)
 
 new_tokens = 32 if args.quick else 128
 cfg = transformers.GPT2Config()
@@ -169,9 +215,24 @@ def gen_torch():
 
 
 assert (gpt.generate(prompt, new_tokens, greedy=True) == gen_torch().numpy()).all(), "different continuations"
-t = compare({"ours": lambda: gpt.generate(prompt, new_tokens, greedy=True), "torch": gen_torch}, rounds=3, reps=1,
-            min_sample_s=0.0)
-print(f"{f'GPT-2 small greedy, {new_tokens} new tokens':<44}{t['ours'] * 1e3:>13.0f}{t['torch'] * 1e3:>10.0f}"
-      f"{t['ours'] / t['torch']:>7.2f}{'-':>9}{'-':>7}{new_tokens / t['ours']:>11.1f}{new_tokens / t['torch']:>12.1f}")
-print("ms: median over rounds (libraries interleaved); ratios = cpuformer / torch and cpuformer / onnxruntime; "
-      "the last row's seq/s are tokens/s")
+gpt.eval()
+gpt_int8 = cpuformer.quantize_dynamic(gpt)
+fns = {"ours": lambda: gpt.generate(prompt, new_tokens, greedy=True),
+       "int8": lambda: gpt_int8.generate(prompt, new_tokens, greedy=True), "torch": gen_torch}
+t = compare(fns, rounds=3, reps=1, min_sample_s=0.0)
+row(f"GPT-2 small greedy, {new_tokens} tokens", t, new_tokens)
+print("ms: median over rounds (libraries interleaved). cpf = cpuformer, tch = torch, ort = onnxruntime (float32). "
+      "Ratios are time ratios (< 1: the first is faster). Last column: sequences/s (GPT-2 row: tokens/s).")
+
+seq = rng.integers(0, cfg.vocab_size, size=(4, 128))
+logits, qlogits = gpt(seq), gpt_int8(seq)
+agree = (logits.argmax(-1) == qlogits.argmax(-1)).mean()
+print(f"\nint8 accuracy cost against float32 (random weights, so top-1 margins are small: a lower bound on agreement)")
+print(f"{'model':<40}{'cpf max rel err':>16}{'cpf min cos':>12}{'torch max rel err':>18}{'torch min cos':>14}")
+for acc in ACCURACY:
+    extra = f"{acc[3]:>18.4f}{acc[4]:>14.6f}" if len(acc) > 3 else f"{'-':>18}{'-':>14}"
+    print(f"{acc[0]:<40}{acc[1]:>16.4f}{acc[2]:>12.6f}{extra}")
+print("(hidden states at B=32, T=128: max abs error / max abs value; cosine similarity of mean-pooled embeddings, "
+      "worst sequence)")
+print(f"GPT-2 small: next-token top-1 agreement int8 vs float32 over 4x128 positions: {agree:.3f}; "
+      f"logits max rel err {np.abs(qlogits - logits).max() / np.abs(logits).max():.4f}")

@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -678,6 +679,54 @@ py::dict build_info() {
   return d;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// int8 dynamic quantization (inference-time Linear layers).
+
+std::shared_ptr<Int8Weight> quantize_weight(const py::object& wobj) {
+  F32 w = f32(wobj, "weight", 2, 2);
+  auto q = std::make_shared<Int8Weight>();
+  py::gil_scoped_release nogil;
+  *q = quantize_weight_int8(w.data(), w.shape(0), w.shape(1), w.shape(1));
+  return q;
+}
+
+F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::object& bobj) {
+  F32 x = f32(xobj, "x", 1);
+  const auto [rows, cols] = rows_cols(x);
+  if (cols != w.k) {
+    std::ostringstream os;
+    os << "linear_int8: x's last dimension must be in_features " << w.k << ", got shape " << shape_of(x);
+    value_error(os.str());
+  }
+  auto b = opt_f32(bobj, "bias");
+  const float* bias = opt_vec(b, "bias", w.n);
+  auto shape = shape_vec(x);
+  shape.back() = w.n;
+  F32 y(shape);
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    linear_int8(x.data(), rows, cols, w, bias, yp, w.n);
+  }
+  return y;
+}
+
+py::tuple quantize_rows(const py::object& xobj) {
+  F32 x = f32(xobj, "x", 2, 2);
+  const index_t M = x.shape(0), K = x.shape(1);
+  py::array_t<std::uint8_t> q({M, K});
+  F32 scale(std::vector<py::ssize_t>{M});
+  py::array_t<std::int32_t> zero(std::vector<py::ssize_t>{M});
+  auto qp = q.mutable_data();
+  auto sp = scale.mutable_data();
+  auto zp = zero.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    quantize_rows_u7(x.data(), M, K, K, qp, K, sp, zp);
+  }
+  return py::make_tuple(q, scale, zero);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -744,4 +793,25 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention_weights", &attention_probs, py::arg("query"), py::arg("key"), py::arg("num_heads"),
         py::arg("attn_mask") = py::none(), py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false,
         py::arg("scale"), "Attention probabilities (B, H, T, S).");
+  py::class_<Int8Weight, std::shared_ptr<Int8Weight>>(m, "Int8Weight",
+                                                       "A Linear weight quantized to int8 per output channel.")
+      .def_readonly("out_features", &Int8Weight::n)
+      .def_readonly("in_features", &Int8Weight::k)
+      .def_property_readonly("scale", [](const Int8Weight& w) {
+        return F32(std::vector<py::ssize_t>{w.n}, w.scale.data());
+      })
+      .def_property_readonly("nbytes", [](const Int8Weight& w) {
+        return w.packed.size() + 4 * (w.scale.size() + w.col_sum.size());
+      })
+      .def("__copy__", [](const Int8Weight& w) { return std::make_shared<Int8Weight>(w); })
+      .def("__deepcopy__", [](const Int8Weight& w, py::dict) { return std::make_shared<Int8Weight>(w); })
+      .def("values", [](const Int8Weight& w) {
+        const auto v = w.unpack();
+        return py::array_t<std::int8_t>({w.n, w.k}, v.data());
+      }, "The int8 values as an (out_features, in_features) array.");
+  m.def("quantize_weight_int8", &quantize_weight, py::arg("weight"),
+        "Symmetric per-output-channel int8 quantization of a (out_features, in_features) weight.");
+  m.def("linear_int8", &linear_int8_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        "x @ weight^T + bias with x quantized per row to 7-bit unsigned at run time (int32 accumulation).");
+  m.def("quantize_rows_u7", &quantize_rows, py::arg("x"), "Returns (q uint8, scale, zero_point) per row.");
 }

@@ -11,5 +11,6 @@
 #include "cpuformer/matmul.h"
 #include "cpuformer/model.h"
 #include "cpuformer/optim.h"
+#include "cpuformer/quantize.h"
 #include "cpuformer/runtime.h"
 #include "cpuformer/softmax.h"

@@ -7,6 +7,7 @@ from typing import Optional
 import numpy as np
 
 from .. import ops
+from ..nn import quantized
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, PositionalEncoding, TransformerEncoderLayer, init
 
 __all__ = ["GPT", "sample_next"]
@@ -71,6 +72,22 @@ class GPT(Module):
     def _head_weight(self):
         return self.wte.weight if self.config["tie_weights"] else self.lm_head.weight
 
+    _int8 = None  # int8 copy of the (tied) output head after quantize_dynamic
+
+    def _quantize_int8(self) -> int:
+        if not self.config["tie_weights"]:
+            return 0  # lm_head is a Linear and quantizes itself
+        object.__setattr__(self, "_int8", quantized.quantize_weight(self.wte.weight.data))
+        return 1
+
+    def _logits(self, h2: np.ndarray) -> np.ndarray:
+        if self._int8 is not None:
+            quantized.require_inference(self)
+            return quantized.linear(h2, self._int8, None)
+        if not self.config["tie_weights"] and self.lm_head._int8 is not None:
+            return self.lm_head(h2)
+        return ops.matmul(h2, self._head_weight().data, transpose_b=True)
+
     def forward(self, ids):
         ids = ops._ids(ids, "ids")
         if ids.ndim != 2:
@@ -83,9 +100,11 @@ class GPT(Module):
         h = self.ln_f(x)
         B, T, C = h.shape
         self._h = h.reshape(B * T, C)
-        return ops.matmul(self._h, self._head_weight().data, transpose_b=True).reshape(B, T, self.vocab_size)
+        return self._logits(self._h).reshape(B, T, self.vocab_size)
 
     def backward(self, grad_output):
+        if quantized.is_quantized(self):
+            quantized.no_backward(self)
         g = ops._f32(grad_output, "grad_output")
         B, T, V = g.shape
         g2 = g.reshape(B * T, V)
@@ -116,16 +135,14 @@ class GPT(Module):
         for block, (kc, vc) in zip(self.blocks, caches):
             attn = block.self_attn
             h = block.norm1(x)
-            qkv = ops.matmul(h.reshape(B * n, C), attn.in_proj_weight.data, transpose_b=True,
-                             bias=None if attn.in_proj_bias is None else attn.in_proj_bias.data).reshape(B, n, 3 * C)
+            qkv = attn.in_projection(h.reshape(B * n, C), 0, 3).reshape(B, n, 3 * C)
             kc[:, start:start + n] = qkv[..., C:2 * C]
             vc[:, start:start + n] = qkv[..., 2 * C:]
             a, _ = ops.attention(qkv[..., :C], kc[:, :start + n], vc[:, :start + n], H, attn_mask=mask,
                                  is_causal=n > 1 and start == 0)
             x = x + attn.out_proj(a)
             x = x + block._ff(block.norm2(x))
-        h = self.ln_f(x[:, -1])
-        return ops.matmul(h, self._head_weight().data, transpose_b=True)
+        return self._logits(self.ln_f(x[:, -1]))
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, greedy: bool = False, seed: Optional[int] = None,

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from .. import ops
-from . import init
+from . import init, quantized
 from .layers import Linear
 from .module import Module, Parameter
 
@@ -84,9 +84,24 @@ class MultiheadAttention(Module):
         return None if self.in_proj_bias is None else self.in_proj_bias.data[i0 * self.embed_dim:
                                                                              i1 * self.embed_dim]
 
+    _int8 = None  # {(i0, i1): int8 copy of those in_proj rows} after quantized.quantize_dynamic
+
+    def _quantize_int8(self) -> int:
+        object.__setattr__(self, "_int8", {(0, 3): quantized.quantize_weight(self.in_proj_weight.data)})
+        return 1
+
+    def in_projection(self, x2: np.ndarray, i0: int, i1: int) -> np.ndarray:
+        """``x2`` (rows, E) through the packed projection's rows [i0*E, i1*E) (0..3: Q, K, V), with the bias."""
+        if self._int8 is not None:
+            quantized.require_inference(self)
+            if (i0, i1) not in self._int8:  # per-channel scales: a slice quantizes to the same values
+                self._int8[(i0, i1)] = quantized.quantize_weight(self._w(i0, i1))
+            return quantized.linear(x2, self._int8[(i0, i1)], self._b(i0, i1))
+        return ops.matmul(x2, self._w(i0, i1), transpose_b=True, bias=self._b(i0, i1))
+
     def _project(self, x: np.ndarray, i0: int, i1: int) -> np.ndarray:
         B, L, _ = x.shape
-        y = ops.matmul(x.reshape(B * L, self.embed_dim), self._w(i0, i1), transpose_b=True, bias=self._b(i0, i1))
+        y = self.in_projection(x.reshape(B * L, self.embed_dim), i0, i1)
         return y.reshape(B, L, (i1 - i0) * self.embed_dim)
 
     def _input(self, x, name: str) -> np.ndarray:
@@ -142,6 +157,8 @@ class MultiheadAttention(Module):
         """Through out_proj and the attention kernel: returns the projected-input gradients in one buffer laid out
         like the forward's projections (B, T, 3E) for self-attention, else dq (B, T, E) and dkv (B, S, 2E) or
         separate dk, dv."""
+        if self._int8 is not None:
+            quantized.no_backward(self)
         s = self._saved
         if s is None:
             raise RuntimeError("MultiheadAttention.backward called before forward")

@@ -10,8 +10,8 @@ from typing import Optional
 
 import numpy as np
 
-from .. import ops
-from . import init
+from .. import _core, ops
+from . import init, quantized
 from .module import Module, Parameter
 
 __all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward",
@@ -47,15 +47,26 @@ class Linear(Module):
             object.__setattr__(self, "bias", None)
         self._x = None
 
+    _int8 = None  # int8 copy of the weight after quantized.quantize_dynamic
+
+    def _quantize_int8(self) -> int:
+        object.__setattr__(self, "_int8", quantized.quantize_weight(self.weight.data))
+        return 1
+
     def forward(self, x):
         x = _as_input(x)
         _check_last_dim(x, self.in_features, "Linear")
+        if self._int8 is not None:
+            quantized.require_inference(self)
+            return quantized.linear(x, self._int8, None if self.bias is None else self.bias.data)
         x2 = x.reshape(-1, self.in_features)
         y = ops.matmul(x2, self.weight.data, transpose_b=True, bias=None if self.bias is None else self.bias.data)
         self._x = x2
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, grad_output):
+        if self._int8 is not None:
+            quantized.no_backward(self)
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
@@ -280,6 +291,9 @@ def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dro
     :func:`feed_forward_grad`. Shared by :class:`FeedForward` and the Transformer layers."""
     x = _as_input(x)
     _check_last_dim(x, linear1.in_features, "FeedForward")
+    if linear1._int8 is not None or linear2._int8 is not None:  # inference with int8 weights: no dropout, no saves
+        out = linear2(_core.activation(linear1(x), None, ops._activation_kind(activation)))
+        return out, "int8"
     seed = init.next_seed() if dropout_p > 0.0 else 0
     out, u, a = ops.feed_forward(x, linear1.weight.data, None if linear1.bias is None else linear1.bias.data,
                                  linear2.weight.data, None if linear2.bias is None else linear2.bias.data,
@@ -291,6 +305,8 @@ def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output):
     """Input gradient of :func:`feed_forward_apply`; accumulates the four parameter gradients."""
     if saved is None:
         raise RuntimeError("feed-forward backward called before forward")
+    if isinstance(saved, str):
+        quantized.no_backward(linear1)
     x, u, a, p, seed, activation = saved
     return ops.feed_forward_backward(
         grad_output, x, u, a, linear1.weight.data, linear2.weight.data, linear1.weight.grad,

@@ -131,6 +131,9 @@ class Module:
             if name not in state_dict:
                 continue
             arr = to_numpy(state_dict[name], name)
+            if not p.data.flags.writeable:
+                raise RuntimeError(f"load_state_dict: {name} is read-only: the model is int8-quantized "
+                                   f"(quantize_dynamic); load into the float model and quantize it again")
             if arr.shape != p.data.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {arr.shape}, expected {p.data.shape}")
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():

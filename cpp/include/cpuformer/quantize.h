@@ -1,0 +1,42 @@
+// cpuformer/quantize.h: int8 weights for inference-time Linear layers (dynamic quantization).
+//
+// Weights: symmetric int8 per output channel, q = round(w / s), s = max|w[n,:]| / 127, q in [-127, 127].
+// Activations: quantized per row at run time, asymmetric unsigned 7-bit, x ~ sa * (qa - za), qa, za in [0, 127].
+// The product accumulates exactly in int32 and is dequantized once per output:
+//   y[m,n] = sa[m] * s[n] * (sum_k qa[m,k] q[n,k] - za[m] * sum_k q[n,k]) + bias[n].
+// Why 7 bits: AVX2 has no int8 dot product without saturation (vpmaddubsw adds two u8*s8 products into int16);
+// with qa <= 127 and |q| <= 127 that pair sum stays below 32767, so the AVX2 and scalar paths agree exactly
+// (the same choice as fbgemm's reduce_range on CPUs without VNNI).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpuformer/common.h"
+
+namespace cpuformer {
+
+// A Linear weight (N outputs x K inputs) quantized and packed for linear_int8.
+struct Int8Weight {
+  index_t n = 0, k = 0;
+  std::vector<std::int8_t> packed;  // ceil(N/16) panels of ceil(K/4) groups of 16 columns x 4 consecutive k
+  std::vector<float> scale;         // per output channel
+  std::vector<std::int32_t> col_sum;  // sum over k of q[n, k], for the activation zero point
+
+  // The quantized values as a plain row-major N x K array (for tests and inspection).
+  std::vector<std::int8_t> unpack() const;
+};
+
+// Quantizes w (N x K, row stride ldw). Throws std::invalid_argument on non-finite weights.
+Int8Weight quantize_weight_int8(const float* w, index_t N, index_t K, index_t ldw);
+
+// y[M,N] (row stride ldy) = dynamically quantized x[M,K] (row stride ldx) times w^T, plus bias (may be null).
+// A row of x holding NaN or Inf gives a row of NaN.
+void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, const float* bias, float* y,
+                 index_t ldy);
+
+// The per-row activation quantization linear_int8 applies (exposed for tests): qa (M x K), scale and zero point.
+void quantize_rows_u7(const float* x, index_t M, index_t K, index_t ldx, std::uint8_t* qa, index_t ldq,
+                      float* scale, std::int32_t* zero_point);
+
+}  // namespace cpuformer

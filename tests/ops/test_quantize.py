@@ -1,0 +1,168 @@
+"""int8 dynamic quantization kernels against a float64 NumPy model of the same scheme (quantize.h)."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+
+import cpuformer
+from cpuformer import _core
+
+from conftest import SIMD_PATHS, rel_err
+
+
+def ref_weight(w):
+    scale = np.abs(w).max(axis=1) / np.float32(127)
+    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127)
+    return q, scale
+
+
+def ref_rows(x):
+    lo = np.minimum(x.min(axis=1), 0).astype(np.float32)
+    hi = np.maximum(x.max(axis=1), 0).astype(np.float32)
+    scale = ((hi - lo) / np.float32(127)).astype(np.float32)
+    zero_rows = ~(scale >= 1e-30)
+    scale[zero_rows] = 1
+    inv = (np.float32(1) / scale).astype(np.float32)
+    inv[zero_rows] = 0
+    zp = np.clip(np.rint(-lo * inv), 0, 127)
+    q = np.clip(np.rint((x * inv[:, None]).astype(np.float32)) + zp[:, None], 0, 127)
+    return q, scale, zp
+
+
+def ref_linear(x, w, b):
+    """The exact integer product of quantize.h, dequantized in float64."""
+    qw, sw = ref_weight(w)
+    qa, sa, za = ref_rows(x)
+    acc = qa.astype(np.float64) @ qw.T.astype(np.float64) - za[:, None] * qw.sum(axis=1)[None, :]
+    y = acc * (sa[:, None].astype(np.float64) * sw[None, :].astype(np.float64))
+    return y if b is None else y + b
+
+
+SHAPES = [(1, 1, 1), (1, 3, 5), (2, 4, 16), (3, 5, 17), (4, 16, 16), (5, 33, 31), (7, 64, 40), (9, 100, 3),
+          (64, 768, 96), (130, 257, 66)]
+
+
+@pytest.mark.parametrize("M,K,N", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_int8_matches_reference(simd, threads, rng, M, K, N, with_bias):
+    x = rng.standard_normal((M, K)).astype(np.float32) * 2 + 0.3
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32) if with_bias else None
+    qw = _core.quantize_weight_int8(w)
+    y = _core.linear_int8(x, qw, b)
+    expected = ref_linear(x, w, b)
+    assert y.shape == (M, N) and y.dtype == np.float32
+    # int32 accumulation is exact; only the float32 dequantization rounds
+    np.testing.assert_allclose(y, expected, rtol=2e-6, atol=2e-6 * np.abs(expected).max())
+    # and the quantization error against float32 is bounded (7-bit activations, 8-bit weights)
+    assert rel_err(y, x.astype(np.float64) @ w.T.astype(np.float64) + (0 if b is None else b)) < 0.05
+
+
+def test_weight_values_and_scales(rng):
+    w = rng.standard_normal((19, 23)).astype(np.float32)
+    w[3] = 0.0  # an all-zero channel quantizes to zeros with scale 1
+    qw = _core.quantize_weight_int8(w)
+    q, scale = ref_weight(w)
+    np.testing.assert_array_equal(qw.values(), q.astype(np.int8))
+    np.testing.assert_array_equal(qw.scale, scale)
+    assert (qw.out_features, qw.in_features) == (19, 23)
+    assert np.abs(qw.values()).max() == 127
+    assert qw.nbytes < w.nbytes  # int8 panels (padded) + per-channel scale and column sum
+
+
+def test_row_quantization(simd, rng):
+    x = rng.standard_normal((6, 45)).astype(np.float32)
+    x[1] = 0.0
+    x[2] = np.abs(x[2])  # all positive: zero point 0
+    x[3] = -np.abs(x[3])  # all negative: zero point 127
+    q, scale, zp = _core.quantize_rows_u7(x)
+    rq, rs, rz = ref_rows(x)
+    np.testing.assert_array_equal(q, rq.astype(np.uint8))
+    np.testing.assert_array_equal(scale, rs)
+    np.testing.assert_array_equal(zp, rz.astype(np.int32))
+    assert q.max() <= 127 and zp[2] == 0 and zp[3] == 127 and (q[1] == 0).all()
+    # dequantizing recovers x within half a step
+    back = scale[:, None] * (q.astype(np.float32) - zp[:, None])
+    assert (np.abs(back - x) <= scale[:, None] * 0.5 + 1e-6).all()
+
+
+def test_paths_and_threads_agree(rng):
+    x = rng.standard_normal((37, 200)).astype(np.float32)
+    w = rng.standard_normal((45, 200)).astype(np.float32)
+    qw = _core.quantize_weight_int8(w)
+    outs = []
+    before = cpuformer.get_num_threads()
+    for path in SIMD_PATHS:
+        _core.set_simd_path(path)
+        for t in (1, 2):
+            cpuformer.set_num_threads(t)
+            outs.append(_core.linear_int8(x, qw, None))
+    _core.set_simd_path("auto")
+    cpuformer.set_num_threads(before)
+    assert len(outs) == 2 * len(SIMD_PATHS)
+    for o in outs[1:]:  # integer accumulation: the paths differ at most by float rounding in the scaling
+        np.testing.assert_allclose(o, outs[0], rtol=1e-6, atol=1e-6)
+
+
+def test_batched_input_and_deepcopy(rng):
+    x = rng.standard_normal((2, 3, 8)).astype(np.float32)
+    w = rng.standard_normal((5, 8)).astype(np.float32)
+    qw = _core.quantize_weight_int8(w)
+    y = _core.linear_int8(x, qw)
+    assert y.shape == (2, 3, 5)
+    np.testing.assert_array_equal(y.reshape(6, 5), _core.linear_int8(x.reshape(6, 8), qw))
+    q2 = copy.deepcopy(qw)
+    np.testing.assert_array_equal(q2.values(), qw.values())
+    np.testing.assert_array_equal(_core.linear_int8(x, q2), y)
+
+
+def test_nonfinite_rows_give_nan(simd, rng):
+    x = rng.standard_normal((4, 20)).astype(np.float32)
+    x[1, 5] = np.nan
+    x[2, 0] = np.inf
+    qw = _core.quantize_weight_int8(rng.standard_normal((7, 20)).astype(np.float32))
+    y = _core.linear_int8(x, qw)
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    assert np.isfinite(y[[0, 3]]).all()
+
+
+def test_bad_input(rng):
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    qw = _core.quantize_weight_int8(w)
+    with pytest.raises(ValueError, match="in_features 6"):
+        _core.linear_int8(np.zeros((2, 5), np.float32), qw)
+    with pytest.raises(TypeError, match="float32"):
+        _core.linear_int8(np.zeros((2, 6), np.float64), qw)
+    with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
+        _core.linear_int8(np.zeros((2, 6), np.float32), qw, np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="not finite"):
+        bad = w.copy()
+        bad[2, 1] = np.nan
+        _core.quantize_weight_int8(bad)
+    with pytest.raises(ValueError, match="dimensions"):
+        _core.quantize_weight_int8(np.zeros(6, np.float32))
+
+
+def test_releases_gil(rng):
+    x = rng.standard_normal((1024, 1024)).astype(np.float32)
+    qw = _core.quantize_weight_int8(rng.standard_normal((1024, 1024)).astype(np.float32))
+    ticks = []
+    stop = threading.Event()
+
+    def spin():
+        while not stop.is_set():
+            ticks.append(1)
+
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        for _ in range(3):
+            _core.linear_int8(x, qw)
+    finally:
+        stop.set()
+        t.join()
+    assert len(ticks) > 10
