@@ -5,6 +5,10 @@ standard library's own source: no download, about two minutes on 2 cores), ``lm`
 on a text corpus), ``classify`` (sentence classification from TSV files), ``translate`` (sequence-to-sequence on
 line-aligned parallel files). Every training command takes ``--minutes`` (a wall-clock training budget),
 ``--output-dir`` (checkpoints, history, tokenizer) and ``--resume``.
+
+Started by an MPI launcher with several ranks (``mpiexec -n 2 python -m mpi4py -m cpuformer lm ...``), the
+training commands run data-parallel (:mod:`cpuformer.distributed`): ``--batch-size`` is per rank, only rank 0
+prints and writes files.
 """
 from __future__ import annotations
 
@@ -57,6 +61,16 @@ def _common(p: argparse.ArgumentParser, minutes: float, lr: float, batch: int) -
     p.add_argument("--quiet", action="store_true")
 
 
+_DIST = {"on": False}  # set by main() when launched by MPI with several ranks
+
+
+def _is_main() -> bool:
+    if not _DIST["on"]:
+        return True
+    from mpi4py import MPI
+    return MPI.COMM_WORLD.Get_rank() == 0
+
+
 def _setup(args) -> None:
     if args.threads:
         cpuformer.set_num_threads(args.threads)
@@ -69,13 +83,16 @@ def _steps_estimate(args, n_train: int) -> int:
 
 
 def _trainer(model, args, total_steps: int, metrics, callbacks=()) -> Trainer:
+    distributed = None
+    if _DIST["on"]:
+        from .distributed import DataParallel
+        distributed = DataParallel(model, threads=args.threads, seed=args.seed)
     return Trainer(model, CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0)),
                    AdamW(model, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01),
                    schedule=warmup_cosine(args.lr, args.warmup, total_steps, min_lr=args.lr / 20),
                    max_grad_norm=1.0, metrics=metrics, output_dir=args.output_dir, save_every=args.save_every,
                    eval_every=args.eval_every, seed=args.seed, callbacks=[TimeBudget(args.minutes), *callbacks],
-                   quiet=args.quiet,
-                   log_every=50)
+                   quiet=args.quiet, log_every=50, distributed=distributed)
 
 
 def _measure_steps(model, dataset, args, probe_steps: int = 3) -> int:
@@ -87,7 +104,11 @@ def _measure_steps(model, dataset, args, probe_steps: int = 3) -> int:
     start = time.perf_counter()
     t.fit(dataset, max_steps=probe_steps, batch_size=args.batch_size)
     per_step = (time.perf_counter() - start) / probe_steps
-    return max(50, int(args.minutes * 60 / per_step))
+    steps = max(50, int(args.minutes * 60 / per_step))
+    if _DIST["on"]:  # one schedule for all ranks: rank 0's estimate
+        from mpi4py import MPI
+        steps = MPI.COMM_WORLD.bcast(steps, root=0)
+    return steps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,7 +125,7 @@ def _train_lm(args, train_text: str, val_text: str, prompt: str) -> dict:
           f"{cpuformer.get_num_threads()} threads")
     steps = _measure_steps(model, train, args)
     trainer = _trainer(model, args, steps, ["perplexity"])
-    if args.output_dir:
+    if args.output_dir and _is_main():
         os.makedirs(args.output_dir, exist_ok=True)
         tok.save(os.path.join(args.output_dir, "tokenizer.json"))
     start = time.time()
@@ -281,11 +302,26 @@ def main(argv=None) -> int:
         from .__main__ import info
         return info()
     commands = {"demo": cmd_demo, "lm": cmd_lm, "classify": cmd_classify, "translate": cmd_translate}
+    _start_distributed()
     try:
         return commands[args.command](args)
     except (FileNotFoundError, ValueError) as exc:
         print(f"cpuformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _start_distributed() -> None:
+    """Data-parallel when an MPI launcher started several ranks; the other ranks' stdout goes nowhere."""
+    try:
+        from .distributed import launched_with_mpi
+    except ImportError:
+        if any(int(os.environ.get(v, "1") or 1) > 1 for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")):
+            raise SystemExit('cpuformer: started by mpiexec, but mpi4py is not installed: pip install "cpuformer[mpi]"')
+        return
+    if launched_with_mpi():
+        _DIST["on"] = True
+        if not _is_main():
+            sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":

@@ -163,7 +163,9 @@ class Trainer:
     ``output_dir`` with ``save_every`` steps (and at the end) keeping ``save_total_limit`` checkpoints;
     ``eval_every`` steps (and at each epoch end); ``callbacks`` (e.g. :class:`EarlyStopping`); ``seed`` for the data
     order; ``on_nonfinite`` "raise" (default: a non-finite loss or gradient stops training with an error naming the
-    step and parameter) or "skip" (the step is skipped and counted); ``progress`` (tqdm when installed), ``quiet``.
+    step and parameter) or "skip" (the step is skipped and counted); ``progress`` (tqdm when installed), ``quiet``;
+    ``distributed``: a :class:`cpuformer.distributed.DataParallel` for data-parallel training over MPI, where
+    ``batch_size`` is per rank, losses, metrics and clipping are global, and only rank 0 prints and saves.
     """
 
     def __init__(self, model, loss=None, optimizer=None, *, lr: float = 1e-3, schedule: Optional[Schedule] = None,
@@ -171,7 +173,7 @@ class Trainer:
                  output_dir: Optional[str] = None, save_every: Optional[int] = None,
                  save_total_limit: Optional[int] = 2, eval_every: Optional[int] = None, log_every: int = 20,
                  seed: int = 0, callbacks: Iterable[Callback] = (), on_nonfinite: str = "raise",
-                 progress: bool = True, quiet: bool = False) -> None:
+                 progress: bool = True, quiet: bool = False, distributed=None) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if grad_accum_steps < 1:
@@ -189,7 +191,10 @@ class Trainer:
         self.output_dir, self.save_every, self.save_total_limit = output_dir, save_every, save_total_limit
         self.eval_every, self.log_every, self.seed = eval_every, max(1, int(log_every)), int(seed)
         self.callbacks = list(callbacks)
-        self.on_nonfinite, self.progress, self.quiet = on_nonfinite, progress, quiet
+        self.dist = distributed
+        self.is_main = distributed is None or distributed.is_main
+        self.on_nonfinite, self.progress = on_nonfinite, progress
+        self.quiet = quiet or not self.is_main
         self.step = 0            # optimizer steps taken
         self.epoch = 0
         self.batch_in_epoch = 0  # next batch of the current epoch
@@ -207,9 +212,13 @@ class Trainer:
             raise ValueError("fit: the training set is empty")
         if resume_from == "latest":
             resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
+            if self.dist:  # rank 0's view of the folder decides; every rank must be able to read it
+                resume_from = self.dist.bcast_object(resume_from)
         if resume_from:
             self.load_checkpoint(resume_from)
-        n_batches = -(-len(train) // batch_size)
+        ranks = self.dist.size if self.dist else 1
+        global_batch = batch_size * ranks  # each global batch is sharded over the ranks
+        n_batches = -(-len(train) // global_batch)
         steps_per_epoch = max(1, n_batches // self.grad_accum_steps)
         total = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
         bar = _Progress(total, self.step, self.quiet, self.log_every, self.progress)
@@ -217,7 +226,7 @@ class Trainer:
         lengths = getattr(train, "lengths", None)
         try:
             while self.epoch < epochs and not self.should_stop and (not max_steps or self.step < max_steps):
-                batches = batch_indices(len(train), batch_size, np.random.default_rng([self.seed, self.epoch]),
+                batches = batch_indices(len(train), global_batch, np.random.default_rng([self.seed, self.epoch]),
                                         lengths=lengths, bucket=bucket)
                 while self.batch_in_epoch + self.grad_accum_steps <= len(batches):
                     if self.should_stop or (max_steps and self.step >= max_steps):
@@ -231,6 +240,8 @@ class Trainer:
                     bar.update(self.step, logs)
                     for cb in self.callbacks:
                         cb.on_step_end(self, logs)
+                    if self.dist:  # a wall-clock budget may trip on one rank first: stop together
+                        self.should_stop = bool(self.dist.allreduce([self.should_stop])[0])
                     if val is not None and self.eval_every and self.step % self.eval_every == 0:
                         self._evaluate_and_record(val, eval_batch_size or batch_size, bar)
                     if self.output_dir and self.save_every and self.step % self.save_every == 0:
@@ -249,30 +260,49 @@ class Trainer:
             self.save_checkpoint()  # the state training reached, so a resume continues from it
         for cb in self.callbacks:
             cb.on_train_end(self)
+        if self.dist:
+            self.dist.barrier()
         return self.history
 
     def _train_step(self, train, group: List[np.ndarray]) -> Optional[dict]:
         t0 = time.perf_counter()
         self.model.train()
-        total_loss, total_count, tokens = 0.0, 0, 0
-        counts = []
-        batches = [train[idx] for idx in group]
-        for inputs, targets in batches:  # counted targets across the accumulated batches, for an exact mean
-            counts.append(int((np.asarray(targets) != getattr(self.loss, "ignore_index", IGNORE_INDEX)).sum()))
-        grand = max(1, sum(counts))
-        for (inputs, targets), count in zip(batches, counts):
+        dist = self.dist
+        ignore = getattr(self.loss, "ignore_index", IGNORE_INDEX)
+        if dist:
+            group = [dist.shard(idx) for idx in group]
+        batches = [train[idx] for idx in group if len(idx)]  # a rank may get no samples of a short last batch
+        # counted targets across the accumulated batches (and ranks), for an exact mean over the global batch
+        counts = [int((np.asarray(targets) != ignore).sum()) for _, targets in batches]
+        tokens = sum(int(np.asarray(inputs[0]).size) for inputs, _ in batches)
+        grand = sum(counts) if not dist else int(dist.allreduce([sum(counts)])[0])
+        grand = max(1, grand)
+        total_loss, total_count, bad_loss = 0.0, 0, None
+        for k, ((inputs, targets), count) in enumerate(zip(batches, counts)):
             outputs = self.model(*inputs)
             try:
                 loss, grad, n = self.loss(outputs, targets, grad_scale=count / grand)
             except ValueError as exc:
                 if "not finite" not in str(exc):
                     raise
-                return self._nonfinite(f"step {self.step + 1}: the loss is not finite ({exc})")
+                bad_loss = f"step {self.step + 1}: the loss is not finite ({exc})"
+                break
+            if dist and k == len(batches) - 1:
+                dist.begin_backward()  # buckets start their all-reduce as backward finishes their layers
             self.model.backward(grad)
             total_loss += loss * n
             total_count += n
-            tokens += int(np.asarray(inputs[0]).size)
-        # global gradient norm (float64), non-finite check, clipping folded into the optimizer's pass
+        if dist:  # every rank makes the same collective calls, whatever happened locally
+            dist.finish_gradients()
+            total_loss, total_count, tokens, bad = dist.allreduce([total_loss, total_count, tokens,
+                                                                   bad_loss is not None])
+            total_count, tokens = int(total_count), int(tokens)
+            if bad:
+                return self._nonfinite(bad_loss or f"step {self.step + 1}: the loss is not finite on another rank")
+        elif bad_loss is not None:
+            return self._nonfinite(bad_loss)
+        # global gradient norm (float64; after the all-reduce every rank holds the global gradient), non-finite
+        # check, clipping folded into the optimizer's pass
         sq = 0.0
         named = list(self.model.named_parameters())
         for name, p in named:
@@ -303,7 +333,7 @@ class Trainer:
 
     def _record(self, logs: dict) -> None:
         self.history.append(logs)
-        if self.output_dir:
+        if self.output_dir and self.is_main:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "history.jsonl"), "a") as f:
                 f.write(json.dumps(logs) + "\n")
@@ -325,9 +355,12 @@ class Trainer:
         ignore = getattr(self.loss, "ignore_index", IGNORE_INDEX)
         total, count = 0.0, 0
         preds, golds = [], []
+        samples = np.arange(len(data))
+        if self.dist:  # each rank evaluates its contiguous share; the totals are summed below
+            samples = self.dist.shard(samples)
         try:
-            for idx in batch_indices(len(data), batch_size):
-                inputs, targets = data[idx]
+            for pos in batch_indices(len(samples), batch_size):
+                inputs, targets = data[samples[pos]]
                 outputs = self.model(*inputs)
                 targets = np.asarray(targets)
                 if any(m in self.metrics for m in ("accuracy", "precision", "recall", "f1")):
@@ -339,9 +372,15 @@ class Trainer:
                 count += n
         finally:
             self.model.train(was_training)
+        wants_preds = any(m in self.metrics for m in ("accuracy", "precision", "recall", "f1"))
+        p = np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
+        g = np.concatenate(golds).astype(np.int64) if golds else np.zeros(0, np.int64)
+        if self.dist:
+            total, count = self.dist.allreduce([total, count])
+            if wants_preds:
+                p, g = self.dist.gather_arrays(p), self.dist.gather_arrays(g)
         results = {"loss": total / max(1, count)}
-        if preds:
-            p, g = np.concatenate(preds), np.concatenate(golds)
+        if wants_preds and len(g):
             if "accuracy" in self.metrics:
                 results["accuracy"] = accuracy(p, g)
             prf = precision_recall_f1(p, g)
@@ -367,6 +406,10 @@ class Trainer:
             if not self.output_dir:
                 raise ValueError("save_checkpoint: no output_dir and no path")
             path = os.path.join(self.output_dir, f"checkpoint-{self.step}")
+        generators = self.dist.gather_states(init.get_state()) if self.dist else [init.get_state()]
+        if not self.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
+            self.dist.barrier()
+            return path
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
@@ -383,7 +426,8 @@ class Trainer:
                          {"step_count": str(self.optimizer.step_count), "class": type(self.optimizer).__name__})
         state = {"format": "cpuformer-trainer-state", "version": 1, "step": self.step, "epoch": self.epoch,
                  "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "skipped_steps": self.skipped_steps,
-                 "init_generator": init.get_state(), "history": list(self.history),
+                 "init_generator": init.get_state(), "init_generator_ranks": generators,
+                 "history": list(self.history),
                  "callbacks": [cb.state() if hasattr(cb, "state") else None for cb in self.callbacks],
                  "schedule": repr(self.schedule)}
         atomic_write_bytes(os.path.join(tmp, "trainer_state.json"), [json.dumps(state).encode()])
@@ -396,6 +440,8 @@ class Trainer:
             kept = sorted((int(m.group(1)), n) for n in os.listdir(self.output_dir) if (m := _CKPT_RE.match(n)))
             for _, name in kept[:-self.save_total_limit]:
                 shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+        if self.dist:
+            self.dist.barrier()
         return path
 
     def load_checkpoint(self, path: str) -> None:
@@ -413,11 +459,16 @@ class Trainer:
         self.optimizer.load_state_arrays(arrays, int(meta.get("step_count", state["step"])))
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.seed, self.skipped_steps = state["seed"], state.get("skipped_steps", 0)
-        init.set_state(state["init_generator"])
+        ranks = state.get("init_generator_ranks") or [state["init_generator"]]
+        rank = self.dist.rank if self.dist else 0
+        if rank < len(ranks):
+            init.set_state(ranks[rank])
+        else:  # resumed with more ranks than saved: a fresh, distinct dropout stream for the new ranks
+            init.set_state(np.random.default_rng([self.seed, rank, self.step]).bit_generator.state)
         self.history = History(state["history"])
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             if cb_state is not None and hasattr(cb, "load_state"):
                 cb.load_state(cb_state)
-        if self.output_dir:  # the history file restarts from the checkpoint's records
+        if self.output_dir and self.is_main:  # the history file restarts from the checkpoint's records
             atomic_write_bytes(os.path.join(self.output_dir, "history.jsonl"),
                                [(json.dumps(r) + "\n").encode() for r in self.history])
