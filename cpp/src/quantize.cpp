@@ -187,9 +187,16 @@ CPUFORMER_AVX2 void tile_avx2(const Tile& t) {
     const __m256 sa = _mm256_set1_ps(t.rq[r].scale);
     const __m256 d0 = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][0], _mm256_mullo_epi32(z, cs0)));
     const __m256 d1 = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][1], _mm256_mullo_epi32(z, cs1)));
+    const __m256 y0 = _mm256_add_ps(_mm256_mul_ps(d0, _mm256_mul_ps(sa, sw0)), b0);
+    const __m256 y1 = _mm256_add_ps(_mm256_mul_ps(d1, _mm256_mul_ps(sa, sw1)), b1);
     float* y = t.y + r * t.ldy;
-    _mm256_maskstore_ps(y, m0, _mm256_add_ps(_mm256_mul_ps(d0, _mm256_mul_ps(sa, sw0)), b0));
-    _mm256_maskstore_ps(y + 8, m1, _mm256_add_ps(_mm256_mul_ps(d1, _mm256_mul_ps(sa, sw1)), b1));
+    if (t.cols == kPanel) {  // masked stores are slow (microcoded on AMD): only for the last, partial panel
+      _mm256_storeu_ps(y, y0);
+      _mm256_storeu_ps(y + 8, y1);
+    } else {
+      _mm256_maskstore_ps(y, m0, y0);
+      _mm256_maskstore_ps(y + 8, m1, y1);
+    }
   }
 }
 #endif
