@@ -4,7 +4,8 @@ models; onnxruntime too when installed), measured in one run.
 Usage: python benchmarks/bench_inference.py [--threads 2] [--quick]
 Rows: a BERT-base-shaped and a MiniLM-shaped encoder (random weights, the same in every library) at batch 1 and 32,
 T=128: ms per batch and sequences/s; GPT-2-small-shaped greedy generation of 128 tokens after a 16-token prompt
-(transformers with its KV cache). Each row has cpuformer float32 and int8 (cpuformer.quantize_dynamic), PyTorch
+(transformers with its KV cache). Each row has cpuformer float32, float32 with weights packed once (cpuformer.freeze)
+and int8 (cpuformer.quantize_dynamic), PyTorch
 eager float32 and int8 (torch.ao.quantization.quantize_dynamic on nn.Linear), and onnxruntime float32; a second table
 gives int8's accuracy cost against float32. Needs torch and transformers (test-only dependencies).
 """
@@ -115,8 +116,8 @@ print(f"cpuformer {cpuformer.__version__} ({cpuformer.build_info()['simd']}), to
       f"transformers {transformers.__version__}, onnxruntime "
       f"{'not installed' if onnxruntime is None else onnxruntime.__version__}; threads {args.threads}; "
       f"loadavg {loadavg()}")
-HEADER = (f"{'case':<40}{'cpf fp32':>9}{'cpf int8':>9}{'torch':>8}{'tch int8':>9}{'ort':>8}{'fp32/torch':>11}"
-          f"{'fp32/ort':>9}{'int8/torch':>11}{'int8/fp32':>10}{'cpf seq/s':>10}")
+HEADER = (f"{'case':<36}{'cpf fp32':>9}{'frozen':>9}{'int8':>9}{'torch':>8}{'tch int8':>9}{'ort':>8}"
+          f"{'fp32/torch':>11}{'frozen/ort':>11}{'int8/tch8':>10}{'int8/fp32':>10}")
 print(HEADER)
 print("-" * len(HEADER))
 ACCURACY = []
@@ -139,9 +140,9 @@ def row(name, t, batch):
 
     def ratio(a, b, width):
         return f"{t[a] / t[b]:>{width}.2f}" if a in t and b in t else f"{'-':>{width}}"
-    print(f"{name:<40}{ms('ours')}{ms('int8')}{ms('torch')}{ms('torch_int8')}{ms('ort')}"
-          f"{ratio('ours', 'torch', 11)}{ratio('ours', 'ort', 9)}{ratio('int8', 'torch_int8', 11)}"
-          f"{ratio('int8', 'ours', 10)}{batch / t['ours']:>10.1f}", flush=True)
+    print(f"{name:<36}{ms('ours')}{ms('frozen')}{ms('int8')}{ms('torch')}{ms('torch_int8')}{ms('ort')}"
+          f"{ratio('ours', 'torch', 11)}{ratio('frozen', 'ort', 11)}{ratio('int8', 'torch_int8', 10)}"
+          f"{ratio('int8', 'ours', 10)}", flush=True)
 
 ENCODERS = [("MiniLM shape (6x384, 12 heads)", dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
                                                      intermediate_size=1536)),
@@ -160,6 +161,7 @@ for name, shape in ENCODERS:
     ort = bert_onnx_session(ours.state_dict(), shape, cfg.layer_norm_eps, args.threads) if onnxruntime else None
     ours.eval()
     ours_int8 = cpuformer.quantize_dynamic(ours)
+    ours_frozen = cpuformer.freeze(ours)
     hf_int8 = torch_int8(hf)
     for batch in ((1,) if args.quick else (1, 32)):
         ids = rng.integers(1000, 30000, size=(batch, 128))
@@ -172,8 +174,10 @@ for name, shape in ENCODERS:
 
         ref = run_torch().numpy()
         got = ours(ids, attention_mask=mask)
+        assert np.array_equal(ours_frozen(ids, attention_mask=mask), got), "freeze changed the result"
         assert np.abs(got - ref).max() < 1e-3, "cpuformer and torch disagree"
-        fns = {"ours": lambda: ours(ids, attention_mask=mask), "int8": lambda: ours_int8(ids, attention_mask=mask),
+        fns = {"ours": lambda: ours(ids, attention_mask=mask), "frozen": lambda: ours_frozen(ids, attention_mask=mask),
+               "int8": lambda: ours_int8(ids, attention_mask=mask),
                "torch": run_torch}
         if hf_int8 is not None:
             def run_torch_int8():
@@ -217,12 +221,15 @@ def gen_torch():
 assert (gpt.generate(prompt, new_tokens, greedy=True) == gen_torch().numpy()).all(), "different continuations"
 gpt.eval()
 gpt_int8 = cpuformer.quantize_dynamic(gpt)
+gpt_frozen = cpuformer.freeze(gpt)
 fns = {"ours": lambda: gpt.generate(prompt, new_tokens, greedy=True),
+       "frozen": lambda: gpt_frozen.generate(prompt, new_tokens, greedy=True),
        "int8": lambda: gpt_int8.generate(prompt, new_tokens, greedy=True), "torch": gen_torch}
 t = compare(fns, rounds=3, reps=1, min_sample_s=0.0)
 row(f"GPT-2 small greedy, {new_tokens} tokens", t, new_tokens)
-print("ms: median over rounds (libraries interleaved). cpf = cpuformer, tch = torch, ort = onnxruntime (float32). "
-      "Ratios are time ratios (< 1: the first is faster). Last column: sequences/s (GPT-2 row: tokens/s).")
+print("ms: median over rounds (libraries interleaved). cpf fp32 = cpuformer float32; frozen = the same with weights "
+      "packed once (cpuformer.freeze); int8 = cpuformer.quantize_dynamic; tch = torch; ort = onnxruntime (float32). "
+      "Ratios are time ratios (< 1: the first is faster).")
 
 seq = rng.integers(0, cfg.vocab_size, size=(4, 128))
 logits, qlogits = gpt(seq), gpt_int8(seq)

@@ -711,6 +711,35 @@ F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::objec
   return y;
 }
 
+std::shared_ptr<PackedMatrix> pack_linear_weight(const py::object& wobj) {
+  F32 w = f32(wobj, "weight", 2, 2);
+  auto p = std::make_shared<PackedMatrix>();
+  py::gil_scoped_release nogil;
+  *p = sgemm_pack_b(true, w.shape(1), w.shape(0), w.data(), w.shape(1));  // x @ W^T: B = W^T
+  return p;
+}
+
+F32 linear_packed_fwd(const py::object& xobj, const PackedMatrix& w, const py::object& bobj) {
+  F32 x = f32(xobj, "x", 1);
+  const auto [rows, cols] = rows_cols(x);
+  if (cols != w.K) {
+    std::ostringstream os;
+    os << "linear_packed: x's last dimension must be in_features " << w.K << ", got shape " << shape_of(x);
+    value_error(os.str());
+  }
+  auto b = opt_f32(bobj, "bias");
+  const float* bias = opt_vec(b, "bias", w.N);
+  auto shape = shape_vec(x);
+  shape.back() = w.N;
+  F32 y(shape);
+  float* yp = y.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    sgemm_packed(rows, x.data(), cols, w, yp, w.N, bias);
+  }
+  return y;
+}
+
 py::tuple quantize_rows(const py::object& xobj) {
   F32 x = f32(xobj, "x", 2, 2);
   const index_t M = x.shape(0), K = x.shape(1);
@@ -813,5 +842,14 @@ PYBIND11_MODULE(_core, m) {
         "Symmetric per-output-channel int8 quantization of a (out_features, in_features) weight.");
   m.def("linear_int8", &linear_int8_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         "x @ weight^T + bias with x quantized per row to 7-bit unsigned at run time (int32 accumulation).");
+  py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedWeight",
+                                                          "A float32 Linear weight packed for the GEMM kernel.")
+      .def_readonly("in_features", &PackedMatrix::K)
+      .def_readonly("out_features", &PackedMatrix::N)
+      .def_property_readonly("nbytes", [](const PackedMatrix& p) { return p.size * 4; });
+  m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"),
+        "Pack a (out_features, in_features) weight once for linear_packed.");
+  m.def("linear_packed", &linear_packed_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        "x @ weight^T + bias with a weight from pack_linear_weight.");
   m.def("quantize_rows_u7", &quantize_rows, py::arg("x"), "Returns (q uint8, scale, zero_point) per row.");
 }

@@ -325,7 +325,10 @@ inline void team_barrier(int nt) {
 
 // b_panels holds two panels: the team packs the next K block into one while stragglers may still read the other,
 // so one barrier per K block suffices.
-void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, int nt) {
+// With `prepacked` (sgemm_pack_b's layout: the (jc, pc) panels in loop order) B is read as given: no packing, and
+// no barrier, since nothing is written that another thread reads.
+void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, int nt,
+               const float* prepacked = nullptr) {
   const KernelFn kernel = select_kernel();
   // Balance the row blocks over the team: a block count that is a multiple of nt, each a multiple of MR rows.
   index_t m_blocks = (g.M + MC - 1) / MC;
@@ -344,6 +347,7 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
   float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * KC);
 
   int parity = 0;
+  index_t packed_offset = 0;
   for (index_t jc = 0; jc < g.N; jc += NC) {
     const index_t nc = std::min(NC, g.N - jc);
     const index_t slivers = (nc + NR - 1) / NR;
@@ -351,14 +355,21 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
       const index_t kc = std::min(KC, g.K - pc);
       const bool first = pc == 0, last = pc + kc == g.K;
       const float beta = first ? g.beta : 1.0f;
-      float* b_panel = b_panels + parity * panel_size;
-      parity ^= 1;
-      // 1. The team packs the B panel together.
-      for (index_t s = slivers * tid / nt; s < slivers * (tid + 1) / nt; ++s) {
-        const int nr = static_cast<int>(std::min<index_t>(NR, nc - s * NR));
-        pack_b_sliver(b_panel + s * NR * kc, g, pc, jc + s * NR, kc, nr);
+      const float* b_panel;
+      if (prepacked) {
+        b_panel = prepacked + packed_offset;
+        packed_offset += slivers * NR * kc;
+      } else {
+        float* panel = b_panels + parity * panel_size;
+        parity ^= 1;
+        // 1. The team packs the B panel together.
+        for (index_t s = slivers * tid / nt; s < slivers * (tid + 1) / nt; ++s) {
+          const int nr = static_cast<int>(std::min<index_t>(NR, nc - s * NR));
+          pack_b_sliver(panel + s * NR * kc, g, pc, jc + s * NR, kc, nr);
+        }
+        team_barrier(nt);
+        b_panel = panel;
       }
-      team_barrier(nt);
       // 2. Each thread takes whole row blocks (or, for short M, a share of the B slivers of every block).
       const index_t ib0 = split_rows ? m_blocks * tid / nt : 0;
       const index_t ib1 = split_rows ? m_blocks * (tid + 1) / nt : m_blocks;
@@ -545,6 +556,48 @@ void sgemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float al
   check_args(trans_a, trans_b, M, N, K, A, lda, B, ldb, C, ldc);
   const GemmArgs g{trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc, bias};
   gemm_run(g, threads_for(M, N, K));
+}
+
+PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb) {
+  CPUFORMER_CHECK(K > 0 && N > 0 && B != nullptr && ldb >= (trans_b ? K : N),
+                  "sgemm_pack_b: bad sizes K=", K, " N=", N, " ldb=", ldb);
+  PackedMatrix p;
+  p.K = K;
+  p.N = N;
+  index_t total = 0;
+  for (index_t jc = 0; jc < N; jc += NC)
+    total += (std::min(NC, N - jc) + NR - 1) / NR * NR * K;
+  p.storage.reset(static_cast<float*>(std::aligned_alloc(64, ((total * sizeof(float) + 63) / 64) * 64)));
+  if (!p.storage) throw std::bad_alloc();
+  p.size = total;
+  const GemmArgs g{false, trans_b, 0, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0, nullptr};
+  float* d = p.storage.get();
+  for (index_t jc = 0; jc < N; jc += NC) {  // the order gemm_team walks the panels
+    const index_t nc = std::min(NC, N - jc), slivers = (nc + NR - 1) / NR;
+    for (index_t pc = 0; pc < K; pc += KC) {
+      const index_t kc = std::min(KC, K - pc);
+      for (index_t s = 0; s < slivers; ++s)
+        pack_b_sliver(d + s * NR * kc, g, pc, jc + s * NR, kc, static_cast<int>(std::min<index_t>(NR, nc - s * NR)));
+      d += slivers * NR * kc;
+    }
+  }
+  return p;
+}
+
+void sgemm_packed(index_t M, const float* A, index_t lda, const PackedMatrix& B, float* C, index_t ldc,
+                  const float* bias) {
+  CPUFORMER_CHECK(B.storage && M >= 0 && lda >= B.K && ldc >= B.N, "sgemm_packed: bad sizes M=", M, " lda=", lda,
+                  " ldc=", ldc);
+  if (M == 0) return;
+  const GemmArgs g{false, false, M, B.N, B.K, 1.0f, A, lda, nullptr, 0, 0.0f, C, ldc, bias};
+  const int nt = threads_for(M, B.N, B.K);
+  if (nt <= 1) return gemm_team(g, nullptr, 0, 0, 1, B.storage.get());
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt)
+  gemm_team(g, nullptr, 0, omp_get_thread_num(), omp_get_num_threads(), B.storage.get());
+#else
+  gemm_team(g, nullptr, 0, 0, 1, B.storage.get());
+#endif
 }
 
 void sgemm_strided_batched(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float alpha,

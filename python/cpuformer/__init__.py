@@ -17,12 +17,12 @@ if "OMP_WAIT_POLICY" not in _os.environ:
 
 from . import _core, data, io, models, nn, ops, plot, train
 from ._core import get_num_threads
-from .nn.quantized import quantize_dynamic
+from .nn.quantized import freeze, quantize_dynamic
 from .serialization import load, save
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "build_info", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def build_info() -> dict:

@@ -49,7 +49,7 @@ def test_gpt_tied_head_and_generation(rng):
     model = GPT(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
     ids = rng.integers(0, 97, (2, 20))
     q = cpuformer.quantize_dynamic(model)
-    assert q._int8 is not None  # the tied head is quantized too
+    assert q._frozen is not None  # the tied head is quantized too
     _close_but_quantized(q(ids), model(ids), 0.05)
     # rows are quantized independently, so the KV-cache path gives the full forward's tokens
     a = q.generate(ids[:, :4], 12, greedy=True, use_cache=True)
@@ -62,7 +62,7 @@ def test_untied_head_classifier_and_seq2seq(rng):
     gpt = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_weights=False).eval()
     ids = rng.integers(0, 50, (2, 9))
     qg = nn.quantize_dynamic(gpt)
-    assert qg.lm_head._int8 is not None and qg._int8 is None
+    assert qg.lm_head._frozen is not None and qg._frozen is None
     _close_but_quantized(qg(ids), gpt(ids), 0.05)
     clf = TransformerClassifier(60, 3, d_model=32, nhead=4, num_layers=2, dim_feedforward=48).eval()
     cids = rng.integers(1, 60, (4, 10))
@@ -108,3 +108,21 @@ def test_save_writes_float_weights(tmp_path, rng):
     ids = rng.integers(0, 30, (2, 8))
     np.testing.assert_array_equal(loaded.eval()(ids), model(ids))
     np.testing.assert_allclose(nn.quantize_dynamic(loaded)(ids), q(ids), rtol=0, atol=0)
+
+
+def test_freeze_is_exact_and_inference_only(rng):
+    nn.init.manual_seed(7)
+    model = GPT(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32).eval()
+    frozen = nn.freeze(model)
+    assert nn.is_frozen(frozen) and not nn.is_quantized(frozen) and not nn.is_frozen(model)
+    ids = rng.integers(0, 97, (2, 20))
+    np.testing.assert_array_equal(frozen(ids), model(ids))
+    np.testing.assert_array_equal(frozen.generate(ids[:, :3], 10, greedy=True), model.generate(ids[:, :3], 10,
+                                                                                                  greedy=True))
+    layer = nn.TransformerDecoderLayer(32, 4, 64).eval()
+    tgt, memory = rng.standard_normal((2, 5, 32)).astype(np.float32), rng.standard_normal((2, 9, 32)).astype(np.float32)
+    np.testing.assert_array_equal(nn.freeze(layer)(tgt, memory), layer(tgt, memory))
+    with pytest.raises(ValueError, match="already frozen"):
+        nn.quantize_dynamic(frozen)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        frozen.backward(np.ones((2, 20, 97), np.float32))

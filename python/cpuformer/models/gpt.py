@@ -72,19 +72,19 @@ class GPT(Module):
     def _head_weight(self):
         return self.wte.weight if self.config["tie_weights"] else self.lm_head.weight
 
-    _int8 = None  # int8 copy of the (tied) output head after quantize_dynamic
+    _frozen = None  # the tied output head prepared for inference (quantize_dynamic / freeze)
 
-    def _quantize_int8(self) -> int:
+    def _freeze_weights(self, make) -> int:
         if not self.config["tie_weights"]:
-            return 0  # lm_head is a Linear and quantizes itself
-        object.__setattr__(self, "_int8", quantized.quantize_weight(self.wte.weight.data))
+            return 0  # lm_head is a Linear and prepares itself
+        object.__setattr__(self, "_frozen", make(self.wte.weight.data))
         return 1
 
     def _logits(self, h2: np.ndarray) -> np.ndarray:
-        if self._int8 is not None:
+        if self._frozen is not None:
             quantized.require_inference(self)
-            return quantized.linear(h2, self._int8, None)
-        if not self.config["tie_weights"] and self.lm_head._int8 is not None:
+            return quantized.linear(h2, self._frozen, None, self.wte.weight.data)
+        if not self.config["tie_weights"] and self.lm_head._frozen is not None:
             return self.lm_head(h2)
         return ops.matmul(h2, self._head_weight().data, transpose_b=True)
 
@@ -103,7 +103,7 @@ class GPT(Module):
         return self._logits(self._h).reshape(B, T, self.vocab_size)
 
     def backward(self, grad_output):
-        if quantized.is_quantized(self):
+        if quantized.is_frozen(self):
             quantized.no_backward(self)
         g = ops._f32(grad_output, "grad_output")
         B, T, V = g.shape

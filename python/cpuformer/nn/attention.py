@@ -84,19 +84,19 @@ class MultiheadAttention(Module):
         return None if self.in_proj_bias is None else self.in_proj_bias.data[i0 * self.embed_dim:
                                                                              i1 * self.embed_dim]
 
-    _int8 = None  # {(i0, i1): int8 copy of those in_proj rows} after quantized.quantize_dynamic
+    _frozen = None  # {(i0, i1): those in_proj rows prepared for inference} (quantize_dynamic / freeze)
 
-    def _quantize_int8(self) -> int:
-        object.__setattr__(self, "_int8", {(0, 3): quantized.quantize_weight(self.in_proj_weight.data)})
+    def _freeze_weights(self, make) -> int:
+        object.__setattr__(self, "_frozen", {(0, 3): make(self.in_proj_weight.data)})
         return 1
 
     def in_projection(self, x2: np.ndarray, i0: int, i1: int) -> np.ndarray:
         """``x2`` (rows, E) through the packed projection's rows [i0*E, i1*E) (0..3: Q, K, V), with the bias."""
-        if self._int8 is not None:
+        if self._frozen is not None:
             quantized.require_inference(self)
-            if (i0, i1) not in self._int8:  # per-channel scales: a slice quantizes to the same values
-                self._int8[(i0, i1)] = quantized.quantize_weight(self._w(i0, i1))
-            return quantized.linear(x2, self._int8[(i0, i1)], self._b(i0, i1))
+            if (i0, i1) not in self._frozen:  # per-channel scales: a slice quantizes to the same values
+                self._frozen[(i0, i1)] = quantized.same_kind(self._frozen[(0, 3)], self._w(i0, i1))
+            return quantized.linear(x2, self._frozen[(i0, i1)], self._b(i0, i1), self._w(i0, i1))
         return ops.matmul(x2, self._w(i0, i1), transpose_b=True, bias=self._b(i0, i1))
 
     def _project(self, x: np.ndarray, i0: int, i1: int) -> np.ndarray:
@@ -157,7 +157,7 @@ class MultiheadAttention(Module):
         """Through out_proj and the attention kernel: returns the projected-input gradients in one buffer laid out
         like the forward's projections (B, T, 3E) for self-attention, else dq (B, T, E) and dkv (B, S, 2E) or
         separate dk, dv."""
-        if self._int8 is not None:
+        if self._frozen is not None:
             quantized.no_backward(self)
         s = self._saved
         if s is None:

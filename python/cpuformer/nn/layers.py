@@ -47,25 +47,25 @@ class Linear(Module):
             object.__setattr__(self, "bias", None)
         self._x = None
 
-    _int8 = None  # int8 copy of the weight after quantized.quantize_dynamic
+    _frozen = None  # the weight prepared for inference (quantize_dynamic: int8; freeze: packed float32)
 
-    def _quantize_int8(self) -> int:
-        object.__setattr__(self, "_int8", quantized.quantize_weight(self.weight.data))
+    def _freeze_weights(self, make) -> int:
+        object.__setattr__(self, "_frozen", make(self.weight.data))
         return 1
 
     def forward(self, x):
         x = _as_input(x)
         _check_last_dim(x, self.in_features, "Linear")
-        if self._int8 is not None:
+        if self._frozen is not None:
             quantized.require_inference(self)
-            return quantized.linear(x, self._int8, None if self.bias is None else self.bias.data)
+            return quantized.linear(x, self._frozen, None if self.bias is None else self.bias.data, self.weight.data)
         x2 = x.reshape(-1, self.in_features)
         y = ops.matmul(x2, self.weight.data, transpose_b=True, bias=None if self.bias is None else self.bias.data)
         self._x = x2
         return y.reshape(x.shape[:-1] + (self.out_features,))
 
     def backward(self, grad_output):
-        if self._int8 is not None:
+        if self._frozen is not None:
             quantized.no_backward(self)
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
@@ -291,9 +291,9 @@ def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dro
     :func:`feed_forward_grad`. Shared by :class:`FeedForward` and the Transformer layers."""
     x = _as_input(x)
     _check_last_dim(x, linear1.in_features, "FeedForward")
-    if linear1._int8 is not None or linear2._int8 is not None:  # inference with int8 weights: no dropout, no saves
+    if linear1._frozen is not None or linear2._frozen is not None:  # frozen for inference: no dropout, no saves
         out = linear2(_core.activation(linear1(x), None, ops._activation_kind(activation)))
-        return out, "int8"
+        return out, "frozen"
     seed = init.next_seed() if dropout_p > 0.0 else 0
     out, u, a = ops.feed_forward(x, linear1.weight.data, None if linear1.bias is None else linear1.bias.data,
                                  linear2.weight.data, None if linear2.bias is None else linear2.bias.data,

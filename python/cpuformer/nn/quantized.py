@@ -8,56 +8,88 @@ softmax, attention and activations stay float32. The float32 weights are kept (r
 go stale): ``state_dict()`` and ``cpuformer.save`` write them unchanged, and a loaded model is quantized again.
 
 A quantized model is for inference only: a forward in training mode or any ``backward`` raises ``RuntimeError``.
+
+``freeze(model)`` is the float32 counterpart: the same weights packed once into the GEMM kernel's layout.
 Accuracy cost and speed beside float32: ``benchmarks/bench_inference.py`` and the README.
 """
 from __future__ import annotations
 
-from .. import _core
+from .. import _core, ops
 from .module import Module
 
-__all__ = ["quantize_dynamic", "is_quantized"]
+__all__ = ["quantize_dynamic", "freeze", "is_quantized", "is_frozen"]
+
+
+def _prepare(model: Module, inplace: bool, make, what: str) -> Module:
+    if not isinstance(model, Module):
+        raise TypeError(f"{what}: model must be a cpuformer Module, got {type(model).__name__}")
+    if is_frozen(model):
+        raise ValueError(f"{what}: model is already {'quantized' if is_quantized(model) else 'frozen'}")
+    target = model if inplace else model.clone()
+    count = 0
+    for _, module in target.named_modules():
+        prepare = getattr(module, "_freeze_weights", None)
+        if prepare is not None:
+            count += prepare(make)
+    if count == 0:
+        raise ValueError(f"{what}: {type(model).__name__} has no Linear weights to quantize")
+    for p in target.parameters():
+        p.data.flags.writeable = False  # an optimizer step or load_state_dict would leave the copies stale
+    return target.eval()
 
 
 def quantize_dynamic(model: Module, inplace: bool = False) -> Module:
     """Quantize ``model``'s Linear weights to int8 (per output channel) for inference; returns the quantized model
     in eval mode (a copy unless ``inplace``)."""
-    if not isinstance(model, Module):
-        raise TypeError(f"quantize_dynamic: model must be a cpuformer Module, got {type(model).__name__}")
-    if is_quantized(model):
-        raise ValueError("quantize_dynamic: model is already quantized")
-    target = model if inplace else model.clone()
-    count = 0
-    for _, module in target.named_modules():
-        quantize = getattr(module, "_quantize_int8", None)
-        if quantize is not None:
-            count += quantize()
-    if count == 0:
-        raise ValueError(f"quantize_dynamic: {type(model).__name__} has no Linear weights to quantize")
-    for p in target.parameters():
-        p.data.flags.writeable = False  # an optimizer step or load_state_dict would leave the int8 copy stale
-    return target.eval()
+    return _prepare(model, inplace, _core.quantize_weight_int8, "quantize_dynamic")
+
+
+def freeze(model: Module, inplace: bool = False) -> Module:
+    """Float32 inference: every Linear weight packed once into the GEMM kernel's panel layout (a product otherwise
+    repacks its weight on every call), weights made read-only. Same results as the float model (bitwise for more
+    than 4 rows; a few ulp for 1-4 rows); inference-only like :func:`quantize_dynamic`. Returns an eval-mode copy
+    unless ``inplace``."""
+    return _prepare(model, inplace, _core.pack_linear_weight, "freeze")
 
 
 def is_quantized(model: Module) -> bool:
     """Whether any layer of ``model`` runs with int8 weights."""
-    return any(getattr(m, "_int8", None) is not None for _, m in model.named_modules())
+    return any(_kinds(m) & {_core.Int8Weight} for _, m in model.named_modules())
 
 
-def quantize_weight(weight):
-    return _core.quantize_weight_int8(weight)
+def is_frozen(model: Module) -> bool:
+    """Whether ``model`` was prepared by :func:`freeze` or :func:`quantize_dynamic`."""
+    return any(_kinds(m) for _, m in model.named_modules())
+
+
+def _kinds(module) -> set:
+    frozen = getattr(module, "_frozen", None)
+    if frozen is None:
+        return set()
+    return {type(v) for v in frozen.values()} if isinstance(frozen, dict) else {type(frozen)}
+
+
+def same_kind(example, weight):
+    """``weight`` prepared the way ``example`` was."""
+    return (_core.quantize_weight_int8 if isinstance(example, _core.Int8Weight) else _core.pack_linear_weight)(weight)
 
 
 def require_inference(module: Module) -> None:
     if module.training:
-        raise RuntimeError(f"{type(module).__name__} has int8 weights (quantize_dynamic) and runs in inference only: "
-                           f"call .eval(); training needs the float model")
+        raise RuntimeError(f"{type(module).__name__} has weights prepared for inference (quantize_dynamic / freeze) "
+                           f"and runs in inference only: call .eval(); training needs the float model")
 
 
 def no_backward(module: Module) -> None:
-    raise RuntimeError(f"{type(module).__name__}.backward: int8-quantized layers are inference-only; train the "
-                       f"float model and quantize it afterwards")
+    raise RuntimeError(f"{type(module).__name__}.backward: quantized or frozen layers are inference-only; train the "
+                       f"float model and prepare it afterwards")
 
 
-def linear(x, weight, bias):
-    """``x @ W^T + b`` with int8 weights; ``x`` float32, any leading axes."""
-    return _core.linear_int8(x, weight, bias)
+def linear(x, prepared, bias, weight):
+    """``x @ W^T + b`` with a prepared weight; ``x`` float32, any leading axes; ``weight`` is the float original
+    (a product of 1-4 rows reads it directly: streaming W once beats the panel kernel there)."""
+    if isinstance(prepared, _core.Int8Weight):
+        return _core.linear_int8(x, prepared, bias)
+    if x.size // x.shape[-1] <= 4:
+        return ops.matmul(x, weight, transpose_b=True, bias=bias)
+    return _core.linear_packed(x, prepared, bias)
