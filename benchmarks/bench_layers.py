@@ -130,6 +130,11 @@ for B, T, C, H, F in LAYER_CONFIGS:
     enc_o.eval()
     t = compare({"ours": enc_ours_fwd, "torch": enc_torch_fwd}, rounds=ROUNDS)
     row(f"encoder layer fwd (eval) B={B} T={T} C={C} H={H}", t["ours"], t["torch"])
+    # inference deployments: weights packed once (cpuformer.freeze) against torch's no-grad fast path
+    enc_frozen = cnn.freeze(enc_o)
+    assert np.array_equal(enc_frozen(x), enc_o(x))
+    t = compare({"ours": lambda: enc_frozen(x), "torch": enc_torch_fwd}, rounds=ROUNDS)
+    row(f"encoder layer fwd (eval, frozen) B={B} T={T} C={C} H={H}", t["ours"], t["torch"])
     enc_t.train()
     enc_o.train()
 
