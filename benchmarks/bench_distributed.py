@@ -111,11 +111,12 @@ def launch(config: dict, ranks: int, threads: int, overlap: bool = True, async_p
     return json.loads(lines[-1][7:])
 
 
-with open("/proc/loadavg") as f:
-    load = " ".join(f.read().split()[:3])
 import cpuformer  # noqa: E402
 
-print(f"cpuformer {cpuformer.__version__}, mpi4py {mpi4py.__version__}; 2 cores; loadavg {load}; "
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _timing import loadavg  # noqa: E402
+
+print(f"cpuformer {cpuformer.__version__}, mpi4py {mpi4py.__version__}; 2 cores; loadavg {loadavg()}; "
       f"median of {args.steps} steps after 2 warm-up steps; MPICH shared memory between the 2 ranks")
 header = (f"{'config':<40}{'run':<32}{'step ms':>9}{'compute':>9}{'comm wait':>10}{'allreduce':>10}"
           f"{'grad MB':>9}")

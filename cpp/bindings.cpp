@@ -690,25 +690,36 @@ std::shared_ptr<Int8Weight> quantize_weight(const py::object& wobj) {
   return q;
 }
 
-F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::object& bobj) {
+// x (..., in) -> y (..., out) = x W^T + bias through a prepared weight (int8 or packed): validation, then
+// run(x, rows, bias, y) with the GIL released.
+template <class Run>
+F32 prepared_linear(const char* name, const py::object& xobj, index_t in, index_t out, const py::object& bobj,
+                    Run run) {
   F32 x = f32(xobj, "x", 1);
   const auto [rows, cols] = rows_cols(x);
-  if (cols != w.k) {
+  if (cols != in) {
     std::ostringstream os;
-    os << "linear_int8: x's last dimension must be in_features " << w.k << ", got shape " << shape_of(x);
+    os << name << ": x's last dimension must be in_features " << in << ", got shape " << shape_of(x);
     value_error(os.str());
   }
   auto b = opt_f32(bobj, "bias");
-  const float* bias = opt_vec(b, "bias", w.n);
+  const float* bias = opt_vec(b, "bias", out);
   auto shape = shape_vec(x);
-  shape.back() = w.n;
+  shape.back() = out;
   F32 y(shape);
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
-    linear_int8(x.data(), rows, cols, w, bias, yp, w.n);
+    run(x.data(), rows, bias, yp);
   }
   return y;
+}
+
+F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::object& bobj) {
+  return prepared_linear("linear_int8", xobj, w.k, w.n, bobj,
+                         [&](const float* x, index_t rows, const float* bias, float* y) {
+                           linear_int8(x, rows, w.k, w, bias, y, w.n);
+                         });
 }
 
 std::shared_ptr<PackedMatrix> pack_linear_weight(const py::object& wobj) {
@@ -720,24 +731,10 @@ std::shared_ptr<PackedMatrix> pack_linear_weight(const py::object& wobj) {
 }
 
 F32 linear_packed_fwd(const py::object& xobj, const PackedMatrix& w, const py::object& bobj) {
-  F32 x = f32(xobj, "x", 1);
-  const auto [rows, cols] = rows_cols(x);
-  if (cols != w.K) {
-    std::ostringstream os;
-    os << "linear_packed: x's last dimension must be in_features " << w.K << ", got shape " << shape_of(x);
-    value_error(os.str());
-  }
-  auto b = opt_f32(bobj, "bias");
-  const float* bias = opt_vec(b, "bias", w.N);
-  auto shape = shape_vec(x);
-  shape.back() = w.N;
-  F32 y(shape);
-  float* yp = y.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    sgemm_packed(rows, x.data(), cols, w, yp, w.N, bias);
-  }
-  return y;
+  return prepared_linear("linear_packed", xobj, w.K, w.N, bobj,
+                         [&](const float* x, index_t rows, const float* bias, float* y) {
+                           sgemm_packed(rows, x, w.K, w, y, w.N, bias);
+                         });
 }
 
 py::tuple quantize_rows(const py::object& xobj) {
