@@ -191,6 +191,36 @@ void test_safetensors_fuzz(std::mt19937& gen) {
 
 }  // namespace
 
+// Prepared inference weights: packed float32 equals sgemm; int8 equals the same integer arithmetic in double.
+void test_prepared_weights(std::mt19937& gen) {
+  const int shapes[][3] = {{1, 1, 1}, {5, 17, 3}, {9, 40, 300}, {130, 33, 257}};
+  for (auto& s : shapes) {
+    const int M = s[0], N = s[1], K = s[2];
+    auto X = random_vec(gen, size_t(M) * K), W = random_vec(gen, size_t(N) * K), bias = random_vec(gen, N);
+    std::vector<float> Y(size_t(M) * N), R(Y.size());
+    const cpuformer::PackedMatrix packed = cpuformer::sgemm_pack_b(true, K, N, W.data(), K);
+    cpuformer::sgemm_packed(M, X.data(), K, packed, Y.data(), N, bias.data());
+    cpuformer::sgemm_ref(false, true, M, N, K, 1.0f, X.data(), K, W.data(), K, 0.0f, R.data(), N, bias.data());
+    const std::string shape = std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K);
+    check(max_rel_err(Y, R) < 1e-5, "sgemm_packed " + shape);
+
+    const cpuformer::Int8Weight q = cpuformer::quantize_weight_int8(W.data(), N, K, K);
+    const std::vector<std::int8_t> qv = q.unpack();
+    std::vector<std::uint8_t> qa(size_t(M) * K);
+    std::vector<float> sa(M);
+    std::vector<std::int32_t> za(M);
+    cpuformer::quantize_rows_u7(X.data(), M, K, K, qa.data(), K, sa.data(), za.data());
+    cpuformer::linear_int8(X.data(), M, K, q, bias.data(), Y.data(), N);
+    for (int m = 0; m < M; ++m)
+      for (int n = 0; n < N; ++n) {
+        double acc = 0;
+        for (int k = 0; k < K; ++k) acc += (double(qa[m * K + k]) - za[m]) * qv[n * K + k];
+        R[m * N + n] = float(acc * double(sa[m]) * double(q.scale[n]) + bias[n]);
+      }
+    check(max_rel_err(Y, R) < 1e-5, "linear_int8 " + shape);
+  }
+}
+
 int main() {
   std::mt19937 gen(1234);
   std::vector<std::string> paths = {"scalar"};
@@ -201,6 +231,7 @@ int main() {
       cpuformer::set_num_threads(threads);
       test_sgemm(gen);
       test_softmax_layernorm_ce(gen);
+      test_prepared_weights(gen);
     }
   }
   test_errors();
