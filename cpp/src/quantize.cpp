@@ -127,7 +127,7 @@ struct Tile {
   const RowQuant* rq;
   const float* scale;          // 16 weight scales of the panel
   const std::int32_t* col_sum;  // 16 column sums
-  const float* bias;           // 16 biases (padded) or null
+  const float* bias;           // the panel's biases (cols of them) or null
   float* y;                    // output tile, rows ldy apart
   index_t ldy, cols;           // cols <= 16 stored
 };
@@ -178,10 +178,10 @@ CPUFORMER_AVX2 void tile_avx2(const Tile& t) {
   const __m256i cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum));
   const __m256i cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum + 8));
   const __m256 sw0 = _mm256_loadu_ps(t.scale), sw1 = _mm256_loadu_ps(t.scale + 8);
-  const __m256 b0 = t.bias ? _mm256_loadu_ps(t.bias) : _mm256_setzero_ps();
-  const __m256 b1 = t.bias ? _mm256_loadu_ps(t.bias + 8) : _mm256_setzero_ps();
   const __m256i m0 = simd::tail_mask(static_cast<int>(std::min<index_t>(t.cols, 8)));
   const __m256i m1 = simd::tail_mask(static_cast<int>(std::max<index_t>(t.cols - 8, 0)));
+  const __m256 b0 = t.bias ? _mm256_maskload_ps(t.bias, m0) : _mm256_setzero_ps();  // never past the last column
+  const __m256 b1 = t.bias ? _mm256_maskload_ps(t.bias + 8, m1) : _mm256_setzero_ps();
   for (int r = 0; r < R; ++r) {
     const __m256i z = _mm256_set1_epi32(t.rq[r].zero);
     const __m256 sa = _mm256_set1_ps(t.rq[r].scale);
@@ -281,11 +281,6 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
   std::vector<std::uint8_t> qa(static_cast<size_t>(M * ldq));
   std::vector<RowQuant> rq(static_cast<size_t>(M));
   quantize_rows(x, M, w.k, ldx, qa.data(), ldq, rq.data());
-  std::vector<float> padded_bias;
-  if (bias) {  // the AVX2 tile reads 16 biases per panel
-    padded_bias.assign(static_cast<size_t>(panels * kPanel), 0.0f);
-    std::copy(bias, bias + N, padded_bias.begin());
-  }
   // Rows in chunks whose quantized activations stay in L2 while every panel of the chunk passes over them.
   const index_t mc = std::max<index_t>(kMaxRows, std::min(M, round_up(std::max<index_t>(1, 96 * 1024 / ldq), 4)));
   const index_t chunks = (M + mc - 1) / mc, tasks = chunks * panels;
@@ -301,7 +296,7 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
                    t.panel = w.packed.data() + p * groups * kPanel * kGroup;
                    t.scale = w.scale.data() + n0;
                    t.col_sum = w.col_sum.data() + n0;
-                   t.bias = bias ? padded_bias.data() + n0 : nullptr;
+                   t.bias = bias ? bias + n0 : nullptr;
                    t.ldy = ldy;
                    t.cols = std::min(kPanel, N - n0);
                    for (index_t m = c * mc; m < m_end; m += kMaxRows) {

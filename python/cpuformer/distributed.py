@@ -95,9 +95,9 @@ class DataParallel:
         _core.set_num_threads(self.threads)
         self.model, self.overlap = model, bool(overlap)
         self.comm_wait_s = 0.0     # time spent waiting for all-reduces after backward (not hidden by compute)
-        self.comm_total_s = 0.0    # same, plus the time to post them
         self.early_starts = 0      # buckets whose all-reduce started while backward was still running
         self._armed = False
+        self._next = 0             # the next bucket to start: buckets start in index order on every rank
         self._named = list(model.named_parameters())
         self._flatten(bucket_mb)
         self.broadcast_parameters()
@@ -120,21 +120,17 @@ class DataParallel:
         self.buckets: List[_Bucket] = []
         self._bucket_of: Dict[int, int] = {}
         offset, start, members = 0, 0, []
-        for i in order:
+        for n, i in enumerate(order):
             p = self._named[i][1]
             view = self.flat[offset:offset + p.grad.size].reshape(p.grad.shape)
             view[...] = p.grad
             p.grad = view
             offset += p.grad.size
             members.append(i)
-            if offset - start >= limit:
+            self._bucket_of[i] = len(self.buckets)
+            if offset - start >= limit or n == len(order) - 1:
                 self.buckets.append(_Bucket(start, offset, members))
                 start, members = offset, []
-        if members:
-            self.buckets.append(_Bucket(start, offset, members))
-        for b, bucket in enumerate(self.buckets):
-            for i in bucket.params:
-                self._bucket_of[i] = b
 
     def _wrap_units(self) -> None:
         """Each direct child of the model (the children of a child container such as ``blocks``) is a unit whose
@@ -148,10 +144,8 @@ class DataParallel:
                 units.append(child)
         index = {id(p): i for i, (_, p) in enumerate(self._named)}
         self._units_of_param = {i: 0 for i in range(len(self._named))}
-        self._unit_params = []
         for unit in units:
             members = sorted({index[id(p)] for p in unit.parameters()})
-            self._unit_params.append(members)
             for i in members:
                 self._units_of_param[i] += 1
             original = unit.backward
@@ -201,7 +195,6 @@ class DataParallel:
             bucket.request = None
 
     def _units_done(self, members: List[int]) -> None:
-        t0 = time.perf_counter()
         for i in members:
             self._remaining[i] -= 1
             if self._remaining[i] == 0:
@@ -218,7 +211,6 @@ class DataParallel:
         active = [b.request for b in self.buckets[:self._next] if b.request is not None]
         if active:
             MPI.Request.Testall(active)
-        self.comm_total_s += time.perf_counter() - t0
 
     def _start(self, bucket: _Bucket) -> None:
         bucket.request = self.comm.Iallreduce(MPI.IN_PLACE, self.flat[bucket.start:bucket.stop], op=MPI.SUM)
@@ -235,9 +227,7 @@ class DataParallel:
             requests.append(bucket.request)
             bucket.request = None
         MPI.Request.Waitall(requests)
-        dt = time.perf_counter() - t0
-        self.comm_wait_s += dt
-        self.comm_total_s += dt
+        self.comm_wait_s += time.perf_counter() - t0
 
     def barrier(self) -> None:
         self.comm.Barrier()

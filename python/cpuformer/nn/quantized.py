@@ -32,7 +32,7 @@ def _prepare(model: Module, inplace: bool, make, what: str) -> Module:
         if prepare is not None:
             count += prepare(make)
     if count == 0:
-        raise ValueError(f"{what}: {type(model).__name__} has no Linear weights to quantize")
+        raise ValueError(f"{what}: {type(model).__name__} has no Linear weights to prepare")
     for p in target.parameters():
         p.data.flags.writeable = False  # an optimizer step or load_state_dict would leave the copies stale
     return target.eval()

@@ -275,8 +275,7 @@ class Trainer:
         # counted targets across the accumulated batches (and ranks), for an exact mean over the global batch
         counts = [int((np.asarray(targets) != ignore).sum()) for _, targets in batches]
         tokens = sum(int(np.asarray(inputs[0]).size) for inputs, _ in batches)
-        grand = sum(counts) if not dist else int(dist.allreduce([sum(counts)])[0])
-        grand = max(1, grand)
+        grand = max(1, sum(counts) if not dist else int(dist.allreduce([sum(counts)])[0]))
         total_loss, total_count, bad_loss = 0.0, 0, None
         for k, ((inputs, targets), count) in enumerate(zip(batches, counts)):
             outputs = self.model(*inputs)
@@ -355,6 +354,7 @@ class Trainer:
         ignore = getattr(self.loss, "ignore_index", IGNORE_INDEX)
         total, count = 0.0, 0
         preds, golds = [], []
+        wants_preds = any(m in self.metrics for m in ("accuracy", "precision", "recall", "f1"))
         samples = np.arange(len(data))
         if self.dist:  # each rank evaluates its contiguous share; the totals are summed below
             samples = self.dist.shard(samples)
@@ -363,7 +363,7 @@ class Trainer:
                 inputs, targets = data[samples[pos]]
                 outputs = self.model(*inputs)
                 targets = np.asarray(targets)
-                if any(m in self.metrics for m in ("accuracy", "precision", "recall", "f1")):
+                if wants_preds:
                     keep = targets != ignore
                     preds.append(np.asarray(outputs).argmax(-1)[keep])
                     golds.append(targets[keep])
@@ -372,7 +372,6 @@ class Trainer:
                 count += n
         finally:
             self.model.train(was_training)
-        wants_preds = any(m in self.metrics for m in ("accuracy", "precision", "recall", "f1"))
         p = np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
         g = np.concatenate(golds).astype(np.int64) if golds else np.zeros(0, np.int64)
         if self.dist:
