@@ -257,13 +257,13 @@ py::tuple layer_norm_bwd(const py::object& dy_obj, const py::object& x_obj, cons
   return py::make_tuple(dx, dw, db);
 }
 
-F32 activation_fwd(const py::object& x_obj, const py::object& bias_obj, const std::string& kind) {
-  const F32 x = f32(x_obj, "x", 1);
+F32 activation_fwd(const py::object& x_obj, const py::object& bias_obj, const std::string& kind, bool inplace) {
+  const F32 x = f32(x_obj, "x", 1, 64, inplace);
   const auto [rows, cols] = rows_cols(x);
   const auto bias_arr = opt_f32(bias_obj, "bias");
   const float* bias = opt_vec(bias_arr, "bias", cols);
   const Activation act = activation_of(kind);
-  F32 y = empty_like(x);
+  F32 y = inplace ? x : empty_like(x);  // element-wise: y may be x
   const float* px = x.data();
   float* py_ = y.mutable_data();
   py::gil_scoped_release nogil;
@@ -597,9 +597,29 @@ FfnShapes ffn_shapes(const F32& x, const F32& w1, const F32& w2) {
   return {rows, C, F};
 }
 
+// Bytes [data, data + nbytes) of two arrays intersect: a caller-provided output must not alias an input.
+bool overlaps(const py::array& a, const py::array& b) {
+  const auto* pa = static_cast<const char*>(a.data());
+  const auto* pb = static_cast<const char*>(b.data());
+  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
+// A caller's reusable (rows, F) buffer (None: a fresh one): writable float32, C-contiguous, disjoint from `inputs`.
+F32 hidden_buffer(const py::object& obj, const char* name, py::ssize_t rows, py::ssize_t F,
+                  std::initializer_list<const py::array*> inputs) {
+  if (obj.is_none()) return F32({rows, F});
+  F32 buf = f32(obj, name, 2, 2, true);
+  if (buf.shape(0) != rows || buf.shape(1) != F)
+    value_error(std::string(name) + " must have shape (" + std::to_string(rows) + ", " + std::to_string(F) +
+                "), got " + shape_of(buf));
+  for (const py::array* in : inputs)
+    if (overlaps(buf, *in)) value_error(std::string(name) + " must not share memory with the inputs");
+  return buf;
+}
+
 py::tuple feedforward_fwd(const py::object& x_obj, const py::object& w1_obj, const py::object& b1_obj,
                           const py::object& w2_obj, const py::object& b2_obj, const std::string& kind,
-                          float dropout_p, std::uint64_t seed) {
+                          float dropout_p, std::uint64_t seed, const py::object& u_obj, const py::object& a_obj) {
   const F32 x = f32(x_obj, "x", 1), w1 = f32(w1_obj, "linear1.weight", 2, 2), w2 = f32(w2_obj, "linear2.weight", 2, 2);
   const FfnShapes s = ffn_shapes(x, w1, w2);
   const auto b1_arr = opt_f32(b1_obj, "linear1.bias"), b2_arr = opt_f32(b2_obj, "linear2.bias");
@@ -607,7 +627,9 @@ py::tuple feedforward_fwd(const py::object& x_obj, const py::object& w1_obj, con
   const float* b2 = opt_vec(b2_arr, "linear2.bias", s.C);
   check_p(dropout_p);
   const Activation act = activation_of(kind);
-  F32 out = empty_like(x), u({s.rows, s.F}), a({s.rows, s.F});
+  F32 out = empty_like(x);
+  F32 u = hidden_buffer(u_obj, "u_out", s.rows, s.F, {&x, &w1, &w2});
+  F32 a = hidden_buffer(a_obj, "a_out", s.rows, s.F, {&x, &w1, &w2, &u});
   float *po = out.mutable_data(), *pu = u.mutable_data(), *pa = a.mutable_data();
   const float *px = x.data(), *pw1 = w1.data(), *pw2 = w2.data();
   {
@@ -630,7 +652,8 @@ float* opt_grad(const py::object& obj, const char* name, const std::vector<py::s
 F32 feedforward_bwd(const py::object& dout_obj, const py::object& x_obj, const py::object& u_obj,
                     const py::object& a_obj, const py::object& w1_obj, const py::object& w2_obj,
                     const py::object& dw1_obj, const py::object& db1_obj, const py::object& dw2_obj,
-                    const py::object& db2_obj, const std::string& kind, float dropout_p, std::uint64_t seed) {
+                    const py::object& db2_obj, const std::string& kind, float dropout_p, std::uint64_t seed,
+                    const py::object& workspace_obj) {
   const F32 x = f32(x_obj, "x", 1), w1 = f32(w1_obj, "linear1.weight", 2, 2), w2 = f32(w2_obj, "linear2.weight", 2, 2);
   const FfnShapes s = ffn_shapes(x, w1, w2);
   const F32 dout = f32(dout_obj, "grad_output", 1), u = f32(u_obj, "u", 2, 2), a = f32(a_obj, "a", 2, 2);
@@ -645,12 +668,16 @@ F32 feedforward_bwd(const py::object& dout_obj, const py::object& x_obj, const p
   if (!dw1 || !dw2) value_error("feedforward_backward: the weight gradients are required");
   check_p(dropout_p);
   const Activation act = activation_of(kind);
+  F32 work = hidden_buffer(workspace_obj, "workspace", s.rows, s.F, {&dout, &x, &u, &a, &w1, &w2});
+  for (const auto* grad : {&k1, &k2, &k3, &k4})
+    if (*grad && overlaps(work, **grad)) value_error("workspace must not share memory with the gradients");
   F32 dx = empty_like(x);
-  float* pdx = dx.mutable_data();
+  float *pdx = dx.mutable_data(), *pwork = work.mutable_data();
   const float *pdo = dout.data(), *px = x.data(), *pu = u.data(), *pa = a.data(), *pw1 = w1.data(), *pw2 = w2.data();
   {
     py::gil_scoped_release nogil;
-    feedforward_backward(pdx, dw1, db1, dw2, db2, pdo, px, pu, pa, pw1, pw2, s.rows, s.C, s.F, act, dropout_p, seed);
+    feedforward_backward(pdx, dw1, db1, dw2, db2, pdo, px, pu, pa, pw1, pw2, pwork, s.rows, s.C, s.F, act,
+                         dropout_p, seed);
   }
   return dx;
 }
@@ -694,7 +721,7 @@ std::shared_ptr<Int8Weight> quantize_weight(const py::object& wobj) {
 // run(x, rows, bias, y) with the GIL released.
 template <class Run>
 F32 prepared_linear(const char* name, const py::object& xobj, index_t in, index_t out, const py::object& bobj,
-                    Run run) {
+                    const py::object& out_obj, Run run) {
   F32 x = f32(xobj, "x", 1);
   const auto [rows, cols] = rows_cols(x);
   if (cols != in) {
@@ -706,7 +733,10 @@ F32 prepared_linear(const char* name, const py::object& xobj, index_t in, index_
   const float* bias = opt_vec(b, "bias", out);
   auto shape = shape_vec(x);
   shape.back() = out;
-  F32 y(shape);
+  F32 y = out_obj.is_none() ? F32(shape) : f32(out_obj, "out", 1, 64, true);
+  if (shape_vec(y) != shape)
+    value_error(std::string(name) + ": out must have shape " + shape_of(F32(shape)) + ", got " + shape_of(y));
+  if (overlaps(y, x)) value_error(std::string(name) + ": out must not share memory with x");
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;
@@ -715,8 +745,8 @@ F32 prepared_linear(const char* name, const py::object& xobj, index_t in, index_
   return y;
 }
 
-F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::object& bobj) {
-  return prepared_linear("linear_int8", xobj, w.k, w.n, bobj,
+F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::object& bobj, const py::object& out) {
+  return prepared_linear("linear_int8", xobj, w.k, w.n, bobj, out,
                          [&](const float* x, index_t rows, const float* bias, float* y) {
                            linear_int8(x, rows, w.k, w, bias, y, w.n);
                          });
@@ -730,8 +760,8 @@ std::shared_ptr<PackedMatrix> pack_linear_weight(const py::object& wobj) {
   return p;
 }
 
-F32 linear_packed_fwd(const py::object& xobj, const PackedMatrix& w, const py::object& bobj) {
-  return prepared_linear("linear_packed", xobj, w.K, w.N, bobj,
+F32 linear_packed_fwd(const py::object& xobj, const PackedMatrix& w, const py::object& bobj, const py::object& out) {
+  return prepared_linear("linear_packed", xobj, w.K, w.N, bobj, out,
                          [&](const float* x, index_t rows, const float* bias, float* y) {
                            sgemm_packed(rows, x, w.K, w, y, w.N, bias);
                          });
@@ -782,7 +812,8 @@ PYBIND11_MODULE(_core, m) {
         "Returns (y, mean, rstd).");
   m.def("layer_norm_backward", &layer_norm_bwd, py::arg("grad_output"), py::arg("x"), py::arg("weight"),
         py::arg("mean"), py::arg("rstd"), py::arg("need_param_grads") = true, "Returns (dx, dweight, dbias).");
-  m.def("activation", &activation_fwd, py::arg("x"), py::arg("bias"), py::arg("kind"));
+  m.def("activation", &activation_fwd, py::arg("x"), py::arg("bias"), py::arg("kind"), py::arg("inplace") = false,
+        "act(x + bias); with inplace, written over x (which must be a writable float32 array) and returned.");
   m.def("activation_backward", &activation_bwd, py::arg("grad_output"), py::arg("x"), py::arg("bias"),
         py::arg("kind"), py::arg("need_dbias") = false, "Returns (dx, dbias or None).");
   m.def("dropout", &dropout_fwd, py::arg("x"), py::arg("p"), py::arg("seed"), "Returns (y, keep_mask).");
@@ -799,12 +830,15 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_scale") = 1.0f, "In-place AdamW update of param, exp_avg, exp_avg_sq.");
   m.def("sum_squares", &sum_sq, py::arg("x"));
   m.def("feedforward", &feedforward_fwd, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
-        py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0,
-        "Returns (out, u, a): u = x W1^T + b1 and a = dropout(act(u)) are saved for backward.");
+        py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("u_out") = py::none(),
+        py::arg("a_out") = py::none(),
+        "Returns (out, u, a): u = x W1^T + b1 and a = dropout(act(u)) are saved for backward (written into u_out and "
+        "a_out when given, (rows, F) buffers reused across calls).");
   m.def("feedforward_backward", &feedforward_bwd, py::arg("grad_output"), py::arg("x"), py::arg("u"), py::arg("a"),
         py::arg("w1"), py::arg("w2"), py::arg("grad_w1"), py::arg("grad_b1"), py::arg("grad_w2"), py::arg("grad_b2"),
-        py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0,
-        "Returns dx; accumulates into the weight and bias gradients given.");
+        py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("workspace") = py::none(),
+        "Returns dx; accumulates into the weight and bias gradients given. workspace: a (rows, F) scratch buffer "
+        "reused across calls (None: a fresh one).");
   m.def("bias_grad", &bias_grad, py::arg("bias_grad"), py::arg("grad_output"),
         "bias_grad += column sums of grad_output (over all leading axes).");
   m.def("attention", &attention_fwd, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("num_heads"),
@@ -838,7 +872,9 @@ PYBIND11_MODULE(_core, m) {
   m.def("quantize_weight_int8", &quantize_weight, py::arg("weight"),
         "Symmetric per-output-channel int8 quantization of a (out_features, in_features) weight.");
   m.def("linear_int8", &linear_int8_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-        "x @ weight^T + bias with x quantized per row to 7-bit unsigned at run time (int32 accumulation).");
+        py::arg("out") = py::none(),
+        "x @ weight^T + bias with x quantized per row to 7-bit unsigned at run time (int32 accumulation); written "
+        "into out when given.");
   py::class_<PackedMatrix, std::shared_ptr<PackedMatrix>>(m, "PackedWeight",
                                                           "A float32 Linear weight packed for the GEMM kernel.")
       .def_readonly("in_features", &PackedMatrix::K)
@@ -847,6 +883,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"),
         "Pack a (out_features, in_features) weight once for linear_packed.");
   m.def("linear_packed", &linear_packed_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-        "x @ weight^T + bias with a weight from pack_linear_weight.");
+        py::arg("out") = py::none(),
+        "x @ weight^T + bias with a weight from pack_linear_weight; written into out when given.");
   m.def("quantize_rows_u7", &quantize_rows, py::arg("x"), "Returns (q uint8, scale, zero_point) per row.");
 }

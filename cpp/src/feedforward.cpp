@@ -2,8 +2,6 @@
 // backward, composed from the GEMM (bias in its write-back) and single-pass element-wise kernels.
 #include "cpuformer/feedforward.h"
 
-#include <vector>
-
 #include "cpuformer/matmul.h"
 
 namespace cpuformer {
@@ -20,16 +18,17 @@ void feedforward_forward(float* out, float* u, float* a, const float* x, const f
 
 void feedforward_backward(float* dx, float* dw1, float* db1, float* dw2, float* db2, const float* dout,
                           const float* x, const float* u, const float* a, const float* w1, const float* w2,
-                          index_t rows, index_t C, index_t F, Activation act, float dropout_p, std::uint64_t seed) {
+                          float* scratch, index_t rows, index_t C, index_t F, Activation act, float dropout_p,
+                          std::uint64_t seed) {
   CPUFORMER_CHECK(rows >= 1 && C >= 1 && F >= 1, "feedforward_backward: bad sizes rows=", rows, " C=", C, " F=", F);
   sgemm(true, false, C, F, rows, 1.0f, dout, C, a, F, 1.0f, dw2, F);     // dW2 += dout^T a
   if (db2) bias_backward(db2, dout, rows, C);
-  std::vector<float> da(static_cast<size_t>(rows) * F);
-  sgemm(false, false, rows, F, C, 1.0f, dout, C, w2, F, 0.0f, da.data(), F);  // da = dout W2
-  if (dropout_p > 0.0f) dropout_backward(da.data(), da.data(), rows * F, dropout_p, seed);
-  activation_backward(da.data(), db1, da.data(), u, nullptr, rows, F, act);  // du = da * act'(u), db1 += sums
-  sgemm(true, false, F, C, rows, 1.0f, da.data(), F, x, C, 1.0f, dw1, C);  // dW1 += du^T x
-  sgemm(false, false, rows, C, F, 1.0f, da.data(), F, w1, C, 0.0f, dx, C);  // dx = du W1
+  float* da = scratch;
+  sgemm(false, false, rows, F, C, 1.0f, dout, C, w2, F, 0.0f, da, F);  // da = dout W2
+  if (dropout_p > 0.0f) dropout_backward(da, da, rows * F, dropout_p, seed);
+  activation_backward(da, db1, da, u, nullptr, rows, F, act);           // du = da * act'(u), db1 += sums
+  sgemm(true, false, F, C, rows, 1.0f, da, F, x, C, 1.0f, dw1, C);      // dW1 += du^T x
+  sgemm(false, false, rows, C, F, 1.0f, da, F, w1, C, 0.0f, dx, C);     // dx = du W1
 }
 
 }  // namespace cpuformer

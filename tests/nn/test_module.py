@@ -117,3 +117,31 @@ def test_layer_input_errors(rng):
         nn.Dropout(1.5)
     with pytest.raises(TypeError, match="not a Module"):
         nn.Sequential(nn.Linear(2, 2), "relu")
+
+
+@pytest.mark.parametrize("prepare", [None, nn.freeze, nn.quantize_dynamic])
+def test_reused_workspace_never_leaks_into_results(rng, prepare):
+    """Layers keep their saved hidden activations in arrays reused from step to step: outputs handed out stay
+    intact after later calls, and a backward uses the latest forward's saves (as a fresh layer would)."""
+    layer = nn.TransformerEncoderLayer(12, 3, 40, dropout=0.0, activation="gelu")
+    x1, x2, g = randn(rng, 2, 5, 12), randn(rng, 2, 5, 12), randn(rng, 2, 5, 12)
+    if prepare is not None:
+        layer = prepare(layer)
+    out1 = layer(x1)
+    kept = out1.copy()
+    out2 = layer(x2)
+    np.testing.assert_array_equal(out1, kept)
+    assert not np.shares_memory(out1, out2)
+    if prepare is not None:
+        return
+    dx = layer.backward(g)
+    fresh = layer.clone()
+    fresh.zero_grad()
+    layer.zero_grad()
+    layer(x1), layer(x2)
+    dx_again = layer.backward(g)
+    fresh(x2)
+    np.testing.assert_array_equal(dx_again, fresh.backward(g))
+    np.testing.assert_array_equal(dx_again, dx)
+    for (name, p), (_, q) in zip(layer.named_parameters(), fresh.named_parameters()):
+        np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cpuformer import ops
+from cpuformer import _core, ops
 from conftest import assert_close, randn
 
 _erf = np.vectorize(math.erf)
@@ -71,6 +71,18 @@ def test_bias_activation_fused(rng, simd, threads, activation):
     dx, dbias = ops.bias_activation_backward(dy, x, bias, activation)
     assert_close(dx, dy * g(pre), rtol=1e-5, atol=2e-6)
     assert_close(dbias, (dy * g(pre)).sum(0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh"])
+def test_activation_in_place(rng, simd, activation):
+    x, bias = randn(rng, 19, 33), randn(rng, 33)
+    expected = _core.activation(x, bias, activation)
+    y = x.copy()
+    assert _core.activation(y, bias, activation, inplace=True) is y
+    np.testing.assert_array_equal(y, expected)
+    y.flags.writeable = False
+    with pytest.raises(ValueError, match="x must be writable"):
+        _core.activation(y, bias, activation, inplace=True)
 
 
 def test_gelu_finite_difference(rng):

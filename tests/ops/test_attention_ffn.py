@@ -192,6 +192,39 @@ def test_feed_forward_dropout_backward_uses_the_same_mask(rng):
     assert_close(grads[0], da.T @ x, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+def test_feed_forward_into_reused_buffers(rng, threads, act):
+    """u_out / a_out / workspace (what a layer reuses between steps) give the same bits as fresh arrays, even when
+    they hold garbage (NaN) from before, and are refused when their shape is wrong or they alias an input."""
+    rows, C, F = 37, 12, 20
+    x, w1, b1, w2, b2 = randn(rng, rows, C), randn(rng, F, C), randn(rng, F), randn(rng, C, F), randn(rng, C)
+    g = randn(rng, rows, C)
+    out, u, a = ops.feed_forward(x, w1, b1, w2, b2, act, dropout_p=0.25, seed=5)
+    grads = [np.zeros_like(w) for w in (w1, b1, w2, b2)]
+    dx = ops.feed_forward_backward(g, x, u, a, w1, w2, *grads, act, dropout_p=0.25, seed=5)
+    u_buf, a_buf, work = (np.full((rows, F), np.nan, np.float32) for _ in range(3))
+    out2, u2, a2 = ops.feed_forward(x, w1, b1, w2, b2, act, dropout_p=0.25, seed=5, u_out=u_buf, a_out=a_buf)
+    assert u2 is u_buf and a2 is a_buf
+    np.testing.assert_array_equal(out2, out)
+    np.testing.assert_array_equal(u2, u)
+    np.testing.assert_array_equal(a2, a)
+    grads2 = [np.zeros_like(w) for w in (w1, b1, w2, b2)]
+    dx2 = ops.feed_forward_backward(g, x, u2, a2, w1, w2, *grads2, act, dropout_p=0.25, seed=5, workspace=work)
+    np.testing.assert_array_equal(dx2, dx)
+    for ours, ref in zip(grads2, grads):
+        np.testing.assert_array_equal(ours, ref)
+    with pytest.raises(ValueError, match=r"u_out must have shape \(37, 20\)"):
+        ops.feed_forward(x, w1, b1, w2, b2, act, u_out=np.zeros((rows, F + 1), np.float32))
+    with pytest.raises(ValueError, match="a_out must not share memory"):
+        ops.feed_forward(x, w1, b1, w2, b2, act, u_out=u_buf, a_out=u_buf)
+    with pytest.raises(TypeError, match="a_out must be float32"):
+        ops.feed_forward(x, w1, b1, w2, b2, act, a_out=np.zeros((rows, F)))
+    with pytest.raises(ValueError, match="workspace must not share memory"):
+        ops.feed_forward_backward(g, x, u, a, w1, w2, *grads, act, workspace=a)
+    with pytest.raises(ValueError, match="workspace must have shape"):
+        ops.feed_forward_backward(g, x, u, a, w1, w2, *grads, act, workspace=np.zeros((rows, C), np.float32))
+
+
 _MEMORY_SCRIPT = r"""
 import json, resource, numpy as np
 import cpuformer.nn as nn

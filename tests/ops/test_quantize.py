@@ -139,6 +139,15 @@ def test_bad_input(rng):
         _core.linear_int8(np.zeros((2, 6), np.float64), qw)
     with pytest.raises(ValueError, match=r"bias must have shape \(4,\)"):
         _core.linear_int8(np.zeros((2, 6), np.float32), qw, np.zeros(3, np.float32))
+    x = rng.standard_normal((3, 6)).astype(np.float32)
+    out = np.full((3, 4), np.nan, np.float32)  # an out buffer: written over, same bits as a fresh result
+    assert _core.linear_int8(x, qw, None, out) is out
+    np.testing.assert_array_equal(out, _core.linear_int8(x, qw))
+    with pytest.raises(ValueError, match=r"out must have shape \(3, 4\)"):
+        _core.linear_int8(x, qw, None, np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        wide = np.zeros((3, 6), np.float32)
+        _core.linear_packed(wide, _core.pack_linear_weight(np.zeros((6, 6), np.float32)), None, wide)
     with pytest.raises(ValueError, match="not finite"):
         bad = w.copy()
         bad[2, 1] = np.nan
@@ -183,3 +192,6 @@ def test_packed_weight_matches_matmul(simd, threads, rng, M, K, N):
         np.testing.assert_array_equal(y, _core.matmul(x, w, transpose_b=True, bias=b))
     with pytest.raises(ValueError, match=f"in_features {K}"):
         _core.linear_packed(np.zeros((2, K + 1), np.float32), packed)
+    out = np.full((M, N), np.nan, np.float32)  # a reused buffer: written over, same bits
+    assert _core.linear_packed(x, packed, b, out) is out
+    np.testing.assert_array_equal(out, y)

@@ -16,10 +16,12 @@ void feedforward_forward(float* out, float* u, float* a, const float* x, const f
                          float dropout_p = 0.0f, std::uint64_t seed = 0);
 
 // dx overwritten; dw1, db1, dw2, db2 accumulated (biases' may be null). The activation derivative and the b1
-// gradient are one pass; the dropout mask is regenerated from (seed, index).
+// gradient are one pass; the dropout mask is regenerated from (seed, index). `scratch` (rows * F floats, contents
+// ignored and overwritten) holds the hidden-layer gradient: callers that train keep one and pass it every step,
+// since a fresh multi-megabyte buffer per call costs page faults on first touch.
 void feedforward_backward(float* dx, float* dw1, float* db1, float* dw2, float* db2, const float* dout,
                           const float* x, const float* u, const float* a, const float* w1, const float* w2,
-                          index_t rows, index_t C, index_t F, Activation act, float dropout_p = 0.0f,
-                          std::uint64_t seed = 0);
+                          float* scratch, index_t rows, index_t C, index_t F, Activation act,
+                          float dropout_p = 0.0f, std::uint64_t seed = 0);
 
 }  // namespace cpuformer

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import _core, ops
 from . import init, quantized
-from .module import Module, Parameter
+from .module import Module, Parameter, Workspace
 
 __all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward",
            "feed_forward_apply", "feed_forward_grad"]
@@ -57,12 +57,15 @@ class Linear(Module):
         x = _as_input(x)
         _check_last_dim(x, self.in_features, "Linear")
         if self._frozen is not None:
-            quantized.require_inference(self)
-            return quantized.linear(x, self._frozen, None if self.bias is None else self.bias.data, self.weight.data)
+            return self._frozen_forward(x)
         x2 = x.reshape(-1, self.in_features)
         y = ops.matmul(x2, self.weight.data, transpose_b=True, bias=None if self.bias is None else self.bias.data)
         self._x = x2
         return y.reshape(x.shape[:-1] + (self.out_features,))
+
+    def _frozen_forward(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        quantized.require_inference(self)
+        return quantized.linear(x, self._frozen, None if self.bias is None else self.bias.data, self.weight.data, out)
 
     def backward(self, grad_output):
         if self._frozen is not None:
@@ -286,22 +289,29 @@ def activation_name(activation) -> str:
     return _ACTIVATIONS[activation]
 
 
-def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dropout_p: float):
+def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dropout_p: float,
+                       workspace: Optional[Workspace] = None):
     """``linear2(dropout(act(linear1(x))))`` in one fused C++ call; returns ``(out, saved)`` for
-    :func:`feed_forward_grad`. Shared by :class:`FeedForward` and the Transformer layers."""
+    :func:`feed_forward_grad`. Shared by :class:`FeedForward` and the Transformer layers. With a ``workspace``
+    the saved hidden activations live in its arrays (overwritten by the next call)."""
     x = _as_input(x)
     _check_last_dim(x, linear1.in_features, "FeedForward")
-    if linear1._frozen is not None or linear2._frozen is not None:  # frozen for inference: no dropout, no saves
-        out = linear2(_core.activation(linear1(x), None, ops._activation_kind(activation)))
-        return out, "frozen"
+    if linear1._frozen is not None and linear2._frozen is not None:  # frozen for inference: no dropout, no saves
+        hidden = None if workspace is None else workspace.get("u", x.shape[:-1] + (linear1.out_features,))
+        h = linear1._frozen_forward(x, hidden)
+        return linear2._frozen_forward(_core.activation(h, None, ops._activation_kind(activation), True)), "frozen"
+    if linear1._frozen is not None or linear2._frozen is not None:
+        raise RuntimeError("feed-forward: linear1 and linear2 must both be frozen (or quantized), or neither")
     seed = init.next_seed() if dropout_p > 0.0 else 0
+    hidden = (x.size // x.shape[-1], linear1.out_features)
+    u_out, a_out = (None, None) if workspace is None else (workspace.get("u", hidden), workspace.get("a", hidden))
     out, u, a = ops.feed_forward(x, linear1.weight.data, None if linear1.bias is None else linear1.bias.data,
                                  linear2.weight.data, None if linear2.bias is None else linear2.bias.data,
-                                 activation, dropout_p=dropout_p, seed=seed)
+                                 activation, dropout_p=dropout_p, seed=seed, u_out=u_out, a_out=a_out)
     return out, (x, u, a, dropout_p, seed, activation)
 
 
-def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output):
+def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output, workspace: Optional[Workspace] = None):
     """Input gradient of :func:`feed_forward_apply`; accumulates the four parameter gradients."""
     if saved is None:
         raise RuntimeError("feed-forward backward called before forward")
@@ -311,7 +321,8 @@ def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output):
     return ops.feed_forward_backward(
         grad_output, x, u, a, linear1.weight.data, linear2.weight.data, linear1.weight.grad,
         None if linear1.bias is None else linear1.bias.grad, linear2.weight.grad,
-        None if linear2.bias is None else linear2.bias.grad, activation, dropout_p=p, seed=seed)
+        None if linear2.bias is None else linear2.bias.grad, activation, dropout_p=p, seed=seed,
+        workspace=None if workspace is None else workspace.get("grad_hidden", u.shape))
 
 
 class FeedForwardMixin:
@@ -326,14 +337,15 @@ class FeedForwardMixin:
         self.activation = activation_name(activation)
         self._ff_dropout = float(dropout)
         self._ff_saved = None
+        object.__setattr__(self, "_ff_workspace", Workspace())
 
     def _ff(self, x):
         out, self._ff_saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
-                                                 self._ff_dropout if self.training else 0.0)
+                                                 self._ff_dropout if self.training else 0.0, self._ff_workspace)
         return out
 
     def _ff_backward(self, grad_output):
-        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, grad_output)
+        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, grad_output, self._ff_workspace)
 
 
 class FeedForward(FeedForwardMixin, Module):

@@ -49,6 +49,25 @@ class _IncompatibleKeys(NamedTuple):
     unexpected_keys: List[str]
 
 
+class Workspace:
+    """float32 arrays a layer reuses from step to step for what it keeps between forward and backward (and for
+    scratch), never handed to the caller. Multi-megabyte arrays allocated fresh every step are returned to the OS
+    when freed and page-faulted back on first touch, which costs several percent of a training step."""
+
+    def __init__(self) -> None:
+        self._arrays: Dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: Tuple[int, ...]) -> np.ndarray:
+        """An uninitialised (contents are the previous step's) C-contiguous float32 array of ``shape``."""
+        arr = self._arrays.get(name)
+        if arr is None or arr.shape != shape:
+            arr = self._arrays[name] = np.empty(shape, np.float32)
+        return arr
+
+    def __deepcopy__(self, memo) -> "Workspace":
+        return Workspace()  # scratch, not state: a copy starts empty
+
+
 class Module:
     """Base class of layers and models (the PyTorch ``nn.Module`` conventions, without autograd)."""
 

@@ -85,11 +85,12 @@ def no_backward(module: Module) -> None:
                        f"float model and prepare it afterwards")
 
 
-def linear(x, prepared, bias, weight):
+def linear(x, prepared, bias, weight, out=None):
     """``x @ W^T + b`` with a prepared weight; ``x`` float32, any leading axes; ``weight`` is the float original
-    (a product of 1-4 rows reads it directly: streaming W once beats the panel kernel there)."""
+    (a product of 1-4 rows reads it directly: streaming W once beats the panel kernel there). ``out``: a buffer of
+    the result's shape to write into (ignored, and a new array returned, on the 1-4 row path)."""
     if isinstance(prepared, _core.Int8Weight):
-        return _core.linear_int8(x, prepared, bias)
+        return _core.linear_int8(x, prepared, bias, out)
     if x.size // x.shape[-1] <= 4:
         return ops.matmul(x, weight, transpose_b=True, bias=bias)
-    return _core.linear_packed(x, prepared, bias)
+    return _core.linear_packed(x, prepared, bias, out)
