@@ -98,6 +98,86 @@ void moments(const float* x, index_t C, float& mean, float& var) {
   row_moments(x, C, mean, var);
 }
 
+// One row of the backward: dx = rstd * (g - mean(g) - xh * mean(g * xh)) with g = dy * weight and
+// xh = (x - mean) * rstd; the row's dweight (dy * xh) and dbias (dy) terms go into double partials pw, pb (null
+// when not needed). Columns from j0 on (the tail the vector path leaves; 0 for the scalar path) are handled here.
+void backward_row_scalar(float* dx, double* pw, double* pb, const float* dy, const float* x, const float* weight,
+                         index_t C, float m, float rs, bool accumulate, index_t j0 = 0, double sum_g = 0.0,
+                         double sum_gx = 0.0) {
+  for (index_t j = j0; j < C; ++j) {
+    const float xh = (x[j] - m) * rs;
+    const float g = weight ? dy[j] * weight[j] : dy[j];
+    sum_g += g;
+    sum_gx += static_cast<double>(g) * xh;
+    if (pw) {
+      pw[j] += static_cast<double>(dy[j]) * xh;
+      pb[j] += dy[j];
+    }
+  }
+  const float mg = static_cast<float>(sum_g / C), mgx = static_cast<float>(sum_gx / C);
+  for (index_t j = 0; j < C; ++j) {
+    const float xh = (x[j] - m) * rs;
+    const float g = weight ? dy[j] * weight[j] : dy[j];
+    const float v = rs * (g - mg - xh * mgx);
+    dx[j] = accumulate ? dx[j] + v : v;
+  }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+// pd[0..8) += a * b (or += a when b is null), widened to double.
+CPUFORMER_AVX2 static inline void add_wide(double* pd, __m256 a, const __m256* b) {
+  __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(a)), hi = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+  if (b) {
+    lo = _mm256_mul_pd(lo, _mm256_cvtps_pd(_mm256_castps256_ps128(*b)));
+    hi = _mm256_mul_pd(hi, _mm256_cvtps_pd(_mm256_extractf128_ps(*b, 1)));
+  }
+  _mm256_storeu_pd(pd, _mm256_add_pd(_mm256_loadu_pd(pd), lo));
+  _mm256_storeu_pd(pd + 4, _mm256_add_pd(_mm256_loadu_pd(pd + 4), hi));
+}
+
+CPUFORMER_AVX2 static void backward_row_avx2(float* dx, double* pw, double* pb, const float* dy, const float* x,
+                                             const float* weight, index_t C, float m, float rs, bool accumulate) {
+  using namespace simd;
+  const __m256 vm = _mm256_set1_ps(m), vr = _mm256_set1_ps(rs);
+  __m256 sg = _mm256_setzero_ps(), sgx = _mm256_setzero_ps();
+  index_t j = 0;
+  for (; j + kWidth <= C; j += kWidth) {
+    const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vr);
+    const __m256 d = _mm256_loadu_ps(dy + j);
+    const __m256 g = weight ? _mm256_mul_ps(d, _mm256_loadu_ps(weight + j)) : d;
+    sg = _mm256_add_ps(sg, g);
+    sgx = _mm256_fmadd_ps(g, xh, sgx);
+    if (pw) {
+      add_wide(pw + j, d, &xh);
+      add_wide(pb + j, d, nullptr);
+    }
+  }
+  const index_t tail = j;
+  // The scalar routine finishes the tail columns' sums and does the whole second pass when C is not a multiple
+  // of 8; otherwise the vector second pass below runs.
+  if (tail != C)
+    return backward_row_scalar(dx, pw, pb, dy, x, weight, C, m, rs, accumulate, tail, hsum(sg), hsum(sgx));
+  const __m256 mg = _mm256_set1_ps(static_cast<float>(static_cast<double>(hsum(sg)) / C));
+  const __m256 mgx = _mm256_set1_ps(static_cast<float>(static_cast<double>(hsum(sgx)) / C));
+  for (j = 0; j < C; j += kWidth) {
+    const __m256 xh = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vm), vr);
+    const __m256 d = _mm256_loadu_ps(dy + j);
+    const __m256 g = weight ? _mm256_mul_ps(d, _mm256_loadu_ps(weight + j)) : d;
+    __m256 v = _mm256_mul_ps(vr, _mm256_sub_ps(_mm256_sub_ps(g, mg), _mm256_mul_ps(xh, mgx)));
+    if (accumulate) v = _mm256_add_ps(_mm256_loadu_ps(dx + j), v);
+    _mm256_storeu_ps(dx + j, v);
+  }
+}
+#endif
+
+void backward_row(float* dx, double* pw, double* pb, const float* dy, const float* x, const float* weight,
+                  index_t C, float m, float rs, bool accumulate) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return backward_row_avx2(dx, pw, pb, dy, x, weight, C, m, rs, accumulate);
+#endif
+  backward_row_scalar(dx, pw, pb, dy, x, weight, C, m, rs, accumulate);
+}
+
 }  // namespace
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
@@ -129,30 +209,9 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
   detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int t) {
     double* pw = need_params ? partial.data() + static_cast<size_t>(t) * 2 * C : nullptr;
     used[t] = 1;
-    for (index_t r = r0; r < r1; ++r) {
-      const float* x = inp + r * C;
-      const float* dy = dout + r * C;
-      const float m = mean[r], rs = rstd[r];
-      double sum_g = 0.0, sum_gx = 0.0;
-      for (index_t j = 0; j < C; ++j) {
-        const float xh = (x[j] - m) * rs;
-        const float g = weight ? dy[j] * weight[j] : dy[j];
-        sum_g += g;
-        sum_gx += static_cast<double>(g) * xh;
-        if (pw) {
-          pw[j] += static_cast<double>(dy[j]) * xh;
-          pw[C + j] += dy[j];
-        }
-      }
-      const float mg = static_cast<float>(sum_g / C), mgx = static_cast<float>(sum_gx / C);
-      float* dx = dinp + r * C;
-      for (index_t j = 0; j < C; ++j) {
-        const float xh = (x[j] - m) * rs;
-        const float g = weight ? dy[j] * weight[j] : dy[j];
-        const float v = rs * (g - mg - xh * mgx);
-        dx[j] = accumulate_dinp ? dx[j] + v : v;
-      }
-    }
+    for (index_t r = r0; r < r1; ++r)
+      backward_row(dinp + r * C, pw, pw ? pw + C : nullptr, dout + r * C, inp + r * C, weight, C, mean[r], rstd[r],
+                   accumulate_dinp);
   });
   if (!need_params) return;
   for (index_t j = 0; j < C; ++j) {  // fixed reduction order over threads
