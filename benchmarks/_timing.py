@@ -33,6 +33,22 @@ def compare(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3
             budget_s: float = 20.0, min_sample_s: float = 0.005) -> Dict[str, float]:
     """Median-of-rounds of the best-of-reps time per call (seconds) of each callable, interleaved. A sample is
     a loop of back-to-back calls lasting at least min_sample_s, so microsecond calls are timed reliably."""
+    return {n: statistics.median(v) for n, v in compare_rounds(fns, rounds, reps, pause, budget_s,
+                                                                 min_sample_s).items()}
+
+
+def paired_ratio(rounds: Dict[str, list], ours: str, ref: str) -> float:
+    """Median over rounds of ours / ref, each round's two times taken back to back: load that drifts between
+    rounds (other tenants of the host) cancels in each pair, so this moves less than a ratio of medians."""
+    return statistics.median(a / b for a, b in zip(rounds[ours], rounds[ref]))
+
+
+def compare_rounds(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3, pause: float = 0.15,
+                   budget_s: float = 20.0, min_sample_s: float = 0.005,
+                   clock: Callable[[], float] = time.perf_counter) -> Dict[str, list]:
+    """As :func:`compare`, but every round's best time per callable (seconds), in round order. ``clock`` may be
+    ``time.process_time`` (CPU seconds of the whole process: with one thread per library, robust to other tenants
+    taking the cores, which wall-clock time is not)."""
     names = list(fns)
     for name in names:  # warm up: first-touch buffers, start thread pools
         fns[name]()
@@ -46,14 +62,14 @@ def compare(fns: Dict[str, Callable[[], object]], rounds: int = 5, reps: int = 3
             fn, n = fns[name], loops[name]
             ts = []
             for _ in range(reps):
-                t0 = time.perf_counter()
+                t0 = clock()
                 for _ in range(n):
                     fn()
-                ts.append((time.perf_counter() - t0) / n)
+                ts.append((clock() - t0) / n)
             best[name].append(min(ts))
         if time.perf_counter() - start > budget_s and r >= 2:
             break
-    return {n: statistics.median(v) for n, v in best.items()}
+    return best
 
 
 def threads_line(n: int) -> str:
