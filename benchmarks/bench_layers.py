@@ -69,6 +69,24 @@ def measure_cpu(name, ours, theirs):
                      paired_ratio(t, "ours", "torch")))
 
 
+def ours_step(layer, x, g):
+    """One forward+backward of a cpuformer layer."""
+    def step():
+        layer(x)
+        return layer.backward(g)
+    return step
+
+
+def torch_step(module, x, g):
+    """One forward+backward of a torch module, the input requiring grad (as ours returns d_input)."""
+    xg = x.clone().requires_grad_(True)
+
+    def step():
+        xg.grad = None
+        module(xg).backward(g)
+    return step
+
+
 def measure(name, ours, theirs):
     """Interleaved rounds of both; the row shows each side's median time and the median of the per-round
     ratios (see _timing.paired_ratio)."""
@@ -125,16 +143,7 @@ for B, T, C, H, F in LAYER_CONFIGS:
     sd = ff_t.state_dict()
     ff_o.load_state_dict({"linear1.weight": sd["0.weight"], "linear1.bias": sd["0.bias"],
                           "linear2.weight": sd["2.weight"], "linear2.bias": sd["2.bias"]})
-    xg = xt.clone().requires_grad_(True)
-
-    def ff_ours():
-        ff_o(x)
-        return ff_o.backward(g)
-
-    def ff_torch():
-        xg.grad = None
-        ff_t(xg).backward(gt)
-
+    ff_ours, ff_torch = ours_step(ff_o, x, g), torch_step(ff_t, xt, gt)
     measure(f"feed-forward fwd+bwd B={B} T={T} C={C} F={F} gelu", ff_ours, ff_torch)
 
     enc_t = torch.nn.TransformerEncoderLayer(C, H, F, dropout=0.0, batch_first=True)
@@ -157,25 +166,11 @@ for B, T, C, H, F in LAYER_CONFIGS:
     measure(f"encoder layer fwd (eval, frozen) B={B} T={T} C={C} H={H}", lambda: enc_frozen(x), enc_torch_fwd)
     enc_t.train()
     enc_o.train()
-
-    def enc_ours():
-        enc_o(x)
-        return enc_o.backward(g)
-
-    def enc_torch():
-        xg.grad = None
-        enc_t(xg).backward(gt)
-
+    enc_ours, enc_torch = ours_step(enc_o, x, g), torch_step(enc_t, xt, gt)
     measure(f"encoder layer fwd+bwd B={B} T={T} C={C} H={H}", enc_ours, enc_torch)
     if (B, T) == LAYER_CONFIGS[0][:2]:  # calibration: torch against a copy of itself, measured the same way
-        enc_t2 = copy.deepcopy(enc_t)
-        xg2 = xt.clone().requires_grad_(True)
-
-        def enc_torch_copy():
-            xg2.grad = None
-            enc_t2(xg2).backward(gt)
-
-        measure(f"calibration: torch vs torch, encoder fwd+bwd B={B} T={T}", enc_torch_copy, enc_torch)
+        measure(f"calibration: torch vs torch, encoder fwd+bwd B={B} T={T}",
+                torch_step(copy.deepcopy(enc_t), xt, gt), enc_torch)
 
     measure_cpu(f"feed-forward fwd+bwd B={B} T={T} C={C} F={F} gelu", ff_ours, ff_torch)
     measure_cpu(f"encoder layer fwd+bwd B={B} T={T} C={C} H={H}", enc_ours, enc_torch)

@@ -606,14 +606,14 @@ bool overlaps(const py::array& a, const py::array& b) {
 
 // A caller's reusable (rows, F) buffer (None: a fresh one): writable float32, C-contiguous, disjoint from `inputs`.
 F32 hidden_buffer(const py::object& obj, const char* name, py::ssize_t rows, py::ssize_t F,
-                  std::initializer_list<const py::array*> inputs) {
+                  const std::vector<const py::array*>& inputs) {
   if (obj.is_none()) return F32({rows, F});
   F32 buf = f32(obj, name, 2, 2, true);
   if (buf.shape(0) != rows || buf.shape(1) != F)
     value_error(std::string(name) + " must have shape (" + std::to_string(rows) + ", " + std::to_string(F) +
                 "), got " + shape_of(buf));
   for (const py::array* in : inputs)
-    if (overlaps(buf, *in)) value_error(std::string(name) + " must not share memory with the inputs");
+    if (overlaps(buf, *in)) value_error(std::string(name) + " must not share memory with the other arrays");
   return buf;
 }
 
@@ -668,9 +668,10 @@ F32 feedforward_bwd(const py::object& dout_obj, const py::object& x_obj, const p
   if (!dw1 || !dw2) value_error("feedforward_backward: the weight gradients are required");
   check_p(dropout_p);
   const Activation act = activation_of(kind);
-  F32 work = hidden_buffer(workspace_obj, "workspace", s.rows, s.F, {&dout, &x, &u, &a, &w1, &w2});
+  std::vector<const py::array*> operands{&dout, &x, &u, &a, &w1, &w2};
   for (const auto* grad : {&k1, &k2, &k3, &k4})
-    if (*grad && overlaps(work, **grad)) value_error("workspace must not share memory with the gradients");
+    if (*grad) operands.push_back(&**grad);
+  F32 work = hidden_buffer(workspace_obj, "workspace", s.rows, s.F, operands);
   F32 dx = empty_like(x);
   float *pdx = dx.mutable_data(), *pwork = work.mutable_data();
   const float *pdo = dout.data(), *px = x.data(), *pu = u.data(), *pa = a.data(), *pw1 = w1.data(), *pw2 = w2.data();

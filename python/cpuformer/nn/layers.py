@@ -296,14 +296,14 @@ def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dro
     the saved hidden activations live in its arrays (overwritten by the next call)."""
     x = _as_input(x)
     _check_last_dim(x, linear1.in_features, "FeedForward")
+    hidden = (x.size // x.shape[-1], linear1.out_features)
     if linear1._frozen is not None and linear2._frozen is not None:  # frozen for inference: no dropout, no saves
-        hidden = None if workspace is None else workspace.get("u", x.shape[:-1] + (linear1.out_features,))
-        h = linear1._frozen_forward(x, hidden)
+        h_out = None if workspace is None else workspace.get("u", hidden).reshape(x.shape[:-1] + hidden[1:])
+        h = linear1._frozen_forward(x, h_out)
         return linear2._frozen_forward(_core.activation(h, None, ops._activation_kind(activation), True)), "frozen"
     if linear1._frozen is not None or linear2._frozen is not None:
         raise RuntimeError("feed-forward: linear1 and linear2 must both be frozen (or quantized), or neither")
     seed = init.next_seed() if dropout_p > 0.0 else 0
-    hidden = (x.size // x.shape[-1], linear1.out_features)
     u_out, a_out = (None, None) if workspace is None else (workspace.get("u", hidden), workspace.get("a", hidden))
     out, u, a = ops.feed_forward(x, linear1.weight.data, None if linear1.bias is None else linear1.bias.data,
                                  linear2.weight.data, None if linear2.bias is None else linear2.bias.data,
