@@ -43,29 +43,29 @@ CPUFORMER_AVX2 static inline float hmax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// exp(x), about 1-2 ulp (Cephes expf scheme: x = n ln2 + r, 2^n from exponent bits, degree-5 polynomial).
-// exp(-inf) and anything below about -87.3 give exactly 0; NaN propagates.
+// exp(x), under 1 ulp in the normal range (Cephes expf scheme: x = n ln2 + r, |r| <= ln2 / 2, 2^n from exponent bits, degree-5
+// polynomial). n is rounded by adding 1.5 * 2^23 + 127, which leaves n + 127 in the low mantissa bits, so one
+// shift makes 2^n (no floor, no float-to-int conversion): 15 instructions, the softmax's inner loop.
+// Below about -87.7 the result is exactly 0 (n + 127 = 0 makes 2^n = 0; -inf included); above 88.37 it saturates
+// at exp(88.37) (every caller passes x <= 0 or a clamped x); NaN propagates.
 CPUFORMER_AVX2 static inline __m256 exp_ps(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f);
-  const __m256 lo = _mm256_set1_ps(-87.3365478515625f);
-  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_min_ps(hi, x);  // operand order keeps a NaN x
-  x = _mm256_max_ps(lo, x);
-  __m256 fx = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f));
-  fx = _mm256_floor_ps(fx);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  const __m256 magic = _mm256_set1_ps(12583039.0f);  // 1.5 * 2^23 + 127
+  x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);  // operand order keeps a NaN x
+  x = _mm256_max_ps(_mm256_set1_ps(-88.0f), x);             // rounds to n = -127
+  const __m256 shifted = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), magic);
+  const __m256 n = _mm256_sub_ps(shifted, magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
   __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-  __m256i n = _mm256_cvttps_epi32(fx);
-  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(n));
-  return _mm256_andnot_ps(underflow, y);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 one = _mm256_set1_ps(1.0f);
+  y = _mm256_fmadd_ps(_mm256_fmadd_ps(y, r, one), r, one);  // 1 + r (1 + r P(r)) = 1 + r + r^2 P(r)
+  const __m256 pow2n = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_castps_si256(shifted), 23));
+  return _mm256_mul_ps(y, pow2n);
 }
 
 // erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7; PyTorch's vectorised erf uses the same).
