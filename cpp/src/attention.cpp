@@ -100,8 +100,17 @@ void dropout_tile(float* P, index_t ld, index_t bq, index_t bk, index_t b, index
 // Grow-only per-thread scratch.
 struct Scratch {
   std::vector<float> scores, probs, dropped, m, l, d;
+  detail::AlignedBuffer keys, values;  // packed K^T and V blocks of one (batch, head)
 };
 thread_local Scratch t_scratch;
+
+// Query blocks per forward task. Each task packs the keys and values it reads once, so whole (batch, head) pairs
+// are best; they are split only when there are too few of them to keep every thread busy.
+index_t qblocks_per_task(index_t bh_count, index_t n_qblocks) {
+  const index_t want_tasks = 3 * detail::kernel_threads();
+  const index_t chunks = std::min(n_qblocks, std::max<index_t>(1, (want_tasks + bh_count - 1) / bh_count));
+  return (n_qblocks + chunks - 1) / chunks;
+}
 
 }  // namespace
 
@@ -109,41 +118,73 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
                        const AttentionMask& mask, const AttentionConfig& c) {
   check_config("attention_forward", c);
   const index_t D = c.D, block = block_q(c.T), n_qblocks = (c.T + block - 1) / block;
-  detail::parallel_for_dynamic(c.B * c.H * n_qblocks, [&](index_t task, int) {
-    const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
-    const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
+  const index_t per_task = qblocks_per_task(c.B * c.H, n_qblocks), n_chunks = (n_qblocks + per_task - 1) / per_task;
+  // Packed sizes of one key block: K^T as the score product's B (D x kBlockK), V as the P.V product's B.
+  const index_t k_slot = detail::packed_b_size(D, kBlockK), v_slot = detail::packed_b_size(kBlockK, D);
+  detail::parallel_for_dynamic(c.B * c.H * n_chunks, [&](index_t task, int) {
+    const index_t chunk = task % n_chunks, bh = task / n_chunks, b = bh / c.H, h = bh % c.H;
+    const index_t qb_end = std::min(n_qblocks, (chunk + 1) * per_task);
+    const index_t n_kblocks = (key_limit(mask, c, std::min(c.T, qb_end * block)) + kBlockK - 1) / kBlockK;
     Scratch& s = t_scratch;
     s.scores.resize(kMaxBlockQ * kBlockK);
-    s.m.assign(bq, kNegInf);
-    s.l.assign(bq, 0.0f);
     float* S = s.scores.data();
-    float* O = at(out, b, t0, h, D);
-    for (index_t i = 0; i < bq; ++i)
-      for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
-    const index_t s_end = key_limit(mask, c, t0 + bq);
-    for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
-      const index_t bk = std::min(kBlockK, s_end - s0);
-      score_tile(S, kBlockK, bq, bk, b, h, t0, s0, q, k, mask, c);
-      for (index_t i = 0; i < bq; ++i) {  // online softmax
-        float* row = S + i * kBlockK;
-        const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));
-        if (m_new == kNegInf) {  // nothing visible yet in this row
-          for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
-          continue;
+    float* packed_k = s.keys.get(n_kblocks * k_slot);
+    float* packed_v = s.values.get(n_kblocks * v_slot);
+    index_t n_packed = 0;  // key blocks packed so far (causal query blocks reach further keys as they go)
+    for (index_t qb = chunk * per_task; qb < qb_end; ++qb) {
+      const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
+      s.m.assign(bq, kNegInf);
+      s.l.assign(bq, 0.0f);
+      float* O = at(out, b, t0, h, D);
+      for (index_t i = 0; i < bq; ++i)
+        for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
+      const index_t s_end = key_limit(mask, c, t0 + bq);
+      for (index_t s0 = 0, kb = 0; s0 < s_end; s0 += kBlockK, ++kb) {
+        const index_t bk = std::min(kBlockK, s_end - s0);
+        const index_t full = std::min(kBlockK, c.S - s0);
+        if (kb == n_packed) {
+          detail::pack_b(packed_k + kb * k_slot, true, D, full, at(k, b, s0, h, D), k.st);
+          detail::pack_b(packed_v + kb * v_slot, false, full, D, at(v, b, s0, h, D), v.st);
+          ++n_packed;
         }
-        const float correction = std::exp(s.m[i] - m_new);  // 0 when m was -inf
-        s.l[i] = static_cast<float>(s.l[i] * correction + detail::row_exp_sum(row, row, bk, m_new));
-        s.m[i] = m_new;
-        if (correction != 1.0f) detail::row_scale(O + i * out.st, D, correction);
+        // A block that the causal limit cuts short (on the diagonal) does not match the packed layout: unpacked.
+        const bool use_packed = bk == full;
+        if (use_packed)
+          detail::sgemm_single_thread_packed(bq, bk, D, c.scale, at(q, b, t0, h, D), q.st, packed_k + kb * k_slot,
+                                             0.0f, S, kBlockK);
+        else
+          detail::sgemm_single_thread(false, true, bq, bk, D, c.scale, at(q, b, t0, h, D), q.st,
+                                      at(k, b, s0, h, D), k.st, 0.0f, S, kBlockK);
+        mask_tile(S, kBlockK, bq, bk, b, h, t0, s0, mask, c);
+        for (index_t i = 0; i < bq; ++i) {  // online softmax
+          float* row = S + i * kBlockK;
+          const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));
+          if (m_new == kNegInf) {  // nothing visible yet in this row
+            for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
+            continue;
+          }
+          const double row_sum = detail::row_exp_sum(row, row, bk, m_new);
+          if (s.m[i] == kNegInf) {  // first visible keys: O and l are still zero
+            s.l[i] = static_cast<float>(row_sum);
+          } else {
+            const float correction = std::exp(s.m[i] - m_new);
+            s.l[i] = static_cast<float>(s.l[i] * correction + row_sum);
+            if (correction != 1.0f) detail::row_scale(O + i * out.st, D, correction);
+          }
+          s.m[i] = m_new;
+        }
+        if (c.dropout_p > 0.0f) dropout_tile(S, kBlockK, bq, bk, b, h, t0, s0, c);
+        if (use_packed)
+          detail::sgemm_single_thread_packed(bq, D, bk, 1.0f, S, kBlockK, packed_v + kb * v_slot, 1.0f, O, out.st);
+        else
+          detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, h, D), v.st, 1.0f, O,
+                                      out.st);
       }
-      if (c.dropout_p > 0.0f) dropout_tile(S, kBlockK, bq, bk, b, h, t0, s0, c);
-      detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, h, D), v.st, 1.0f, O,
-                                  out.st);
-    }
-    for (index_t i = 0; i < bq; ++i) {
-      const bool empty = s.l[i] == 0.0f;  // every key masked: output 0, lse -inf
-      detail::row_scale(O + i * out.st, D, empty ? 0.0f : 1.0f / s.l[i]);
-      if (lse) lse[bh * c.T + t0 + i] = empty ? kNegInf : s.m[i] + std::log(s.l[i]);
+      for (index_t i = 0; i < bq; ++i) {
+        const bool empty = s.l[i] == 0.0f;  // every key masked: output 0, lse -inf
+        detail::row_scale(O + i * out.st, D, empty ? 0.0f : 1.0f / s.l[i]);
+        if (lse) lse[bh * c.T + t0 + i] = empty ? kNegInf : s.m[i] + std::log(s.l[i]);
+      }
     }
   });
 }

@@ -34,24 +34,8 @@ constexpr index_t kMinMacsPerThread = 64 * 64 * 64 + 1;  // 64^3 and below: one 
 // At or below this many multiply-adds the A operand is read in place instead of packed.
 constexpr index_t kDirectMaxMacs = 128 * 128 * 128;
 
-// Grow-only 64-byte-aligned scratch, one per thread (no allocation per call once warm).
-struct Scratch {
-  float* data = nullptr;
-  index_t capacity = 0;
-  ~Scratch() { std::free(data); }
-  float* get(index_t n) {
-    if (n > capacity) {
-      std::free(data);
-      const size_t bytes = ((static_cast<size_t>(n) * sizeof(float) + 63) / 64) * 64;
-      data = static_cast<float*>(std::aligned_alloc(64, bytes));
-      if (!data) throw std::bad_alloc();
-      capacity = n;
-    }
-    return data;
-  }
-};
-thread_local Scratch t_pack_a;
-thread_local Scratch t_pack_b;
+thread_local detail::AlignedBuffer t_pack_a;
+thread_local detail::AlignedBuffer t_pack_b;
 
 struct GemmArgs {
   bool trans_a, trans_b;
@@ -558,29 +542,45 @@ void sgemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float al
   gemm_run(g, threads_for(M, N, K));
 }
 
+index_t detail::packed_b_size(index_t K, index_t N) {
+  index_t total = 0;
+  for (index_t jc = 0; jc < N; jc += NC) total += (std::min(NC, N - jc) + NR - 1) / NR * NR * K;
+  return total;
+}
+
+void detail::pack_b(float* dst, bool trans_b, index_t K, index_t N, const float* B, index_t ldb) {
+  const GemmArgs g{false, trans_b, 0, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0, nullptr};
+  for (index_t jc = 0; jc < N; jc += NC) {  // the order gemm_team walks the panels
+    const index_t nc = std::min(NC, N - jc), slivers = (nc + NR - 1) / NR;
+    for (index_t pc = 0; pc < K; pc += KC) {
+      const index_t kc = std::min(KC, K - pc);
+      for (index_t s = 0; s < slivers; ++s)
+        pack_b_sliver(dst + s * NR * kc, g, pc, jc + s * NR, kc,
+                      static_cast<int>(std::min<index_t>(NR, nc - s * NR)));
+      dst += slivers * NR * kc;
+    }
+  }
+}
+
+void detail::sgemm_single_thread_packed(index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
+                                        const float* packed_b, float beta, float* C, index_t ldc) {
+  CPUFORMER_CHECK(M >= 0 && N >= 0 && K >= 1 && lda >= K && ldc >= std::max<index_t>(1, N) && packed_b,
+                  "sgemm_single_thread_packed: bad sizes M=", M, " N=", N, " K=", K);
+  if (M == 0 || N == 0) return;
+  GemmArgs g{false, false, M, N, K, alpha, A, lda, nullptr, 0, beta, C, ldc, nullptr, true};
+  gemm_team(g, nullptr, 0, 0, 1, packed_b);
+}
+
 PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb) {
   CPUFORMER_CHECK(K > 0 && N > 0 && B != nullptr && ldb >= (trans_b ? K : N),
                   "sgemm_pack_b: bad sizes K=", K, " N=", N, " ldb=", ldb);
   PackedMatrix p;
   p.K = K;
   p.N = N;
-  index_t total = 0;
-  for (index_t jc = 0; jc < N; jc += NC)
-    total += (std::min(NC, N - jc) + NR - 1) / NR * NR * K;
-  p.storage.reset(static_cast<float*>(std::aligned_alloc(64, ((total * sizeof(float) + 63) / 64) * 64)));
+  p.size = detail::packed_b_size(K, N);
+  p.storage.reset(static_cast<float*>(std::aligned_alloc(64, ((p.size * sizeof(float) + 63) / 64) * 64)));
   if (!p.storage) throw std::bad_alloc();
-  p.size = total;
-  const GemmArgs g{false, trans_b, 0, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0, nullptr};
-  float* d = p.storage.get();
-  for (index_t jc = 0; jc < N; jc += NC) {  // the order gemm_team walks the panels
-    const index_t nc = std::min(NC, N - jc), slivers = (nc + NR - 1) / NR;
-    for (index_t pc = 0; pc < K; pc += KC) {
-      const index_t kc = std::min(KC, K - pc);
-      for (index_t s = 0; s < slivers; ++s)
-        pack_b_sliver(d + s * NR * kc, g, pc, jc + s * NR, kc, static_cast<int>(std::min<index_t>(NR, nc - s * NR)));
-      d += slivers * NR * kc;
-    }
-  }
+  detail::pack_b(p.storage.get(), trans_b, K, N, B, ldb);
   return p;
 }
 
