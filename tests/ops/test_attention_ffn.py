@@ -39,7 +39,10 @@ def ref_attention(q, k, v, H, additive=None, padding=None, causal=False):
     return (p @ vh).transpose(0, 2, 1, 3).reshape(B, T, E), p
 
 
-SHAPES = [(1, 1, 1, 4, 1), (2, 5, 7, 12, 3), (1, 70, 300, 16, 2), (2, 129, 129, 20, 4), (1, 3, 520, 8, 1)]
+# Head sizes 1-8 and 20 (partial 16-wide GEMM slivers), 264 (two K panels of the packed keys); key counts across
+# several 256-key blocks; 1600 queries make several query blocks per task, so later blocks reuse packed keys.
+SHAPES = [(1, 1, 1, 4, 1), (2, 5, 7, 12, 3), (1, 70, 300, 16, 2), (2, 129, 129, 20, 4), (1, 3, 520, 8, 1),
+          (1, 300, 300, 40, 2), (1, 20, 270, 264, 1), (1, 1600, 1600, 24, 1)]
 
 
 @pytest.mark.parametrize("B,T,S,E,H", SHAPES)
