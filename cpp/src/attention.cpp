@@ -75,12 +75,18 @@ void mask_tile(float* S, index_t ld, index_t bq, index_t bk, index_t b, index_t 
   }
 }
 
-// The score tile S = scale * Q[t0:t0+bq] K[s0:s0+bk]^T + masks (ld = row stride of S). Forward, backward and the
-// weights path all go through here, so backward recomputes exactly the scores forward used.
+// The score tile S = scale * Q[t0:t0+bq] K[s0:s0+bk]^T + masks (ld = row stride of S); K^T comes from packed_kt
+// when given (a PackedKeyBlocks block), else it is read in place. Forward, backward and the weights path all go
+// through here, and packing does not change the arithmetic, so backward recomputes exactly the forward's scores.
 void score_tile(float* S, index_t ld, index_t bq, index_t bk, index_t b, index_t h, index_t t0, index_t s0,
-                const ConstHeadTensor& q, const ConstHeadTensor& k, const AttentionMask& m, const AttentionConfig& c) {
-  detail::sgemm_single_thread(false, true, bq, bk, c.D, c.scale, at(q, b, t0, h, c.D), q.st, at(k, b, s0, h, c.D),
-                              k.st, 0.0f, S, ld);
+                const ConstHeadTensor& q, const ConstHeadTensor& k, const float* packed_kt, const AttentionMask& m,
+                const AttentionConfig& c) {
+  if (packed_kt)
+    detail::sgemm_single_thread_packed(false, bq, bk, c.D, c.scale, at(q, b, t0, h, c.D), q.st, packed_kt, 0.0f, S,
+                                       ld);
+  else
+    detail::sgemm_single_thread(false, true, bq, bk, c.D, c.scale, at(q, b, t0, h, c.D), q.st,
+                                at(k, b, s0, h, c.D), k.st, 0.0f, S, ld);
   mask_tile(S, ld, bq, bk, b, h, t0, s0, m, c);
 }
 
@@ -100,9 +106,39 @@ void dropout_tile(float* P, index_t ld, index_t bq, index_t bk, index_t b, index
 // Grow-only per-thread scratch.
 struct Scratch {
   std::vector<float> scores, probs, dropped, m, l, d;
-  detail::AlignedBuffer keys, values;  // packed K^T and V blocks of one (batch, head)
+  // Packed operands of one (batch, head): keys (as K^T and as K), values (as V or V^T), and one query block's rows.
+  detail::AlignedBuffer keys_t, keys, values, rows;
 };
 thread_local Scratch t_scratch;
+
+// One key-side operand of a (batch, head), packed for the GEMMs block by block (kBlockK keys) on first use, so every
+// query block reuses it: x^T (D x keys: the products whose columns are keys) or x (keys x D: the products that sum
+// over keys). Blocks are first used in order; causal query blocks reach further keys as they go. A block is packed
+// whole, so a product over only part of it (a causal block cut at the diagonal) must read x in place instead.
+class PackedKeyBlocks {
+ public:
+  PackedKeyBlocks(detail::AlignedBuffer& buffer, bool transposed, index_t n_blocks, index_t D)
+      : slot_(transposed ? detail::packed_b_size(D, kBlockK) : detail::packed_b_size(kBlockK, D)),
+        D_(D),
+        transposed_(transposed),
+        data_(buffer.get(n_blocks * slot_)) {}
+
+  // Block kb of x, whose first row is x0 (row stride `stride`, n_keys rows in the block).
+  const float* block(index_t kb, const float* x0, index_t stride, index_t n_keys) {
+    float* p = data_ + kb * slot_;
+    if (kb == n_packed_) {
+      if (transposed_) detail::pack_b(p, true, D_, n_keys, x0, stride);
+      else detail::pack_b(p, false, n_keys, D_, x0, stride);
+      ++n_packed_;
+    }
+    return p;
+  }
+
+ private:
+  index_t slot_, D_, n_packed_ = 0;
+  bool transposed_;
+  float* data_;
+};
 
 // Query blocks per forward task. Each task packs the keys and values it reads once, so whole (batch, head) pairs
 // are best; they are split only when there are too few of them to keep every thread busy.
@@ -119,8 +155,6 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
   check_config("attention_forward", c);
   const index_t D = c.D, block = block_q(c.T), n_qblocks = (c.T + block - 1) / block;
   const index_t per_task = qblocks_per_task(c.B * c.H, n_qblocks), n_chunks = (n_qblocks + per_task - 1) / per_task;
-  // Packed sizes of one key block: K^T as the score product's B (D x kBlockK), V as the P.V product's B.
-  const index_t k_slot = detail::packed_b_size(D, kBlockK), v_slot = detail::packed_b_size(kBlockK, D);
   detail::parallel_for_dynamic(c.B * c.H * n_chunks, [&](index_t task, int) {
     const index_t chunk = task % n_chunks, bh = task / n_chunks, b = bh / c.H, h = bh % c.H;
     const index_t qb_end = std::min(n_qblocks, (chunk + 1) * per_task);
@@ -128,9 +162,7 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
     Scratch& s = t_scratch;
     s.scores.resize(kMaxBlockQ * kBlockK);
     float* S = s.scores.data();
-    float* packed_k = s.keys.get(n_kblocks * k_slot);
-    float* packed_v = s.values.get(n_kblocks * v_slot);
-    index_t n_packed = 0;  // key blocks packed so far (causal query blocks reach further keys as they go)
+    PackedKeyBlocks keys_t(s.keys_t, true, n_kblocks, D), values(s.values, false, n_kblocks, D);
     for (index_t qb = chunk * per_task; qb < qb_end; ++qb) {
       const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
       s.m.assign(bq, kNegInf);
@@ -140,22 +172,11 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
         for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
       const index_t s_end = key_limit(mask, c, t0 + bq);
       for (index_t s0 = 0, kb = 0; s0 < s_end; s0 += kBlockK, ++kb) {
-        const index_t bk = std::min(kBlockK, s_end - s0);
-        const index_t full = std::min(kBlockK, c.S - s0);
-        if (kb == n_packed) {
-          detail::pack_b(packed_k + kb * k_slot, true, D, full, at(k, b, s0, h, D), k.st);
-          detail::pack_b(packed_v + kb * v_slot, false, full, D, at(v, b, s0, h, D), v.st);
-          ++n_packed;
-        }
-        // A block that the causal limit cuts short (on the diagonal) does not match the packed layout: unpacked.
-        const bool use_packed = bk == full;
-        if (use_packed)
-          detail::sgemm_single_thread_packed(bq, bk, D, c.scale, at(q, b, t0, h, D), q.st, packed_k + kb * k_slot,
-                                             0.0f, S, kBlockK);
-        else
-          detail::sgemm_single_thread(false, true, bq, bk, D, c.scale, at(q, b, t0, h, D), q.st,
-                                      at(k, b, s0, h, D), k.st, 0.0f, S, kBlockK);
-        mask_tile(S, kBlockK, bq, bk, b, h, t0, s0, mask, c);
+        const index_t bk = std::min(kBlockK, s_end - s0), full = std::min(kBlockK, c.S - s0);
+        const float* kt = keys_t.block(kb, at(k, b, s0, h, D), k.st, full);
+        const float* vb = values.block(kb, at(v, b, s0, h, D), v.st, full);
+        const bool whole = bk == full;
+        score_tile(S, kBlockK, bq, bk, b, h, t0, s0, q, k, whole ? kt : nullptr, mask, c);
         for (index_t i = 0; i < bq; ++i) {  // online softmax
           float* row = S + i * kBlockK;
           const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));
@@ -174,8 +195,8 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
           s.m[i] = m_new;
         }
         if (c.dropout_p > 0.0f) dropout_tile(S, kBlockK, bq, bk, b, h, t0, s0, c);
-        if (use_packed)
-          detail::sgemm_single_thread_packed(bq, D, bk, 1.0f, S, kBlockK, packed_v + kb * v_slot, 1.0f, O, out.st);
+        if (whole)
+          detail::sgemm_single_thread_packed(false, bq, D, bk, 1.0f, S, kBlockK, vb, 1.0f, O, out.st);
         else
           detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, h, D), v.st, 1.0f, O,
                                       out.st);
@@ -219,12 +240,26 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
     }
     const float* lse_bh = lse + bh * c.T;
     const index_t block = block_q(c.T);
+    const index_t n_kblocks = (key_limit(mask, c, c.T) + kBlockK - 1) / kBlockK;
+    PackedKeyBlocks keys_t(s.keys_t, true, n_kblocks, D), values_t(s.values, true, n_kblocks, D),
+        keys(s.keys, false, n_kblocks, D);
+    // One query block's dO and Q rows, packed as the B of dV += P^T dO and dK += dS^T Q.
+    const index_t rows_slot = detail::packed_b_size(block, D);
+    float* packed_dout = s.rows.get(2 * rows_slot);
+    float* packed_q = packed_dout + rows_slot;
     for (index_t t0 = 0; t0 < c.T; t0 += block) {
       const index_t bq = std::min(block, c.T - t0);
+      const float* dout_rows = at(dout, b, t0, h, D);
+      detail::pack_b(packed_dout, false, bq, D, dout_rows, dout.st);
+      detail::pack_b(packed_q, false, bq, D, at(q, b, t0, h, D), q.st);
       const index_t s_end = key_limit(mask, c, t0 + bq);
-      for (index_t s0 = 0; s0 < s_end; s0 += kBlockK) {
-        const index_t bk = std::min(kBlockK, s_end - s0);
-        score_tile(P, kBlockK, bq, bk, b, h, t0, s0, q, k, mask, c);
+      for (index_t s0 = 0, kb = 0; s0 < s_end; s0 += kBlockK, ++kb) {
+        const index_t bk = std::min(kBlockK, s_end - s0), full = std::min(kBlockK, c.S - s0);
+        const float* kt = keys_t.block(kb, at(k, b, s0, h, D), k.st, full);
+        const float* vt = values_t.block(kb, at(v, b, s0, h, D), v.st, full);
+        const float* kn = keys.block(kb, at(k, b, s0, h, D), k.st, full);
+        const bool whole = bk == full;  // else the causal diagonal cuts the block: read K and V in place
+        score_tile(P, kBlockK, bq, bk, b, h, t0, s0, q, k, whole ? kt : nullptr, mask, c);
         for (index_t i = 0; i < bq; ++i) {  // P = exp(S - lse); a fully masked row (lse = -inf) is all zeros
           float* row = P + i * kBlockK;
           if (lse_bh[t0 + i] == kNegInf) {
@@ -234,29 +269,35 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
           }
         }
         // dP = dO V^T (into dS), through the dropout mask when there is one.
-        detail::sgemm_single_thread(false, true, bq, bk, D, 1.0f, at(dout, b, t0, h, D), dout.st,
-                                    at(v, b, s0, h, D), v.st, 0.0f, dS, kBlockK);
+        if (whole)
+          detail::sgemm_single_thread_packed(false, bq, bk, D, 1.0f, dout_rows, dout.st, vt, 0.0f, dS, kBlockK);
+        else
+          detail::sgemm_single_thread(false, true, bq, bk, D, 1.0f, dout_rows, dout.st, at(v, b, s0, h, D), v.st,
+                                      0.0f, dS, kBlockK);
+        const float* p_kept = P;
         if (c.dropout_p > 0.0f) {
           dropout_tile(dS, kBlockK, bq, bk, b, h, t0, s0, c);
           // dV += (P * keep / (1 - p))^T dO: the dropped probabilities, while P itself is kept for dS.
           s.dropped.assign(P, P + kMaxBlockQ * kBlockK);
           dropout_tile(s.dropped.data(), kBlockK, bq, bk, b, h, t0, s0, c);
-          detail::sgemm_single_thread(true, false, bk, D, bq, 1.0f, s.dropped.data(), kBlockK,
-                                      at(dout, b, t0, h, D), dout.st, 1.0f, at(dv, b, s0, h, D), dv.st);
-        } else {
-          detail::sgemm_single_thread(true, false, bk, D, bq, 1.0f, P, kBlockK, at(dout, b, t0, h, D), dout.st,
-                                      1.0f, at(dv, b, s0, h, D), dv.st);
+          p_kept = s.dropped.data();
         }
+        detail::sgemm_single_thread_packed(true, bk, D, bq, 1.0f, p_kept, kBlockK, packed_dout, 1.0f,
+                                           at(dv, b, s0, h, D), dv.st);
         for (index_t i = 0; i < bq; ++i) {  // dS = P * (dP - D)
           const float* p = P + i * kBlockK;
           float* g = dS + i * kBlockK;
           const float di = s.d[t0 + i];
           for (index_t j = 0; j < bk; ++j) g[j] = p[j] * (g[j] - di);
         }
-        detail::sgemm_single_thread(false, false, bq, D, bk, c.scale, dS, kBlockK, at(k, b, s0, h, D), k.st, 1.0f,
-                                    at(dq, b, t0, h, D), dq.st);
-        detail::sgemm_single_thread(true, false, bk, D, bq, c.scale, dS, kBlockK, at(q, b, t0, h, D), q.st, 1.0f,
-                                    at(dk, b, s0, h, D), dk.st);
+        if (whole)
+          detail::sgemm_single_thread_packed(false, bq, D, bk, c.scale, dS, kBlockK, kn, 1.0f, at(dq, b, t0, h, D),
+                                             dq.st);
+        else
+          detail::sgemm_single_thread(false, false, bq, D, bk, c.scale, dS, kBlockK, at(k, b, s0, h, D), k.st,
+                                      1.0f, at(dq, b, t0, h, D), dq.st);
+        detail::sgemm_single_thread_packed(true, bk, D, bq, c.scale, dS, kBlockK, packed_q, 1.0f,
+                                           at(dk, b, s0, h, D), dk.st);
       }
     }
   });
@@ -270,7 +311,7 @@ void attention_weights(float* weights, ConstHeadTensor q, ConstHeadTensor k, con
     const index_t qb = task % n_qblocks, bh = task / n_qblocks, b = bh / c.H, h = bh % c.H;
     const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
     float* W = weights + (bh * c.T + t0) * c.S;
-    score_tile(W, c.S, bq, c.S, b, h, t0, 0, q, k, mask, c);
+    score_tile(W, c.S, bq, c.S, b, h, t0, 0, q, k, nullptr, mask, c);
     for (index_t i = 0; i < bq; ++i) {
       float* row = W + i * c.S;
       const float m = detail::row_max(row, c.S);

@@ -42,8 +42,8 @@ void sgemm_single_thread(bool trans_a, bool trans_b, index_t M, index_t N, index
 index_t packed_b_size(index_t K, index_t N);
 void pack_b(float* dst, bool trans_b, index_t K, index_t N, const float* B, index_t ldb);
 
-// sgemm_single_thread with B from pack_b (A read in place, not transposed).
-void sgemm_single_thread_packed(index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
-                                const float* packed_b, float beta, float* C, index_t ldc);
+// sgemm_single_thread with B from pack_b(K, N) (A read in place).
+void sgemm_single_thread_packed(bool trans_a, index_t M, index_t N, index_t K, float alpha, const float* A,
+                                index_t lda, const float* packed_b, float beta, float* C, index_t ldc);
 
 }  // namespace cpuformer::detail

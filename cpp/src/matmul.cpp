@@ -562,12 +562,13 @@ void detail::pack_b(float* dst, bool trans_b, index_t K, index_t N, const float*
   }
 }
 
-void detail::sgemm_single_thread_packed(index_t M, index_t N, index_t K, float alpha, const float* A, index_t lda,
-                                        const float* packed_b, float beta, float* C, index_t ldc) {
-  CPUFORMER_CHECK(M >= 0 && N >= 0 && K >= 1 && lda >= K && ldc >= std::max<index_t>(1, N) && packed_b,
-                  "sgemm_single_thread_packed: bad sizes M=", M, " N=", N, " K=", K);
+void detail::sgemm_single_thread_packed(bool trans_a, index_t M, index_t N, index_t K, float alpha, const float* A,
+                                        index_t lda, const float* packed_b, float beta, float* C, index_t ldc) {
+  CPUFORMER_CHECK(M >= 0 && N >= 0 && K >= 1 && lda >= std::max<index_t>(1, trans_a ? M : K) &&
+                      ldc >= std::max<index_t>(1, N) && A && packed_b && C,
+                  "sgemm_single_thread_packed: bad sizes M=", M, " N=", N, " K=", K, " lda=", lda, " ldc=", ldc);
   if (M == 0 || N == 0) return;
-  GemmArgs g{false, false, M, N, K, alpha, A, lda, nullptr, 0, beta, C, ldc, nullptr, true};
+  const GemmArgs g{trans_a, false, M, N, K, alpha, A, lda, nullptr, 0, beta, C, ldc, nullptr, true};
   gemm_team(g, nullptr, 0, 0, 1, packed_b);
 }
 
