@@ -56,24 +56,81 @@ struct GemmArgs {
 // Packing. A sliver: for each k, MR consecutive rows (dst[k*MR + r]). B sliver: for each k, NR consecutive columns
 // (dst[k*NR + c]). Rows/columns past the edge are zero so the kernel always computes a full tile.
 
+void pack_a_sliver_scalar(float* d, const GemmArgs& g, index_t i0, index_t p0, index_t kc, int mr) {
+  if (g.trans_a) {  // op(A)[i, k] = A[k, i]: the MR values of one k are contiguous
+    for (index_t k = 0; k < kc; ++k) {
+      const float* src = g.A + (p0 + k) * g.lda + i0;
+      int r = 0;
+      for (; r < mr; ++r) d[k * MR + r] = src[r];
+      for (; r < MR; ++r) d[k * MR + r] = 0.0f;
+    }
+  } else {  // op(A)[i, k] = A[i, k]: gather MR row streams
+    const float* rows[MR];
+    for (int r = 0; r < MR; ++r) rows[r] = g.A + (i0 + std::min(r, mr - 1)) * g.lda + p0;
+    for (index_t k = 0; k < kc; ++k) {
+      for (int r = 0; r < MR; ++r) d[k * MR + r] = r < mr ? rows[r][k] : 0.0f;
+    }
+  }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+// Full slivers only. A^T: the 6 values of one k are contiguous (a 4-float and a 2-float move). A: 8 k-values of
+// each of the 6 rows, transposed in registers as an 8x8 block with two zero rows; each transposed row is stored
+// 8 wide at a 6-float step, so the next store overwrites its 2 zero lanes and the last one writes 2 floats past
+// the block's 48 (the caller's buffer has kPackASlack for the final sliver).
+CPUFORMER_AVX2 static void pack_a_sliver_avx2(float* d, const GemmArgs& g, index_t i0, index_t p0, index_t kc) {
+  static_assert(MR == 6, "the transposes below are written for 6-row slivers");
+  if (g.trans_a) {
+    const float* src = g.A + p0 * g.lda + i0;
+    for (index_t k = 0; k < kc; ++k, src += g.lda) {
+      _mm_storeu_ps(d + k * MR, _mm_loadu_ps(src));
+      _mm_store_sd(reinterpret_cast<double*>(d + k * MR + 4), _mm_load_sd(reinterpret_cast<const double*>(src + 4)));
+    }
+    return;
+  }
+  const float* rows[MR];
+  for (int r = 0; r < MR; ++r) rows[r] = g.A + (i0 + r) * g.lda + p0;
+  index_t k = 0;
+  for (; k + 8 <= kc; k += 8) {
+    const __m256 r0 = _mm256_loadu_ps(rows[0] + k), r1 = _mm256_loadu_ps(rows[1] + k);
+    const __m256 r2 = _mm256_loadu_ps(rows[2] + k), r3 = _mm256_loadu_ps(rows[3] + k);
+    const __m256 r4 = _mm256_loadu_ps(rows[4] + k), r5 = _mm256_loadu_ps(rows[5] + k);
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, zero, 0x44), u5 = _mm256_shuffle_ps(t4, zero, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, zero, 0x44), u7 = _mm256_shuffle_ps(t5, zero, 0xEE);
+    float* o = d + k * MR;
+    _mm256_storeu_ps(o + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(o + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(o + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(o + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(o + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(o + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(o + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(o + 7 * MR, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+  for (; k < kc; ++k)
+    for (int r = 0; r < MR; ++r) d[k * MR + r] = rows[r][k];
+}
+#endif
+
+// Floats past an A block that pack_a_block may write (the AVX2 transpose's last overlapping store).
+constexpr index_t kPackASlack = 8;
+
 void pack_a_block(float* dst, const GemmArgs& g, index_t i0, index_t p0, index_t mc, index_t kc) {
   for (index_t s = 0; s < mc; s += MR) {
     const int mr = static_cast<int>(std::min<index_t>(MR, mc - s));
-    float* d = dst + s * kc;
-    if (g.trans_a) {  // op(A)[i, k] = A[k, i]: the MR values of one k are contiguous
-      for (index_t k = 0; k < kc; ++k) {
-        const float* src = g.A + (p0 + k) * g.lda + i0 + s;
-        int r = 0;
-        for (; r < mr; ++r) d[k * MR + r] = src[r];
-        for (; r < MR; ++r) d[k * MR + r] = 0.0f;
-      }
-    } else {  // op(A)[i, k] = A[i, k]: gather MR row streams
-      const float* rows[MR];
-      for (int r = 0; r < MR; ++r) rows[r] = g.A + (i0 + s + std::min(r, mr - 1)) * g.lda + p0;
-      for (index_t k = 0; k < kc; ++k) {
-        for (int r = 0; r < MR; ++r) d[k * MR + r] = r < mr ? rows[r][k] : 0.0f;
-      }
+#ifdef CPUFORMER_HAVE_AVX2
+    if (mr == MR && detail::use_avx2()) {
+      pack_a_sliver_avx2(dst + s * kc, g, i0 + s, p0, kc);
+      continue;
     }
+#endif
+    pack_a_sliver_scalar(dst + s * kc, g, i0 + s, p0, kc, mr);
   }
 }
 
@@ -328,7 +385,7 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
 #else
   const bool direct_a = false;
 #endif
-  float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * KC);
+  float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * KC + kPackASlack);
 
   int parity = 0;
   index_t packed_offset = 0;
