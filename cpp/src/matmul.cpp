@@ -84,7 +84,9 @@ CPUFORMER_AVX2 static void pack_a_sliver_avx2(float* d, const GemmArgs& g, index
     const float* src = g.A + p0 * g.lda + i0;
     for (index_t k = 0; k < kc; ++k, src += g.lda) {
       _mm_storeu_ps(d + k * MR, _mm_loadu_ps(src));
-      _mm_store_sd(reinterpret_cast<double*>(d + k * MR + 4), _mm_load_sd(reinterpret_cast<const double*>(src + 4)));
+      // 64-bit moves through the unaligned-safe integer forms (_mm_load_sd would dereference a misaligned double*).
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(d + k * MR + 4),
+                       _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + 4)));
     }
     return;
   }
