@@ -74,6 +74,28 @@ void pack_a_sliver_scalar(float* d, const GemmArgs& g, index_t i0, index_t p0, i
 }
 
 #ifdef CPUFORMER_HAVE_AVX2
+// Transpose the 8x8 block whose rows are r0..r7 and store its row j (column j of the input) 8 wide at o + j * step,
+// in ascending j: with step < 8 each store overwrites the previous one's tail (the A packing relies on this).
+CPUFORMER_AVX2 static inline void transpose8x8_store(float* o, index_t step, __m256 r0, __m256 r1, __m256 r2,
+                                                     __m256 r3, __m256 r4, __m256 r5, __m256 r6, __m256 r7) {
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  _mm256_storeu_ps(o + 0 * step, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(o + 1 * step, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(o + 2 * step, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(o + 3 * step, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(o + 4 * step, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(o + 5 * step, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(o + 6 * step, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(o + 7 * step, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+
 // Full slivers only. A^T: the 6 values of one k are contiguous (a 4-float and a 2-float move). A: 8 k-values of
 // each of the 6 rows, transposed in registers as an 8x8 block with two zero rows; each transposed row is stored
 // 8 wide at a 6-float step, so the next store overwrites its 2 zero lanes and the last one writes 2 floats past
@@ -94,26 +116,10 @@ CPUFORMER_AVX2 static void pack_a_sliver_avx2(float* d, const GemmArgs& g, index
   for (int r = 0; r < MR; ++r) rows[r] = g.A + (i0 + r) * g.lda + p0;
   index_t k = 0;
   for (; k + 8 <= kc; k += 8) {
-    const __m256 r0 = _mm256_loadu_ps(rows[0] + k), r1 = _mm256_loadu_ps(rows[1] + k);
-    const __m256 r2 = _mm256_loadu_ps(rows[2] + k), r3 = _mm256_loadu_ps(rows[3] + k);
-    const __m256 r4 = _mm256_loadu_ps(rows[4] + k), r5 = _mm256_loadu_ps(rows[5] + k);
     const __m256 zero = _mm256_setzero_ps();
-    const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-    const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-    const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-    const __m256 u4 = _mm256_shuffle_ps(t4, zero, 0x44), u5 = _mm256_shuffle_ps(t4, zero, 0xEE);
-    const __m256 u6 = _mm256_shuffle_ps(t5, zero, 0x44), u7 = _mm256_shuffle_ps(t5, zero, 0xEE);
-    float* o = d + k * MR;
-    _mm256_storeu_ps(o + 0 * MR, _mm256_permute2f128_ps(u0, u4, 0x20));
-    _mm256_storeu_ps(o + 1 * MR, _mm256_permute2f128_ps(u1, u5, 0x20));
-    _mm256_storeu_ps(o + 2 * MR, _mm256_permute2f128_ps(u2, u6, 0x20));
-    _mm256_storeu_ps(o + 3 * MR, _mm256_permute2f128_ps(u3, u7, 0x20));
-    _mm256_storeu_ps(o + 4 * MR, _mm256_permute2f128_ps(u0, u4, 0x31));
-    _mm256_storeu_ps(o + 5 * MR, _mm256_permute2f128_ps(u1, u5, 0x31));
-    _mm256_storeu_ps(o + 6 * MR, _mm256_permute2f128_ps(u2, u6, 0x31));
-    _mm256_storeu_ps(o + 7 * MR, _mm256_permute2f128_ps(u3, u7, 0x31));
+    transpose8x8_store(d + k * MR, MR, _mm256_loadu_ps(rows[0] + k), _mm256_loadu_ps(rows[1] + k),
+                       _mm256_loadu_ps(rows[2] + k), _mm256_loadu_ps(rows[3] + k), _mm256_loadu_ps(rows[4] + k),
+                       _mm256_loadu_ps(rows[5] + k), zero, zero);
   }
   for (; k < kc; ++k)
     for (int r = 0; r < MR; ++r) d[k * MR + r] = rows[r][k];
@@ -160,27 +166,9 @@ void pack_b_sliver_scalar(float* d, const GemmArgs& g, index_t p0, index_t j0, i
 // Transposed B (the forward of a Linear layer, W^T): load 8 k-values from each of 8 columns, transpose the 8x8
 // block in registers, store 8 rows of the sliver. Edges fall back to the scalar routine.
 CPUFORMER_AVX2 static void transpose8_store(float* d, const float* const* src, index_t k, int col0) {
-  __m256 r0 = _mm256_loadu_ps(src[0] + k), r1 = _mm256_loadu_ps(src[1] + k);
-  __m256 r2 = _mm256_loadu_ps(src[2] + k), r3 = _mm256_loadu_ps(src[3] + k);
-  __m256 r4 = _mm256_loadu_ps(src[4] + k), r5 = _mm256_loadu_ps(src[5] + k);
-  __m256 r6 = _mm256_loadu_ps(src[6] + k), r7 = _mm256_loadu_ps(src[7] + k);
-  __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-  __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-  __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-  __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
-  __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  float* o = d + k * NR + col0;
-  _mm256_storeu_ps(o + 0 * NR, _mm256_permute2f128_ps(u0, u4, 0x20));
-  _mm256_storeu_ps(o + 1 * NR, _mm256_permute2f128_ps(u1, u5, 0x20));
-  _mm256_storeu_ps(o + 2 * NR, _mm256_permute2f128_ps(u2, u6, 0x20));
-  _mm256_storeu_ps(o + 3 * NR, _mm256_permute2f128_ps(u3, u7, 0x20));
-  _mm256_storeu_ps(o + 4 * NR, _mm256_permute2f128_ps(u0, u4, 0x31));
-  _mm256_storeu_ps(o + 5 * NR, _mm256_permute2f128_ps(u1, u5, 0x31));
-  _mm256_storeu_ps(o + 6 * NR, _mm256_permute2f128_ps(u2, u6, 0x31));
-  _mm256_storeu_ps(o + 7 * NR, _mm256_permute2f128_ps(u3, u7, 0x31));
+  transpose8x8_store(d + k * NR + col0, NR, _mm256_loadu_ps(src[0] + k), _mm256_loadu_ps(src[1] + k),
+                     _mm256_loadu_ps(src[2] + k), _mm256_loadu_ps(src[3] + k), _mm256_loadu_ps(src[4] + k),
+                     _mm256_loadu_ps(src[5] + k), _mm256_loadu_ps(src[6] + k), _mm256_loadu_ps(src[7] + k));
 }
 
 CPUFORMER_AVX2 static void pack_b_sliver_avx2(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc,
