@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -27,8 +28,9 @@ class SafetensorsError(ValueError):
 
 
 def _fsync_dir(path: str) -> None:
+    """Make the folder's entries (a rename, a new or removed file) durable; a no-op where folders can't be opened."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return
     try:
@@ -41,18 +43,40 @@ def _fsync_dir(path: str) -> None:
 
 def atomic_write_bytes(path: str, chunks) -> None:
     """Write the byte chunks to ``path`` atomically: a temporary file in the same folder, fsync, rename, fsync of
-    the folder. Readers see the old file or the complete new one, never a partial one."""
+    the folder. Readers see the old file or the complete new one, never a partial one.
+
+    The file gets the permissions ``open(path, "wb")`` would give: ``0o666`` less the umask for a new file, the old
+    file's mode when replacing one. The temporary file is ``.tmp-{pid}-{random}`` in the target's folder (the
+    trainer removes those a killed process left behind)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the kernel applies the umask, as for any new file
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"atomic_write_bytes: no free temporary name in {folder}")
     try:
+        try:
+            old_mode = stat.S_IMODE(os.stat(path).st_mode) & 0o777
+        except OSError:
+            old_mode = None
+        if old_mode is not None and hasattr(os, "fchmod"):
+            os.fchmod(fd, old_mode)
         with os.fdopen(fd, "wb") as f:
+            fd = -1
             for chunk in chunks:
                 f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         try:
             os.unlink(tmp)
         except OSError:
