@@ -7,6 +7,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
+#include <iterator>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -33,6 +35,57 @@ std::string shape_of(const py::array& a) {
 }
 
 [[noreturn]] void value_error(const std::string& msg) { throw py::value_error(msg); }
+
+// The bytes [lo, hi) that an array's elements span (strides may be negative or zero).
+std::pair<const char*, const char*> extent(const py::array& a) {
+  const char* lo = static_cast<const char*>(a.data());
+  const char* hi = lo;
+  for (py::ssize_t i = 0; i < a.ndim(); ++i) {
+    if (a.shape(i) == 0) return {lo, lo};
+    const py::ssize_t span = a.strides(i) * (a.shape(i) - 1);
+    (span < 0 ? lo : hi) += span;
+  }
+  return {lo, hi + a.itemsize()};
+}
+
+// Whether two arrays have an element in common (numpy.shares_memory). Disjoint extents never do and contiguous
+// ones with intersecting extents always do; only interleaved strided views (the q, k, v thirds of one fused
+// buffer) need numpy's exact test.
+bool shares_memory(const py::array& a, const py::array& b) {
+  const auto [alo, ahi] = extent(a);
+  const auto [blo, bhi] = extent(b);
+  if (!(alo < bhi && blo < ahi)) return false;
+  const auto contiguous = [](const py::array& x) { return (x.flags() & py::array::c_style) != 0; };
+  if (contiguous(a) && contiguous(b)) return true;
+  return py::module_::import("numpy").attr("shares_memory")(a, b).cast<bool>();
+}
+
+// A named array argument, for the aliasing check below.
+struct Arg {
+  const py::array* array;  // null: an optional argument that was not given
+  const char* name;
+};
+
+// Every op that writes into a caller's array checks, once, before any work: no output shares memory with an
+// input or with another output (in-place updates such as `out = beta * out + ...` list the array as an output
+// only). Outputs aliasing inputs would silently read values the kernel already overwrote.
+void check_disjoint(std::initializer_list<Arg> outputs, std::initializer_list<Arg> inputs) {
+  for (auto o = outputs.begin(); o != outputs.end(); ++o) {
+    if (!o->array) continue;
+    for (auto other = std::next(o); other != outputs.end(); ++other)
+      if (other->array && shares_memory(*o->array, *other->array))
+        value_error(std::string(o->name) + " and " + other->name + " must not share memory (they are both written)");
+    for (const Arg& in : inputs)
+      if (in.array && shares_memory(*o->array, *in.array))
+        value_error(std::string(o->name) + " must not share memory with " + in.name +
+                    " (it is written while " + in.name + " is read)");
+  }
+}
+
+template <class T>
+const py::array* opt_arg(const std::optional<T>& a) {
+  return a ? &*a : nullptr;
+}
 
 // Exactly float32, C-contiguous, no zero-size dimension; optionally a fixed rank range.
 F32 f32(const py::handle& obj, const char* name, int min_ndim = 0, int max_ndim = 64, bool writable = false) {
@@ -174,6 +227,7 @@ void gemm_inplace(const py::object& a_obj, const py::object& b_obj, const py::ob
   }
   const auto bias_arr = opt_f32(bias_obj, "bias");
   const float* bias = opt_vec(bias_arr, "bias", s.N);
+  check_disjoint({{&c, "out"}}, {{&a, "a"}, {&b, "b"}, {opt_arg(bias_arr), "bias"}});
   const float *pa = a.data(), *pb = b.data();
   float* pc = c.mutable_data();
   const index_t lda = a.shape(a.ndim() - 1), ldb = b.shape(b.ndim() - 1);
@@ -263,6 +317,7 @@ F32 activation_fwd(const py::object& x_obj, const py::object& bias_obj, const st
   const auto bias_arr = opt_f32(bias_obj, "bias");
   const float* bias = opt_vec(bias_arr, "bias", cols);
   const Activation act = activation_of(kind);
+  if (inplace) check_disjoint({{&x, "x"}}, {{opt_arg(bias_arr), "bias"}});
   F32 y = inplace ? x : empty_like(x);  // element-wise: y may be x
   const float* px = x.data();
   float* py_ = y.mutable_data();
@@ -362,9 +417,12 @@ void embedding_bwd(const py::object& dweight_obj, const py::object& dout_obj, co
   const F32 dout = f32(dout_obj, "grad_output", 1);
   const I64 ids = i64(ids_obj, "ids");
   const index_t V = dw.shape(0), C = dw.shape(1), n = ids.size();
-  if (dout.size() != n * C || dout.shape(dout.ndim() - 1) != C)
+  auto expected = shape_vec(ids);
+  expected.push_back(C);
+  if (shape_vec(dout) != expected)
     value_error("embedding_backward: grad_output must have shape ids.shape + (" + std::to_string(C) + ",), got " +
                 shape_of(dout) + " for ids " + shape_of(ids));
+  check_disjoint({{&dw, "weight_grad"}}, {{&dout, "grad_output"}, {&ids, "ids"}});
   const std::int64_t* pi = ids.data();
   const float* pd = dout.data();
   float* pw = dw.mutable_data();
@@ -382,6 +440,7 @@ py::tuple cross_entropy(const py::object& logits_obj, const py::object& targets_
                 shape_of(logits) + ", got " + shape_of(targets));
   if (!(label_smoothing >= 0.0f && label_smoothing <= 1.0f))
     value_error("cross_entropy: label_smoothing must be in [0, 1], got " + std::to_string(label_smoothing));
+  if (compute_grad && inplace) check_disjoint({{&logits, "logits"}}, {{&targets, "targets"}});
   py::object grad = py::none();
   float* pg = nullptr;
   if (compute_grad) {
@@ -413,6 +472,7 @@ void adamw(const py::object& p_obj, const py::object& g_obj, const py::object& m
   same_shape(p, "param", g, "grad");
   same_shape(p, "param", m, "exp_avg");
   same_shape(p, "param", v, "exp_avg_sq");
+  check_disjoint({{&p, "param"}, {&m, "exp_avg"}, {&v, "exp_avg_sq"}}, {{&g, "grad"}});
   float *pp = p.mutable_data(), *pm = m.mutable_data(), *pv = v.mutable_data();
   const float* pg = g.data();
   const index_t n = p.size();
@@ -450,7 +510,8 @@ HeadArg head_arg(const py::handle& obj, const char* name, bool writable) {
   if (a.strides(2) != f || a.strides(0) < 0 || a.strides(1) < 0 || a.strides(0) % f || a.strides(1) % f)
     value_error(std::string(name) + " must have a contiguous last axis and non-negative strides");
   if (writable && !a.writeable()) value_error(std::string(name) + " must be writable");
-  float* data = static_cast<float*>(a.mutable_data());
+  // Inputs are only read (ConstHeadTensor), so read-only arrays are fine: no mutable_data() for them.
+  float* data = const_cast<float*>(static_cast<const float*>(a.data()));
   return {a, data, a.shape(0), a.shape(1), a.shape(2), a.strides(0) / f, a.strides(1) / f};
 }
 
@@ -560,6 +621,11 @@ void attention_bwd(const py::object& dout_obj, const py::object& q_obj, const py
     value_error("lse must have shape (B, num_heads, T) = (" + std::to_string(cfg.B) + ", " + std::to_string(cfg.H) +
                 ", " + std::to_string(cfg.T) + "), got " + shape_of(lse));
   const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
+  const py::array* additive = attn_mask.is_none() ? nullptr : &m.additive_arr;
+  const py::array* padding = key_padding_mask.is_none() ? nullptr : &m.padding_arr;
+  check_disjoint({{&dq.arr, "grad_query"}, {&dk.arr, "grad_key"}, {&dv.arr, "grad_value"}},
+                 {{&dout.arr, "grad_output"}, {&q.arr, "query"}, {&k.arr, "key"}, {&v.arr, "value"},
+                  {&out.arr, "output"}, {&lse, "lse"}, {additive, "attn_mask"}, {padding, "key_padding_mask"}});
   py::gil_scoped_release nogil;
   attention_backward(as_mut(dq), as_mut(dk), as_mut(dv), as_const(dout), as_const(q), as_const(k), as_const(v),
                      as_const(out), lse.data(), m.mask, cfg);
@@ -597,13 +663,6 @@ FfnShapes ffn_shapes(const F32& x, const F32& w1, const F32& w2) {
   return {rows, C, F};
 }
 
-// Bytes [data, data + nbytes) of two arrays intersect: a caller-provided output must not alias an input.
-bool overlaps(const py::array& a, const py::array& b) {
-  const auto* pa = static_cast<const char*>(a.data());
-  const auto* pb = static_cast<const char*>(b.data());
-  return pa < pb + b.nbytes() && pb < pa + a.nbytes();
-}
-
 // A caller's reusable (rows, F) buffer (None: a fresh one): writable float32, C-contiguous, disjoint from `inputs`.
 F32 hidden_buffer(const py::object& obj, const char* name, py::ssize_t rows, py::ssize_t F,
                   const std::vector<const py::array*>& inputs) {
@@ -613,7 +672,7 @@ F32 hidden_buffer(const py::object& obj, const char* name, py::ssize_t rows, py:
     value_error(std::string(name) + " must have shape (" + std::to_string(rows) + ", " + std::to_string(F) +
                 "), got " + shape_of(buf));
   for (const py::array* in : inputs)
-    if (overlaps(buf, *in)) value_error(std::string(name) + " must not share memory with the other arrays");
+    if (in && shares_memory(buf, *in)) value_error(std::string(name) + " must not share memory with the other arrays");
   return buf;
 }
 
@@ -628,8 +687,8 @@ py::tuple feedforward_fwd(const py::object& x_obj, const py::object& w1_obj, con
   check_p(dropout_p);
   const Activation act = activation_of(kind);
   F32 out = empty_like(x);
-  F32 u = hidden_buffer(u_obj, "u_out", s.rows, s.F, {&x, &w1, &w2});
-  F32 a = hidden_buffer(a_obj, "a_out", s.rows, s.F, {&x, &w1, &w2, &u});
+  F32 u = hidden_buffer(u_obj, "u_out", s.rows, s.F, {&x, &w1, &w2, opt_arg(b1_arr), opt_arg(b2_arr)});
+  F32 a = hidden_buffer(a_obj, "a_out", s.rows, s.F, {&x, &w1, &w2, opt_arg(b1_arr), opt_arg(b2_arr), &u});
   float *po = out.mutable_data(), *pu = u.mutable_data(), *pa = a.mutable_data();
   const float *px = x.data(), *pw1 = w1.data(), *pw2 = w2.data();
   {
@@ -666,6 +725,8 @@ F32 feedforward_bwd(const py::object& dout_obj, const py::object& x_obj, const p
   float* dw2 = opt_grad(dw2_obj, "linear2.weight.grad", {s.C, s.F}, k3);
   float* db2 = opt_grad(db2_obj, "linear2.bias.grad", {s.C}, k4);
   if (!dw1 || !dw2) value_error("feedforward_backward: the weight gradients are required");
+  check_disjoint({{opt_arg(k1), "grad_w1"}, {opt_arg(k2), "grad_b1"}, {opt_arg(k3), "grad_w2"}, {opt_arg(k4), "grad_b2"}},
+                 {{&dout, "grad_output"}, {&x, "x"}, {&u, "u"}, {&a, "a"}, {&w1, "w1"}, {&w2, "w2"}});
   check_p(dropout_p);
   const Activation act = activation_of(kind);
   std::vector<const py::array*> operands{&dout, &x, &u, &a, &w1, &w2};
@@ -689,6 +750,7 @@ void bias_grad(const py::object& dbias_obj, const py::object& dout_obj) {
   const auto [rows, cols] = rows_cols(dout);
   if (db.shape(0) != cols)
     value_error("bias_grad must have shape (" + std::to_string(cols) + ",), got " + shape_of(db));
+  check_disjoint({{&db, "bias_grad"}}, {{&dout, "grad_output"}});
   float* pdb = db.mutable_data();
   const float* pdo = dout.data();
   py::gil_scoped_release nogil;
@@ -737,7 +799,7 @@ F32 prepared_linear(const char* name, const py::object& xobj, index_t in, index_
   F32 y = out_obj.is_none() ? F32(shape) : f32(out_obj, "out", 1, 64, true);
   if (shape_vec(y) != shape)
     value_error(std::string(name) + ": out must have shape " + shape_of(F32(shape)) + ", got " + shape_of(y));
-  if (overlaps(y, x)) value_error(std::string(name) + ": out must not share memory with x");
+  check_disjoint({{&y, "out"}}, {{&x, "x"}, {opt_arg(b), "bias"}});
   float* yp = y.mutable_data();
   {
     py::gil_scoped_release nogil;

@@ -42,7 +42,7 @@ def _f32(x, name: str) -> np.ndarray:
         raise TypeError(f"{name}: cannot read {type(x).__name__} as an array ({exc})") from exc
     if arr.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers (float32 preferred), got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    return np.asarray(arr, dtype=np.float32, order="C")  # (np.ascontiguousarray would make a 0-d array 1-d)
 
 
 def _opt_f32(x, name: str) -> Optional[np.ndarray]:
@@ -53,7 +53,18 @@ def _ids(x, name: str) -> np.ndarray:
     arr = np.asarray(x)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.dtype == np.uint64 and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise IndexError(f"{name}: id {arr.max()} is out of range")  # would wrap to a negative int64
+    return np.asarray(arr, dtype=np.int64, order="C")
+
+
+def _int_arg(value, name: str, minimum: int = 0) -> int:
+    """An integer argument (Python or numpy int, not bool) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def _finite_scalar(value, name: str) -> float:
@@ -282,10 +293,9 @@ def adamw_step(param: np.ndarray, grad, exp_avg: np.ndarray, exp_avg_sq: np.ndar
                grad_scale: float = 1.0) -> None:
     """One AdamW update (as ``torch.optim.AdamW``), in place on ``param``, ``exp_avg``, ``exp_avg_sq`` (writable
     float32 arrays of one shape); ``grad * grad_scale`` is the gradient used. ``step`` counts from 1."""
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"step must be an int >= 1, got {step!r}")
+    step = _int_arg(step, "step", 1)
     _core.adamw_step(param, _f32(grad, "grad"), exp_avg, exp_avg_sq, _finite_scalar(lr, "lr"), float(beta1),
-                     float(beta2), float(eps), _finite_scalar(weight_decay, "weight_decay"), int(step),
+                     float(beta2), float(eps), _finite_scalar(weight_decay, "weight_decay"), step,
                      _finite_scalar(grad_scale, "grad_scale"))
 
 
@@ -312,6 +322,12 @@ def _rows_f32(x, name: str) -> np.ndarray:
     return _f32(x, name)
 
 
+def _check_additive(mask: np.ndarray, name: str) -> None:
+    """An additive mask holds finite values or -inf: NaN or +inf would turn whole output rows into NaN."""
+    if np.isnan(mask).any() or np.isposinf(mask).any():
+        raise ValueError(f"{name} contains NaN or +inf (an additive mask holds finite values or -inf)")
+
+
 def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt_len: int, src_len: int):
     """Normalise PyTorch-style masks for the kernels: returns ``(additive float32 mask or None, uint8 key padding
     or None)``. ``attn_mask``: boolean (True = not allowed) or additive float, shape (T, S), (B, T, S) or
@@ -325,8 +341,7 @@ def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt
             additive = np.ascontiguousarray(m, dtype=np.float32)
         else:
             raise TypeError(f"attn_mask must be boolean or float, got dtype {m.dtype}")
-        if np.isnan(additive).any():
-            raise ValueError("attn_mask contains NaN")
+        _check_additive(additive, "attn_mask")
     padding = None
     if key_padding_mask is not None:
         kp = np.asarray(key_padding_mask)
@@ -335,6 +350,7 @@ def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt
         if kp.dtype == np.bool_ or kp.dtype.kind in "iu":
             padding = np.ascontiguousarray(kp != 0, dtype=np.uint8)
         elif kp.dtype.kind == "f":  # additive per key: fold into a (B, T, S) additive mask
+            _check_additive(kp, "key_padding_mask")
             extra = np.broadcast_to(kp.astype(np.float32)[:, None, :], (batch, tgt_len, src_len))
             if additive is None:
                 additive = np.ascontiguousarray(extra)
@@ -346,6 +362,14 @@ def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt
         else:
             raise TypeError(f"key_padding_mask must be boolean or float, got dtype {kp.dtype}")
     return additive, padding
+
+
+def _heads(num_heads, embed: int) -> int:
+    """num_heads as an int >= 1 that divides the embedding size (checked before anything divides by it)."""
+    num_heads = _int_arg(num_heads, "num_heads", 1)
+    if embed % num_heads:
+        raise ValueError(f"embed size {embed} is not divisible by num_heads {num_heads}")
+    return num_heads
 
 
 def _scale(scale, embed: int, num_heads: int) -> float:
@@ -369,11 +393,10 @@ def attention(query, key, value, num_heads: int = 1, *, attn_mask=None, key_padd
         raise ValueError(f"query must be 3-D (batch, length, embed), got shape {q.shape}")
     if k.ndim != 3:
         raise ValueError(f"key must be 3-D (batch, length, embed), got shape {k.shape}")
-    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
-                                        k.shape[1])
-    return _core.attention(q, k, v, int(num_heads), additive, padding, bool(is_causal),
-                           _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p, "dropout_p"), _seed(seed),
-                           bool(need_lse))
+    num_heads = _heads(num_heads, q.shape[2])
+    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], num_heads, q.shape[1], k.shape[1])
+    return _core.attention(q, k, v, num_heads, additive, padding, bool(is_causal), _scale(scale, q.shape[2], num_heads),
+                           _check_p(dropout_p, "dropout_p"), _seed(seed), bool(need_lse))
 
 
 def attention_backward(grad_output, query, key, value, output, lse, num_heads: int = 1, *, attn_mask=None,
@@ -388,11 +411,11 @@ def attention_backward(grad_output, query, key, value, output, lse, num_heads: i
     dq = np.empty(q.shape, np.float32) if grad_query is None else grad_query
     dk = np.empty(k.shape, np.float32) if grad_key is None else grad_key
     dv = np.empty(v.shape, np.float32) if grad_value is None else grad_value
-    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
-                                        k.shape[1])
+    num_heads = _heads(num_heads, q.shape[2])
+    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], num_heads, q.shape[1], k.shape[1])
     _core.attention_backward(_rows_f32(grad_output, "grad_output"), q, k, v, _rows_f32(output, "output"),
-                             _f32(lse, "lse"), dq, dk, dv, int(num_heads), additive, padding, bool(is_causal),
-                             _scale(scale, q.shape[2], int(num_heads)), _check_p(dropout_p, "dropout_p"), _seed(seed))
+                             _f32(lse, "lse"), dq, dk, dv, num_heads, additive, padding, bool(is_causal),
+                             _scale(scale, q.shape[2], num_heads), _check_p(dropout_p, "dropout_p"), _seed(seed))
     return dq, dk, dv
 
 
@@ -402,10 +425,10 @@ def attention_weights(query, key, num_heads: int = 1, *, attn_mask=None, key_pad
     q, k = _rows_f32(query, "query"), _rows_f32(key, "key")
     if q.ndim != 3 or k.ndim != 3:
         raise ValueError("query and key must be 3-D (batch, length, embed)")
-    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], int(num_heads), q.shape[1],
-                                        k.shape[1])
-    return _core.attention_weights(q, k, int(num_heads), additive, padding, bool(is_causal),
-                                   _scale(scale, q.shape[2], int(num_heads)))
+    num_heads = _heads(num_heads, q.shape[2])
+    additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], num_heads, q.shape[1], k.shape[1])
+    return _core.attention_weights(q, k, num_heads, additive, padding, bool(is_causal),
+                                   _scale(scale, q.shape[2], num_heads))
 
 
 # ---------------------------------------------------------------------------------------------------------------
