@@ -42,6 +42,9 @@ class TransformerClassifier(Module):
         ids = ops._ids(ids, "ids")
         if ids.ndim != 2:
             raise ValueError(f"TransformerClassifier: ids must be (batch, length), got shape {ids.shape}")
+        if ids.shape[1] > self.config["max_len"]:  # the C++ runtime applies the same rule, whatever the pooling
+            raise ValueError(f"TransformerClassifier: sequence length {ids.shape[1]} exceeds max_len "
+                             f"{self.config['max_len']}")
         scale = math.sqrt(self.d_model)
         pad = ids == self.pad_id
         x = self.embedding(ids) * scale

@@ -9,29 +9,39 @@ import numpy as np
 from .. import ops
 from ..nn import quantized
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, PositionalEncoding, TransformerEncoderLayer, init
+from ..nn.module import check_grad_shape
 
 __all__ = ["GPT", "sample_next"]
+
+
+def _sampling_args(temperature, top_k, top_p):
+    """Checked sampling settings: temperature finite and >= 0, top_k an int >= 1, top_p in (0, 1]."""
+    temperature = ops._finite_scalar(temperature, "temperature")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None:
+        top_k = ops._int_arg(top_k, "top_k", 1)
+    if top_p is not None:
+        top_p = float(top_p)
+        if not 0 < top_p <= 1:  # (NaN fails this too)
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    return temperature, top_k, top_p
 
 
 def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float = 1.0, top_k: Optional[int] = None,
                 top_p: Optional[float] = None, greedy: bool = False) -> np.ndarray:
     """Next ids (B,) from last-position logits (B, V): greedy (argmax), or sampling at ``temperature`` from the
     ``top_k`` most likely tokens and/or the smallest set whose probability reaches ``top_p``."""
+    temperature, top_k, top_p = _sampling_args(temperature, top_k, top_p)
     if greedy or temperature == 0:
         return logits.argmax(-1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     z = logits.astype(np.float64) / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = np.sort(z, axis=-1)[:, -min(top_k, z.shape[-1])][:, None]
         z = np.where(z < kth, -np.inf, z)
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         order = np.argsort(-p, axis=-1)
         sorted_p = np.take_along_axis(p, order, -1)
         keep_sorted = np.cumsum(sorted_p, -1) - sorted_p < top_p  # always keeps the most likely token
@@ -99,14 +109,19 @@ class GPT(Module):
             x = block(x, is_causal=True)
         h = self.ln_f(x)
         B, T, C = h.shape
-        self._h = h.reshape(B * T, C)
-        return self._logits(self._h).reshape(B, T, self.vocab_size)
+        h2 = h.reshape(B * T, C)
+        self._h = h2
+        return self._logits(h2).reshape(B, T, self.vocab_size)
 
     def backward(self, grad_output):
         if quantized.is_frozen(self):
             quantized.no_backward(self)
+        if self._h is None:
+            raise RuntimeError("GPT.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
-        B, T, V = g.shape
+        B, T = self.wpe._shape[:2]
+        check_grad_shape(g, (B, T, self.vocab_size), "GPT")
+        V = self.vocab_size
         g2 = g.reshape(B * T, V)
         W = self._head_weight()
         ops.gemm(g2, self._h, W.grad, transpose_a=True, beta=1.0)  # head (tied: into wte's gradient)
@@ -153,8 +168,17 @@ class GPT(Module):
         ids = ops._ids(ids, "ids")
         if ids.ndim == 1:
             ids = ids[None]
-        if ids.ndim != 2 or ids.shape[1] < 1:
-            raise ValueError(f"generate: ids must be (batch, length >= 1), got shape {ids.shape}")
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise ValueError(f"generate: ids must be (batch >= 1, length >= 1), got shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = ids.min() if ids.min() < 0 else ids.max()
+            raise IndexError(f"generate: id {bad} is out of range [0, {self.vocab_size})")
+        max_new_tokens = ops._int_arg(max_new_tokens, "max_new_tokens", 0)
+        _sampling_args(temperature, top_k, top_p)
+        if eos_id is not None:
+            eos_id = ops._int_arg(eos_id, "eos_id", 0)
+        if seed is not None:
+            ops._seed(seed)
         was_training = self.training
         self.eval()
         rng = np.random.default_rng(seed)
@@ -163,7 +187,7 @@ class GPT(Module):
         done = np.zeros(B, bool)
         caches = None
         try:
-            for _ in range(int(max_new_tokens)):
+            for _ in range(max_new_tokens):
                 total = out.shape[1]
                 if use_cache and total <= self.block_size:
                     if caches is None:

@@ -39,15 +39,19 @@ class Seq2SeqTransformer(Module):
         self.generator = Linear(d_model, tgt_vocab_size)
         self.d_model, self.pad_id, self.bos_id, self.eos_id = d_model, pad_id, bos_id, eos_id
         self.scale = math.sqrt(d_model)
-        self._src_pad = None
 
     def encode(self, src):
+        """The encoder's output (memory) for source ids (B, S)."""
+        return self._encode(src)[0]
+
+    def _encode(self, src):
+        """``(memory, source padding mask)``: returned, not kept on the model, so concurrent calls don't mix."""
         src = ops._ids(src, "src")
         if src.ndim != 2:
             raise ValueError(f"src must be (batch, length), got shape {src.shape}")
-        self._src_pad = src == self.pad_id
+        pad = src == self.pad_id
         x = self.src_pos(self.src_embedding(src) * self.scale)
-        return self.transformer.encoder(x, src_key_padding_mask=self._src_pad)
+        return self.transformer.encoder(x, src_key_padding_mask=pad), pad
 
     def decode(self, tgt_in, memory, src_pad):
         tgt_in = ops._ids(tgt_in, "tgt_in")
@@ -57,8 +61,8 @@ class Seq2SeqTransformer(Module):
         return self.generator(out)
 
     def forward(self, src, tgt_in):
-        memory = self.encode(src)
-        return self.decode(tgt_in, memory, self._src_pad)
+        memory, pad = self._encode(src)
+        return self.decode(tgt_in, memory, pad)
 
     def backward(self, grad_output):
         d_tgt, d_memory = self.transformer.decoder.backward(self.generator.backward(grad_output))
@@ -70,13 +74,15 @@ class Seq2SeqTransformer(Module):
     def translate(self, src, max_len: int = 60, beam_size: int = 1, length_penalty: float = 0.6) -> List[List[int]]:
         """Decode each source row (B, S): greedy when ``beam_size == 1``, else beam search with GNMT length
         penalty. Returns token-id lists without BOS/EOS. The encoder runs once per call."""
+        max_len = ops._int_arg(max_len, "max_len", 0)
+        beam_size = ops._int_arg(beam_size, "beam_size", 1)
+        length_penalty = ops._finite_scalar(length_penalty, "length_penalty")
         was_training = self.training
         self.eval()
         try:
             src = ops._ids(src, "src")
-            memory = self.encode(src)
-            pad = self._src_pad
-            if beam_size <= 1:
+            memory, pad = self._encode(src)
+            if beam_size == 1:
                 return self._greedy(memory, pad, max_len)
             return [self._beam(memory[i:i + 1], pad[i:i + 1], max_len, beam_size, length_penalty)
                     for i in range(src.shape[0])]

@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import _core, ops
 from . import init, quantized
-from .module import Module, Parameter, Workspace
+from .module import Module, Parameter, Workspace, check_grad_shape
 
 __all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward",
            "feed_forward_apply", "feed_forward_grad"]
@@ -60,8 +60,8 @@ class Linear(Module):
             return self._frozen_forward(x)
         x2 = x.reshape(-1, self.in_features)
         y = ops.matmul(x2, self.weight.data, transpose_b=True, bias=None if self.bias is None else self.bias.data)
-        self._x = x2
-        return y.reshape(x.shape[:-1] + (self.out_features,))
+        self._x, self._lead = x2, x.shape[:-1]
+        return y.reshape(self._lead + (self.out_features,))
 
     def _frozen_forward(self, x: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         quantized.require_inference(self)
@@ -73,14 +73,12 @@ class Linear(Module):
         if self._x is None:
             raise RuntimeError("Linear.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
-        lead = g.shape[:-1]
+        check_grad_shape(g, self._lead + (self.out_features,), "Linear")
         g2 = g.reshape(-1, self.out_features)
-        if g2.shape[0] != self._x.shape[0]:
-            raise ValueError(f"Linear.backward: grad_output has {g2.shape[0]} rows, forward had {self._x.shape[0]}")
         ops.gemm(g2, self._x, self.weight.grad, transpose_a=True, beta=1.0)  # dW += g^T x
         if self.bias is not None:
             ops.bias_grad(g2, self.bias.grad)
-        return ops.matmul(g2, self.weight.data).reshape(lead + (self.in_features,))
+        return ops.matmul(g2, self.weight.data).reshape(self._lead + (self.in_features,))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -141,7 +139,7 @@ class PositionalEncoding(Module):
         else:
             object.__setattr__(self, "table", sinusoidal_table(max_len, d_model))
         self.dropout = Dropout(dropout)
-        self._T = None
+        self._shape = None
 
     def forward(self, x):
         x = _as_input(x)
@@ -152,13 +150,17 @@ class PositionalEncoding(Module):
         if T > self.max_len:
             raise ValueError(f"PositionalEncoding: sequence length {T} exceeds max_len {self.max_len}")
         table = self.weight.data if self.learned else self.table
-        self._T = T
+        self._shape = x.shape
         return self.dropout(x + table[None, :T])
 
     def backward(self, grad_output):
-        g = self.dropout.backward(grad_output)
+        if self._shape is None:
+            raise RuntimeError("PositionalEncoding.backward called before forward")
+        g = ops._f32(grad_output, "grad_output")
+        check_grad_shape(g, self._shape, "PositionalEncoding")
+        g = self.dropout.backward(g)
         if self.learned:
-            self.weight.grad[: self._T] += g.sum(axis=0)
+            self.weight.grad[: self._shape[1]] += g.sum(axis=0)
         return g
 
     def extra_repr(self) -> str:
@@ -231,12 +233,16 @@ class Dropout(Module):
             self._seed = None
             return x
         self._seed = init.next_seed()
-        return ops.dropout(x, self.p, self._seed)[0]
+        y = ops.dropout(x, self.p, self._seed)[0]
+        self._shape = y.shape
+        return y
 
     def backward(self, grad_output):
         if self._seed is None:
             return grad_output
-        return ops.dropout_backward(grad_output, self.p, self._seed)
+        g = ops._f32(grad_output, "grad_output")
+        check_grad_shape(g, self._shape, "Dropout")
+        return ops.dropout_backward(g, self.p, self._seed)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"

@@ -9,12 +9,14 @@ ways with ``load_state_dict``.
 from __future__ import annotations
 
 import copy
+import functools
+import threading
 from collections import OrderedDict
 from typing import Dict, Iterator, List, NamedTuple, Tuple
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "to_numpy"]
+__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "to_numpy", "check_grad_shape"]
 
 
 class Parameter:
@@ -49,23 +51,53 @@ class _IncompatibleKeys(NamedTuple):
     unexpected_keys: List[str]
 
 
+def check_grad_shape(grad: np.ndarray, expected: Tuple[int, ...], layer: str) -> None:
+    """A gradient must have exactly its output's shape: a permutation of it (same size) would reshape silently."""
+    if grad.shape != tuple(expected):
+        raise ValueError(f"{layer}.backward: grad_output must have the forward output's shape {tuple(expected)}, "
+                         f"got {grad.shape}")
+
+
 class Workspace:
     """float32 arrays a layer reuses from step to step for what it keeps between forward and backward (and for
     scratch), never handed to the caller. Multi-megabyte arrays allocated fresh every step are returned to the OS
-    when freed and page-faulted back on first touch, which costs several percent of a training step."""
+    when freed and page-faulted back on first touch, which costs several percent of a training step.
+
+    Each thread has its own arrays: one eval-mode model called from several threads at once must not have two
+    forwards writing one buffer (a thread's arrays are freed when the thread ends)."""
 
     def __init__(self) -> None:
-        self._arrays: Dict[str, np.ndarray] = {}
+        self._local = threading.local()
 
     def get(self, name: str, shape: Tuple[int, ...]) -> np.ndarray:
-        """An uninitialised (contents are the previous step's) C-contiguous float32 array of ``shape``."""
-        arr = self._arrays.get(name)
+        """An uninitialised (contents are this thread's previous step's) C-contiguous float32 array of ``shape``."""
+        arrays = self._local.__dict__.setdefault("arrays", {})
+        arr = arrays.get(name)
         if arr is None or arr.shape != shape:
-            arr = self._arrays[name] = np.empty(shape, np.float32)
+            arr = arrays[name] = np.empty(shape, np.float32)
         return arr
 
     def __deepcopy__(self, memo) -> "Workspace":
         return Workspace()  # scratch, not state: a copy starts empty
+
+
+_TRAINING_CALLS = threading.Lock()  # guards the per-module training-call bookkeeping below
+
+
+def _same_thread_backward(backward):
+    """Wrap a layer's ``backward``: it must run in the thread whose training-mode forward it differentiates, or
+    it would read what another thread's forward saved."""
+
+    @functools.wraps(backward)
+    def checked(self, *args, **kwargs):
+        owner = self.__dict__.get("_forward_thread")
+        if owner is not None and owner != threading.get_ident():
+            raise RuntimeError(f"{type(self).__name__}.backward: the latest training-mode forward ran in another "
+                               "thread; call forward and backward from one thread")
+        return backward(self, *args, **kwargs)
+
+    checked._checks_thread = True
+    return checked
 
 
 class Module:
@@ -163,8 +195,31 @@ class Module:
         return _IncompatibleKeys(missing, unexpected)
 
     # -- calling --------------------------------------------------------------------------------------------------
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        backward = cls.__dict__.get("backward")
+        if backward is not None and not getattr(backward, "_checks_thread", False):
+            cls.backward = _same_thread_backward(backward)
+
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        if not self.training:  # eval mode: nothing shared is written, any number of threads may call
+            return self.forward(*args, **kwargs)
+        # Training mode keeps what backward needs on the layers, so one forward at a time per module: a second
+        # thread's forward would overwrite it. Refuse that rather than give silently wrong gradients.
+        me = threading.get_ident()
+        with _TRAINING_CALLS:
+            owner, depth = self.__dict__.get("_training_call", (None, 0))
+            if depth and owner != me:
+                raise RuntimeError(f"{type(self).__name__}: a training-mode forward is already running in another "
+                                   "thread; a model in training mode keeps what backward needs and can be used by "
+                                   "one thread at a time (eval-mode forwards are thread-safe)")
+            object.__setattr__(self, "_training_call", (me, depth + 1))
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            with _TRAINING_CALLS:
+                object.__setattr__(self, "_training_call", (me, self._training_call[1] - 1))
+                object.__setattr__(self, "_forward_thread", me)
 
     def forward(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__}.forward")
