@@ -8,8 +8,16 @@ Exact resume: a checkpoint (``output_dir/checkpoint-{step}/``: ``model.safetenso
 ``trainer_state.json``) holds the weights, the optimizer moments and step, the position in the data order (each
 epoch's order is a pure function of ``(seed, epoch)``), the generator state behind dropout masks, the history and
 the early-stopping state; the learning-rate schedule is a function of the step. With the same thread count,
-resuming reproduces the uninterrupted run's losses exactly. Checkpoint folders are written under a temporary name
-and renamed when complete, so a crash mid-write never loses the last good checkpoint.
+resuming reproduces the uninterrupted run's losses exactly.
+
+Nothing lost: a checkpoint folder is written under a temporary name (``checkpoint-{step}.tmp-{pid}-{random}``),
+completed by ``checkpoint_complete.json`` (written last: every file's size) and only then renamed into place. A
+checkpoint being replaced (the final save of a run that ended on a save step) is renamed aside first and deleted
+after the new one is in place; rotation deletes old checkpoints only after the new one is in place, oldest first.
+:func:`latest_checkpoint` ignores incomplete folders (a checkpoint from before the marker counts as complete when it
+holds all three files). On the next start (a Trainer with ``output_dir``, or ``fit(resume_from="latest")``) what a
+killed run left is tidied: a complete temporary checkpoint whose ``checkpoint-{step}`` is missing or incomplete is
+renamed into place, other temporary folders and files of dead processes are removed.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -39,18 +48,128 @@ logger = logging.getLogger("cpuformer")
 logger.addHandler(logging.NullHandler())
 
 _CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CKPT_FILES = ("model.safetensors", "optimizer.safetensors", "trainer_state.json")
+_MARKER = "checkpoint_complete.json"
+# temporary names in output_dir: checkpoint-N.tmp-{pid}-{hex} (a checkpoint being written), checkpoint-N.tmp-del-...
+# (one being deleted), .tmp-{pid}-{hex} (a file being written by atomic_write_bytes); older versions wrote
+# checkpoint-N.tmp-{pid} and mkstemp's .tmp-XXXXXXXX
+_TMP_RE = re.compile(r"^(?P<base>checkpoint-\d+)?\.tmp-(?P<trash>del-)?(?P<rest>.*)$")
+_TMP_PID_RE = re.compile(r"^(\d+)(?:-[0-9a-f]+)?$")
+
+
+def _checkpoint_problem(path: str) -> Optional[str]:
+    """Why ``path`` is not a complete checkpoint, or None when it is. Complete: ``checkpoint_complete.json`` is
+    there and every file it lists has its size, or (a checkpoint written before the marker) all three files are
+    there."""
+    if not os.path.isdir(path):
+        return "not a folder"
+    marker = os.path.join(path, _MARKER)
+    if not os.path.lexists(marker):
+        missing = [name for name in _CKPT_FILES if not os.path.isfile(os.path.join(path, name))]
+        return f"{', '.join(missing)} missing (an interrupted save?)" if missing else None
+    try:
+        with open(marker, "rb") as f:
+            files = json.loads(f.read().decode("utf-8"))["files"]
+        if not isinstance(files, dict) or not all(
+                isinstance(n, str) and os.path.basename(n) == n and n not in ("", ".", "..")
+                and isinstance(v, int) for n, v in files.items()):
+            raise TypeError("bad file list")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{_MARKER} is damaged ({exc})"
+    for name in sorted(set(_CKPT_FILES) | set(files)):
+        try:
+            size = os.path.getsize(os.path.join(path, name))
+        except OSError:
+            return f"{name} missing"
+        if name in files and size != files[name]:
+            return f"{name} has {size} bytes, {files[name]} were written"
+    return None
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The newest complete ``checkpoint-N`` folder in ``output_dir``, or None."""
-    if not os.path.isdir(output_dir):
+    """The newest complete ``checkpoint-N`` folder in ``output_dir``, or None. Incomplete ones (a save killed
+    midway, a damaged folder) are skipped."""
+    if not output_dir or not os.path.isdir(output_dir):
         return None
     found = []
     for name in os.listdir(output_dir):
         m = _CKPT_RE.match(name)
-        if m and os.path.isfile(os.path.join(output_dir, name, "trainer_state.json")):
+        if m:
             found.append((int(m.group(1)), name))
-    return os.path.join(output_dir, max(found)[1]) if found else None
+    for _, name in sorted(found, reverse=True):
+        if _checkpoint_problem(os.path.join(output_dir, name)) is None:
+            return os.path.join(output_dir, name)
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether another live process has this id (our own id counts as dead: that file is from an earlier life)."""
+    if pid == os.getpid() or os.name != "posix":
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _remove(path: str) -> None:
+    """Delete a file or folder (a folder is first renamed to a ``.tmp-del-`` name, so it disappears at once and a
+    kill midway leaves only a temporary folder)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        name = os.path.basename(path)
+        if not _TMP_RE.match(name):  # (a temporary folder is deleted where it is)
+            trash = os.path.join(os.path.dirname(path), f"{name}.tmp-del-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                os.rename(path, trash)
+                path = trash
+            except OSError:
+                pass
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+def _tidy_output_dir(output_dir: str) -> None:
+    """Finish what killed runs left in ``output_dir``: a complete temporary checkpoint whose ``checkpoint-N`` is
+    missing or incomplete is renamed into place (a kill between the two renames of a replacement); every other
+    temporary folder or file of a process that is no longer running is removed."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return
+    changed = False
+    for name in sorted(os.listdir(output_dir)):
+        m = _TMP_RE.match(name)
+        if not m:
+            continue
+        path = os.path.join(output_dir, name)
+        base = m.group("base")
+        if base and not m.group("trash") and _checkpoint_problem(path) is None:
+            target = os.path.join(output_dir, base)
+            if _checkpoint_problem(target) is not None:
+                try:
+                    if os.path.lexists(target):
+                        _remove(target)
+                    os.rename(path, target)
+                except OSError as exc:
+                    logger.warning("could not put the complete checkpoint %s in place: %s", path, exc)
+                else:
+                    logger.warning("%s: completed from %s, which an interrupted save left", target, name)
+                    changed = True
+                continue
+        pid = _TMP_PID_RE.match(m.group("rest"))
+        if pid and _pid_alive(int(pid.group(1))):
+            continue  # another process is writing it right now
+        _remove(path)
+        changed = True
+    if changed:
+        _fsync_dir(output_dir)
 
 
 class Callback:
@@ -202,6 +321,14 @@ class Trainer:
         self.should_stop = False
         self.history = History()
         self.last_loss = float("nan")
+        if output_dir and self.is_main:
+            self._tidy()
+
+    def _tidy(self) -> None:
+        try:
+            _tidy_output_dir(self.output_dir)
+        except OSError as exc:  # never fatal: what is left is ignored by latest_checkpoint
+            logger.warning("could not tidy %s: %s", self.output_dir, exc)
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def fit(self, train, val=None, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
@@ -211,6 +338,8 @@ class Trainer:
         if len(train) == 0:
             raise ValueError("fit: the training set is empty")
         if resume_from == "latest":
+            if self.output_dir and self.is_main:
+                self._tidy()  # a checkpoint a kill left between its two renames is put in place first
             resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
             if self.dist:  # rank 0's view of the folder decides; every rank must be able to read it
                 resume_from = self.dist.bcast_object(resume_from)
@@ -400,7 +529,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def save_checkpoint(self, path: Optional[str] = None) -> str:
-        """Write ``checkpoint-{step}`` (or ``path``) atomically: files go to a temporary folder renamed at the end."""
+        """Write ``checkpoint-{step}`` (or ``path``) atomically: the files and, last, ``checkpoint_complete.json`` go
+        to a temporary folder renamed into place when complete. A checkpoint already at ``path`` is renamed aside
+        and deleted only once the new one is in place; then the oldest checkpoints beyond ``save_total_limit`` go."""
         if path is None:
             if not self.output_dir:
                 raise ValueError("save_checkpoint: no output_dir and no path")
@@ -409,62 +540,116 @@ class Trainer:
         if not self.is_main:  # rank 0 writes; the others wait until the checkpoint is complete
             self.dist.barrier()
             return path
+        path = path.rstrip(os.sep) or path
         parent = os.path.dirname(os.path.abspath(path))
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        config = getattr(self.model, "config", None)
-        meta = {"format": "cpuformer-checkpoint", "version": "1"}
-        if config is not None:
-            meta["config"] = json.dumps(config)
-            meta["model_class"] = type(self.model).__name__
-        save_safetensors(os.path.join(tmp, "model.safetensors"),
-                         {n: p.data for n, p in self.model.named_parameters()}, meta)
-        save_safetensors(os.path.join(tmp, "optimizer.safetensors"), self.optimizer.state_arrays(),
-                         {"step_count": str(self.optimizer.step_count), "class": type(self.optimizer).__name__})
-        state = {"format": "cpuformer-trainer-state", "version": 1, "step": self.step, "epoch": self.epoch,
-                 "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "skipped_steps": self.skipped_steps,
-                 "init_generator": init.get_state(), "init_generator_ranks": generators,
-                 "history": list(self.history),
-                 "callbacks": [cb.state() if hasattr(cb, "state") else None for cb in self.callbacks],
-                 "schedule": repr(self.schedule)}
-        atomic_write_bytes(os.path.join(tmp, "trainer_state.json"), [json.dumps(state).encode()])
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)  # the checkpoint appears complete or not at all
+        while True:
+            tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+            try:
+                os.mkdir(tmp)  # ordinary folder permissions (0o777 less the umask), unlike mkdtemp's 0o700
+                break
+            except FileExistsError:
+                continue
+        try:
+            config = getattr(self.model, "config", None)
+            meta = {"format": "cpuformer-checkpoint", "version": "1"}
+            if config is not None:
+                meta["config"] = json.dumps(config)
+                meta["model_class"] = type(self.model).__name__
+            save_safetensors(os.path.join(tmp, "model.safetensors"),
+                             {n: p.data for n, p in self.model.named_parameters()}, meta)
+            save_safetensors(os.path.join(tmp, "optimizer.safetensors"), self.optimizer.state_arrays(),
+                             {"step_count": str(self.optimizer.step_count), "class": type(self.optimizer).__name__})
+            state = {"format": "cpuformer-trainer-state", "version": 1, "step": self.step, "epoch": self.epoch,
+                     "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "skipped_steps": self.skipped_steps,
+                     "init_generator": init.get_state(), "init_generator_ranks": generators,
+                     "history": list(self.history),
+                     "callbacks": [cb.state() if hasattr(cb, "state") else None for cb in self.callbacks],
+                     "schedule": repr(self.schedule)}
+            atomic_write_bytes(os.path.join(tmp, "trainer_state.json"), [json.dumps(state).encode()])
+            sizes = {name: os.path.getsize(os.path.join(tmp, name)) for name in _CKPT_FILES}
+            atomic_write_bytes(os.path.join(tmp, _MARKER),  # last: the checkpoint is complete from here on
+                               [json.dumps({"format": "cpuformer-checkpoint-complete", "step": self.step,
+                                            "files": sizes}).encode()])
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        aside = None
+        if os.path.lexists(path):  # never delete the old one before the new one is in place
+            aside = f"{path}.tmp-del-{os.getpid()}-{secrets.token_hex(4)}"
+            os.rename(path, aside)
+        try:
+            os.rename(tmp, path)  # the checkpoint appears complete or not at all
+        except FileNotFoundError:
+            if _checkpoint_problem(path) is not None:  # (unless a tidying Trainer just put it in place for us)
+                raise
         _fsync_dir(parent)
-        if self.output_dir and self.save_total_limit and os.path.dirname(os.path.abspath(path)) == os.path.abspath(
-                self.output_dir):
-            kept = sorted((int(m.group(1)), n) for n in os.listdir(self.output_dir) if (m := _CKPT_RE.match(n)))
-            for _, name in kept[:-self.save_total_limit]:
-                shutil.rmtree(os.path.join(self.output_dir, name), ignore_errors=True)
+        if aside:
+            _remove(aside)
+        if self.output_dir and self.save_total_limit and parent == os.path.abspath(self.output_dir):
+            self._rotate(path)
         if self.dist:
             self.dist.barrier()
         return path
 
+    def _rotate(self, saved: str) -> None:
+        """Keep the checkpoint just saved and the newest ``save_total_limit - 1`` other complete ones; delete the
+        rest oldest first, with incomplete ones older than the one just saved."""
+        saved_name = os.path.basename(saved)
+        m = _CKPT_RE.match(saved_name)
+        saved_step = int(m.group(1)) if m else None
+        complete, incomplete = [], []
+        for name in os.listdir(self.output_dir):
+            m = _CKPT_RE.match(name)
+            if not m or name == saved_name:
+                continue
+            ok = _checkpoint_problem(os.path.join(self.output_dir, name)) is None
+            (complete if ok else incomplete).append((int(m.group(1)), name))
+        complete.sort(reverse=True)
+        doomed = complete[max(0, self.save_total_limit - 1):]
+        if saved_step is not None:
+            doomed += [(step, name) for step, name in incomplete if step < saved_step]
+        for _, name in sorted(doomed):
+            _remove(os.path.join(self.output_dir, name))
+
     def load_checkpoint(self, path: str) -> None:
-        """Restore everything :meth:`save_checkpoint` wrote, to continue exactly where it left off."""
+        """Restore everything :meth:`save_checkpoint` wrote, to continue exactly where it left off. A missing folder
+        raises FileNotFoundError; an incomplete or damaged checkpoint a ValueError naming the folder, before anything
+        is changed."""
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{path}: no such checkpoint folder")
+        problem = _checkpoint_problem(path)
+        if problem is not None:
+            raise ValueError(f"{path} is not a complete checkpoint: {problem}")
         state_path = os.path.join(path, "trainer_state.json")
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no trainer_state.json)")
-        with open(state_path) as f:
-            state = json.load(f)
-        if state.get("format") != "cpuformer-trainer-state":
-            raise ValueError(f"{state_path}: not a cpuformer trainer state")
-        weights, _ = load_safetensors(os.path.join(path, "model.safetensors"))
+        try:
+            with open(state_path, "rb") as f:
+                state = json.loads(f.read().decode("utf-8"))
+            if not isinstance(state, dict) or state.get("format") != "cpuformer-trainer-state":
+                raise ValueError("not a cpuformer trainer state")
+            step, epoch, batch_in_epoch, seed = (int(state["step"]), int(state["epoch"]),
+                                                 int(state["batch_in_epoch"]), int(state["seed"]))
+            history = state["history"]
+            ranks = state.get("init_generator_ranks") or [state["init_generator"]]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path} is a damaged checkpoint: trainer_state.json: {exc}") from None
+        try:
+            weights, _ = load_safetensors(os.path.join(path, "model.safetensors"))
+            arrays, meta = load_safetensors(os.path.join(path, "optimizer.safetensors"))
+        except OSError as exc:  # (removed while we read it)
+            raise ValueError(f"{path} is not a complete checkpoint: {exc}") from None
+        except ValueError as exc:
+            raise ValueError(f"{path} is a damaged checkpoint: {exc}") from None
         self.model.load_state_dict(weights)
-        arrays, meta = load_safetensors(os.path.join(path, "optimizer.safetensors"))
-        self.optimizer.load_state_arrays(arrays, int(meta.get("step_count", state["step"])))
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.seed, self.skipped_steps = state["seed"], state.get("skipped_steps", 0)
-        ranks = state.get("init_generator_ranks") or [state["init_generator"]]
+        self.optimizer.load_state_arrays(arrays, int(meta.get("step_count", step)))
+        self.step, self.epoch, self.batch_in_epoch = step, epoch, batch_in_epoch
+        self.seed, self.skipped_steps = seed, state.get("skipped_steps", 0)
         rank = self.dist.rank if self.dist else 0
         if rank < len(ranks):
             init.set_state(ranks[rank])
         else:  # resumed with more ranks than saved: a fresh, distinct dropout stream for the new ranks
             init.set_state(np.random.default_rng([self.seed, rank, self.step]).bit_generator.state)
-        self.history = History(state["history"])
+        self.history = History(history)
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             if cb_state is not None and hasattr(cb, "load_state"):
                 cb.load_state(cb_state)
