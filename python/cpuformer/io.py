@@ -8,6 +8,7 @@ section). Files written here load in the official ``safetensors`` package and vi
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import stat
@@ -112,6 +113,19 @@ def save_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Opt
     atomic_write_bytes(path, chunks)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are Python bools, which are ints
+
+
+def parse_json(raw: bytes, what: str):
+    """Parse JSON from a file; anything malformed (bad UTF-8 or syntax, nesting deep enough to exhaust Python's
+    recursion limit) is a :class:`SafetensorsError` naming ``what``."""
+    try:
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SafetensorsError(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
 def load_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
     """Read a safetensors file: ``(tensors, metadata)``. Every bound is checked (header length, offsets inside the
     data section, sizes matching shapes, no overlaps); a malformed file raises :class:`SafetensorsError`. Tensors
@@ -124,10 +138,7 @@ def load_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
             n = int.from_bytes(f.read(8), "little")
             if n > MAX_HEADER or 8 + n > size:
                 raise SafetensorsError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
-            try:
-                header = json.loads(f.read(n).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise SafetensorsError(f"{path}: header is not valid JSON ({exc})") from None
+            header = parse_json(f.read(n), f"{path}: header")
             if not isinstance(header, dict):
                 raise SafetensorsError(f"{path}: header must be a JSON object")
             data_size = size - 8 - n
@@ -139,16 +150,15 @@ def load_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
             for name, info in header.items():
                 if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
                     raise SafetensorsError(f"{path}: entry {name!r} is malformed")
-                dtype = _DTYPES.get(info.get("dtype"))
+                dtype = _DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
                 if dtype is None:
                     raise SafetensorsError(f"{path}: {name}: unsupported dtype {info.get('dtype')!r}")
                 shape, offsets = info.get("shape"), info.get("data_offsets")
-                if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
-                        or not isinstance(offsets, list) or len(offsets) != 2
-                        or not all(isinstance(o, int) for o in offsets)):
+                if (not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
+                        or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_int, offsets))):
                     raise SafetensorsError(f"{path}: {name}: bad shape or data_offsets")
                 begin, end = offsets
-                count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+                count = math.prod(shape)  # Python integers: no overflow, however large the shape claims to be
                 if not 0 <= begin <= end <= data_size:
                     raise SafetensorsError(f"{path}: {name}: data_offsets {offsets} outside the data section "
                                            f"({data_size} bytes)")

@@ -2,22 +2,160 @@
 
 One safetensors file: the parameters under their state-dict names, and in the metadata the model class and its
 constructor arguments as JSON, enough to rebuild the architecture. No pickle. The round trip is bit-exact.
+
+A file is untrusted input: before anything is built, the config is checked against the tensors in the file (each
+size must be the one a tensor has, each layer count the number of layers present, each id inside its vocabulary),
+so a damaged or hostile file raises :class:`SafetensorsError` instead of allocating without bound, looping or
+failing somewhere inside a constructor.
 """
 from __future__ import annotations
 
+import inspect
 import json
+import math
+import re
+from typing import Dict, Mapping
 
-from .io import SafetensorsError, load_safetensors, save_safetensors
+import numpy as np
 
-__all__ = ["save", "load"]
+from .io import SafetensorsError, load_safetensors, parse_json, save_safetensors
+
+__all__ = ["save", "load", "check_config"]
 
 FORMAT = "cpuformer-model"
 VERSION = "1"
+
+MAX_INT = 2**31 - 1  # no size or count in a model config is larger
+MIN_TABLE_BUDGET = 2**24  # elements (64 MB float32) a computed position table may always have
 
 
 def _classes():
     from .models import GPT, BertModel, Seq2SeqTransformer, TransformerClassifier
     return {c.__name__: c for c in (GPT, TransformerClassifier, Seq2SeqTransformer, BertModel)}
+
+
+# What fixes each size of a model's config in its tensors: {config key: (tensor name, axis)}.
+_SIZES = {
+    "GPT": {"vocab_size": ("wte.weight", 0), "n_embd": ("wte.weight", 1)},
+    "TransformerClassifier": {"vocab_size": ("embedding.weight", 0), "d_model": ("embedding.weight", 1),
+                              "num_classes": ("head.weight", 0),
+                              "dim_feedforward": ("encoder.layers.0.linear1.weight", 0)},
+    "Seq2SeqTransformer": {"src_vocab_size": ("src_embedding.weight", 0), "d_model": ("src_embedding.weight", 1),
+                           "tgt_vocab_size": ("tgt_embedding.weight", 0),
+                           "dim_feedforward": ("transformer.encoder.layers.0.linear1.weight", 0)},
+    "BertModel": {"vocab_size": ("word_embeddings.weight", 0), "hidden_size": ("word_embeddings.weight", 1),
+                  "max_position_embeddings": ("position_embeddings.weight", 0),
+                  "type_vocab_size": ("token_type_embeddings.weight", 0),
+                  "intermediate_size": ("layers.0.linear1.weight", 0)},
+}
+# {config key: tensor-name prefix of each layer}: the count must be the number of layers 0..n-1 in the file.
+_LAYERS = {
+    "GPT": {"n_layer": "blocks."},
+    "TransformerClassifier": {"num_layers": "encoder.layers."},
+    "Seq2SeqTransformer": {"num_encoder_layers": "transformer.encoder.layers.",
+                           "num_decoder_layers": "transformer.decoder.layers."},
+    "BertModel": {"num_hidden_layers": "layers."},
+}
+# (heads key, width key): the heads must divide the width.
+_HEADS = {"GPT": ("n_head", "n_embd"), "TransformerClassifier": ("nhead", "d_model"),
+          "Seq2SeqTransformer": ("nhead", "d_model"), "BertModel": ("num_attention_heads", "hidden_size")}
+# {id key: vocabulary size keys it must index}.
+_IDS = {"TransformerClassifier": {"pad_id": ("vocab_size",)},
+        "Seq2SeqTransformer": {"pad_id": ("src_vocab_size", "tgt_vocab_size"), "bos_id": ("tgt_vocab_size",),
+                               "eos_id": ("tgt_vocab_size",)}}
+
+
+def _position_tables(name: str, cfg: Mapping) -> Dict[str, tuple]:
+    """The position tables the class builds: {description: (rows, width, learned tensor name or None)}."""
+    if name == "GPT":
+        return {"block_size": (cfg["block_size"], cfg["n_embd"],
+                               "wpe.weight" if cfg["positional"] == "learned" else None)}
+    if name == "TransformerClassifier":  # one extra row for the CLS position
+        return {"max_len + 1": (cfg["max_len"] + 1, cfg["d_model"],
+                                "pos.weight" if cfg["positional"] == "learned" else None)}
+    if name == "Seq2SeqTransformer":
+        return {"max_len (source)": (cfg["max_len"], cfg["d_model"], None),
+                "max_len (target)": (cfg["max_len"], cfg["d_model"], None)}
+    return {}  # BertModel: position_embeddings, a size above
+
+
+def _check_value(key: str, value, annotation: str, where: str) -> None:
+    kind = annotation.split("[")[0].replace("Optional", "").strip()
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+            raise SafetensorsError(f"{where}: config {key} must be an integer in [0, {MAX_INT}], got {value!r}")
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SafetensorsError(f"{where}: config {key} must be a finite number, got {value!r}")
+        if key.endswith(("eps", "epsilon")) and value < 0:
+            raise SafetensorsError(f"{where}: config {key} must be >= 0, got {value!r}")
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            raise SafetensorsError(f"{where}: config {key} must be true or false, got {value!r}")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise SafetensorsError(f"{where}: config {key} must be a string, got {value!r}")
+
+
+def check_config(cls, config, tensors: Mapping[str, np.ndarray], where: str) -> dict:
+    """Check a model config against the tensors that will be loaded into it, before anything is built: the
+    constructor's arguments and their types (from its signature), every size against the tensor that carries it,
+    every layer count against the layers present, heads dividing the width, ids inside their vocabularies, and
+    position tables either present as tensors or no larger than the model. Returns the complete arguments."""
+    name = cls.__name__
+    if not isinstance(config, dict):
+        raise SafetensorsError(f"{where}: the model config must be a JSON object, got {type(config).__name__}")
+    signature = inspect.signature(cls.__init__)
+    params = {k: p for k, p in signature.parameters.items() if k != "self"}
+    unknown = sorted(set(config) - set(params))
+    if unknown:
+        raise SafetensorsError(f"{where}: config has keys {unknown} that {name} does not take")
+    cfg = {}
+    for key, p in params.items():
+        if key in config:
+            _check_value(key, config[key], str(p.annotation), where)
+            cfg[key] = config[key]
+        elif p.default is inspect.Parameter.empty:
+            raise SafetensorsError(f"{where}: config lacks {key}, which {name} needs")
+        else:
+            cfg[key] = p.default
+
+    def dim(tensor: str, axis: int, key: str) -> int:
+        t = tensors.get(tensor)
+        if t is None or t.ndim <= axis:
+            raise SafetensorsError(f"{where}: config {key} needs tensor {tensor} (with at least {axis + 1} "
+                                   "dimensions), which the file lacks")
+        return t.shape[axis]
+
+    for key, prefix in _LAYERS.get(name, {}).items():
+        pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+        present = {int(m.group(1)) for m in map(pattern.match, tensors) if m}
+        if cfg[key] < 1 or present != set(range(cfg[key])):
+            raise SafetensorsError(f"{where}: config {key} is {cfg[key]} but the file holds layers "
+                                   f"{sorted(present)[:8]}{'...' if len(present) > 8 else ''} under {prefix}N")
+    for key, (tensor, axis) in _SIZES.get(name, {}).items():
+        if cfg[key] != dim(tensor, axis, key):
+            raise SafetensorsError(f"{where}: config {key} is {cfg[key]} but {tensor} has shape "
+                                   f"{tensors[tensor].shape}")
+    heads, width = _HEADS[name]
+    if cfg[heads] < 1 or cfg[width] % cfg[heads]:
+        raise SafetensorsError(f"{where}: config {heads} ({cfg[heads]}) must be >= 1 and divide {width} "
+                               f"({cfg[width]})")
+    for key, vocabularies in _IDS.get(name, {}).items():
+        for vocab in vocabularies:
+            if not 0 <= cfg[key] < cfg[vocab]:
+                raise SafetensorsError(f"{where}: config {key} ({cfg[key]}) is outside [0, {vocab} = {cfg[vocab]})")
+    budget = max(MIN_TABLE_BUDGET, sum(t.size for t in tensors.values()))
+    for what, (rows, width_, tensor) in _position_tables(name, cfg).items():
+        if tensor is not None:
+            if rows != dim(tensor, 0, what):
+                raise SafetensorsError(f"{where}: config {what} is {rows} but {tensor} has shape "
+                                       f"{tensors[tensor].shape}")
+        elif rows < 1 or rows * width_ > budget:  # computed, not stored: bounded by the model's own size
+            raise SafetensorsError(f"{where}: config {what} is {rows}: a computed position table of {rows} x "
+                                   f"{width_} is outside [1, max(2**24, parameters in the file) = {budget}] "
+                                   "elements")
+    return cfg
 
 
 def save(model, path: str) -> None:
@@ -32,7 +170,8 @@ def save(model, path: str) -> None:
 
 def load(path: str):
     """Rebuild the model saved at ``path`` and load its weights. A file that is not a cpuformer model, an unknown
-    class or a config that disagrees with the tensors raises ``ValueError`` naming the problem."""
+    class or a config that disagrees with the tensors raises :class:`SafetensorsError` (a ``ValueError``) naming
+    the problem; nothing is built until the config has been checked against the tensors."""
     tensors, meta = load_safetensors(path)
     if meta.get("format") not in (FORMAT, "cpuformer-checkpoint"):
         raise SafetensorsError(f"{path}: not a cpuformer model file (metadata format {meta.get('format')!r})")
@@ -41,10 +180,12 @@ def load(path: str):
     cls = _classes().get(meta.get("model_class", ""))
     if cls is None:
         raise SafetensorsError(f"{path}: unknown model class {meta.get('model_class')!r}")
+    if "config" not in meta:
+        raise SafetensorsError(f"{path}: the metadata has no model config")
+    config = check_config(cls, parse_json(meta["config"], f"{path}: model config"), tensors, path)
     try:
-        config = json.loads(meta["config"])
         model = cls(**config)
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:  # settings the constructor itself refuses
         raise SafetensorsError(f"{path}: bad model config ({exc})") from None
     try:
         model.load_state_dict(tensors)

@@ -3,14 +3,14 @@ GPT-2. ``from_pretrained(directory)`` reads ``config.json`` (``model_type`` "ber
 ``model.safetensors`` (or ``pytorch_model.bin`` through torch, when torch is installed)."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Optional
 
 import numpy as np
 
 from .. import ops
-from ..io import load_safetensors
+from ..io import load_safetensors, parse_json
+from ..serialization import check_config
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, TransformerEncoderLayer
 from .gpt import GPT
 
@@ -161,31 +161,39 @@ def from_pretrained(directory: str):
     """Build the model described by ``directory/config.json`` and load its weights (see module docstring)."""
     config_path = os.path.join(directory, "config.json")
     try:
-        with open(config_path) as f:
-            cfg = json.load(f)
+        with open(config_path, "rb") as f:
+            cfg = parse_json(f.read(), config_path)
     except FileNotFoundError:
         raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face model directory is expected)") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{config_path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
     kind = cfg.get("model_type")
     weights = _read_weights(directory)
+    if kind not in ("bert", "gpt2"):
+        raise ValueError(f"{config_path}: model_type {kind!r} is not supported (bert, gpt2)")
     try:
         if kind == "bert":
             has_pooler = any(k.endswith("pooler.dense.weight") for k in weights)
-            model = BertModel(cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
-                              cfg["num_attention_heads"], cfg["intermediate_size"], cfg["max_position_embeddings"],
-                              cfg.get("type_vocab_size", 2), cfg.get("layer_norm_eps", 1e-12),
-                              cfg.get("hidden_act", "gelu"), pooler=has_pooler)
-            state = _bert_state(weights, cfg["num_hidden_layers"], has_pooler)
-        elif kind == "gpt2":
-            model = GPT(cfg["vocab_size"], cfg["n_positions"], cfg["n_layer"], cfg["n_head"], cfg["n_embd"], 0.0,
-                        "learned", True, _ACTIVATIONS.get(cfg.get("activation_function", "gelu_new"), "gelu_tanh"),
-                        cfg.get("layer_norm_epsilon", 1e-5))
-            state = _gpt2_state(weights, cfg["n_layer"])
+            cls, n_layers = BertModel, cfg["num_hidden_layers"]
+            args = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=n_layers,
+                        num_attention_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
+                        max_position_embeddings=cfg["max_position_embeddings"],
+                        type_vocab_size=cfg.get("type_vocab_size", 2), layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
+                        hidden_act=cfg.get("hidden_act", "gelu"), pooler=has_pooler)
         else:
-            raise ValueError(f"{config_path}: model_type {kind!r} is not supported (bert, gpt2)")
+            cls, n_layers = GPT, cfg["n_layer"]
+            args = dict(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=n_layers,
+                        n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, positional="learned",
+                        tie_weights=True,
+                        activation=_ACTIVATIONS.get(cfg.get("activation_function", "gelu_new"), "gelu_tanh"),
+                        layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-5))
+        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
+            raise ValueError(f"{config_path}: the layer count must be an integer >= 1, got {n_layers!r}")
+        state = _bert_state(weights, n_layers, has_pooler) if kind == "bert" else _gpt2_state(weights, n_layers)
     except KeyError as exc:
         raise ValueError(f"{directory}: checkpoint or config lacks {exc}") from None
+    # Every size is checked against the checkpoint's tensors before the model is built.
+    model = cls(**check_config(cls, args, state, directory))
     model.load_state_dict(state)
     model.eval()
     return model
