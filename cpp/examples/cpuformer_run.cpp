@@ -6,7 +6,11 @@
 //   cpuformer_run MODEL embed    IDS [BATCH [MASK]]                           mean-pooled hidden states per row
 //
 // IDS and MASK are comma-separated integers (BATCH rows of equal length). Output: numbers separated by spaces,
-// one row per line. Exit status 1 with a message on stderr for any error.
+// one row per line. Exit status 1 with a message on stderr for any error: bad arguments and any model file,
+// however malformed, included (never a crash).
+#include <cctype>
+#include <cerrno>
+#include <climits>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -16,12 +20,26 @@
 
 #include "cpuformer/model.h"
 
-static std::vector<std::int64_t> parse_ids(const std::string& text) {
-  std::vector<std::int64_t> ids;
+// Whole-text integer parsing: "5x", "", " 5" or out-of-range values are errors, not silently 5 or 0.
+static bool parse_int(const std::string& text, long long lo, long long hi, long long* value) {
+  if (text.empty() || std::isspace(static_cast<unsigned char>(text[0]))) return false;
+  errno = 0;
+  char* end = nullptr;
+  const long long v = std::strtoll(text.c_str(), &end, 10);
+  if (errno || *end != '\0' || v < lo || v > hi) return false;
+  *value = v;
+  return true;
+}
+
+static bool parse_ids(const std::string& text, std::vector<std::int64_t>* ids) {
   std::stringstream ss(text);
   std::string item;
-  while (std::getline(ss, item, ',')) ids.push_back(std::stoll(item));
-  return ids;
+  long long v;
+  while (std::getline(ss, item, ',')) {
+    if (!parse_int(item, LLONG_MIN, LLONG_MAX, &v)) return false;
+    ids->push_back(v);
+  }
+  return true;
 }
 
 static int fail(const std::string& message) {
@@ -43,20 +61,30 @@ int main(int argc, char** argv) {
   cpuformer::Status st = cpuformer::Model::load(argv[1], &model);
   if (!st.ok()) return fail(st.message());
   const std::string command = argv[2];
-  std::vector<std::int64_t> ids;
-  try {
-    ids = parse_ids(argv[3]);
-  } catch (const std::exception&) {
-    return fail("IDS must be comma-separated integers");
-  }
-  if (ids.empty()) return fail("IDS is empty");
+  std::vector<std::int64_t> ids;  // an empty list, negative counts, NaN temperatures: the model reports them
+  if (!parse_ids(argv[3], &ids)) return fail("IDS must be comma-separated integers");
+  long long arg = 0;
   if (command == "generate") {
     cpuformer::GenerateOptions opts;
-    const int max_new = argc > 4 ? std::atoi(argv[4]) : 20;
-    opts.top_k = argc > 5 ? std::atoi(argv[5]) : 0;
+    int max_new = 20;
+    if (argc > 4) {
+      if (!parse_int(argv[4], INT_MIN, INT_MAX, &arg)) return fail("MAX_NEW must be an integer");
+      max_new = static_cast<int>(arg);
+    }
+    if (argc > 5) {
+      if (!parse_int(argv[5], INT_MIN, INT_MAX, &arg)) return fail("TOP_K must be an integer");
+      opts.top_k = static_cast<int>(arg);
+    }
     opts.greedy = opts.top_k == 0;
-    opts.temperature = argc > 6 ? static_cast<float>(std::atof(argv[6])) : 1.0f;
-    opts.seed = argc > 7 ? std::strtoull(argv[7], nullptr, 10) : 0;
+    if (argc > 6) {
+      char* end = nullptr;
+      opts.temperature = std::strtof(argv[6], &end);
+      if (end == argv[6] || *end != '\0') return fail("TEMPERATURE must be a number");
+    }
+    if (argc > 7) {
+      if (!parse_int(argv[7], 0, LLONG_MAX, &arg)) return fail("SEED must be an integer >= 0");
+      opts.seed = static_cast<std::uint64_t>(arg);
+    }
     std::vector<std::int64_t> out;
     st = model->generate(ids, max_new, opts, &out);
     if (!st.ok()) return fail(st.message());
@@ -64,8 +92,12 @@ int main(int argc, char** argv) {
     std::printf("\n");
     return 0;
   }
-  const std::int64_t batch = argc > 4 ? std::atoll(argv[4]) : 1;
-  if (batch < 1 || static_cast<std::int64_t>(ids.size()) % batch) return fail("IDS do not split into BATCH rows");
+  std::int64_t batch = 1;
+  if (argc > 4) {
+    if (!parse_int(argv[4], 1, LLONG_MAX, &arg)) return fail("BATCH must be an integer >= 1");
+    batch = arg;
+  }
+  if (static_cast<std::int64_t>(ids.size()) % batch) return fail("IDS do not split into BATCH rows");
   const std::int64_t T = static_cast<std::int64_t>(ids.size()) / batch;
   std::vector<float> out;
   if (command == "logits") {
@@ -80,7 +112,8 @@ int main(int argc, char** argv) {
   } else if (command == "classify") {
     st = model->classify(ids, batch, T, &out);
   } else if (command == "embed") {
-    std::vector<std::int64_t> mask = argc > 5 ? parse_ids(argv[5]) : std::vector<std::int64_t>{};
+    std::vector<std::int64_t> mask;
+    if (argc > 5 && !parse_ids(argv[5], &mask)) return fail("MASK must be comma-separated integers");
     st = model->sentence_embeddings(ids, batch, T, mask, &out);
   } else {
     return fail("unknown command '" + command + "'");

@@ -20,7 +20,8 @@ struct Json {
   const Json* find(const std::string& key) const;      // object member or nullptr
 };
 
-// Parse a complete JSON text; nesting deeper than 64 levels, trailing characters or any syntax error is an error.
+// Parse a complete JSON text. Nesting deeper than 64 levels (the parser recurses), more than 2^21 values (each costs
+// ~100 bytes in memory), trailing characters or any syntax error is an error.
 Status parse_json(const std::string& text, Json* out);
 
 }  // namespace cpuformer

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <random>
+#include <set>
 
 #include "cpuformer/activations.h"
 #include "cpuformer/attention.h"
@@ -48,49 +50,98 @@ class ParamReader {
   const Weights& w_;
 };
 
-// Config values (a flat JSON object), with defaults and range checks.
+// Limits on config values. Lengths size position tables and caches; other sizes must also match tensor shapes,
+// and the cap keeps every product of two of them (3*C*C, F*C) well inside int64.
+constexpr std::int64_t kMaxLength = std::int64_t{1} << 20;
+constexpr std::int64_t kMaxSize = std::int64_t{1} << 30;
+
+// The model config (a JSON object; cpuformer.save writes every key). Integers must be present and whole, within
+// [lo, hi]; numbers, flags and strings take their default when absent but must have their type when present. The
+// first problem is kept in `status` (the values returned after one are placeholders, not to be used).
 class Config {
  public:
   explicit Config(const Json& j) : j_(j) {}
   Status status;
 
-  std::int64_t integer(const std::string& key, std::int64_t fallback, std::int64_t lo = 1) {
+  std::int64_t integer(const std::string& key, std::int64_t lo, std::int64_t hi) {
     const Json* v = j_.find(key);
-    if (!v || v->type == Json::kNull) return fallback;
-    if (v->type != Json::kNumber || v->number != std::floor(v->number) || v->number < lo || v->number > 1e9) {
-      if (status.ok()) status = Status::error("config: '" + key + "' must be an integer >= " + std::to_string(lo));
-      return fallback;
+    if (!v || v->type != Json::kNumber || v->number != std::floor(v->number) || v->number < static_cast<double>(lo) ||
+        v->number > static_cast<double>(hi)) {
+      error("'" + key + "' must be an integer in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+      return lo;
     }
     return static_cast<std::int64_t>(v->number);
   }
-  double number(const std::string& key, double fallback) {
+  double number(const std::string& key, double fallback) {  // finite and >= 0 (layer-norm epsilons)
     const Json* v = j_.find(key);
     if (!v || v->type == Json::kNull) return fallback;
-    if (v->type != Json::kNumber) {
-      if (status.ok()) status = Status::error("config: '" + key + "' must be a number");
+    if (v->type != Json::kNumber || !(v->number >= 0) || v->number > 1.0) {
+      error("'" + key + "' must be a number in [0, 1]");
       return fallback;
     }
     return v->number;
   }
   bool flag(const std::string& key, bool fallback) {
     const Json* v = j_.find(key);
-    return v && v->type == Json::kBool ? v->boolean : fallback;
+    if (!v || v->type == Json::kNull) return fallback;
+    if (v->type != Json::kBool) error("'" + key + "' must be true or false");
+    return v->boolean;
   }
-  std::string text(const std::string& key, const std::string& fallback) {
+  // One of `choices` (the first is the default).
+  std::string choice(const std::string& key, const std::vector<std::string>& choices) {
     const Json* v = j_.find(key);
-    return v && v->type == Json::kString ? v->str : fallback;
+    if (!v || v->type == Json::kNull) return choices[0];
+    if (v->type == Json::kString && std::find(choices.begin(), choices.end(), v->str) != choices.end()) return v->str;
+    std::string list;
+    for (const auto& c : choices) list += (list.empty() ? "'" : ", '") + c + "'";
+    error("'" + key + "' must be one of " + list);
+    return choices[0];
+  }
+  void error(const std::string& what) {
+    if (status.ok()) status = Status::error("config: " + what);
   }
 
  private:
   const Json& j_;
 };
 
-Activation activation_named(const std::string& name, Status* status) {
+// How many layers the tensors hold: names prefix + "<i>." for i = 0..n-1, without gaps. A config's layer count
+// must equal it, so a huge count is an error at once rather than a long loop.
+Status layer_count(const Weights& w, const std::string& prefix, std::int64_t* n) {
+  std::set<std::int64_t> seen;
+  for (const auto& kv : w) {
+    const std::string& name = kv.first;
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    size_t i = prefix.size();
+    std::int64_t index = 0;
+    while (i < name.size() && name[i] >= '0' && name[i] <= '9' && index <= kMaxSize)
+      index = index * 10 + (name[i++] - '0');
+    if (i == prefix.size() || i >= name.size() || name[i] != '.')
+      return Status::error("unexpected tensor '" + name + "' (layer tensors are " + prefix + "<index>.<name>)");
+    seen.insert(index);
+  }
+  *n = static_cast<std::int64_t>(seen.size());
+  if (!seen.empty() && *seen.rbegin() != *n - 1)
+    return Status::error("the layer tensors " + prefix + "<index>.* skip an index (highest " +
+                         std::to_string(*seen.rbegin()) + ", " + std::to_string(*n) + " layers)");
+  return Status();
+}
+
+// Checks a config's layer count against the tensors.
+Status check_layers(const Weights& w, const std::string& prefix, const std::string& key, std::int64_t layers) {
+  std::int64_t n = 0;
+  Status st = layer_count(w, prefix, &n);
+  if (st.ok() && n != layers)
+    st = Status::error("config: '" + key + "' is " + std::to_string(layers) + " but the file holds " +
+                       std::to_string(n) + " layers");
+  return st;
+}
+
+// A config's activation name (values Config::choice has already checked) as a kernel activation.
+Activation activation_named(const std::string& name) {
   if (name == "relu") return Activation::kRelu;
   if (name == "gelu") return Activation::kGeluErf;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (status->ok()) *status = Status::error("config: unknown activation '" + name + "'");
-  return Activation::kRelu;
+  return Activation::kGeluTanh;  // gelu_tanh, and Hugging Face's gelu_new / gelu_pytorch_tanh
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -176,22 +227,37 @@ void block_forward(const Block& L, float* x, std::int64_t B, std::int64_t T, con
   }
 }
 
-// The paper's sinusoidal table (same double-precision formula as cpuformer.nn.layers.sinusoidal_table).
-std::vector<float> sinusoidal(std::int64_t max_len, std::int64_t d) {
-  std::vector<float> pe(static_cast<size_t>(max_len * d), 0.0f);
-  for (std::int64_t pos = 0; pos < max_len; ++pos)
-    for (std::int64_t i = 0; i < d; i += 2) {
-      const double angle = static_cast<double>(pos) * std::exp(static_cast<double>(i) * (-std::log(10000.0) / d));
-      pe[pos * d + i] = static_cast<float>(std::sin(angle));
-      if (i + 1 < d) pe[pos * d + i + 1] = static_cast<float>(std::cos(angle));
+// The paper's sinusoidal position table (same double-precision formula as cpuformer.nn.layers.sinusoidal_table),
+// computed on first use up to the longest sequence seen: a config's maximum length alone allocates nothing.
+class Sinusoidal {
+ public:
+  void set_width(std::int64_t d) { d_ = d; }
+  const float* rows(std::int64_t n) {
+    const std::int64_t have = static_cast<std::int64_t>(pe_.size()) / d_;
+    if (n > have) {
+      pe_.resize(static_cast<size_t>(n * d_), 0.0f);
+      for (std::int64_t pos = have; pos < n; ++pos)
+        for (std::int64_t i = 0; i < d_; i += 2) {
+          const double angle =
+              static_cast<double>(pos) * std::exp(static_cast<double>(i) * (-std::log(10000.0) / d_));
+          pe_[pos * d_ + i] = static_cast<float>(std::sin(angle));
+          if (i + 1 < d_) pe_[pos * d_ + i + 1] = static_cast<float>(std::cos(angle));
+        }
     }
-  return pe;
-}
+    return pe_.data();
+  }
 
+ private:
+  std::int64_t d_ = 1;
+  std::vector<float> pe_;
+};
+
+// ids must hold B*T values (B, T >= 1), each in [0, vocab). Written so that B*T cannot overflow.
 Status check_ids(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::int64_t vocab) {
-  if (B < 1 || T < 1 || static_cast<std::int64_t>(ids.size()) != B * T)
-    return Status::error("ids must hold B*T = " + std::to_string(B * T) + " values (B, T >= 1), got " +
-                         std::to_string(ids.size()));
+  const auto n = static_cast<std::int64_t>(ids.size());
+  if (B < 1 || T < 1 || B > n / T || B * T != n)
+    return Status::error("ids must hold B*T values with B, T >= 1 (B " + std::to_string(B) + ", T " +
+                         std::to_string(T) + ", " + std::to_string(n) + " ids)");
   for (size_t i = 0; i < ids.size(); ++i)
     if (ids[i] < 0 || ids[i] >= vocab)
       return Status::error("id " + std::to_string(ids[i]) + " at position " + std::to_string(i) +
@@ -199,10 +265,19 @@ Status check_ids(const std::vector<std::int64_t>& ids, std::int64_t B, std::int6
   return Status();
 }
 
+// Rows * width must fit in memory's address range (the caller's ids bound the rows, the tensors the width).
+Status check_output_size(std::int64_t rows, std::int64_t width) {
+  if (rows > (std::int64_t{1} << 40) / width) return Status::error("the output would be too large");
+  return Status();
+}
+
+// Kernels throw on bad arguments and allocations may fail: the runtime API reports a Status instead.
 template <class Fn>
-Status guarded(Fn&& fn) {  // kernels throw on bad arguments; the runtime API reports a Status instead
+Status no_throw(Fn&& fn) {
   try {
     return fn();
+  } catch (const std::bad_alloc&) {
+    return Status::error("out of memory");
   } catch (const std::exception& e) {
     return Status::error(e.what());
   }
@@ -215,7 +290,7 @@ class GptModel : public Model {
   Weights weights;
   std::vector<Block> blocks;
   const float *wte = nullptr, *wpe = nullptr, *lnf_w = nullptr, *lnf_b = nullptr, *head = nullptr;
-  std::vector<float> table;  // sinusoidal positions
+  Sinusoidal table;  // positions when not learned (wpe is null)
   std::int64_t V = 0, block_size = 0, C = 0;
   float eps = 1e-5f;
   Work work;
@@ -224,18 +299,21 @@ class GptModel : public Model {
 
   Status init(const Json& cfg_json) {
     Config cfg(cfg_json);
-    V = cfg.integer("vocab_size", 0), block_size = cfg.integer("block_size", 128), C = cfg.integer("n_embd", 256);
-    const std::int64_t layers = cfg.integer("n_layer", 4), H = cfg.integer("n_head", 4);
+    V = cfg.integer("vocab_size", 1, kMaxSize), block_size = cfg.integer("block_size", 1, kMaxLength);
+    C = cfg.integer("n_embd", 1, kMaxSize);
+    const std::int64_t layers = cfg.integer("n_layer", 0, kMaxSize), H = cfg.integer("n_head", 1, kMaxSize);
     eps = static_cast<float>(cfg.number("layer_norm_eps", 1e-5));
-    const bool learned = cfg.text("positional", "learned") == "learned", tied = cfg.flag("tie_weights", true);
-    Status st = cfg.status;
-    const Activation act = activation_named(cfg.text("activation", "gelu"), &st);
+    const bool learned = cfg.choice("positional", {"learned", "sinusoidal"}) == "learned";
+    const bool tied = cfg.flag("tie_weights", true);
+    const Activation act = activation_named(cfg.choice("activation", {"gelu", "gelu_tanh", "relu"}));
+    if (!cfg.status.ok()) return cfg.status;
+    Status st = check_layers(weights, "blocks.", "n_layer", layers);
     if (!st.ok()) return st;
     ParamReader r(weights);
     wte = r.get("wte.weight", {V, C});
     if (learned) wpe = r.get("wpe.weight", {block_size, C});
-    else table = sinusoidal(block_size, C), wpe = table.data();
-    for (std::int64_t i = 0; i < layers; ++i)
+    table.set_width(C);
+    for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
       blocks.push_back(read_block(r, "blocks." + std::to_string(i) + ".", C, 4 * C, H, true, act, eps));
     lnf_w = r.get("ln_f.weight", {C});
     lnf_b = r.get("ln_f.bias", {C}, true);
@@ -244,38 +322,47 @@ class GptModel : public Model {
     return r.status;
   }
 
+  // Position rows 0..n-1 (n <= block_size).
+  const float* positions(std::int64_t n) { return wpe ? wpe : table.rows(n); }
+
   // Hidden states after ln_f for ids (B, T) at positions 0..T-1.
   void hidden(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::vector<float>* x) {
     x->resize(static_cast<size_t>(B * T * C));
     embedding_forward(x->data(), ids.data(), wte, B * T, V, C);
+    const float* pe = positions(T);
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t c = 0; c < C; ++c) (*x)[(b * T + t) * C + c] += wpe[t * C + c];
+        for (std::int64_t c = 0; c < C; ++c) (*x)[(b * T + t) * C + c] += pe[t * C + c];
     for (const Block& L : blocks) block_forward(L, x->data(), B, T, nullptr, true, work);
     layernorm_forward(x->data(), nullptr, nullptr, x->data(), lnf_w, lnf_b, B * T, C, eps);
   }
 
   Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                 std::vector<float>* out) override {
+    if (!out) return Status::error("logits: null output");
     Status st = check_ids(ids, B, T, V);
+    if (st.ok() && T > block_size)
+      st = Status::error("sequence length " + std::to_string(T) + " exceeds block_size " + std::to_string(block_size));
+    if (st.ok()) st = check_output_size(B * T, V);
     if (!st.ok()) return st;
-    if (T > block_size) return Status::error("sequence length exceeds block_size " + std::to_string(block_size));
-    return guarded([&] {
-      std::vector<float> x;
+    return no_throw([&] {
+      std::vector<float> x, y(static_cast<size_t>(B * T * V));
       hidden(ids, B, T, &x);
-      out->resize(static_cast<size_t>(B * T * V));
-      sgemm(false, true, B * T, V, C, 1.0f, x.data(), C, head, C, 0.0f, out->data(), V);
+      sgemm(false, true, B * T, V, C, 1.0f, x.data(), C, head, C, 0.0f, y.data(), V);
+      out->swap(y);
       return Status();
     });
   }
 
   // One step with the key/value cache: tokens ids[0..n) at positions start..start+n-1; returns the last logits.
+  // The caches hold at least start+n positions.
   void step(const std::int64_t* ids, std::int64_t n, std::int64_t start, std::vector<std::vector<float>>& kc,
             std::vector<std::vector<float>>& vc, std::vector<float>* logits) {
     std::vector<float> x(static_cast<size_t>(n * C));
     embedding_forward(x.data(), ids, wte, n, V, C);
+    const float* pe = positions(start + n);
     for (std::int64_t t = 0; t < n; ++t)
-      for (std::int64_t c = 0; c < C; ++c) x[t * C + c] += wpe[(start + t) * C + c];
+      for (std::int64_t c = 0; c < C; ++c) x[t * C + c] += pe[(start + t) * C + c];
     work.reserve(n, C, 4 * C);
     for (size_t l = 0; l < blocks.size(); ++l) {
       const Block& L = blocks[l];
@@ -303,49 +390,70 @@ class GptModel : public Model {
     sgemm(false, true, 1, V, C, 1.0f, last.data(), C, head, C, 0.0f, logits->data(), V);
   }
 
+  // The next token from the last position's logits. Non-finite logits (from non-finite weights) never index out
+  // of range: NaN ranks lowest, and a distribution that does not sum to a positive finite number falls back to
+  // the top-ranked token.
+  std::int64_t pick(const std::vector<float>& logits, const GenerateOptions& opts, std::mt19937_64& rng) const {
+    const auto score = [&](std::int64_t j) { return std::isnan(logits[j]) ? -INFINITY : logits[j]; };
+    const auto better = [&](std::int64_t a, std::int64_t b) {
+      return score(a) > score(b) || (score(a) == score(b) && a < b);
+    };
+    if (opts.greedy || opts.temperature == 0.0f) {
+      std::int64_t best = 0;
+      for (std::int64_t j = 1; j < V; ++j)
+        if (better(j, best)) best = j;
+      return best;
+    }
+    std::vector<std::int64_t> order(V);
+    for (std::int64_t j = 0; j < V; ++j) order[j] = j;
+    const std::int64_t k = opts.top_k > 0 ? std::min<std::int64_t>(opts.top_k, V) : V;
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), better);
+    std::vector<double> p(k);
+    const double top = score(order[0]);
+    double sum = 0;
+    for (std::int64_t j = 0; j < k; ++j) sum += p[j] = std::exp((score(order[j]) - top) / opts.temperature);
+    if (!(sum > 0) || !std::isfinite(sum)) return order[0];
+    double u = std::uniform_real_distribution<double>(0.0, sum)(rng);
+    std::int64_t j = 0;
+    while (j < k - 1 && u >= p[j]) u -= p[j++];
+    return order[j];
+  }
+
   Status generate(const std::vector<std::int64_t>& prompt, int max_new_tokens, const GenerateOptions& opts,
                   std::vector<std::int64_t>* out) override {
+    if (!out) return Status::error("generate: null output");
+    if (prompt.empty()) return Status::error("generate: the prompt is empty (it needs at least one id)");
     Status st = check_ids(prompt, 1, static_cast<std::int64_t>(prompt.size()), V);
     if (!st.ok()) return st;
-    if (opts.temperature < 0 || !std::isfinite(opts.temperature)) return Status::error("temperature must be >= 0");
-    return guarded([&] {
-      *out = prompt;
+    if (max_new_tokens < 0) return Status::error("generate: max_new_tokens must be >= 0");
+    if (opts.top_k < 0) return Status::error("generate: top_k must be >= 0");
+    if (!(opts.temperature >= 0) || !std::isfinite(opts.temperature))
+      return Status::error("generate: temperature must be a finite number >= 0");
+    return no_throw([&] {
+      std::vector<std::int64_t> ids = prompt;
       std::mt19937_64 rng(opts.seed);
+      // The cache holds positions 0..window-1: never more than block_size, nor than this call can reach.
+      const std::int64_t window =
+          std::min<std::int64_t>(block_size, static_cast<std::int64_t>(prompt.size()) + max_new_tokens);
       std::vector<std::vector<float>> kc(blocks.size()), vc(blocks.size());
       std::vector<float> logits;
-      std::int64_t cached = 0;  // the cache holds positions 0..cached-1 of `out`
+      std::int64_t cached = -1;  // the cache holds positions 0..cached-1 of `ids`; -1: nothing cached yet
       for (int i = 0; i < max_new_tokens; ++i) {
-        const std::int64_t total = static_cast<std::int64_t>(out->size());
+        const std::int64_t total = static_cast<std::int64_t>(ids.size());
         if (total <= block_size && cached == total - 1) {
-          step(out->data() + total - 1, 1, total - 1, kc, vc, &logits);  // one new token: O(total) attention
-        } else {  // first call, or past the position table: run the last block_size tokens from position 0
+          step(ids.data() + total - 1, 1, total - 1, kc, vc, &logits);  // one new token: O(total) attention
+        } else {  // first step, or past the position table: run the last block_size tokens from position 0
           const std::int64_t keep = std::min(total, block_size);
           for (size_t l = 0; l < blocks.size(); ++l)
-            kc[l].assign(static_cast<size_t>(block_size * C), 0.0f), vc[l].assign(static_cast<size_t>(block_size * C), 0.0f);
-          step(out->data() + total - keep, keep, 0, kc, vc, &logits);
+            kc[l].assign(static_cast<size_t>(window * C), 0.0f), vc[l].assign(static_cast<size_t>(window * C), 0.0f);
+          step(ids.data() + total - keep, keep, 0, kc, vc, &logits);
         }
         cached = total <= block_size ? total : -1;
-        std::int64_t next = 0;
-        if (opts.greedy || opts.temperature == 0.0f) {
-          next = std::max_element(logits.begin(), logits.end()) - logits.begin();
-        } else {
-          std::vector<std::int64_t> order(V);
-          for (std::int64_t j = 0; j < V; ++j) order[j] = j;
-          const std::int64_t k = opts.top_k > 0 ? std::min<std::int64_t>(opts.top_k, V) : V;
-          std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                            [&](std::int64_t a, std::int64_t b) { return logits[a] > logits[b]; });
-          std::vector<double> p(k);
-          const double top = logits[order[0]];
-          double sum = 0;
-          for (std::int64_t j = 0; j < k; ++j) sum += p[j] = std::exp((logits[order[j]] - top) / opts.temperature);
-          double u = std::uniform_real_distribution<double>(0.0, sum)(rng);
-          std::int64_t j = 0;
-          while (j < k - 1 && u >= p[j]) u -= p[j++];
-          next = order[j];
-        }
-        out->push_back(next);
+        const std::int64_t next = pick(logits, opts, rng);
+        ids.push_back(next);
         if (opts.eos_id >= 0 && next == opts.eos_id) break;
       }
+      out->swap(ids);
       return Status();
     });
   }
@@ -362,7 +470,7 @@ class EncoderModel : public Model {
   // classifier
   const float *emb = nullptr, *cls = nullptr, *pos = nullptr, *norm_w = nullptr, *norm_b = nullptr,
               *head_w = nullptr, *head_b = nullptr;
-  std::vector<float> table;
+  Sinusoidal table;  // positions when not learned (pos is null)
   std::int64_t V = 0, C = 0, classes = 0, max_len = 0, pad_id = 0;
   bool mean_pool = true;
   float eps = 1e-5f;
@@ -375,19 +483,23 @@ class EncoderModel : public Model {
   Status init_classifier(const Json& j) {
     model_kind = "TransformerClassifier";
     Config cfg(j);
-    V = cfg.integer("vocab_size", 0), classes = cfg.integer("num_classes", 2), C = cfg.integer("d_model", 128);
-    const std::int64_t H = cfg.integer("nhead", 4), layers = cfg.integer("num_layers", 2),
-                       F = cfg.integer("dim_feedforward", 512);
-    max_len = cfg.integer("max_len", 512), pad_id = cfg.integer("pad_id", 0, 0);
-    mean_pool = cfg.text("pooling", "mean") == "mean";
-    const bool learned = cfg.text("positional", "sinusoidal") == "learned", norm_first = cfg.flag("norm_first", true);
+    V = cfg.integer("vocab_size", 1, kMaxSize), classes = cfg.integer("num_classes", 1, kMaxSize);
+    C = cfg.integer("d_model", 1, kMaxSize);
+    const std::int64_t H = cfg.integer("nhead", 1, kMaxSize), layers = cfg.integer("num_layers", 0, kMaxSize),
+                       F = cfg.integer("dim_feedforward", 1, kMaxSize);
+    max_len = cfg.integer("max_len", 1, kMaxLength), pad_id = cfg.integer("pad_id", 0, V - 1);
+    mean_pool = cfg.choice("pooling", {"mean", "cls"}) == "mean";
+    const bool learned = cfg.choice("positional", {"sinusoidal", "learned"}) == "learned";
+    const bool norm_first = cfg.flag("norm_first", true);
     if (!cfg.status.ok()) return cfg.status;
+    Status st = check_layers(weights, "encoder.layers.", "num_layers", layers);
+    if (!st.ok()) return st;
     ParamReader r(weights);
     emb = r.get("embedding.weight", {V, C});
     if (!mean_pool) cls = r.get("cls", {C});
     if (learned) pos = r.get("pos.weight", {max_len + 1, C});
-    else table = sinusoidal(max_len + 1, C), pos = table.data();
-    for (std::int64_t i = 0; i < layers; ++i)
+    table.set_width(C);
+    for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
       blocks.push_back(read_block(r, "encoder.layers." + std::to_string(i) + ".", C, F, H, norm_first,
                                   Activation::kGeluErf, 1e-5f));
     if (norm_first) norm_w = r.get("encoder.norm.weight", {C}), norm_b = r.get("encoder.norm.bias", {C}, true);
@@ -400,14 +512,17 @@ class EncoderModel : public Model {
   Status init_bert(const Json& j) {
     model_kind = "BertModel";
     Config cfg(j);
-    V = cfg.integer("vocab_size", 0), C = cfg.integer("hidden_size", 768);
-    const std::int64_t layers = cfg.integer("num_hidden_layers", 12), H = cfg.integer("num_attention_heads", 12),
-                       F = cfg.integer("intermediate_size", 3072);
-    max_len = cfg.integer("max_position_embeddings", 512), types = cfg.integer("type_vocab_size", 2);
+    V = cfg.integer("vocab_size", 1, kMaxSize), C = cfg.integer("hidden_size", 1, kMaxSize);
+    const std::int64_t layers = cfg.integer("num_hidden_layers", 0, kMaxSize),
+                       H = cfg.integer("num_attention_heads", 1, kMaxSize),
+                       F = cfg.integer("intermediate_size", 1, kMaxSize);
+    max_len = cfg.integer("max_position_embeddings", 1, kMaxLength);
+    types = cfg.integer("type_vocab_size", 1, kMaxSize);
     eps = static_cast<float>(cfg.number("layer_norm_eps", 1e-12));
-    Status st = cfg.status;
-    const std::string act_name = cfg.text("hidden_act", "gelu");
-    const Activation act = activation_named(act_name == "gelu_new" ? "gelu_tanh" : act_name, &st);
+    const Activation act =
+        activation_named(cfg.choice("hidden_act", {"gelu", "gelu_new", "gelu_pytorch_tanh", "relu"}));
+    if (!cfg.status.ok()) return cfg.status;
+    Status st = check_layers(weights, "layers.", "num_hidden_layers", layers);
     if (!st.ok()) return st;
     ParamReader r(weights);
     emb = r.get("word_embeddings.weight", {V, C});
@@ -415,7 +530,7 @@ class EncoderModel : public Model {
     type_emb = r.get("token_type_embeddings.weight", {types, C});
     emb_norm_w = r.get("embeddings_norm.weight", {C});
     emb_norm_b = r.get("embeddings_norm.bias", {C}, true);
-    for (std::int64_t i = 0; i < layers; ++i)
+    for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
       blocks.push_back(read_block(r, "layers." + std::to_string(i) + ".", C, F, H, false, act, eps));
     hidden_size_ = C;
     return r.status;
@@ -428,43 +543,55 @@ class EncoderModel : public Model {
 
   Status encode(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                 const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden) override {
+    if (!hidden) return Status::error("encode: null output");
     Status st = check_ids(ids, B, T, V);
     if (!st.ok()) return st;
     if (!attention_mask.empty() && static_cast<std::int64_t>(attention_mask.size()) != B * T)
       return Status::error("attention_mask must hold B*T values");
-    if (T > max_len) return Status::error("sequence length exceeds " + std::to_string(max_len));
-    return guarded([&] {
+    // One rule for both models and both poolings, the same as Python's: at most max_len tokens per row (the
+    // classifier's position table has max_len + 1 rows, the extra one for a CLS position in front).
+    if (T > max_len)
+      return Status::error("sequence length " + std::to_string(T) + " exceeds " +
+                           (model_kind == "BertModel" ? "max_position_embeddings " : "max_len ") +
+                           std::to_string(max_len));
+    st = check_output_size(B * (T + 1), C);
+    if (!st.ok()) return st;
+    return no_throw([&] {
       std::vector<std::uint8_t> padding;
+      std::vector<float> x;
       if (model_kind == "BertModel") {
         if (!attention_mask.empty()) {
           padding.resize(B * T);
           for (std::int64_t i = 0; i < B * T; ++i) padding[i] = attention_mask[i] == 0;
         }
-        hidden->resize(static_cast<size_t>(B * T * C));
-        embedding_forward(hidden->data(), ids.data(), emb, B * T, V, C);
+        x.resize(static_cast<size_t>(B * T * C));
+        embedding_forward(x.data(), ids.data(), emb, B * T, V, C);
         for (std::int64_t i = 0; i < B * T; ++i)  // + position + token type 0
-          for (std::int64_t c = 0; c < C; ++c) (*hidden)[i * C + c] += pos_emb[(i % T) * C + c] + type_emb[c];
-        layernorm_forward(hidden->data(), nullptr, nullptr, hidden->data(), emb_norm_w, emb_norm_b, B * T, C, eps);
-        run_blocks(hidden->data(), B, T, padding);
+          for (std::int64_t c = 0; c < C; ++c) x[i * C + c] += pos_emb[(i % T) * C + c] + type_emb[c];
+        layernorm_forward(x.data(), nullptr, nullptr, x.data(), emb_norm_w, emb_norm_b, B * T, C, eps);
+        run_blocks(x.data(), B, T, padding);
+        hidden->swap(x);
         return Status();
       }
       // TransformerClassifier: embeddings * sqrt(d) (+ CLS in front), positions, encoder, final norm
       const std::int64_t T2 = mean_pool ? T : T + 1, off = mean_pool ? 0 : 1;
       padding.assign(B * T2, 0);
-      hidden->assign(static_cast<size_t>(B * T2 * C), 0.0f);
+      x.assign(static_cast<size_t>(B * T2 * C), 0.0f);
       std::vector<float> e(static_cast<size_t>(B * T * C));
       embedding_forward(e.data(), ids.data(), emb, B * T, V, C);
       const float scale = std::sqrt(static_cast<float>(C));
+      const float* pe = pos ? pos : table.rows(T2);
       for (std::int64_t b = 0; b < B; ++b) {
         for (std::int64_t t = 0; t < T2; ++t) {
-          float* row = hidden->data() + (b * T2 + t) * C;
+          float* row = x.data() + (b * T2 + t) * C;
           for (std::int64_t c = 0; c < C; ++c)
-            row[c] = (t < off ? cls[c] : e[(b * T + t - off) * C + c] * scale) + pos[t * C + c];
+            row[c] = (t < off ? cls[c] : e[(b * T + t - off) * C + c] * scale) + pe[t * C + c];
           if (t >= off) padding[b * T2 + t] = ids[b * T + t - off] == pad_id;
         }
       }
-      run_blocks(hidden->data(), B, T2, padding);
-      if (norm_w) layernorm_forward(hidden->data(), nullptr, nullptr, hidden->data(), norm_w, norm_b, B * T2, C, 1e-5f);
+      run_blocks(x.data(), B, T2, padding);
+      if (norm_w) layernorm_forward(x.data(), nullptr, nullptr, x.data(), norm_w, norm_b, B * T2, C, 1e-5f);
+      hidden->swap(x);
       return Status();
     });
   }
@@ -472,11 +599,12 @@ class EncoderModel : public Model {
   Status classify(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                   std::vector<float>* logits) override {
     if (model_kind != "TransformerClassifier") return Model::classify(ids, B, T, logits);
+    if (!logits) return Status::error("classify: null output");
     std::vector<float> h;
     Status st = encode(ids, B, T, {}, &h);
     if (!st.ok()) return st;
-    return guarded([&] {
-      std::vector<float> pooled(static_cast<size_t>(B * C), 0.0f);
+    return no_throw([&] {
+      std::vector<float> pooled(static_cast<size_t>(B * C), 0.0f), y(static_cast<size_t>(B * classes));
       const std::int64_t T2 = mean_pool ? T : T + 1;
       for (std::int64_t b = 0; b < B; ++b) {
         if (!mean_pool) {
@@ -490,8 +618,8 @@ class EncoderModel : public Model {
           if (ids[b * T + t] != pad_id)
             for (std::int64_t c = 0; c < C; ++c) pooled[b * C + c] += h[(b * T + t) * C + c] * w;
       }
-      logits->resize(static_cast<size_t>(B * classes));
-      sgemm(false, true, B, classes, C, 1.0f, pooled.data(), C, head_w, C, 0.0f, logits->data(), classes, head_b);
+      sgemm(false, true, B, classes, C, 1.0f, pooled.data(), C, head_w, C, 0.0f, y.data(), classes, head_b);
+      logits->swap(y);
       return Status();
     });
   }
@@ -517,54 +645,86 @@ Status Model::generate(const std::vector<std::int64_t>&, int, const GenerateOpti
 
 Status Model::sentence_embeddings(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                                   const std::vector<std::int64_t>& attention_mask, std::vector<float>* embeddings) {
+  if (!embeddings) return Status::error("sentence_embeddings: null output");
   std::vector<float> h;
-  Status st = encode(ids, B, T, attention_mask, &h);
+  Status st = encode(ids, B, T, attention_mask, &h);  // checks ids, B, T and the mask
   if (!st.ok()) return st;
-  const std::int64_t C = hidden_size_, T2 = static_cast<std::int64_t>(h.size()) / (B * C);
-  const std::int64_t off = T2 - T;  // a CLS position in front is not averaged
-  embeddings->assign(static_cast<size_t>(B * C), 0.0f);
-  for (std::int64_t b = 0; b < B; ++b) {
-    double count = 0;
-    for (std::int64_t t = 0; t < T; ++t) count += attention_mask.empty() || attention_mask[b * T + t] != 0;
-    for (std::int64_t t = 0; t < T; ++t) {
-      if (!attention_mask.empty() && attention_mask[b * T + t] == 0) continue;
-      for (std::int64_t c = 0; c < C; ++c)
-        (*embeddings)[b * C + c] += h[(b * T2 + t + off) * C + c] / static_cast<float>(std::max(count, 1e-9));
+  return no_throw([&] {
+    const std::int64_t C = hidden_size_, T2 = static_cast<std::int64_t>(h.size()) / (B * C);
+    const std::int64_t off = T2 - T;  // a CLS position in front is not averaged
+    std::vector<float> e(static_cast<size_t>(B * C), 0.0f);
+    for (std::int64_t b = 0; b < B; ++b) {
+      double count = 0;
+      for (std::int64_t t = 0; t < T; ++t) count += attention_mask.empty() || attention_mask[b * T + t] != 0;
+      for (std::int64_t t = 0; t < T; ++t) {
+        if (!attention_mask.empty() && attention_mask[b * T + t] == 0) continue;
+        for (std::int64_t c = 0; c < C; ++c)
+          e[b * C + c] += h[(b * T2 + t + off) * C + c] / static_cast<float>(std::max(count, 1e-9));
+      }
     }
-  }
-  return Status();
+    embeddings->swap(e);
+    return Status();
+  });
 }
 
-Status Model::load(const std::string& path, std::unique_ptr<Model>* out) {
-  std::map<std::string, Tensor> tensors;
-  std::map<std::string, std::string> meta;
-  Status st = read_safetensors(path, &tensors, &meta);
-  if (!st.ok()) return st;
-  if (meta["format"] != "cpuformer-model" && meta["format"] != "cpuformer-checkpoint")
-    return Status::error(path + ": not a cpuformer model file (metadata format '" + meta["format"] + "')");
+namespace {
+
+// Builds a model from a file's tensors and metadata; `name` prefixes error messages.
+Status build_model(std::map<std::string, Tensor>& tensors, std::map<std::string, std::string>& meta,
+                   const std::string& name, std::unique_ptr<Model>* out) {
+  const auto fail = [&](const std::string& what) { return Status::error(name.empty() ? what : name + ": " + what); };
+  const std::string& format = meta["format"];
+  if (format != "cpuformer-model" && format != "cpuformer-checkpoint")
+    return fail("not a cpuformer model file (metadata format '" + format + "')");
+  if (format == "cpuformer-model" && meta["version"] != "1")
+    return fail("model file version '" + meta["version"] + "'; this runtime reads 1");
   Json config;
-  st = parse_json(meta["config"], &config);
-  if (!st.ok() || config.type != Json::kObject) return Status::error(path + ": bad model config: " + st.message());
+  Status st = parse_json(meta["config"], &config);
+  if (st.ok() && config.type != Json::kObject) st = Status::error("not a JSON object");
+  if (!st.ok()) return fail("bad model config: " + st.message());
   const std::string& cls = meta["model_class"];
+  std::unique_ptr<Model> model;
   if (cls == "GPT") {
     auto m = std::make_unique<GptModel>();
     m->weights = std::move(tensors);
     st = m->init(config);
-    *out = std::move(m);
+    model = std::move(m);
   } else if (cls == "TransformerClassifier" || cls == "BertModel") {
     auto m = std::make_unique<EncoderModel>();
     m->weights = std::move(tensors);
     st = cls == "BertModel" ? m->init_bert(config) : m->init_classifier(config);
-    *out = std::move(m);
+    model = std::move(m);
   } else {
-    return Status::error(path + ": model class '" + cls + "' is not supported by the C++ runtime "
-                         "(GPT, TransformerClassifier, BertModel)");
+    return fail("model class '" + cls + "' is not supported by the C++ runtime (GPT, TransformerClassifier, "
+                "BertModel)");
   }
-  if (!st.ok()) {
-    out->reset();
-    return Status::error(path + ": " + st.message());
-  }
+  if (!st.ok()) return fail(st.message());
+  *out = std::move(model);
   return Status();
+}
+
+}  // namespace
+
+Status Model::load(const std::string& path, std::unique_ptr<Model>* out) {
+  if (!out) return Status::error("Model::load: null output");
+  out->reset();
+  return no_throw([&] {
+    std::map<std::string, Tensor> tensors;
+    std::map<std::string, std::string> meta;
+    Status st = read_safetensors(path, &tensors, &meta);
+    return st.ok() ? build_model(tensors, meta, path, out) : st;
+  });
+}
+
+Status Model::load_from_buffer(const void* data, std::size_t size, std::unique_ptr<Model>* out) {
+  if (!out) return Status::error("Model::load_from_buffer: null output");
+  out->reset();
+  return no_throw([&] {
+    std::map<std::string, Tensor> tensors;
+    std::map<std::string, std::string> meta;
+    Status st = read_safetensors_buffer(data, size, &tensors, &meta);
+    return st.ok() ? build_model(tensors, meta, "", out) : st;
+  });
 }
 
 }  // namespace cpuformer

@@ -4,11 +4,12 @@
 // {str: str}}, then the tensor bytes (offsets relative to the data section). Every length, offset and size is
 // checked before it is used; tensors are copied out, so the data may have any alignment.
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <fstream>
-#include <limits>
+#include <new>
 
 #include "json.h"
 #include "cpuformer/model.h"
@@ -21,6 +22,10 @@ namespace cpuformer {
 namespace {
 
 constexpr int kMaxDepth = 64;
+// Each parsed value costs ~100 bytes of memory for a few bytes of text: capping the count keeps a header of
+// "[0,0,0,...]" from turning 100 MB of text into gigabytes. Real headers hold ~10 values per tensor.
+constexpr size_t kMaxValues = size_t{1} << 21;
+constexpr std::uint64_t kMaxHeaderBytes = 100u * 1024 * 1024;
 
 class JsonParser {
  public:
@@ -37,6 +42,7 @@ class JsonParser {
  private:
   const char* p_;
   const char* end_;
+  size_t values_ = 0;
 
   Status fail(const std::string& what) const { return Status::error("JSON: " + what); }
 
@@ -45,7 +51,8 @@ class JsonParser {
   }
 
   Status value(Json* out, int depth) {
-    if (depth > kMaxDepth) return fail("nesting too deep");
+    if (depth > kMaxDepth) return fail("nesting deeper than " + std::to_string(kMaxDepth) + " levels");
+    if (++values_ > kMaxValues) return fail("more than " + std::to_string(kMaxValues) + " values");
     skip_ws();
     if (p_ >= end_) return fail("unexpected end");
     switch (*p_) {
@@ -239,40 +246,93 @@ const Json* Json::find(const std::string& key) const {
 // ---------------------------------------------------------------------------------------------------------------
 // safetensors
 
-Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* tensors,
-                        std::map<std::string, std::string>* metadata) {
-  const auto fail = [&](const std::string& what) { return Status::error(path + ": " + what); };
-  std::ifstream f(path, std::ios::binary | std::ios::ate);
-  if (!f) return fail("cannot open the file");
-  const std::streamoff size = f.tellg();
+namespace {
+
+// Where the bytes come from (a file or a memory buffer). The parser checks every range against size() first, so
+// read() is only asked for bytes that exist.
+class ByteSource {
+ public:
+  virtual ~ByteSource() = default;
+  virtual std::uint64_t size() const = 0;
+  virtual bool read(std::uint64_t offset, size_t n, void* dst) = 0;
+};
+
+class BufferSource : public ByteSource {
+ public:
+  BufferSource(const void* data, size_t size) : data_(static_cast<const unsigned char*>(data)), size_(size) {}
+  std::uint64_t size() const override { return size_; }
+  bool read(std::uint64_t offset, size_t n, void* dst) override {
+    if (n) std::memcpy(dst, data_ + offset, n);
+    return true;
+  }
+
+ private:
+  const unsigned char* data_;
+  size_t size_;
+};
+
+// Reads tensor by tensor, so a large file is never held in memory twice.
+class FileSource : public ByteSource {
+ public:
+  explicit FileSource(const std::string& path) : f_(path, std::ios::binary | std::ios::ate) {
+    if (f_) size_ = static_cast<std::uint64_t>(std::max<std::streamoff>(f_.tellg(), 0));
+  }
+  bool is_open() const { return static_cast<bool>(f_); }
+  std::uint64_t size() const override { return size_; }
+  bool read(std::uint64_t offset, size_t n, void* dst) override {
+    f_.seekg(static_cast<std::streamoff>(offset));
+    f_.read(static_cast<char*>(dst), static_cast<std::streamsize>(n));
+    return static_cast<bool>(f_);
+  }
+
+ private:
+  std::ifstream f_;
+  std::uint64_t size_ = 0;
+};
+
+// A whole number in [0, max] (JSON numbers are doubles; max stays well below 2^53, so the value is exact).
+bool whole(const Json& v, double max) {
+  return v.type == Json::kNumber && v.number >= 0 && v.number <= max && v.number == std::floor(v.number);
+}
+
+// The one parser behind read_safetensors and read_safetensors_buffer. `name` prefixes error messages. The outputs
+// are written only on success.
+Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std::string, Tensor>* tensors_out,
+                         std::map<std::string, std::string>* metadata_out) {
+  const auto fail = [&](const std::string& what) { return Status::error(name.empty() ? what : name + ": " + what); };
+  const std::uint64_t size = src.size();
   if (size < 8) return fail("too short for a safetensors header (" + std::to_string(size) + " bytes)");
-  f.seekg(0);
   unsigned char len_bytes[8];
-  f.read(reinterpret_cast<char*>(len_bytes), 8);
+  if (!src.read(0, 8, len_bytes)) return fail("cannot read the header length");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
-  if (n > 100u * 1024 * 1024 || n > static_cast<std::uint64_t>(size) - 8)
+  if (n > kMaxHeaderBytes || n > size - 8)
     return fail("header length " + std::to_string(n) + " runs past the end of the file");
   std::string header(static_cast<size_t>(n), '\0');
-  f.read(&header[0], static_cast<std::streamsize>(n));
-  if (!f) return fail("cannot read the header");
+  if (!src.read(8, header.size(), &header[0])) return fail("cannot read the header");
   Json root;
   Status st = parse_json(header, &root);
   if (!st.ok()) return fail(st.message());
   if (root.type != Json::kObject) return fail("the header is not a JSON object");
-  const std::uint64_t data_size = static_cast<std::uint64_t>(size) - 8 - n;
+  const std::uint64_t data_size = size - 8 - n;
 
   struct Span {
     std::uint64_t begin, end;
-    std::string name;
+    const std::string* name;
   };
   std::vector<Span> spans;
-  for (const auto& [name, info] : root.members) {
-    if (name == "__metadata__") {
+  std::map<std::string, Tensor> tensors;
+  std::map<std::string, std::string> metadata;
+  bool seen_metadata = false;
+  std::vector<unsigned char> raw;
+  for (const auto& [tname, info] : root.members) {
+    if (tname == "__metadata__") {
+      if (seen_metadata) return fail("__metadata__ appears twice");
+      seen_metadata = true;
       if (info.type != Json::kObject) return fail("__metadata__ must be an object");
       for (const auto& [k, v] : info.members) {
         if (v.type != Json::kString) return fail("__metadata__ values must be strings");
-        if (metadata) (*metadata)[k] = v.str;
+        if (!metadata.emplace(k, v.str).second) return fail("__metadata__ key '" + k + "' appears twice");
       }
       continue;
     }
@@ -281,40 +341,43 @@ Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* 
     const Json* offsets = info.find("data_offsets");
     if (!dtype || dtype->type != Json::kString || !shape || shape->type != Json::kArray || !offsets ||
         offsets->type != Json::kArray || offsets->items.size() != 2)
-      return fail("entry '" + name + "' is malformed");
+      return fail("entry '" + tname + "' is malformed");
     size_t itemsize;
     if (dtype->str == "F32") itemsize = 4;
     else if (dtype->str == "F16" || dtype->str == "BF16") itemsize = 2;
-    else return fail("tensor '" + name + "': unsupported dtype " + dtype->str + " (F32, F16, BF16)");
+    else return fail("tensor '" + tname + "': unsupported dtype " + dtype->str + " (F32, F16, BF16)");
+    if (shape->items.size() > 8) return fail("tensor '" + tname + "': more than 8 dimensions");
     Tensor t;
-    std::uint64_t count = 1;
     for (const Json& d : shape->items) {
-      if (d.type != Json::kNumber || d.number < 0 || d.number != std::floor(d.number) || d.number > 1e15)
-        return fail("tensor '" + name + "': bad shape");
-      const auto dim = static_cast<std::uint64_t>(d.number);
-      if (dim && count > std::numeric_limits<std::uint64_t>::max() / 16 / dim)
-        return fail("tensor '" + name + "': shape too large");
+      if (!whole(d, 1e15)) return fail("tensor '" + tname + "': bad shape (dimensions are integers >= 0)");
+      t.shape.push_back(static_cast<std::int64_t>(d.number));
+    }
+    // The element count, bounded by the data section at every step: no product can overflow, and a shape that
+    // the bytes cannot hold fails here, before anything is allocated.
+    const bool empty = std::find(t.shape.begin(), t.shape.end(), 0) != t.shape.end();
+    std::uint64_t count = empty ? 0 : 1;
+    for (const std::int64_t d : t.shape) {
+      if (empty) break;
+      const auto dim = static_cast<std::uint64_t>(d);
+      if (count > data_size / itemsize / dim)
+        return fail("tensor '" + tname + "': shape larger than the data section (" + std::to_string(data_size) +
+                    " bytes)");
       count *= dim;
-      t.shape.push_back(static_cast<std::int64_t>(dim));
     }
     std::uint64_t se[2];
     for (int i = 0; i < 2; ++i) {
-      const Json& o = offsets->items[i];
-      if (o.type != Json::kNumber || o.number < 0 || o.number != std::floor(o.number) || o.number > 1e18)
-        return fail("tensor '" + name + "': bad data_offsets");
-      se[i] = static_cast<std::uint64_t>(o.number);
+      if (!whole(offsets->items[i], 1e15)) return fail("tensor '" + tname + "': bad data_offsets");
+      se[i] = static_cast<std::uint64_t>(offsets->items[i].number);
     }
     if (se[0] > se[1] || se[1] > data_size)
-      return fail("tensor '" + name + "': data_offsets [" + std::to_string(se[0]) + ", " + std::to_string(se[1]) +
+      return fail("tensor '" + tname + "': data_offsets [" + std::to_string(se[0]) + ", " + std::to_string(se[1]) +
                   "] outside the data section (" + std::to_string(data_size) + " bytes)");
     if (se[1] - se[0] != count * itemsize)
-      return fail("tensor '" + name + "': " + std::to_string(se[1] - se[0]) + " bytes for " + std::to_string(count) +
-                  " elements of " + dtype->str);
-    spans.push_back({se[0], se[1], name});
-    std::vector<unsigned char> raw(static_cast<size_t>(se[1] - se[0]));
-    f.seekg(static_cast<std::streamoff>(8 + n + se[0]));
-    f.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
-    if (!f) return fail("tensor '" + name + "': cannot read its bytes");
+      return fail("tensor '" + tname + "': " + std::to_string(se[1] - se[0]) + " bytes for " +
+                  std::to_string(count) + " elements of " + dtype->str);
+    spans.push_back({se[0], se[1], &tname});
+    raw.resize(static_cast<size_t>(se[1] - se[0]));
+    if (!src.read(8 + n + se[0], raw.size(), raw.data())) return fail("tensor '" + tname + "': cannot read its bytes");
     t.data.resize(static_cast<size_t>(count));
     for (size_t i = 0; i < t.data.size(); ++i) {  // little-endian on disk; copies, so any alignment works
       if (itemsize == 4) {
@@ -331,13 +394,47 @@ Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* 
         }
       }
     }
-    if (tensors) (*tensors)[name] = std::move(t);
+    if (!tensors.emplace(tname, std::move(t)).second) return fail("tensor '" + tname + "' appears twice");
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < spans.size(); ++i)
     if (spans[i].begin < spans[i - 1].end)
-      return fail("tensors '" + spans[i - 1].name + "' and '" + spans[i].name + "' overlap");
+      return fail("tensors '" + *spans[i - 1].name + "' and '" + *spans[i].name + "' overlap");
+  if (tensors_out) *tensors_out = std::move(tensors);
+  if (metadata_out) *metadata_out = std::move(metadata);
   return Status();
+}
+
+// The public readers report allocation failures and any other exception as a Status.
+template <class Fn>
+Status no_throw(const std::string& name, Fn&& fn) {
+  try {
+    return fn();
+  } catch (const std::bad_alloc&) {
+    return Status::error(name + "out of memory reading safetensors data");
+  } catch (const std::exception& e) {
+    return Status::error(name + e.what());
+  }
+}
+
+}  // namespace
+
+Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* tensors,
+                        std::map<std::string, std::string>* metadata) {
+  return no_throw(path + ": ", [&] {
+    FileSource src(path);
+    if (!src.is_open()) return Status::error(path + ": cannot open the file");
+    return parse_safetensors(src, path, tensors, metadata);
+  });
+}
+
+Status read_safetensors_buffer(const void* data, size_t size, std::map<std::string, Tensor>* tensors,
+                               std::map<std::string, std::string>* metadata) {
+  return no_throw("", [&] {
+    if (!data && size) return Status::error("null buffer");
+    BufferSource src(data, size);
+    return parse_safetensors(src, "", tensors, metadata);
+  });
 }
 
 }  // namespace cpuformer

@@ -2,6 +2,8 @@
 // Python can use it) and checks kernels against plain double-precision references, on both SIMD paths, plus the
 // error contract (exceptions, nothing written). Built with -DCPUFORMER_BUILD_TESTS=ON; run by ctest and by .ci/run,
 // also under -DCPUFORMER_SANITIZE=ON (AddressSanitizer + UBSan).
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -11,6 +13,8 @@
 #include <vector>
 
 #include "cpuformer.h"
+#include "cpuformer/model.h"
+#include "../fuzz/model_files.h"
 
 namespace {
 
@@ -189,6 +193,238 @@ void test_safetensors_fuzz(std::mt19937& gen) {
   std::remove(path.c_str());
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The model runtime (cpuformer/model.h) on tiny model files built in memory (cpp/fuzz/model_files.h).
+
+using cpuformer_testing::ModelSpec;
+
+std::unique_ptr<cpuformer::Model> load_spec(const ModelSpec& spec, cpuformer::Status* st = nullptr) {
+  const std::string bytes = spec.file();
+  std::unique_ptr<cpuformer::Model> m;
+  const cpuformer::Status s = cpuformer::Model::load_from_buffer(bytes.data(), bytes.size(), &m);
+  if (st) *st = s;
+  return m;
+}
+
+// The error message of loading `spec`, or "" when it loads.
+std::string load_error(const ModelSpec& spec) {
+  cpuformer::Status st;
+  auto m = load_spec(spec, &st);
+  if (st.ok() != static_cast<bool>(m)) return "(status and model disagree)";
+  return st.ok() ? "" : st.message();
+}
+
+bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
+std::string replaced(std::string s, const std::string& from, const std::string& to) {
+  const size_t at = s.find(from);
+  if (at != std::string::npos) s.replace(at, from.size(), to);
+  return s;
+}
+
+// Greedy continuation computed without the key/value cache: logits() of the last block_size ids each step.
+std::vector<std::int64_t> greedy_reference(cpuformer::Model& m, std::vector<std::int64_t> ids, int n,
+                                           std::int64_t block_size) {
+  for (int i = 0; i < n; ++i) {
+    const std::int64_t keep = std::min<std::int64_t>(ids.size(), block_size);
+    std::vector<std::int64_t> window(ids.end() - keep, ids.end());
+    std::vector<float> logits;
+    if (!m.logits(window, 1, keep, &logits).ok()) return {};
+    const float* last = logits.data() + logits.size() - 11;  // vocabulary 11
+    ids.push_back(std::max_element(last, last + 11) - last);
+  }
+  return ids;
+}
+
+void test_model_generate() {
+  for (const bool learned : {true, false}) {
+    const std::string name = learned ? "GPT learned" : "GPT sinusoidal";
+    auto m = load_spec(cpuformer_testing::tiny_gpt(learned, learned));
+    check(m && m->kind() == "GPT", name + ": loads from a buffer");
+    if (!m) continue;
+    // Prompt lengths 1 (the first step allocates the cache), within, at and past block_size 6; 0 to 9 new tokens.
+    for (const int len : {1, 2, 6, 8})
+      for (const int n : {0, 1, 4, 9}) {
+        std::vector<std::int64_t> prompt;
+        for (int i = 0; i < len; ++i) prompt.push_back((3 * i + 5) % 11);
+        std::vector<std::int64_t> out;
+        const cpuformer::Status st = m->generate(prompt, n, cpuformer::GenerateOptions{}, &out);
+        check(st.ok() && out == greedy_reference(*m, prompt, n, 6),
+              name + ": cached greedy generation = uncached, prompt " + std::to_string(len) + ", new " +
+                  std::to_string(n) + (st.ok() ? "" : " (" + st.message() + ")"));
+      }
+    cpuformer::GenerateOptions sample;
+    sample.greedy = false, sample.top_k = 3, sample.temperature = 0.7f, sample.seed = 9;
+    std::vector<std::int64_t> a, b;
+    check(m->generate({4}, 12, sample, &a).ok() && m->generate({4}, 12, sample, &b).ok() && a == b &&
+              a.size() == 13 && *std::min_element(a.begin(), a.end()) >= 0 &&
+              *std::max_element(a.begin(), a.end()) < 11,
+          name + ": top-k sampling is seeded and in range");
+    // Every bad argument is an error status, and `out` is left alone.
+    const auto nan = std::nanf(""), inf = INFINITY;
+    struct Bad {
+      std::vector<std::int64_t> prompt;
+      int n;
+      int top_k;
+      float temperature;
+      const char* why;
+    };
+    for (const Bad& c : {Bad{{}, 3, 0, 1.0f, "empty prompt"}, Bad{{11}, 3, 0, 1.0f, "id out of range"},
+                         Bad{{-1}, 3, 0, 1.0f, "negative id"}, Bad{{1}, -1, 0, 1.0f, "negative max_new_tokens"},
+                         Bad{{1}, 3, -2, 1.0f, "negative top_k"}, Bad{{1}, 3, 2, nan, "NaN temperature"},
+                         Bad{{1}, 3, 2, -0.5f, "negative temperature"}, Bad{{1}, 3, 2, inf, "infinite temperature"}}) {
+      cpuformer::GenerateOptions o;
+      o.greedy = c.top_k == 0, o.top_k = c.top_k, o.temperature = c.temperature;
+      std::vector<std::int64_t> out = {42};
+      const cpuformer::Status st = m->generate(c.prompt, c.n, o, &out);
+      check(!st.ok() && !st.message().empty() && out == std::vector<std::int64_t>{42},
+            name + ": generate with " + c.why + " is an error");
+    }
+    std::vector<float> logits;
+    check(!m->logits({1, 2, 3, 4, 5, 6, 7}, 1, 7, &logits).ok(), name + ": logits past block_size is an error");
+    check(!m->logits({}, std::int64_t{1} << 32, std::int64_t{1} << 32, &logits).ok(),
+          name + ": B*T overflowing int64 is an error");
+    check(!m->classify({1}, 1, 1, &logits).ok() && !m->encode({1}, 1, 1, {}, &logits).ok(),
+          name + ": encoder calls are errors");
+  }
+}
+
+void test_model_encoders() {
+  for (const bool mean_pool : {true, false}) {
+    const std::string name = mean_pool ? "classifier mean" : "classifier cls";
+    auto m = load_spec(cpuformer_testing::tiny_classifier(mean_pool, !mean_pool));
+    check(m && m->kind() == "TransformerClassifier", name + ": loads");
+    if (!m) continue;
+    std::vector<float> logits;
+    check(m->classify({1, 2, 3, 4, 5, 6, 7, 0, 0, 0}, 2, 5, &logits).ok() && logits.size() == 6,
+          name + ": max_len tokens classify");
+    const cpuformer::Status st = m->classify({1, 2, 3, 4, 5, 6}, 1, 6, &logits);
+    check(!st.ok() && contains(st.message(), "sequence length 6 exceeds max_len 5"),
+          name + ": more than max_len tokens is an error (" + st.message() + ")");
+    check(!m->classify({1, 2, 13}, 1, 3, &logits).ok(), name + ": id out of range is an error");
+    check(!m->classify({1, 2, 3}, 2, 2, &logits).ok(), name + ": ids that are not B*T are an error");
+  }
+  auto bert = load_spec(cpuformer_testing::tiny_bert());
+  check(bert && bert->kind() == "BertModel", "BertModel: loads");
+  if (bert) {
+    std::vector<float> e;
+    check(bert->sentence_embeddings({1, 2, 3, 4, 5, 6, 0, 0}, 2, 4, {1, 1, 1, 1, 1, 1, 0, 0}, &e).ok() &&
+              e.size() == 16,
+          "BertModel: sentence embeddings");
+    check(bert->sentence_embeddings({1, 2, 3, 4}, 1, 4, {0, 0, 0, 0}, &e).ok(), "BertModel: an all-padding row");
+    check(!bert->sentence_embeddings({1, 2, 3, 4}, 1, 4, {1, 1}, &e).ok(), "BertModel: a short mask is an error");
+    const cpuformer::Status st = bert->encode({1, 2, 3, 4, 5, 6, 7}, 1, 7, {}, &e);
+    check(!st.ok() && contains(st.message(), "exceeds max_position_embeddings 6"),
+          "BertModel: more than max_position_embeddings tokens is an error");
+    std::vector<std::int64_t> out;
+    check(!bert->generate({1}, 1, cpuformer::GenerateOptions{}, &out).ok(), "BertModel: generate is an error");
+  }
+}
+
+// Configs and headers whose sizes the tensors do not justify fail at load, quickly and before allocating.
+void test_model_file_validation() {
+  const auto start = std::chrono::steady_clock::now();
+  const ModelSpec gpt = cpuformer_testing::tiny_gpt(false, true), clf = cpuformer_testing::tiny_classifier();
+  check(load_error(gpt).empty(), "validation: the tiny GPT loads");
+  struct Case {
+    ModelSpec spec;
+    const char* expect;  // part of the message
+  };
+  auto with_config = [](ModelSpec m, const std::string& from, const std::string& to) {
+    m.config = replaced(m.config, from, to);
+    return m;
+  };
+  ModelSpec extra_layer = gpt, gap = gpt, huge_index = gpt, bad_shape = gpt, short_tensor = gpt;
+  cpuformer_testing::add_layer(&extra_layer.tensors, "blocks.2.", 8, 32);
+  for (auto& t : gap.tensors) t.name = replaced(t.name, "blocks.1.", "blocks.7.");
+  huge_index.tensors[1].name = "blocks.99999999999999999999999.self_attn.in_proj_weight";
+  bad_shape.tensors[0].shape = {8, 11};
+  short_tensor.tensors[0].shape = {11, 7};
+  const std::vector<Case> cases = {
+      {with_config(gpt, "\"block_size\": 6", "\"block_size\": 1000000000"), "'block_size' must be an integer"},
+      {with_config(clf, "\"max_len\": 5", "\"max_len\": 1000000000"), "'max_len' must be an integer"},
+      {with_config(gpt, "\"n_layer\": 2", "\"n_layer\": 9223372036854775808"), "'n_layer' must be an integer"},
+      {with_config(gpt, "\"n_layer\": 2", "\"n_layer\": 1000000"), "'n_layer' is 1000000 but the file holds 2"},
+      {with_config(gpt, "\"n_layer\": 2", "\"n_layer\": 3"), "'n_layer' is 3 but the file holds 2"},
+      {with_config(gpt, "\"n_layer\": 2", "\"n_layer\": \"2\""), "'n_layer' must be an integer"},
+      {with_config(gpt, "\"n_layer\": 2", "\"n_layer\": 2.5"), "'n_layer' must be an integer"},
+      {with_config(gpt, "\"n_layer\": 2, ", ""), "'n_layer' must be an integer"},
+      {with_config(gpt, "\"n_head\": 2", "\"n_head\": 3"), "not divisible by the heads"},
+      {with_config(gpt, "\"n_head\": 2", "\"n_head\": -2"), "'n_head' must be an integer"},
+      {with_config(gpt, "\"vocab_size\": 11", "\"vocab_size\": 12"), "'wte.weight' has shape"},
+      {with_config(gpt, "\"positional\": \"sinusoidal\"", "\"positional\": \"rotary\""), "'positional' must be"},
+      {with_config(gpt, "\"tie_weights\": true", "\"tie_weights\": 1"), "'tie_weights' must be true or false"},
+      {with_config(gpt, "\"layer_norm_eps\": 1e-05", "\"layer_norm_eps\": -1"), "'layer_norm_eps'"},
+      {with_config(clf, "\"pad_id\": 0", "\"pad_id\": 13"), "'pad_id' must be an integer in [0, 12]"},
+      {with_config(gpt, gpt.config, std::string(100000, '[')), "nesting deeper than 64"},
+      {with_config(gpt, gpt.config, "[]"), "not a JSON object"},
+      {extra_layer, "'n_layer' is 2 but the file holds 3"},
+      {gap, "skip an index"},
+      {huge_index, "unexpected tensor"},
+      {bad_shape, "'wte.weight' has shape (8,11,)"},
+      {short_tensor, "'wte.weight' has shape (11,7,)"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string err = load_error(cases[i].spec);
+    check(contains(err, cases[i].expect), "validation case " + std::to_string(i) + ": expected '" +
+                                              cases[i].expect + "', got '" + err + "'");
+  }
+  // Headers: shapes whose element count overflows, nesting bombs, value-count bombs, duplicate names.
+  const auto header_file = [](const std::string& header) {
+    std::string f(8, '\0');
+    for (int i = 0; i < 8; ++i) f[i] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+    return f + header + std::string(64, '\0');
+  };
+  std::string many = "{\"x\":[";
+  for (int i = 0; i < (1 << 21) + 1; ++i) many += "0,";
+  many.back() = ']';
+  many += "}";
+  const std::vector<std::pair<std::string, std::string>> headers = {
+      {R"({"a":{"dtype":"F32","shape":[18446744073709551632],"data_offsets":[0,64]}})", "bad shape"},
+      {R"({"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,64]}})", "larger than the data"},
+      {R"({"a":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}})", "bad shape"},
+      {R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+       R"("a":{"dtype":"F32","shape":[4],"data_offsets":[16,32]}})",
+       "appears twice"},
+      {R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+       R"("b":{"dtype":"F32","shape":[4],"data_offsets":[8,24]}})",
+       "overlap"},
+      {R"({"a":{"dtype":"I64","shape":[4],"data_offsets":[0,32]}})", "unsupported dtype"},
+      {std::string(100000, '['), "nesting deeper than 64"},
+      {many, "more than 2097152 values"},
+  };
+  for (const auto& [header, expect] : headers) {
+    const std::string f = header_file(header);
+    std::map<std::string, cpuformer::Tensor> tensors = {{"untouched", {}}};
+    const cpuformer::Status st = cpuformer::read_safetensors_buffer(f.data(), f.size(), &tensors, nullptr);
+    check(!st.ok() && contains(st.message(), expect) && tensors.count("untouched"),
+          "header '" + header.substr(0, 60) + "': expected '" + expect + "', got '" + st.message() + "'");
+  }
+  std::unique_ptr<cpuformer::Model> m;
+  check(!cpuformer::Model::load_from_buffer(nullptr, 10, &m).ok() &&
+            !cpuformer::Model::load_from_buffer("", 0, &m).ok(),
+        "load_from_buffer of no bytes is an error");
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  check(seconds < 20, "validation is quick (" + std::to_string(seconds) + " s)");
+}
+
+// The file and buffer loaders are one implementation: the same file gives the same results through both.
+void test_model_file_and_buffer() {
+  const std::string bytes = cpuformer_testing::tiny_gpt().file(), path = "cpuformer_tiny_gpt.safetensors";
+  FILE* f = std::fopen(path.c_str(), "wb");
+  std::fwrite(bytes.data(), 1, bytes.size(), f);
+  std::fclose(f);
+  std::unique_ptr<cpuformer::Model> a, b;
+  std::vector<float> la, lb;
+  check(cpuformer::Model::load(path, &a).ok() &&
+            cpuformer::Model::load_from_buffer(bytes.data(), bytes.size(), &b).ok() &&
+            a->logits({1, 2, 3}, 1, 3, &la).ok() && b->logits({1, 2, 3}, 1, 3, &lb).ok() && la == lb && la.size() == 33,
+        "Model::load and load_from_buffer agree");
+  const cpuformer::Status st = cpuformer::Model::load("no/such/file.safetensors", &a);
+  check(!st.ok() && !a && contains(st.message(), "cannot open"), "Model::load of a missing file is an error");
+  std::remove(path.c_str());
+}
 }  // namespace
 
 // Prepared inference weights: packed float32 equals sgemm; int8 equals the same integer arithmetic in double.
@@ -236,6 +472,10 @@ int main() {
   }
   test_errors();
   test_safetensors_fuzz(gen);
+  test_model_generate();
+  test_model_encoders();
+  test_model_file_validation();
+  test_model_file_and_buffer();
   const int passed = g_checks - g_failures;
   std::printf("cpuformer C++ core, %s, OpenMP %s\n", cpuformer::compiler_version().c_str(),
               cpuformer::build_has_openmp() ? "on" : "off");

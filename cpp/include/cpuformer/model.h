@@ -8,11 +8,18 @@
 //   st = model->generate({2, 17, 5}, 50, cpuformer::GenerateOptions{}, &out);   // GPT: ids in, ids out
 //
 // Files are the ones cpuformer.save() writes (safetensors: tensors + the model class and its config as JSON in the
-// metadata). Every function returns a Status instead of throwing; a malformed file (truncated, header past the
-// end, offsets out of bounds or overlapping, unknown dtype, shapes that disagree with the config) is an error
-// status, never a crash or an out-of-bounds read. Tokenization stays the caller's job.
+// metadata). Every function returns a Status instead of throwing (out of memory included); a malformed file
+// (truncated, header past the end, offsets out of bounds or overlapping, unknown dtype, JSON nested deeper than 64
+// levels, a config whose sizes disagree with the tensors or exceed the limits below) is an error status, never a
+// crash or an out-of-bounds read. The sizes a config implies are checked against the file's tensors before
+// anything is allocated, so the memory a load uses is bounded by the file's size. Tokenization stays the
+// caller's job.
+//
+// Config limits: sequence lengths (block_size, max_len, max_position_embeddings) <= 2^20; other sizes <= 2^30;
+// layer counts equal the layers the tensors hold; vocabulary, hidden and feed-forward sizes equal tensor shapes.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -52,14 +59,20 @@ struct Tensor {
   std::vector<float> data;
 };
 
-// Parse a safetensors file defensively: every offset and size is checked against the file.
+// Parse a safetensors file defensively: every offset and size is checked against the file; the outputs (either may
+// be null) are written only on success. Tensors are converted to float32 (from F32, F16 or BF16).
 Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* tensors,
                         std::map<std::string, std::string>* metadata);
+// The same for a file's bytes already in memory (any alignment; the buffer is only read during the call).
+Status read_safetensors_buffer(const void* data, std::size_t size, std::map<std::string, Tensor>* tensors,
+                               std::map<std::string, std::string>* metadata);
 
 class Model {
  public:
   virtual ~Model() = default;
   static Status load(const std::string& path, std::unique_ptr<Model>* out);
+  // The same from a model file's bytes in memory (the model copies what it needs).
+  static Status load_from_buffer(const void* data, std::size_t size, std::unique_ptr<Model>* out);
 
   // "GPT", "TransformerClassifier" or "BertModel".
   virtual std::string kind() const = 0;
@@ -77,7 +90,9 @@ class Model {
   // GPT: next-token logits for every position (B, T, vocab).
   virtual Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                         std::vector<float>* out);
-  // GPT: continue one prompt by up to max_new_tokens (key/value cache: each new token costs O(T)).
+  // GPT: continue one prompt (1 or more ids, any length: past block_size the last block_size ids are used, as in
+  // Python) by up to max_new_tokens >= 0 (key/value cache: each new token costs O(T)). top_k >= 0, temperature
+  // finite and >= 0 (0 = greedy); anything else is an error status.
   virtual Status generate(const std::vector<std::int64_t>& prompt, int max_new_tokens, const GenerateOptions& opts,
                           std::vector<std::int64_t>* out);
 
