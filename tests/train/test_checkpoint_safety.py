@@ -337,8 +337,8 @@ def test_leftovers_of_a_killed_run_are_tidied_at_the_next_start(tmp_path):
                           text=True).stdout.strip()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        junk = [f"checkpoint-4.tmp-{dead}-0badcafe", f"checkpoint-4.tmp-del-{dead}-0badcafe", f"checkpoint-4.tmp-{dead}",
-                f".tmp-{dead}-12345678", ".tmp-k3y_9abc"]
+        junk = [f"checkpoint-4.tmp-{dead}-0badcafe", f"checkpoint-4.tmp-del-{dead}-0badcafe",
+                f"checkpoint-4.tmp-{dead}", f".tmp-{dead}-12345678", ".tmp-k3y_9abc"]
         for name in junk[:3]:
             os.makedirs(os.path.join(out, name))
             with open(os.path.join(out, name, "model.safetensors"), "wb") as f:
@@ -408,3 +408,110 @@ def test_the_final_save_replaces_the_step_s_checkpoint_whole(tmp_path):
     first_delete = next(i for i, e in enumerate(events) if e[0] in ("unlink", "rmdir"))
     assert first_delete > events.index(renames[2])
     assert sorted(os.listdir(out)) == ["checkpoint-2", "history.jsonl"]
+
+
+# ------------------------------------------------------------------------------------------------ real processes
+
+CHILD = """
+import json, os, sys, time
+sys.path.insert(0, {here!r})
+import test_checkpoint_safety as T
+out, config, mode, result_path = sys.argv[1:5]
+crash_at, slow = int(os.environ.get("CRASH_AT", "0")), float(os.environ.get("SLOW_FS", "0"))
+ops = []
+def before(op, args):
+    ops.append([op, os.path.basename(str(args[0])) if args else ""])
+    if len(ops) == crash_at:
+        os._exit(77)                  # killed just before this filesystem step
+    if slow:
+        time.sleep(slow)              # so that random kills mostly land inside checkpoint writes
+print("ready", flush=True)
+with T.fs_hook(before):
+    result = T.train_run(out, config, resume=(mode == "resume"))
+result["ops"] = ops
+with open(result_path, "w") as f:
+    json.dump(result, f)
+"""
+
+
+def _start(tmp_path, out, config, mode, crash_at=0, slow=0.0):
+    import subprocess
+    import sys
+    script = tmp_path / "child.py"
+    if not script.exists():
+        script.write_text(CHILD.format(here=os.path.dirname(os.path.abspath(__file__))))
+    result = tmp_path / f"result-{os.urandom(4).hex()}.json"
+    env = dict(os.environ, CRASH_AT=str(crash_at), SLOW_FS=str(slow))
+    proc = subprocess.Popen([sys.executable, str(script), out, config, mode, str(result)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return proc, result
+
+
+def _finish(proc, result, what):
+    import json
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{what}: exit {proc.returncode}\n{stderr[-3000:]}"
+    with open(result) as f:
+        return json.load(f)
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path, tmp_path_factory):
+    import time
+    config = "steps"
+    ref = reference(config, tmp_path_factory)
+    seed = int(os.environ.get("CPUFORMER_FUZZ_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)
+    # an uninterrupted child run, slowed at every filesystem step: how long a run lasts once started
+    proc, res = _start(tmp_path, str(tmp_path / "whole"), config, "fresh", slow=0.002)
+    assert proc.stdout.readline().strip() == "ready"
+    t0 = time.perf_counter()
+    whole = _finish(proc, res, "uninterrupted child")
+    duration = time.perf_counter() - t0
+    whole.pop("ops")
+    assert whole == ref
+    for trial in range(30 if LONG else 3):
+        out = str(tmp_path / f"trial-{trial}")
+        kills = []
+        for attempt in range(2):  # killed, then killed again while resuming
+            proc, res = _start(tmp_path, out, config, "resume" if attempt else "fresh", slow=0.002)
+            assert proc.stdout.readline().strip() == "ready"
+            delay = rng.uniform(0.0, duration * 1.05)
+            time.sleep(delay)
+            proc.kill()
+            proc.communicate()
+            kills.append(f"{delay:.3f}s ({'killed' if proc.returncode < 0 else 'had finished'})")
+        proc, res = _start(tmp_path, out, config, "resume")
+        where = f"seed {seed} (CPUFORMER_FUZZ_SEED), trial {trial}: SIGKILL after {', then '.join(kills)}"
+        resumed = _finish(proc, res, where)
+        resumed.pop("ops")
+        assert_same_run(resumed, ref, where)
+        shutil.rmtree(out)
+
+
+def test_exit_at_filesystem_steps_of_the_final_save_in_a_child(tmp_path, tmp_path_factory):
+    """Real processes killed at chosen filesystem steps (different process ids, so the tidying sees dead
+    writers): points of the final save, which replaces checkpoint-12, including the moment between its two
+    renames; with CPUFORMER_FUZZ_LONG=1 every step of the final save and a sample of the others."""
+    config = "steps"
+    ref = reference(config, tmp_path_factory)
+    proc, res = _start(tmp_path, str(tmp_path / "count"), config, "fresh")
+    ops = _finish(proc, res, "counting child")["ops"]
+    final_start = max(i for i, (op, arg) in enumerate(ops) if op == "mkdir" and arg.startswith("checkpoint-"))
+    aside = next(i for i, (op, arg) in enumerate(ops) if i > final_start and op == "rename")
+    assert ops[aside][1] == "checkpoint-12"
+    final = list(range(final_start + 1, len(ops) + 1))  # crash_at is 1-based: killed before ops[crash_at - 1]
+    if LONG:
+        points = final + random.Random(0).sample(range(1, final_start + 1), min(40, final_start))
+    else:
+        points = sorted({final[0], aside + 1, aside + 2, final[len(final) // 2], final[-1]})
+    for k in points:
+        out = str(tmp_path / f"exit-{k}")
+        proc, _ = _start(tmp_path, out, config, "fresh", crash_at=k)
+        proc.communicate(timeout=300)
+        where = f"exit before step {k} of {len(ops)}: {ops[k - 1]}"
+        assert proc.returncode == 77, where
+        proc, res = _start(tmp_path, out, config, "resume")
+        resumed = _finish(proc, res, where)
+        resumed.pop("ops")
+        assert_same_run(resumed, ref, where)
+        shutil.rmtree(out)
