@@ -58,12 +58,13 @@ def _ids(x, name: str) -> np.ndarray:
     return np.asarray(arr, dtype=np.int64, order="C")
 
 
-def _int_arg(value, name: str, minimum: int = 0) -> int:
-    """An integer argument (Python or numpy int, not bool) >= minimum."""
+def _int_arg(value, name: str, minimum: Optional[int] = 0) -> int:
+    """An integer argument (Python or numpy int, not bool) >= minimum (None: any int64)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    low = -(2**63) if minimum is None else minimum
+    if not low <= value < 2**63:
+        raise ValueError(f"{name} must be an integer in [{low}, 2**63), got {value}")
     return int(value)
 
 
@@ -244,7 +245,7 @@ def embedding_backward(grad_output, ids, weight_grad: np.ndarray, *, padding_idx
     """Accumulate ``weight_grad[ids[t]] += grad_output[t]`` in place (deterministic, thread-safe); positions whose
     id is ``padding_idx`` get none. ``weight_grad`` must be a writable float32 (V, C) array. Returns it."""
     _core.embedding_backward(weight_grad, _f32(grad_output, "grad_output"), _ids(ids, "ids"),
-                             -1 if padding_idx is None else int(padding_idx))
+                             -1 if padding_idx is None else _int_arg(padding_idx, "padding_idx", None))
     return weight_grad
 
 
@@ -270,7 +271,7 @@ def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: fl
     .cross_entropy``: targets equal to ``ignore_index`` are left out of the mean; ``label_smoothing`` mixes the
     one-hot target with the uniform distribution. Non-finite logits raise ValueError."""
     logits, targets = _ce_args(logits, targets)
-    loss, _, _ = _core.cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), False, 1.0, False)
+    loss, _, _ = _core.cross_entropy(logits, targets, _int_arg(ignore_index, "ignore_index", None), float(label_smoothing), False, 1.0, False)
     return _check_loss(loss)
 
 
@@ -279,7 +280,7 @@ def cross_entropy_with_grad(logits, targets, ignore_index: int = -100, label_smo
     """Fused forward + backward: ``(mean loss, d loss / d logits * grad_scale)``. With ``inplace=True`` the
     gradient overwrites ``logits`` (which must then be a float32 C-contiguous array), saving an (N, V) buffer."""
     logits, targets = _ce_args(logits, targets)
-    loss, grad, _ = _core.cross_entropy(logits, targets, int(ignore_index), float(label_smoothing), True,
+    loss, grad, _ = _core.cross_entropy(logits, targets, _int_arg(ignore_index, "ignore_index", None), float(label_smoothing), True,
                                         _finite_scalar(grad_scale, "grad_scale"), bool(inplace))
     return _check_loss(loss), grad
 

@@ -76,7 +76,12 @@ class Seq2SeqTransformer(Module):
         penalty. Returns token-id lists without BOS/EOS. The encoder runs once per call."""
         max_len = ops._int_arg(max_len, "max_len", 0)
         beam_size = ops._int_arg(beam_size, "beam_size", 1)
+        if beam_size >= self.config["tgt_vocab_size"]:
+            raise ValueError(f"beam_size must be smaller than the target vocabulary ({self.config['tgt_vocab_size']}), "
+                             f"got {beam_size}")
         length_penalty = ops._finite_scalar(length_penalty, "length_penalty")
+        if abs(length_penalty) > 10:  # ((5 + length) / 6) ** alpha: past this it only overflows or underflows
+            raise ValueError(f"length_penalty must be in [-10, 10], got {length_penalty}")
         was_training = self.training
         self.eval()
         try:

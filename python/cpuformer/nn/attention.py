@@ -52,7 +52,9 @@ class MultiheadAttention(Module):
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
                  vdim: Optional[int] = None, batch_first: bool = True) -> None:
         super().__init__()
-        if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
+        embed_dim = ops._int_arg(embed_dim, "MultiheadAttention: embed_dim", 1)
+        num_heads = ops._int_arg(num_heads, "MultiheadAttention: num_heads", 1)
+        if embed_dim % num_heads:
             raise ValueError(f"MultiheadAttention: embed_dim ({embed_dim}) must be a positive multiple of "
                              f"num_heads ({num_heads})")
         if add_bias_kv or add_zero_attn or (kdim not in (None, embed_dim)) or (vdim not in (None, embed_dim)):

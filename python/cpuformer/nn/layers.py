@@ -36,9 +36,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__()
-        if in_features < 1 or out_features < 1:
-            raise ValueError(f"Linear: sizes must be >= 1, got in={in_features}, out={out_features}")
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = ops._int_arg(in_features, "Linear: in_features", 1)
+        self.out_features = ops._int_arg(out_features, "Linear: out_features", 1)
         bound = 1.0 / math.sqrt(in_features)  # PyTorch's default (kaiming_uniform with a=sqrt(5))
         self.weight = Parameter(init.uniform((out_features, in_features), bound))
         if bias:
@@ -90,9 +89,10 @@ class Embedding(Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None) -> None:
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError("Embedding: sizes must be >= 1")
+        num_embeddings = ops._int_arg(num_embeddings, "Embedding: num_embeddings", 1)
+        embedding_dim = ops._int_arg(embedding_dim, "Embedding: embedding_dim", 1)
         if padding_idx is not None:
+            padding_idx = ops._int_arg(padding_idx, "Embedding: padding_idx", None)
             if not -num_embeddings <= padding_idx < num_embeddings:
                 raise ValueError(f"Embedding: padding_idx {padding_idx} outside [0, {num_embeddings})")
             padding_idx %= num_embeddings
@@ -133,7 +133,9 @@ class PositionalEncoding(Module):
 
     def __init__(self, d_model: int, max_len: int = 5000, dropout: float = 0.0, learned: bool = False) -> None:
         super().__init__()
-        self.d_model, self.max_len, self.learned = int(d_model), int(max_len), bool(learned)
+        self.d_model = ops._int_arg(d_model, "PositionalEncoding: d_model", 1)
+        self.max_len = ops._int_arg(max_len, "PositionalEncoding: max_len", 1)
+        self.learned = bool(learned)
         if learned:
             self.weight = Parameter(init.normal((max_len, d_model), 0.02))
         else:
@@ -176,7 +178,10 @@ class LayerNorm(Module):
         shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
         if len(shape) != 1:
             raise ValueError(f"LayerNorm: only the last axis can be normalised, got normalized_shape={shape}")
-        self.normalized_shape, self.eps = (int(shape[0]),), float(eps)
+        self.normalized_shape = (ops._int_arg(shape[0], "LayerNorm: normalized_shape", 1),)
+        self.eps = ops._finite_scalar(eps, "LayerNorm: eps")
+        if self.eps < 0:
+            raise ValueError(f"LayerNorm: eps must be >= 0, got {eps}")
         C = self.normalized_shape[0]
         if elementwise_affine:
             self.weight = Parameter(np.ones(C, np.float32))

@@ -146,8 +146,7 @@ class _LayerStack(Module):
 
     def __init__(self, layer: Module, num_layers: int, norm: Optional[LayerNorm]) -> None:
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"{type(self).__name__}: num_layers must be >= 1, got {num_layers}")
+        num_layers = ops._int_arg(num_layers, f"{type(self).__name__}: num_layers", 1)
         self.layers = ModuleList(layer.clone() for _ in range(num_layers))
         if norm is not None:
             self.norm = norm
