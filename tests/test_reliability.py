@@ -333,6 +333,7 @@ def _first_tensor(header):
     (dict(config_edit={"n_layer": 2**63}), "n_layer must be an integer"),
     (dict(config_edit={"n_layer": 10**5}), "n_layer is 100000 but the file holds layers"),
     (dict(config_edit={"n_layer": 10**9}), "n_layer is 1000000000"),
+    (dict(config_edit={"block_size": 9}), "block_size is 9 but wpe.weight"),
     (dict(config_edit={"n_embd": True}), "n_embd must be an integer"),
     (dict(config_edit={"vocab_size": 10**9}), "vocab_size is 1000000000 but wte.weight"),
     (dict(config_edit={"dropout": float("nan")}), "dropout must be a finite number"),
@@ -350,7 +351,7 @@ def test_damaged_model_files_raise_safetensors_error(tmp_path, case, match):
 
 
 def test_damaged_config_of_sinusoidal_and_classifier_files(tmp_path):
-    with pytest.raises(SafetensorsError, match="computed position table"):
+    with pytest.raises(SafetensorsError, match=r"block_size must be in \[1, 1048576\], got 100000000"):
         cpuformer.load(_edited(tmp_path, _gpt(positional="sinusoidal"), {"block_size": 10**8}))
     clf = models.TransformerClassifier(17, 3, d_model=8, nhead=2, num_layers=1, dim_feedforward=16, max_len=8)
     with pytest.raises(SafetensorsError, match="pad_id must be an integer"):

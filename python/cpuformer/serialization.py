@@ -26,7 +26,7 @@ FORMAT = "cpuformer-model"
 VERSION = "1"
 
 MAX_INT = 2**31 - 1  # no size or count in a model config is larger
-MIN_TABLE_BUDGET = 2**24  # elements (64 MB float32) a computed position table may always have
+MAX_LENGTH = 2**20  # positions: the C++ runtime's bound too
 
 
 def _classes():
@@ -65,18 +65,9 @@ _IDS = {"TransformerClassifier": {"pad_id": ("vocab_size",)},
                                "eos_id": ("tgt_vocab_size",)}}
 
 
-def _position_tables(name: str, cfg: Mapping) -> Dict[str, tuple]:
-    """The position tables the class builds: {description: (rows, width, learned tensor name or None)}."""
-    if name == "GPT":
-        return {"block_size": (cfg["block_size"], cfg["n_embd"],
-                               "wpe.weight" if cfg["positional"] == "learned" else None)}
-    if name == "TransformerClassifier":  # one extra row for the CLS position
-        return {"max_len + 1": (cfg["max_len"] + 1, cfg["d_model"],
-                                "pos.weight" if cfg["positional"] == "learned" else None)}
-    if name == "Seq2SeqTransformer":
-        return {"max_len (source)": (cfg["max_len"], cfg["d_model"], None),
-                "max_len (target)": (cfg["max_len"], cfg["d_model"], None)}
-    return {}  # BertModel: position_embeddings, a size above
+# {length key: the learned position table that must have that many rows (plus extra), when it is learned}.
+_LENGTHS = {"GPT": {"block_size": ("wpe.weight", 0)}, "TransformerClassifier": {"max_len": ("pos.weight", 1)},
+            "Seq2SeqTransformer": {"max_len": (None, 0)}, "BertModel": {"max_position_embeddings": (None, 0)}}
 
 
 def _check_value(key: str, value, annotation: str, where: str) -> None:
@@ -101,7 +92,7 @@ def check_config(cls, config, tensors: Mapping[str, np.ndarray], where: str) -> 
     """Check a model config against the tensors that will be loaded into it, before anything is built: the
     constructor's arguments and their types (from its signature), every size against the tensor that carries it,
     every layer count against the layers present, heads dividing the width, ids inside their vocabularies, and
-    position tables either present as tensors or no larger than the model. Returns the complete arguments."""
+    lengths within [1, 2**20] (learned position tables: their tensors' rows). Returns the complete arguments."""
     name = cls.__name__
     if not isinstance(config, dict):
         raise SafetensorsError(f"{where}: the model config must be a JSON object, got {type(config).__name__}")
@@ -145,16 +136,12 @@ def check_config(cls, config, tensors: Mapping[str, np.ndarray], where: str) -> 
         for vocab in vocabularies:
             if not 0 <= cfg[key] < cfg[vocab]:
                 raise SafetensorsError(f"{where}: config {key} ({cfg[key]}) is outside [0, {vocab} = {cfg[vocab]})")
-    budget = max(MIN_TABLE_BUDGET, sum(t.size for t in tensors.values()))
-    for what, (rows, width_, tensor) in _position_tables(name, cfg).items():
-        if tensor is not None:
-            if rows != dim(tensor, 0, what):
-                raise SafetensorsError(f"{where}: config {what} is {rows} but {tensor} has shape "
-                                       f"{tensors[tensor].shape}")
-        elif rows < 1 or rows * width_ > budget:  # computed, not stored: bounded by the model's own size
-            raise SafetensorsError(f"{where}: config {what} is {rows}: a computed position table of {rows} x "
-                                   f"{width_} is outside [1, max(2**24, parameters in the file) = {budget}] "
-                                   "elements")
+    for key, (table, extra) in _LENGTHS[name].items():
+        if not 1 <= cfg[key] <= MAX_LENGTH:  # a sinusoidal table is computed on use, so only bound the length
+            raise SafetensorsError(f"{where}: config {key} must be in [1, {MAX_LENGTH}], got {cfg[key]}")
+        if table is not None and cfg.get("positional") == "learned" and cfg[key] + extra != dim(table, 0, key):
+            raise SafetensorsError(f"{where}: config {key} is {cfg[key]} but {table} has shape "
+                                   f"{tensors[table].shape}")
     return cfg
 
 

@@ -138,11 +138,7 @@ class GPT(Module):
         re-running the prefix."""
         B, n = ids.shape
         C, H = self.n_embd, self.n_head
-        x = self.wte.weight.data[ids]
-        if self.wpe.learned:
-            x = x + self.wpe.weight.data[start:start + n]
-        else:
-            x = x + self.wpe.table[start:start + n]
+        x = self.wte.weight.data[ids] + self.wpe.rows(start, start + n)
         mask = None
         if n > 1 and start > 0:  # new queries see the whole cache and the new keys up to themselves
             mask = np.zeros((n, start + n), np.float32)

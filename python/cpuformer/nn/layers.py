@@ -138,8 +138,8 @@ class PositionalEncoding(Module):
         self.learned = bool(learned)
         if learned:
             self.weight = Parameter(init.normal((max_len, d_model), 0.02))
-        else:
-            object.__setattr__(self, "table", sinusoidal_table(max_len, d_model))
+        else:  # computed on use, up to the longest sequence seen: max_len alone allocates nothing
+            object.__setattr__(self, "_table", np.zeros((0, self.d_model), np.float32))
         self.dropout = Dropout(dropout)
         self._shape = None
 
@@ -151,9 +151,18 @@ class PositionalEncoding(Module):
         T = x.shape[1]
         if T > self.max_len:
             raise ValueError(f"PositionalEncoding: sequence length {T} exceeds max_len {self.max_len}")
-        table = self.weight.data if self.learned else self.table
         self._shape = x.shape
-        return self.dropout(x + table[None, :T])
+        return self.dropout(x + self.rows(0, T)[None])
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """Position rows [start, stop) (stop <= max_len): the learned weight's, or the sinusoidal table's."""
+        if self.learned:
+            return self.weight.data[start:stop]
+        table = self._table
+        if table.shape[0] < stop:  # grow by doubling; a concurrent caller may compute the same rows, harmlessly
+            table = sinusoidal_table(min(self.max_len, max(stop, 2 * table.shape[0], 64)), self.d_model)
+            object.__setattr__(self, "_table", table)
+        return table[start:stop]
 
     def backward(self, grad_output):
         if self._shape is None:
