@@ -117,7 +117,7 @@ Status layer_count(const Weights& w, const std::string& prefix, std::int64_t* n)
     while (i < name.size() && name[i] >= '0' && name[i] <= '9' && index <= kMaxSize)
       index = index * 10 + (name[i++] - '0');
     if (i == prefix.size() || i >= name.size() || name[i] != '.')
-      return Status::error("unexpected tensor '" + name + "' (layer tensors are " + prefix + "<index>.<name>)");
+      return Status::error("unexpected tensor " + quoted(name) + " (layer tensors are " + prefix + "<index>.<name>)");
     seen.insert(index);
   }
   *n = static_cast<std::int64_t>(seen.size());
@@ -675,9 +675,9 @@ Status build_model(std::map<std::string, Tensor>& tensors, std::map<std::string,
   const auto fail = [&](const std::string& what) { return Status::error(name.empty() ? what : name + ": " + what); };
   const std::string& format = meta["format"];
   if (format != "cpuformer-model" && format != "cpuformer-checkpoint")
-    return fail("not a cpuformer model file (metadata format '" + format + "')");
+    return fail("not a cpuformer model file (metadata format " + quoted(format) + ")");
   if (format == "cpuformer-model" && meta["version"] != "1")
-    return fail("model file version '" + meta["version"] + "'; this runtime reads 1");
+    return fail("model file version " + quoted(meta["version"]) + "; this runtime reads 1");
   Json config;
   Status st = parse_json(meta["config"], &config);
   if (st.ok() && config.type != Json::kObject) st = Status::error("not a JSON object");
@@ -695,7 +695,7 @@ Status build_model(std::map<std::string, Tensor>& tensors, std::map<std::string,
     st = cls == "BertModel" ? m->init_bert(config) : m->init_classifier(config);
     model = std::move(m);
   } else {
-    return fail("model class '" + cls + "' is not supported by the C++ runtime (GPT, TransformerClassifier, "
+    return fail("model class " + quoted(cls) + " is not supported by the C++ runtime (GPT, TransformerClassifier, "
                 "BertModel)");
   }
   if (!st.ok()) return fail(st.message());

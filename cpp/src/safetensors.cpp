@@ -332,7 +332,7 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
       if (info.type != Json::kObject) return fail("__metadata__ must be an object");
       for (const auto& [k, v] : info.members) {
         if (v.type != Json::kString) return fail("__metadata__ values must be strings");
-        if (!metadata.emplace(k, v.str).second) return fail("__metadata__ key '" + k + "' appears twice");
+        if (!metadata.emplace(k, v.str).second) return fail("__metadata__ key " + quoted(k) + " appears twice");
       }
       continue;
     }
@@ -341,15 +341,15 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
     const Json* offsets = info.find("data_offsets");
     if (!dtype || dtype->type != Json::kString || !shape || shape->type != Json::kArray || !offsets ||
         offsets->type != Json::kArray || offsets->items.size() != 2)
-      return fail("entry '" + tname + "' is malformed");
+      return fail("entry " + quoted(tname) + " is malformed");
     size_t itemsize;
     if (dtype->str == "F32") itemsize = 4;
     else if (dtype->str == "F16" || dtype->str == "BF16") itemsize = 2;
-    else return fail("tensor '" + tname + "': unsupported dtype " + dtype->str + " (F32, F16, BF16)");
-    if (shape->items.size() > 8) return fail("tensor '" + tname + "': more than 8 dimensions");
+    else return fail("tensor " + quoted(tname) + ": unsupported dtype " + quoted(dtype->str) + " (F32, F16, BF16)");
+    if (shape->items.size() > 8) return fail("tensor " + quoted(tname) + ": more than 8 dimensions");
     Tensor t;
     for (const Json& d : shape->items) {
-      if (!whole(d, 1e15)) return fail("tensor '" + tname + "': bad shape (dimensions are integers >= 0)");
+      if (!whole(d, 1e15)) return fail("tensor " + quoted(tname) + ": bad shape (dimensions are integers >= 0)");
       t.shape.push_back(static_cast<std::int64_t>(d.number));
     }
     // The element count, bounded by the data section at every step: no product can overflow, and a shape that
@@ -360,24 +360,24 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
       if (empty) break;
       const auto dim = static_cast<std::uint64_t>(d);
       if (count > data_size / itemsize / dim)
-        return fail("tensor '" + tname + "': shape larger than the data section (" + std::to_string(data_size) +
+        return fail("tensor " + quoted(tname) + ": shape larger than the data section (" + std::to_string(data_size) +
                     " bytes)");
       count *= dim;
     }
     std::uint64_t se[2];
     for (int i = 0; i < 2; ++i) {
-      if (!whole(offsets->items[i], 1e15)) return fail("tensor '" + tname + "': bad data_offsets");
+      if (!whole(offsets->items[i], 1e15)) return fail("tensor " + quoted(tname) + ": bad data_offsets");
       se[i] = static_cast<std::uint64_t>(offsets->items[i].number);
     }
     if (se[0] > se[1] || se[1] > data_size)
-      return fail("tensor '" + tname + "': data_offsets [" + std::to_string(se[0]) + ", " + std::to_string(se[1]) +
+      return fail("tensor " + quoted(tname) + ": data_offsets [" + std::to_string(se[0]) + ", " + std::to_string(se[1]) +
                   "] outside the data section (" + std::to_string(data_size) + " bytes)");
     if (se[1] - se[0] != count * itemsize)
-      return fail("tensor '" + tname + "': " + std::to_string(se[1] - se[0]) + " bytes for " +
+      return fail("tensor " + quoted(tname) + ": " + std::to_string(se[1] - se[0]) + " bytes for " +
                   std::to_string(count) + " elements of " + dtype->str);
     spans.push_back({se[0], se[1], &tname});
     raw.resize(static_cast<size_t>(se[1] - se[0]));
-    if (!src.read(8 + n + se[0], raw.size(), raw.data())) return fail("tensor '" + tname + "': cannot read its bytes");
+    if (!src.read(8 + n + se[0], raw.size(), raw.data())) return fail("tensor " + quoted(tname) + ": cannot read its bytes");
     t.data.resize(static_cast<size_t>(count));
     for (size_t i = 0; i < t.data.size(); ++i) {  // little-endian on disk; copies, so any alignment works
       if (itemsize == 4) {
@@ -394,12 +394,12 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
         }
       }
     }
-    if (!tensors.emplace(tname, std::move(t)).second) return fail("tensor '" + tname + "' appears twice");
+    if (!tensors.emplace(tname, std::move(t)).second) return fail("tensor " + quoted(tname) + " appears twice");
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < spans.size(); ++i)
     if (spans[i].begin < spans[i - 1].end)
-      return fail("tensors '" + *spans[i - 1].name + "' and '" + *spans[i].name + "' overlap");
+      return fail("tensors " + quoted(*spans[i - 1].name) + " and " + quoted(*spans[i].name) + " overlap");
   if (tensors_out) *tensors_out = std::move(tensors);
   if (metadata_out) *metadata_out = std::move(metadata);
   return Status();
