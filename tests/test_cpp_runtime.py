@@ -1,12 +1,18 @@
-"""The Python-free C++ runtime (cpp/examples/cpuformer_run) against the Python models on the same saved files.
+"""The Python-free C++ runtime (cpp/examples/cpuformer_run) against the Python models on the same saved files, and
+on a few hundred mutated model files (CPUFORMER_FUZZ_LONG=1: many more; CPUFORMER_FUZZ_SEED=N: another draw).
 
-.ci/run builds the example and points CPUFORMER_RUN at it; elsewhere the test builds it with CMake into a temporary
-folder (skipped when cmake or a compiler is missing)."""
+.ci/run builds the example and points CPUFORMER_RUN at it (and again at an ASan + UBSan build for the mutated
+files); elsewhere the test builds it with CMake into a temporary folder (skipped when cmake or a compiler is
+missing)."""
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -104,3 +110,219 @@ def test_runtime_rejects_bad_files_and_inputs(tmp_path, runner):
     assert out.returncode == 1 and "out of range" in out.stderr
     out = run(runner, path, "classify", "1,2", ok=False)
     assert out.returncode == 1 and "not a classifier" in out.stderr
+
+
+@pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
+def test_generate_from_one_token_and_past_block_size_matches_python(tmp_path, runner, positional):
+    cpuformer.nn.init.manual_seed(4)
+    model = GPT(29, block_size=8, n_layer=2, n_head=2, n_embd=16, positional=positional)
+    for p in model.parameters():
+        p.data += np.random.default_rng(1).standard_normal(p.shape).astype(np.float32) * 0.3
+    path = str(tmp_path / "g.safetensors")
+    cpuformer.save(model, path)
+    model.eval()
+    for prompt, n in [([5], 5), ([5], 1), ([5], 20), ([5], 0), ([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], 4)]:
+        ours = run(runner, path, "generate", ids_arg(prompt), n).astype(np.int64)
+        np.testing.assert_array_equal(ours, model.generate([prompt], n, greedy=True), err_msg=f"{prompt} {n}")
+
+
+def test_generate_rejects_bad_arguments(tmp_path, runner):
+    path = str(tmp_path / "g.safetensors")
+    cpuformer.save(GPT(20, block_size=8, n_layer=1, n_head=2, n_embd=8), path)
+    cases = [(("", 3), "prompt is empty"), (("20", 3), "out of range"), (("-1", 3), "out of range"),
+             (("1", -1), "max_new_tokens"), (("1", 3, -1), "top_k"), (("1", 3, 2, "nan"), "temperature"),
+             (("1", 3, 2, "-0.5"), "temperature"), (("1", 3, 2, "inf"), "temperature"), (("1", "3x"), "MAX_NEW")]
+    for args, message in cases:
+        out = run(runner, path, "generate", *args, ok=False)
+        assert out.returncode == 1 and message in out.stderr and out.stderr.startswith("cpuformer_run:"), (args, out)
+
+
+# -- model files with hostile headers and configs, and a few hundred random mutations -------------------------
+
+def read_file(path):
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def pack(header, data: bytes, header_text=None) -> bytes:
+    text = (header_text if header_text is not None else json.dumps(header)).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def with_config(header, **changes):
+    header = json.loads(json.dumps(header))
+    config = json.loads(header["__metadata__"]["config"])
+    config.update(changes)
+    header["__metadata__"]["config"] = json.dumps(config)
+    return header
+
+
+SANITIZER_MARKS = ("AddressSanitizer", "LeakSanitizer", "runtime error:", "UndefinedBehaviorSanitizer")
+# A sanitizer build exits 1 by default, like an ordinary error: give its reports their own exit codes.
+SANITIZER_ENV = {"ASAN_OPTIONS": "exitcode=86:" + os.environ.get("ASAN_OPTIONS", ""),
+                 "UBSAN_OPTIONS": "exitcode=87:print_stacktrace=1:" + os.environ.get("UBSAN_OPTIONS", "")}
+
+
+def run_file(exe, path, command, timeout=30):
+    """Run cpuformer_run on one file: success, or exit 1 with a one-line message; never a signal or a sanitizer
+    report, never a hang."""
+    args = {"GPT": ("generate", "1", 3), "TransformerClassifier": ("classify", "1,2"),
+            "BertModel": ("embed", "1,2,3,4", 2, "1,1,1,0")}[command]
+    start = time.monotonic()
+    out = subprocess.run([exe, path, *map(str, args)], capture_output=True, text=True, errors="replace",
+                         timeout=timeout, env={**os.environ, **SANITIZER_ENV})
+    problem = None
+    if out.returncode < 0:
+        problem = f"killed by signal {-out.returncode}"
+    elif out.returncode not in (0, 1) or any(m in out.stderr for m in SANITIZER_MARKS):
+        problem = f"exit {out.returncode}"
+    elif out.returncode == 1 and not (out.stderr.startswith("cpuformer_run: ") and out.stderr.count("\n") == 1):
+        problem = "exit 1 without a one-line message"
+    return problem, out, time.monotonic() - start
+
+
+def saved_models(tmp_path):
+    """(kind, path) of small valid GPT / TransformerClassifier / BertModel files, as Python saves them."""
+    cpuformer.nn.init.manual_seed(5)
+    models = {"GPT": GPT(20, block_size=8, n_layer=2, n_head=2, n_embd=8, positional="sinusoidal",
+                         tie_weights=False),
+              "TransformerClassifier": TransformerClassifier(20, 3, d_model=8, nhead=2, num_layers=2,
+                                                             dim_feedforward=12, max_len=6, pooling="cls"),
+              "BertModel": BertModel(20, hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=12, max_position_embeddings=8)}
+    out = []
+    for kind, model in models.items():
+        path = str(tmp_path / f"{kind}.safetensors")
+        cpuformer.save(model, path)
+        out.append((kind, path))
+    return out
+
+
+def test_runtime_rejects_hostile_configs_and_headers(tmp_path, runner):
+    files = dict(saved_models(tmp_path))
+    gpt_header, gpt_data = read_file(files["GPT"])
+    clf_header, clf_data = read_file(files["TransformerClassifier"])
+    name = next(k for k in gpt_header if k != "__metadata__")
+    shaped = lambda shape: {**gpt_header, name: {**gpt_header[name], "shape": shape}}  # noqa: E731
+    nested_config = json.loads(json.dumps(gpt_header))
+    nested_config["__metadata__"]["config"] = "[" * 100000
+    cases = {
+        "block_size 10**9": ("GPT", pack(with_config(gpt_header, block_size=10**9), gpt_data), "'block_size'"),
+        "max_len 10**9": ("TransformerClassifier", pack(with_config(clf_header, max_len=10**9), clf_data),
+                          "'max_len'"),
+        "n_layer 2**63": ("GPT", pack(with_config(gpt_header, n_layer=2**63), gpt_data), "'n_layer'"),
+        "n_layer 10**6": ("GPT", pack(with_config(gpt_header, n_layer=10**6), gpt_data), "'n_layer' is 1000000"),
+        "n_layer -1": ("GPT", pack(with_config(gpt_header, n_layer=-1), gpt_data), "'n_layer'"),
+        "n_embd as text": ("GPT", pack(with_config(gpt_header, n_embd="8"), gpt_data), "'n_embd'"),
+        "vocab mismatch": ("GPT", pack(with_config(gpt_header, vocab_size=21), gpt_data), "has shape"),
+        "config nesting": ("GPT", pack(nested_config, gpt_data), "nesting"),
+        "header nesting": ("GPT", pack(None, gpt_data, header_text="[" * 100000), "nesting"),
+        "shape 2**64+16": ("GPT", pack(shaped([2**64 + 16]), gpt_data), "bad shape"),
+        "shape product overflow": ("GPT", pack(shaped([2**32, 2**32, 16]), gpt_data), "larger than the data"),
+        "header length 2**64-1": ("GPT", (2**64 - 1).to_bytes(8, "little") + open(files["GPT"], "rb").read()[8:],
+                                  "header length"),
+    }
+    for case, (kind, data, message) in cases.items():
+        path = str(tmp_path / "bad.safetensors")
+        open(path, "wb").write(data)
+        problem, out, seconds = run_file(runner, path, kind)
+        assert problem is None and out.returncode == 1 and message in out.stderr, (case, problem, out.stderr)
+        assert seconds < 10, (case, seconds)
+
+
+def mutate(rng: random.Random, raw: bytes) -> bytes:
+    """One random mutation of a valid model file: bytes, lengths, header fields, config values, names."""
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    names = [k for k in header if k != "__metadata__"]
+    weird = [0, -1, 1, 2, 7, 10**9, 2**31, 2**63, 2**64 + 16, -2**63, 1.5, 1e308, "7", None, True, [], {}, [[[]]]]
+    kind = rng.randrange(9)
+    if kind == 0:  # flip bytes, mostly in the header
+        out = bytearray(raw)
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(8 + n) if rng.random() < 0.8 else rng.randrange(len(out))
+            out[i] = rng.randrange(256)
+        return bytes(out)
+    if kind == 1:  # truncate
+        return raw[:rng.randrange(len(raw))]
+    if kind == 2:  # header length field
+        value = rng.choice([0, n - 1, n + 1, n + 8, len(raw), 2**63, 2**64 - 1, rng.randrange(2**64)])
+        return value.to_bytes(8, "little") + raw[8:]
+    if kind == 3:  # a tensor's shape, offsets or dtype
+        entry = header[rng.choice(names)]
+        field = rng.choice(["shape", "data_offsets", "dtype"])
+        if field == "dtype":
+            entry["dtype"] = rng.choice(["F64", "I64", "BF16", "F16", "F32", "", 5, None])
+        elif rng.random() < 0.5:
+            entry[field] = rng.choice(weird)
+        else:
+            entry[field] = [rng.choice(weird) for _ in range(rng.randint(0, 4))]
+        return pack(header, data)
+    if kind in (4, 5):  # a config value (twice as likely: the config sizes everything)
+        config = json.loads(header["__metadata__"]["config"])
+        key = rng.choice(sorted(config))
+        if rng.random() < 0.1:
+            del config[key]
+        elif rng.random() < 0.5:  # sizes: what a table, a cache or a loop would be allocated or run for
+            config[key] = rng.choice([10**9, 2**63, 2**31, 10**6, 4096, 0, -1])
+        else:
+            config[key] = rng.choice(weird + ["learned", "sinusoidal", "mean", "cls", "relu", "gelu_new", False])
+        header["__metadata__"]["config"] = json.dumps(config)
+        return pack(header, data)
+    if kind == 6:  # the config or metadata as a whole
+        meta = header["__metadata__"]
+        key = rng.choice(["config", "model_class", "format", "version"])
+        meta[key] = rng.choice(["", "[" * rng.choice([65, 1000, 100000]), "{" * 64 + "}" * 64, "null", "[]",
+                                "GPT", "BertModel", "TransformerClassifier", "Seq2SeqTransformer",
+                                "cpuformer-checkpoint", "2", '{"n_layer": 9223372036854775808}'])
+        return pack(header, data)
+    if kind == 7:  # tensor names: drop one, rename one, duplicate one (raw JSON: json.dumps can't)
+        victim = rng.choice(names)
+        choice = rng.randrange(3)
+        if choice == 0:
+            del header[victim]
+            return pack(header, data)
+        if choice == 1:
+            header[rng.choice(["blocks.99999999999999999999.x", "layers.7.linear1.weight", "blocks.", victim + "x",
+                               "encoder.layers.-1.norm1.weight"])] = header.pop(victim)
+            return pack(header, data)
+        text = json.dumps(header)
+        return pack(None, data, header_text=text[:-1] + ", " + json.dumps(victim) + ": " +
+                    json.dumps(header[rng.choice(names)]) + "}")
+    # kind 8: nesting and size bombs in the header itself
+    bomb = rng.choice(["[" * 100000, "[" * 65 + "]" * 65, '{"a":' * 70 + "1" + "}" * 70,
+                       "[" + "0," * 300000 + "0]", json.dumps(header)[:-1] + ', "x": ' + "[" * 50000 + "}"])
+    return pack(None, data, header_text=bomb)
+
+
+def test_mutated_model_files_never_crash_the_runtime(tmp_path, runner):
+    long = os.environ.get("CPUFORMER_FUZZ_LONG") == "1"
+    seed = int(os.environ.get("CPUFORMER_FUZZ_SEED", "20240601"))
+    per_model = 3000 if long else 200
+    rng = random.Random(seed)
+    jobs = []  # (kind, path): the mutations are drawn in a fixed order, then run two at a time
+    for kind, path in saved_models(tmp_path):
+        assert run_file(runner, path, kind)[1].returncode == 0, kind
+        raw = open(path, "rb").read()
+        for trial in range(per_model):
+            bad = str(tmp_path / f"mutated-{kind}-{trial}.safetensors")
+            open(bad, "wb").write(mutate(rng, raw))
+            jobs.append((kind, bad))
+
+    def check(job):
+        kind, path = job
+        try:
+            problem, out, _ = run_file(runner, path, kind)
+        except subprocess.TimeoutExpired:
+            return f"{path} (seed {seed}): timeout"
+        if problem:
+            return f"{path} (seed {seed}): {problem}; stderr {out.stderr[-2000:]}"
+        os.remove(path)  # what is left are the files that failed
+        return out.returncode
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(check, jobs))
+    problems = [r for r in results if isinstance(r, str)]
+    assert not problems, "\n".join(problems[:5])
+    assert results.count(1) > results.count(0) / 2, results  # most mutations are errors; some still load and run
