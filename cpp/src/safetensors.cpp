@@ -306,8 +306,8 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
   if (!src.read(0, 8, len_bytes)) return fail("cannot read the header length");
   std::uint64_t n = 0;
   for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
-  if (n > kMaxHeaderBytes || n > size - 8)
-    return fail("header length " + std::to_string(n) + " runs past the end of the file");
+  if (n > size - 8) return fail("header length " + std::to_string(n) + " runs past the end of the file");
+  if (n > kMaxHeaderBytes) return fail("header length " + std::to_string(n) + " is over the 100 MiB limit");
   std::string header(static_cast<size_t>(n), '\0');
   if (!src.read(8, header.size(), &header[0])) return fail("cannot read the header");
   Json root;
