@@ -12,7 +12,7 @@
 // (truncated, header past the end, offsets out of bounds or overlapping, unknown dtype, JSON nested deeper than 64
 // levels, a config whose sizes disagree with the tensors or exceed the limits below) is an error status, never a
 // crash or an out-of-bounds read. The sizes a config implies are checked against the file's tensors before
-// anything is allocated, so the memory a load uses is bounded by the file's size. Tokenization stays the
+// anything is allocated, so the memory a load uses is a small multiple of the file's size. Tokenization stays the
 // caller's job.
 //
 // Config limits: sequence lengths (block_size, max_len, max_position_embeddings) <= 2^20; other sizes <= 2^30;
@@ -79,6 +79,7 @@ class Model {
 
   // Encoders (BertModel, TransformerClassifier): the last hidden states (B, T, C), row-major. ids (B*T);
   // attention_mask (B*T, 1 = token, 0 = padding) may be empty (the classifier derives it from its pad id).
+  // T <= max_len (TransformerClassifier, either pooling) or max_position_embeddings (BertModel), as in Python.
   virtual Status encode(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                         const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden);
   // Mean of the hidden states over the tokens (B, C).
@@ -87,7 +88,7 @@ class Model {
   // TransformerClassifier: class logits (B, num_classes).
   virtual Status classify(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                           std::vector<float>* logits);
-  // GPT: next-token logits for every position (B, T, vocab).
+  // GPT: next-token logits for every position (B, T, vocab); T <= block_size.
   virtual Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                         std::vector<float>* out);
   // GPT: continue one prompt (1 or more ids, any length: past block_size the last block_size ids are used, as in
