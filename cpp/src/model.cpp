@@ -175,7 +175,8 @@ Block read_block(ParamReader& r, const std::string& p, std::int64_t C, std::int6
   return b;
 }
 
-// Scratch buffers reused across layers and calls.
+// Scratch buffers reused across the layers of one call. Each call owns its own (never a member of the model), so
+// one loaded model can serve many threads at once.
 struct Work {
   std::vector<float> h, qkv, att, proj, u, a, ff;
   void reserve(std::int64_t rows, std::int64_t C, std::int64_t F) {
@@ -227,30 +228,20 @@ void block_forward(const Block& L, float* x, std::int64_t B, std::int64_t T, con
   }
 }
 
-// The paper's sinusoidal position table (same double-precision formula as cpuformer.nn.layers.sinusoidal_table),
-// computed on first use up to the longest sequence seen: a config's maximum length alone allocates nothing.
-class Sinusoidal {
- public:
-  void set_width(std::int64_t d) { d_ = d; }
-  const float* rows(std::int64_t n) {
-    const std::int64_t have = static_cast<std::int64_t>(pe_.size()) / d_;
-    if (n > have) {
-      pe_.resize(static_cast<size_t>(n * d_), 0.0f);
-      for (std::int64_t pos = have; pos < n; ++pos)
-        for (std::int64_t i = 0; i < d_; i += 2) {
-          const double angle =
-              static_cast<double>(pos) * std::exp(static_cast<double>(i) * (-std::log(10000.0) / d_));
-          pe_[pos * d_ + i] = static_cast<float>(std::sin(angle));
-          if (i + 1 < d_) pe_[pos * d_ + i + 1] = static_cast<float>(std::cos(angle));
-        }
+// Rows [start, start + n) of the paper's sinusoidal position table, width d (the same double-precision formula as
+// cpuformer.nn.layers.sinusoidal_table). Computed per call: the model keeps no table, so concurrent calls share
+// nothing mutable and a config's maximum length alone allocates nothing.
+std::vector<float> sinusoidal_rows(std::int64_t start, std::int64_t n, std::int64_t d) {
+  std::vector<float> pe(static_cast<size_t>(n * d));
+  for (std::int64_t t = 0; t < n; ++t)
+    for (std::int64_t i = 0; i < d; i += 2) {
+      const double angle =
+          static_cast<double>(start + t) * std::exp(static_cast<double>(i) * (-std::log(10000.0) / d));
+      pe[t * d + i] = static_cast<float>(std::sin(angle));
+      if (i + 1 < d) pe[t * d + i + 1] = static_cast<float>(std::cos(angle));
     }
-    return pe_.data();
-  }
-
- private:
-  std::int64_t d_ = 1;
-  std::vector<float> pe_;
-};
+  return pe;
+}
 
 // ids must hold B*T values (B, T >= 1), each in [0, vocab). Written so that B*T cannot overflow.
 Status check_ids(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::int64_t vocab) {
@@ -290,10 +281,8 @@ class GptModel : public Model {
   Weights weights;
   std::vector<Block> blocks;
   const float *wte = nullptr, *wpe = nullptr, *lnf_w = nullptr, *lnf_b = nullptr, *head = nullptr;
-  Sinusoidal table;  // positions when not learned (wpe is null)
   std::int64_t V = 0, block_size = 0, C = 0;
   float eps = 1e-5f;
-  Work work;
 
   std::string kind() const override { return "GPT"; }
 
@@ -312,7 +301,6 @@ class GptModel : public Model {
     ParamReader r(weights);
     wte = r.get("wte.weight", {V, C});
     if (learned) wpe = r.get("wpe.weight", {block_size, C});
-    table.set_width(C);
     for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
       blocks.push_back(read_block(r, "blocks." + std::to_string(i) + ".", C, 4 * C, H, true, act, eps));
     lnf_w = r.get("ln_f.weight", {C});
@@ -322,14 +310,20 @@ class GptModel : public Model {
     return r.status;
   }
 
-  // Position rows 0..n-1 (n <= block_size).
-  const float* positions(std::int64_t n) { return wpe ? wpe : table.rows(n); }
+  // Position rows start..start+n-1 (<= block_size): the learned table's, or sinusoidal rows computed into buf.
+  const float* positions(std::int64_t start, std::int64_t n, std::vector<float>* buf) const {
+    if (wpe) return wpe + start * C;
+    *buf = sinusoidal_rows(start, n, C);
+    return buf->data();
+  }
 
   // Hidden states after ln_f for ids (B, T) at positions 0..T-1.
-  void hidden(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::vector<float>* x) {
+  void hidden(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::vector<float>* x) const {
     x->resize(static_cast<size_t>(B * T * C));
     embedding_forward(x->data(), ids.data(), wte, B * T, V, C);
-    const float* pe = positions(T);
+    std::vector<float> buf;
+    const float* pe = positions(0, T, &buf);
+    Work work;
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t t = 0; t < T; ++t)
         for (std::int64_t c = 0; c < C; ++c) (*x)[(b * T + t) * C + c] += pe[t * C + c];
@@ -338,7 +332,7 @@ class GptModel : public Model {
   }
 
   Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                std::vector<float>* out) override {
+                std::vector<float>* out) const override {
     if (!out) return Status::error("logits: null output");
     Status st = check_ids(ids, B, T, V);
     if (st.ok() && T > block_size)
@@ -357,12 +351,12 @@ class GptModel : public Model {
   // One step with the key/value cache: tokens ids[0..n) at positions start..start+n-1; returns the last logits.
   // The caches hold at least start+n positions.
   void step(const std::int64_t* ids, std::int64_t n, std::int64_t start, std::vector<std::vector<float>>& kc,
-            std::vector<std::vector<float>>& vc, std::vector<float>* logits) {
-    std::vector<float> x(static_cast<size_t>(n * C));
+            std::vector<std::vector<float>>& vc, Work& work, std::vector<float>* logits) const {
+    std::vector<float> x(static_cast<size_t>(n * C)), buf;
     embedding_forward(x.data(), ids, wte, n, V, C);
-    const float* pe = positions(start + n);
+    const float* pe = positions(start, n, &buf);
     for (std::int64_t t = 0; t < n; ++t)
-      for (std::int64_t c = 0; c < C; ++c) x[t * C + c] += pe[(start + t) * C + c];
+      for (std::int64_t c = 0; c < C; ++c) x[t * C + c] += pe[t * C + c];
     work.reserve(n, C, 4 * C);
     for (size_t l = 0; l < blocks.size(); ++l) {
       const Block& L = blocks[l];
@@ -420,7 +414,7 @@ class GptModel : public Model {
   }
 
   Status generate(const std::vector<std::int64_t>& prompt, int max_new_tokens, const GenerateOptions& opts,
-                  std::vector<std::int64_t>* out) override {
+                  std::vector<std::int64_t>* out) const override {
     if (!out) return Status::error("generate: null output");
     if (prompt.empty()) return Status::error("generate: the prompt is empty (it needs at least one id)");
     Status st = check_ids(prompt, 1, static_cast<std::int64_t>(prompt.size()), V);
@@ -437,16 +431,17 @@ class GptModel : public Model {
           std::min<std::int64_t>(block_size, static_cast<std::int64_t>(prompt.size()) + max_new_tokens);
       std::vector<std::vector<float>> kc(blocks.size()), vc(blocks.size());
       std::vector<float> logits;
+      Work work;
       std::int64_t cached = -1;  // the cache holds positions 0..cached-1 of `ids`; -1: nothing cached yet
       for (int i = 0; i < max_new_tokens; ++i) {
         const std::int64_t total = static_cast<std::int64_t>(ids.size());
         if (total <= block_size && cached == total - 1) {
-          step(ids.data() + total - 1, 1, total - 1, kc, vc, &logits);  // one new token: O(total) attention
+          step(ids.data() + total - 1, 1, total - 1, kc, vc, work, &logits);  // one new token: O(total) attention
         } else {  // first step, or past the position table: run the last block_size tokens from position 0
           const std::int64_t keep = std::min(total, block_size);
           for (size_t l = 0; l < blocks.size(); ++l)
             kc[l].assign(static_cast<size_t>(window * C), 0.0f), vc[l].assign(static_cast<size_t>(window * C), 0.0f);
-          step(ids.data() + total - keep, keep, 0, kc, vc, &logits);
+          step(ids.data() + total - keep, keep, 0, kc, vc, work, &logits);
         }
         cached = total <= block_size ? total : -1;
         const std::int64_t next = pick(logits, opts, rng);
@@ -466,11 +461,9 @@ class EncoderModel : public Model {
   Weights weights;
   std::vector<Block> blocks;
   std::string model_kind;
-  Work work;
   // classifier
   const float *emb = nullptr, *cls = nullptr, *pos = nullptr, *norm_w = nullptr, *norm_b = nullptr,
               *head_w = nullptr, *head_b = nullptr;
-  Sinusoidal table;  // positions when not learned (pos is null)
   std::int64_t V = 0, C = 0, classes = 0, max_len = 0, pad_id = 0;
   bool mean_pool = true;
   float eps = 1e-5f;
@@ -498,7 +491,6 @@ class EncoderModel : public Model {
     emb = r.get("embedding.weight", {V, C});
     if (!mean_pool) cls = r.get("cls", {C});
     if (learned) pos = r.get("pos.weight", {max_len + 1, C});
-    table.set_width(C);
     for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
       blocks.push_back(read_block(r, "encoder.layers." + std::to_string(i) + ".", C, F, H, norm_first,
                                   Activation::kGeluErf, 1e-5f));
@@ -537,12 +529,13 @@ class EncoderModel : public Model {
   }
 
   // Shared encoder pass; padding (B*T) 1 = padding.
-  void run_blocks(float* x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>& padding) {
+  void run_blocks(float* x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>& padding) const {
+    Work work;
     for (const Block& L : blocks) block_forward(L, x, B, T, padding.empty() ? nullptr : padding.data(), false, work);
   }
 
   Status encode(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden) override {
+                const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden) const override {
     if (!hidden) return Status::error("encode: null output");
     Status st = check_ids(ids, B, T, V);
     if (!st.ok()) return st;
@@ -580,7 +573,8 @@ class EncoderModel : public Model {
       std::vector<float> e(static_cast<size_t>(B * T * C));
       embedding_forward(e.data(), ids.data(), emb, B * T, V, C);
       const float scale = std::sqrt(static_cast<float>(C));
-      const float* pe = pos ? pos : table.rows(T2);
+      const std::vector<float> sinusoidal = pos ? std::vector<float>() : sinusoidal_rows(0, T2, C);
+      const float* pe = pos ? pos : sinusoidal.data();
       for (std::int64_t b = 0; b < B; ++b) {
         for (std::int64_t t = 0; t < T2; ++t) {
           float* row = x.data() + (b * T2 + t) * C;
@@ -597,7 +591,7 @@ class EncoderModel : public Model {
   }
 
   Status classify(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                  std::vector<float>* logits) override {
+                  std::vector<float>* logits) const override {
     if (model_kind != "TransformerClassifier") return Model::classify(ids, B, T, logits);
     if (!logits) return Status::error("classify: null output");
     std::vector<float> h;
@@ -630,21 +624,22 @@ class EncoderModel : public Model {
 // ---------------------------------------------------------------------------------------------------------------
 
 Status Model::encode(const std::vector<std::int64_t>&, std::int64_t, std::int64_t, const std::vector<std::int64_t>&,
-                     std::vector<float>*) {
+                     std::vector<float>*) const {
   return Status::error(kind() + " has no encoder hidden states (BertModel, TransformerClassifier do)");
 }
-Status Model::classify(const std::vector<std::int64_t>&, std::int64_t, std::int64_t, std::vector<float>*) {
+Status Model::classify(const std::vector<std::int64_t>&, std::int64_t, std::int64_t, std::vector<float>*) const {
   return Status::error(kind() + " is not a classifier (TransformerClassifier is)");
 }
-Status Model::logits(const std::vector<std::int64_t>&, std::int64_t, std::int64_t, std::vector<float>*) {
+Status Model::logits(const std::vector<std::int64_t>&, std::int64_t, std::int64_t, std::vector<float>*) const {
   return Status::error(kind() + " is not a language model (GPT is)");
 }
-Status Model::generate(const std::vector<std::int64_t>&, int, const GenerateOptions&, std::vector<std::int64_t>*) {
+Status Model::generate(const std::vector<std::int64_t>&, int, const GenerateOptions&,
+                       std::vector<std::int64_t>*) const {
   return Status::error(kind() + " is not a language model (GPT is)");
 }
 
 Status Model::sentence_embeddings(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                                  const std::vector<std::int64_t>& attention_mask, std::vector<float>* embeddings) {
+                                  const std::vector<std::int64_t>& attention_mask, std::vector<float>* embeddings) const {
   if (!embeddings) return Status::error("sentence_embeddings: null output");
   std::vector<float> h;
   Status st = encode(ids, B, T, attention_mask, &h);  // checks ids, B, T and the mask

@@ -10,6 +10,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "cpuformer.h"
@@ -323,6 +324,40 @@ void test_model_encoders() {
 }
 
 // Configs and headers whose sizes the tensors do not justify fail at load, quickly and before allocating.
+// One loaded model called from several threads at once gives each call its single-thread result (inference keeps
+// its scratch per call; sinusoidal positions are computed per call, not grown in a shared table).
+void test_model_threads() {
+  const std::vector<std::int64_t> ids{1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  for (const auto& [name, spec] : cpuformer_testing::tiny_models()) {
+    auto m = load_spec(spec);
+    if (!m) continue;
+    const bool gpt = m->kind() == "GPT";
+    // Each thread uses its own sequence length, so a shared buffer would be resized under another call.
+    const auto call = [&](int i, std::vector<float>* f, std::vector<std::int64_t>* g) {
+      const std::int64_t T = 2 + i % 4;
+      const std::vector<std::int64_t> x(ids.begin(), ids.begin() + 2 * T);
+      if (!gpt) return m->encode(x, 2, T, {}, f).ok();
+      return m->logits(x, 2, T, f).ok() && m->generate({x[0]}, 3 + i, cpuformer::GenerateOptions{}, g).ok();
+    };
+    std::vector<std::vector<float>> ref_f(4);
+    std::vector<std::vector<std::int64_t>> ref_g(4);
+    bool ok = true;
+    for (int i = 0; i < 4; ++i) ok = ok && call(i, &ref_f[i], &ref_g[i]);
+    std::vector<int> bad(4, 0);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < 4; ++i)
+      threads.emplace_back([&, i] {
+        for (int r = 0; r < 50; ++r) {
+          std::vector<float> f;
+          std::vector<std::int64_t> g;
+          if (!call(i, &f, &g) || f != ref_f[i] || g != ref_g[i]) ++bad[i];
+        }
+      });
+    for (auto& t : threads) t.join();
+    check(ok && bad == std::vector<int>(4, 0), name + ": concurrent calls on one model give single-thread results");
+  }
+}
+
 void test_model_file_validation() {
   const auto start = std::chrono::steady_clock::now();
   const ModelSpec gpt = cpuformer_testing::tiny_gpt(false, true), clf = cpuformer_testing::tiny_classifier();
@@ -474,6 +509,7 @@ int main() {
   test_safetensors_fuzz(gen);
   test_model_generate();
   test_model_encoders();
+  test_model_threads();
   test_model_file_validation();
   test_model_file_and_buffer();
   const int passed = g_checks - g_failures;

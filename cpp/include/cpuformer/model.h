@@ -67,6 +67,8 @@ Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* 
 Status read_safetensors_buffer(const void* data, std::size_t size, std::map<std::string, Tensor>* tensors,
                                std::map<std::string, std::string>* metadata);
 
+// A loaded model is immutable: every inference method is const and keeps its scratch per call, so one model may be
+// called from any number of threads at once.
 class Model {
  public:
   virtual ~Model() = default;
@@ -81,21 +83,21 @@ class Model {
   // attention_mask (B*T, 1 = token, 0 = padding) may be empty (the classifier derives it from its pad id).
   // T <= max_len (TransformerClassifier, either pooling) or max_position_embeddings (BertModel), as in Python.
   virtual Status encode(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                        const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden);
+                        const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden) const;
   // Mean of the hidden states over the tokens (B, C).
   Status sentence_embeddings(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                             const std::vector<std::int64_t>& attention_mask, std::vector<float>* embeddings);
+                             const std::vector<std::int64_t>& attention_mask, std::vector<float>* embeddings) const;
   // TransformerClassifier: class logits (B, num_classes).
   virtual Status classify(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                          std::vector<float>* logits);
+                          std::vector<float>* logits) const;
   // GPT: next-token logits for every position (B, T, vocab); T <= block_size.
   virtual Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
-                        std::vector<float>* out);
+                        std::vector<float>* out) const;
   // GPT: continue one prompt (1 or more ids, any length: past block_size the last block_size ids are used, as in
   // Python) by up to max_new_tokens >= 0 (key/value cache: each new token costs O(T)). top_k >= 0, temperature
   // finite and >= 0 (0 = greedy); anything else is an error status.
   virtual Status generate(const std::vector<std::int64_t>& prompt, int max_new_tokens, const GenerateOptions& opts,
-                          std::vector<std::int64_t>* out);
+                          std::vector<std::int64_t>* out) const;
 
   std::int64_t hidden_size() const { return hidden_size_; }
 
