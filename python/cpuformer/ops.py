@@ -9,6 +9,7 @@ Conventions
 * Zero-size dimensions, wrong ranks and mismatched shapes raise ``ValueError`` naming the argument and shapes;
   ids or labels out of range raise ``IndexError``. Checks happen before anything is computed.
 * Every kernel releases the GIL while it runs, so Python threads can call kernels concurrently.
+* An array the op writes into must not share memory with an input or another output (``ValueError``).
 * Backward functions return input gradients; parameter gradients are returned as new arrays unless the function
   says it accumulates into an array you pass.
 """
