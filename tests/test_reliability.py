@@ -124,12 +124,31 @@ def test_training_mode_refuses_a_second_thread():
     t.join()
     assert error and "another thread" in error[0]
     model.backward(np.ones_like(logits))  # the forward's own thread may
-    # a forward running in one thread blocks a training forward from another
-    model._training_call = (-1, 1)
-    with pytest.raises(RuntimeError, match="already running in another thread"):
-        model(ids)
-    object.__setattr__(model, "_training_call", (None, 0))
-    model(ids)
+
+
+def test_a_training_forward_refuses_a_concurrent_one():
+    started, release = threading.Event(), threading.Event()
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            started.set()
+            release.wait(10)
+            return x
+
+    layer = Slow()  # training mode
+    t = threading.Thread(target=layer, args=(np.ones(3, np.float32),))
+    t.start()
+    started.wait(10)
+    try:
+        with pytest.raises(RuntimeError, match="already running in another thread"):
+            layer(np.ones(3, np.float32))
+    finally:
+        release.set()
+        t.join()
+    layer(np.ones(3, np.float32))  # once the other forward has finished
+    layer._training_call = (-1, 1)  # as if another thread's forward were running: eval-mode calls go on
+    layer.eval()
+    layer(np.ones(3, np.float32))
 
 
 # -------------------------------------------------------------------------------------------------- aliasing
