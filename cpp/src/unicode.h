@@ -1,0 +1,47 @@
+// cpp/src/unicode.h (private to the core): Unicode data and algorithms for the tokenizers, each from the Unicode
+// version the `tokenizers` library uses for that purpose (see tokenizers.md §5.1). The data lives in the generated
+// unicode_data.cpp (tools/gen_unicode_data.py); the algorithms in unicode.cpp.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace cpuformer::unicode {
+
+enum class Category : std::uint8_t { Cn = 0, Lu, Ll, Lt, Lm, Lo, Mn, Mc, Me, Nd, Nl, No, Pc, Pd, Ps, Pe, Pi, Pf, Po,
+                                     Sm, Sc, Sk, So, Zs, Zl, Zp, Cc, Cf, Cs, Co };
+
+// General category of cp as of Unicode `version` (8 = unicode_categories crate, used by BertNormalizer,
+// BertPreTokenizer, Punctuation; 16 = Oniguruma and the Rust regex crate; 17 = Rust std). Chars newer than that
+// version are Cn. Invalid code points (> 0x10FFFF) are Cn. Other versions: the nearest supported one at or below
+// (9..15 -> 8 is NOT done; only 8, 16 and 17 are supported; any other value behaves as 17).
+Category category(char32_t cp, int version);
+const char* category_name(Category c);   // "Lu", "Cn", ...
+
+bool is_white_space(char32_t cp);        // the White_Space property (Rust char::is_whitespace, Oniguruma \s)
+bool is_alphabetic(char32_t cp);         // Alphabetic (16.0), for the Rust regex crate's \w
+
+// Rust char::to_lowercase (17.0, full mapping, no context): appends 1..3 chars to out.
+void to_lower(char32_t cp, std::u32string* out);
+
+enum class Form { NFD, NFKD, NFC, NFKC };
+// Normalize text (Unicode 9.0 data, as unicode-normalization-alignments 0.1). out gets the result; changes (may be
+// null) gets one entry per output char in the `tokenizers` NormalizedString::transform convention: 0 = this char
+// replaces the next source char, +1 = inserted (no source char consumed), -n = replaces the next source char and
+// deletes n more after it. Replaying `changes` over the input must reproduce the alignment rules of tokenizers.md
+// §4.2 (decomposition: each output char takes its source char's range; composition: the composed char takes the
+// first source char's range; reordering positional).
+void normalize(const std::u32string& text, Form form, std::u32string* out, std::vector<int>* changes);
+
+// Canonical combining class (9.0) of cp; 0 for chars newer than 9.0.
+std::uint8_t combining_class(char32_t cp);
+
+// UTF-8 <-> UTF-32. Invalid UTF-8 (the tokenizer gets std::string from users) is an error: returns false.
+// byte_offsets: if non-null, the byte offset where each code point starts, plus a final entry = in.size().
+bool utf8_to_utf32(const std::string& in, std::u32string* out, std::vector<std::size_t>* byte_offsets = nullptr);
+void append_utf8(char32_t cp, std::string* out);
+
+const char* unicode_data_versions();   // e.g. "categories 8.0/16.0/17.0, normalization 9.0, lowercase 17.0"
+
+}  // namespace cpuformer::unicode
