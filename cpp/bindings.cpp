@@ -848,6 +848,39 @@ py::tuple quantize_rows(const py::object& xobj) {
 
 }  // namespace
 
+// ---- Private Unicode test hooks (issue 13; tests/tokenizers/test_unicode.py), over cpp/src/unicode.h ----
+#include "src/unicode.h"
+
+namespace {
+
+py::tuple unicode_normalize_py(const std::u32string& text, const std::string& form) {
+  namespace u = cpuformer::unicode;
+  u::Form f;
+  if (form == "NFD") f = u::Form::NFD;
+  else if (form == "NFKD") f = u::Form::NFKD;
+  else if (form == "NFC") f = u::Form::NFC;
+  else if (form == "NFKC") f = u::Form::NFKC;
+  else throw py::value_error("form must be NFD, NFKD, NFC or NFKC");
+  std::u32string out;
+  std::vector<int> changes;
+  u::normalize(text, f, &out, &changes);
+  return py::make_tuple(out, changes);
+}
+
+std::u32string unicode_lower_py(const std::u32string& text) {
+  std::u32string out;
+  for (char32_t c : text) cpuformer::unicode::to_lower(c, &out);
+  return out;
+}
+
+bool unicode_property_py(std::uint32_t cp, const std::string& name) {
+  if (name == "white_space") return cpuformer::unicode::is_white_space(cp);
+  if (name == "alphabetic") return cpuformer::unicode::is_alphabetic(cp);
+  throw py::value_error("property must be white_space or alphabetic");
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -949,4 +982,14 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out") = py::none(),
         "x @ weight^T + bias with a weight from pack_linear_weight; written into out when given.");
   m.def("quantize_rows_u7", &quantize_rows, py::arg("x"), "Returns (q uint8, scale, zero_point) per row.");
+  // Private Unicode test hooks (cpp/src/unicode.h).
+  m.def("_unicode_normalize", &unicode_normalize_py, py::arg("text"), py::arg("form"),
+        "(normalized text, tokenizers-style change per output char) for NFD/NFKD/NFC/NFKC (Unicode 9.0).");
+  m.def("_unicode_category", [](std::uint32_t cp, int version) {
+    return std::string(cpuformer::unicode::category_name(cpuformer::unicode::category(cp, version)));
+  }, py::arg("cp"), py::arg("version"), "General Category of cp as of Unicode 8, 16 or 17.");
+  m.def("_unicode_lower", &unicode_lower_py, py::arg("text"), "Rust char::to_lowercase per char (Unicode 17.0).");
+  m.def("_unicode_property", &unicode_property_py, py::arg("cp"), py::arg("name"),
+        "White_Space (name 'white_space') or Alphabetic 16.0 ('alphabetic').");
+  m.def("_unicode_versions", &cpuformer::unicode::unicode_data_versions, "Unicode versions of the tables.");
 }

@@ -14,13 +14,15 @@ enum class Category : std::uint8_t { Cn = 0, Lu, Ll, Lt, Lm, Lo, Mn, Mc, Me, Nd,
 
 // General category of cp as of Unicode `version` (8 = unicode_categories crate, used by BertNormalizer,
 // BertPreTokenizer, Punctuation; 16 = Oniguruma and the Rust regex crate; 17 = Rust std). Chars newer than that
-// version are Cn. Invalid code points (> 0x10FFFF) are Cn. Other versions: the nearest supported one at or below
-// (9..15 -> 8 is NOT done; only 8, 16 and 17 are supported; any other value behaves as 17).
+// version are Cn. Invalid code points (> 0x10FFFF) are Cn. Only 8, 16 and 17 are tables: a version below 16 reads
+// the 8.0 table, above 16 the 17.0 one. Surrogates are Cs and private use Co in every version.
 Category category(char32_t cp, int version);
 const char* category_name(Category c);   // "Lu", "Cn", ...
 
 bool is_white_space(char32_t cp);        // the White_Space property (Rust char::is_whitespace, Oniguruma \s)
-bool is_alphabetic(char32_t cp);         // Alphabetic (16.0), for the Rust regex crate's \w
+// Alphabetic (16.0), for the Rust regex crate's \w. Exact for chars assigned by 15.0; for 15.1/16.0 chars it is GC
+// L*/Nl only (Other_Alphabetic marks of those versions are not in our sources; \w contains all M chars anyway).
+bool is_alphabetic(char32_t cp);
 
 // Rust char::to_lowercase (17.0, full mapping, no context): appends 1..3 chars to out.
 void to_lower(char32_t cp, std::u32string* out);
@@ -37,8 +39,9 @@ void normalize(const std::u32string& text, Form form, std::u32string* out, std::
 // Canonical combining class (9.0) of cp; 0 for chars newer than 9.0.
 std::uint8_t combining_class(char32_t cp);
 
-// UTF-8 <-> UTF-32. Invalid UTF-8 (the tokenizer gets std::string from users) is an error: returns false.
-// byte_offsets: if non-null, the byte offset where each code point starts, plus a final entry = in.size().
+// UTF-8 <-> UTF-32. Invalid UTF-8 (the tokenizer gets std::string from users) is an error: returns false (strict:
+// no overlong forms, surrogates or values above U+10FFFF). byte_offsets: if non-null, the byte offset where each
+// code point starts, plus a final entry = in.size(). append_utf8 writes U+FFFD for a surrogate or cp > U+10FFFF.
 bool utf8_to_utf32(const std::string& in, std::u32string* out, std::vector<std::size_t>* byte_offsets = nullptr);
 void append_utf8(char32_t cp, std::string* out);
 
