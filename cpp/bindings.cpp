@@ -881,6 +881,23 @@ bool unicode_property_py(std::uint32_t cp, const std::string& name) {
 
 }  // namespace
 
+// ---- Private regex test hook (issue 13; tests/tokenizers/test_regex.py), over cpp/src/regex.h ----
+#include "src/regex.h"
+
+namespace {
+
+// All matches of pattern in text as (begin, end) **char** (code point) offsets; ValueError for an unsupported pattern.
+std::vector<std::pair<std::size_t, std::size_t>> regex_find_all_py(const std::string& pattern,
+                                                                   const std::u32string& text) {
+  cpuformer::regex::Regex re;
+  std::string error;
+  if (!cpuformer::regex::Regex::compile(pattern, &re, &error)) throw py::value_error(error);
+  py::gil_scoped_release release;
+  return re.find_all(text);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -992,4 +1009,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("_unicode_property", &unicode_property_py, py::arg("cp"), py::arg("name"),
         "White_Space (name 'white_space') or Alphabetic 16.0 ('alphabetic').");
   m.def("_unicode_versions", &cpuformer::unicode::unicode_data_versions, "Unicode versions of the tables.");
+  // Private regex test hook (cpp/src/regex.h).
+  m.def("_regex_find_all", &regex_find_all_py, py::arg("pattern"), py::arg("text"),
+        "All matches of an Oniguruma-subset pattern as (begin, end) char offsets; ValueError if unsupported.");
 }
