@@ -171,7 +171,9 @@ void normalize(const std::u32string& text, Form form, std::u32string* out, std::
       ch.push_back(i == 0 ? 0 : 1);
     }
   }
-  // 2. Canonical reordering: stable sort of each run of non-starters by CCC. Changes stay in place (positional).
+  // 2. Canonical reordering: stable sort of each run of non-starters by CCC. Each change moves with its char (as in
+  //    unicode-normalization-alignments), so a moved inserted char (+1) takes the range of whichever source char
+  //    precedes it after the sort: "ḋ" + U+0323 -> d (0,1), U+0323 (1,2), U+0307 (1,2).
   std::vector<std::uint8_t> cc(d.size());
   for (std::size_t i = 0; i < d.size(); ++i) cc[i] = combining_class(d[i]);
   for (std::size_t i = 0; i < d.size();) {
@@ -183,14 +185,17 @@ void normalize(const std::u32string& text, Form form, std::u32string* out, std::
       for (std::size_t a = i + 1; a < j; ++a) {
         const char32_t c = d[a];
         const std::uint8_t k = cc[a];
+        const int change = ch[a];
         std::size_t b = a;
         while (b > i && cc[b - 1] > k) {
           d[b] = d[b - 1];
           cc[b] = cc[b - 1];
+          ch[b] = ch[b - 1];
           --b;
         }
         d[b] = c;
         cc[b] = k;
+        ch[b] = change;
       }
     }
     i = j;

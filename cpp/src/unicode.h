@@ -31,9 +31,12 @@ enum class Form { NFD, NFKD, NFC, NFKC };
 // Normalize text (Unicode 9.0 data, as unicode-normalization-alignments 0.1). out gets the result; changes (may be
 // null) gets one entry per output char in the `tokenizers` NormalizedString::transform convention: 0 = this char
 // replaces the next source char, +1 = inserted (no source char consumed), -n = replaces the next source char and
-// deletes n more after it. Replaying `changes` over the input must reproduce the alignment rules of tokenizers.md
+// deletes n more after it. Replaying `changes` over the input reproduces the alignment rules of tokenizers.md
 // §4.2 (decomposition: each output char takes its source char's range; composition: the composed char takes the
-// first source char's range; reordering positional).
+// first source char's range). Canonical reordering moves each change with its char (checked against tokenizers
+// 0.23.3; §4.2's "positional" holds only when all changes in the run are 0): NFD of "ḋ" U+0323 gives changes
+// 0, 0, +1 and ranges d (0,1), U+0323 (1,2), U+0307 (1,2) -- an inserted char copies the range of the source char
+// before the current position, as NormalizedString::transform does.
 void normalize(const std::u32string& text, Form form, std::u32string* out, std::vector<int>* changes);
 
 // Canonical combining class (9.0) of cp; 0 for chars newer than 9.0.
