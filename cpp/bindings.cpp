@@ -867,9 +867,14 @@ py::tuple unicode_normalize_py(const std::u32string& text, const std::string& fo
   return py::make_tuple(out, changes);
 }
 
-std::u32string unicode_lower_py(const std::u32string& text) {
-  std::u32string out;
-  for (char32_t c : text) cpuformer::unicode::to_lower(c, &out);
+// Goes through utf8_to_utf32 / append_utf8 so that the tests cover them too; bytes are accepted (invalid UTF-8
+// raises ValueError).
+std::string unicode_lower_py(const std::string& text) {
+  std::u32string in, lower;
+  if (!cpuformer::unicode::utf8_to_utf32(text, &in)) throw py::value_error("invalid UTF-8");
+  for (char32_t c : in) cpuformer::unicode::to_lower(c, &lower);
+  std::string out;
+  for (char32_t c : lower) cpuformer::unicode::append_utf8(c, &out);
   return out;
 }
 

@@ -180,6 +180,20 @@ def test_lowercase_is_rust_17():
         assert got == want, first_difference(got, want)
 
 
+@pytest.mark.parametrize("bad", [b"\xff", b"\x80", b"a\xc3", b"\xc0\xaf", b"\xe0\x80\xaf", b"\xed\xa0\x80",
+                                 b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\xe2\x82", b"\xe2(\xa1"])
+def test_utf8_rejects_invalid(bad):
+    """_unicode_lower goes through utf8_to_utf32: overlong forms, surrogates, > U+10FFFF, truncation are errors."""
+    with pytest.raises(ValueError):
+        _core._unicode_lower(bad)
+
+
+def test_utf8_round_trip_edges():
+    text = "\x00\x7f\x80\u07ff\u0800\ud7ff\ue000\uffff\U00010000\U0010ffff"
+    assert _core._unicode_lower(text) == text
+    assert _core._unicode_lower(text.encode()) == text
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Normalization
 @pytest.mark.parametrize("form", FORMS)
