@@ -903,6 +903,153 @@ std::vector<std::pair<std::size_t, std::size_t>> regex_find_all_py(const std::st
 
 }  // namespace
 
+// ---- Tokenizers (issue 13; python/cpuformer/tokenizer.py), over cpuformer/tokenizer.h ----
+#include "cpuformer/tokenizer.h"
+
+namespace {
+
+[[noreturn]] void tok_fail(const Status& st) { throw py::value_error(st.message()); }
+
+Direction tok_direction(const std::string& d) {
+  if (d == "right") return Direction::Right;
+  if (d == "left") return Direction::Left;
+  throw py::value_error("direction must be 'right' or 'left', got '" + d + "'");
+}
+
+// (max_length, strategy, direction, stride) with strategy longest_first / only_first / only_second.
+TruncationParams tok_truncation(const py::tuple& t) {
+  TruncationParams p;
+  p.max_length = t[0].cast<std::size_t>();
+  const auto s = t[1].cast<std::string>();
+  if (s == "longest_first") p.strategy = TruncationParams::Strategy::LongestFirst;
+  else if (s == "only_first") p.strategy = TruncationParams::Strategy::OnlyFirst;
+  else if (s == "only_second") p.strategy = TruncationParams::Strategy::OnlySecond;
+  else throw py::value_error("strategy must be 'longest_first', 'only_first' or 'only_second', got '" + s + "'");
+  p.direction = tok_direction(t[2].cast<std::string>());
+  p.stride = t[3].cast<std::size_t>();
+  if (p.max_length > 0 && p.stride >= p.max_length) throw py::value_error("stride must be smaller than max_length");
+  return p;
+}
+
+// (length or None for the longest, direction, pad_to_multiple_of or None, pad_id, pad_type_id, pad_token).
+PaddingParams tok_padding(const py::tuple& t) {
+  PaddingParams p;
+  p.fixed = !t[0].is_none();
+  if (p.fixed) p.length = t[0].cast<std::size_t>();
+  p.direction = tok_direction(t[1].cast<std::string>());
+  if (!t[2].is_none()) p.pad_to_multiple_of = t[2].cast<std::size_t>();
+  p.pad_id = t[3].cast<std::int64_t>();
+  p.pad_type_id = t[4].cast<std::int64_t>();
+  p.pad_token = t[5].cast<std::string>();
+  return p;
+}
+
+py::object tok_truncation_dict(const std::optional<TruncationParams>& p) {
+  if (!p) return py::none();
+  static const char* const strategies[] = {"longest_first", "only_first", "only_second"};
+  py::dict d;
+  d["max_length"] = p->max_length;
+  d["stride"] = p->stride;
+  d["strategy"] = strategies[static_cast<int>(p->strategy)];
+  d["direction"] = p->direction == Direction::Right ? "right" : "left";
+  return std::move(d);
+}
+
+py::object tok_padding_dict(const std::optional<PaddingParams>& p) {
+  if (!p) return py::none();
+  py::dict d;
+  d["length"] = p->fixed ? py::cast(p->length) : py::none();
+  d["pad_to_multiple_of"] = p->pad_to_multiple_of ? py::cast(p->pad_to_multiple_of) : py::none();
+  d["pad_id"] = p->pad_id;
+  d["pad_type_id"] = p->pad_type_id;
+  d["pad_token"] = p->pad_token;
+  d["direction"] = p->direction == Direction::Right ? "right" : "left";
+  return std::move(d);
+}
+
+std::shared_ptr<Tokenizer> tok_load(const std::string& source, bool is_path) {
+  std::unique_ptr<Tokenizer> t;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = is_path ? Tokenizer::from_file(source, &t) : Tokenizer::from_json(source, &t);
+  }
+  if (!st.ok()) tok_fail(st);
+  return std::shared_ptr<Tokenizer>(std::move(t));
+}
+
+Encoding tok_encode(const Tokenizer& t, const py::bytes& text, const py::object& pair, bool add_special_tokens) {
+  std::string a = text, b;
+  const bool has_pair = !pair.is_none();
+  if (has_pair) b = pair.cast<py::bytes>();
+  Encoding e;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = t.encode(a, has_pair ? &b : nullptr, add_special_tokens, &e);
+  }
+  if (!st.ok()) tok_fail(st);
+  return e;
+}
+
+// own_settings: the tokenizer's truncation/padding; otherwise the given ones (None: off).
+std::vector<Encoding> tok_encode_batch(const Tokenizer& t, const std::vector<py::bytes>& texts,
+                                       const py::object& pairs, bool add_special_tokens, bool own_settings,
+                                       const py::object& truncation, const py::object& padding) {
+  std::vector<std::string> a(texts.begin(), texts.end()), b;
+  const bool has_pairs = !pairs.is_none();
+  if (has_pairs)
+    for (const auto& p : pairs.cast<std::vector<py::bytes>>()) b.push_back(p);
+  std::optional<TruncationParams> tp;
+  std::optional<PaddingParams> pp;
+  if (!own_settings) {
+    if (!truncation.is_none()) tp = tok_truncation(truncation.cast<py::tuple>());
+    if (!padding.is_none()) pp = tok_padding(padding.cast<py::tuple>());
+  }
+  std::vector<Encoding> out;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = own_settings ? t.encode_batch(a, has_pairs ? &b : nullptr, add_special_tokens, &out)
+                      : t.encode_batch_with(a, has_pairs ? &b : nullptr, add_special_tokens, tp ? &*tp : nullptr,
+                                            pp ? &*pp : nullptr, &out);
+  }
+  if (!st.ok()) tok_fail(st);
+  return out;
+}
+
+// input_ids, attention_mask, token_type_ids as (B, T) int64 arrays; all encodings must have the same length.
+py::tuple tok_arrays(const std::vector<Encoding>& encs) {
+  const std::size_t B = encs.size(), T = B ? encs[0].size() : 0;
+  for (const auto& e : encs)
+    if (e.size() != T)
+      throw py::value_error("the encodings have different lengths (" + std::to_string(T) + " and " +
+                            std::to_string(e.size()) + "): use padding to get arrays");
+  I64 ids({B, T}), mask({B, T}), types({B, T});
+  auto* pi = ids.mutable_data();
+  auto* pm = mask.mutable_data();
+  auto* pt = types.mutable_data();
+  for (std::size_t i = 0; i < B; ++i) {
+    std::copy(encs[i].ids.begin(), encs[i].ids.end(), pi + i * T);
+    std::copy(encs[i].attention_mask.begin(), encs[i].attention_mask.end(), pm + i * T);
+    std::copy(encs[i].type_ids.begin(), encs[i].type_ids.end(), pt + i * T);
+  }
+  return py::make_tuple(ids, mask, types);
+}
+
+py::str tok_decode(const Tokenizer& t, const std::vector<std::int64_t>& ids, bool skip_special_tokens) {
+  std::string out;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = t.decode(ids, skip_special_tokens, &out);
+  }
+  if (!st.ok()) tok_fail(st);
+  return py::str(out);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -1017,4 +1164,43 @@ PYBIND11_MODULE(_core, m) {
   // Private regex test hook (cpp/src/regex.h).
   m.def("_regex_find_all", &regex_find_all_py, py::arg("pattern"), py::arg("text"),
         "All matches of an Oniguruma-subset pattern as (begin, end) char offsets; ValueError if unsupported.");
+  // Tokenizers (issue 13): wrapped by cpuformer.Tokenizer (python/cpuformer/tokenizer.py).
+  py::class_<Encoding>(m, "_Encoding")
+      .def_readonly("ids", &Encoding::ids)
+      .def_readonly("tokens", &Encoding::tokens)
+      .def_readonly("type_ids", &Encoding::type_ids)
+      .def_readonly("attention_mask", &Encoding::attention_mask)
+      .def_readonly("special_tokens_mask", &Encoding::special_tokens_mask)
+      .def_readonly("word_ids", &Encoding::word_ids)
+      .def_readonly("sequence_ids", &Encoding::sequence_ids)
+      .def_readonly("byte_offsets", &Encoding::offsets)
+      .def_readonly("offsets", &Encoding::char_offsets)
+      .def("__len__", &Encoding::size);
+  py::class_<Tokenizer, std::shared_ptr<Tokenizer>>(m, "_Tokenizer")
+      .def_static("from_file", [](const std::string& path) { return tok_load(path, true); }, py::arg("path"))
+      .def_static("from_str", [](const std::string& json) { return tok_load(json, false); }, py::arg("json"))
+      .def("encode", &tok_encode, py::arg("text"), py::arg("pair"), py::arg("add_special_tokens"))
+      .def("encode_batch", &tok_encode_batch, py::arg("texts"), py::arg("pairs"), py::arg("add_special_tokens"),
+           py::arg("own_settings"), py::arg("truncation"), py::arg("padding"))
+      .def("decode", &tok_decode, py::arg("ids"), py::arg("skip_special_tokens"))
+      .def("token_to_id", [](const Tokenizer& t, const std::string& s) -> py::object {
+        const auto id = t.token_to_id(s);
+        return id < 0 ? py::none() : py::cast(id);
+      })
+      .def("id_to_token", [](const Tokenizer& t, std::int64_t id) -> py::object {
+        std::string s;
+        return t.id_to_token(id, &s) ? py::object(py::str(s)) : py::none();
+      })
+      .def("vocab_size", &Tokenizer::vocab_size, py::arg("with_added_tokens"))
+      .def("get_truncation", [](const Tokenizer& t) { return tok_truncation_dict(t.truncation()); })
+      .def("get_padding", [](const Tokenizer& t) { return tok_padding_dict(t.padding()); })
+      .def("set_truncation", [](Tokenizer& t, const py::object& p) {
+        Status st = t.set_truncation(p.is_none() ? std::nullopt
+                                                 : std::optional<TruncationParams>(tok_truncation(p.cast<py::tuple>())));
+        if (!st.ok()) tok_fail(st);
+      })
+      .def("set_padding", [](Tokenizer& t, const py::object& p) {
+        t.set_padding(p.is_none() ? std::nullopt : std::optional<PaddingParams>(tok_padding(p.cast<py::tuple>())));
+      });
+  m.def("_tokenizer_arrays", &tok_arrays, py::arg("encodings"));
 }

@@ -1,1 +1,2161 @@
-// tokenizer.cpp: part of the tokenizer work (issue 13); see cpp/include/cpuformer/tokenizer.h.
+// tokenizer.cpp: Hugging Face tokenizer.json tokenizers (see cpp/include/cpuformer/tokenizer.h and
+// shared/design/tokenizers.md). The behaviour follows the `tokenizers` library; the code is our own.
+//
+// Text is handled as code points. A piece of text being normalized (`Piece`, the library's NormalizedString) keeps,
+// for every current char, the byte range [start, end) of the ORIGINAL text it came from (absolute, so slicing needs
+// no shift), which is all the library's per-byte alignments say: every byte of a char carries the same range.
+#include "cpuformer/tokenizer.h"
+
+#include <algorithm>
+#include <atomic>
+#include <fstream>
+#include <new>
+#include <queue>
+#include <sstream>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "json.h"
+#include "parallel.h"
+#include "regex.h"
+#include "unicode.h"
+
+namespace cpuformer {
+
+namespace {
+
+namespace uni = ::cpuformer::unicode;
+using Range = std::pair<std::size_t, std::size_t>;
+
+// ---------------------------------------------------------------------------------------------------------------
+// Text helpers
+
+std::string to_utf8(const char32_t* s, std::size_t n) {
+  std::string out;
+  out.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) uni::append_utf8(s[i], &out);
+  return out;
+}
+std::string to_utf8(const std::u32string& s) { return to_utf8(s.data(), s.size()); }
+
+std::size_t utf8_len(char32_t c) { return c < 0x80 ? 1 : c < 0x800 ? 2 : c < 0x10000 ? 3 : 4; }
+
+bool is_ws(char32_t c) { return uni::is_white_space(c); }  // Rust char::is_whitespace, regex \s
+
+// The Rust regex crate's \w (Unicode 16.0): Alphabetic, M, Nd, Pc, Join_Control.
+bool is_word_char(char32_t c) {
+  if (c == 0x200C || c == 0x200D) return true;
+  if (uni::is_alphabetic(c)) return true;
+  const auto g = uni::category(c, 16);
+  using G = uni::Category;
+  return g == G::Mn || g == G::Mc || g == G::Me || g == G::Nd || g == G::Pc;
+}
+
+// BertPreTokenizer / Punctuation: ASCII punctuation or GC P* (Unicode 8.0, the unicode_categories crate).
+bool is_bert_punct(char32_t c) {
+  if ((c >= '!' && c <= '/') || (c >= ':' && c <= '@') || (c >= '[' && c <= '`') || (c >= '{' && c <= '~'))
+    return true;
+  const auto g = uni::category(c, 8);
+  using G = uni::Category;
+  return g == G::Pc || g == G::Pd || g == G::Ps || g == G::Pe || g == G::Pi || g == G::Pf || g == G::Po;
+}
+
+// Rust char::is_numeric (Unicode 17.0): Nd, Nl, No.
+bool is_numeric(char32_t c) {
+  const auto g = uni::category(c, 17);
+  using G = uni::Category;
+  return g == G::Nd || g == G::Nl || g == G::No;
+}
+
+// BertNormalizer's "Chinese" ranges, with the library's 2B920 start (Google's BERT has 2B820).
+bool is_chinese_char(char32_t c) {
+  return (c >= 0x4E00 && c <= 0x9FFF) || (c >= 0x3400 && c <= 0x4DBF) || (c >= 0x20000 && c <= 0x2A6DF) ||
+         (c >= 0x2A700 && c <= 0x2B73F) || (c >= 0x2B740 && c <= 0x2B81F) || (c >= 0x2B920 && c <= 0x2CEAF) ||
+         (c >= 0xF900 && c <= 0xFAFF) || (c >= 0x2F800 && c <= 0x2FA1F);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Piece: text with per-char original byte ranges
+
+struct Piece {
+  std::u32string s;
+  std::vector<Range> al;   // one per char of s
+  std::size_t shift = 0;   // original start of this piece: the range an insertion at the very start gets
+};
+
+// The library's NormalizedString::transform: `changes[i]` for output char i: 0 = replaces the next source char,
+// +1 = inserted, -n = replaces the next source char and deletes n more; `initial` source chars are skipped first.
+void apply_changes(Piece* p, std::u32string&& out, const std::vector<int>& changes, std::size_t initial = 0) {
+  std::vector<Range> al;
+  al.reserve(out.size());
+  std::size_t pos = initial;
+  const std::size_t n = p->al.size();
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    const int ch = changes[i];
+    if (ch > 0) {
+      al.push_back(pos > 0 && pos - 1 < n ? p->al[pos - 1] : Range{p->shift, p->shift});
+    } else {
+      al.push_back(pos < n ? p->al[pos] : (n ? p->al[n - 1] : Range{p->shift, p->shift}));
+      pos += 1 + static_cast<std::size_t>(-ch);
+    }
+  }
+  p->s = std::move(out);
+  p->al = std::move(al);
+}
+
+Piece slice(const Piece& p, std::size_t b, std::size_t e) {
+  Piece q;
+  q.s = p.s.substr(b, e - b);
+  q.al.assign(p.al.begin() + static_cast<std::ptrdiff_t>(b), p.al.begin() + static_cast<std::ptrdiff_t>(e));
+  if (q.al.empty()) {
+    q.shift = b < p.al.size() ? p.al[b].first : p.shift;
+  } else {
+    q.shift = q.al[0].first;
+    for (const auto& a : q.al) q.shift = std::min(q.shift, a.first);
+  }
+  return q;
+}
+
+// A list of (range, is_match) covering a piece, as the library's Pattern::find_matches gives it.
+using Matches = std::vector<std::pair<Range, bool>>;
+
+enum class Behavior { Removed, Isolated, MergedWithPrevious, MergedWithNext, Contiguous };
+
+// NormalizedString::split: pieces according to the behavior; empty pieces are dropped.
+void split_by(const Piece& p, Matches m, Behavior b, std::vector<Piece>* out) {
+  std::vector<std::pair<Range, bool>> sp;  // (range, remove)
+  switch (b) {
+    case Behavior::Removed: sp = m; break;
+    case Behavior::Isolated:
+      for (auto& x : m) sp.push_back({x.first, false});
+      break;
+    case Behavior::Contiguous: {
+      bool prev = false;
+      for (auto& x : m) {
+        if (x.second == prev && !sp.empty()) sp.back().first.second = x.first.second;
+        else sp.push_back({x.first, false});
+        prev = x.second;
+      }
+      break;
+    }
+    case Behavior::MergedWithPrevious: {
+      bool prev = false;
+      for (auto& x : m) {
+        if (x.second && !prev && !sp.empty()) sp.back().first.second = x.first.second;
+        else sp.push_back({x.first, false});
+        prev = x.second;
+      }
+      break;
+    }
+    case Behavior::MergedWithNext: {
+      bool prev = false;
+      for (auto it = m.rbegin(); it != m.rend(); ++it) {
+        if (it->second && !prev && !sp.empty()) sp.back().first.first = it->first.first;
+        else sp.push_back({it->first, false});
+        prev = it->second;
+      }
+      std::reverse(sp.begin(), sp.end());
+      break;
+    }
+  }
+  for (const auto& x : sp) {
+    if (x.second || x.first.first >= x.first.second) continue;
+    out->push_back(slice(p, x.first.first, x.first.second));
+  }
+}
+
+template <class Pred>
+Matches char_matches(const std::u32string& s, Pred pred) {
+  Matches m;
+  if (s.empty()) return {{{0, 0}, false}};
+  std::size_t last = 0;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (pred(s[i])) {
+      if (last < i) m.push_back({{last, i}, false});
+      m.push_back({{i, i + 1}, true});
+      last = i + 1;
+    }
+  }
+  if (last < s.size()) m.push_back({{last, s.size()}, false});
+  return m;
+}
+
+Matches spans_to_matches(const std::vector<Range>& spans, std::size_t n) {
+  Matches m;
+  if (n == 0) return {{{0, 0}, false}};
+  std::size_t prev = 0;
+  for (const auto& sp : spans) {
+    if (prev != sp.first) m.push_back({{prev, sp.first}, false});
+    m.push_back({sp, true});
+    prev = sp.second;
+  }
+  if (prev != n) m.push_back({{prev, n}, false});
+  return m;
+}
+
+std::vector<Range> literal_spans(const std::u32string& s, const std::u32string& pat) {
+  std::vector<Range> r;
+  if (pat.empty()) return r;
+  std::size_t i = 0;
+  while (true) {
+    const std::size_t f = s.find(pat, i);
+    if (f == std::u32string::npos) break;
+    r.push_back({f, f + pat.size()});
+    i = f + pat.size();
+  }
+  return r;
+}
+
+// A Split/Replace pattern: a literal string or a regex.
+struct Pattern {
+  bool is_regex = false;
+  std::u32string literal;
+  regex::Regex re;
+  std::vector<Range> find(const std::u32string& s) const {
+    if (!is_regex) return literal_spans(s, literal);
+    return re.find_all(s);
+  }
+  Matches matches(const std::u32string& s) const {
+    if (!is_regex && literal.empty()) return {{{0, s.size()}, false}};
+    return spans_to_matches(find(s), s.size());
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// JSON access with error messages that name the field
+
+Status err(const std::string& where, const std::string& what) { return Status::error("tokenizer.json: " + where + ": " + what); }
+
+const char* type_name(const Json& v) {
+  switch (v.type) {
+    case Json::kNull: return "null";
+    case Json::kBool: return "a bool";
+    case Json::kNumber: return "a number";
+    case Json::kString: return "a string";
+    case Json::kArray: return "an array";
+    case Json::kObject: return "an object";
+  }
+  return "?";
+}
+
+Status need(const Json& obj, const char* key, const std::string& where, const Json** out) {
+  const Json* v = obj.find(key);
+  if (!v) return err(where, std::string("missing field '") + key + "'");
+  *out = v;
+  return Status();
+}
+
+Status as_bool(const Json& v, const std::string& where, bool* out) {
+  if (v.type != Json::kBool) return err(where, std::string("expected a bool, got ") + type_name(v));
+  *out = v.boolean;
+  return Status();
+}
+Status as_string(const Json& v, const std::string& where, std::string* out) {
+  if (v.type != Json::kString) return err(where, std::string("expected a string, got ") + type_name(v));
+  std::u32string tmp;
+  if (!uni::utf8_to_utf32(v.str, &tmp)) return err(where, "the string is not valid UTF-8");
+  *out = v.str;
+  return Status();
+}
+Status as_uint(const Json& v, const std::string& where, std::uint64_t max, std::uint64_t* out) {
+  const bool ok = v.type == Json::kNumber && v.number >= 0 && v.number <= static_cast<double>(max) &&
+                  v.number == static_cast<double>(static_cast<std::uint64_t>(v.number));
+  if (!ok) {
+    std::ostringstream os;
+    os << "expected an integer in [0, " << max << "], got ";
+    if (v.type == Json::kNumber) os << v.number;
+    else os << type_name(v);
+    return err(where, os.str());
+  }
+  *out = static_cast<std::uint64_t>(v.number);
+  return Status();
+}
+
+// Optional fields: absent or null keep the default.
+Status opt_bool(const Json& obj, const char* key, const std::string& where, bool* out) {
+  const Json* v = obj.find(key);
+  if (!v || v->type == Json::kNull) return Status();
+  return as_bool(*v, where + "." + key, out);
+}
+Status req_bool(const Json& obj, const char* key, const std::string& where, bool* out) {
+  const Json* v;
+  Status st = need(obj, key, where, &v);
+  if (!st.ok()) return st;
+  return as_bool(*v, where + "." + key, out);
+}
+Status req_string(const Json& obj, const char* key, const std::string& where, std::string* out) {
+  const Json* v;
+  Status st = need(obj, key, where, &v);
+  if (!st.ok()) return st;
+  return as_string(*v, where + "." + key, out);
+}
+// Absent or null -> *present = false.
+Status opt_string(const Json& obj, const char* key, const std::string& where, std::string* out, bool* present) {
+  const Json* v = obj.find(key);
+  *present = false;
+  if (!v || v->type == Json::kNull) return Status();
+  *present = true;
+  return as_string(*v, where + "." + key, out);
+}
+
+constexpr std::uint64_t kMaxId = (std::uint64_t{1} << 31) - 1;
+constexpr std::uint64_t kMaxLen = std::uint64_t{1} << 40;
+
+Status parse_behavior(const Json& obj, const std::string& where, bool required, Behavior* out) {
+  const Json* v = obj.find("behavior");
+  if (!v || v->type == Json::kNull) {
+    if (required) return err(where, "missing field 'behavior'");
+    return Status();
+  }
+  std::string s;
+  Status st = as_string(*v, where + ".behavior", &s);
+  if (!st.ok()) return st;
+  if (s == "Removed") *out = Behavior::Removed;
+  else if (s == "Isolated") *out = Behavior::Isolated;
+  else if (s == "MergedWithPrevious") *out = Behavior::MergedWithPrevious;
+  else if (s == "MergedWithNext") *out = Behavior::MergedWithNext;
+  else if (s == "Contiguous") *out = Behavior::Contiguous;
+  else return err(where + ".behavior", "unknown behavior " + quoted(s));
+  return Status();
+}
+
+Status parse_pattern(const Json& obj, const std::string& where, Pattern* out) {
+  const Json* v;
+  Status st = need(obj, "pattern", where, &v);
+  if (!st.ok()) return st;
+  const std::string w = where + ".pattern";
+  if (v->type != Json::kObject || v->members.size() != 1)
+    return err(w, "expected {\"String\": ...} or {\"Regex\": ...}");
+  const std::string& kind = v->members[0].first;
+  std::string text;
+  st = as_string(v->members[0].second, w + "." + kind, &text);
+  if (!st.ok()) return st;
+  if (kind == "String") {
+    out->is_regex = false;
+    uni::utf8_to_utf32(text, &out->literal);
+  } else if (kind == "Regex") {
+    out->is_regex = true;
+    std::string error;
+    if (!regex::Regex::compile(text, &out->re, &error))
+      return err(w + ".Regex", "regex pattern " + quoted(text) + " is not supported: " + error);
+  } else {
+    return err(w, "unknown pattern kind " + quoted(kind) + " (expected String or Regex)");
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Normalizers
+
+struct Normalizer {
+  virtual ~Normalizer() = default;
+  virtual void normalize(Piece* p) const = 0;
+};
+
+void lowercase_piece(Piece* p) {
+  std::u32string out;
+  std::vector<Range> al;
+  out.reserve(p->s.size());
+  al.reserve(p->s.size());
+  std::u32string tmp;
+  for (std::size_t i = 0; i < p->s.size(); ++i) {
+    const char32_t c = p->s[i];
+    if (c < 0x80) {
+      out.push_back(c >= 'A' && c <= 'Z' ? c + 32 : c);
+      al.push_back(p->al[i]);
+      continue;
+    }
+    tmp.clear();
+    uni::to_lower(c, &tmp);
+    for (char32_t l : tmp) {  // every char of a multi-char result takes the source char's range
+      out.push_back(l);
+      al.push_back(p->al[i]);
+    }
+  }
+  p->s = std::move(out);
+  p->al = std::move(al);
+}
+
+void normalize_form(Piece* p, uni::Form form) {
+  std::u32string out;
+  std::vector<int> changes;
+  uni::normalize(p->s, form, &out, &changes);
+  apply_changes(p, std::move(out), changes);
+}
+
+template <class Keep>
+void filter_piece(Piece* p, Keep keep) {
+  std::size_t j = 0;
+  for (std::size_t i = 0; i < p->s.size(); ++i) {
+    if (keep(p->s[i])) {
+      p->s[j] = p->s[i];
+      p->al[j] = p->al[i];
+      ++j;
+    }
+  }
+  p->s.resize(j);
+  p->al.resize(j);
+}
+
+struct BertNormalizer : Normalizer {
+  bool clean_text = true, chinese = true, strip_accents = false, lowercase = true;
+  void normalize(Piece* p) const override {
+    using G = uni::Category;
+    if (clean_text) {
+      filter_piece(p, [](char32_t c) {
+        if (c == 0 || c == 0xFFFD) return false;
+        if (c == '\t' || c == '\n' || c == '\r') return true;
+        const auto g = uni::category(c, 8);
+        return !(g == G::Cc || g == G::Cf || g == G::Co);
+      });
+      for (auto& c : p->s)
+        if (c == '\t' || c == '\n' || c == '\r' || is_ws(c)) c = ' ';
+    }
+    if (chinese) {
+      bool any = false;
+      for (char32_t c : p->s) any = any || is_chinese_char(c);
+      if (any) {
+        std::u32string out;
+        std::vector<Range> al;
+        for (std::size_t i = 0; i < p->s.size(); ++i) {
+          const char32_t c = p->s[i];
+          if (is_chinese_char(c)) {
+            out.push_back(' ');
+            out.push_back(c);
+            out.push_back(' ');
+            al.insert(al.end(), 3, p->al[i]);
+          } else {
+            out.push_back(c);
+            al.push_back(p->al[i]);
+          }
+        }
+        p->s = std::move(out);
+        p->al = std::move(al);
+      }
+    }
+    if (strip_accents) {
+      bool ascii = true;
+      for (char32_t c : p->s) ascii = ascii && c < 0x80;
+      if (!ascii) {
+        normalize_form(p, uni::Form::NFD);
+        filter_piece(p, [](char32_t c) { return uni::category(c, 8) != G::Mn; });
+      }
+    }
+    if (lowercase) lowercase_piece(p);
+  }
+};
+
+struct LowercaseN : Normalizer {
+  void normalize(Piece* p) const override { lowercase_piece(p); }
+};
+
+struct FormN : Normalizer {
+  uni::Form form;
+  explicit FormN(uni::Form f) : form(f) {}
+  void normalize(Piece* p) const override { normalize_form(p, form); }
+};
+
+struct StripN : Normalizer {
+  bool left = true, right = true;
+  void normalize(Piece* p) const override {
+    std::size_t b = 0, e = p->s.size();
+    if (left)
+      while (b < e && is_ws(p->s[b])) ++b;
+    if (right)
+      while (e > b && is_ws(p->s[e - 1])) --e;
+    if (b == 0 && e == p->s.size()) return;
+    p->s = p->s.substr(b, e - b);
+    p->al = std::vector<Range>(p->al.begin() + static_cast<std::ptrdiff_t>(b),
+                               p->al.begin() + static_cast<std::ptrdiff_t>(e));
+  }
+};
+
+struct ReplaceN : Normalizer {
+  Pattern pattern;
+  std::u32string content;
+  void normalize(Piece* p) const override {
+    const auto spans = pattern.find(p->s);
+    if (spans.empty()) return;
+    std::u32string out;
+    std::vector<Range> al;
+    std::size_t last = 0;
+    for (const auto& sp : spans) {
+      out.append(p->s, last, sp.first - last);
+      al.insert(al.end(), p->al.begin() + static_cast<std::ptrdiff_t>(last),
+                p->al.begin() + static_cast<std::ptrdiff_t>(sp.first));
+      // Each replacement char takes the range of the last matched char ((0,0) for an empty match at the start).
+      const Range a = sp.second > 0 ? p->al[sp.second - 1] : Range{p->shift, p->shift};
+      for (char32_t c : content) {
+        out.push_back(c);
+        al.push_back(a);
+      }
+      last = sp.second;
+    }
+    out.append(p->s, last, std::u32string::npos);
+    al.insert(al.end(), p->al.begin() + static_cast<std::ptrdiff_t>(last), p->al.end());
+    p->s = std::move(out);
+    p->al = std::move(al);
+  }
+};
+
+struct PrependN : Normalizer {
+  std::u32string prefix;
+  void normalize(Piece* p) const override {
+    if (p->s.empty() || prefix.empty()) return;
+    const Range a = p->al[0];
+    p->s.insert(0, prefix);
+    p->al.insert(p->al.begin(), prefix.size(), a);
+  }
+};
+
+struct SequenceN : Normalizer {
+  std::vector<std::unique_ptr<Normalizer>> items;
+  void normalize(Piece* p) const override {
+    for (const auto& n : items) n->normalize(p);
+  }
+};
+
+Status parse_normalizer(const Json& j, const std::string& where, int depth, std::unique_ptr<Normalizer>* out) {
+  if (depth > 16) return err(where, "Sequence nested too deeply");
+  if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
+  std::string type;
+  Status st = req_string(j, "type", where, &type);
+  if (!st.ok()) return st;
+  if (type == "BertNormalizer") {
+    auto n = std::make_unique<BertNormalizer>();
+    if (!(st = opt_bool(j, "clean_text", where, &n->clean_text)).ok()) return st;
+    if (!(st = opt_bool(j, "handle_chinese_chars", where, &n->chinese)).ok()) return st;
+    if (!(st = opt_bool(j, "lowercase", where, &n->lowercase)).ok()) return st;
+    n->strip_accents = n->lowercase;  // null or absent: follows lowercase
+    if (!(st = opt_bool(j, "strip_accents", where, &n->strip_accents)).ok()) return st;
+    *out = std::move(n);
+  } else if (type == "Lowercase") {
+    *out = std::make_unique<LowercaseN>();
+  } else if (type == "NFC") {
+    *out = std::make_unique<FormN>(uni::Form::NFC);
+  } else if (type == "NFD") {
+    *out = std::make_unique<FormN>(uni::Form::NFD);
+  } else if (type == "NFKC") {
+    *out = std::make_unique<FormN>(uni::Form::NFKC);
+  } else if (type == "NFKD") {
+    *out = std::make_unique<FormN>(uni::Form::NFKD);
+  } else if (type == "Strip") {
+    auto n = std::make_unique<StripN>();
+    if (!(st = req_bool(j, "strip_left", where, &n->left)).ok()) return st;
+    if (!(st = req_bool(j, "strip_right", where, &n->right)).ok()) return st;
+    *out = std::move(n);
+  } else if (type == "Replace") {
+    auto n = std::make_unique<ReplaceN>();
+    if (!(st = parse_pattern(j, where, &n->pattern)).ok()) return st;
+    std::string content;
+    if (!(st = req_string(j, "content", where, &content)).ok()) return st;
+    uni::utf8_to_utf32(content, &n->content);
+    if (!n->pattern.is_regex && n->pattern.literal.empty()) return err(where + ".pattern", "empty pattern");
+    *out = std::move(n);
+  } else if (type == "Prepend") {
+    auto n = std::make_unique<PrependN>();
+    std::string s;
+    if (!(st = req_string(j, "prepend", where, &s)).ok()) return st;
+    uni::utf8_to_utf32(s, &n->prefix);
+    *out = std::move(n);
+  } else if (type == "Sequence") {
+    auto n = std::make_unique<SequenceN>();
+    const Json* items;
+    if (!(st = need(j, "normalizers", where, &items)).ok()) return st;
+    if (items->type != Json::kArray) return err(where + ".normalizers", "expected an array");
+    for (std::size_t i = 0; i < items->items.size(); ++i) {
+      std::unique_ptr<Normalizer> c;
+      st = parse_normalizer(items->items[i], where + ".normalizers[" + std::to_string(i) + "]", depth + 1, &c);
+      if (!st.ok()) return st;
+      n->items.push_back(std::move(c));
+    }
+    *out = std::move(n);
+  } else {
+    return err(where, "normalizer type " + quoted(type) + " is not supported yet");
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Pre-tokenizers: each turns one piece into pieces (empty ones are dropped by the caller).
+
+struct PreTokenizer {
+  virtual ~PreTokenizer() = default;
+  virtual void split(Piece&& p, std::vector<Piece>* out) const = 0;
+};
+
+struct BertPre : PreTokenizer {
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    // Split on whitespace (removed), then isolate each punctuation char: one pass does both.
+    std::size_t start = 0;
+    const std::size_t n = p.s.size();
+    for (std::size_t i = 0; i < n; ++i) {
+      const char32_t c = p.s[i];
+      const bool ws = is_ws(c);
+      if (ws || is_bert_punct(c)) {
+        if (start < i) out->push_back(slice(p, start, i));
+        if (!ws) out->push_back(slice(p, i, i + 1));
+        start = i + 1;
+      }
+    }
+    if (start < n) out->push_back(slice(p, start, n));
+  }
+};
+
+struct WhitespacePre : PreTokenizer {  // \w+|[^\w\s]+, gaps dropped
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    const std::size_t n = p.s.size();
+    std::size_t i = 0;
+    while (i < n) {
+      const char32_t c = p.s[i];
+      if (is_word_char(c)) {
+        std::size_t j = i + 1;
+        while (j < n && is_word_char(p.s[j])) ++j;
+        out->push_back(slice(p, i, j));
+        i = j;
+      } else if (!is_ws(c)) {
+        std::size_t j = i + 1;
+        while (j < n && !is_word_char(p.s[j]) && !is_ws(p.s[j])) ++j;
+        out->push_back(slice(p, i, j));
+        i = j;
+      } else {
+        ++i;
+      }
+    }
+  }
+};
+
+struct WhitespaceSplitPre : PreTokenizer {
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    split_by(p, char_matches(p.s, is_ws), Behavior::Removed, out);
+  }
+};
+
+struct PunctuationPre : PreTokenizer {
+  Behavior behavior = Behavior::Isolated;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    split_by(p, char_matches(p.s, is_bert_punct), behavior, out);
+  }
+};
+
+struct DigitsPre : PreTokenizer {
+  bool individual = false;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    split_by(p, char_matches(p.s, is_numeric), individual ? Behavior::Isolated : Behavior::Contiguous, out);
+  }
+};
+
+struct SplitPre : PreTokenizer {
+  Pattern pattern;
+  Behavior behavior = Behavior::Removed;
+  bool invert = false;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    Matches m = pattern.matches(p.s);
+    if (invert)
+      for (auto& x : m) x.second = !x.second;
+    split_by(p, std::move(m), behavior, out);
+  }
+};
+
+// GPT-2's byte <-> char map: printable bytes map to themselves, the other 68 to U+0100... in byte order.
+struct ByteMap {
+  char32_t to_char[256];
+  std::unordered_map<char32_t, unsigned char> to_byte;
+  ByteMap() {
+    int n = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool keep = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      to_char[b] = keep ? static_cast<char32_t>(b) : static_cast<char32_t>(0x100 + n++);
+      to_byte[to_char[b]] = static_cast<unsigned char>(b);
+    }
+  }
+};
+const ByteMap& byte_map() {
+  static const ByteMap m;
+  return m;
+}
+
+const char* kGpt2Pattern = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+
+struct ByteLevelPre : PreTokenizer {
+  bool add_prefix_space = true, use_regex = true;
+  regex::Regex re;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    if (add_prefix_space && !p.s.empty() && p.s[0] != ' ') {
+      p.s.insert(p.s.begin(), U' ');
+      p.al.insert(p.al.begin(), p.al[0]);
+    }
+    std::vector<Piece> parts;
+    if (use_regex) {
+      split_by(p, spans_to_matches(re.find_all(p.s), p.s.size()), Behavior::Isolated, &parts);
+    } else {
+      parts.push_back(std::move(p));
+    }
+    const ByteMap& bm = byte_map();
+    std::string buf;
+    for (auto& q : parts) {
+      if (q.s.empty()) continue;
+      Piece r;
+      r.shift = q.shift;
+      for (std::size_t i = 0; i < q.s.size(); ++i) {
+        buf.clear();
+        uni::append_utf8(q.s[i], &buf);
+        for (unsigned char b : buf) {
+          r.s.push_back(bm.to_char[b]);
+          r.al.push_back(q.al[i]);
+        }
+      }
+      out->push_back(std::move(r));
+    }
+  }
+};
+
+struct SequencePre : PreTokenizer {
+  std::vector<std::unique_ptr<PreTokenizer>> items;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    std::vector<Piece> cur;
+    cur.push_back(std::move(p));
+    for (const auto& t : items) {
+      std::vector<Piece> next;
+      for (auto& q : cur) {
+        if (q.s.empty()) continue;
+        t->split(std::move(q), &next);
+      }
+      cur = std::move(next);
+    }
+    for (auto& q : cur)
+      if (!q.s.empty()) out->push_back(std::move(q));
+  }
+};
+
+Status parse_bytelevel_common(const Json& j, const std::string& where, bool* apsp, bool* trim, bool* use_regex) {
+  Status st;
+  if (apsp && !(st = opt_bool(j, "add_prefix_space", where, apsp)).ok()) return st;
+  if (trim && !(st = opt_bool(j, "trim_offsets", where, trim)).ok()) return st;
+  if (use_regex && !(st = opt_bool(j, "use_regex", where, use_regex)).ok()) return st;
+  return Status();
+}
+
+Status parse_pre(const Json& j, const std::string& where, int depth, std::unique_ptr<PreTokenizer>* out) {
+  if (depth > 16) return err(where, "Sequence nested too deeply");
+  if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
+  std::string type;
+  Status st = req_string(j, "type", where, &type);
+  if (!st.ok()) return st;
+  if (type == "BertPreTokenizer") {
+    *out = std::make_unique<BertPre>();
+  } else if (type == "Whitespace") {
+    *out = std::make_unique<WhitespacePre>();
+  } else if (type == "WhitespaceSplit") {
+    *out = std::make_unique<WhitespaceSplitPre>();
+  } else if (type == "Punctuation") {
+    auto p = std::make_unique<PunctuationPre>();
+    if (!(st = parse_behavior(j, where, false, &p->behavior)).ok()) return st;
+    *out = std::move(p);
+  } else if (type == "Digits") {
+    auto p = std::make_unique<DigitsPre>();
+    if (!(st = req_bool(j, "individual_digits", where, &p->individual)).ok()) return st;
+    *out = std::move(p);
+  } else if (type == "Split") {
+    auto p = std::make_unique<SplitPre>();
+    if (!(st = parse_pattern(j, where, &p->pattern)).ok()) return st;
+    if (!(st = parse_behavior(j, where, true, &p->behavior)).ok()) return st;
+    if (!(st = req_bool(j, "invert", where, &p->invert)).ok()) return st;
+    *out = std::move(p);
+  } else if (type == "ByteLevel") {
+    auto p = std::make_unique<ByteLevelPre>();
+    if (!(st = parse_bytelevel_common(j, where, &p->add_prefix_space, nullptr, &p->use_regex)).ok()) return st;
+    if (p->use_regex) {
+      std::string error;
+      if (!regex::Regex::compile(kGpt2Pattern, &p->re, &error))
+        return err(where, "ByteLevel's GPT-2 regex is not supported: " + error);
+    }
+    *out = std::move(p);
+  } else if (type == "Sequence") {
+    auto p = std::make_unique<SequencePre>();
+    const Json* items;
+    if (!(st = need(j, "pretokenizers", where, &items)).ok()) return st;
+    if (items->type != Json::kArray) return err(where + ".pretokenizers", "expected an array");
+    for (std::size_t i = 0; i < items->items.size(); ++i) {
+      std::unique_ptr<PreTokenizer> c;
+      st = parse_pre(items->items[i], where + ".pretokenizers[" + std::to_string(i) + "]", depth + 1, &c);
+      if (!st.ok()) return st;
+      p->items.push_back(std::move(c));
+    }
+    *out = std::move(p);
+  } else {
+    return err(where, "pre-tokenizer type " + quoted(type) + " is not supported yet");
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Models. A token's offsets are byte offsets into the piece's UTF-8.
+
+struct Tok {
+  std::int64_t id;
+  std::string value;
+  std::size_t b, e;
+};
+
+struct Vocab {
+  std::unordered_map<std::string, std::int64_t> to_id;
+  std::unordered_map<std::int64_t, std::string> to_token;
+  std::int64_t get(const std::string& s) const {
+    auto it = to_id.find(s);
+    return it == to_id.end() ? -1 : it->second;
+  }
+};
+
+Status parse_vocab_object(const Json& j, const std::string& where, Vocab* v) {
+  if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
+  v->to_id.reserve(j.members.size());
+  for (const auto& m : j.members) {
+    std::uint64_t id;
+    Status st = as_uint(m.second, where + "[" + quoted(m.first) + "]", kMaxId, &id);
+    if (!st.ok()) return st;
+    std::u32string tmp;
+    if (!uni::utf8_to_utf32(m.first, &tmp)) return err(where, "a token is not valid UTF-8: " + quoted(m.first));
+    v->to_id[m.first] = static_cast<std::int64_t>(id);
+  }
+  for (const auto& kv : v->to_id) v->to_token[kv.second] = kv.first;
+  return Status();
+}
+
+struct TokModel {
+  Vocab vocab;
+  virtual ~TokModel() = default;
+  // Tokens for one piece (given as UTF-8 and as code points).
+  virtual Status tokenize(const std::string& utf8, const std::u32string& cps, std::vector<Tok>* out) const = 0;
+};
+
+struct WordPiece : TokModel {
+  std::string unk = "[UNK]", prefix = "##";
+  std::size_t max_chars = 100;
+  Status tokenize(const std::string& w, const std::u32string& cps, std::vector<Tok>* out) const override {
+    auto unk_token = [&]() -> Status {
+      const std::int64_t id = vocab.get(unk);
+      if (id < 0) return Status::error("WordPiece: the unk token " + quoted(unk) + " is not in the vocabulary");
+      out->push_back({id, unk, 0, w.size()});
+      return Status();
+    };
+    if (cps.size() > max_chars) return unk_token();
+    std::vector<std::size_t> cb(cps.size() + 1, 0);  // byte offset of each char
+    for (std::size_t i = 0; i < cps.size(); ++i) cb[i + 1] = cb[i] + utf8_len(cps[i]);
+    const std::size_t first = out->size();
+    std::size_t start = 0;
+    std::string sub;
+    while (start < cps.size()) {
+      std::size_t end = cps.size();
+      bool found = false;
+      while (start < end) {
+        sub.clear();
+        if (start > 0) sub = prefix;
+        sub.append(w, cb[start], cb[end] - cb[start]);
+        const std::int64_t id = vocab.get(sub);
+        if (id >= 0) {
+          out->push_back({id, sub, cb[start], cb[end]});
+          found = true;
+          break;
+        }
+        --end;
+      }
+      if (!found) {
+        out->resize(first);
+        return unk_token();
+      }
+      start = end;
+    }
+    return Status();
+  }
+};
+
+struct PairHash {
+  std::size_t operator()(const std::pair<std::int64_t, std::int64_t>& p) const {
+    return std::hash<std::int64_t>()(p.first * 1000003 + p.second);
+  }
+};
+
+struct BPE : TokModel {
+  std::unordered_map<std::pair<std::int64_t, std::int64_t>, std::pair<std::int64_t, std::int64_t>, PairHash> merges;
+  bool has_unk = false, has_prefix = false, has_suffix = false;
+  std::string unk, prefix, suffix;
+  bool fuse_unk = false, byte_fallback = false, ignore_merges = false;
+  std::int64_t byte_ids[256];
+
+  struct Sym {
+    std::int64_t id;
+    std::ptrdiff_t prev, next;
+    std::size_t len;
+  };
+  struct Merge {
+    std::size_t pos;
+    std::int64_t rank, new_id;
+  };
+  struct MergeCmp {  // the lowest rank first, then the leftmost position
+    bool operator()(const Merge& a, const Merge& b) const {
+      return a.rank != b.rank ? a.rank > b.rank : a.pos > b.pos;
+    }
+  };
+
+  Status tokenize(const std::string& w, const std::u32string& cps, std::vector<Tok>* out) const override {
+    if (w.empty()) return Status();
+    if (ignore_merges) {
+      const std::int64_t id = vocab.get(w);
+      if (id >= 0) {
+        out->push_back({id, w, 0, w.size()});
+        return Status();
+      }
+    }
+    std::vector<Sym> syms;
+    syms.reserve(w.size());
+    auto add = [&](std::int64_t id, std::size_t len) {
+      const std::ptrdiff_t n = static_cast<std::ptrdiff_t>(syms.size());
+      syms.push_back({id, n - 1, -1, len});
+      if (n > 0) syms[n - 1].next = n;
+    };
+    bool have_unk = false;
+    std::int64_t unk_id = -1;
+    std::size_t unk_len = 0;
+    std::string s;
+    std::size_t bpos = 0;
+    for (std::size_t i = 0; i < cps.size(); ++i) {
+      const std::size_t byte_len = utf8_len(cps[i]);
+      s.clear();
+      if (i > 0 && has_prefix) s = prefix;
+      s.append(w, bpos, byte_len);
+      if (i + 1 == cps.size() && has_suffix) s += suffix;
+      bpos += byte_len;
+      const std::int64_t id = vocab.get(s);
+      if (id >= 0) {
+        if (have_unk) {
+          add(unk_id, unk_len);
+          have_unk = false;
+        }
+        add(id, byte_len);
+        continue;
+      }
+      if (byte_fallback) {
+        bool all = true;
+        for (unsigned char b : s) all = all && byte_ids[b] >= 0;
+        if (all) {
+          for (unsigned char b : s) add(byte_ids[b], 1);
+          continue;
+        }
+      }
+      if (has_unk) {
+        const std::int64_t uid = vocab.get(unk);
+        if (uid < 0) return Status::error("BPE: the unk token " + quoted(unk) + " is not in the vocabulary");
+        if (have_unk && fuse_unk) {
+          unk_len += byte_len;
+        } else {
+          if (have_unk) add(unk_id, unk_len);
+          have_unk = true;
+          unk_id = uid;
+          unk_len = byte_len;
+        }
+      }
+    }
+    if (have_unk) add(unk_id, unk_len);
+
+    std::priority_queue<Merge, std::vector<Merge>, MergeCmp> queue;
+    for (std::size_t i = 0; i + 1 < syms.size(); ++i) {
+      auto it = merges.find({syms[i].id, syms[i + 1].id});
+      if (it != merges.end()) queue.push({i, it->second.first, it->second.second});
+    }
+    while (!queue.empty()) {
+      const Merge top = queue.top();
+      queue.pop();
+      Sym& cur = syms[top.pos];
+      if (cur.len == 0 || cur.next < 0) continue;
+      const std::size_t next_pos = static_cast<std::size_t>(cur.next);
+      const Sym right = syms[next_pos];
+      auto it = merges.find({cur.id, right.id});
+      if (it == merges.end() || it->second.second != top.new_id) continue;
+      cur.id = top.new_id;
+      cur.len += right.len;
+      cur.next = right.next;
+      syms[next_pos].len = 0;
+      if (right.next >= 0 && static_cast<std::size_t>(right.next) < syms.size())
+        syms[static_cast<std::size_t>(right.next)].prev = static_cast<std::ptrdiff_t>(top.pos);
+      if (cur.prev >= 0) {
+        auto pit = merges.find({syms[static_cast<std::size_t>(cur.prev)].id, cur.id});
+        if (pit != merges.end())
+          queue.push({static_cast<std::size_t>(cur.prev), pit->second.first, pit->second.second});
+      }
+      if (cur.next >= 0 && static_cast<std::size_t>(cur.next) < syms.size()) {
+        auto nit = merges.find({cur.id, syms[static_cast<std::size_t>(cur.next)].id});
+        if (nit != merges.end()) queue.push({top.pos, nit->second.first, nit->second.second});
+      }
+    }
+    std::size_t pos = 0;
+    for (const auto& sy : syms) {
+      if (sy.len == 0) continue;
+      auto it = vocab.to_token.find(sy.id);
+      out->push_back({sy.id, it == vocab.to_token.end() ? std::string() : it->second, pos, pos + sy.len});
+      pos += sy.len;
+    }
+    return Status();
+  }
+};
+
+Status parse_model(const Json& j, std::unique_ptr<TokModel>* out) {
+  const std::string where = "model";
+  if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
+  std::string type;
+  Status st;
+  const Json* t = j.find("type");
+  if (t) {
+    if (!(st = as_string(*t, "model.type", &type)).ok()) return st;
+  } else {
+    return err(where, "missing field 'type'");
+  }
+  const Json* vocab;
+  if (type == "WordPiece") {
+    auto m = std::make_unique<WordPiece>();
+    if (!(st = need(j, "vocab", where, &vocab)).ok()) return st;
+    if (!(st = parse_vocab_object(*vocab, "model.vocab", &m->vocab)).ok()) return st;
+    if (!(st = req_string(j, "unk_token", where, &m->unk)).ok()) return st;
+    if (!(st = req_string(j, "continuing_subword_prefix", where, &m->prefix)).ok()) return st;
+    const Json* mx;
+    if (!(st = need(j, "max_input_chars_per_word", where, &mx)).ok()) return st;
+    std::uint64_t v;
+    if (!(st = as_uint(*mx, "model.max_input_chars_per_word", kMaxLen, &v)).ok()) return st;
+    m->max_chars = static_cast<std::size_t>(v);
+    *out = std::move(m);
+  } else if (type == "BPE") {
+    auto m = std::make_unique<BPE>();
+    if (!(st = need(j, "vocab", where, &vocab)).ok()) return st;
+    if (!(st = parse_vocab_object(*vocab, "model.vocab", &m->vocab)).ok()) return st;
+    const Json* d = j.find("dropout");
+    if (d && d->type != Json::kNull) {
+      if (d->type != Json::kNumber) return err("model.dropout", "expected a number or null");
+      if (d->number != 0.0) return err("model.dropout", "BPE dropout is not supported (it is random; use null)");
+    }
+    if (!(st = opt_string(j, "unk_token", where, &m->unk, &m->has_unk)).ok()) return st;
+    if (!(st = opt_string(j, "continuing_subword_prefix", where, &m->prefix, &m->has_prefix)).ok()) return st;
+    if (!(st = opt_string(j, "end_of_word_suffix", where, &m->suffix, &m->has_suffix)).ok()) return st;
+    if (!(st = opt_bool(j, "fuse_unk", where, &m->fuse_unk)).ok()) return st;
+    if (!(st = opt_bool(j, "byte_fallback", where, &m->byte_fallback)).ok()) return st;
+    if (!(st = opt_bool(j, "ignore_merges", where, &m->ignore_merges)).ok()) return st;
+    static const char hex[] = "0123456789ABCDEF";
+    for (int b = 0; b < 256; ++b) {
+      const std::string code = std::string("<0x") + hex[b >> 4] + hex[b & 15] + ">";
+      m->byte_ids[b] = m->vocab.get(code);
+    }
+    const Json* merges;
+    if (!(st = need(j, "merges", where, &merges)).ok()) return st;
+    if (merges->type != Json::kArray) return err("model.merges", "expected an array");
+    const std::size_t plen = m->has_prefix ? m->prefix.size() : 0;
+    m->merges.reserve(merges->items.size());
+    for (std::size_t r = 0; r < merges->items.size(); ++r) {
+      const Json& item = merges->items[r];
+      const std::string w = "model.merges[" + std::to_string(r) + "]";
+      std::string a, b;
+      if (item.type == Json::kString) {
+        const std::size_t sp = item.str.find(' ');
+        if (sp == std::string::npos) return err(w, "expected \"a b\" (two tokens separated by a space)");
+        a = item.str.substr(0, sp);
+        b = item.str.substr(sp + 1);
+      } else if (item.type == Json::kArray && item.items.size() == 2 && item.items[0].type == Json::kString &&
+                 item.items[1].type == Json::kString) {
+        a = item.items[0].str;
+        b = item.items[1].str;
+      } else {
+        return err(w, "expected a string \"a b\" or a pair [\"a\", \"b\"]");
+      }
+      const std::int64_t ia = m->vocab.get(a), ib = m->vocab.get(b);
+      if (ia < 0) return err(w, "token " + quoted(a) + " is not in the vocabulary");
+      if (ib < 0) return err(w, "token " + quoted(b) + " is not in the vocabulary");
+      if (b.size() < plen) return err(w, "token " + quoted(b) + " is shorter than continuing_subword_prefix");
+      const std::string merged = a + b.substr(plen);
+      const std::int64_t in = m->vocab.get(merged);
+      if (in < 0) return err(w, "merged token " + quoted(merged) + " is not in the vocabulary");
+      m->merges[{ia, ib}] = {static_cast<std::int64_t>(r), in};
+    }
+    *out = std::move(m);
+  } else {
+    return err("model.type", "model type " + quoted(type) + " is not supported yet");
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Encodings under construction and post-processors
+
+struct Enc {  // Encoding plus what post-processing needs
+  Encoding e;
+  void push(std::int64_t id, std::string tok, std::int64_t type, std::int64_t special, std::int64_t word,
+            std::int64_t seq, Range off, Range coff) {
+    e.ids.push_back(id);
+    e.tokens.push_back(std::move(tok));
+    e.type_ids.push_back(type);
+    e.attention_mask.push_back(1);
+    e.special_tokens_mask.push_back(special);
+    e.word_ids.push_back(word);
+    e.sequence_ids.push_back(seq);
+    e.offsets.push_back(off);
+    e.char_offsets.push_back(coff);
+  }
+  void append(const Encoding& o) {
+    auto cat = [](auto& a, const auto& b) { a.insert(a.end(), b.begin(), b.end()); };
+    cat(e.ids, o.ids);
+    cat(e.tokens, o.tokens);
+    cat(e.type_ids, o.type_ids);
+    cat(e.attention_mask, o.attention_mask);
+    cat(e.special_tokens_mask, o.special_tokens_mask);
+    cat(e.word_ids, o.word_ids);
+    cat(e.sequence_ids, o.sequence_ids);
+    cat(e.offsets, o.offsets);
+    cat(e.char_offsets, o.char_offsets);
+  }
+  void truncate(std::size_t n, Direction d) {
+    if (e.size() <= n) return;
+    auto cut = [&](auto& v) {
+      if (d == Direction::Right) v.resize(n);
+      else v.erase(v.begin(), v.end() - static_cast<std::ptrdiff_t>(n));
+    };
+    cut(e.ids);
+    cut(e.tokens);
+    cut(e.type_ids);
+    cut(e.attention_mask);
+    cut(e.special_tokens_mask);
+    cut(e.word_ids);
+    cut(e.sequence_ids);
+    cut(e.offsets);
+    cut(e.char_offsets);
+  }
+};
+
+struct PostProcessor {
+  virtual ~PostProcessor() = default;
+  virtual std::size_t added_tokens(bool pair) const = 0;
+  virtual void process(std::vector<Encoding>* encs, bool add_special_tokens) const = 0;
+};
+
+// ByteLevel offset trimming (the post-processor and RobertaProcessing): offsets shrink past leading/trailing
+// 'Ġ' or whitespace chars of the token.
+void trim_offsets(Encoding* e, bool add_prefix_space) {
+  const char32_t g = byte_map().to_char[' '];
+  std::u32string u;
+  for (std::size_t i = 0; i < e->size(); ++i) {
+    u.clear();
+    uni::utf8_to_utf32(e->tokens[i], &u);
+    std::size_t lead = 0, trail = 0;
+    while (lead < u.size() && (u[lead] == g || is_ws(u[lead]))) ++lead;
+    while (trail < u.size() && (u[u.size() - 1 - trail] == g || is_ws(u[u.size() - 1 - trail]))) ++trail;
+    if (lead == 0 && trail == 0) continue;
+    for (Range* off : {&e->offsets[i], &e->char_offsets[i]}) {
+      std::size_t l = lead;
+      if (l > 0) {
+        const bool is_first = i == 0 || off->first == 0;
+        if (is_first && add_prefix_space && l == 1) l = 0;
+        off->first = std::min(off->first + l, off->second);
+      }
+      if (trail > 0 && off->second >= trail) off->second = std::max(off->second - trail, off->first);
+    }
+  }
+}
+
+struct SpecialTok {
+  std::vector<std::int64_t> ids;
+  std::vector<std::string> tokens;
+};
+
+struct TemplatePiece {
+  bool is_seq;
+  int seq;               // 0 = A, 1 = B
+  std::string special;   // name in special_tokens
+  std::int64_t type_id;
+};
+
+struct TemplatePost : PostProcessor {
+  std::vector<TemplatePiece> single, pair;
+  std::unordered_map<std::string, SpecialTok> specials;
+  std::size_t count(const std::vector<TemplatePiece>& t) const {
+    std::size_t n = 0;
+    for (const auto& p : t)
+      if (!p.is_seq) n += specials.at(p.special).ids.size();
+    return n;
+  }
+  std::size_t added_tokens(bool is_pair) const override { return count(is_pair ? pair : single); }
+  void process(std::vector<Encoding>* encs, bool add) const override {
+    const auto& t = encs->size() > 1 ? pair : single;
+    Enc out;
+    for (const auto& p : t) {
+      if (p.is_seq) {
+        const std::size_t i = static_cast<std::size_t>(p.seq);
+        if (i >= encs->size()) continue;
+        Encoding e = (*encs)[i];
+        std::fill(e.type_ids.begin(), e.type_ids.end(), p.type_id);
+        std::fill(e.sequence_ids.begin(), e.sequence_ids.end(), static_cast<std::int64_t>(i));
+        out.append(e);
+      } else if (add) {
+        const SpecialTok& s = specials.at(p.special);
+        for (std::size_t k = 0; k < s.ids.size(); ++k)
+          out.push(s.ids[k], s.tokens[k], p.type_id, 1, -1, -1, {0, 0}, {0, 0});
+      }
+    }
+    encs->clear();
+    encs->push_back(std::move(out.e));
+  }
+};
+
+struct BertPost : PostProcessor {
+  std::string cls, sep;
+  std::int64_t cls_id = 0, sep_id = 0;
+  std::size_t added_tokens(bool is_pair) const override { return is_pair ? 3 : 2; }
+  void process(std::vector<Encoding>* encs, bool add) const override {
+    if (!add) return;
+    Enc out;
+    out.push(cls_id, cls, 0, 1, -1, -1, {0, 0}, {0, 0});
+    out.append((*encs)[0]);
+    out.push(sep_id, sep, 0, 1, -1, -1, {0, 0}, {0, 0});
+    if (encs->size() > 1) {
+      Encoding b = (*encs)[1];
+      std::fill(b.type_ids.begin(), b.type_ids.end(), 1);
+      out.append(b);
+      out.push(sep_id, sep, 1, 1, -1, -1, {0, 0}, {0, 0});
+    }
+    encs->clear();
+    encs->push_back(std::move(out.e));
+  }
+};
+
+struct RobertaPost : PostProcessor {
+  std::string cls, sep;
+  std::int64_t cls_id = 0, sep_id = 2;
+  bool trim = true, add_prefix_space = true;
+  std::size_t added_tokens(bool is_pair) const override { return is_pair ? 4 : 2; }
+  void process(std::vector<Encoding>* encs, bool add) const override {
+    for (auto& e : *encs) {
+      if (trim) trim_offsets(&e, add_prefix_space);
+      std::fill(e.type_ids.begin(), e.type_ids.end(), 0);
+    }
+    if (!add) return;
+    Enc out;
+    out.push(cls_id, cls, 0, 1, -1, -1, {0, 0}, {0, 0});
+    out.append((*encs)[0]);
+    out.push(sep_id, sep, 0, 1, -1, -1, {0, 0}, {0, 0});
+    if (encs->size() > 1) {
+      out.push(sep_id, sep, 0, 1, -1, -1, {0, 0}, {0, 0});
+      out.append((*encs)[1]);
+      out.push(sep_id, sep, 0, 1, -1, -1, {0, 0}, {0, 0});
+    }
+    encs->clear();
+    encs->push_back(std::move(out.e));
+  }
+};
+
+struct ByteLevelPost : PostProcessor {
+  bool trim = true, add_prefix_space = true;
+  std::size_t added_tokens(bool) const override { return 0; }
+  void process(std::vector<Encoding>* encs, bool) const override {
+    if (trim)
+      for (auto& e : *encs) trim_offsets(&e, add_prefix_space);
+  }
+};
+
+struct SequencePost : PostProcessor {
+  std::vector<std::unique_ptr<PostProcessor>> items;
+  std::size_t added_tokens(bool is_pair) const override {
+    std::size_t n = 0;
+    for (const auto& p : items) n += p->added_tokens(is_pair);
+    return n;
+  }
+  void process(std::vector<Encoding>* encs, bool add) const override {
+    for (const auto& p : items) p->process(encs, add);
+  }
+};
+
+Status parse_token_id_pair(const Json& j, const char* key, const std::string& where, std::string* tok,
+                           std::int64_t* id) {
+  const Json* v;
+  Status st = need(j, key, where, &v);
+  if (!st.ok()) return st;
+  const std::string w = where + "." + key;
+  if (v->type != Json::kArray || v->items.size() != 2) return err(w, "expected [token, id]");
+  if (!(st = as_string(v->items[0], w + "[0]", tok)).ok()) return st;
+  std::uint64_t u;
+  if (!(st = as_uint(v->items[1], w + "[1]", kMaxId, &u)).ok()) return st;
+  *id = static_cast<std::int64_t>(u);
+  return Status();
+}
+
+Status parse_template(const Json& j, const char* key, const std::string& where, std::vector<TemplatePiece>* out) {
+  const Json* v;
+  Status st = need(j, key, where, &v);
+  if (!st.ok()) return st;
+  const std::string w = where + "." + key;
+  if (v->type != Json::kArray) return err(w, "expected an array of {\"Sequence\": ...} / {\"SpecialToken\": ...}");
+  for (std::size_t i = 0; i < v->items.size(); ++i) {
+    const Json& it = v->items[i];
+    const std::string wi = w + "[" + std::to_string(i) + "]";
+    if (it.type != Json::kObject || it.members.size() != 1)
+      return err(wi, "expected {\"Sequence\": ...} or {\"SpecialToken\": ...}");
+    const std::string& kind = it.members[0].first;
+    const Json& body = it.members[0].second;
+    if (body.type != Json::kObject) return err(wi + "." + kind, "expected an object");
+    TemplatePiece p;
+    std::string id;
+    if (!(st = req_string(body, "id", wi + "." + kind, &id)).ok()) return st;
+    const Json* tv;
+    if (!(st = need(body, "type_id", wi + "." + kind, &tv)).ok()) return st;
+    std::uint64_t type_id;
+    if (!(st = as_uint(*tv, wi + "." + kind + ".type_id", kMaxId, &type_id)).ok()) return st;
+    p.type_id = static_cast<std::int64_t>(type_id);
+    if (kind == "Sequence") {
+      p.is_seq = true;
+      if (id == "A") p.seq = 0;
+      else if (id == "B") p.seq = 1;
+      else return err(wi + ".Sequence.id", "expected \"A\" or \"B\"");
+    } else if (kind == "SpecialToken") {
+      p.is_seq = false;
+      p.seq = -1;
+      p.special = id;
+    } else {
+      return err(wi, "unknown template piece " + quoted(kind));
+    }
+    out->push_back(std::move(p));
+  }
+  return Status();
+}
+
+Status parse_post(const Json& j, const std::string& where, int depth, std::unique_ptr<PostProcessor>* out) {
+  if (depth > 16) return err(where, "Sequence nested too deeply");
+  if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
+  std::string type;
+  Status st = req_string(j, "type", where, &type);
+  if (!st.ok()) return st;
+  if (type == "TemplateProcessing") {
+    auto p = std::make_unique<TemplatePost>();
+    if (!(st = parse_template(j, "single", where, &p->single)).ok()) return st;
+    if (!(st = parse_template(j, "pair", where, &p->pair)).ok()) return st;
+    const Json* sp;
+    if (!(st = need(j, "special_tokens", where, &sp)).ok()) return st;
+    if (sp->type != Json::kObject) return err(where + ".special_tokens", "expected an object");
+    for (const auto& m : sp->members) {
+      const std::string w = where + ".special_tokens[" + quoted(m.first) + "]";
+      if (m.second.type != Json::kObject) return err(w, "expected an object");
+      const Json *ids, *toks;
+      if (!(st = need(m.second, "ids", w, &ids)).ok()) return st;
+      if (!(st = need(m.second, "tokens", w, &toks)).ok()) return st;
+      if (ids->type != Json::kArray || toks->type != Json::kArray || ids->items.size() != toks->items.size())
+        return err(w, "'ids' and 'tokens' must be arrays of the same length");
+      SpecialTok s;
+      for (std::size_t k = 0; k < ids->items.size(); ++k) {
+        std::uint64_t u;
+        std::string t;
+        if (!(st = as_uint(ids->items[k], w + ".ids[" + std::to_string(k) + "]", kMaxId, &u)).ok()) return st;
+        if (!(st = as_string(toks->items[k], w + ".tokens[" + std::to_string(k) + "]", &t)).ok()) return st;
+        s.ids.push_back(static_cast<std::int64_t>(u));
+        s.tokens.push_back(t);
+      }
+      p->specials[m.first] = std::move(s);
+    }
+    for (const auto* t : {&p->single, &p->pair})
+      for (const auto& piece : *t)
+        if (!piece.is_seq && !p->specials.count(piece.special))
+          return err(where, "the template uses special token " + quoted(piece.special) +
+                                " that special_tokens does not define");
+    *out = std::move(p);
+  } else if (type == "BertProcessing") {
+    auto p = std::make_unique<BertPost>();
+    if (!(st = parse_token_id_pair(j, "sep", where, &p->sep, &p->sep_id)).ok()) return st;
+    if (!(st = parse_token_id_pair(j, "cls", where, &p->cls, &p->cls_id)).ok()) return st;
+    *out = std::move(p);
+  } else if (type == "RobertaProcessing") {
+    auto p = std::make_unique<RobertaPost>();
+    if (!(st = parse_token_id_pair(j, "sep", where, &p->sep, &p->sep_id)).ok()) return st;
+    if (!(st = parse_token_id_pair(j, "cls", where, &p->cls, &p->cls_id)).ok()) return st;
+    if (!(st = opt_bool(j, "trim_offsets", where, &p->trim)).ok()) return st;
+    if (!(st = opt_bool(j, "add_prefix_space", where, &p->add_prefix_space)).ok()) return st;
+    *out = std::move(p);
+  } else if (type == "ByteLevel") {
+    auto p = std::make_unique<ByteLevelPost>();
+    if (!(st = parse_bytelevel_common(j, where, &p->add_prefix_space, &p->trim, nullptr)).ok()) return st;
+    *out = std::move(p);
+  } else if (type == "Sequence") {
+    auto p = std::make_unique<SequencePost>();
+    const Json* items;
+    if (!(st = need(j, "processors", where, &items)).ok()) return st;
+    if (items->type != Json::kArray) return err(where + ".processors", "expected an array");
+    for (std::size_t i = 0; i < items->items.size(); ++i) {
+      std::unique_ptr<PostProcessor> c;
+      st = parse_post(items->items[i], where + ".processors[" + std::to_string(i) + "]", depth + 1, &c);
+      if (!st.ok()) return st;
+      p->items.push_back(std::move(c));
+    }
+    *out = std::move(p);
+  } else {
+    return err(where, "post-processor type " + quoted(type) + " is not supported yet");
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Decoders
+
+struct Decoder {
+  virtual ~Decoder() = default;
+  virtual void decode_chain(std::vector<std::string>* tokens) const = 0;
+};
+
+void replace_all(std::string* s, const std::string& from, const std::string& to) {
+  if (from.empty()) return;
+  std::string out;
+  std::size_t i = 0;
+  while (true) {
+    const std::size_t f = s->find(from, i);
+    if (f == std::string::npos) break;
+    out.append(*s, i, f - i);
+    out += to;
+    i = f + from.size();
+  }
+  if (i == 0) return;
+  out.append(*s, i, std::string::npos);
+  *s = std::move(out);
+}
+
+struct WordPieceDec : Decoder {
+  std::string prefix = "##";
+  bool cleanup = true;
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    for (std::size_t i = 0; i < tokens->size(); ++i) {
+      std::string& t = (*tokens)[i];
+      if (i != 0) {
+        if (t.compare(0, prefix.size(), prefix) == 0) t.erase(0, prefix.size());
+        else t.insert(0, " ");
+      }
+      if (cleanup) {
+        static const char* const kPairs[][2] = {{" .", "."},       {" ?", "?"},     {" !", "!"},
+                                                {" ,", ","},       {" ' ", "'"},    {" n't", "n't"},
+                                                {" 'm", "'m"},     {" do not", " don't"},
+                                                {" 's", "'s"},     {" 've", "'ve"}, {" 're", "'re"}};
+        for (const auto& p : kPairs) replace_all(&t, p[0], p[1]);
+      }
+    }
+  }
+};
+
+// String::from_utf8_lossy: one U+FFFD per maximal invalid subsequence.
+std::string utf8_lossy(const std::string& b) {
+  std::string out;
+  out.reserve(b.size());
+  const std::size_t n = b.size();
+  std::size_t i = 0;
+  auto u = [&](std::size_t k) { return static_cast<unsigned char>(b[k]); };
+  while (i < n) {
+    const unsigned char c = u(i);
+    if (c < 0x80) {
+      out.push_back(static_cast<char>(c));
+      ++i;
+      continue;
+    }
+    std::size_t need = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) need = 1;
+    else if (c == 0xE0) need = 2, lo = 0xA0;
+    else if (c >= 0xE1 && c <= 0xEC) need = 2;
+    else if (c == 0xED) need = 2, hi = 0x9F;
+    else if (c >= 0xEE && c <= 0xEF) need = 2;
+    else if (c == 0xF0) need = 3, lo = 0x90;
+    else if (c >= 0xF1 && c <= 0xF3) need = 3;
+    else if (c == 0xF4) need = 3, hi = 0x8F;
+    std::size_t k = 1;
+    bool ok = need > 0;
+    while (ok && k <= need) {
+      if (i + k >= n) {
+        ok = false;
+        break;
+      }
+      const unsigned char d = u(i + k);
+      const unsigned char l = k == 1 ? lo : 0x80, h = k == 1 ? hi : 0xBF;
+      if (d < l || d > h) {
+        ok = false;
+        break;
+      }
+      ++k;
+    }
+    if (ok) {
+      out.append(b, i, need + 1);
+      i += need + 1;
+    } else {
+      out += "\xEF\xBF\xBD";
+      i += k;  // the valid prefix (at least the lead byte) is one maximal invalid subsequence
+    }
+  }
+  return out;
+}
+
+struct ByteLevelDec : Decoder {
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    const ByteMap& bm = byte_map();
+    std::string bytes;
+    std::u32string u;
+    for (const auto& t : *tokens) {
+      u.clear();
+      uni::utf8_to_utf32(t, &u);
+      bool all = true;
+      for (char32_t c : u) all = all && bm.to_byte.count(c);
+      if (all) {
+        for (char32_t c : u) bytes.push_back(static_cast<char>(bm.to_byte.at(c)));
+      } else {
+        bytes += t;
+      }
+    }
+    tokens->assign(1, utf8_lossy(bytes));
+  }
+};
+
+struct SequenceDec : Decoder {
+  std::vector<std::unique_ptr<Decoder>> items;
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    for (const auto& d : items) d->decode_chain(tokens);
+  }
+};
+
+Status parse_decoder(const Json& j, const std::string& where, int depth, std::unique_ptr<Decoder>* out) {
+  if (depth > 16) return err(where, "Sequence nested too deeply");
+  if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
+  std::string type;
+  Status st = req_string(j, "type", where, &type);
+  if (!st.ok()) return st;
+  if (type == "WordPiece") {
+    auto d = std::make_unique<WordPieceDec>();
+    if (!(st = req_string(j, "prefix", where, &d->prefix)).ok()) return st;
+    if (!(st = req_bool(j, "cleanup", where, &d->cleanup)).ok()) return st;
+    *out = std::move(d);
+  } else if (type == "ByteLevel") {
+    *out = std::make_unique<ByteLevelDec>();
+  } else if (type == "Sequence") {
+    auto d = std::make_unique<SequenceDec>();
+    const Json* items;
+    if (!(st = need(j, "decoders", where, &items)).ok()) return st;
+    if (items->type != Json::kArray) return err(where + ".decoders", "expected an array");
+    for (std::size_t i = 0; i < items->items.size(); ++i) {
+      std::unique_ptr<Decoder> c;
+      st = parse_decoder(items->items[i], where + ".decoders[" + std::to_string(i) + "]", depth + 1, &c);
+      if (!st.ok()) return st;
+      d->items.push_back(std::move(c));
+    }
+    *out = std::move(d);
+  } else {
+    return err(where, "decoder type " + quoted(type) + " is not supported yet");
+  }
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Added tokens: a trie over code points, matched leftmost-longest
+
+struct AddedToken {
+  std::string content;
+  std::int64_t id = 0;
+  bool single_word = false, lstrip = false, rstrip = false, normalized = true, special = false;
+};
+
+struct Trie {
+  std::vector<std::int64_t> terminal{-1};  // added-token index per node, -1 if none
+  std::unordered_map<std::uint64_t, std::uint32_t> edges;
+  bool empty() const { return terminal.size() == 1; }
+  void insert(const std::u32string& s, std::int64_t value) {
+    std::uint32_t node = 0;
+    for (char32_t c : s) {
+      const std::uint64_t key = (std::uint64_t{node} << 21) | c;
+      auto it = edges.find(key);
+      if (it == edges.end()) {
+        const auto next = static_cast<std::uint32_t>(terminal.size());
+        terminal.push_back(-1);
+        edges.emplace(key, next);
+        node = next;
+      } else {
+        node = it->second;
+      }
+    }
+    if (terminal[node] < 0) terminal[node] = value;
+  }
+  // Longest match starting at i: (length, value) or (0, -1).
+  std::pair<std::size_t, std::int64_t> longest(const std::u32string& s, std::size_t i) const {
+    std::uint32_t node = 0;
+    std::pair<std::size_t, std::int64_t> best{0, -1};
+    for (std::size_t k = i; k < s.size(); ++k) {
+      auto it = edges.find((std::uint64_t{node} << 21) | s[k]);
+      if (it == edges.end()) break;
+      node = it->second;
+      if (terminal[node] >= 0) best = {k + 1 - i, terminal[node]};
+    }
+    return best;
+  }
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+
+struct Tokenizer::Impl {
+  std::unique_ptr<Normalizer> normalizer;
+  std::unique_ptr<PreTokenizer> pre;
+  std::unique_ptr<TokModel> model;
+  std::unique_ptr<PostProcessor> post;
+  std::unique_ptr<Decoder> decoder;
+  std::vector<AddedToken> added;                        // in file order (ids assigned as the library does)
+  std::unordered_map<std::string, std::int64_t> added_to_id;
+  std::unordered_map<std::int64_t, std::size_t> added_by_id;  // id -> index in added
+  std::unordered_set<std::string> special_set;
+  Trie raw_trie, norm_trie;
+  std::optional<TruncationParams> truncation;
+  std::optional<PaddingParams> padding;
+
+  // One piece of a sequence: text not yet tokenized, or an added token.
+  struct Split {
+    Piece p;
+    std::int64_t token = -1;  // index into added, or -1
+  };
+
+  // The library's AddedVocabulary::find_matches + split: splits p by the trie's matches.
+  void split_added(Piece&& p, const Trie& trie, std::vector<Split>* out) const {
+    const std::u32string& s = p.s;
+    if (trie.empty() || s.empty()) {
+      if (!s.empty()) out->push_back({std::move(p), -1});
+      return;
+    }
+    std::size_t start_offset = 0, i = 0;
+    auto emit = [&](std::size_t b, std::size_t e, std::int64_t tok) {
+      if (b < e) out->push_back({slice(p, b, e), tok});
+    };
+    while (i < s.size()) {
+      const auto m = trie.longest(s, i);
+      if (m.first == 0) {
+        ++i;
+        continue;
+      }
+      std::size_t start = i, stop = i + m.first;
+      i = stop;
+      const AddedToken& t = added[static_cast<std::size_t>(m.second)];
+      if (t.single_word) {
+        const bool start_space = start == 0 || !is_word_char(s[start - 1]);
+        const bool stop_space = stop == s.size() || !is_word_char(s[stop]);
+        if (!start_space || !stop_space) continue;
+      }
+      if (t.lstrip) {
+        std::size_t ns = start;
+        while (ns > 0 && is_ws(s[ns - 1])) --ns;
+        start = std::max(ns, start_offset);
+      }
+      if (t.rstrip)
+        while (stop < s.size() && is_ws(s[stop])) ++stop;
+      if (start_offset < start) emit(start_offset, start, -1);
+      emit(start, stop, m.second);
+      start_offset = stop;
+    }
+    if (start_offset != s.size()) emit(start_offset, s.size(), -1);
+  }
+
+  Status encode_one(const std::string& text, std::int64_t type_id, std::int64_t seq_id, Encoding* out) const {
+    std::u32string cps;
+    std::vector<std::size_t> boff;
+    if (!uni::utf8_to_utf32(text, &cps, &boff)) return Status::error("encode: the text is not valid UTF-8");
+    Piece root;
+    root.s = std::move(cps);
+    root.al.resize(root.s.size());
+    for (std::size_t i = 0; i < root.s.size(); ++i) root.al[i] = {boff[i], boff[i + 1]};
+    std::vector<Split> pass1, splits;
+    split_added(std::move(root), raw_trie, &pass1);
+    for (auto& sp : pass1) {
+      if (sp.token >= 0) {
+        splits.push_back(std::move(sp));
+        continue;
+      }
+      if (normalizer) normalizer->normalize(&sp.p);
+      split_added(std::move(sp.p), norm_trie, &splits);
+    }
+    Enc enc;
+    std::vector<Piece> words;
+    std::vector<Tok> toks;
+    std::int64_t word = 0;
+    auto char_of = [&](std::size_t b) -> std::size_t {
+      return static_cast<std::size_t>(std::lower_bound(boff.begin(), boff.end(), b) - boff.begin());
+    };
+    auto char_range = [&](Range r) -> Range {
+      if (r.first == 0 && r.second == 0) return {0, 0};
+      const std::size_t n = boff.size() - 1;
+      std::size_t cs = r.first >= text.size() ? n : char_of(r.first);
+      if (cs < boff.size() && boff[cs] != r.first && cs > 0) --cs;  // inside a char: that char
+      std::size_t ce = 0;
+      if (r.second > 0) {
+        std::size_t k = char_of(r.second - 1);
+        if (k < boff.size() && boff[k] != r.second - 1 && k > 0) --k;
+        ce = k + 1;
+      }
+      return {cs, ce};
+    };
+    std::string utf8;
+    for (auto& sp : splits) {
+      if (sp.p.s.empty()) continue;
+      if (sp.token >= 0) {
+        const AddedToken& t = added[static_cast<std::size_t>(sp.token)];
+        Range r{sp.p.al[0].first, sp.p.al[0].second};
+        for (const auto& a : sp.p.al) r = {std::min(r.first, a.first), std::max(r.second, a.second)};
+        enc.push(t.id, to_utf8(sp.p.s), type_id, 0, word, seq_id, r, char_range(r));
+        ++word;
+        continue;
+      }
+      words.clear();
+      if (pre) pre->split(std::move(sp.p), &words);
+      else words.push_back(std::move(sp.p));
+      for (const auto& w : words) {
+        if (w.s.empty()) continue;
+        utf8 = to_utf8(w.s);
+        toks.clear();
+        Status st = model->tokenize(utf8, w.s, &toks);
+        if (!st.ok()) return st;
+        if (!toks.empty()) {
+          std::vector<std::size_t> cb(w.s.size() + 1, 0);
+          for (std::size_t i = 0; i < w.s.size(); ++i) cb[i + 1] = cb[i] + utf8_len(w.s[i]);
+          auto char_at = [&](std::size_t b) {  // the char containing byte b of the piece
+            return static_cast<std::size_t>(std::upper_bound(cb.begin(), cb.end(), b) - cb.begin()) - 1;
+          };
+          for (auto& t : toks) {
+            Range r;
+            if (t.b >= t.e) {
+              r = {w.shift + t.b, w.shift + t.e};
+            } else {
+              const std::size_t c0 = char_at(t.b), c1 = char_at(t.e - 1);
+              r = w.al[c0];
+              for (std::size_t c = c0; c <= c1 && c < w.al.size(); ++c)
+                r = {std::min(r.first, w.al[c].first), std::max(r.second, w.al[c].second)};
+            }
+            enc.push(t.id, std::move(t.value), type_id, 0, word, seq_id, r, char_range(r));
+          }
+        }
+        ++word;
+      }
+    }
+    *out = std::move(enc.e);
+    return Status();
+  }
+
+  Status truncate(Encoding* a, Encoding* b, const TruncationParams& tp, std::size_t max_length) const {
+    Enc ea{std::move(*a)}, eb;
+    if (b) eb.e = std::move(*b);
+    Status st;
+    auto done = [&]() {
+      *a = std::move(ea.e);
+      if (b) *b = std::move(eb.e);
+      return st;
+    };
+    if (max_length == 0) {
+      ea.truncate(0, tp.direction);
+      if (b) eb.truncate(0, tp.direction);
+      return done();
+    }
+    const std::size_t total = ea.e.size() + (b ? eb.e.size() : 0);
+    if (total <= max_length) return done();
+    const std::size_t to_remove = total - max_length;
+    if (tp.strategy == TruncationParams::Strategy::LongestFirst) {
+      if (b) {
+        std::size_t n1 = ea.e.size(), n2 = eb.e.size();
+        bool swap = false;
+        if (n1 > n2) {
+          swap = true;
+          std::swap(n1, n2);
+        }
+        if (n1 > max_length) n2 = n1;
+        else n2 = std::max(n1, max_length - n1);
+        if (n1 + n2 > max_length) {
+          n1 = max_length / 2;
+          n2 = n1 + max_length % 2;
+        }
+        if (swap) std::swap(n1, n2);
+        ea.truncate(n1, tp.direction);
+        eb.truncate(n2, tp.direction);
+      } else {
+        ea.truncate(total - to_remove, tp.direction);
+      }
+    } else {
+      Enc* target = nullptr;
+      if (tp.strategy == TruncationParams::Strategy::OnlyFirst) target = &ea;
+      else if (b) target = &eb;
+      else st = Status::error("truncation: strategy only_second needs a pair of sequences");
+      if (target) {
+        const std::size_t n = target->e.size();
+        if (n > to_remove) target->truncate(n - to_remove, tp.direction);
+        else st = Status::error("truncation: the sequence to truncate is too short to respect max_length");
+      }
+    }
+    return done();
+  }
+
+  static void pad(Encoding* e, std::size_t target, const PaddingParams& pp) {
+    if (e->size() >= target) return;
+    const std::size_t n = target - e->size();
+    const bool left = pp.direction == Direction::Left;
+    auto fill = [&](auto& v, const auto& value) {
+      using T = typename std::decay_t<decltype(v)>::value_type;
+      if (left) v.insert(v.begin(), n, T(value));
+      else v.insert(v.end(), n, T(value));
+    };
+    fill(e->ids, pp.pad_id);
+    fill(e->tokens, pp.pad_token);
+    fill(e->type_ids, pp.pad_type_id);
+    fill(e->attention_mask, 0);
+    fill(e->special_tokens_mask, 1);
+    fill(e->word_ids, -1);
+    fill(e->sequence_ids, -1);
+    fill(e->offsets, Range{0, 0});
+    fill(e->char_offsets, Range{0, 0});
+  }
+
+  static std::size_t pad_length(std::size_t n, const PaddingParams& pp) {
+    std::size_t len = pp.fixed ? pp.length : n;
+    if (pp.pad_to_multiple_of > 0 && len % pp.pad_to_multiple_of > 0)
+      len += pp.pad_to_multiple_of - len % pp.pad_to_multiple_of;
+    return len;
+  }
+
+  Status encode_full(const std::string& text, const std::string* pair, bool add_special,
+                     const TruncationParams* tp, const PaddingParams* pp, Encoding* out) const {
+    Encoding a, b;
+    Status st = encode_one(text, 0, 0, &a);
+    if (!st.ok()) return st;
+    if (pair) {
+      st = encode_one(*pair, 1, 1, &b);
+      if (!st.ok()) return st;
+    }
+    if (tp) {
+      const std::size_t n_added = post ? post->added_tokens(pair != nullptr) : 0;
+      std::size_t max_length = tp->max_length;
+      if (add_special && n_added > 0) {
+        if (max_length < n_added)
+          return Status::error("truncation: max_length " + std::to_string(max_length) + " is smaller than the " +
+                               std::to_string(n_added) + " special tokens the post-processor adds");
+        max_length -= n_added;
+      }
+      st = truncate(&a, pair ? &b : nullptr, *tp, max_length);
+      if (!st.ok()) return st;
+    }
+    std::vector<Encoding> encs;
+    encs.push_back(std::move(a));
+    if (pair) encs.push_back(std::move(b));
+    if (post) post->process(&encs, add_special);
+    Enc merged;
+    for (const auto& e : encs) merged.append(e);
+    if (pp) pad(&merged.e, pad_length(merged.e.size(), *pp), *pp);
+    *out = std::move(merged.e);
+    return Status();
+  }
+};
+
+Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
+Tokenizer::~Tokenizer() = default;
+
+namespace {
+
+Status parse_truncation(const Json& j, TruncationParams* out) {
+  const std::string where = "truncation";
+  if (j.type != Json::kObject) return err(where, std::string("expected an object or null, got ") + type_name(j));
+  Status st;
+  const Json* v;
+  std::uint64_t u;
+  if (!(st = need(j, "max_length", where, &v)).ok()) return st;
+  if (!(st = as_uint(*v, "truncation.max_length", kMaxLen, &u)).ok()) return st;
+  out->max_length = static_cast<std::size_t>(u);
+  if (!(st = need(j, "stride", where, &v)).ok()) return st;
+  if (!(st = as_uint(*v, "truncation.stride", kMaxLen, &u)).ok()) return st;
+  out->stride = static_cast<std::size_t>(u);
+  std::string s;
+  if (!(st = req_string(j, "strategy", where, &s)).ok()) return st;
+  if (s == "LongestFirst") out->strategy = TruncationParams::Strategy::LongestFirst;
+  else if (s == "OnlyFirst") out->strategy = TruncationParams::Strategy::OnlyFirst;
+  else if (s == "OnlySecond") out->strategy = TruncationParams::Strategy::OnlySecond;
+  else return err("truncation.strategy", "unknown strategy " + quoted(s));
+  bool present;
+  if (!(st = opt_string(j, "direction", where, &s, &present)).ok()) return st;
+  if (present) {
+    if (s == "Right") out->direction = Direction::Right;
+    else if (s == "Left") out->direction = Direction::Left;
+    else return err("truncation.direction", "expected \"Right\" or \"Left\"");
+  }
+  return Status();
+}
+
+Status parse_padding(const Json& j, PaddingParams* out) {
+  const std::string where = "padding";
+  if (j.type != Json::kObject) return err(where, std::string("expected an object or null, got ") + type_name(j));
+  Status st;
+  const Json* v;
+  std::uint64_t u;
+  if (!(st = need(j, "strategy", where, &v)).ok()) return st;
+  if (v->type == Json::kString && v->str == "BatchLongest") {
+    out->fixed = false;
+  } else if (v->type == Json::kObject && v->members.size() == 1 && v->members[0].first == "Fixed") {
+    if (!(st = as_uint(v->members[0].second, "padding.strategy.Fixed", kMaxLen, &u)).ok()) return st;
+    out->fixed = true;
+    out->length = static_cast<std::size_t>(u);
+  } else {
+    return err("padding.strategy", "expected \"BatchLongest\" or {\"Fixed\": n}");
+  }
+  std::string s;
+  if (!(st = req_string(j, "direction", where, &s)).ok()) return st;
+  if (s == "Right") out->direction = Direction::Right;
+  else if (s == "Left") out->direction = Direction::Left;
+  else return err("padding.direction", "expected \"Right\" or \"Left\"");
+  v = j.find("pad_to_multiple_of");
+  if (v && v->type != Json::kNull) {
+    if (!(st = as_uint(*v, "padding.pad_to_multiple_of", kMaxLen, &u)).ok()) return st;
+    out->pad_to_multiple_of = static_cast<std::size_t>(u);
+  }
+  if (!(st = need(j, "pad_id", where, &v)).ok()) return st;
+  if (!(st = as_uint(*v, "padding.pad_id", kMaxId, &u)).ok()) return st;
+  out->pad_id = static_cast<std::int64_t>(u);
+  if (!(st = need(j, "pad_type_id", where, &v)).ok()) return st;
+  if (!(st = as_uint(*v, "padding.pad_type_id", kMaxId, &u)).ok()) return st;
+  out->pad_type_id = static_cast<std::int64_t>(u);
+  if (!(st = req_string(j, "pad_token", where, &out->pad_token)).ok()) return st;
+  return Status();
+}
+
+Status build(const std::string& text, Tokenizer::Impl* t) {
+  Json root;
+  Status st = parse_json(text, &root);
+  if (!st.ok()) return Status::error("tokenizer.json: " + st.message());
+  if (root.type != Json::kObject) return err("top level", "expected an object");
+  std::string version;
+  if (!(st = req_string(root, "version", "top level", &version)).ok()) return st;
+  if (version != "1.0") return err("version", "expected \"1.0\", got " + quoted(version));
+  const Json* v;
+  if (!(st = need(root, "model", "top level", &v)).ok()) return st;
+  if (!(st = parse_model(*v, &t->model)).ok()) return st;
+  if ((v = root.find("normalizer")) && v->type != Json::kNull)
+    if (!(st = parse_normalizer(*v, "normalizer", 0, &t->normalizer)).ok()) return st;
+  if ((v = root.find("pre_tokenizer")) && v->type != Json::kNull)
+    if (!(st = parse_pre(*v, "pre_tokenizer", 0, &t->pre)).ok()) return st;
+  if ((v = root.find("post_processor")) && v->type != Json::kNull)
+    if (!(st = parse_post(*v, "post_processor", 0, &t->post)).ok()) return st;
+  if ((v = root.find("decoder")) && v->type != Json::kNull)
+    if (!(st = parse_decoder(*v, "decoder", 0, &t->decoder)).ok()) return st;
+  if ((v = root.find("truncation")) && v->type != Json::kNull) {
+    TruncationParams tp;
+    if (!(st = parse_truncation(*v, &tp)).ok()) return st;
+    if (tp.max_length > 0 && tp.stride >= tp.max_length)
+      return err("truncation.stride", "must be smaller than max_length");
+    t->truncation = tp;
+  }
+  if ((v = root.find("padding")) && v->type != Json::kNull) {
+    PaddingParams pp;
+    if (!(st = parse_padding(*v, &pp)).ok()) return st;
+    t->padding = pp;
+  }
+  // Added tokens: re-added in file order as the library does (the JSON id is not used).
+  if ((v = root.find("added_tokens")) && v->type != Json::kNull) {
+    if (v->type != Json::kArray) return err("added_tokens", "expected an array");
+    const auto model_size = static_cast<std::int64_t>(t->model->vocab.to_id.size());
+    std::int64_t max_added = -1;
+    for (std::size_t i = 0; i < v->items.size(); ++i) {
+      const Json& a = v->items[i];
+      const std::string w = "added_tokens[" + std::to_string(i) + "]";
+      if (a.type != Json::kObject) return err(w, "expected an object");
+      AddedToken tok;
+      if (!(st = req_string(a, "content", w, &tok.content)).ok()) return st;
+      if (!(st = req_bool(a, "single_word", w, &tok.single_word)).ok()) return st;
+      if (!(st = req_bool(a, "lstrip", w, &tok.lstrip)).ok()) return st;
+      if (!(st = req_bool(a, "rstrip", w, &tok.rstrip)).ok()) return st;
+      if (!(st = req_bool(a, "normalized", w, &tok.normalized)).ok()) return st;
+      if (!(st = opt_bool(a, "special", w, &tok.special)).ok()) return st;
+      const Json* idv = a.find("id");
+      std::uint64_t unused;
+      if (idv && !(st = as_uint(*idv, w + ".id", kMaxId, &unused)).ok()) return st;
+      if (tok.content.empty()) continue;
+      if (tok.special) t->special_set.insert(tok.content);
+      if (t->added_to_id.count(tok.content)) continue;
+      std::int64_t id = t->model->vocab.get(tok.content);
+      if (id < 0) id = max_added < 0 ? model_size : (max_added >= model_size || model_size == 0 ? max_added + 1 : model_size);
+      max_added = std::max(max_added, id);
+      tok.id = id;
+      t->added_to_id[tok.content] = id;
+      t->added_by_id[id] = t->added.size();
+      t->added.push_back(tok);
+    }
+    // Patterns: specials first, then the others, as the library orders them (only matters for duplicates).
+    for (int pass = 0; pass < 2; ++pass) {
+      for (std::size_t i = 0; i < t->added.size(); ++i) {
+        const AddedToken& a = t->added[i];
+        if (a.special != (pass == 0)) continue;
+        std::u32string u;
+        uni::utf8_to_utf32(a.content, &u);
+        if (a.normalized) {
+          if (t->normalizer) {
+            Piece p;
+            p.s = u;
+            p.al.assign(u.size(), Range{0, 0});
+            t->normalizer->normalize(&p);
+            u = p.s;
+          }
+          if (!u.empty()) t->norm_trie.insert(u, static_cast<std::int64_t>(i));
+        } else {
+          t->raw_trie.insert(u, static_cast<std::int64_t>(i));
+        }
+      }
+    }
+  }
+  return Status();
+}
+
+}  // namespace
+
+Status Tokenizer::from_json(const std::string& json_text, std::unique_ptr<Tokenizer>* out) {
+  try {
+    std::unique_ptr<Tokenizer> t(new Tokenizer());
+    Status st = build(json_text, t->impl_.get());
+    if (!st.ok()) return st;
+    *out = std::move(t);
+    return Status();
+  } catch (const std::bad_alloc&) {
+    return Status::error("tokenizer.json: out of memory");
+  } catch (const std::exception& e) {
+    return Status::error(std::string("tokenizer.json: ") + e.what());
+  }
+}
+
+Status Tokenizer::from_file(const std::string& path, std::unique_ptr<Tokenizer>* out) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) return Status::error("cannot open " + quoted(path));
+  std::ostringstream ss;
+  ss << f.rdbuf();
+  if (f.bad()) return Status::error("cannot read " + quoted(path));
+  Status st = from_json(ss.str(), out);
+  if (!st.ok()) return Status::error(path + ": " + st.message());
+  return st;
+}
+
+Status Tokenizer::encode(const std::string& text, const std::string* pair, bool add_special_tokens,
+                         Encoding* out) const {
+  try {
+    const auto& tp = impl_->truncation;
+    const auto& pp = impl_->padding;
+    return impl_->encode_full(text, pair, add_special_tokens, tp ? &*tp : nullptr, pp ? &*pp : nullptr, out);
+  } catch (const std::bad_alloc&) {
+    return Status::error("encode: out of memory");
+  } catch (const std::exception& e) {
+    return Status::error(std::string("encode: ") + e.what());
+  }
+}
+
+Status Tokenizer::encode_batch(const std::vector<std::string>& texts, const std::vector<std::string>* pairs,
+                               bool add_special_tokens, std::vector<Encoding>* out) const {
+  const auto& tp = impl_->truncation;
+  const auto& pp = impl_->padding;
+  return encode_batch_with(texts, pairs, add_special_tokens, tp ? &*tp : nullptr, pp ? &*pp : nullptr, out);
+}
+
+Status Tokenizer::encode_batch_with(const std::vector<std::string>& texts, const std::vector<std::string>* pairs,
+                                    bool add_special_tokens, const TruncationParams* truncation,
+                                    const PaddingParams* padding, std::vector<Encoding>* out) const {
+  if (pairs && pairs->size() != texts.size())
+    return Status::error("encode_batch: " + std::to_string(texts.size()) + " texts but " +
+                         std::to_string(pairs->size()) + " pairs");
+  if (truncation && truncation->max_length > 0 && truncation->stride >= truncation->max_length)
+    return Status::error("truncation: stride must be smaller than max_length");
+  try {
+    std::vector<Encoding> res(texts.size());
+    std::vector<Status> errors(texts.size());
+    std::atomic<bool> failed{false};
+    const auto n = static_cast<index_t>(texts.size());
+    detail::parallel_for_dynamic(n, [&](index_t i, int) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      const auto k = static_cast<std::size_t>(i);
+      try {
+        errors[k] = impl_->encode_full(texts[k], pairs ? &(*pairs)[k] : nullptr, add_special_tokens, truncation,
+                                       padding, &res[k]);
+      } catch (const std::bad_alloc&) {
+        errors[k] = Status::error("encode_batch: out of memory");
+      } catch (const std::exception& e) {
+        errors[k] = Status::error(std::string("encode_batch: ") + e.what());
+      }
+      if (!errors[k].ok()) failed.store(true, std::memory_order_relaxed);
+    });
+    for (std::size_t k = 0; k < texts.size(); ++k)
+      if (!errors[k].ok()) return Status::error("text " + std::to_string(k) + ": " + errors[k].message());
+    if (padding && !res.empty()) {
+      std::size_t longest = 0;
+      for (const auto& e : res) longest = std::max(longest, e.size());
+      const std::size_t len = Impl::pad_length(longest, *padding);
+      for (auto& e : res) Impl::pad(&e, len, *padding);
+    }
+    *out = std::move(res);
+    return Status();
+  } catch (const std::bad_alloc&) {
+    return Status::error("encode_batch: out of memory");
+  }
+}
+
+Status Tokenizer::decode(const std::vector<std::int64_t>& ids, bool skip_special_tokens, std::string* out) const {
+  try {
+    std::vector<std::string> tokens;
+    tokens.reserve(ids.size());
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      std::string t;
+      if (!id_to_token(ids[i], &t))
+        return Status::error("decode: id " + std::to_string(ids[i]) + " (position " + std::to_string(i) +
+                             ") is not in the vocabulary");
+      if (skip_special_tokens && impl_->special_set.count(t)) continue;
+      tokens.push_back(std::move(t));
+    }
+    std::string res;
+    if (impl_->decoder) {
+      impl_->decoder->decode_chain(&tokens);
+      for (const auto& t : tokens) res += t;
+    } else {
+      for (std::size_t i = 0; i < tokens.size(); ++i) {
+        if (i) res += ' ';
+        res += tokens[i];
+      }
+    }
+    *out = std::move(res);
+    return Status();
+  } catch (const std::bad_alloc&) {
+    return Status::error("decode: out of memory");
+  }
+}
+
+std::int64_t Tokenizer::token_to_id(const std::string& token) const {
+  auto it = impl_->added_to_id.find(token);
+  if (it != impl_->added_to_id.end()) return it->second;
+  return impl_->model->vocab.get(token);
+}
+
+bool Tokenizer::id_to_token(std::int64_t id, std::string* out) const {
+  auto it = impl_->added_by_id.find(id);
+  if (it != impl_->added_by_id.end()) {
+    *out = impl_->added[it->second].content;
+    return true;
+  }
+  auto jt = impl_->model->vocab.to_token.find(id);
+  if (jt == impl_->model->vocab.to_token.end()) return false;
+  *out = jt->second;
+  return true;
+}
+
+std::size_t Tokenizer::vocab_size(bool with_added_tokens) const {
+  const auto& v = impl_->model->vocab.to_id;
+  if (!with_added_tokens) return v.size();
+  std::size_t n = v.size();
+  for (const auto& a : impl_->added)
+    if (!v.count(a.content)) ++n;
+  return n;
+}
+
+const std::optional<TruncationParams>& Tokenizer::truncation() const { return impl_->truncation; }
+const std::optional<PaddingParams>& Tokenizer::padding() const { return impl_->padding; }
+
+Status Tokenizer::set_truncation(const std::optional<TruncationParams>& params) {
+  if (params && params->max_length > 0 && params->stride >= params->max_length)
+    return Status::error("truncation: stride must be smaller than max_length");
+  impl_->truncation = params;
+  return Status();
+}
+
+void Tokenizer::set_padding(const std::optional<PaddingParams>& params) { impl_->padding = params; }
+
+}  // namespace cpuformer

@@ -19,10 +19,11 @@ from . import _core, data, io, models, nn, ops, plot, train
 from ._core import get_num_threads
 from .nn.quantized import freeze, quantize_dynamic
 from .serialization import load, save
+from .tokenizer import Tokenizer
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "Tokenizer", "build_info", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def build_info() -> dict:
