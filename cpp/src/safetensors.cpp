@@ -92,14 +92,36 @@ class JsonParser {
     return Status();
   }
 
+  // Four hex digits at p_ (consumed on success).
+  bool hex4(unsigned* out) {
+    if (end_ - p_ < 4) return false;
+    unsigned v = 0;
+    for (int i = 0; i < 4; ++i) {
+      const char h = p_[i];
+      v <<= 4;
+      if (h >= '0' && h <= '9') v |= static_cast<unsigned>(h - '0');
+      else if (h >= 'a' && h <= 'f') v |= static_cast<unsigned>(h - 'a' + 10);
+      else if (h >= 'A' && h <= 'F') v |= static_cast<unsigned>(h - 'A' + 10);
+      else return false;
+    }
+    p_ += 4;
+    *out = v;
+    return true;
+  }
+
   static void append_utf8(std::string* s, unsigned cp) {
     if (cp < 0x80) {
       s->push_back(static_cast<char>(cp));
     } else if (cp < 0x800) {
       s->push_back(static_cast<char>(0xC0 | (cp >> 6)));
       s->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
+    } else if (cp < 0x10000) {
       s->push_back(static_cast<char>(0xE0 | (cp >> 12)));
+      s->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      s->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else {
+      s->push_back(static_cast<char>(0xF0 | (cp >> 18)));
+      s->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
       s->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
       s->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
     }
@@ -125,17 +147,21 @@ class JsonParser {
         case 'r': out->push_back('\r'); break;
         case 't': out->push_back('\t'); break;
         case 'u': {
-          if (end_ - p_ < 4) return fail("short \\u escape");
           unsigned cp = 0;
-          for (int i = 0; i < 4; ++i) {
-            const char h = *p_++;
-            cp <<= 4;
-            if (h >= '0' && h <= '9') cp |= h - '0';
-            else if (h >= 'a' && h <= 'f') cp |= h - 'a' + 10;
-            else if (h >= 'A' && h <= 'F') cp |= h - 'A' + 10;
-            else return fail("bad \\u escape");
+          if (!hex4(&cp)) return fail("bad \\u escape");
+          // A surrogate pair (\uD83D\uDE00, as json.dumps writes chars above U+FFFF) is one char; a lone
+          // surrogate becomes U+FFFD.
+          if (cp >= 0xD800 && cp <= 0xDBFF && end_ - p_ >= 6 && p_[0] == '\\' && p_[1] == 'u') {
+            const char* save = p_;
+            p_ += 2;
+            unsigned lo = 0;
+            if (hex4(&lo) && lo >= 0xDC00 && lo <= 0xDFFF) {
+              cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
+            } else {
+              p_ = save;
+            }
           }
-          append_utf8(out, cp >= 0xD800 && cp <= 0xDFFF ? 0xFFFD : cp);  // lone surrogates -> U+FFFD
+          append_utf8(out, cp >= 0xD800 && cp <= 0xDFFF ? 0xFFFD : cp);
           break;
         }
         default: return fail("unknown escape");

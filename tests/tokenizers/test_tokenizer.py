@@ -480,3 +480,61 @@ def test_bpe_model_options(bpe_files):
     d["model"]["merges"][5] = "notatoken x"
     with pytest.raises(ValueError, match=r"model\.merges\[5\]"):
         cpuformer.Tokenizer.from_str(json.dumps(d))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The other normalizers and pre-tokenizers, each in a WordPiece tokenizer built with the library (MiniLM's vocab)
+
+def _components():
+    from tokenizers import Regex, normalizers as N, pre_tokenizers as P
+    norms = [None, N.Lowercase(), N.NFC(), N.NFD(), N.NFKC(), N.NFKD(), N.Strip(), N.Strip(left=True, right=False),
+             N.Replace(" ", "▁"), N.Replace("ab", "XYZ"), N.Replace(Regex(r"\s+"), " "), N.Replace(Regex("[aeiou]"), ""),
+             N.Prepend("▁"), N.Sequence([N.NFKD(), N.Lowercase(), N.Strip(), N.Prepend("##")]),
+             N.BertNormalizer(lowercase=False), N.BertNormalizer(strip_accents=True, lowercase=False),
+             N.BertNormalizer(clean_text=False, handle_chinese_chars=False)]
+    pres = [P.BertPreTokenizer(), P.Whitespace(), P.WhitespaceSplit(), P.Digits(True), P.Digits(False),
+            P.ByteLevel(add_prefix_space=True, use_regex=False), P.ByteLevel(add_prefix_space=False)]
+    for b in ("removed", "isolated", "merged_with_previous", "merged_with_next", "contiguous"):
+        pres.append(P.Punctuation(b))
+        pres.append(P.Split("ab", b))
+        pres.append(P.Split(Regex(r"\s+|\p{P}"), b, invert=False))
+        pres.append(P.Split(Regex(r"\p{L}+"), b, invert=True))
+    pres.append(P.Sequence([P.WhitespaceSplit(), P.Digits(True), P.Punctuation()]))
+    return norms, pres
+
+
+def test_other_components(minilm, corpus):
+    from tokenizers import models
+    _, _, path = minilm
+    vocab = json.loads(Path(path).read_text(encoding="utf-8"))["model"]["vocab"]
+    texts = HARD + ["ab abab cab x1234y 12 ３４ ½", "  lead and trail  ", "Hello World", "a\u0301b ﬁ ①"] + corpus[:150]
+    norms, pres = _components()
+    checked = 0
+    for i, norm in enumerate(norms):
+        for j, pre in enumerate(pres):
+            if (i + j) % 3 and norm is not None and j > 0:  # a third of the pairs (every normalizer, every pre-tok)
+                continue
+            ref = tokenizers.Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+            if norm is not None:
+                ref.normalizer = norm
+            ref.pre_tokenizer = pre
+            ours = cpuformer.Tokenizer.from_str(ref.to_str())
+            check_all(ours, ref, texts, decode=False)
+            checked += 1
+    assert checked > 50
+
+
+def test_json_escapes_and_unsupported(minilm):
+    _, _, path = minilm
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
+    d["padding"] = d["truncation"] = None
+    d["added_tokens"].append({"id": 0, "content": "😀x\U0001F9D1", "single_word": False, "lstrip": False,
+                              "rstrip": False, "normalized": False, "special": False})
+    s = json.dumps(d, ensure_ascii=True)  # non-BMP chars as \ud83d\ude00 surrogate pairs
+    assert "\\ud83d\\ude00" in s
+    ours, ref = cpuformer.Tokenizer.from_str(s), tokenizers.Tokenizer.from_str(s)
+    check_all(ours, ref, ["a 😀x\U0001F9D1 b", "😀x"])
+    assert ours.token_to_id("😀x\U0001F9D1") == ref.token_to_id("😀x\U0001F9D1") == 30522
+    d["normalizer"] = {"type": "StripAccents"}
+    with pytest.raises(ValueError, match="'StripAccents' is not supported yet"):
+        cpuformer.Tokenizer.from_str(json.dumps(d))
