@@ -538,3 +538,36 @@ def test_json_escapes_and_unsupported(minilm):
     d["normalizer"] = {"type": "StripAccents"}
     with pytest.raises(ValueError, match="'StripAccents' is not supported yet"):
         cpuformer.Tokenizer.from_str(json.dumps(d))
+
+
+LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+          r"\s+(?!\S)|\s+")
+QWEN2 = LLAMA3.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@pytest.mark.parametrize("pattern", [LLAMA3, QWEN2], ids=["llama3", "qwen2"])
+def test_regex_split_bytelevel_bpe(bpe_files, corpus, pattern):
+    """Llama-3 / Qwen2 layout: Split(regex, Isolated) + ByteLevel(use_regex=false), ignore_merges, NFC (Qwen),
+    Sequence[ByteLevel, Template] post-processor."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    files, lines = bpe_files
+    ref = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), "isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if pattern == QWEN2:
+        ref.normalizer = normalizers.NFC()
+    ref.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1500, min_frequency=2, special_tokens=["<|begin_of_text|>", "<|eot|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    ref.train_from_iterator(lines, trainer)
+    bos = ref.token_to_id("<|begin_of_text|>")
+    ref.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|eot|> $B:1",
+                                      special_tokens=[("<|begin_of_text|>", bos),
+                                                      ("<|eot|>", ref.token_to_id("<|eot|>"))])])
+    ours = cpuformer.Tokenizer.from_str(ref.to_str())
+    texts = corpus[:800] + BPE_HARD + ["x\t\tfoo (hello) 1234567 ½12345", "😀😀!!\r\nnext", "  \t\nfoo", "I'M x'ſa"]
+    check_all(ours, ref, texts)
+    check_all(ours, ref, texts[:100], texts[100:200])
