@@ -710,6 +710,48 @@ struct ByteLevelPre : PreTokenizer {
   }
 };
 
+enum class PrependScheme { Always, First, Never };
+
+Status parse_prepend_scheme(const Json& j, const std::string& where, PrependScheme* out) {
+  Status st;
+  bool present = false;
+  std::string s;
+  if (!(st = opt_string(j, "prepend_scheme", where, &s, &present)).ok()) return st;
+  if (present) {
+    if (s == "always") *out = PrependScheme::Always;
+    else if (s == "first") *out = PrependScheme::First;
+    else if (s == "never") *out = PrependScheme::Never;
+    else return err(where + ".prepend_scheme", "expected \"always\", \"first\" or \"never\", got " + quoted(s));
+  }
+  bool apsp = true;
+  if (!(st = opt_bool(j, "add_prefix_space", where, &apsp)).ok()) return st;
+  if (!apsp && *out != PrependScheme::Never)
+    return err(where, "add_prefix_space false needs prepend_scheme \"never\"");
+  return Status();
+}
+
+struct MetaspacePre : PreTokenizer {
+  char32_t replacement = 0x2581;
+  PrependScheme scheme = PrependScheme::Always;
+  bool split_ = true;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    for (auto& c : p.s)
+      if (c == ' ') c = replacement;  // each replacement keeps its space's range
+    const bool prepend = !p.s.empty() && p.s[0] != replacement &&
+                         (scheme == PrependScheme::Always || (scheme == PrependScheme::First && p.shift == 0));
+    if (prepend) {
+      p.s.insert(p.s.begin(), replacement);
+      p.al.insert(p.al.begin(), p.al[0]);
+    }
+    if (!split_) {
+      out->push_back(std::move(p));
+      return;
+    }
+    const char32_t r = replacement;
+    split_by(p, char_matches(p.s, [r](char32_t c) { return c == r; }), Behavior::MergedWithNext, out);
+  }
+};
+
 struct SequencePre : PreTokenizer {
   std::vector<std::unique_ptr<PreTokenizer>> items;
   void split(Piece&& p, std::vector<Piece>* out) const override {
@@ -770,6 +812,17 @@ Status parse_pre(const Json& j, const std::string& where, int depth, std::unique
       if (!regex::Regex::compile(kGpt2Pattern, &p->re, &error))
         return err(where, "ByteLevel's GPT-2 regex is not supported: " + error);
     }
+    *out = std::move(p);
+  } else if (type == "Metaspace") {
+    auto p = std::make_unique<MetaspacePre>();
+    std::string rep;
+    if (!(st = req_string(j, "replacement", where, &rep)).ok()) return st;
+    std::u32string u;
+    uni::utf8_to_utf32(rep, &u);
+    if (u.size() != 1) return err(where + ".replacement", "expected exactly one character");
+    p->replacement = u[0];
+    if (!(st = parse_prepend_scheme(j, where, &p->scheme)).ok()) return st;
+    if (!(st = opt_bool(j, "split", where, &p->split_)).ok()) return st;
     *out = std::move(p);
   } else if (type == "Sequence") {
     auto p = std::make_unique<SequencePre>();
@@ -1508,6 +1561,114 @@ struct ByteLevelDec : Decoder {
   }
 };
 
+struct MetaspaceDec : Decoder {
+  char32_t replacement = 0x2581;
+  PrependScheme scheme = PrependScheme::Always;
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    std::u32string u;
+    for (std::size_t i = 0; i < tokens->size(); ++i) {
+      u.clear();
+      uni::utf8_to_utf32((*tokens)[i], &u);
+      std::string t;
+      for (char32_t c : u) {
+        if (c == replacement) {
+          if (i == 0 && scheme != PrependScheme::Never) continue;  // every one in the first token (as the library)
+          t.push_back(' ');
+        } else {
+          uni::append_utf8(c, &t);
+        }
+      }
+      (*tokens)[i] = std::move(t);
+    }
+  }
+};
+
+struct ByteFallbackDec : Decoder {
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    auto hexval = [](char c) {
+      return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    };
+    std::vector<std::string> out;
+    std::string bytes;
+    std::u32string tmp;
+    auto flush = [&]() {
+      if (bytes.empty()) return;
+      tmp.clear();
+      if (uni::utf8_to_utf32(bytes, &tmp)) out.push_back(bytes);
+      else out.insert(out.end(), bytes.size(), "\xEF\xBF\xBD");  // one U+FFFD per byte
+      bytes.clear();
+    };
+    for (auto& t : *tokens) {
+      if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' && hexval(t[3]) >= 0 && hexval(t[4]) >= 0) {
+        bytes.push_back(static_cast<char>(hexval(t[3]) * 16 + hexval(t[4])));
+        continue;
+      }
+      flush();
+      out.push_back(std::move(t));
+    }
+    flush();
+    *tokens = std::move(out);
+  }
+};
+
+struct FuseDec : Decoder {
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    std::string all;
+    for (const auto& t : *tokens) all += t;
+    tokens->assign(1, std::move(all));
+  }
+};
+
+struct StripDec : Decoder {
+  char32_t content = ' ';
+  std::size_t start = 0, stop = 0;
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    std::u32string u;
+    for (auto& t : *tokens) {
+      u.clear();
+      uni::utf8_to_utf32(t, &u);
+      std::size_t b = 0, e = u.size();
+      while (b < start && b < u.size() && u[b] == content) ++b;
+      for (std::size_t i = 0; i < stop && i < u.size(); ++i) {
+        if (u[u.size() - 1 - i] != content) break;
+        e = u.size() - 1 - i;
+      }
+      t = b < e ? to_utf8(u.data() + b, e - b) : std::string();
+    }
+  }
+};
+
+struct ReplaceDec : Decoder {
+  Pattern pattern;
+  std::u32string content;
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    std::u32string u;
+    for (auto& t : *tokens) {
+      u.clear();
+      uni::utf8_to_utf32(t, &u);
+      const auto spans = pattern.find(u);
+      if (spans.empty()) continue;
+      std::u32string r;
+      std::size_t last = 0;
+      for (const auto& sp : spans) {
+        r.append(u, last, sp.first - last);
+        r += content;
+        last = sp.second;
+      }
+      r.append(u, last, std::u32string::npos);
+      t = to_utf8(r);
+    }
+  }
+};
+
+struct BPEDec : Decoder {
+  std::string suffix = "</w>";
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    for (std::size_t i = 0; i < tokens->size(); ++i)
+      replace_all(&(*tokens)[i], suffix, i + 1 == tokens->size() ? "" : " ");
+  }
+};
+
 struct SequenceDec : Decoder {
   std::vector<std::unique_ptr<Decoder>> items;
   void decode_chain(std::vector<std::string>* tokens) const override {
@@ -1528,6 +1689,47 @@ Status parse_decoder(const Json& j, const std::string& where, int depth, std::un
     *out = std::move(d);
   } else if (type == "ByteLevel") {
     *out = std::make_unique<ByteLevelDec>();
+  } else if (type == "Metaspace") {
+    auto d = std::make_unique<MetaspaceDec>();
+    std::string rep;
+    if (!(st = req_string(j, "replacement", where, &rep)).ok()) return st;
+    std::u32string u;
+    uni::utf8_to_utf32(rep, &u);
+    if (u.size() != 1) return err(where + ".replacement", "expected exactly one character");
+    d->replacement = u[0];
+    if (!(st = parse_prepend_scheme(j, where, &d->scheme)).ok()) return st;
+    *out = std::move(d);
+  } else if (type == "ByteFallback") {
+    *out = std::make_unique<ByteFallbackDec>();
+  } else if (type == "Fuse") {
+    *out = std::make_unique<FuseDec>();
+  } else if (type == "Strip") {
+    auto d = std::make_unique<StripDec>();
+    std::string c;
+    if (!(st = req_string(j, "content", where, &c)).ok()) return st;
+    std::u32string u;
+    uni::utf8_to_utf32(c, &u);
+    if (u.size() != 1) return err(where + ".content", "expected exactly one character");
+    d->content = u[0];
+    const Json* v;
+    std::uint64_t n;
+    if (!(st = need(j, "start", where, &v)).ok() || !(st = as_uint(*v, where + ".start", kMaxLen, &n)).ok()) return st;
+    d->start = static_cast<std::size_t>(n);
+    if (!(st = need(j, "stop", where, &v)).ok() || !(st = as_uint(*v, where + ".stop", kMaxLen, &n)).ok()) return st;
+    d->stop = static_cast<std::size_t>(n);
+    *out = std::move(d);
+  } else if (type == "Replace") {
+    auto d = std::make_unique<ReplaceDec>();
+    if (!(st = parse_pattern(j, where, &d->pattern)).ok()) return st;
+    std::string content;
+    if (!(st = req_string(j, "content", where, &content)).ok()) return st;
+    uni::utf8_to_utf32(content, &d->content);
+    if (!d->pattern.is_regex && d->pattern.literal.empty()) return err(where + ".pattern", "empty pattern");
+    *out = std::move(d);
+  } else if (type == "BPEDecoder") {
+    auto d = std::make_unique<BPEDec>();
+    if (!(st = req_string(j, "suffix", where, &d->suffix)).ok()) return st;
+    *out = std::move(d);
   } else if (type == "Sequence") {
     auto d = std::make_unique<SequenceDec>();
     const Json* items;

@@ -375,7 +375,9 @@ def test_malformed_files(minilm):
     bad(lambda d: d["model"].update(type="Unigram"), "model type 'Unigram' is not supported")
     bad(lambda d: d.update(normalizer={"type": "Precompiled", "precompiled_charsmap": ""}),
         "normalizer type 'Precompiled' is not supported yet")
-    bad(lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), "pre-tokenizer type 'Metaspace'")
+    bad(lambda d: d.update(pre_tokenizer={"type": "UnicodeScripts"}), "pre-tokenizer type 'UnicodeScripts'")
+    bad(lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), r"pre_tokenizer: missing field 'replacement'")
+    bad(lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "ab"}), "one character")
     bad(lambda d: d.update(decoder={"type": "CTC"}), "decoder type 'CTC'")
     bad(lambda d: d.update(post_processor={"type": "Nope"}), "post-processor type 'Nope'")
     bad(lambda d: d["normalizer"].update(lowercase="yes"), r"normalizer\.lowercase: expected a bool")
@@ -571,3 +573,74 @@ def test_regex_split_bytelevel_bpe(bpe_files, corpus, pattern):
     texts = corpus[:800] + BPE_HARD + ["x\t\tfoo (hello) 1234567 ½12345", "😀😀!!\r\nnext", "  \t\nfoo", "I'M x'ſa"]
     check_all(ours, ref, texts)
     check_all(ours, ref, texts[:100], texts[100:200])
+
+
+def _with_byte_tokens(spec):
+    """Add the 256 <0xHH> byte tokens to a trained BPE's vocabulary (as SentencePiece models have them)."""
+    vocab = spec["model"]["vocab"]
+    n = max(vocab.values()) + 1
+    for b in range(256):
+        tok = f"<0x{b:02X}>"
+        if tok not in vocab:
+            vocab[tok] = n
+            n += 1
+    return spec
+
+
+def test_llama2_style_byte_fallback(bpe_files, corpus):
+    """Legacy Llama 2: Prepend + Replace normalizers, no pre-tokenizer, BPE with byte_fallback and fuse_unk,
+    Template `<s> $A`, decoder Sequence[Replace, ByteFallback, Fuse, Strip]."""
+    from tokenizers import decoders, models, normalizers, processors, trainers
+    _, lines = bpe_files
+    ref = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    ref.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trainer = trainers.BpeTrainer(vocab_size=800, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=60,
+                                  show_progress=False)
+    ref.train_from_iterator(lines, trainer)
+    spec = _with_byte_tokens(json.loads(ref.to_str()))
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                       {"Sequence": {"id": "A", "type_id": 0}},
+                                       {"SpecialToken": {"id": "<s>", "type_id": 1}},
+                                       {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    spec["decoder"] = json.loads(tokenizers.Tokenizer(models.BPE()).to_str())["decoder"]
+    ref = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    ref.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    ours = cpuformer.Tokenizer.from_str(ref.to_str())
+    texts = corpus[:600] + BPE_HARD + ["hello</s>hello", "Zürich 東京 😀 \x00 \U0010FFFF"]
+    check_all(ours, ref, texts)
+    check_all(ours, ref, texts[:80], texts[80:160])
+    for fuse in (False, True):  # no byte tokens: unknown chars become (fused) <unk>
+        spec2 = json.loads(ref.to_str())
+        spec2["model"]["byte_fallback"] = False
+        spec2["model"]["fuse_unk"] = fuse
+        s = json.dumps(spec2)
+        check_all(cpuformer.Tokenizer.from_str(s), tokenizers.Tokenizer.from_str(s), texts[-40:])
+    # the ByteFallback decoder on invalid byte runs, BPEDecoder, Strip with stop
+    ids = [ref.token_to_id(t) for t in ["<0xE2>", "<0x82>", "a", "<0xC3>", "<0xA9>", "<0xFF>"]]
+    assert ours.decode(ids) == ref.decode(ids)
+    for dec in (decoders.BPEDecoder("a"), decoders.Strip("▁", 1, 0), decoders.Strip("s", 0, 1), decoders.Metaspace(prepend_scheme="never")):
+        ref.decoder = dec
+        ours = cpuformer.Tokenizer.from_str(ref.to_str())
+        for t in texts[:100]:
+            ids = ref.encode(t).ids
+            assert ours.decode(ids) == ref.decode(ids), (dec, t)
+
+
+@pytest.mark.parametrize("scheme", ["always", "first", "never"])
+@pytest.mark.parametrize("split", [True, False])
+def test_metaspace(bpe_files, corpus, scheme, split):
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    _, lines = bpe_files
+    ref = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    ref.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=split)
+    ref.decoder = decoders.Metaspace(prepend_scheme=scheme, split=split)
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    ref.train_from_iterator(lines[:2000], trainer)
+    ours = cpuformer.Tokenizer.from_str(ref.to_str())
+    texts = corpus[:300] + BPE_HARD + ["hey<s>you", "<s> x  y ", "▁already ▁▁x"]
+    check_all(ours, ref, texts)

@@ -13,12 +13,12 @@
 // same file. Supported components (anything else is an error Status naming it, never an approximation):
 //   normalizers     BertNormalizer, Lowercase, NFC, NFD, NFKC, NFKD, StripAccents, Strip, Replace (String pattern;
 //                   Regex pattern when the regex engine is built in), Prepend, Sequence
-//   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Split (String pattern;
+//   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Metaspace, Split (String pattern;
 //                   Regex pattern when the regex engine is built in), ByteLevel (the GPT-2 regex needs the regex
 //                   engine; use_regex=false does not), Sequence
 //   models          WordPiece, BPE (dropout must be null or 0)
 //   post-processors TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence
-//   decoders        WordPiece, ByteLevel, Sequence
+//   decoders        WordPiece, ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder, Sequence
 //   added tokens    special or not; single_word, lstrip, rstrip, normalized
 //   truncation and padding from the file's "truncation"/"padding" fields, or set with set_truncation/set_padding.
 //
