@@ -11,14 +11,16 @@
 //
 // The goal is the same ids, tokens, offsets, masks and decoded text as the `tokenizers` library (0.23) for the
 // same file. Supported components (anything else is an error Status naming it, never an approximation):
-//   normalizers     BertNormalizer, Lowercase, NFC, NFD, NFKC, NFKD, StripAccents, Strip, Replace (String pattern;
-//                   Regex pattern when the regex engine is built in), Prepend, Sequence
-//   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Metaspace, Split (String pattern;
-//                   Regex pattern when the regex engine is built in), ByteLevel (the GPT-2 regex needs the regex
-//                   engine; use_regex=false does not), Sequence
-//   models          WordPiece, BPE (dropout must be null or 0)
+//   normalizers     BertNormalizer, Lowercase, NFC, NFD, NFKC, NFKD, Strip, Replace, Prepend, Sequence
+//                   (not yet: StripAccents, Precompiled, Nmt, ByteLevel)
+//   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Metaspace, Split, ByteLevel,
+//                   Sequence (not yet: UnicodeScripts, CharDelimiterSplit, FixedLength)
+//   models          WordPiece, BPE (dropout must be null or 0) (not yet: Unigram, WordLevel)
 //   post-processors TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence
 //   decoders        WordPiece, ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder, Sequence
+//                   (not yet: CTC)
+//   Regex patterns (Split, Replace, ByteLevel's GPT-2 pattern) run on cpuformer's Oniguruma-compatible engine; a
+//   construct it does not support is an error when the file is loaded.
 //   added tokens    special or not; single_word, lstrip, rstrip, normalized
 //   truncation and padding from the file's "truncation"/"padding" fields, or set with set_truncation/set_padding.
 //
