@@ -845,6 +845,33 @@ Status parse_pre(const Json& j, const std::string& where, int depth, std::unique
 // ---------------------------------------------------------------------------------------------------------------
 // Models. A token's offsets are byte offsets into the piece's UTF-8.
 
+// A byte trie: child(node, byte) (0 = none; the root is 0 and never a child), value(node) (-1 = not a piece).
+struct Trie_ {
+  std::vector<std::int64_t> values{-1};
+  std::unordered_map<std::uint64_t, std::uint32_t> edges;
+  std::uint32_t child(std::uint32_t node, unsigned char b) const {
+    auto it = edges.find((std::uint64_t{node} << 8) | b);
+    return it == edges.end() ? 0 : it->second;
+  }
+  std::int64_t value(std::uint32_t node) const { return values[node]; }
+  void insert(const std::string& s, std::int64_t value) {
+    std::uint32_t node = 0;
+    for (unsigned char b : s) {
+      const std::uint64_t key = (std::uint64_t{node} << 8) | b;
+      auto it = edges.find(key);
+      if (it == edges.end()) {
+        const auto next = static_cast<std::uint32_t>(values.size());
+        values.push_back(-1);
+        edges.emplace(key, next);
+        node = next;
+      } else {
+        node = it->second;
+      }
+    }
+    if (value >= 0) values[node] = value;
+  }
+};
+
 struct Tok {
   std::int64_t id;
   std::string value;
@@ -1052,6 +1079,120 @@ struct BPE : TokModel {
   }
 };
 
+struct WordLevel : TokModel {
+  std::string unk = "<unk>";
+  Status tokenize(const std::string& w, const std::u32string&, std::vector<Tok>* out) const override {
+    std::int64_t id = vocab.get(w);
+    if (id >= 0) {
+      out->push_back({id, w, 0, w.size()});
+      return Status();
+    }
+    id = vocab.get(unk);
+    if (id < 0) return Status::error("WordLevel: the unk token " + quoted(unk) + " is not in the vocabulary");
+    out->push_back({id, unk, 0, w.size()});
+    return Status();
+  }
+};
+
+// Unigram: Viterbi over a byte trie of the pieces; a char no single piece covers is an unk edge of one char scored
+// min(score) - 10; adjacent unks are fused; an unk string may become byte-fallback tokens.
+struct Unigram : TokModel {
+  std::vector<double> scores;  // per id
+  std::int64_t unk_id = -1;
+  bool byte_fallback = false;
+  double min_score = 0;
+  Trie_ trie;
+
+  Status tokenize(const std::string& w, const std::u32string& cps, std::vector<Tok>* out) const override {
+    const std::size_t n = w.size();
+    if (n == 0) return Status();
+    struct Node {
+      std::int64_t id = -1;
+      double score = 0;
+      std::ptrdiff_t start = -1;
+    };
+    std::vector<Node> best(n + 1);
+    const double unk_score = min_score - 10.0;
+    std::size_t pos = 0;
+    for (std::size_t ci = 0; ci < cps.size(); ++ci) {
+      const std::size_t mblen = utf8_len(cps[ci]);
+      const double here = best[pos].score;
+      bool single = false;
+      std::uint32_t node = 0;
+      for (std::size_t k = pos; k < n; ++k) {
+        node = trie.child(node, static_cast<unsigned char>(w[k]));
+        if (node == 0) break;
+        const std::int64_t id = trie.value(node);
+        if (id < 0) continue;
+        const std::size_t end = k + 1;
+        Node& t = best[end];
+        const double cand = scores[static_cast<std::size_t>(id)] + here;
+        if (t.start < 0 || cand > t.score) {
+          t.score = cand;
+          t.start = static_cast<std::ptrdiff_t>(pos);
+          t.id = id;
+        }
+        if (end - pos == mblen) single = true;
+      }
+      if (!single) {
+        if (unk_id < 0) return Status::error("Unigram: a character has no piece and the model has no unk_id");
+        Node& t = best[pos + mblen];
+        const double cand = unk_score + here;
+        if (t.start < 0 || cand > t.score) {
+          t.score = cand;
+          t.start = static_cast<std::ptrdiff_t>(pos);
+          t.id = unk_id;
+        }
+      }
+      pos += mblen;
+    }
+    std::vector<std::pair<std::size_t, std::size_t>> pieces;  // byte ranges, back to front
+    std::size_t end = n, unk_end = 0;
+    bool in_unk = false;
+    while (end > 0) {
+      const Node& nd = best[end];
+      const auto start = static_cast<std::size_t>(nd.start);
+      if (nd.id == unk_id) {
+        if (!in_unk) unk_end = end;
+        in_unk = true;
+      } else {
+        if (in_unk) pieces.push_back({end, unk_end});
+        in_unk = false;
+        pieces.push_back({start, end});
+      }
+      end = start;
+    }
+    if (in_unk) pieces.push_back({0, unk_end});
+    std::reverse(pieces.begin(), pieces.end());
+    for (const auto& pc : pieces) {
+      const std::string s = w.substr(pc.first, pc.second - pc.first);
+      std::int64_t id = vocab.get(s);
+      if (id < 0 && byte_fallback) {
+        static const char hex[] = "0123456789ABCDEF";
+        std::vector<std::int64_t> ids;
+        for (unsigned char b : s) {
+          const std::int64_t bid = vocab.get(std::string("<0x") + hex[b >> 4] + hex[b & 15] + ">");
+          if (bid < 0) break;
+          ids.push_back(bid);
+        }
+        if (ids.size() == s.size()) {
+          for (std::size_t k = 0; k < s.size(); ++k) {
+            const unsigned char b = static_cast<unsigned char>(s[k]);
+            out->push_back({ids[k], std::string("<0x") + hex[b >> 4] + hex[b & 15] + ">", pc.first, pc.second});
+          }
+          continue;
+        }
+      }
+      if (id < 0) {
+        if (unk_id < 0) return Status::error("Unigram: an unknown piece and the model has no unk_id");
+        id = unk_id;
+      }
+      out->push_back({id, s, pc.first, pc.second});
+    }
+    return Status();
+  }
+};
+
 Status parse_model(const Json& j, std::unique_ptr<TokModel>* out) {
   const std::string where = "model";
   if (j.type != Json::kObject) return err(where, std::string("expected an object, got ") + type_name(j));
@@ -1126,6 +1267,44 @@ Status parse_model(const Json& j, std::unique_ptr<TokModel>* out) {
       if (in < 0) return err(w, "merged token " + quoted(merged) + " is not in the vocabulary");
       m->merges[{ia, ib}] = {static_cast<std::int64_t>(r), in};
     }
+    *out = std::move(m);
+  } else if (type == "WordLevel") {
+    auto m = std::make_unique<WordLevel>();
+    if (!(st = need(j, "vocab", where, &vocab)).ok()) return st;
+    if (!(st = parse_vocab_object(*vocab, "model.vocab", &m->vocab)).ok()) return st;
+    if (!(st = req_string(j, "unk_token", where, &m->unk)).ok()) return st;
+    *out = std::move(m);
+  } else if (type == "Unigram") {
+    auto m = std::make_unique<Unigram>();
+    if (!(st = need(j, "vocab", where, &vocab)).ok()) return st;
+    if (vocab->type != Json::kArray) return err("model.vocab", "expected an array of [piece, score]");
+    if (vocab->items.empty()) return err("model.vocab", "the vocabulary is empty");
+    if (vocab->items.size() > kMaxId) return err("model.vocab", "too many pieces");
+    m->scores.reserve(vocab->items.size());
+    for (std::size_t i = 0; i < vocab->items.size(); ++i) {
+      const Json& it = vocab->items[i];
+      const std::string w = "model.vocab[" + std::to_string(i) + "]";
+      if (it.type != Json::kArray || it.items.size() != 2 || it.items[1].type != Json::kNumber)
+        return err(w, "expected [piece, score]");
+      std::string piece;
+      if (!(st = as_string(it.items[0], w + "[0]", &piece)).ok()) return st;
+      const auto id = static_cast<std::int64_t>(i);
+      m->vocab.to_id[piece] = id;  // a duplicate piece: the last id wins, as in the library
+      m->vocab.to_token[id] = piece;
+      m->scores.push_back(it.items[1].number);
+      m->min_score = i == 0 ? it.items[1].number : std::min(m->min_score, it.items[1].number);
+      if (!piece.empty()) m->trie.insert(piece, -1);
+    }
+    for (const auto& kv : m->vocab.to_id)
+      if (!kv.first.empty()) m->trie.insert(kv.first, kv.second);
+    const Json* u = j.find("unk_id");
+    if (u && u->type != Json::kNull) {
+      std::uint64_t uid;
+      if (!(st = as_uint(*u, "model.unk_id", kMaxId, &uid)).ok()) return st;
+      if (uid >= vocab->items.size()) return err("model.unk_id", "is not an id of the vocabulary");
+      m->unk_id = static_cast<std::int64_t>(uid);
+    }
+    if (!(st = opt_bool(j, "byte_fallback", where, &m->byte_fallback)).ok()) return st;
     *out = std::move(m);
   } else {
     return err("model.type", "model type " + quoted(type) + " is not supported yet");

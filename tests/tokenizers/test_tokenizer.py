@@ -372,7 +372,8 @@ def test_malformed_files(minilm):
         cpuformer.Tokenizer.from_str("[]")
     bad(lambda d: d.update(version="2.0"), "version")
     bad(lambda d: d.pop("model"), "model")
-    bad(lambda d: d["model"].update(type="Unigram"), "model type 'Unigram' is not supported")
+    bad(lambda d: d["model"].update(type="Unigram"), r"model\.vocab: expected an array")
+    bad(lambda d: d["model"].update(type="Nope"), "model type 'Nope' is not supported")
     bad(lambda d: d.update(normalizer={"type": "Precompiled", "precompiled_charsmap": ""}),
         "normalizer type 'Precompiled' is not supported yet")
     bad(lambda d: d.update(pre_tokenizer={"type": "UnicodeScripts"}), "pre-tokenizer type 'UnicodeScripts'")
@@ -644,3 +645,48 @@ def test_metaspace(bpe_files, corpus, scheme, split):
     ours = cpuformer.Tokenizer.from_str(ref.to_str())
     texts = corpus[:300] + BPE_HARD + ["hey<s>you", "<s> x  y ", "▁already ▁▁x"]
     check_all(ours, ref, texts)
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_unigram_metaspace(bpe_files, corpus, byte_fallback):
+    """Unigram (T5/XLM-R layout without Precompiled): NFKC, Metaspace, Template `$A </s>`, Metaspace decoder."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+    _, lines = bpe_files
+    ref = tokenizers.Tokenizer(models.Unigram())
+    ref.normalizer = normalizers.NFKC()
+    ref.pre_tokenizer = pre_tokenizers.Metaspace()
+    ref.decoder = decoders.Metaspace()
+    trainer = trainers.UnigramTrainer(vocab_size=700, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>",
+                                      show_progress=False)
+    ref.train_from_iterator(lines[:3000], trainer)
+    ref.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    spec = json.loads(ref.to_str())
+    if byte_fallback:
+        spec["model"]["byte_fallback"] = True
+        spec["model"]["vocab"] += [[f"<0x{b:02X}>", -20.0] for b in range(256)]
+    s = json.dumps(spec)
+    ours, ref = cpuformer.Tokenizer.from_str(s), tokenizers.Tokenizer.from_str(s)
+    texts = corpus[:500] + BPE_HARD + ["xé 東京 qqq", "<unk> literally", "ÀÁÂ ǅ ﬁ"]
+    check_all(ours, ref, texts)
+    check_all(ours, ref, texts[:60], texts[60:120])
+    spec["model"]["unk_id"] = None
+    spec["model"]["byte_fallback"] = False
+    ours = cpuformer.Tokenizer.from_str(json.dumps(spec))
+    assert ours.encode("hello").ids == ref.encode("hello").ids
+    with pytest.raises(ValueError, match="unk_id"):
+        ours.encode("東京")
+    spec["model"]["unk_id"] = 10 ** 6
+    with pytest.raises(ValueError, match="unk_id"):
+        cpuformer.Tokenizer.from_str(json.dumps(spec))
+
+
+def test_wordlevel(bpe_files, corpus):
+    from tokenizers import models, pre_tokenizers, trainers
+    _, lines = bpe_files
+    ref = tokenizers.Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    ref.pre_tokenizer = pre_tokenizers.Whitespace()
+    ref.train_from_iterator(lines, trainers.WordLevelTrainer(vocab_size=3000, special_tokens=["[UNK]"],
+                                                             show_progress=False))
+    ours = cpuformer.Tokenizer.from_str(ref.to_str())
+    check_all(ours, ref, corpus[:500] + HARD)

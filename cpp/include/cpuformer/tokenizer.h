@@ -15,7 +15,7 @@
 //                   (not yet: StripAccents, Precompiled, Nmt, ByteLevel)
 //   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Metaspace, Split, ByteLevel,
 //                   Sequence (not yet: UnicodeScripts, CharDelimiterSplit, FixedLength)
-//   models          WordPiece, BPE (dropout must be null or 0) (not yet: Unigram, WordLevel)
+//   models          WordPiece, BPE (dropout must be null or 0), Unigram, WordLevel
 //   post-processors TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence
 //   decoders        WordPiece, ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder, Sequence
 //                   (not yet: CTC)
