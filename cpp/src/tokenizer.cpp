@@ -508,6 +508,25 @@ struct PrependN : Normalizer {
   }
 };
 
+struct NmtN : Normalizer {
+  void normalize(Piece* p) const override {
+    filter_piece(p, [](char32_t c) {
+      return !((c >= 0x01 && c <= 0x08) || c == 0x0B || (c >= 0x0E && c <= 0x1F) || c == 0x7F || c == 0x8F ||
+               c == 0x9F);
+    });
+    for (auto& c : p->s)
+      if (c == 0x09 || c == 0x0A || c == 0x0C || c == 0x0D || c == 0x1680 || (c >= 0x200B && c <= 0x200F) ||
+          c == 0x2028 || c == 0x2029 || c == 0x2581 || c == 0xFEFF || c == 0xFFFD)
+        c = ' ';
+  }
+};
+
+void byte_level_chars(Piece* p);
+
+struct ByteLevelN : Normalizer {
+  void normalize(Piece* p) const override { byte_level_chars(p); }
+};
+
 struct SequenceN : Normalizer {
   std::vector<std::unique_ptr<Normalizer>> items;
   void normalize(Piece* p) const override {
@@ -558,6 +577,10 @@ Status parse_normalizer(const Json& j, const std::string& where, int depth, std:
     if (!(st = req_string(j, "prepend", where, &s)).ok()) return st;
     uni::utf8_to_utf32(s, &n->prefix);
     *out = std::move(n);
+  } else if (type == "Nmt") {
+    *out = std::make_unique<NmtN>();
+  } else if (type == "ByteLevel") {
+    *out = std::make_unique<ByteLevelN>();
   } else if (type == "Sequence") {
     auto n = std::make_unique<SequenceN>();
     const Json* items;
@@ -691,22 +714,46 @@ struct ByteLevelPre : PreTokenizer {
     } else {
       parts.push_back(std::move(p));
     }
-    const ByteMap& bm = byte_map();
-    std::string buf;
     for (auto& q : parts) {
       if (q.s.empty()) continue;
-      Piece r;
-      r.shift = q.shift;
-      for (std::size_t i = 0; i < q.s.size(); ++i) {
-        buf.clear();
-        uni::append_utf8(q.s[i], &buf);
-        for (unsigned char b : buf) {
-          r.s.push_back(bm.to_char[b]);
-          r.al.push_back(q.al[i]);
-        }
-      }
-      out->push_back(std::move(r));
+      byte_level_chars(&q);
+      out->push_back(std::move(q));
     }
+  }
+};
+
+// Each UTF-8 byte of each char becomes its GPT-2 byte char, with the char's range.
+void byte_level_chars(Piece* p) {
+  const ByteMap& bm = byte_map();
+  std::u32string s;
+  std::vector<Range> al;
+  s.reserve(p->s.size());
+  al.reserve(p->s.size());
+  std::string buf;
+  for (std::size_t i = 0; i < p->s.size(); ++i) {
+    buf.clear();
+    uni::append_utf8(p->s[i], &buf);
+    for (unsigned char b : buf) {
+      s.push_back(bm.to_char[b]);
+      al.push_back(p->al[i]);
+    }
+  }
+  p->s = std::move(s);
+  p->al = std::move(al);
+}
+
+struct CharDelimiterPre : PreTokenizer {
+  char32_t delimiter = ' ';
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    const char32_t d = delimiter;
+    split_by(p, char_matches(p.s, [d](char32_t c) { return c == d; }), Behavior::Removed, out);
+  }
+};
+
+struct FixedLengthPre : PreTokenizer {
+  std::size_t length = 5;
+  void split(Piece&& p, std::vector<Piece>* out) const override {
+    for (std::size_t b = 0; b < p.s.size(); b += length) out->push_back(slice(p, b, std::min(p.s.size(), b + length)));
   }
 };
 
@@ -811,6 +858,25 @@ Status parse_pre(const Json& j, const std::string& where, int depth, std::unique
       std::string error;
       if (!regex::Regex::compile(kGpt2Pattern, &p->re, &error))
         return err(where, "ByteLevel's GPT-2 regex is not supported: " + error);
+    }
+    *out = std::move(p);
+  } else if (type == "CharDelimiterSplit") {
+    auto p = std::make_unique<CharDelimiterPre>();
+    std::string d;
+    if (!(st = req_string(j, "delimiter", where, &d)).ok()) return st;
+    std::u32string u;
+    uni::utf8_to_utf32(d, &u);
+    if (u.size() != 1) return err(where + ".delimiter", "expected exactly one character");
+    p->delimiter = u[0];
+    *out = std::move(p);
+  } else if (type == "FixedLength") {
+    auto p = std::make_unique<FixedLengthPre>();
+    const Json* v = j.find("length");
+    if (v && v->type != Json::kNull) {
+      std::uint64_t n;
+      if (!(st = as_uint(*v, where + ".length", kMaxLen, &n)).ok()) return st;
+      if (n == 0) return err(where + ".length", "must be at least 1");
+      p->length = static_cast<std::size_t>(n);
     }
     *out = std::move(p);
   } else if (type == "Metaspace") {
@@ -1848,6 +1914,32 @@ struct BPEDec : Decoder {
   }
 };
 
+void wordpiece_cleanup(std::string* t) {
+  static const char* const kPairs[][2] = {{" .", "."},   {" ?", "?"},     {" !", "!"},   {" ,", ","},
+                                          {" ' ", "'"},  {" n't", "n't"}, {" 'm", "'m"}, {" do not", " don't"},
+                                          {" 's", "'s"}, {" 've", "'ve"}, {" 're", "'re"}};
+  for (const auto& p : kPairs) replace_all(t, p[0], p[1]);
+}
+
+struct CTCDec : Decoder {
+  std::string pad = "<pad>", delimiter = "|";
+  bool cleanup = true;
+  void decode_chain(std::vector<std::string>* tokens) const override {
+    std::vector<std::string> out;
+    for (std::size_t i = 0; i < tokens->size(); ++i) {
+      if (i > 0 && (*tokens)[i] == (*tokens)[i - 1]) continue;  // consecutive duplicates
+      std::string t = (*tokens)[i];
+      replace_all(&t, pad, "");
+      if (cleanup) {
+        wordpiece_cleanup(&t);
+        replace_all(&t, delimiter, " ");
+      }
+      if (!t.empty()) out.push_back(std::move(t));
+    }
+    *tokens = std::move(out);
+  }
+};
+
 struct SequenceDec : Decoder {
   std::vector<std::unique_ptr<Decoder>> items;
   void decode_chain(std::vector<std::string>* tokens) const override {
@@ -1877,6 +1969,12 @@ Status parse_decoder(const Json& j, const std::string& where, int depth, std::un
     if (u.size() != 1) return err(where + ".replacement", "expected exactly one character");
     d->replacement = u[0];
     if (!(st = parse_prepend_scheme(j, where, &d->scheme)).ok()) return st;
+    *out = std::move(d);
+  } else if (type == "CTC") {
+    auto d = std::make_unique<CTCDec>();
+    if (!(st = req_string(j, "pad_token", where, &d->pad)).ok()) return st;
+    if (!(st = req_string(j, "word_delimiter_token", where, &d->delimiter)).ok()) return st;
+    if (!(st = req_bool(j, "cleanup", where, &d->cleanup)).ok()) return st;
     *out = std::move(d);
   } else if (type == "ByteFallback") {
     *out = std::make_unique<ByteFallbackDec>();

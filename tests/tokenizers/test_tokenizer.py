@@ -379,7 +379,9 @@ def test_malformed_files(minilm):
     bad(lambda d: d.update(pre_tokenizer={"type": "UnicodeScripts"}), "pre-tokenizer type 'UnicodeScripts'")
     bad(lambda d: d.update(pre_tokenizer={"type": "Metaspace"}), r"pre_tokenizer: missing field 'replacement'")
     bad(lambda d: d.update(pre_tokenizer={"type": "Metaspace", "replacement": "ab"}), "one character")
-    bad(lambda d: d.update(decoder={"type": "CTC"}), "decoder type 'CTC'")
+    bad(lambda d: d.update(decoder={"type": "Nope"}), "decoder type 'Nope'")
+    bad(lambda d: d.update(decoder={"type": "CTC"}), "missing field 'pad_token'")
+    bad(lambda d: d.update(pre_tokenizer={"type": "FixedLength", "length": 0}), "at least 1")
     bad(lambda d: d.update(post_processor={"type": "Nope"}), "post-processor type 'Nope'")
     bad(lambda d: d["normalizer"].update(lowercase="yes"), r"normalizer\.lowercase: expected a bool")
     bad(lambda d: d["model"]["vocab"].update({"x": -1}), r"model\.vocab.*integer")
@@ -494,7 +496,8 @@ def _components():
              N.Replace(" ", "▁"), N.Replace("ab", "XYZ"), N.Replace(Regex(r"\s+"), " "), N.Replace(Regex("[aeiou]"), ""),
              N.Prepend("▁"), N.Sequence([N.NFKD(), N.Lowercase(), N.Strip(), N.Prepend("##")]),
              N.BertNormalizer(lowercase=False), N.BertNormalizer(strip_accents=True, lowercase=False),
-             N.BertNormalizer(clean_text=False, handle_chinese_chars=False)]
+             N.BertNormalizer(clean_text=False, handle_chinese_chars=False), N.Nmt(), N.ByteLevel(),
+             N.Sequence([N.Nmt(), N.NFKC(), N.Replace(Regex(" {2,}"), "▁")])]
     pres = [P.BertPreTokenizer(), P.Whitespace(), P.WhitespaceSplit(), P.Digits(True), P.Digits(False),
             P.ByteLevel(add_prefix_space=True, use_regex=False), P.ByteLevel(add_prefix_space=False)]
     for b in ("removed", "isolated", "merged_with_previous", "merged_with_next", "contiguous"):
@@ -503,6 +506,7 @@ def _components():
         pres.append(P.Split(Regex(r"\s+|\p{P}"), b, invert=False))
         pres.append(P.Split(Regex(r"\p{L}+"), b, invert=True))
     pres.append(P.Sequence([P.WhitespaceSplit(), P.Digits(True), P.Punctuation()]))
+    pres += [P.CharDelimiterSplit("a"), P.CharDelimiterSplit(" "), P.FixedLength(3), P.FixedLength(1)]
     return norms, pres
 
 
@@ -690,3 +694,19 @@ def test_wordlevel(bpe_files, corpus):
                                                              show_progress=False))
     ours = cpuformer.Tokenizer.from_str(ref.to_str())
     check_all(ours, ref, corpus[:500] + HARD)
+
+
+def test_ctc_and_wordpiece_decoders(minilm, corpus):
+    from tokenizers import decoders
+    _, _, path = minilm
+    ref = tokenizers.Tokenizer.from_file(path)
+    ref.no_padding()
+    samples = [ref.encode(t).ids for t in corpus[:200]] + [[1996, 1996, 0, 0, 1010, 1005, 1056, 1012, 1029, 999]]
+    for dec in (decoders.CTC(pad_token="[PAD]", word_delimiter_token="the", cleanup=True),
+                decoders.CTC(pad_token="the", word_delimiter_token="##s", cleanup=False),
+                decoders.WordPiece(prefix="##", cleanup=False), decoders.WordPiece(prefix="a", cleanup=True)):
+        ref.decoder = dec
+        ours = cpuformer.Tokenizer.from_str(ref.to_str())
+        for ids in samples:
+            for skip in (True, False):
+                assert ours.decode(ids, skip) == ref.decode(ids, skip), (dec, ids)

@@ -11,14 +11,13 @@
 //
 // The goal is the same ids, tokens, offsets, masks and decoded text as the `tokenizers` library (0.23) for the
 // same file. Supported components (anything else is an error Status naming it, never an approximation):
-//   normalizers     BertNormalizer, Lowercase, NFC, NFD, NFKC, NFKD, Strip, Replace, Prepend, Sequence
-//                   (not yet: StripAccents, Precompiled, Nmt, ByteLevel)
+//   normalizers     BertNormalizer, Lowercase, NFC, NFD, NFKC, NFKD, Strip, Replace, Prepend, Nmt, ByteLevel,
+//                   Sequence (not yet: StripAccents, Precompiled)
 //   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Metaspace, Split, ByteLevel,
-//                   Sequence (not yet: UnicodeScripts, CharDelimiterSplit, FixedLength)
+//                   CharDelimiterSplit, FixedLength, Sequence (not yet: UnicodeScripts)
 //   models          WordPiece, BPE (dropout must be null or 0), Unigram, WordLevel
 //   post-processors TemplateProcessing, BertProcessing, RobertaProcessing, ByteLevel, Sequence
-//   decoders        WordPiece, ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder, Sequence
-//                   (not yet: CTC)
+//   decoders        WordPiece, ByteLevel, Metaspace, ByteFallback, Fuse, Strip, Replace, BPEDecoder, CTC, Sequence
 //   Regex patterns (Split, Replace, ByteLevel's GPT-2 pattern) run on cpuformer's Oniguruma-compatible engine; a
 //   construct it does not support is an error when the file is loaded.
 //   added tokens    special or not; single_word, lstrip, rstrip, normalized
