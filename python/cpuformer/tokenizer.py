@@ -11,6 +11,7 @@ padding and truncation before sharing it).
 """
 from __future__ import annotations
 
+import json as _json
 import os
 from typing import Iterable, List, Optional, Sequence, Union
 
@@ -46,6 +47,98 @@ def _count(value, name: str, allow_none: bool = False):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     return value
+
+
+def _read_config(model_dir: str) -> dict:
+    cfg = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+        path = os.path.join(model_dir, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                d = _json.load(f)
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}: expected a JSON object")
+            cfg.update(d)
+    return cfg
+
+
+def _token(cfg: dict, key: str, default):
+    v = cfg.get(key, default)
+    if isinstance(v, dict):  # {"content": ..., ...} as transformers saves AddedToken
+        v = v.get("content")
+    return v if isinstance(v, str) and v else None
+
+
+def _added(content: str, vocab: dict) -> dict:
+    return {"id": vocab.get(content, 0), "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": True}
+
+
+def _bert_spec(vocab_path: str, cfg: dict) -> dict:
+    """A BERT vocab.txt as transformers' BertTokenizerFast converts it."""
+    vocab = {}
+    with open(vocab_path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            vocab[line.rstrip("\n")] = i
+    names = {k: _token(cfg, k, d) for k, d in (("unk_token", "[UNK]"), ("sep_token", "[SEP]"),
+                                                ("pad_token", "[PAD]"), ("cls_token", "[CLS]"),
+                                                ("mask_token", "[MASK]"))}
+    cls_, sep = names["cls_token"], names["sep_token"]
+    if cls_ not in vocab or sep not in vocab or names["unk_token"] not in vocab:
+        raise ValueError(f"{vocab_path}: the vocabulary lacks {cls_!r}, {sep!r} or {names['unk_token']!r}")
+    lower = cfg.get("do_lower_case", True)
+    special = [names[k] for k in ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token") if names[k]]
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added(t, vocab) for t in special],
+        "normalizer": {"type": "BertNormalizer", "clean_text": True,
+                       "handle_chinese_chars": bool(cfg.get("tokenize_chinese_chars", True)),
+                       "strip_accents": cfg.get("strip_accents"), "lowercase": bool(lower)},
+        "pre_tokenizer": {"type": "BertPreTokenizer"},
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": cls_, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                       {"SpecialToken": {"id": sep, "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": cls_, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": sep, "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}},
+                     {"SpecialToken": {"id": sep, "type_id": 1}}],
+            "special_tokens": {t: {"id": t, "ids": [vocab[t]], "tokens": [t]} for t in (cls_, sep)}},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": True},
+        "model": {"type": "WordPiece", "unk_token": names["unk_token"], "continuing_subword_prefix": "##",
+                  "max_input_chars_per_word": 100, "vocab": vocab},
+    }
+
+
+def _gpt2_spec(vocab_path: str, merges_path: str, cfg: dict) -> dict:
+    """A GPT-2 vocab.json + merges.txt as transformers' GPT2TokenizerFast converts them."""
+    with open(vocab_path, encoding="utf-8") as f:
+        vocab = _json.load(f)
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{vocab_path}: expected a JSON object of token -> id")
+    merges = []
+    with open(merges_path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            line = line.rstrip("\n")
+            if (i == 0 and line.startswith("#version")) or not line:
+                continue
+            merges.append(line)
+    apsp = bool(cfg.get("add_prefix_space", False))
+    special = []
+    for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        t = _token(cfg, key, None)
+        if t and t in vocab and t not in special:
+            special.append(t)
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [_added(t, vocab) for t in special],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": apsp, "trim_offsets": True, "use_regex": True},
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "vocab": vocab,
+                  "merges": merges},
+    }
 
 
 class Encoding:
@@ -102,13 +195,20 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, os.PathLike]) -> "Tokenizer":
-        """Load ``tokenizer.json`` from a model directory (as ``transformers`` and ``sentence-transformers`` save
-        them)."""
+        """Load the tokenizer of a model directory (as ``transformers`` and ``sentence-transformers`` save them):
+        its ``tokenizer.json``; without one, a BERT ``vocab.txt`` or a GPT-2 ``vocab.json`` + ``merges.txt``, built
+        the way ``transformers`` converts them to a fast tokenizer (settings from ``tokenizer_config.json``)."""
         model_dir = os.fspath(model_dir)
         path = os.path.join(model_dir, "tokenizer.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{model_dir!r} has no tokenizer.json")
-        return cls.from_file(path)
+        if os.path.isfile(path):
+            return cls.from_file(path)
+        cfg = _read_config(model_dir)
+        if os.path.isfile(os.path.join(model_dir, "vocab.txt")):
+            return cls.from_str(_json.dumps(_bert_spec(os.path.join(model_dir, "vocab.txt"), cfg)))
+        vocab, merges = os.path.join(model_dir, "vocab.json"), os.path.join(model_dir, "merges.txt")
+        if os.path.isfile(vocab) and os.path.isfile(merges):
+            return cls.from_str(_json.dumps(_gpt2_spec(vocab, merges, cfg)))
+        raise FileNotFoundError(f"{model_dir!r} has no tokenizer.json, vocab.txt or vocab.json + merges.txt")
 
     # ---- encoding ------------------------------------------------------------------------------------------
     def encode(self, sequence: str, pair: Optional[str] = None, add_special_tokens: bool = True) -> Encoding:

@@ -710,3 +710,38 @@ def test_ctc_and_wordpiece_decoders(minilm, corpus):
         for ids in samples:
             for skip in (True, False):
                 assert ours.decode(ids, skip) == ref.decode(ids, skip), (dec, ids)
+
+
+def test_from_pretrained_vocab_files(minilm, bpe_files, corpus, tmp_path):
+    import shutil
+    _, _, path = minilm
+    src = Path(path).parent
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, bert / name)
+    ours = cpuformer.Tokenizer.from_pretrained(bert)
+    ref = tokenizers.Tokenizer.from_file(path)
+    ref.no_padding()
+    ref.no_truncation()
+    check_all(ours, ref, corpus[:300] + HARD)
+    check_all(ours, ref, corpus[:50], corpus[50:100])
+    # GPT-2 style vocab.json + merges.txt, against the library's ByteLevelBPETokenizer on the same files
+    files, lines = bpe_files
+    gpt = tmp_path / "gpt2"
+    gpt.mkdir()
+    bl = tokenizers.ByteLevelBPETokenizer()
+    bl.train_from_iterator(lines[:3000], vocab_size=800, min_frequency=2, special_tokens=["<|endoftext|>"])
+    bl.save_model(str(gpt))
+    ref = tokenizers.ByteLevelBPETokenizer.from_file(str(gpt / "vocab.json"), str(gpt / "merges.txt"))
+    ours = cpuformer.Tokenizer.from_pretrained(gpt)
+    texts = corpus[:300] + BPE_HARD
+    a, b = ours.encode_batch(texts), ref.encode_batch(texts)
+    for t, x, y in zip(texts, a, b):
+        assert_same(x, y, t)
+        assert ours.decode(x.ids) == ref.decode(y.ids)
+    (gpt / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}), encoding="utf-8")
+    ours = cpuformer.Tokenizer.from_pretrained(gpt)
+    assert ours.encode("a<|endoftext|>b").tokens == ["a", "<|endoftext|>", "b"]
+    assert ours.decode(ours.encode("a<|endoftext|>b").ids) == "ab"
