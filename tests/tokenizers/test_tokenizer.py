@@ -514,6 +514,7 @@ def test_other_components(minilm, corpus):
     from tokenizers import models
     _, _, path = minilm
     vocab = json.loads(Path(path).read_text(encoding="utf-8"))["model"]["vocab"]
+    vocab = {t: i for t, i in vocab.items() if i < 6000}  # a smaller vocabulary keeps the ~100 loads fast
     texts = HARD + ["ab abab cab x1234y 12 ３４ ½", "  lead and trail  ", "Hello World", "a\u0301b ﬁ ①"] + corpus[:150]
     norms, pres = _components()
     checked = 0
@@ -745,3 +746,18 @@ def test_from_pretrained_vocab_files(minilm, bpe_files, corpus, tmp_path):
     ours = cpuformer.Tokenizer.from_pretrained(gpt)
     assert ours.encode("a<|endoftext|>b").tokens == ["a", "<|endoftext|>", "b"]
     assert ours.decode(ours.encode("a<|endoftext|>b").ids) == "ab"
+
+
+def test_bpe_prefix_suffix(bpe_files, corpus):
+    """BPE with continuing_subword_prefix and end_of_word_suffix (merges strip the prefix), BPEDecoder."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    _, lines = bpe_files
+    ref = tokenizers.Tokenizer(models.BPE(unk_token="[UNK]", continuing_subword_prefix="##",
+                                          end_of_word_suffix="</w>"))
+    ref.pre_tokenizer = pre_tokenizers.Whitespace()
+    ref.decoder = decoders.BPEDecoder(suffix="</w>")
+    ref.train_from_iterator(lines[:3000], trainers.BpeTrainer(
+        vocab_size=900, special_tokens=["[UNK]"], continuing_subword_prefix="##", end_of_word_suffix="</w>",
+        limit_alphabet=70, show_progress=False))
+    ours = cpuformer.Tokenizer.from_str(ref.to_str())
+    check_all(ours, ref, corpus[:300] + BPE_HARD)
