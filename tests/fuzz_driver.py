@@ -1,7 +1,7 @@
 """Randomized bad-input driver for every public op, layer and model, and for model files (run by tests/test_fuzz.py
 in child processes, so a crash or a hang is caught and reported by case number instead of killing pytest).
 
-    python tests/fuzz_driver.py ops|layers|models|files SEED COUNT [FOLDER]
+    python tests/fuzz_driver.py ops|layers|models|files|tokenizers SEED COUNT [FOLDER]
 
 Each case starts from valid arguments, replaces one or two of them with a bad value (wrong dtype, rank or shape, 0-d,
 zero-size, non-contiguous, read-only, NaN/inf, out-of-range ids, aliasing another argument, wrong Python types) and
@@ -403,6 +403,72 @@ def fuzz_files(rng, count, folder):
         run_case(n, f"load(mutation of source {n % len(sources)})", go)
 
 
+# ---------------------------------------------------------------------------------------------- tokenizer files
+
+def mutate_json_text(rng, text: str) -> str:
+    """A damaged tokenizer.json: flipped characters, a cut, or a value replaced inside the parsed tree."""
+    what = int(rng.integers(3))
+    if what == 0:
+        chars = list(text)
+        for _ in range(int(rng.integers(1, 6))):
+            chars[int(rng.integers(len(chars)))] = chr(int(rng.choice([0, 0x22, 0x5c, 0x7b, 0x5d, 0xe9, 0x1f600,
+                                                                        int(rng.integers(32, 127))])))
+        return "".join(chars)
+    if what == 1:
+        return text[: int(rng.integers(len(text)))]
+    tree = json.loads(text)
+    values = [None, -1, 2**63, 1.5, "x", "", [], {}, True, "\ud800", {"type": "Nope"}, [[1, 2]], 10**9]
+
+    def walk(node, depth=0):  # replace one value somewhere in the tree
+        keys = list(node) if isinstance(node, dict) else list(range(len(node))) if isinstance(node, list) else []
+        if not keys:
+            return
+        key = keys[int(rng.integers(len(keys)))]
+        if depth > 1 and rng.random() < 0.4 or not isinstance(node[key], (dict, list)):
+            node[key] = values[int(rng.integers(len(values)))]
+        else:
+            walk(node[key], depth + 1)
+
+    walk(tree)
+    return json.dumps(tree)
+
+
+TOKENIZER_TEXTS = ["", "Hello, world!", "  Two  spaces\tand\nlines ", "Café naïve 中文 😀\u200d!", "[CLS] [MASK] x",
+                   "a" * 300]
+
+
+def fuzz_tokenizers(rng, count, folder):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cpp", "fuzz"))
+    import make_tokenizer_seeds  # needs the tokenizers package (a test-only reference)
+
+    make_tokenizer_seeds.main(folder)
+    sources = [open(os.path.join(folder, f), encoding="utf-8").read() for f in sorted(os.listdir(folder))]
+    good = [cpuformer.Tokenizer.from_str(src) for src in sources]
+    for n in range(count):
+        if n % 3:  # a damaged file
+            text = mutate_json_text(rng, sources[n % len(sources)])
+
+            def go():
+                tok = cpuformer.Tokenizer.from_str(text)
+                for t in TOKENIZER_TEXTS:
+                    enc = tok.encode(t, "pair" if rng.random() < 0.3 else None)
+                    tok.decode(enc.ids)
+            run_case(n, f"Tokenizer.from_str(mutation of source {n % len(sources)})", go)
+        else:  # bad arguments to a good tokenizer
+            tok = good[n % len(good)]
+            bad = BAD_SCALARS[int(rng.integers(len(BAD_SCALARS)))]
+            calls = [lambda: tok.encode(bad), lambda: tok.encode("x", bad), lambda: tok.decode([bad]),
+                     lambda: tok.decode(bad_ids(rng, np.arange(3), [])), lambda: tok.encode_batch([bad, "x"]),
+                     lambda: tok.id_to_token(bad), lambda: tok.token_to_id(bad),
+                     lambda: tok.enable_truncation(bad), lambda: tok.enable_padding(length=bad),
+                     lambda: tok(["a", "b c"], padding=bad, truncation=True, max_length=4, return_tensors="np"),
+                     lambda: tok("\ud800"), lambda: tok.encode("a\x00b" * 50)]
+            i = int(rng.integers(len(calls)))
+            run_case(n, f"tokenizer call {i} with {bad!r}", calls[i])
+            tok.no_padding()
+            tok.no_truncation()
+
+
 if __name__ == "__main__":
     kind, seed, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     rng = np.random.default_rng(seed)
@@ -416,6 +482,8 @@ if __name__ == "__main__":
         fuzz_models(rng, count)
     elif kind == "files":
         fuzz_files(rng, count, sys.argv[4])
+    elif kind == "tokenizers":
+        fuzz_tokenizers(rng, count, sys.argv[4])
     else:
         raise SystemExit(f"unknown kind {kind}")
     print("DONE", flush=True)
