@@ -1016,14 +1016,64 @@ struct WordPiece : TokModel {
   }
 };
 
-struct PairHash {
-  std::size_t operator()(const std::pair<std::int64_t, std::int64_t>& p) const {
-    return std::hash<std::int64_t>()(p.first * 1000003 + p.second);
+// BPE merges: (left id, right id) -> (rank, merged id) in an open-addressing table (ids are < 2^31).
+class MergeMap {
+ public:
+  struct Entry {
+    std::uint64_t key = kEmpty;
+    std::int64_t rank = 0, new_id = 0;
+  };
+  void reserve(std::size_t n) {
+    std::size_t cap = 16;
+    while (cap < 2 * n + 2) cap <<= 1;
+    table_.assign(cap, Entry{});
+    size_ = 0;
   }
+  // Insert or overwrite (a later duplicate wins, as the library's hash map insert does).
+  void set(std::int64_t a, std::int64_t b, std::int64_t rank, std::int64_t new_id) {
+    if (2 * (size_ + 1) > table_.size()) grow();
+    Entry* e = slot(key(a, b));
+    if (e->key == kEmpty) ++size_;
+    *e = {key(a, b), rank, new_id};
+  }
+  const Entry* find(std::int64_t a, std::int64_t b) const {
+    if (table_.empty()) return nullptr;
+    const Entry* e = slot(key(a, b));
+    return e->key == kEmpty ? nullptr : e;
+  }
+
+ private:
+  static constexpr std::uint64_t kEmpty = ~std::uint64_t{0};
+  static std::uint64_t key(std::int64_t a, std::int64_t b) {
+    return (static_cast<std::uint64_t>(a) << 32) | static_cast<std::uint64_t>(b);
+  }
+  static std::size_t hash(std::uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    return static_cast<std::size_t>(k);
+  }
+  Entry* slot(std::uint64_t k) const {
+    const std::size_t mask = table_.size() - 1;
+    std::size_t i = hash(k) & mask;
+    while (table_[i].key != kEmpty && table_[i].key != k) i = (i + 1) & mask;
+    return const_cast<Entry*>(&table_[i]);
+  }
+  void grow() {
+    std::vector<Entry> old = std::move(table_);
+    reserve(std::max<std::size_t>(16, old.size()));
+    for (const auto& e : old)
+      if (e.key != kEmpty) {
+        *slot(e.key) = e;
+        ++size_;
+      }
+  }
+  std::vector<Entry> table_;
+  std::size_t size_ = 0;
 };
 
 struct BPE : TokModel {
-  std::unordered_map<std::pair<std::int64_t, std::int64_t>, std::pair<std::int64_t, std::int64_t>, PairHash> merges;
+  MergeMap merges;
   bool has_unk = false, has_prefix = false, has_suffix = false;
   std::string unk, prefix, suffix;
   bool fuse_unk = false, byte_fallback = false, ignore_merges = false;
@@ -1106,8 +1156,8 @@ struct BPE : TokModel {
 
     std::priority_queue<Merge, std::vector<Merge>, MergeCmp> queue;
     for (std::size_t i = 0; i + 1 < syms.size(); ++i) {
-      auto it = merges.find({syms[i].id, syms[i + 1].id});
-      if (it != merges.end()) queue.push({i, it->second.first, it->second.second});
+      const auto* m = merges.find(syms[i].id, syms[i + 1].id);
+      if (m) queue.push({i, m->rank, m->new_id});
     }
     while (!queue.empty()) {
       const Merge top = queue.top();
@@ -1116,8 +1166,8 @@ struct BPE : TokModel {
       if (cur.len == 0 || cur.next < 0) continue;
       const std::size_t next_pos = static_cast<std::size_t>(cur.next);
       const Sym right = syms[next_pos];
-      auto it = merges.find({cur.id, right.id});
-      if (it == merges.end() || it->second.second != top.new_id) continue;
+      const auto* m = merges.find(cur.id, right.id);
+      if (!m || m->new_id != top.new_id) continue;
       cur.id = top.new_id;
       cur.len += right.len;
       cur.next = right.next;
@@ -1125,13 +1175,12 @@ struct BPE : TokModel {
       if (right.next >= 0 && static_cast<std::size_t>(right.next) < syms.size())
         syms[static_cast<std::size_t>(right.next)].prev = static_cast<std::ptrdiff_t>(top.pos);
       if (cur.prev >= 0) {
-        auto pit = merges.find({syms[static_cast<std::size_t>(cur.prev)].id, cur.id});
-        if (pit != merges.end())
-          queue.push({static_cast<std::size_t>(cur.prev), pit->second.first, pit->second.second});
+        const auto* pm = merges.find(syms[static_cast<std::size_t>(cur.prev)].id, cur.id);
+        if (pm) queue.push({static_cast<std::size_t>(cur.prev), pm->rank, pm->new_id});
       }
       if (cur.next >= 0 && static_cast<std::size_t>(cur.next) < syms.size()) {
-        auto nit = merges.find({cur.id, syms[static_cast<std::size_t>(cur.next)].id});
-        if (nit != merges.end()) queue.push({top.pos, nit->second.first, nit->second.second});
+        const auto* nm = merges.find(cur.id, syms[static_cast<std::size_t>(cur.next)].id);
+        if (nm) queue.push({top.pos, nm->rank, nm->new_id});
       }
     }
     std::size_t pos = 0;
@@ -1331,7 +1380,7 @@ Status parse_model(const Json& j, std::unique_ptr<TokModel>* out) {
       const std::string merged = a + b.substr(plen);
       const std::int64_t in = m->vocab.get(merged);
       if (in < 0) return err(w, "merged token " + quoted(merged) + " is not in the vocabulary");
-      m->merges[{ia, ib}] = {static_cast<std::int64_t>(r), in};
+      m->merges.set(ia, ib, static_cast<std::int64_t>(r), in);
     }
     *out = std::move(m);
   } else if (type == "WordLevel") {

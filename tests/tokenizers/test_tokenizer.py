@@ -761,3 +761,39 @@ def test_bpe_prefix_suffix(bpe_files, corpus):
         limit_alphabet=70, show_progress=False))
     ours = cpuformer.Tokenizer.from_str(ref.to_str())
     check_all(ours, ref, corpus[:300] + BPE_HARD)
+
+
+@pytest.fixture(scope="module")
+def random_targets(bpe_files):
+    """(ours, ref) pairs for the random-text test: byte-level BPE (RoBERTa), Llama-3 regex split, Unigram."""
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    files, lines = bpe_files
+    out = [(cpuformer.Tokenizer.from_file(str(files["roberta"])), tokenizers.Tokenizer.from_file(str(files["roberta"])))]
+    ref = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    ref.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    ref.decoder = decoders.ByteLevel()
+    ref.train_from_iterator(lines[:2000], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=["<s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    out.append((cpuformer.Tokenizer.from_str(ref.to_str()), ref))
+    ref = tokenizers.Tokenizer(models.Unigram())
+    ref.normalizer = normalizers.NFKC()
+    ref.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    ref.decoder = decoders.Metaspace(prepend_scheme="first")
+    ref.train_from_iterator(lines[:2000], trainers.UnigramTrainer(vocab_size=400, special_tokens=["<unk>", "<s>"],
+                                                                 unk_token="<unk>", show_progress=False))
+    out.append((cpuformer.Tokenizer.from_str(ref.to_str()), ref))
+    return out
+
+
+_MIXED2 = st.one_of(_ALPHABET, st.sampled_from(list(" \t\n\r\u00a0\u3000'sS0123456789!?é😀ſ") + ["<s>", "</s>", "'ll"]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_MIXED2, max_size=40).map("".join), st.one_of(st.none(), st.text(_ALPHABET, max_size=15)))
+def test_random_unicode_bpe_unigram(random_targets, text, pair):
+    for ours, ref in random_targets:
+        a, b = ours.encode(text, pair), ref.encode(text, pair)
+        assert_same(a, b, (text, pair))
+        assert ours.decode(a.ids, False) == ref.decode(b.ids, False)
