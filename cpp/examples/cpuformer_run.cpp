@@ -6,8 +6,19 @@
 //   cpuformer_run MODEL embed    IDS [BATCH [MASK]]                           mean-pooled hidden states per row
 //
 // IDS and MASK are comma-separated integers (BATCH rows of equal length). Output: numbers separated by spaces,
-// one row per line. Exit status 1 with a message on stderr for any error: bad arguments and any model file,
-// however malformed, included (never a crash).
+// one row per line.
+//
+// Text in, text out: when MODEL is a directory holding model.safetensors and tokenizer.json (a Hugging Face
+// tokenizer file), the arguments are texts, encoded by cpuformer's tokenizer:
+//   cpuformer_run DIR generate "a prompt" [MAX_NEW [TOP_K [TEMPERATURE [SEED]]]]   the decoded prompt + continuation
+//   cpuformer_run DIR embed    "text" ["text" ...]                                  one embedding row per text
+//   cpuformer_run DIR classify "text" ["text" ...]                                  class logits per text
+//   cpuformer_run DIR logits   "text"                                               last position's logits
+//   cpuformer_run DIR tokenize "text"                                               ids, then tokens, one per line
+// Several texts are padded to the longest (the tokenizer's pad token) with an attention mask.
+//
+// Exit status 1 with a message on stderr for any error: bad arguments and any model or tokenizer file, however
+// malformed, included (never a crash).
 #include <cctype>
 #include <cerrno>
 #include <climits>
@@ -18,7 +29,10 @@
 #include <string>
 #include <vector>
 
+#include <sys/stat.h>
+
 #include "cpuformer/model.h"
+#include "cpuformer/tokenizer.h"
 
 // Whole-text integer parsing: "5x", "", " 5" or out-of-range values are errors, not silently 5 or 0.
 static bool parse_int(const std::string& text, long long lo, long long hi, long long* value) {
@@ -55,8 +69,124 @@ static void print_rows(const std::vector<float>& v, std::int64_t rows) {
   }
 }
 
+static bool is_directory(const std::string& path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISDIR(info.st_mode);
+}
+
+// The tokenizer's pad id: its padding settings, else a "[PAD]" or "<pad>" token, else 0.
+static std::int64_t pad_id(const cpuformer::Tokenizer& tok) {
+  if (tok.padding()) return tok.padding()->pad_id;
+  for (const char* name : {"[PAD]", "<pad>", "<|pad|>"})
+    if (tok.token_to_id(name) >= 0) return tok.token_to_id(name);
+  return 0;
+}
+
+// Encode texts as one padded batch: ids and attention mask (B*T), and T.
+static cpuformer::Status encode_texts(const cpuformer::Tokenizer& tok, const std::vector<std::string>& texts,
+                                      std::vector<std::int64_t>* ids, std::vector<std::int64_t>* mask,
+                                      std::int64_t* T) {
+  cpuformer::PaddingParams padding;
+  if (tok.padding()) padding = *tok.padding();
+  padding.fixed = false;
+  padding.pad_id = pad_id(tok);
+  std::vector<cpuformer::Encoding> encodings;
+  cpuformer::Status st = tok.encode_batch_with(texts, nullptr, true, nullptr, &padding, &encodings);
+  if (!st.ok()) return st;
+  *T = static_cast<std::int64_t>(encodings[0].size());
+  if (*T == 0) return cpuformer::Status::error("the text encodes to no tokens");
+  for (const auto& e : encodings) {
+    ids->insert(ids->end(), e.ids.begin(), e.ids.end());
+    mask->insert(mask->end(), e.attention_mask.begin(), e.attention_mask.end());
+  }
+  return cpuformer::Status();
+}
+
+// generate's optional MAX_NEW TOP_K TEMPERATURE SEED, from argv[first] on.
+static bool generate_options(int argc, char** argv, int first, int* max_new, cpuformer::GenerateOptions* opts,
+                             std::string* error) {
+  long long arg = 0;
+  if (argc > first) {
+    if (!parse_int(argv[first], INT_MIN, INT_MAX, &arg)) return *error = "MAX_NEW must be an integer", false;
+    *max_new = static_cast<int>(arg);
+  }
+  if (argc > first + 1) {
+    if (!parse_int(argv[first + 1], INT_MIN, INT_MAX, &arg)) return *error = "TOP_K must be an integer", false;
+    opts->top_k = static_cast<int>(arg);
+  }
+  opts->greedy = opts->top_k == 0;
+  if (argc > first + 2) {
+    char* end = nullptr;
+    opts->temperature = std::strtof(argv[first + 2], &end);
+    if (end == argv[first + 2] || *end != '\0') return *error = "TEMPERATURE must be a number", false;
+  }
+  if (argc > first + 3) {
+    if (!parse_int(argv[first + 3], 0, LLONG_MAX, &arg)) return *error = "SEED must be an integer >= 0", false;
+    opts->seed = static_cast<std::uint64_t>(arg);
+  }
+  return true;
+}
+
+// MODEL is a directory with model.safetensors and tokenizer.json: texts in, text or numbers out.
+static int run_text(const std::string& dir, int argc, char** argv) {
+  std::unique_ptr<cpuformer::Tokenizer> tok;
+  cpuformer::Status st = cpuformer::Tokenizer::from_file(dir + "/tokenizer.json", &tok);
+  if (!st.ok()) return fail(st.message());
+  const std::string command = argv[2];
+  if (command == "tokenize") {
+    cpuformer::Encoding e;
+    st = tok->encode(argv[3], nullptr, true, &e);
+    if (!st.ok()) return fail(st.message());
+    for (size_t i = 0; i < e.size(); ++i) std::printf(i ? " %lld" : "%lld", static_cast<long long>(e.ids[i]));
+    std::printf("\n");
+    for (const std::string& t : e.tokens) std::printf("%s\n", t.c_str());
+    return 0;
+  }
+  std::unique_ptr<cpuformer::Model> model;
+  st = cpuformer::Model::load(dir + "/model.safetensors", &model);
+  if (!st.ok()) return fail(st.message());
+  if (command == "generate") {
+    cpuformer::GenerateOptions opts;
+    int max_new = 20;
+    std::string error;
+    if (!generate_options(argc, argv, 4, &max_new, &opts, &error)) return fail(error);
+    cpuformer::Encoding e;
+    st = tok->encode(argv[3], nullptr, true, &e);
+    std::vector<std::int64_t> out;
+    if (st.ok()) st = model->generate(e.ids, max_new, opts, &out);
+    std::string text;
+    if (st.ok()) st = tok->decode(out, true, &text);
+    if (!st.ok()) return fail(st.message());
+    std::printf("%s\n", text.c_str());
+    return 0;
+  }
+  const std::vector<std::string> texts(argv + 3, argv + argc);
+  if (command == "logits" && texts.size() != 1) return fail("logits takes one text");
+  std::vector<std::int64_t> ids, mask;
+  std::int64_t T = 0;
+  st = encode_texts(*tok, texts, &ids, &mask, &T);
+  if (!st.ok()) return fail(st.message());
+  const std::int64_t batch = static_cast<std::int64_t>(texts.size());
+  std::vector<float> out;
+  if (command == "embed") {
+    st = model->sentence_embeddings(ids, batch, T, mask, &out);
+  } else if (command == "classify") {
+    st = model->classify(ids, batch, T, &out);
+  } else if (command == "logits") {
+    st = model->logits(ids, 1, T, &out);
+    if (st.ok()) out.erase(out.begin(), out.end() - static_cast<std::int64_t>(out.size()) / T);
+  } else {
+    return fail("unknown command '" + command + "'");
+  }
+  if (!st.ok()) return fail(st.message());
+  print_rows(out, batch);
+  return 0;
+}
+
 int main(int argc, char** argv) {
-  if (argc < 4) return fail("usage: cpuformer_run MODEL {generate|logits|classify|embed} IDS [...]");
+  if (argc < 4) return fail("usage: cpuformer_run MODEL {generate|logits|classify|embed} IDS [...], or "
+                            "cpuformer_run DIR {generate|logits|classify|embed|tokenize} TEXT [...]");
+  if (is_directory(argv[1])) return run_text(argv[1], argc, argv);
   std::unique_ptr<cpuformer::Model> model;
   cpuformer::Status st = cpuformer::Model::load(argv[1], &model);
   if (!st.ok()) return fail(st.message());
@@ -67,24 +197,8 @@ int main(int argc, char** argv) {
   if (command == "generate") {
     cpuformer::GenerateOptions opts;
     int max_new = 20;
-    if (argc > 4) {
-      if (!parse_int(argv[4], INT_MIN, INT_MAX, &arg)) return fail("MAX_NEW must be an integer");
-      max_new = static_cast<int>(arg);
-    }
-    if (argc > 5) {
-      if (!parse_int(argv[5], INT_MIN, INT_MAX, &arg)) return fail("TOP_K must be an integer");
-      opts.top_k = static_cast<int>(arg);
-    }
-    opts.greedy = opts.top_k == 0;
-    if (argc > 6) {
-      char* end = nullptr;
-      opts.temperature = std::strtof(argv[6], &end);
-      if (end == argv[6] || *end != '\0') return fail("TEMPERATURE must be a number");
-    }
-    if (argc > 7) {
-      if (!parse_int(argv[7], 0, LLONG_MAX, &arg)) return fail("SEED must be an integer >= 0");
-      opts.seed = static_cast<std::uint64_t>(arg);
-    }
+    std::string error;
+    if (!generate_options(argc, argv, 4, &max_new, &opts, &error)) return fail(error);
     std::vector<std::int64_t> out;
     st = model->generate(ids, max_new, opts, &out);
     if (!st.ok()) return fail(st.message());
