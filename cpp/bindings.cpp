@@ -1050,6 +1050,40 @@ py::str tok_decode(const Tokenizer& t, const std::vector<std::int64_t>& ids, boo
 
 }  // namespace
 
+// ---- BPE trainer (issue 13; python/cpuformer/bpe.py), over cpuformer/bpe_trainer.h ----
+#include "cpuformer/bpe_trainer.h"
+
+namespace {
+
+// Train on the files (each line a sequence) then the texts (each a sequence); returns the tokenizer.json text.
+// ValueError for invalid UTF-8 (naming the file) or an unreadable file.
+py::str bpe_train_py(const std::vector<std::string>& files, const std::vector<std::string>& texts,
+                     std::size_t vocab_size, std::uint64_t min_frequency,
+                     const std::vector<std::string>& special_tokens) {
+  std::string json;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    BpeTrainerOptions opt;
+    opt.vocab_size = vocab_size;
+    opt.min_frequency = min_frequency;
+    opt.special_tokens = special_tokens;
+    BpeTrainer trainer(opt);
+    for (const std::string& f : files) {
+      st = trainer.feed_file(f);
+      if (!st.ok()) break;
+    }
+    for (std::size_t i = 0; st.ok() && i < texts.size(); ++i) st = trainer.feed(texts[i]);
+    BpeTrainResult result;
+    if (st.ok()) st = trainer.train(&result);
+    if (st.ok()) json = BpeTrainer::to_json(result);
+  }
+  if (!st.ok()) throw py::value_error(st.message());
+  return py::str(json);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -1203,4 +1237,7 @@ PYBIND11_MODULE(_core, m) {
         t.set_padding(p.is_none() ? std::nullopt : std::optional<PaddingParams>(tok_padding(p.cast<py::tuple>())));
       });
   m.def("_tokenizer_arrays", &tok_arrays, py::arg("encodings"));
+  // BPE trainer (issue 13): wrapped by cpuformer.train_bpe (python/cpuformer/bpe.py).
+  m.def("_bpe_train", &bpe_train_py, py::arg("files"), py::arg("texts"), py::arg("vocab_size"),
+        py::arg("min_frequency"), py::arg("special_tokens"), "Byte-level BPE training; the tokenizer.json text.");
 }

@@ -20,6 +20,7 @@ from ._core import get_num_threads
 from .nn.quantized import freeze, quantize_dynamic
 from .serialization import load, save
 from .tokenizer import Tokenizer
+from .bpe import train_bpe
 
 __version__ = _core.build_info()["version"]
 
