@@ -184,3 +184,14 @@ def test_errors(tmp_path):
             cpuformer.train_bpe(texts=["a"], **{opt: 10 if opt == "limit_alphabet" else "##"})
     with pytest.raises(ValueError, match="latin1.txt"):  # the core's own check
         cpuformer._core._bpe_train([str(bad)], [], 300, 1, [])
+
+
+def test_special_tokens_needing_json_escapes():
+    specials = ['<"\\\n\x01>', "été", "\u2028", "<s>"]
+    texts = ['he said "hi"\n\x01 été\u2028 ok'] * 4
+    ours = cpuformer.train_bpe(texts=texts, vocab_size=300, min_frequency=1, special_tokens=specials)
+    ref = oracle(300, 1, specials, texts=texts)
+    assert_same(ours, ref)
+    s = texts[0] + specials[0] + "<s>"
+    assert tokenizers.Tokenizer.from_str(ours).encode(s).ids == ref.encode(s).ids
+    assert list(cpuformer.Tokenizer.from_str(ours).encode(s).ids) == ref.encode(s).ids
