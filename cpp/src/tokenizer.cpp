@@ -2245,15 +2245,25 @@ struct Tokenizer::Impl {
           auto char_at = [&](std::size_t b) {  // the char containing byte b of the piece
             return static_cast<std::size_t>(std::upper_bound(cb.begin(), cb.end(), b) - cb.begin()) - 1;
           };
+          // The original range of chars [c0, c1] is the min start and max end of their ranges: with ranges in
+          // order (the usual case) that is al[c0].first and al[c1].second, without a scan per token (a token may
+          // span a long piece: Unigram's byte-fallback tokens each cover the whole fused unknown span).
+          bool ordered = true;
+          for (std::size_t i = 1; i < w.al.size() && ordered; ++i)
+            ordered = w.al[i - 1].first <= w.al[i].first && w.al[i - 1].second <= w.al[i].second;
           for (auto& t : toks) {
             Range r;
             if (t.b >= t.e) {
               r = {w.shift + t.b, w.shift + t.e};
             } else {
               const std::size_t c0 = char_at(t.b), c1 = char_at(t.e - 1);
-              r = w.al[c0];
-              for (std::size_t c = c0; c <= c1 && c < w.al.size(); ++c)
-                r = {std::min(r.first, w.al[c].first), std::max(r.second, w.al[c].second)};
+              if (ordered) {
+                r = {w.al[c0].first, w.al[c1].second};
+              } else {
+                r = w.al[c0];
+                for (std::size_t c = c0; c <= c1 && c < w.al.size(); ++c)
+                  r = {std::min(r.first, w.al[c].first), std::max(r.second, w.al[c].second)};
+              }
             }
             enc.push(t.id, std::move(t.value), type_id, 0, word, seq_id, r, char_range(r));
           }

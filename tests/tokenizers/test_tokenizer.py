@@ -797,3 +797,16 @@ def test_random_unicode_bpe_unigram(random_targets, text, pair):
         a, b = ours.encode(text, pair), ref.encode(text, pair)
         assert_same(a, b, (text, pair))
         assert ours.decode(a.ids, False) == ref.decode(b.ids, False)
+
+
+def test_long_inputs_stay_linear(random_targets, minilm_plain):
+    """200k-char runs of one class (and a long unknown CJK run for Unigram's byte-fallback-free unk span) encode
+    in well under a second each and identically to the library."""
+    import time
+    for ours, ref in list(random_targets) + [minilm_plain]:
+        for text in ("a" * 200_000, " " * 200_000, "!" * 100_000, "中文" * 50_000, "1" * 100_000):
+            t0 = time.perf_counter()
+            a = ours.encode(text)
+            assert time.perf_counter() - t0 < 5.0
+            b = ref.encode(text)
+            assert a.ids == b.ids and [tuple(o) for o in a.offsets] == b.offsets
