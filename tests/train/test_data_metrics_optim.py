@@ -143,7 +143,10 @@ def test_bleu_known_values():
     p = [5 / 6, 3 / 5, 1 / 4]  # modified 1-, 2-, 3-gram precisions; no 4-gram matches, so BLEU-4 is 0
     expected = 100 * math.exp(sum(math.log(x) for x in p) / 3)
     assert math.isclose(bleu([h], [r], max_n=3), expected, rel_tol=1e-9)
-    assert bleu([h], [r]) == 0.0
+    assert bleu([h], [r], smooth="none") == 0.0
+    # sacreBLEU's default "exp" smoothing: the zero 4-gram count becomes 1 / (2 * 3 4-grams)
+    smoothed = 100 * math.exp((sum(math.log(x) for x in p) + math.log(1 / 6)) / 4)
+    assert math.isclose(bleu([h], [r]), smoothed, rel_tol=1e-9)
     short = bleu([["the", "cat"]], [["the", "cat", "sat", "on", "the", "mat"]], max_n=2)
     assert math.isclose(short, 100 * math.exp(1 - 3))  # brevity penalty exp(1 - 6/2)
 
@@ -257,3 +260,31 @@ def test_safetensors_reader_never_crashes_on_mutated_files(tmp_path_factory, noi
         return
     for t in tensors.values():  # whatever parsed is self-consistent
         assert isinstance(t, np.ndarray)
+
+
+def test_bleu_matches_sacrebleu_on_real_sentences():
+    sacrebleu = pytest.importorskip("sacrebleu")
+    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
+
+    from cpuformer.train.metrics import tokenize_13a
+    data = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "multi30k")
+    if not os.path.isdir(data):
+        pytest.skip("../shared/data is not beside the checkout")
+    refs = []
+    for lang in ("en", "de", "fr"):
+        with open(os.path.join(data, f"validation.{lang}"), encoding="utf-8") as f:
+            refs += f.read().splitlines()[:400]
+    odd = ["3.5, 1,000 a-b 2-3 &amp; &quot;x&quot; <skipped> 1.2.3 «é» ‘q’ $5 x/y", "", "  spaced   out  ", "x-\ny"]
+    for line in refs + odd:
+        assert tokenize_13a(line) == Tokenizer13a()(line).split(), line
+    rng = np.random.default_rng(0)
+    for trial in range(6):  # shuffled words, cut sentences, empty ones: every smoothing and brevity branch
+        hyps = []
+        for r in refs:
+            words = r.split()
+            choice = rng.integers(4)
+            hyps.append(" ".join(rng.permutation(words)) if choice == 0 else r[: rng.integers(len(r) + 1)]
+                        if choice == 1 else "" if choice == 2 and trial % 2 else r)
+        assert math.isclose(bleu(hyps, refs), sacrebleu.corpus_bleu(hyps, [refs]).score, rel_tol=1e-9, abs_tol=1e-9)
+    for hyp, ref in (("the cat", "the cat sat on the mat"), ("x y z w", "a b c d"), ("", "a b"), ("a b", "")):
+        assert math.isclose(bleu([hyp], [ref]), sacrebleu.corpus_bleu([hyp], [[ref]]).score, abs_tol=1e-9)
