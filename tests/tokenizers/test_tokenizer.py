@@ -800,11 +800,11 @@ def test_random_unicode_bpe_unigram(random_targets, text, pair):
 
 
 def test_long_inputs_stay_linear(random_targets, minilm_plain):
-    """200k-char runs of one class (and a long unknown CJK run for Unigram's byte-fallback-free unk span) encode
+    """100k-char runs of one class (and a long unknown CJK run for Unigram's byte-fallback-free unk span) encode
     in well under a second each and identically to the library."""
     import time
     for ours, ref in list(random_targets) + [minilm_plain]:
-        for text in ("a" * 200_000, " " * 200_000, "!" * 100_000, "中文" * 50_000, "1" * 100_000):
+        for text in ("a" * 100_000, " " * 100_000, "!" * 50_000, "中文" * 25_000, "1" * 50_000):
             t0 = time.perf_counter()
             a = ours.encode(text)
             assert time.perf_counter() - t0 < 5.0
