@@ -262,6 +262,7 @@ Status as_uint(const Json& v, const std::string& where, std::uint64_t max, std::
                   v.number == static_cast<double>(static_cast<std::uint64_t>(v.number));
   if (!ok) {
     std::ostringstream os;
+    os.precision(17);
     os << "expected an integer in [0, " << max << "], got ";
     if (v.type == Json::kNumber) os << v.number;
     else os << type_name(v);
