@@ -703,13 +703,20 @@ class Parser {
         }
         if (hi < lo) return fail_at("an empty range (end below start)", item_at);
       }
-      if (icase_) {
-        bool letters = (lo <= 'z' && hi >= 'A' && !(hi < 'a' && lo > 'Z')) || hi >= 128;
-        if (letters)
-          return fail_at("a class member that is a letter or non-ASCII under case-insensitive matching (?i)",
-                         item_at);
-      }
       s.items.push_back(Item{true, false, lo, hi, 0});
+      if (icase_) {
+        // Case-fold closure of ASCII members (other case, plus U+017F for s and U+212A for k); non-ASCII members
+        // would need the full folding data.
+        if (hi >= 128)
+          return fail_at("a non-ASCII class member under case-insensitive matching (?i)", item_at);
+        for (char32_t ch = lo; ch <= hi; ++ch) {
+          if (!((ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z'))) continue;
+          const char32_t other = ch ^ 0x20;
+          s.items.push_back(Item{true, false, other, other, 0});
+          if ((ch | 0x20) == 's') s.items.push_back(Item{true, false, 0x017F, 0x017F, 0});
+          if ((ch | 0x20) == 'k') s.items.push_back(Item{true, false, 0x212A, 0x212A, 0});
+        }
+      }
     }
     *out = std::move(s);
     return true;

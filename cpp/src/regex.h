@@ -16,10 +16,11 @@
 //   Unicode data: General Category and Alphabetic from Unicode 16.0, White_Space (tokenizers.md §5.1).
 // Case-insensitive matching `(?i...)` applies Oniguruma's Unicode case folding to literal chars: an ASCII letter
 //   matches both cases, plus U+017F LATIN SMALL LETTER LONG S for s/S and U+212A KELVIN SIGN for k/K (and U+017F and
-//   U+212A as pattern chars match those sets). Under (?i) these are errors, because Oniguruma would apply case
-//   folding that this engine does not implement: a non-ASCII literal other than U+017F/U+212A, a class or property
-//   containing cased chars (only `.`, `\s \S \d \D` and classes of ASCII non-letters with those escapes are allowed),
-//   and adjacent literal pairs that a multi-char fold could match (ss, st, ff, fi, fl: `ß`, `ﬆ`, `ﬁ`, ...).
+//   U+212A as pattern chars match those sets); in a class under (?i) each ASCII letter adds the same set. Under (?i)
+//   these are errors, because Oniguruma would apply case folding that this engine does not implement: a non-ASCII
+//   literal other than U+017F/U+212A, a non-ASCII class member, `\w \W \b \B \p{..} \P{..}` (only `.` and
+//   `\s \S \d \D` are allowed), and adjacent literal pairs that a multi-char fold could match (ss, st, ff, fi, fl:
+//   `ß`, `ﬆ`, `ﬁ`, ...).
 // Also errors: backreferences, lookbehind, named references, \h \R \X \K \G, POSIX brackets, nested classes and
 //   `&&`, a `{` that is not a well-formed interval, a quantifier on a quantifier, on an anchor or on a lookahead,
 //   a quantifier that can repeat an empty-matching subexpression, an unbounded quantifier whose body itself holds
