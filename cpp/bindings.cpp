@@ -892,13 +892,21 @@ bool unicode_property_py(std::uint32_t cp, const std::string& name) {
 namespace {
 
 // All matches of pattern in text as (begin, end) **char** (code point) offsets; ValueError for an unsupported pattern.
+// Runs the UTF-8 entry point (byte offsets, as the tokenizer uses it) and maps the bytes back to chars.
 std::vector<std::pair<std::size_t, std::size_t>> regex_find_all_py(const std::string& pattern,
-                                                                   const std::u32string& text) {
+                                                                   const std::string& text) {
   cpuformer::regex::Regex re;
   std::string error;
   if (!cpuformer::regex::Regex::compile(pattern, &re, &error)) throw py::value_error(error);
   py::gil_scoped_release release;
-  return re.find_all(text);
+  std::vector<std::pair<std::size_t, std::size_t>> spans = re.find_all(text);
+  std::vector<std::size_t> char_at(text.size() + 1, 0);   // char index of each byte that starts a char
+  std::size_t chars = 0;
+  for (std::size_t b = 0; b < text.size(); ++b)
+    if ((static_cast<unsigned char>(text[b]) & 0xC0) != 0x80) char_at[b] = chars++;
+  char_at[text.size()] = chars;
+  for (auto& span : spans) span = {char_at[span.first], char_at[span.second]};
+  return spans;
 }
 
 }  // namespace

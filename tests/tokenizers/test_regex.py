@@ -4,7 +4,7 @@ The oracle is `pre_tokenizers.Split(Regex(p), behavior="isolated")`, which runs 
 find_iter: every match and every gap between matches is one piece, so comparing piece offsets compares the matches
 (tokenizers.md §2.4, §3.3). Where a piece's kind matters (a char class over all code points), behavior="removed"
 keeps only the gaps. `_core._regex_find_all(pattern, text)` returns (begin, end) **char** offsets, empty matches
-included.
+included; it runs the UTF-8 entry point (byte offsets) and maps the bytes back to chars.
 """
 from __future__ import annotations
 
@@ -120,7 +120,8 @@ LONG = {
     "letters": "a" * 100_000, "spaces_then_word": " " * 100_000 + "a", "word_then_spaces": "x" + " " * 100_000,
     "punct": "!" * 100_000, "digits": "7" * 100_000, "newlines": "\n" * 100_000 + "x", "tabs_spaces": " \t" * 50_000 + "a",
     "apostrophes": "'" * 100_000, "cjk": "中" * 100_000, "spaces_newlines": (" " * 999 + "\n") * 100,
-    "marks": "a" + "\u0301" * 100_000, "words": "hello world " * 10_000,
+    "marks": "a" + "\u0301" * 100_000, "words": "hello world " * 10_000, "upper": "A" * 100_000,
+    "camel": "aB" * 50_000, "crlf": "\r\n" * 50_000, "emoji": "😀" * 100_000,
 }
 
 
