@@ -1095,6 +1095,28 @@ struct BPE : TokModel {
     }
   };
 
+  // Words shorter than 256 bytes are cached per thread (as the library caches them, up to 10,000 words): the cache
+  // is thread_local and tagged with this model's serial number, so a shared BPE stays immutable and thread-safe.
+  static constexpr std::size_t kCacheWordBytes = 256, kCacheWords = 10000;
+  const std::uint64_t serial = next_serial();
+  static std::uint64_t next_serial() {
+    static std::atomic<std::uint64_t> n{0};
+    return ++n;
+  }
+  struct Cache {
+    std::uint64_t owner = 0;
+    std::unordered_map<std::string, std::vector<std::pair<std::int64_t, std::size_t>>> words;  // (id, bytes)
+  };
+
+  void emit(const std::vector<std::pair<std::int64_t, std::size_t>>& word, std::vector<Tok>* out) const {
+    std::size_t pos = 0;
+    for (const auto& [id, len] : word) {
+      auto it = vocab.to_token.find(id);
+      out->push_back({id, it == vocab.to_token.end() ? std::string() : it->second, pos, pos + len});
+      pos += len;
+    }
+  }
+
   Status tokenize(const std::string& w, const std::u32string& cps, std::vector<Tok>* out) const override {
     if (w.empty()) return Status();
     if (ignore_merges) {
@@ -1104,6 +1126,33 @@ struct BPE : TokModel {
         return Status();
       }
     }
+    std::vector<std::pair<std::int64_t, std::size_t>> word;
+    if (w.size() >= kCacheWordBytes) {
+      Status st = merge_word(w, cps, &word);
+      if (!st.ok()) return st;
+      emit(word, out);
+      return Status();
+    }
+    thread_local Cache cache;
+    if (cache.owner != serial) {
+      cache.words.clear();
+      cache.owner = serial;
+    }
+    auto it = cache.words.find(w);
+    if (it != cache.words.end()) {
+      emit(it->second, out);
+      return Status();
+    }
+    Status st = merge_word(w, cps, &word);
+    if (!st.ok()) return st;
+    emit(word, out);
+    if (cache.words.size() < kCacheWords) cache.words.emplace(w, std::move(word));
+    return Status();
+  }
+
+  // The symbols of w after all merges, as (id, byte length).
+  Status merge_word(const std::string& w, const std::u32string& cps,
+                    std::vector<std::pair<std::int64_t, std::size_t>>* word) const {
     std::vector<Sym> syms;
     syms.reserve(w.size());
     auto add = [&](std::int64_t id, std::size_t len) {
@@ -1184,13 +1233,8 @@ struct BPE : TokModel {
         if (nm) queue.push({top.pos, nm->rank, nm->new_id});
       }
     }
-    std::size_t pos = 0;
-    for (const auto& sy : syms) {
-      if (sy.len == 0) continue;
-      auto it = vocab.to_token.find(sy.id);
-      out->push_back({sy.id, it == vocab.to_token.end() ? std::string() : it->second, pos, pos + sy.len});
-      pos += sy.len;
-    }
+    for (const auto& sy : syms)
+      if (sy.len > 0) word->push_back({sy.id, sy.len});
     return Status();
   }
 };

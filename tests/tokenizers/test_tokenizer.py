@@ -810,3 +810,29 @@ def test_long_inputs_stay_linear(random_targets, minilm_plain):
             assert time.perf_counter() - t0 < 5.0
             b = ref.encode(text)
             assert a.ids == b.ids and [tuple(o) for o in a.offsets] == b.offsets
+
+
+def test_threads_share_one_bpe(bpe_files, corpus):
+    """One byte-level BPE (whose word cache is per thread) from several Python threads and OpenMP threads."""
+    files, _ = bpe_files
+    ours, ref = cpuformer.Tokenizer.from_file(str(files["roberta"])), tokenizers.Tokenizer.from_file(
+        str(files["roberta"]))
+    texts = corpus[:300] + BPE_HARD
+    expected = [e.ids for e in ref.encode_batch(texts)]
+    errors = []
+
+    def work(k):
+        try:
+            for _ in range(2):
+                for i in range(k, len(texts), 3):
+                    assert ours.encode(texts[i]).ids == expected[i]
+                assert [e.ids for e in ours.encode_batch(texts)] == expected
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
