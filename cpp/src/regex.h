@@ -9,9 +9,10 @@
 //   of a group, `(?=...)`, `(?!...)`, `(?>...)`, anchors `^ $` (line: after/before U+000A), `\A \z \Z \b \B`,
 //   quantifiers `? * + {n} {n,} {n,m} {,m}` greedy, lazy (`??` `*?` `+?` `{..}?`) and possessive (`?+ *+ ++`),
 //   classes `[...]` / `[^...]` with chars, ranges, escapes and the class escapes below,
-//   `\s \S` (White_Space), `\d \D` (GC Nd), `\w \W` (Alphabetic, M, Nd, Pc, and U+00B2 U+00B3 U+00B9 U+00BC-00BE), `\p{X} \P{X} \p{^X}`
-//   with X a general category (L, Lu, Ll, Lt, Lm, Lo, LC, M, Mn, Mc, Me, N, Nd, Nl, No, P.., S.., Z.., C.., or the
-//   long names such as Letter or Uppercase_Letter; case, spaces, `-` and `_` ignored), escapes
+//   `\s \S` (White_Space), `\d \D` (GC Nd), `\w \W` (Alphabetic, M, Nd, Pc, and from Oniguruma's Latin-1 table
+//   U+00B2 U+00B3 U+00B9 U+00BC-00BE; no Join_Control), `\p{X} \P{X} \p{^X}` with X a general category (L, Lu,
+//   Ll, Lt, Lm, Lo, LC, M, Mn, Mc, Me, N, Nd, Nl, No, P.., S.., Z.., C.., or the long names such as Letter or
+//   Uppercase_Letter or Combining_Mark; case, spaces, `-` and `_` ignored), escapes
 //   `\t \n \r \f \v \a \e \xHH \x{H..} \uHHHH` and backslash + any ASCII punctuation or space.
 //   Unicode data: General Category and Alphabetic from Unicode 16.0, White_Space (tokenizers.md §5.1).
 // Case-insensitive matching `(?i...)` applies Oniguruma's Unicode case folding to literal chars: an ASCII letter
@@ -24,12 +25,17 @@
 // Also errors: backreferences, lookbehind, named references, \h \R \X \K \G, POSIX brackets, nested classes and
 //   `&&`, a `{` that is not a well-formed interval, a quantifier on a quantifier, on an anchor or on a lookahead,
 //   a quantifier that can repeat an empty-matching subexpression, an unbounded quantifier whose body itself holds
-//   an unbounded quantifier (exponential backtracking), counts above 1000, group nesting deeper than 100, and
-//   options other than i.
+//   an unbounded quantifier (exponential backtracking), `{n,m}+` (in Ruby syntax a quantifier on a quantifier, not
+//   possessive), counts above 1000, group nesting deeper than 100, programs over 200000 instructions, and options
+//   other than i.
 //
 // Matching is a backtracking VM with an explicit heap stack (no recursion, so long inputs never overflow the C++
 // stack); a greedy/lazy/possessive quantifier on a single char class keeps one stack entry for the whole run, so
-// the tokenizer patterns run in linear time on long runs of one class (100k chars in milliseconds).
+// the tokenizer patterns run in linear time on long runs of one class (100k chars in about a millisecond).
+// Not reproduced: Oniguruma's search optimizations (each start position is a full match attempt, so a pattern that
+// scans far and then fails at every position, such as `(?:a|b)*c` on a long a/b run, is quadratic) and its retry
+// limit (10M backtracks per match attempt, after which `tokenizers` panics; here such patterns, e.g. `(a|a)*b`,
+// just take exponential time). The tokenizer.json patterns are not affected.
 // A compiled Regex is immutable and find_all uses no shared mutable state: safe to use from several threads.
 #pragma once
 #include <cstddef>

@@ -118,7 +118,8 @@ def test_bytelevel_builtin_regex_is_gpt2():
 
 LONG = {
     "letters": "a" * 100_000, "spaces_then_word": " " * 100_000 + "a", "word_then_spaces": "x" + " " * 100_000,
-    "punct": "!" * 100_000, "digits": "7" * 100_000, "newlines": "\n" * 100_000 + "x", "tabs_spaces": " \t" * 50_000 + "a",
+    "punct": "!" * 100_000, "digits": "7" * 100_000, "newlines": "\n" * 100_000 + "x",
+    "tabs_spaces": " \t" * 50_000 + "a",
     "apostrophes": "'" * 100_000, "cjk": "中" * 100_000, "spaces_newlines": (" " * 999 + "\n") * 100,
     "marks": "a" + "\u0301" * 100_000, "words": "hello world " * 10_000, "upper": "A" * 100_000,
     "camel": "aB" * 50_000, "crlf": "\r\n" * 50_000, "emoji": "😀" * 100_000,
@@ -167,7 +168,8 @@ SEMANTICS = [
     (r"\p{^L}+", "ab12!c"), (r"[^\P{L}]+", "ab12!c"), (r"\p{Zs}", "a\u3000b\u00a0"), (r"\p{Cn}", "a\U000e0080"),
     (r"\p{C}", "a\x01\u200b\ue000"), (r"\t\n\r\f\v\a\e", "\t\n\r\f\v\a\x1b"), (r"\p{Uppercase Letter}", "aA"),
     (r"\p{l}", "ab1"), (r"\p{Letter}+", "ab1"), (r"\p{LC}", "aǅʰ"), (r"\p{Combining_Mark}", "a\u0301"),
-    (r"(?<x>ab)+", "ababc"), (r"\w+", "a_\u200d\u0301Ⅷ!½Ⓐ"), (r"\d", "1\u0663½Ⅷ"), (r"\s", "\x1c\x85\u180e\u200b\ufeff\xa0 "),
+    (r"(?<x>ab)+", "ababc"), (r"\w+", "a_\u200d\u0301Ⅷ!½Ⓐ"), (r"\d", "1\u0663½Ⅷ"),
+    (r"\s", "\x1c\x85\u180e\u200b\ufeff\xa0 "),
 ]
 
 
