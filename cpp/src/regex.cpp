@@ -280,6 +280,15 @@ class Parser {
     return ok;
   }
 
+  bool invalid_target(int id) const {
+    const Node& n = nodes[id];
+    if (n.kind == Kind::kAssert || n.kind == Kind::kPosLook || n.kind == Kind::kNegLook) return true;
+    if (n.kind == Kind::kAlt)
+      for (int k : n.kids)
+        if (invalid_target(k)) return true;
+    return false;
+  }
+
   bool parse_quantifiers(int atom, std::size_t atom_pos, int* out) {
     bool quantified = false;
     for (;;) {
@@ -293,10 +302,9 @@ class Parser {
       else if (c == '{' && interval_at(&mn, &mx, &len)) { is_interval = true; }
       else break;
       if (quantified) return fail("a quantifier following a quantifier");
-      const Kind k = nodes[atom].kind;
-      if (k == Kind::kAssert || k == Kind::kPosLook || k == Kind::kNegLook)
-        return fail("a quantifier on an anchor or lookahead");
-      if (k == Kind::kEmpty) return fail("a quantifier on an empty group");
+      // Oniguruma rejects ("target of repeat operator is invalid") an anchor or lookahead, or an alternation with
+      // such an alternative; unlike Oniguruma this also rejects them inside capture and (?i:) groups.
+      if (invalid_target(atom)) return fail("a quantifier on an anchor or lookahead (or an alternation with one)");
       if (mn > kMaxCount || (mx != kInf && mx > kMaxCount))
         return fail("a repeat count above " + std::to_string(kMaxCount));
       if (mx != kInf && mn > mx) return fail("a repeat range {n,m} with n > m");
@@ -307,6 +315,10 @@ class Parser {
         if (is_interval) return fail("'+' after an interval (a quantifier on a quantifier in Oniguruma's Ruby syntax)");
         mode = Mode::kPossessive;
         ++i_;
+      }
+      if (nodes[atom].kind == Kind::kEmpty) {   // a repeated empty group is still empty
+        quantified = true;
+        continue;
       }
       Node n;
       n.kind = Kind::kRepeat;
@@ -1062,7 +1074,8 @@ class Matcher {
   bool word_at(std::size_t pos) const { return pos < n_ && (props_[pos] & kWordBit) != 0; }
   bool check(AssertKind k, std::size_t pos) const {
     switch (k) {
-      case AssertKind::kBol: return pos == 0 || text_[pos - 1] == '\n';
+      // Oniguruma's begin-line: never at the end of a non-empty string, even after a newline.
+      case AssertKind::kBol: return pos == 0 || (text_[pos - 1] == '\n' && pos != n_);
       case AssertKind::kEol: return pos == n_ || text_[pos] == '\n';
       case AssertKind::kBegin: return pos == 0;
       case AssertKind::kEnd: return pos == n_;

@@ -9,6 +9,7 @@ included; it runs the UTF-8 entry point (byte offsets) and maps the bytes back t
 from __future__ import annotations
 
 import os
+import random
 import time
 
 import pytest
@@ -168,6 +169,7 @@ SEMANTICS = [
     (r"\p{^L}+", "ab12!c"), (r"[^\P{L}]+", "ab12!c"), (r"\p{Zs}", "a\u3000b\u00a0"), (r"\p{Cn}", "a\U000e0080"),
     (r"\p{C}", "a\x01\u200b\ue000"), (r"\t\n\r\f\v\a\e", "\t\n\r\f\v\a\x1b"), (r"\p{Uppercase Letter}", "aA"),
     (r"\p{l}", "ab1"), (r"\p{Letter}+", "ab1"), (r"\p{LC}", "aǅʰ"), (r"\p{Combining_Mark}", "a\u0301"),
+    ("a*\\s?+^", "s\na\n"), ("^", ""), ("^", "\n"), ("(?:)*a", "aa"),
     (r"(?<x>ab)+", "ababc"), (r"\w+", "a_\u200d\u0301Ⅷ!½Ⓐ"), (r"\d", "1\u0663½Ⅷ"),
     (r"\s", "\x1c\x85\u180e\u200b\ufeff\xa0 "),
 ]
@@ -229,6 +231,48 @@ def test_random_text(text):
         assert_same(PATTERNS[name], text)
 
 
+ATOMS = ["a", "b", "'", "s", "k", " ", r"\s", r"\S", r"\d", r"\w", r"\W", r"\p{L}", r"\p{N}", r"\P{L}", ".", "[ab]",
+         r"[^a\s]", r"[\p{L}\d]", r"\n", r"\r", r"[\r\n]", "x", "^", "$", r"\b", r"\B", r"\A", r"\z", r"\Z"]
+QUANTS = ["", "", "", "?", "*", "+", "{2}", "{1,3}", "{2,}", "{,2}", "??", "*?", "+?", "?+", "*+", "++", "{1,2}?"]
+FUZZ_TEXT = list("abskSK' \t\n\r1x!é中😀") + ["\u017f", "\u212a", "\u0301", "\xa0"]
+
+
+def random_pattern(rnd, depth=0):
+    k = rnd.random()
+    if depth > 2 or k < 0.5:
+        parts = []
+        for _ in range(rnd.randint(1, 3)):
+            atom = rnd.choice(ATOMS)
+            if atom not in ("^", "$", r"\b", r"\B", r"\A", r"\z", r"\Z"):
+                atom += rnd.choice(QUANTS)
+            parts.append(atom)
+        return "".join(parts)
+    if k < 0.7:
+        return "|".join(random_pattern(rnd, depth + 1) for _ in range(rnd.randint(2, 3)))
+    group = rnd.choice(["(?:", "(?=", "(?!", "(?>", "(?i:", "("])
+    quant = rnd.choice(QUANTS) if group in ("(?:", "(?>", "(?i:", "(") else ""
+    tail = random_pattern(rnd, depth + 1) if rnd.random() < 0.3 else ""
+    return group + random_pattern(rnd, depth + 1) + ")" + quant + tail
+
+
+def test_random_patterns():
+    # Differential test of the syntax we support: every pattern we accept must be accepted by Oniguruma and give
+    # the same splits; patterns we reject are counted (nested/empty-matching quantifiers, (?i) with \p or \w, ...).
+    rnd = random.Random(1234)
+    accepted = 0
+    for _ in range(1500):
+        pattern = random_pattern(rnd)
+        try:
+            _core._regex_find_all(pattern, "")
+        except ValueError:
+            continue
+        Regex(pattern)   # raises if Oniguruma rejects what we accept
+        accepted += 1
+        for _ in range(8):
+            assert_same(pattern, "".join(rnd.choice(FUZZ_TEXT) for _ in range(rnd.randint(0, 12))))
+    assert accepted > 1000
+
+
 ERRORS = [
     (r"(a)\1", "backreference"), (r"(?<=a)b", "lookbehind"), (r"(?<!a)b", "lookbehind"), (r"\k<x>", "escape \\k"),
     (r"(?:a*)*", "can match empty"), (r"(?:a?)+", "can match empty"), (r"(?:a+)+b", "nested quantifiers"),
@@ -240,7 +284,8 @@ ERRORS = [
     (r"a{", "'{'"), (r"(a", "unclosed group"), (r"a)", "unmatched ')'"), (r"[a", "unclosed class"),
     (r"[]a]", "']' right after '['"), (r"[z-a]", "empty range"), ("\\", "trailing backslash"),
     (r"\p{L", "unclosed \\p{"), (r"(?=a)*", "anchor or lookahead"), (r"^+", "anchor or lookahead"),
-    ("(" * 150 + ")" * 150, "nesting"), (r"\xZZ", "\\xHH"), (r"(?#c)", "group construct"),
+    ("(" * 150 + ")" * 150, "nesting"), (r"(?:a|\Z){2}", "anchor or lookahead"),
+    (r"(?:a|(?:b|(?=c)))+", "anchor or lookahead"), (r"\xZZ", "\\xHH"), (r"(?#c)", "group construct"),
 ]
 
 
