@@ -1263,7 +1263,32 @@ struct Unigram : TokModel {
   double min_score = 0;
   Trie_ trie;
 
+  // Words shorter than 256 bytes are cached per thread, as for BPE (same library behaviour, no shared state).
+  const std::uint64_t serial = BPE::next_serial();
+  struct Cache {
+    std::uint64_t owner = 0;
+    std::unordered_map<std::string, std::vector<Tok>> words;
+  };
   Status tokenize(const std::string& w, const std::u32string& cps, std::vector<Tok>* out) const override {
+    if (w.size() >= 256) return viterbi(w, cps, out);
+    thread_local Cache cache;
+    if (cache.owner != serial) {
+      cache.words.clear();
+      cache.owner = serial;
+    }
+    auto it = cache.words.find(w);
+    if (it != cache.words.end()) {
+      out->insert(out->end(), it->second.begin(), it->second.end());
+      return Status();
+    }
+    const std::size_t first = out->size();
+    Status st = viterbi(w, cps, out);
+    if (st.ok() && cache.words.size() < 10000)
+      cache.words.emplace(w, std::vector<Tok>(out->begin() + static_cast<std::ptrdiff_t>(first), out->end()));
+    return st;
+  }
+
+  Status viterbi(const std::string& w, const std::u32string& cps, std::vector<Tok>* out) const {
     const std::size_t n = w.size();
     if (n == 0) return Status();
     struct Node {
