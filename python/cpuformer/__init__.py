@@ -24,7 +24,8 @@ from .bpe import train_bpe
 
 __version__ = _core.build_info()["version"]
 
-__all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "Tokenizer", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+__all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "Tokenizer",
+           "train_bpe", "build_info", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def build_info() -> dict:
