@@ -93,6 +93,8 @@ enum class Op : std::uint8_t {
   kPosLookEnd,
   kNegLookStart,  // x = continuation when the body fails
   kNegLookEnd,
+  kIterStart,     // an unbounded loop's body starts here: remember the position
+  kIterEnd,       // x = loop head; y = loop exit, taken when this iteration matched empty (Oniguruma's empty check)
   kMatch,
 };
 enum class Mode : std::uint8_t { kGreedy, kLazy, kPossessive };
@@ -115,6 +117,7 @@ struct Node {
   Mode mode = Mode::kGreedy;
   AssertKind assert_kind = AssertKind::kBol;
   std::size_t pos = 0;   // position in the pattern, for messages
+  bool is_dot = false;   // the set is `.`
 };
 
 std::string hex(char32_t c) {
@@ -142,9 +145,40 @@ class Parser {
   Parser(const std::u32string& p, Program* prog) : p_(p), prog_(prog) {}
 
   bool parse(int* root, std::string* error) {
-    bool ok = parse_alt(0, true, root) && (i_ == p_.size() || fail("unmatched ')'"));
+    bool ok = parse_alt(0, true, root) && (i_ == p_.size() || fail("unmatched ')'")) && check_anychar_head(*root);
     if (!ok) *error = err_;
     return ok;
+  }
+
+  // Oniguruma's search assumes that a pattern starting with `.*` that fails at s also fails up to the next newline
+  // and skips there (ANCR_ANYCHAR_INF). That is wrong when a zero-width test (\b \B $ \z \Z or a positive
+  // lookahead) comes first, e.g. `\B.*\n`; such patterns are rejected rather than run differently.
+  bool check_anychar_head(int id) {
+    const Node& n = nodes[id];
+    if (n.kind == Kind::kAlt) {
+      for (int k : n.kids)
+        if (!check_anychar_head(k)) return false;
+      return true;
+    }
+    if (n.kind != Kind::kConcat) return true;
+    bool risky = false;
+    for (int k : n.kids) {
+      const Node& c = nodes[k];
+      if (c.kind == Kind::kAssert) {
+        if (c.assert_kind != AssertKind::kBol && c.assert_kind != AssertKind::kBegin) risky = true;
+        continue;
+      }
+      if (c.kind == Kind::kPosLook) {
+        risky = true;
+        continue;
+      }
+      if (c.kind == Kind::kEmpty || c.kind == Kind::kNegLook) continue;
+      if (risky && c.kind == Kind::kRepeat && c.max == kInf && nodes[c.kids[0]].is_dot)
+        return fail_at("a leading anchor or lookahead followed by `.*` (Oniguruma's search skips to the next line "
+                       "after a failed attempt here)", c.pos);
+      return true;
+    }
+    return true;
   }
   std::vector<Node> nodes;
 
@@ -393,6 +427,7 @@ class Parser {
       CharSet s = single('\n');
       s.negated = true;
       *out = add_set(std::move(s), at);
+      nodes[*out].is_dot = true;
       return true;
     }
     if (c == '^' || c == '$') {
@@ -859,8 +894,14 @@ class Compiler {
       push(in);
       return true;
     }
-    if (n.max != n.min && nullable(nodes_, n.kids[0]))
-      return fail("a quantifier on a subexpression that can match empty", n.pos);
+    // A body that can match empty: bounded repeats are expanded as usual; unbounded loops get Oniguruma's empty
+    // check (an iteration that matched empty leaves the loop instead of jumping back).
+    const bool body_nullable = nullable(nodes_, n.kids[0]);
+    const bool empty_check = n.max == kInf && body_nullable;
+    // Oniguruma also empty-checks the mandatory iterations of {n,..} with n >= 2 (an empty one ends the repeat
+    // early), which a plain expansion does not reproduce (found by the differential test).
+    if (body_nullable && n.min >= 2)
+      return fail("a repeat count {n,...} with n >= 2 on a subexpression that can match empty", n.pos);
     if (n.max == kInf && has_unbounded(nodes_, n.kids[0]))
       return fail("an unbounded quantifier on a subexpression with an unbounded quantifier (nested quantifiers)",
                   n.pos);
@@ -871,10 +912,12 @@ class Compiler {
     if (n.max == kInf) {
       std::uint32_t loop = push(Inst{Op::kSplit});
       std::uint32_t body_at = here();
+      if (empty_check) push(Inst{Op::kIterStart});
       if (!emit(n.kids[0])) return false;
-      Inst j{Op::kJump};
+      Inst j{empty_check ? Op::kIterEnd : Op::kJump};
       j.x = loop;
-      push(j);
+      std::uint32_t end = push(j);
+      code_[end].y = here();
       code_[loop].x = lazy ? here() : body_at;
       code_[loop].y = lazy ? body_at : here();
     } else {
@@ -928,7 +971,7 @@ void decode(const std::string& s, std::u32string* out, std::vector<std::size_t>*
   offsets->push_back(n);
 }
 
-enum class FrameKind : std::uint8_t { kBranch, kGreedy, kLazy, kAtomic, kPosLook, kNegLook };
+enum class FrameKind : std::uint8_t { kBranch, kGreedy, kLazy, kAtomic, kPosLook, kNegLook, kIter };
 struct Frame {
   FrameKind kind;
   std::uint32_t pc;
@@ -1012,6 +1055,17 @@ class Matcher {
           cut();
           ok = false;
           break;
+        case Op::kIterStart:
+          stack_.push_back(Frame{FrameKind::kIter, 0, pos, 0});
+          ++pc;
+          break;
+        case Op::kIterEnd: {
+          // The innermost iteration marker is this loop's (unbounded loops do not nest: has_unbounded).
+          std::size_t k = stack_.size();
+          while (k > 0 && stack_[k - 1].kind != FrameKind::kIter) --k;
+          pc = (k > 0 && stack_[k - 1].pos == pos) ? in.y : in.x;
+          break;
+        }
         case Op::kMatch: return pos;
       }
       if (ok) continue;
@@ -1048,7 +1102,7 @@ class Matcher {
             pos = f.pos;
             stack_.pop_back();
             break;
-          default:   // atomic / positive lookahead marker: their body failed
+          default:   // atomic / positive lookahead / iteration marker: their body failed
             stack_.pop_back();
             resumed = false;
             break;

@@ -24,7 +24,8 @@
 //   `ß`, `ﬆ`, `ﬁ`, ...).
 // Also errors: backreferences, lookbehind, named references, \h \R \X \K \G, POSIX brackets, nested classes and
 //   `&&`, a `{` that is not a well-formed interval, a quantifier on a quantifier, on an anchor or on a lookahead,
-//   a quantifier that can repeat an empty-matching subexpression, an unbounded quantifier whose body itself holds
+//   a count {n,..} with n >= 2 on a subexpression that can match empty (`*`, `+`, `?`, {0,m}, {1,m} on one are
+//   fine: unbounded loops get Oniguruma's empty check), an unbounded quantifier whose body itself holds
 //   an unbounded quantifier (exponential backtracking), `{n,m}+` (in Ruby syntax a quantifier on a quantifier, not
 //   possessive), counts above 1000, group nesting deeper than 100, programs over 200000 instructions, and options
 //   other than i.

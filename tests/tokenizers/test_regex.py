@@ -169,7 +169,9 @@ SEMANTICS = [
     (r"\p{^L}+", "ab12!c"), (r"[^\P{L}]+", "ab12!c"), (r"\p{Zs}", "a\u3000b\u00a0"), (r"\p{Cn}", "a\U000e0080"),
     (r"\p{C}", "a\x01\u200b\ue000"), (r"\t\n\r\f\v\a\e", "\t\n\r\f\v\a\x1b"), (r"\p{Uppercase Letter}", "aA"),
     (r"\p{l}", "ab1"), (r"\p{Letter}+", "ab1"), (r"\p{LC}", "aǅʰ"), (r"\p{Combining_Mark}", "a\u0301"),
-    ("a*\\s?+^", "s\na\n"), ("^", ""), ("^", "\n"), ("(?:)*a", "aa"),
+    ("a*\\s?+^", "s\na\n"), ("^", ""), ("^", "\n"), ("(?:)*a", "aa"), ("^.*b", "ab\nxb"), (".*b", "xa\nb"),
+    # empty-matching loop bodies (Oniguruma's empty check)
+    ("(?:a?)+b", "aab b"), ("(?:a|)*", "aab"), ("(?:|a)*", "aab"), ("(?:a?b?)*?c", "abbc c"), ("(?:x|a?)+b", "axab b"),
     (r"(?<x>ab)+", "ababc"), (r"\w+", "a_\u200d\u0301Ⅷ!½Ⓐ"), (r"\d", "1\u0663½Ⅷ"),
     (r"\s", "\x1c\x85\u180e\u200b\ufeff\xa0 "),
 ]
@@ -275,7 +277,8 @@ def test_random_patterns():
 
 ERRORS = [
     (r"(a)\1", "backreference"), (r"(?<=a)b", "lookbehind"), (r"(?<!a)b", "lookbehind"), (r"\k<x>", "escape \\k"),
-    (r"(?:a*)*", "can match empty"), (r"(?:a?)+", "can match empty"), (r"(?:a+)+b", "nested quantifiers"),
+    (r"(?:a*)*", "nested quantifiers"), (r"\B.*\n", "skips to the next line"),
+    (r"(?=a).*+b", "skips to the next line"), (r"(?:a?){2}", "n >= 2"), (r"(?:\Ax?){2,}", "n >= 2"), (r"(?:a+)+b", "nested quantifiers"),
     (r"a**", "quantifier following a quantifier"), (r"a{2}+", "'+' after an interval"), (r"*a", "nothing to repeat"),
     (r"a{1001}", "above 1000"), (r"[[:alpha:]]", "nested class"), (r"[a&&b]", "intersection"),
     (r"\p{Latin}", "property"), (r"\p{L&}", "property"), (r"(?i:é)", "non-ASCII char"), (r"(?i:ss)", "pair 'ss'"),
