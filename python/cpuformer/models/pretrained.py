@@ -158,7 +158,8 @@ def _gpt2_state(w: Dict[str, np.ndarray], n_layers: int) -> Dict[str, np.ndarray
 
 
 def from_pretrained(directory: str):
-    """Build the model described by ``directory/config.json`` and load its weights (see module docstring)."""
+    """Build the model described by ``directory/config.json`` and load its weights (see module docstring). The
+    model's ``tokenizer`` is the directory's (a :class:`cpuformer.Tokenizer`), or None when it has none."""
     config_path = os.path.join(directory, "config.json")
     try:
         with open(config_path, "rb") as f:
@@ -196,4 +197,14 @@ def from_pretrained(directory: str):
     model = cls(**check_config(cls, args, state, directory))
     model.load_state_dict(state)
     model.eval()
+    model.tokenizer = _tokenizer_of(directory)
     return model
+
+
+def _tokenizer_of(directory: str):
+    """The directory's tokenizer (tokenizer.json, or vocab.txt / vocab.json + merges.txt), or None without one."""
+    from ..tokenizer import Tokenizer
+    try:
+        return Tokenizer.from_pretrained(directory)
+    except FileNotFoundError:
+        return None
