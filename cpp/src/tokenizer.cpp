@@ -456,6 +456,10 @@ struct FormN : Normalizer {
   void normalize(Piece* p) const override { normalize_form(p, form); }
 };
 
+struct StripAccentsN : Normalizer {  // deletes GC M* (9.0); does not decompose first
+  void normalize(Piece* p) const override { filter_piece(p, [](char32_t c) { return !uni::is_combining_mark(c); }); }
+};
+
 struct StripN : Normalizer {
   bool left = true, right = true;
   void normalize(Piece* p) const override {
@@ -559,6 +563,8 @@ Status parse_normalizer(const Json& j, const std::string& where, int depth, std:
     *out = std::make_unique<FormN>(uni::Form::NFKC);
   } else if (type == "NFKD") {
     *out = std::make_unique<FormN>(uni::Form::NFKD);
+  } else if (type == "StripAccents") {
+    *out = std::make_unique<StripAccentsN>();
   } else if (type == "Strip") {
     auto n = std::make_unique<StripN>();
     if (!(st = req_bool(j, "strip_left", where, &n->left)).ok()) return st;

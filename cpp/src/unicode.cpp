@@ -103,6 +103,10 @@ const char* category_name(Category c) {
   return i < sizeof(names) / sizeof(names[0]) ? names[i] : "Cn";
 }
 
+bool is_combining_mark(char32_t cp) {
+  return in_ranges(data::combining_mark9, data::combining_mark9_size, cp);
+}
+
 bool is_white_space(char32_t cp) {
   if (cp < 0x80) return cp == 0x20 || (cp >= 0x09 && cp <= 0x0D);
   return in_ranges(data::white_space, data::white_space_size, cp);

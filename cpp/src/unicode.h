@@ -39,6 +39,10 @@ enum class Form { NFD, NFKD, NFC, NFKC };
 // before the current position, as NormalizedString::transform does.
 void normalize(const std::u32string& text, Form form, std::u32string* out, std::vector<int>* changes);
 
+// GC M* (Mn, Mc, Me) as of Unicode 9.0: unicode-normalization-alignments' is_combining_mark, which the StripAccents
+// normalizer deletes. Checked against tokenizers 0.23.3 over every code point.
+bool is_combining_mark(char32_t cp);
+
 // Canonical combining class (9.0) of cp; 0 for chars newer than 9.0.
 std::uint8_t combining_class(char32_t cp);
 

@@ -30,4 +30,6 @@ extern const std::uint32_t decomp_pool[];
 extern const std::size_t decomp_pool_size;
 extern const std::uint32_t compositions[];   // (first, second, composite)
 extern const std::size_t compositions_size;
+extern const std::uint32_t combining_mark9[]; // (first, last) pairs
+extern const std::size_t combining_mark9_size;
 }  // namespace cpuformer::unicode::data
