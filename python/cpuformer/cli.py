@@ -116,24 +116,36 @@ def _measure_steps(model, dataset, args, probe_steps: int = 3) -> int:
 
 def _train_lm(args, train_text: str, val_text: str, prompt: str) -> dict:
     _setup(args)
-    tok = CharTokenizer.from_corpus([train_text])
-    train = LanguageModelDataset(tok.encode(train_text), args.block_size)
-    val = LanguageModelDataset(tok.encode(val_text), args.block_size)
+    subword = getattr(args, "tokenizer", "char") == "bpe"
+    if subword:  # cased byte-level BPE trained on the training text; losses also reported per character
+        tok = _SubwordTokenizer(train_text.splitlines(keepends=True), args.vocab_size, 2)
+    else:
+        tok = CharTokenizer.from_corpus([train_text])
+    train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
+    train = LanguageModelDataset(train_ids, args.block_size)
+    val = LanguageModelDataset(val_ids, args.block_size)
     model = GPT(tok.vocab_size, args.block_size, args.layers, args.heads, args.embd, dropout=args.dropout)
-    print(f"character LM: {tok.vocab_size} symbols, {len(train) * args.block_size:,} training characters, "
-          f"GPT {args.layers}x{args.embd} ({model.num_parameters():,} parameters), "
-          f"{cpuformer.get_num_threads()} threads")
+    unit = "token" if subword else "char"
+    print(f"{'subword (byte-level BPE)' if subword else 'character'} LM: {tok.vocab_size} symbols, "
+          f"{len(train_ids):,} training {unit}s, GPT {args.layers}x{args.embd} ({model.num_parameters():,} "
+          f"parameters), {cpuformer.get_num_threads()} threads")
     steps = _measure_steps(model, train, args)
     trainer = _trainer(model, args, steps, ["perplexity"])
     if args.output_dir and _is_main():
         os.makedirs(args.output_dir, exist_ok=True)
-        tok.save(os.path.join(args.output_dir, "tokenizer.json"))
+        if subword:
+            cpuformer.io.atomic_write_bytes(os.path.join(args.output_dir, "tokenizer.json"), [tok.json.encode()])
+        else:
+            tok.save(os.path.join(args.output_dir, "tokenizer.json"))
     start = time.time()
     trainer.fit(train, val, epochs=args.epochs, max_steps=steps, batch_size=args.batch_size,
                 resume_from="latest" if args.resume else None)
     result = trainer.evaluate(val, batch_size=args.batch_size)
+    per_char = ""
+    if subword:  # the same total loss spread over the characters, comparable with a character model
+        per_char = f"; {result['loss'] * len(val_ids) / max(len(val_text), 1):.4f} nats/char"
     print(f"\ntrained {trainer.step} steps in {(time.time() - start) / 60:.1f} min; validation loss "
-          f"{result['loss']:.4f} nats/char (perplexity {result['perplexity']:.2f})")
+          f"{result['loss']:.4f} nats/{unit} (perplexity {result['perplexity']:.2f}){per_char}")
     for i, temperature in enumerate((0.8, 1.0)):
         ids = model.generate(np.array([tok.encode(prompt)]), args.sample_chars, temperature=temperature, top_k=40,
                              seed=args.seed + i)
@@ -148,7 +160,10 @@ def _lm_arguments(p, minutes, block, layers, heads, embd, dropout):
     p.add_argument("--heads", type=int, default=heads)
     p.add_argument("--embd", type=int, default=embd)
     p.add_argument("--dropout", type=float, default=dropout)
-    p.add_argument("--sample-chars", type=int, default=300)
+    p.add_argument("--sample-chars", type=int, default=300, help="length of the samples, in tokens")
+    p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
+                   help="characters (default) or cased byte-level BPE subwords trained on --train")
+    p.add_argument("--vocab-size", type=int, default=4000, help="BPE vocabulary size")
 
 
 def cmd_lm(args) -> int:

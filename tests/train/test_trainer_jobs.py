@@ -78,7 +78,7 @@ def test_translation_pipeline_learns_on_a_slice():
 
 
 @needs_data
-@pytest.mark.parametrize("command", ["classify", "lm", "translate", "demo"])
+@pytest.mark.parametrize("command", ["classify", "lm", "lm-bpe", "translate", "translate-word", "demo"])
 def test_cli_commands_run(tmp_path, command):
     d = DATA
     small = tmp_path / "small"
@@ -89,19 +89,23 @@ def test_cli_commands_run(tmp_path, command):
         args = ["classify", "--train", str(small / "train.tsv"), "--val", str(small / "train.tsv"), "--d-model", "16",
                 "--heads", "2", "--layers", "1", "--d-ff", "32"]
         expect = "val: accuracy"
-    elif command == "lm":
+    elif command in ("lm", "lm-bpe"):
         (small / "t.txt").write_text(read_text(os.path.join(d, "tinyshakespeare", "train.txt"))[:5000])
         args = ["lm", "--train", str(small / "t.txt"), "--val", str(small / "t.txt"), "--layers", "1", "--embd",
                 "16", "--heads", "2", "--block-size", "16", "--sample-chars", "20"]
-        expect = "nats/char"
-    elif command == "translate":
+        if command == "lm-bpe":
+            args += ["--tokenizer", "bpe", "--vocab-size", "300"]
+        expect = "nats/token" if command == "lm-bpe" else "nats/char"
+    elif command in ("translate", "translate-word"):
         for lang in ("en", "fr"):
             lines = open(os.path.join(d, "multi30k", f"train.{lang}")).read().splitlines()[:100]
             (small / f"s.{lang}").write_text("\n".join(lines) + "\n")
         args = ["translate", "--train-src", str(small / "s.en"), "--train-tgt", str(small / "s.fr"), "--test-src",
                 str(small / "s.en"), "--test-tgt", str(small / "s.fr"), "--d-model", "16", "--heads", "2",
                 "--layers", "1", "--d-ff", "32", "--max-len", "12", "--beam", "2"]
-        expect = "test BLEU"
+        if command == "translate-word":
+            args += ["--tokenizer", "word"]
+        expect = "lower-cased words" if command == "translate-word" else "cased, detokenized"
     else:
         args = ["demo", "--files", "2", "--layers", "1", "--embd", "16", "--heads", "2", "--block-size", "16",
                 "--sample-chars", "20"]
