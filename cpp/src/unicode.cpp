@@ -107,6 +107,56 @@ bool is_combining_mark(char32_t cp) {
   return in_ranges(data::combining_mark9, data::combining_mark9_size, cp);
 }
 
+GraphemeBreak grapheme_break(char32_t cp) {
+  if (cp >= 0x20 && cp < 0x7F) return GraphemeBreak::Other;
+  const std::uint32_t* r = data::grapheme_break;
+  std::size_t lo = 0, hi = data::grapheme_break_size / 3;
+  while (lo < hi) {
+    const std::size_t mid = (lo + hi) / 2;
+    if (r[3 * mid] <= cp) lo = mid + 1; else hi = mid;
+  }
+  if (lo > 0 && cp <= r[3 * (lo - 1) + 1]) return static_cast<GraphemeBreak>(r[3 * (lo - 1) + 2]);
+  return GraphemeBreak::Other;
+}
+
+bool is_extended_pictographic(char32_t cp) {
+  if (cp < 0xA9) return false;
+  return in_ranges(data::extended_pictographic, data::extended_pictographic_size, cp);
+}
+
+void grapheme_starts(const char32_t* s, std::size_t n, std::vector<std::size_t>* starts) {
+  using B = GraphemeBreak;
+  if (n == 0) return;
+  starts->push_back(0);
+  B prev = grapheme_break(s[0]);
+  bool emoji = is_extended_pictographic(s[0]);  // GB11: ExtPict Extend* so far (before a ZWJ)
+  bool emoji_zwj = false;                        // GB11: ExtPict Extend* ZWJ just before
+  std::size_t ri_run = prev == B::RegionalIndicator ? 1 : 0;  // RIs ending at the previous char
+  for (std::size_t i = 1; i < n; ++i) {
+    const B cur = grapheme_break(s[i]);
+    const bool pict = is_extended_pictographic(s[i]);
+    bool join;
+    if (prev == B::CR && cur == B::LF) join = true;                                                    // GB3
+    else if (prev == B::CR || prev == B::LF || prev == B::Control) join = false;                      // GB4
+    else if (cur == B::CR || cur == B::LF || cur == B::Control) join = false;                         // GB5
+    else if (prev == B::L && (cur == B::L || cur == B::V || cur == B::LV || cur == B::LVT)) join = true;  // GB6
+    else if ((prev == B::LV || prev == B::V) && (cur == B::V || cur == B::T)) join = true;           // GB7
+    else if ((prev == B::LVT || prev == B::T) && cur == B::T) join = true;                            // GB8
+    else if (cur == B::Extend || cur == B::ZWJ || cur == B::SpacingMark) join = true;                 // GB9, 9a
+    else if (prev == B::Prepend) join = true;                                                         // GB9b
+    else if (emoji_zwj && pict) join = true;                                                          // GB11
+    else if (prev == B::RegionalIndicator && cur == B::RegionalIndicator) join = ri_run % 2 == 1;     // GB12, 13
+    else join = false;                                                                                // GB999
+    if (!join) starts->push_back(i);
+    // GB11 state
+    emoji_zwj = emoji && cur == B::ZWJ;
+    if (pict) emoji = true;
+    else if (cur != B::Extend) emoji = false;
+    ri_run = cur == B::RegionalIndicator ? ri_run + 1 : 0;
+    prev = cur;
+  }
+}
+
 bool is_white_space(char32_t cp) {
   if (cp < 0x80) return cp == 0x20 || (cp >= 0x09 && cp <= 0x0D);
   return in_ranges(data::white_space, data::white_space_size, cp);

@@ -43,6 +43,17 @@ void normalize(const std::u32string& text, Form form, std::u32string* out, std::
 // normalizer deletes. Checked against tokenizers 0.23.3 over every code point.
 bool is_combining_mark(char32_t cp);
 
+// Grapheme_Cluster_Break and Extended_Pictographic (UCD 15.0), and extended grapheme cluster boundaries (UAX #29
+// rules GB1-GB13, GB999), for the Precompiled normalizer (crate unicode-segmentation, `graphemes(true)`). Rule GB9c
+// (Indic conjuncts, 15.1) is not applied: it joins clusters of 9+ bytes only, which Precompiled handles char by char
+// either way. Chars assigned after 15.0 are Other here.
+enum class GraphemeBreak : std::uint8_t { Other = 0, CR, LF, Control, Extend, ZWJ, RegionalIndicator, Prepend,
+                                          SpacingMark, L, V, T, LV, LVT };
+GraphemeBreak grapheme_break(char32_t cp);
+bool is_extended_pictographic(char32_t cp);
+// Start of every extended grapheme cluster of s[0, n) (starts[0] = 0 when n > 0), appended to *starts.
+void grapheme_starts(const char32_t* s, std::size_t n, std::vector<std::size_t>* starts);
+
 // Canonical combining class (9.0) of cp; 0 for chars newer than 9.0.
 std::uint8_t combining_class(char32_t cp);
 

@@ -32,4 +32,8 @@ extern const std::uint32_t compositions[];   // (first, second, composite)
 extern const std::size_t compositions_size;
 extern const std::uint32_t combining_mark9[]; // (first, last) pairs
 extern const std::size_t combining_mark9_size;
+extern const std::uint32_t grapheme_break[];  // (first, last, GraphemeBreak) triples
+extern const std::size_t grapheme_break_size;
+extern const std::uint32_t extended_pictographic[];  // (first, last) pairs
+extern const std::size_t extended_pictographic_size;
 }  // namespace cpuformer::unicode::data
