@@ -526,6 +526,194 @@ struct NmtN : Normalizer {
   }
 };
 
+// Precompiled: SentencePiece's precompiled charsmap (tokenizers.md §2.3). A darts-clone double array of u32 units
+// maps UTF-8 keys to byte offsets into a blob of NUL-terminated replacement strings. Matching follows the library
+// (not SentencePiece): per extended grapheme cluster, a cluster under 6 bytes with any prefix match is replaced
+// whole by the SHORTEST match's string; otherwise each char is looked up on its own. Changes are recorded as the
+// library's `replace` helper does, including its quirk: a deletion adds its count to the last change recorded so
+// far, so a deletion before any output is lost and every later char's offsets shift left (the library's bug, kept).
+struct PrecompiledN : Normalizer {
+  std::vector<std::uint32_t> units;
+  std::string strings;  // the blob after the trie (valid UTF-8; NUL-terminated entries)
+
+  static std::uint32_t offset_of(std::uint32_t u) { return (u >> 10) << ((u & 0x200u) >> 6); }
+  static std::uint32_t label_of(std::uint32_t u) { return u & ((1u << 31) | 0xFFu); }
+  static bool has_leaf(std::uint32_t u) { return (u >> 8) & 1u; }
+  static std::uint32_t value_of(std::uint32_t u) { return u & 0x7FFFFFFFu; }
+
+  // Shortest prefix match of key[0, n): the replacement's start in `strings`, or -1. Bounds were checked at load.
+  std::int64_t shortest(const char* key, std::size_t n) const {
+    std::size_t pos = offset_of(units[0]);
+    for (std::size_t i = 0; i < n; ++i) {
+      const auto c = static_cast<unsigned char>(key[i]);
+      if (c == 0) break;
+      pos ^= c;
+      const std::uint32_t u = units[pos];
+      if (label_of(u) != c) return -1;
+      pos ^= offset_of(u);
+      if (has_leaf(u)) return value_of(units[pos]);
+    }
+    return -1;
+  }
+
+  // Load-time check that every walk stays inside the arrays and every value is a valid string start.
+  static bool validate(const std::vector<std::uint32_t>& a, const std::string& strings, std::string* why) {
+    const std::size_t n = a.size();
+    if (n == 0) { *why = "empty trie"; return false; }
+    std::vector<char> seen(n, 0);
+    std::vector<std::size_t> stack;
+    auto visit_base = [&](std::size_t base) {
+      if ((base | 0xFFu) >= n) return false;
+      if (!seen[base]) { seen[base] = 1; stack.push_back(base); }
+      return true;
+    };
+    if (!visit_base(offset_of(a[0]))) { *why = "trie offset past the end"; return false; }
+    while (!stack.empty()) {
+      const std::size_t base = stack.back();
+      stack.pop_back();
+      for (std::uint32_t c = 1; c < 256; ++c) {
+        const std::uint32_t u = a[base ^ c];
+        if (label_of(u) != c) continue;
+        const std::size_t next = base ^ c ^ offset_of(u);
+        if (has_leaf(u)) {
+          if (next >= n) { *why = "trie offset past the end"; return false; }
+          const std::uint32_t v = value_of(a[next]);
+          if (v >= strings.size()) { *why = "replacement offset past the end of the strings"; return false; }
+          if ((static_cast<unsigned char>(strings[v]) & 0xC0u) == 0x80u) {
+            *why = "replacement offset inside a UTF-8 char";
+            return false;
+          }
+        }
+        if (!visit_base(next)) { *why = "trie offset past the end"; return false; }
+      }
+    }
+    return true;
+  }
+
+  std::u32string replacement(std::int64_t start) const {
+    const std::size_t b = static_cast<std::size_t>(start);
+    std::size_t e = strings.find('\0', b);
+    if (e == std::string::npos) e = strings.size();
+    std::u32string r;
+    uni::utf8_to_utf32(strings.substr(b, e - b), &r);  // valid: the blob is checked UTF-8, b a char start
+    return r;
+  }
+
+  // The library's `replace`: new chars get 0; extra ones at the end +1; fewer: the last change so far gets -diff.
+  static void replace(std::u32string* out, std::vector<int>* changes, std::size_t old_count,
+                      const std::u32string& now) {
+    for (char32_t c : now) {
+      out->push_back(c);
+      changes->push_back(0);
+    }
+    const std::ptrdiff_t diff = static_cast<std::ptrdiff_t>(now.size()) - static_cast<std::ptrdiff_t>(old_count);
+    if (diff > 0) {
+      for (std::size_t k = 0; k < static_cast<std::size_t>(diff); ++k) (*changes)[changes->size() - 1 - k] = 1;
+    } else if (diff < 0 && !changes->empty()) {
+      changes->back() += static_cast<int>(diff);
+    }
+  }
+
+  void normalize(Piece* p) const override {
+    const std::size_t n = p->s.size();
+    if (n == 0) return;
+    std::vector<std::size_t> starts;
+    uni::grapheme_starts(p->s.data(), n, &starts);
+    starts.push_back(n);
+    std::u32string out;
+    std::vector<int> changes;
+    out.reserve(n);
+    changes.reserve(n);
+    bool modified = false;
+    std::string key;
+    for (std::size_t g = 0; g + 1 < starts.size(); ++g) {
+      const std::size_t b = starts[g], e = starts[g + 1];
+      key.clear();
+      for (std::size_t i = b; i < e; ++i) uni::append_utf8(p->s[i], &key);
+      if (key.size() < 6) {
+        const std::int64_t m = shortest(key.data(), key.size());
+        if (m >= 0) {
+          modified = true;
+          replace(&out, &changes, e - b, replacement(m));
+          continue;
+        }
+      }
+      for (std::size_t i = b; i < e; ++i) {
+        key.clear();
+        uni::append_utf8(p->s[i], &key);
+        const std::int64_t m = shortest(key.data(), key.size());
+        if (m >= 0) {
+          modified = true;
+          replace(&out, &changes, 1, replacement(m));
+        } else {
+          out.push_back(p->s[i]);
+          changes.push_back(0);
+        }
+      }
+    }
+    if (modified) apply_changes(p, std::move(out), changes);
+  }
+};
+
+bool base64_decode(const std::string& in, std::string* out) {
+  auto val = [](char c) -> int {
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+  };
+  if (in.size() % 4 != 0) return false;
+  out->clear();
+  out->reserve(in.size() / 4 * 3);
+  for (std::size_t i = 0; i < in.size(); i += 4) {
+    const bool last = i + 4 == in.size();
+    int pad = 0;
+    if (last && in[i + 3] == '=') pad = in[i + 2] == '=' ? 2 : 1;
+    std::uint32_t acc = 0;
+    for (int k = 0; k < 4; ++k) {
+      int v = 0;
+      if (k < 4 - pad) {
+        v = val(in[i + static_cast<std::size_t>(k)]);
+        if (v < 0) return false;
+      }
+      acc = acc << 6 | static_cast<std::uint32_t>(v);
+    }
+    if ((pad == 1 && (acc & 0xFFu)) || (pad == 2 && (acc & 0xFFFFu))) return false;  // non-canonical last symbol
+    out->push_back(static_cast<char>(acc >> 16));
+    if (pad < 2) out->push_back(static_cast<char>((acc >> 8) & 0xFF));
+    if (pad < 1) out->push_back(static_cast<char>(acc & 0xFF));
+  }
+  return true;
+}
+
+Status parse_precompiled(const std::string& b64, const std::string& where, std::unique_ptr<Normalizer>* out) {
+  std::string blob;
+  if (!base64_decode(b64, &blob)) return err(where, "not valid base64");
+  if (blob.size() < 4) return err(where, "too short for a charsmap (" + std::to_string(blob.size()) + " bytes)");
+  const auto* d = reinterpret_cast<const unsigned char*>(blob.data());
+  const std::size_t trie_bytes = static_cast<std::size_t>(d[0]) | static_cast<std::size_t>(d[1]) << 8 |
+                                 static_cast<std::size_t>(d[2]) << 16 | static_cast<std::size_t>(d[3]) << 24;
+  if (trie_bytes % 4 != 0 || trie_bytes > blob.size() - 4)
+    return err(where, "trie size " + std::to_string(trie_bytes) + " does not fit the " +
+                          std::to_string(blob.size()) + "-byte map");
+  auto n = std::make_unique<PrecompiledN>();
+  n->units.resize(trie_bytes / 4);
+  for (std::size_t i = 0; i < n->units.size(); ++i) {
+    const unsigned char* q = d + 4 + 4 * i;
+    n->units[i] = static_cast<std::uint32_t>(q[0]) | static_cast<std::uint32_t>(q[1]) << 8 |
+                  static_cast<std::uint32_t>(q[2]) << 16 | static_cast<std::uint32_t>(q[3]) << 24;
+  }
+  n->strings = blob.substr(4 + trie_bytes);
+  std::u32string check;
+  if (!uni::utf8_to_utf32(n->strings, &check)) return err(where, "the replacement strings are not valid UTF-8");
+  std::string why;
+  if (!PrecompiledN::validate(n->units, n->strings, &why)) return err(where, why);
+  *out = std::move(n);
+  return Status();
+}
+
 void byte_level_chars(Piece* p);
 
 struct ByteLevelN : Normalizer {
@@ -563,6 +751,10 @@ Status parse_normalizer(const Json& j, const std::string& where, int depth, std:
     *out = std::make_unique<FormN>(uni::Form::NFKC);
   } else if (type == "NFKD") {
     *out = std::make_unique<FormN>(uni::Form::NFKD);
+  } else if (type == "Precompiled") {
+    std::string b64;
+    if (!(st = req_string(j, "precompiled_charsmap", where, &b64)).ok()) return st;
+    return parse_precompiled(b64, where + ".precompiled_charsmap", out);
   } else if (type == "StripAccents") {
     *out = std::make_unique<StripAccentsN>();
   } else if (type == "Strip") {

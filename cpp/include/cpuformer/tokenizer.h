@@ -12,7 +12,8 @@
 // The goal is the same ids, tokens, offsets, masks and decoded text as the `tokenizers` library (0.23) for the
 // same file. Supported components (anything else is an error Status naming it, never an approximation):
 //   normalizers     BertNormalizer, Lowercase, NFC, NFD, NFKC, NFKD, Strip, Replace, Prepend, Nmt, ByteLevel,
-//                   StripAccents, Sequence (not yet: Precompiled)
+//                   StripAccents, Precompiled (SentencePiece charsmaps, matched per grapheme cluster as the
+//                   library does, including its offset shift after a deletion at the very start), Sequence
 //   pre-tokenizers  BertPreTokenizer, Whitespace, WhitespaceSplit, Punctuation, Digits, Metaspace, Split, ByteLevel,
 //                   CharDelimiterSplit, FixedLength, Sequence (not yet: UnicodeScripts)
 //   models          WordPiece, BPE (dropout must be null or 0), Unigram, WordLevel
