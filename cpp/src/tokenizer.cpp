@@ -245,6 +245,23 @@ Status need(const Json& obj, const char* key, const std::string& where, const Js
   return Status();
 }
 
+// The parts of a Sequence component: obj[key] must be an array of components, each read by parse (one level deeper).
+template <class T, class Parse>
+Status parse_parts(const Json& obj, const char* key, const std::string& where, int depth, Parse parse,
+                   std::vector<std::unique_ptr<T>>* parts) {
+  const Json* list;
+  Status st = need(obj, key, where, &list);
+  if (!st.ok()) return st;
+  if (list->type != Json::kArray) return err(where + "." + key, "expected an array");
+  for (std::size_t i = 0; i < list->items.size(); ++i) {
+    std::unique_ptr<T> part;
+    st = parse(list->items[i], where + "." + key + "[" + std::to_string(i) + "]", depth + 1, &part);
+    if (!st.ok()) return st;
+    parts->push_back(std::move(part));
+  }
+  return Status();
+}
+
 Status as_bool(const Json& v, const std::string& where, bool* out) {
   if (v.type != Json::kBool) return err(where, std::string("expected a bool, got ") + type_name(v));
   *out = v.boolean;
@@ -782,15 +799,7 @@ Status parse_normalizer(const Json& j, const std::string& where, int depth, std:
     *out = std::make_unique<ByteLevelN>();
   } else if (type == "Sequence") {
     auto n = std::make_unique<SequenceN>();
-    const Json* items;
-    if (!(st = need(j, "normalizers", where, &items)).ok()) return st;
-    if (items->type != Json::kArray) return err(where + ".normalizers", "expected an array");
-    for (std::size_t i = 0; i < items->items.size(); ++i) {
-      std::unique_ptr<Normalizer> c;
-      st = parse_normalizer(items->items[i], where + ".normalizers[" + std::to_string(i) + "]", depth + 1, &c);
-      if (!st.ok()) return st;
-      n->items.push_back(std::move(c));
-    }
+    if (!(st = parse_parts(j, "normalizers", where, depth, parse_normalizer, &n->items)).ok()) return st;
     *out = std::move(n);
   } else {
     return err(where, "normalizer type " + quoted(type) + " is not supported yet");
@@ -1091,15 +1100,7 @@ Status parse_pre(const Json& j, const std::string& where, int depth, std::unique
     *out = std::move(p);
   } else if (type == "Sequence") {
     auto p = std::make_unique<SequencePre>();
-    const Json* items;
-    if (!(st = need(j, "pretokenizers", where, &items)).ok()) return st;
-    if (items->type != Json::kArray) return err(where + ".pretokenizers", "expected an array");
-    for (std::size_t i = 0; i < items->items.size(); ++i) {
-      std::unique_ptr<PreTokenizer> c;
-      st = parse_pre(items->items[i], where + ".pretokenizers[" + std::to_string(i) + "]", depth + 1, &c);
-      if (!st.ok()) return st;
-      p->items.push_back(std::move(c));
-    }
+    if (!(st = parse_parts(j, "pretokenizers", where, depth, parse_pre, &p->items)).ok()) return st;
     *out = std::move(p);
   } else {
     return err(where, "pre-tokenizer type " + quoted(type) + " is not supported yet");
@@ -1992,15 +1993,7 @@ Status parse_post(const Json& j, const std::string& where, int depth, std::uniqu
     *out = std::move(p);
   } else if (type == "Sequence") {
     auto p = std::make_unique<SequencePost>();
-    const Json* items;
-    if (!(st = need(j, "processors", where, &items)).ok()) return st;
-    if (items->type != Json::kArray) return err(where + ".processors", "expected an array");
-    for (std::size_t i = 0; i < items->items.size(); ++i) {
-      std::unique_ptr<PostProcessor> c;
-      st = parse_post(items->items[i], where + ".processors[" + std::to_string(i) + "]", depth + 1, &c);
-      if (!st.ok()) return st;
-      p->items.push_back(std::move(c));
-    }
+    if (!(st = parse_parts(j, "processors", where, depth, parse_post, &p->items)).ok()) return st;
     *out = std::move(p);
   } else {
     return err(where, "post-processor type " + quoted(type) + " is not supported yet");
@@ -2326,15 +2319,7 @@ Status parse_decoder(const Json& j, const std::string& where, int depth, std::un
     *out = std::move(d);
   } else if (type == "Sequence") {
     auto d = std::make_unique<SequenceDec>();
-    const Json* items;
-    if (!(st = need(j, "decoders", where, &items)).ok()) return st;
-    if (items->type != Json::kArray) return err(where + ".decoders", "expected an array");
-    for (std::size_t i = 0; i < items->items.size(); ++i) {
-      std::unique_ptr<Decoder> c;
-      st = parse_decoder(items->items[i], where + ".decoders[" + std::to_string(i) + "]", depth + 1, &c);
-      if (!st.ok()) return st;
-      d->items.push_back(std::move(c));
-    }
+    if (!(st = parse_parts(j, "decoders", where, depth, parse_decoder, &d->items)).ok()) return st;
     *out = std::move(d);
   } else {
     return err(where, "decoder type " + quoted(type) + " is not supported yet");
