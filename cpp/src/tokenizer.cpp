@@ -1752,7 +1752,7 @@ struct PostProcessor {
 // ByteLevel offset trimming (the post-processor and RobertaProcessing): offsets shrink past leading/trailing
 // 'Ġ' or whitespace chars of the token.
 void trim_offsets(Encoding* e, bool add_prefix_space) {
-  const char32_t g = byte_map().to_char[' '];
+  const char32_t g = byte_map().to_char[static_cast<unsigned char>(' ')];
   std::u32string u;
   for (std::size_t i = 0; i < e->size(); ++i) {
     u.clear();
