@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
+#include <stdexcept>
+#include <string>
 
 #include "unicode.h"
 
@@ -989,11 +991,17 @@ class Matcher {
     }
   }
 
+  // Backtracking steps one match attempt may take: Oniguruma's default retry limit (ONIG_DEFAULT_RETRY_LIMIT_IN_MATCH,
+  // where the tokenizers library fails too). Without it a hostile pattern in a tokenizer.json, such as (a|aa)*c,
+  // would take exponential time: instead run() throws, and the tokenizer reports an error Status.
+  static constexpr std::size_t kRetryLimit = 10'000'000;
+
   // The end of the match starting at start, or npos.
   std::size_t run(std::size_t start) {
     stack_.clear();
     std::uint32_t pc = 0;
     std::size_t pos = start;
+    std::size_t backtracks = 0;
     const std::vector<Inst>& code = prog_.code;
     for (;;) {
       const Inst& in = code[pc];
@@ -1070,6 +1078,9 @@ class Matcher {
       }
       if (ok) continue;
       // Backtrack.
+      if (++backtracks > kRetryLimit)
+        throw std::runtime_error("regex " + prog_.pattern.substr(0, 80) + ": more than 10,000,000 backtracking " +
+                                 "steps at one position (Oniguruma's retry limit)");
       for (;;) {
         if (stack_.empty()) return npos;
         Frame& f = stack_.back();

@@ -297,3 +297,28 @@ def test_unsupported_patterns_are_clear_errors(pattern, construct):
     with pytest.raises(ValueError, match="position") as info:
         _core._regex_find_all(pattern, "abc")
     assert construct in str(info.value), str(info.value)
+
+
+def test_exponential_patterns_stop_at_the_retry_limit():
+    """A hostile pattern (in a tokenizer.json anyone can write) fails fast at Oniguruma's retry limit instead of
+    taking exponential time; through a tokenizer it is an error for that text, never a hang."""
+    import json
+
+    import cpuformer
+
+    for pattern, text in [("(a|a)*b", "a" * 40), ("(a|aa)*c", "a" * 60), ("(?:a|b|ab)*c", "ab" * 40)]:
+        start = time.perf_counter()
+        with pytest.raises(RuntimeError, match="retry limit"):
+            _core._regex_find_all(pattern, text)
+        assert time.perf_counter() - start < 5
+    spec = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+            "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "(a|aa)*c"}, "behavior": "Isolated",
+                              "invert": False},
+            "post_processor": None, "decoder": None,
+            "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1}, "unk_token": "[UNK]"}}
+    tok = cpuformer.Tokenizer.from_str(json.dumps(spec))
+    assert tok.encode("aac").ids == [0]
+    with pytest.raises((ValueError, RuntimeError), match="retry limit"):
+        tok.encode("a" * 60)
+    with pytest.raises((ValueError, RuntimeError), match="retry limit"):
+        tok.encode_batch(["aac", "a" * 60])
