@@ -70,8 +70,9 @@ _LENGTHS = {"GPT": {"block_size": ("wpe.weight", 0)}, "TransformerClassifier": {
             "Seq2SeqTransformer": {"max_len": (None, 0)}, "BertModel": {"max_position_embeddings": (None, 0)}}
 
 
-def _check_value(key: str, value, annotation: str, where: str) -> None:
-    kind = annotation.split("[")[0].replace("Optional", "").strip()
+def _check_value(key: str, value, kind: str, where: str) -> None:
+    """A config value against its constructor annotation ("int", "float", "bool" or "str"; the model classes take
+    only these)."""
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
             raise SafetensorsError(f"{where}: config {key} must be an integer in [0, {MAX_INT}], got {value!r}")
@@ -86,6 +87,8 @@ def _check_value(key: str, value, annotation: str, where: str) -> None:
     elif kind == "str":
         if not isinstance(value, str):
             raise SafetensorsError(f"{where}: config {key} must be a string, got {value!r}")
+    else:
+        raise SafetensorsError(f"{where}: config {key} has no checkable type ({kind})")
 
 
 def check_config(cls, config, tensors: Mapping[str, np.ndarray], where: str) -> dict:
