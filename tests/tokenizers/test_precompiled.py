@@ -7,7 +7,6 @@ offsets. Comparing ids and offsets with the library compares the normalized text
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -16,9 +15,7 @@ import cpuformer
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import decoders, models, normalizers as N  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+from _corpus import DATA, read_lines  # noqa: E402
 
 
 def probe(normalizer):
@@ -101,16 +98,6 @@ def _proto_field(b, num):
     return b""
 
 
-def read_lines(rel, n, column=None, skip_header=False):
-    path = DATA / rel
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if skip_header:
-        lines = lines[1:]
-    if column is not None:
-        lines = [ln.split("\t")[column] for ln in lines if ln]
-    return [ln for ln in lines if ln][:n]
 
 
 @pytest.fixture(scope="module")

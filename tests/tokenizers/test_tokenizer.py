@@ -20,9 +20,7 @@ import cpuformer
 
 tokenizers = pytest.importorskip("tokenizers")
 
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("/work/shared/data")
+from _corpus import DATA, read_lines  # noqa: E402
 
 FIELDS = ["ids", "tokens", "offsets", "type_ids", "attention_mask", "special_tokens_mask"]
 
@@ -44,16 +42,6 @@ def minilm():
     return cpuformer.Tokenizer.from_file(path), tokenizers.Tokenizer.from_file(path), path
 
 
-def read_lines(rel, n, skip_header=False, column=None):
-    path = DATA / rel
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if skip_header:
-        lines = lines[1:]
-    if column is not None:
-        lines = [ln.split("\t")[column] for ln in lines if ln]
-    return [ln for ln in lines if ln][:n]
 
 
 @pytest.fixture(scope="module")
