@@ -22,7 +22,7 @@ import numpy as np
 
 import cpuformer
 from cpuformer import models, nn, ops
-from cpuformer.io import SafetensorsError, load_safetensors, save_safetensors
+from cpuformer.io import SafetensorsError
 
 ALLOWED = (TypeError, ValueError, IndexError, RuntimeError, NotImplementedError)
 

@@ -14,7 +14,7 @@ import inspect
 import json
 import math
 import re
-from typing import Dict, Mapping
+from typing import Mapping
 
 import numpy as np
 

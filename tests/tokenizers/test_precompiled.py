@@ -15,7 +15,7 @@ import cpuformer
 tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import decoders, models, normalizers as N  # noqa: E402
 
-from _corpus import DATA, read_lines  # noqa: E402
+from _corpus import read_lines  # noqa: E402
 
 
 def probe(normalizer):

@@ -20,7 +20,7 @@ import cpuformer
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from _corpus import DATA, read_lines  # noqa: E402
+from _corpus import read_lines  # noqa: E402
 
 FIELDS = ["ids", "tokens", "offsets", "type_ids", "attention_mask", "special_tokens_mask"]
 
@@ -584,7 +584,7 @@ def _with_byte_tokens(spec):
 def test_llama2_style_byte_fallback(bpe_files, corpus):
     """Legacy Llama 2: Prepend + Replace normalizers, no pre-tokenizer, BPE with byte_fallback and fuse_unk,
     Template `<s> $A`, decoder Sequence[Replace, ByteFallback, Fuse, Strip]."""
-    from tokenizers import decoders, models, normalizers, processors, trainers
+    from tokenizers import decoders, models, normalizers, trainers
     _, lines = bpe_files
     ref = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     ref.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
