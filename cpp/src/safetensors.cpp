@@ -12,6 +12,7 @@
 #include <new>
 
 #include "json.h"
+#include "unicode.h"
 #include "cpuformer/model.h"
 
 namespace cpuformer {
@@ -109,24 +110,6 @@ class JsonParser {
     return true;
   }
 
-  static void append_utf8(std::string* s, unsigned cp) {
-    if (cp < 0x80) {
-      s->push_back(static_cast<char>(cp));
-    } else if (cp < 0x800) {
-      s->push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      s->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else if (cp < 0x10000) {
-      s->push_back(static_cast<char>(0xE0 | (cp >> 12)));
-      s->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      s->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
-      s->push_back(static_cast<char>(0xF0 | (cp >> 18)));
-      s->push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-      s->push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      s->push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
-  }
-
   Status string(std::string* out) {
     ++p_;  // opening quote
     out->clear();
@@ -161,7 +144,7 @@ class JsonParser {
               p_ = save;
             }
           }
-          append_utf8(out, cp >= 0xD800 && cp <= 0xDFFF ? 0xFFFD : cp);
+          unicode::append_utf8(static_cast<char32_t>(cp), out);  // a lone surrogate becomes U+FFFD
           break;
         }
         default: return fail("unknown escape");
