@@ -11,6 +11,7 @@
 #include "cpuformer/matmul.h"
 #include "cpuformer/model.h"
 #include "cpuformer/optim.h"
+#include "cpuformer/positions.h"
 #include "cpuformer/quantize.h"
 #include "cpuformer/runtime.h"
 #include "cpuformer/softmax.h"

@@ -214,8 +214,9 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
 
 void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTensor dout, ConstHeadTensor q,
                         ConstHeadTensor k, ConstHeadTensor v, ConstHeadTensor out, const float* lse,
-                        const AttentionMask& mask, const AttentionConfig& c) {
+                        const AttentionMask& mask, const AttentionConfig& c, float* dadditive) {
   check_config("attention_backward", c);
+  CPUFORMER_CHECK(dadditive == nullptr, "attention_backward: dadditive is not implemented yet");
   CPUFORMER_CHECK(lse != nullptr, "attention_backward: lse from the forward is required");
   const index_t D = c.D;
   detail::parallel_for_dynamic(c.B * c.H, [&](index_t bh, int) {

@@ -7,7 +7,7 @@
 
 namespace cpuformer {
 
-enum class Activation { kIdentity, kRelu, kGeluErf, kGeluTanh };
+enum class Activation { kIdentity, kRelu, kGeluErf, kGeluTanh, kSilu };  // kSilu: x * sigmoid(x)
 
 // out[r, c] = act(inp[r, c] + bias[c]); bias may be null. out may alias inp.
 void activation_forward(float* out, const float* inp, const float* bias, index_t rows, index_t cols,
@@ -16,6 +16,16 @@ void activation_forward(float* out, const float* inp, const float* bias, index_t
 // dbias += column sums of dinp when dbias is non-null (the fused bias gradient).
 void activation_backward(float* dinp, float* dbias, const float* dout, const float* inp, const float* bias,
                          index_t rows, index_t cols, Activation act);
+
+// Gated linear unit (SwiGLU, GeGLU, ReGLU): out[r, c] = act(gate[r, c]) * up[r, c], rows at strides ldg, ldu,
+// ldo. out may alias up.
+void gated_forward(float* out, index_t ldo, const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows,
+                   index_t cols, Activation act);
+// dgate = dout * up * act'(gate), dup = dout * act(gate) (overwritten; dgate/dup may alias dout's storage only if
+// they are the same rows of a different buffer: never alias gate or up).
+void gated_backward(float* dgate, index_t lddg, float* dup, index_t lddu, const float* dout, index_t ldo,
+                    const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows, index_t cols,
+                    Activation act);
 
 // dbias[c] += sum over rows of dout[r, c] (the gradient of a bias added to every row).
 void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols);

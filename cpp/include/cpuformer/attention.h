@@ -31,7 +31,13 @@ struct AttentionMask {
   const float* additive = nullptr;
   index_t add_sb = 0, add_sh = 0, add_st = 0;
   const std::uint8_t* key_padding = nullptr;  // (B, S): nonzero = this key is padding
-  bool causal = false;                        // query t sees keys s <= t (top-left aligned, as torch's is_causal)
+  bool causal = false;                        // query t sees keys s <= pos(t) (top-left aligned, as is_causal)
+  // Positions for decoding over a cache: query t of batch b sits at pos(t) = query_offset[b] + t (null: t). The
+  // causal rule, the sliding window and ALiBi use pos(t); keys s >= key_length[b] are invisible (null: none).
+  const std::int64_t* query_offset = nullptr;  // (B)
+  const std::int64_t* key_length = nullptr;    // (B)
+  index_t window = 0;                   // sliding window (Mistral): query sees keys s > pos(t) - window; 0 = none
+  const float* alibi_slopes = nullptr;  // (H): score += slope[h] * (s - pos(t))  (ALiBi)
 };
 
 struct AttentionConfig {
@@ -39,16 +45,20 @@ struct AttentionConfig {
   float scale;              // usually 1 / sqrt(D)
   float dropout_p = 0.0f;   // dropout on the attention probabilities (training); mask regenerated in backward
   std::uint64_t seed = 0;   // dropout seed: keep(b, h, t, s) is a pure function of (seed, b, h, t, s)
+  // Grouped-query / multi-query attention: K and V hold KVH heads (H a multiple of KVH); query head h reads key
+  // and value head h / (H / KVH). 0 = H (plain multi-head).
+  index_t KVH = 0;
 };
 
 // out (B, T, H*D) overwritten; lse (B, H, T) may be null (inference).
 void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadTensor k, ConstHeadTensor v,
                        const AttentionMask& mask, const AttentionConfig& cfg);
 
-// dq, dk, dv overwritten; needs the forward's out and lse.
+// dq, dk, dv overwritten; needs the forward's out and lse. dadditive (may be null): the gradient with respect to
+// mask.additive (a learned position bias), ACCUMULATED at the mask's own strides (summed over broadcast axes).
 void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTensor dout, ConstHeadTensor q,
                         ConstHeadTensor k, ConstHeadTensor v, ConstHeadTensor out, const float* lse,
-                        const AttentionMask& mask, const AttentionConfig& cfg);
+                        const AttentionMask& mask, const AttentionConfig& cfg, float* dadditive = nullptr);
 
 // The attention probabilities themselves, weights (B, H, T, S), for inspection (materialises them; no dropout).
 void attention_weights(float* weights, ConstHeadTensor q, ConstHeadTensor k, const AttentionMask& mask,

@@ -17,4 +17,12 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
                         const float* weight, const float* mean, const float* rstd, index_t rows, index_t C,
                         bool accumulate_dinp = false);
 
+// RMSNorm: out = inp * rstd * w, rstd = 1 / sqrt(mean(inp^2) + eps), w = weight or (one_plus) 1 + weight (Gemma);
+// weight may be null (no scale). rstd (rows) saved for backward; may be null in inference.
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, index_t rows, index_t C,
+                     float eps, bool one_plus = false);
+// dinp overwritten (or accumulated with accumulate_dinp); dweight += sum_rows(dout * inp * rstd) (may be null).
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                      const float* rstd, index_t rows, index_t C, bool one_plus = false, bool accumulate_dinp = false);
+
 }  // namespace cpuformer
