@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <initializer_list>
@@ -1090,6 +1091,385 @@ py::str bpe_train_py(const std::vector<std::string>& files, const std::vector<st
   return py::str(json);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The Transformer block (block.h). A BlockConfig is built once per layer from keyword arguments; weights and
+// gradients come as dicts of arrays named "<part>.<field>" (see block_weights below), read in place.
+
+NormKind norm_kind_of(const std::string& s) {
+  if (s == "layer_norm") return NormKind::kLayerNorm;
+  if (s == "rms_norm") return NormKind::kRMSNorm;
+  value_error("norm must be 'layer_norm' or 'rms_norm', got '" + s + "'");
+}
+
+BlockConfig make_block_config(const py::kwargs& kw) {
+  BlockConfig c;
+  static const char* known[] = {"d_model", "num_heads", "num_kv_heads", "head_dim", "norm", "norm_eps",
+                                "norm_one_plus", "norm_first", "qk_norm", "activation", "cross_attention",
+                                "attention_scale", "sliding_window", "position", "rotary_dim", "rotary_layout",
+                                "rope_theta", "rope_scaling", "relative_num_buckets", "relative_max_distance",
+                                "relative_bidirectional", "dropout", "ff_dropout", "attention_dropout"};
+  for (auto item : kw) {
+    const std::string key = py::str(item.first);
+    if (std::find(std::begin(known), std::end(known), key) == std::end(known))
+      throw py::type_error("BlockConfig: unknown argument '" + key + "'");
+  }
+  auto get = [&](const char* k) -> py::object { return kw.contains(k) ? py::reinterpret_borrow<py::object>(kw[k]) : py::none(); };
+  auto integer = [&](const char* k, index_t fallback, index_t lo) {
+    py::object v = get(k);
+    if (v.is_none()) return fallback;
+    if (py::isinstance<py::bool_>(v) || !py::isinstance<py::int_>(v)) throw py::type_error(std::string("BlockConfig: ") + k + " must be an int");
+    const index_t i = v.cast<index_t>();
+    if (i < lo || i > (index_t{1} << 30)) value_error(std::string("BlockConfig: ") + k + " must be in [" + std::to_string(lo) + ", 2^30], got " + std::to_string(i));
+    return i;
+  };
+  auto number = [&](const char* k, double fallback) {
+    py::object v = get(k);
+    if (v.is_none()) return fallback;
+    const double d = v.cast<double>();
+    if (!std::isfinite(d)) value_error(std::string("BlockConfig: ") + k + " must be finite");
+    return d;
+  };
+  auto flag = [&](const char* k, bool fallback) {
+    py::object v = get(k);
+    return v.is_none() ? fallback : v.cast<bool>();
+  };
+  auto text = [&](const char* k, const char* fallback) {
+    py::object v = get(k);
+    return v.is_none() ? std::string(fallback) : v.cast<std::string>();
+  };
+  c.d_model = integer("d_model", 0, 1);
+  c.num_heads = integer("num_heads", 0, 1);
+  if (!c.d_model || !c.num_heads) value_error("BlockConfig: d_model and num_heads are required");
+  c.num_kv_heads = integer("num_kv_heads", 0, 0);
+  c.head_dim = integer("head_dim", 0, 0);
+  c.norm = norm_kind_of(text("norm", "layer_norm"));
+  c.norm_eps = static_cast<float>(number("norm_eps", 1e-5));
+  c.norm_one_plus = flag("norm_one_plus", false);
+  c.norm_first = flag("norm_first", false);
+  c.qk_norm = flag("qk_norm", false);
+  c.activation = activation_of(text("activation", "relu"));
+  c.cross_attention = flag("cross_attention", false);
+  c.attention_scale = static_cast<float>(number("attention_scale", 0.0));
+  c.sliding_window = integer("sliding_window", 0, 0);
+  const std::string pos = text("position", "none");
+  if (pos == "none") c.position = PositionKind::kNone;
+  else if (pos == "rotary") c.position = PositionKind::kRotary;
+  else if (pos == "alibi") c.position = PositionKind::kAlibi;
+  else if (pos == "relative") c.position = PositionKind::kRelativeBias;
+  else value_error("BlockConfig: position must be 'none', 'rotary', 'alibi' or 'relative', got '" + pos + "'");
+  c.rotary.rotary_dim = integer("rotary_dim", 0, 0);
+  const std::string layout = text("rotary_layout", "half");
+  if (layout != "half" && layout != "interleaved") value_error("BlockConfig: rotary_layout must be 'half' or 'interleaved'");
+  c.rotary.layout = layout == "half" ? RotaryLayout::kHalf : RotaryLayout::kInterleaved;
+  c.rotary.theta = number("rope_theta", 10000.0);
+  if (!(c.rotary.theta > 0)) value_error("BlockConfig: rope_theta must be > 0");
+  py::object scaling = get("rope_scaling");
+  if (!scaling.is_none()) {
+    py::dict s = scaling.cast<py::dict>();
+    const std::string type = s.contains("rope_type") ? s["rope_type"].cast<std::string>()
+                             : s.contains("type") ? s["type"].cast<std::string>() : "default";
+    auto sget = [&](const char* k, double fallback) { return s.contains(k) ? s[k].cast<double>() : fallback; };
+    if (type == "linear") {
+      c.rotary.linear_factor = sget("factor", 1.0);
+      if (!(c.rotary.linear_factor > 0)) value_error("BlockConfig: rope_scaling factor must be > 0");
+    } else if (type == "llama3") {
+      c.rotary.llama3_factor = sget("factor", 8.0);
+      c.rotary.low_freq_factor = sget("low_freq_factor", 1.0);
+      c.rotary.high_freq_factor = sget("high_freq_factor", 4.0);
+      c.rotary.original_max_position = static_cast<index_t>(sget("original_max_position_embeddings", 8192));
+      if (!(c.rotary.llama3_factor > 0) || !(c.rotary.high_freq_factor > c.rotary.low_freq_factor))
+        value_error("BlockConfig: llama3 rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor");
+    } else if (type != "default") {
+      value_error("BlockConfig: rope_scaling type '" + type + "' is not supported ('linear', 'llama3', 'default')");
+    }
+  }
+  c.relative.num_buckets = integer("relative_num_buckets", 32, 2);
+  c.relative.max_distance = integer("relative_max_distance", 128, 2);
+  c.relative.bidirectional = flag("relative_bidirectional", true);
+  c.dropout = static_cast<float>(number("dropout", 0.0));
+  c.ff_dropout = static_cast<float>(number("ff_dropout", 0.0));
+  c.attention_dropout = static_cast<float>(number("attention_dropout", 0.0));
+  for (float p : {c.dropout, c.ff_dropout, c.attention_dropout})
+    if (!(p >= 0.0f && p < 1.0f)) value_error("BlockConfig: dropout probabilities must be in [0, 1)");
+  if (c.num_heads % c.kv_heads()) value_error("BlockConfig: num_kv_heads (" + std::to_string(c.num_kv_heads) + ") must divide num_heads (" + std::to_string(c.num_heads) + ")");
+  if (!c.head_dim && c.d_model % c.num_heads) value_error("BlockConfig: d_model (" + std::to_string(c.d_model) + ") must be a multiple of num_heads (" + std::to_string(c.num_heads) + ") unless head_dim is given");
+  return c;
+}
+
+// Reads the named arrays of a block's weights (or gradients) from a dict, checking dtypes and shapes against the
+// config. Names: {self_attn,cross_attn}.{qkv,q,k,v,kv,o}.{weight,bias,packed,int8,in_out}, self_attn.q_norm,
+// self_attn.k_norm, self_attn.relative_table, {norm1,norm2,norm_ff}.{weight,bias}, ff.{up,gate,down}.{...}.
+struct BlockArrays {
+  const BlockConfig& c;
+  const py::dict& d;
+  bool grads;
+  std::vector<std::string> used;
+  index_t F = 0;
+
+  py::object find(const std::string& key) {
+    if (!d.contains(key.c_str())) return py::none();
+    used.push_back(key);
+    py::object v = d[key.c_str()];
+    return v;
+  }
+  float* array(const std::string& key, std::vector<index_t> shape) {
+    py::object v = find(key);
+    if (v.is_none()) return nullptr;
+    F32 a = f32(v, key.c_str(), static_cast<int>(shape.size()), static_cast<int>(shape.size()), grads);
+    for (size_t i = 0; i < shape.size(); ++i)
+      if (a.shape(i) != shape[i]) {
+        std::ostringstream os;
+        os << key << " must have shape (";
+        for (size_t j = 0; j < shape.size(); ++j) os << (j ? ", " : "") << shape[j];
+        os << (shape.size() == 1 ? ",)" : ")") << ", got " << shape_of(a);
+        value_error(os.str());
+      }
+    return grads ? a.mutable_data() : const_cast<float*>(a.data());
+  }
+  LinearRef linear(const std::string& p, index_t in, index_t out) {
+    LinearRef r;
+    r.in = in, r.out = out;
+    py::object io = find(p + ".in_out");
+    r.in_out = !io.is_none() && io.cast<bool>();
+    r.weight = array(p + ".weight", r.in_out ? std::vector<index_t>{in, out} : std::vector<index_t>{out, in});
+    r.bias = array(p + ".bias", {out});
+    py::object packed = find(p + ".packed"), int8 = find(p + ".int8");
+    if (!packed.is_none()) {
+      r.packed = &packed.cast<const PackedMatrix&>();
+      if (r.packed->K != in || r.packed->N != out) value_error(p + ".packed has the wrong size");
+    }
+    if (!int8.is_none()) {
+      r.int8 = &int8.cast<const Int8Weight&>();
+      if (r.int8->k != in || r.int8->n != out) value_error(p + ".int8 has the wrong size");
+    }
+    return r;
+  }
+  LinearGrads grad(const std::string& p, index_t in, index_t out, bool in_out) {
+    return LinearGrads{array(p + ".weight", in_out ? std::vector<index_t>{in, out} : std::vector<index_t>{out, in}),
+                       array(p + ".bias", {out})};
+  }
+  void check_all_used() {
+    for (auto item : d) {
+      const std::string key = py::str(item.first);
+      if (std::find(used.begin(), used.end(), key) == used.end())
+        value_error("block: unexpected " + std::string(grads ? "gradient" : "weight") + " '" + key + "'");
+    }
+  }
+};
+
+index_t ff_width(const py::dict& w) {
+  for (const char* k : {"ff.up.weight", "ff.up.packed", "ff.up.int8"}) {
+    if (!w.contains(k)) continue;
+    py::object v = w[k];
+    if (py::isinstance<PackedMatrix>(v)) return v.cast<const PackedMatrix&>().N;
+    if (py::isinstance<Int8Weight>(v)) return v.cast<const Int8Weight&>().n;
+    auto a = py::reinterpret_borrow<py::array>(v);
+    if (a.ndim() != 2) value_error("ff.up.weight must be 2-D");
+    const bool in_out = w.contains("ff.up.in_out") && w["ff.up.in_out"].cast<bool>();
+    return a.shape(in_out ? 1 : 0);
+  }
+  value_error("block: missing weight 'ff.up.weight'");
+}
+
+void read_attention(BlockArrays& a, const std::string& p, bool cross, AttentionWeights& w) {
+  const BlockConfig& c = a.c;
+  const index_t C = c.d_model, D = c.head_size(), qd = c.num_heads * D, kd = c.kv_heads() * D;
+  if (!cross) w.qkv = a.linear(p + ".qkv", C, qd + 2 * kd);
+  w.q = a.linear(p + ".q", C, qd);
+  w.k = a.linear(p + ".k", C, kd);
+  w.v = a.linear(p + ".v", C, kd);
+  if (cross) w.kv = a.linear(p + ".kv", C, 2 * kd);
+  w.o = a.linear(p + ".o", qd, C);
+  w.q_norm = a.array(p + ".q_norm", {D});
+  w.k_norm = a.array(p + ".k_norm", {D});
+  w.relative_table = a.array(p + ".relative_table", {c.relative.num_buckets, c.num_heads});
+}
+
+BlockWeights block_weights(const BlockConfig& c, const py::dict& d) {
+  BlockArrays a{c, d, false, {}, 0};
+  BlockWeights w;
+  read_attention(a, "self_attn", false, w.self_attn);
+  if (c.cross_attention) read_attention(a, "cross_attn", true, w.cross_attn);
+  for (auto [name, n] : {std::pair<const char*, NormRef*>{"norm1", &w.norm1}, {"norm2", &w.norm2}, {"norm_ff", &w.norm_ff}}) {
+    n->weight = a.array(std::string(name) + ".weight", {c.d_model});
+    n->bias = a.array(std::string(name) + ".bias", {c.d_model});
+  }
+  const index_t F = ff_width(d);
+  w.ff.up = a.linear("ff.up", c.d_model, F);
+  w.ff.gate = a.linear("ff.gate", c.d_model, F);
+  w.ff.down = a.linear("ff.down", F, c.d_model);
+  a.check_all_used();
+  block_check(c, w);
+  return w;
+}
+
+void read_attention_grads(BlockArrays& a, const std::string& p, const AttentionWeights& w, AttentionGrads& g) {
+  const BlockConfig& c = a.c;
+  const index_t C = c.d_model, D = c.head_size(), qd = c.num_heads * D, kd = c.kv_heads() * D;
+  g.qkv = a.grad(p + ".qkv", C, qd + 2 * kd, w.qkv.in_out);
+  g.q = a.grad(p + ".q", C, qd, w.q.in_out);
+  g.k = a.grad(p + ".k", C, kd, w.k.in_out);
+  g.v = a.grad(p + ".v", C, kd, w.v.in_out);
+  g.kv = a.grad(p + ".kv", C, 2 * kd, w.kv.in_out);
+  g.o = a.grad(p + ".o", qd, C, w.o.in_out);
+  g.q_norm = a.array(p + ".q_norm", {D});
+  g.k_norm = a.array(p + ".k_norm", {D});
+  g.relative_table = a.array(p + ".relative_table", {c.relative.num_buckets, c.num_heads});
+}
+
+BlockGrads block_grads(const BlockConfig& c, const BlockWeights& w, const py::dict& d) {
+  BlockArrays a{c, d, true, {}, 0};
+  BlockGrads g;
+  read_attention_grads(a, "self_attn", w.self_attn, g.self_attn);
+  if (c.cross_attention) read_attention_grads(a, "cross_attn", w.cross_attn, g.cross_attn);
+  for (auto [name, n] : {std::pair<const char*, NormGrads*>{"norm1", &g.norm1}, {"norm2", &g.norm2}, {"norm_ff", &g.norm_ff}}) {
+    n->weight = a.array(std::string(name) + ".weight", {c.d_model});
+    n->bias = a.array(std::string(name) + ".bias", {c.d_model});
+  }
+  const index_t F = w.ff.up.out;
+  const LinearGrads up = a.grad("ff.up", c.d_model, F, w.ff.up.in_out), gate = a.grad("ff.gate", c.d_model, F, w.ff.gate.in_out),
+                    down = a.grad("ff.down", F, c.d_model, w.ff.down.in_out);
+  g.ff = FeedForwardGrads{up.weight, up.bias, gate.weight, gate.bias, down.weight, down.bias};
+  a.check_all_used();
+  return g;
+}
+
+// What a training forward keeps, with the call's mask arrays (their pointers are in s.in) kept alive.
+struct PyBlockSaved {
+  BlockSaved s;
+  py::object memory, key_padding, additive, memory_padding, memory_additive, offset;
+};
+
+struct BlockCall {
+  F32 x;
+  BlockInput in;
+  MaskArgs self_m, mem_m;
+  std::optional<F32> memory;
+  std::optional<I64> offset;
+};
+
+BlockCall block_call(const BlockConfig& c, const py::object& x_obj, const py::object& key_padding_mask,
+                     const py::object& attn_mask, bool is_causal, const py::object& position_offset,
+                     const py::object& memory, const py::object& memory_key_padding_mask,
+                     const py::object& memory_mask) {
+  BlockCall call;
+  call.x = f32(x_obj, "x", 3, 3);
+  if (call.x.shape(2) != c.d_model)
+    value_error("x must be (batch, length, " + std::to_string(c.d_model) + "), got " + shape_of(call.x));
+  const index_t B = call.x.shape(0), T = call.x.shape(1);
+  BlockInput& in = call.in;
+  in.B = B, in.T = T, in.causal = is_causal;
+  call.self_m = mask_args(attn_mask, key_padding_mask, is_causal, B, c.num_heads, T, T);
+  in.key_padding = call.self_m.mask.key_padding;
+  in.additive = call.self_m.mask.additive;
+  in.add_sb = call.self_m.mask.add_sb, in.add_sh = call.self_m.mask.add_sh, in.add_st = call.self_m.mask.add_st;
+  if (!position_offset.is_none()) {
+    call.offset = i64(position_offset, "position_offset");
+    if (call.offset->ndim() != 1 || call.offset->shape(0) != B)
+      value_error("position_offset must have shape (" + std::to_string(B) + ",), got " + shape_of(*call.offset));
+    for (index_t b = 0; b < B; ++b)
+      if (call.offset->data()[b] < 0 || call.offset->data()[b] > (index_t{1} << 30))
+        value_error("position_offset values must be in [0, 2^30]");
+    in.position_offset = call.offset->data();
+  }
+  if (c.cross_attention) {
+    if (memory.is_none()) value_error("memory is required by a cross-attention block");
+    call.memory = f32(memory, "memory", 3, 3);
+    if (call.memory->shape(0) != B || call.memory->shape(2) != c.d_model)
+      value_error("memory must be (" + std::to_string(B) + ", S, " + std::to_string(c.d_model) + "), got " +
+                  shape_of(*call.memory));
+    in.memory = call.memory->data();
+    in.S = call.memory->shape(1);
+    call.mem_m = mask_args(memory_mask, memory_key_padding_mask, false, B, c.num_heads, T, in.S);
+    in.memory_padding = call.mem_m.mask.key_padding;
+    in.memory_additive = call.mem_m.mask.additive;
+    in.mem_add_sb = call.mem_m.mask.add_sb, in.mem_add_sh = call.mem_m.mask.add_sh, in.mem_add_st = call.mem_m.mask.add_st;
+  } else if (!memory.is_none()) {
+    value_error("memory given to a block without cross-attention");
+  }
+  return call;
+}
+
+py::object block_fwd(const BlockConfig& c, const py::dict& weights, const py::object& x, const py::object& key_padding_mask,
+                     const py::object& attn_mask, bool is_causal, const py::object& position_offset,
+                     const py::object& memory, const py::object& memory_key_padding_mask, const py::object& memory_mask,
+                     bool need_weights, std::optional<std::uint64_t> seed, PyBlockSaved* saved) {
+  const BlockWeights w = block_weights(c, weights);
+  BlockCall call = block_call(c, x, key_padding_mask, attn_mask, is_causal, position_offset, memory,
+                              memory_key_padding_mask, memory_mask);
+  const index_t B = call.in.B, T = call.in.T;
+  F32 out({B, T, c.d_model});
+  std::optional<F32> probs;
+  if (need_weights) probs = F32({B, c.num_heads, T, T});
+  {
+    py::gil_scoped_release nogil;
+    if (saved)
+      block_forward_train(out.mutable_data(), call.x.data(), c, w, call.in, *seed, saved->s,
+                          probs ? probs->mutable_data() : nullptr);
+    else
+      block_forward(out.mutable_data(), call.x.data(), c, w, call.in, probs ? probs->mutable_data() : nullptr);
+  }
+  if (saved) {  // keep what s.in points to
+    saved->memory = call.memory ? py::object(*call.memory) : py::none();
+    saved->key_padding = py::object(call.self_m.padding_arr);
+    saved->additive = py::object(call.self_m.additive_arr);
+    saved->memory_padding = py::object(call.mem_m.padding_arr);
+    saved->memory_additive = py::object(call.mem_m.additive_arr);
+    saved->offset = call.offset ? py::object(*call.offset) : py::none();
+  }
+  if (need_weights) return py::make_tuple(out, *probs);
+  return std::move(out);
+}
+
+py::tuple block_bwd(const BlockConfig& c, const py::dict& weights, const py::dict& grads, const py::object& dout_obj,
+                    PyBlockSaved& saved) {
+  if (!saved.s.valid) value_error("block_backward: no training forward to differentiate");
+  const BlockWeights w = block_weights(c, weights);
+  const BlockGrads g = block_grads(c, w, grads);
+  F32 dout = f32(dout_obj, "grad_output", 3, 3);
+  const index_t B = saved.s.in.B, T = saved.s.in.T;
+  if (dout.shape(0) != B || dout.shape(1) != T || dout.shape(2) != c.d_model)
+    value_error("grad_output must have the forward output's shape (" + std::to_string(B) + ", " + std::to_string(T) +
+                ", " + std::to_string(c.d_model) + "), got " + shape_of(dout));
+  F32 dx({B, T, c.d_model});
+  std::optional<F32> dmem;
+  if (c.cross_attention) {
+    dmem = F32({B, saved.s.in.S, c.d_model});
+    std::fill(dmem->mutable_data(), dmem->mutable_data() + dmem->size(), 0.0f);
+  }
+  {
+    py::gil_scoped_release nogil;
+    block_backward(dx.mutable_data(), dmem ? dmem->mutable_data() : nullptr, dout.data(), c, w, g, saved.s);
+  }
+  return py::make_tuple(dx, dmem ? py::object(*dmem) : py::none());
+}
+
+py::object block_decode_py(const BlockConfig& c, const py::dict& weights, const py::object& x_obj, KVCache& cache,
+                           const py::object& new_tokens, const KVCache* cross, const py::object& memory_key_padding_mask) {
+  const BlockWeights w = block_weights(c, weights);
+  F32 x = f32(x_obj, "x", 3, 3);
+  if (x.shape(2) != c.d_model) value_error("x must be (batch, length, " + std::to_string(c.d_model) + ")");
+  const index_t B = x.shape(0), T = x.shape(1);
+  std::optional<I64> n_new;
+  if (!new_tokens.is_none()) {
+    n_new = i64(new_tokens, "new_tokens");
+    if (n_new->ndim() != 1 || n_new->shape(0) != B) value_error("new_tokens must have shape (" + std::to_string(B) + ",)");
+  }
+  MaskArgs mm;
+  if (!memory_key_padding_mask.is_none()) {
+    if (!cross) value_error("memory_key_padding_mask needs the cross cache");
+    mm = mask_args(py::none(), memory_key_padding_mask, false, B, c.num_heads, T, cross->capacity);
+  }
+  F32 out({B, T, c.d_model});
+  {
+    py::gil_scoped_release nogil;
+    block_decode(out.mutable_data(), x.data(), c, w, B, T, n_new ? n_new->data() : nullptr, cache, cross,
+                 mm.mask.key_padding);
+  }
+  return std::move(out);
+}
+
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -1248,4 +1628,70 @@ PYBIND11_MODULE(_core, m) {
   // BPE trainer (issue 13): wrapped by cpuformer.train_bpe (python/cpuformer/bpe.py).
   m.def("_bpe_train", &bpe_train_py, py::arg("files"), py::arg("texts"), py::arg("vocab_size"),
         py::arg("min_frequency"), py::arg("special_tokens"), "Byte-level BPE training; the tokenizer.json text.");
+  // The Transformer block (block.h): wrapped by cpuformer.nn's Transformer layers (python/cpuformer/nn/block.py).
+  py::class_<BlockConfig>(m, "BlockConfig", "A Transformer block's configuration (see cpp/include/cpuformer/block.h).")
+      .def(py::init(&make_block_config))
+      .def_readonly("d_model", &BlockConfig::d_model)
+      .def_readonly("num_heads", &BlockConfig::num_heads)
+      .def_property_readonly("num_kv_heads", &BlockConfig::kv_heads)
+      .def_property_readonly("head_dim", &BlockConfig::head_size)
+      .def_readonly("cross_attention", &BlockConfig::cross_attention)
+      .def("__copy__", [](const BlockConfig& c) { return c; })
+      .def("__deepcopy__", [](const BlockConfig& c, py::dict) { return c; });
+  py::class_<PyBlockSaved>(m, "BlockSaved", "What a training-mode block forward keeps for its backward.")
+      .def(py::init<>())
+      .def_property_readonly("valid", [](const PyBlockSaved& s) { return s.s.valid; })
+      .def("__deepcopy__", [](const PyBlockSaved&, py::dict) { return PyBlockSaved(); });
+  py::class_<KVCache>(m, "KVCache", "A block's key/value cache for incremental decoding.")
+      .def(py::init([](index_t batch, index_t capacity, index_t width) {
+             if (batch < 1 || capacity < 1 || width < 1 || batch * capacity * width > (index_t{1} << 34))
+               value_error("KVCache: batch, capacity and width must be >= 1 (and their product <= 2^34)");
+             KVCache c;
+             c.reset(batch, capacity, width);
+             return c;
+           }),
+           py::arg("batch"), py::arg("capacity"), py::arg("width"))
+      .def_readonly("batch", &KVCache::batch)
+      .def_readonly("capacity", &KVCache::capacity)
+      .def_readonly("width", &KVCache::width)
+      .def_property_readonly("length", [](const KVCache& c) { return c.length; })
+      .def("reorder", [](KVCache& c, const py::object& rows) {
+             I64 r = i64(rows, "rows");
+             if (r.ndim() != 1) value_error("rows must be 1-D");
+             c.reorder(r.data(), r.shape(0));
+           }, py::arg("rows"), "Beam search: new row i = old row rows[i].");
+  m.def("block_forward", [](const BlockConfig& c, const py::dict& w, const py::object& x, const py::object& kpm,
+                            const py::object& am, bool causal, const py::object& off, const py::object& mem,
+                            const py::object& mkpm, const py::object& mm, bool need_weights) {
+          return block_fwd(c, w, x, kpm, am, causal, off, mem, mkpm, mm, need_weights, std::nullopt, nullptr);
+        }, py::arg("config"), py::arg("weights"), py::arg("x"), py::arg("key_padding_mask") = py::none(),
+        py::arg("attn_mask") = py::none(), py::arg("is_causal") = false, py::arg("position_offset") = py::none(),
+        py::arg("memory") = py::none(), py::arg("memory_key_padding_mask") = py::none(),
+        py::arg("memory_mask") = py::none(), py::arg("need_weights") = false,
+        "Inference forward of one block: out, or (out, self-attention probabilities (B, H, T, T)).");
+  m.def("block_forward_train", [](const BlockConfig& c, const py::dict& w, const py::object& x, std::uint64_t seed,
+                                  PyBlockSaved& saved, const py::object& kpm, const py::object& am, bool causal,
+                                  const py::object& off, const py::object& mem, const py::object& mkpm,
+                                  const py::object& mm, bool need_weights) {
+          return block_fwd(c, w, x, kpm, am, causal, off, mem, mkpm, mm, need_weights, seed, &saved);
+        }, py::arg("config"), py::arg("weights"), py::arg("x"), py::arg("seed"), py::arg("saved"),
+        py::arg("key_padding_mask") = py::none(), py::arg("attn_mask") = py::none(), py::arg("is_causal") = false,
+        py::arg("position_offset") = py::none(), py::arg("memory") = py::none(),
+        py::arg("memory_key_padding_mask") = py::none(), py::arg("memory_mask") = py::none(),
+        py::arg("need_weights") = false, "Training forward: as block_forward, keeping what backward needs in saved.");
+  m.def("block_backward", &block_bwd, py::arg("config"), py::arg("weights"), py::arg("grads"),
+        py::arg("grad_output"), py::arg("saved"),
+        "(d_x, d_memory or None); parameter gradients accumulated into the grads dict's arrays.");
+  m.def("block_cross_cache", [](const BlockConfig& c, const py::dict& weights, const py::object& memory) {
+          const BlockWeights w = block_weights(c, weights);
+          F32 mem = f32(memory, "memory", 3, 3);
+          if (mem.shape(2) != c.d_model) value_error("memory must be (batch, length, d_model)");
+          KVCache cache;
+          py::gil_scoped_release nogil;
+          block_cross_cache(mem.data(), mem.shape(0), mem.shape(1), c, w, cache);
+          return cache;
+        }, py::arg("config"), py::arg("weights"), py::arg("memory"));
+  m.def("block_decode", &block_decode_py, py::arg("config"), py::arg("weights"), py::arg("x"), py::arg("cache"),
+        py::arg("new_tokens") = py::none(), py::arg("cross") = nullptr, py::arg("memory_key_padding_mask") = py::none(),
+        "Next positions of each row over the block's cache (appended).");
 }

@@ -3,10 +3,12 @@
 
 #include "cpuformer/activations.h"
 #include "cpuformer/attention.h"
+#include "cpuformer/block.h"
 #include "cpuformer/common.h"
 #include "cpuformer/embedding.h"
 #include "cpuformer/feedforward.h"
 #include "cpuformer/layernorm.h"
+#include "cpuformer/linear.h"
 #include "cpuformer/loss.h"
 #include "cpuformer/matmul.h"
 #include "cpuformer/model.h"

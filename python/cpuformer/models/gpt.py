@@ -8,7 +8,8 @@ import numpy as np
 
 from .. import ops
 from ..nn import quantized
-from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, PositionalEncoding, TransformerEncoderLayer, init
+from ..nn import (Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, PositionalEncoding, RMSNorm,
+                  TransformerBlock, TransformerEncoderLayer, init)
 from ..nn.module import check_grad_shape
 
 __all__ = ["GPT", "sample_next"]
@@ -56,28 +57,68 @@ def sample_next(logits: np.ndarray, rng: np.random.Generator, temperature: float
 class GPT(Module):
     """Token embedding ``wte`` + positions (``learned`` table or ``sinusoidal``) -> ``n_layer`` pre-norm blocks
     (causal self-attention, feed-forward of 4 x n_embd with ``activation`` "gelu" or "gelu_tanh" as GPT-2) ->
-    ``ln_f`` -> logits, the head tied to ``wte`` unless ``tie_weights=False`` (then ``lm_head``). ``forward(ids)`` returns logits (B, T, vocab_size); ``backward``
-    takes their gradient."""
+    ``ln_f`` -> logits, the head tied to ``wte`` unless ``tie_weights=False`` (then ``lm_head``). ``forward(ids)``
+    returns logits (B, T, vocab_size); ``backward`` takes their gradient.
+
+    A Llama-style decoder with the options ``norm="rms_norm"``, ``positional="rotary"`` (``rope_theta``) or
+    ``"alibi"``, ``activation="silu"`` with ``gated=True`` (SwiGLU), ``n_kv_head`` (grouped-query attention;
+    0 = ``n_head``), ``bias=False``, ``d_ff`` (0 = 4 x n_embd) and ``tie_weights=False``: its blocks are
+    :class:`cpuformer.nn.TransformerBlock` (Hugging Face Llama names). Every block runs as one C++ call.
+    Saved models run in the C++ runtime either way."""
 
     def __init__(self, vocab_size: int, block_size: int = 128, n_layer: int = 4, n_head: int = 4, n_embd: int = 256,
                  dropout: float = 0.0, positional: str = "learned", tie_weights: bool = True,
-                 activation: str = "gelu", layer_norm_eps: float = 1e-5) -> None:
+                 activation: str = "gelu", layer_norm_eps: float = 1e-5, norm: str = "layer_norm",
+                 n_kv_head: int = 0, gated: bool = False, bias: bool = True, d_ff: int = 0,
+                 rope_theta: float = 10000.0) -> None:
         super().__init__()
-        if positional not in ("learned", "sinusoidal"):
-            raise ValueError(f"positional must be 'learned' or 'sinusoidal', got {positional!r}")
+        if positional not in ("learned", "sinusoidal", "rotary", "alibi"):
+            raise ValueError(f"positional must be 'learned', 'sinusoidal', 'rotary' or 'alibi', got {positional!r}")
+        if norm not in ("layer_norm", "rms_norm"):
+            raise ValueError(f"norm must be 'layer_norm' or 'rms_norm', got {norm!r}")
+        n_kv_head = ops._int_arg(n_kv_head, "n_kv_head", 0)
+        d_ff = ops._int_arg(d_ff, "d_ff", 0)
         self.config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=n_layer, n_head=n_head,
                            n_embd=n_embd, dropout=dropout, positional=positional, tie_weights=tie_weights,
-                           activation=activation, layer_norm_eps=layer_norm_eps)
+                           activation=activation, layer_norm_eps=layer_norm_eps, norm=norm, n_kv_head=n_kv_head,
+                           gated=gated, bias=bias, d_ff=d_ff, rope_theta=rope_theta)
+        ff = d_ff or 4 * n_embd
         self.wte = Embedding(vocab_size, n_embd)
         self.wte.weight.data[...] = init.normal((vocab_size, n_embd), 0.02)
-        self.wpe = PositionalEncoding(n_embd, block_size, dropout, learned=positional == "learned")
-        self.blocks = ModuleList(TransformerEncoderLayer(n_embd, n_head, 4 * n_embd, dropout, activation,
-                                                         layer_norm_eps, norm_first=True) for _ in range(n_layer))
-        self.ln_f = LayerNorm(n_embd, eps=layer_norm_eps)
+        # The classic GPT-2 block (torch.nn.TransformerEncoderLayer's names) unless a Llama-style option is asked.
+        classic = (norm == "layer_norm" and positional in ("learned", "sinusoidal") and not gated and bias
+                   and n_kv_head in (0, n_head))
+        if positional in ("learned", "sinusoidal"):
+            self.wpe = PositionalEncoding(n_embd, block_size, dropout, learned=positional == "learned")
+        else:
+            object.__setattr__(self, "wpe", None)
+            self.drop = Dropout(dropout)
+        if classic:
+            self.blocks = ModuleList(TransformerEncoderLayer(n_embd, n_head, ff, dropout, activation,
+                                                             layer_norm_eps, norm_first=True)
+                                     for _ in range(n_layer))
+        else:
+            self.blocks = ModuleList(
+                TransformerBlock(n_embd, n_head, ff, num_kv_heads=n_kv_head or n_head, norm=norm,
+                                 norm_eps=layer_norm_eps, norm_first=True, activation=activation, gated=gated,
+                                 attention_bias=bias, mlp_bias=bias, norm_bias=bias,
+                                 position=positional if positional in ("rotary", "alibi") else "none",
+                                 rope_theta=rope_theta, dropout=dropout)
+                for _ in range(n_layer))
+        self.ln_f = RMSNorm(n_embd, eps=layer_norm_eps) if norm == "rms_norm" else LayerNorm(n_embd, eps=layer_norm_eps,
+                                                                                             bias=bias)
         if not tie_weights:
             self.lm_head = Linear(n_embd, vocab_size, bias=False)
         self.block_size, self.n_head, self.n_embd, self.vocab_size = block_size, n_head, n_embd, vocab_size
         self._h = None
+
+    def _embed(self, ids: np.ndarray) -> np.ndarray:
+        x = self.wte(ids)
+        return self.wpe(x) if self.wpe is not None else self.drop(x)
+
+    def _embed_backward(self, dx: np.ndarray) -> None:
+        dx = self.wpe.backward(dx) if self.wpe is not None else self.drop.backward(dx)
+        self.wte.backward(dx)
 
     def _head_weight(self):
         return self.wte.weight if self.config["tie_weights"] else self.lm_head.weight
@@ -104,7 +145,8 @@ class GPT(Module):
             raise ValueError(f"GPT: ids must be (batch, length), got shape {ids.shape}")
         if ids.shape[1] > self.block_size:
             raise ValueError(f"GPT: sequence length {ids.shape[1]} exceeds block_size {self.block_size}")
-        x = self.wpe(self.wte(ids))
+        x = self._embed(ids)
+        self._shape = ids.shape
         for block in self.blocks:
             x = block(x, is_causal=True)
         h = self.ln_f(x)
@@ -119,7 +161,7 @@ class GPT(Module):
         if self._h is None:
             raise RuntimeError("GPT.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
-        B, T = self.wpe._shape[:2]
+        B, T = self._shape
         check_grad_shape(g, (B, T, self.vocab_size), "GPT")
         V = self.vocab_size
         g2 = g.reshape(B * T, V)
@@ -128,31 +170,20 @@ class GPT(Module):
         dx = self.ln_f.backward(ops.matmul(g2, W.data).reshape(B, T, self.n_embd))
         for block in reversed(list(self.blocks)):
             dx = block.backward(dx)
-        self.wte.backward(self.wpe.backward(dx))
+        self._embed_backward(dx)
         return None
 
     # -- generation -----------------------------------------------------------------------------------------------
     def _step_cached(self, ids: np.ndarray, caches, start: int) -> np.ndarray:
-        """Run ``ids`` (B, n) at positions start..start+n-1 through the blocks, reading and extending the key/value
-        caches; returns the last position's logits (B, V). Each new token costs O(start) attention work instead of
-        re-running the prefix."""
-        B, n = ids.shape
-        C, H = self.n_embd, self.n_head
-        x = self.wte.weight.data[ids] + self.wpe.rows(start, start + n)
-        mask = None
-        if n > 1 and start > 0:  # new queries see the whole cache and the new keys up to themselves
-            mask = np.zeros((n, start + n), np.float32)
-            mask[:, start:] = np.triu(np.full((n, n), -np.inf, np.float32), 1)
-        for block, (kc, vc) in zip(self.blocks, caches):
-            attn = block.self_attn
-            h = block.norm1(x)
-            qkv = attn.in_projection(h.reshape(B * n, C), 0, 3).reshape(B, n, 3 * C)
-            kc[:, start:start + n] = qkv[..., C:2 * C]
-            vc[:, start:start + n] = qkv[..., 2 * C:]
-            a, _ = ops.attention(qkv[..., :C], kc[:, :start + n], vc[:, :start + n], H, attn_mask=mask,
-                                 is_causal=n > 1 and start == 0)
-            x = x + attn.out_proj(a)
-            x = x + block._ff(block.norm2(x))
+        """Run ``ids`` (B, n) at positions start..start+n-1 through the blocks, attending over and extending their
+        key/value caches (the C++ block's decode step); returns the last position's logits (B, V). Each new token
+        costs O(start) attention work instead of re-running the prefix."""
+        n = ids.shape[1]
+        x = self.wte.weight.data[ids]
+        if self.wpe is not None:
+            x = x + self.wpe.rows(start, start + n)
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cache)
         return self._logits(self.ln_f(x[:, -1]))
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -187,8 +218,7 @@ class GPT(Module):
                 total = out.shape[1]
                 if use_cache and total <= self.block_size:
                     if caches is None:
-                        caches = [(np.zeros((B, self.block_size, self.n_embd), np.float32),
-                                   np.zeros((B, self.block_size, self.n_embd), np.float32)) for _ in self.blocks]
+                        caches = [block.new_cache(B, self.block_size) for block in self.blocks]
                         logits = self._step_cached(out, caches, 0)
                     else:
                         logits = self._step_cached(out[:, -1:], caches, total - 1)

@@ -11,10 +11,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .. import ops
-from . import init
+from .. import _core, ops
+from . import init, quantized
 from .attention import MultiheadAttention
-from .layers import Dropout, FeedForwardMixin, LayerNorm
+from .block import BlockLayer, linear_entries, norm_entries
+from .layers import Dropout, LayerNorm, Linear, activation_name
 from .module import Module, ModuleList
 
 __all__ = ["TransformerEncoderLayer", "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder",
@@ -32,8 +33,41 @@ def _check_batch_first(batch_first: bool, layer: str) -> None:
                                   "d_model)); transpose sequence-first data before calling")
 
 
-class TransformerEncoderLayer(FeedForwardMixin, Module):
-    """Self-attention then feed-forward, each with a residual connection and layer norm.
+def _in_proj_entries(weights: dict, grads, part: str, mha: MultiheadAttention, i0: int, i1: int) -> None:
+    """Rows [i0*E, i1*E) of a MultiheadAttention's packed in_proj (0..3: Q, K, V) as the block part ``part``."""
+    E = mha.embed_dim
+    weights[part + ".weight"] = mha._w(i0, i1)
+    if mha.in_proj_bias is not None:
+        weights[part + ".bias"] = mha._b(i0, i1)
+    if mha._frozen is not None:
+        if (i0, i1) not in mha._frozen:  # per-channel scales: a slice quantizes to the same values
+            mha._frozen[(i0, i1)] = quantized.same_kind(mha._frozen[(0, 3)], mha._w(i0, i1))
+        prepared = mha._frozen[(i0, i1)]
+        weights[part + (".int8" if isinstance(prepared, _core.Int8Weight) else ".packed")] = prepared
+    if grads is not None:
+        grads[part + ".weight"] = mha.in_proj_weight.grad[i0 * E: i1 * E]
+        if mha.in_proj_bias is not None:
+            grads[part + ".bias"] = mha.in_proj_bias.grad[i0 * E: i1 * E]
+
+
+def _layer_config(layer, cross: bool) -> dict:
+    return dict(d_model=layer.d_model, num_heads=layer.self_attn.num_heads, norm_eps=layer.layer_norm_eps,
+                norm_first=layer.norm_first, activation=layer.activation, cross_attention=cross,
+                dropout=layer.dropout_p, ff_dropout=layer.dropout_p, attention_dropout=layer.dropout_p)
+
+
+def _record(mha: MultiheadAttention, result):
+    """Keep the probabilities in ``last_attn_weights`` when record_attention asked for them."""
+    if isinstance(result, tuple):
+        object.__setattr__(mha, "last_attn_weights", result[1])
+        return result[0]
+    object.__setattr__(mha, "last_attn_weights", None)
+    return result
+
+
+class TransformerEncoderLayer(BlockLayer):
+    """Self-attention then feed-forward, each with a residual connection and layer norm: one C++ block call
+    per forward and per backward (:mod:`cpuformer.nn.block`).
 
     post-norm: ``x = norm1(x + drop1(sa(x))); x = norm2(x + drop2(ff(x)))``;
     pre-norm (``norm_first``): ``x = x + drop1(sa(norm1(x))); x = x + drop2(ff(norm2(x)))``.
@@ -44,53 +78,62 @@ class TransformerEncoderLayer(FeedForwardMixin, Module):
                  bias: bool = True) -> None:
         super().__init__()
         _check_batch_first(batch_first, "TransformerEncoderLayer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=True)
-        self._init_ff(d_model, dim_feedforward, dropout, activation, bias)
+        dim_feedforward = ops._int_arg(dim_feedforward, "TransformerEncoderLayer: dim_feedforward", 1)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        self.activation = activation_name(activation)
         self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.dropout1 = Dropout(dropout)
         self.dropout2 = Dropout(dropout)
         self.norm_first = bool(norm_first)
         self.d_model = int(d_model)
+        self.dropout_p, self.layer_norm_eps = float(dropout), float(self.norm1.eps)
+        self.block_config  # validate now
 
-    def _sa(self, x, src_mask, src_key_padding_mask, is_causal):
-        return self.self_attn(x, x, x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask, need_weights=False,
-                              is_causal=is_causal)[0]
+    def _block_config(self) -> dict:
+        return _layer_config(self, False)
+
+    def _block_parts(self, weights: dict, grads) -> None:
+        _in_proj_entries(weights, grads, "self_attn.qkv", self.self_attn, 0, 3)
+        linear_entries(weights, grads, "self_attn.o", self.self_attn.out_proj)
+        linear_entries(weights, grads, "ff.up", self.linear1)
+        linear_entries(weights, grads, "ff.down", self.linear2)
+        norm_entries(weights, grads, "norm1", self.norm1)
+        norm_entries(weights, grads, "norm_ff", self.norm2)
 
     def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal: bool = False):
         x = ops._f32(src, "src")
         if x.ndim != 3 or x.shape[2] != self.d_model:
             raise ValueError(f"TransformerEncoderLayer: src must be (batch, length, {self.d_model}), got {x.shape}")
-        if self.norm_first:
-            x = x + self.dropout1(self._sa(self.norm1(x), src_mask, src_key_padding_mask, is_causal))
-            return x + self.dropout2(self._ff(self.norm2(x)))
-        x = self.norm1(x + self.dropout1(self._sa(x, src_mask, src_key_padding_mask, is_causal)))
-        return self.norm2(x + self.dropout2(self._ff(x)))
+        return _record(self.self_attn, self._run(x, attn_mask=src_mask, key_padding_mask=src_key_padding_mask,
+                                                 is_causal=is_causal, need_weights=self.self_attn.record_weights))
 
     def backward(self, grad_output):
-        g = ops._f32(grad_output, "grad_output")
-        if self.norm_first:
-            g = g + self.norm2.backward(self._ff_backward(self.dropout2.backward(g)))
-            return g + self.norm1.backward(self.self_attn.backward_self(self.dropout1.backward(g)))
-        g = self.norm2.backward(g)
-        g = g + self._ff_backward(self.dropout2.backward(g))
-        g = self.norm1.backward(g)
-        return g + self.self_attn.backward_self(self.dropout1.backward(g))
+        return self._run_backward(grad_output)[0]
 
 
-class TransformerDecoderLayer(FeedForwardMixin, Module):
+class TransformerDecoderLayer(BlockLayer):
     """Causal self-attention, cross-attention over the encoder's output (memory), feed-forward; each with a
-    residual connection and layer norm (post-norm by default, pre-norm with ``norm_first``).
-    ``backward`` returns ``(d_tgt, d_memory)``."""
+    residual connection and layer norm (post-norm by default, pre-norm with ``norm_first``): one C++ block call
+    per forward and per backward. ``backward`` returns ``(d_tgt, d_memory)``."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
                  activation="relu", layer_norm_eps: float = 1e-5, batch_first: bool = True, norm_first: bool = False,
                  bias: bool = True) -> None:
         super().__init__()
         _check_batch_first(batch_first, "TransformerDecoderLayer")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=True)
         self.multihead_attn = MultiheadAttention(d_model, nhead, dropout=dropout, bias=bias, batch_first=True)
-        self._init_ff(d_model, dim_feedforward, dropout, activation, bias)
+        dim_feedforward = ops._int_arg(dim_feedforward, "TransformerDecoderLayer: dim_feedforward", 1)
+        self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
+        self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        self.activation = activation_name(activation)
         self.norm1 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.norm2 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
         self.norm3 = LayerNorm(d_model, eps=layer_norm_eps, bias=bias)
@@ -99,6 +142,23 @@ class TransformerDecoderLayer(FeedForwardMixin, Module):
         self.dropout3 = Dropout(dropout)
         self.norm_first = bool(norm_first)
         self.d_model = int(d_model)
+        self.dropout_p, self.layer_norm_eps = float(dropout), float(self.norm1.eps)
+        self.block_config  # validate now
+
+    def _block_config(self) -> dict:
+        return _layer_config(self, True)
+
+    def _block_parts(self, weights: dict, grads) -> None:
+        _in_proj_entries(weights, grads, "self_attn.qkv", self.self_attn, 0, 3)
+        linear_entries(weights, grads, "self_attn.o", self.self_attn.out_proj)
+        _in_proj_entries(weights, grads, "cross_attn.q", self.multihead_attn, 0, 1)
+        _in_proj_entries(weights, grads, "cross_attn.kv", self.multihead_attn, 1, 3)
+        linear_entries(weights, grads, "cross_attn.o", self.multihead_attn.out_proj)
+        linear_entries(weights, grads, "ff.up", self.linear1)
+        linear_entries(weights, grads, "ff.down", self.linear2)
+        norm_entries(weights, grads, "norm1", self.norm1)
+        norm_entries(weights, grads, "norm2", self.norm2)
+        norm_entries(weights, grads, "norm_ff", self.norm3)
 
     def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
                 memory_key_padding_mask=None, tgt_is_causal: bool = False, memory_is_causal: bool = False):
@@ -108,36 +168,24 @@ class TransformerDecoderLayer(FeedForwardMixin, Module):
             if a.ndim != 3 or a.shape[2] != self.d_model:
                 raise ValueError(f"TransformerDecoderLayer: {name} must be (batch, length, {self.d_model}), got "
                                  f"{a.shape}")
-
-        def sa(h):
-            return self.self_attn(h, h, h, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask,
-                                  need_weights=False, is_causal=tgt_is_causal)[0]
-
-        def ca(h):
-            return self.multihead_attn(h, mem, mem, attn_mask=memory_mask, key_padding_mask=memory_key_padding_mask,
-                                       need_weights=False, is_causal=memory_is_causal)[0]
-
-        if self.norm_first:
-            x = x + self.dropout1(sa(self.norm1(x)))
-            x = x + self.dropout2(ca(self.norm2(x)))
-            return x + self.dropout3(self._ff(self.norm3(x)))
-        x = self.norm1(x + self.dropout1(sa(x)))
-        x = self.norm2(x + self.dropout2(ca(x)))
-        return self.norm3(x + self.dropout3(self._ff(x)))
+        if x.shape[0] != mem.shape[0]:
+            raise ValueError(f"TransformerDecoderLayer: tgt and memory must have the same batch, got {x.shape} and "
+                             f"{mem.shape}")
+        if memory_is_causal:  # query t sees memory positions s <= t
+            causal = np.triu(np.full((x.shape[1], mem.shape[1]), -np.inf, np.float32), 1)
+            if memory_mask is None:
+                memory_mask = causal
+            else:
+                add, _ = ops.attention_masks(memory_mask, None, x.shape[0], self.self_attn.num_heads, x.shape[1],
+                                             mem.shape[1])
+                memory_mask = add + causal
+        return _record(self.self_attn, self._run(
+            x, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask, is_causal=tgt_is_causal, memory=mem,
+            memory_mask=memory_mask, memory_key_padding_mask=memory_key_padding_mask,
+            need_weights=self.self_attn.record_weights))
 
     def backward(self, grad_output) -> Tuple[np.ndarray, np.ndarray]:
-        g = ops._f32(grad_output, "grad_output")
-        if self.norm_first:
-            g = g + self.norm3.backward(self._ff_backward(self.dropout3.backward(g)))
-            dq, dmem = self.multihead_attn.backward_query_memory(self.dropout2.backward(g))
-            g = g + self.norm2.backward(dq)
-            return g + self.norm1.backward(self.self_attn.backward_self(self.dropout1.backward(g))), dmem
-        g = self.norm3.backward(g)
-        g = g + self._ff_backward(self.dropout3.backward(g))
-        g = self.norm2.backward(g)
-        dq, dmem = self.multihead_attn.backward_query_memory(self.dropout2.backward(g))
-        g = self.norm1.backward(g + dq)
-        return g + self.self_attn.backward_self(self.dropout1.backward(g)), dmem
+        return self._run_backward(grad_output)
 
 
 class _LayerStack(Module):

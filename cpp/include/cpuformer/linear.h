@@ -1,0 +1,35 @@
+// cpuformer/linear.h: a Linear layer's weight in any of its forms, and its product, y = x W^T + b.
+//
+// The weight is read where it lies: PyTorch's (out, in) layout, or the (in, out) layout of GPT-2's Conv1D
+// (`in_out`), so checkpoints are never transposed at load. For inference it may also be prepared once: packed
+// into the GEMM's panels (freeze) or quantized to int8 (quantize_dynamic); the product then uses that form.
+#pragma once
+
+#include "cpuformer/common.h"
+#include "cpuformer/matmul.h"
+#include "cpuformer/quantize.h"
+
+namespace cpuformer {
+
+struct LinearRef {
+  index_t in = 0, out = 0;
+  const float* weight = nullptr;  // (out, in), or (in, out) when in_out; may be null when a prepared form is given
+  const float* bias = nullptr;    // (out) or null
+  bool in_out = false;
+  const PackedMatrix* packed = nullptr;  // op(weight) packed by sgemm_pack_b (float32, inference)
+  const Int8Weight* int8 = nullptr;      // int8 per-channel weight (inference)
+
+  bool present() const { return weight || packed || int8; }
+};
+
+// y[rows, out] (row stride ldy) = x[rows, in] (row stride ldx) W^T + b, through whichever form w holds (int8 first,
+// then packed; a packed product of 1-4 rows reads the float weight when it has one: streaming W once beats packing).
+void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t rows, const LinearRef& w);
+
+// dx[rows, in] = dy W (overwritten, or added when accumulate_dx; dx may be null: no input gradient);
+// dweight += dy^T x in the weight's own layout, dbias += column sums of dy (either may be null: frozen).
+// Needs the float weight.
+void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight, float* dbias, const float* dy,
+                     index_t lddy, const float* x, index_t ldx, index_t rows, const LinearRef& w);
+
+}  // namespace cpuformer

@@ -1,0 +1,612 @@
+// block.cpp: the Transformer block (block.h): sublayers (self-attention, cross-attention, feed-forward), each with
+// its norm, dropout and residual, composed from the core's kernels. Training forward, backward, inference forward
+// and incremental decoding share the sublayer functions below, so each piece of arithmetic is written once.
+#include "cpuformer/block.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "cpuformer/layernorm.h"
+
+namespace cpuformer {
+namespace {
+
+// Sizes derived from a config.
+struct Dims {
+  index_t C, H, KVH, D, qdim, kvdim, width;  // width: a fused q|k|v row
+  float scale;
+  explicit Dims(const BlockConfig& c)
+      : C(c.d_model),
+        H(c.num_heads),
+        KVH(c.kv_heads()),
+        D(c.head_size()),
+        qdim(H * D),
+        kvdim(KVH * D),
+        width(qdim + 2 * kvdim),
+        scale(c.attention_scale > 0.0f ? c.attention_scale : 1.0f / std::sqrt(static_cast<float>(D))) {}
+};
+
+std::uint64_t sub_seed(std::uint64_t seed, std::uint64_t k) {  // splitmix64 of (seed, k): independent streams
+  std::uint64_t z = seed + 0x9E3779B97F4A7C15ULL * (k + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+  return z ^ (z >> 31);
+}
+
+void check_linear(const LinearRef& l, index_t in, index_t out, const char* name) {
+  CPUFORMER_CHECK(l.present(), "block: missing weight ", name);
+  CPUFORMER_CHECK(l.in == in && l.out == out, "block: ", name, " is ", l.out, "x", l.in, ", expected ", out, "x", in);
+}
+
+void check_attention(const AttentionWeights& a, const Dims& d, bool cross, const char* who) {
+  std::string n = who;
+  if (!cross && a.qkv.present()) {
+    check_linear(a.qkv, d.C, d.width, (n + ".qkv").c_str());
+  } else {
+    check_linear(a.q, d.C, d.qdim, (n + ".q").c_str());
+    if (cross && a.kv.present()) {
+      check_linear(a.kv, d.C, 2 * d.kvdim, (n + ".kv").c_str());
+    } else {
+      check_linear(a.k, d.C, d.kvdim, (n + ".k").c_str());
+      check_linear(a.v, d.C, d.kvdim, (n + ".v").c_str());
+    }
+  }
+  check_linear(a.o, d.qdim, d.C, (n + ".o").c_str());
+}
+
+// Norm of a sublayer: forward saves (a, b) = (mean, rstd) for LayerNorm, (unused, rstd) for RMSNorm.
+void norm_forward(const BlockConfig& c, const NormRef& n, float* out, float* sa, float* sb, const float* x,
+                  index_t rows, index_t C) {
+  if (c.norm == NormKind::kLayerNorm)
+    layernorm_forward(out, sa, sb, x, n.weight, n.bias, rows, C, c.norm_eps);
+  else
+    rmsnorm_forward(out, sb, x, n.weight, rows, C, c.norm_eps, c.norm_one_plus);
+}
+
+void norm_backward(const BlockConfig& c, const NormRef& n, const NormGrads& g, float* dx, bool accumulate,
+                   const float* dy, const float* x, const float* sa, const float* sb, index_t rows, index_t C) {
+  if (c.norm == NormKind::kLayerNorm)
+    layernorm_backward(dx, g.weight, n.bias ? g.bias : nullptr, dy, x, n.weight, sa, sb, rows, C, accumulate);
+  else
+    rmsnorm_backward(dx, g.weight, dy, x, n.weight, sb, rows, C, c.norm_one_plus, accumulate);
+}
+
+float* grow(std::vector<float>& v, index_t n) {
+  if (static_cast<index_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
+// RMSNorm over each head of the q (or k) columns of a fused row (heads side by side at row stride ld), in place;
+// pre (rows, heads*D) receives the values before, rstd (rows*heads) the statistics, when non-null.
+void head_norm_forward(float* x, index_t ld, index_t rows, index_t heads, index_t D, const float* weight,
+                       const BlockConfig& c, float* pre, float* rstd, std::vector<float>& tmp) {
+  const index_t w = heads * D;
+  float* t = grow(tmp, rows * w);
+  for (index_t r = 0; r < rows; ++r) std::memcpy(t + r * w, x + r * ld, sizeof(float) * w);
+  if (pre) std::memcpy(pre, t, sizeof(float) * rows * w);
+  rmsnorm_forward(t, rstd, t, weight, rows * heads, D, c.norm_eps, c.norm_one_plus);
+  for (index_t r = 0; r < rows; ++r) std::memcpy(x + r * ld, t + r * w, sizeof(float) * w);
+}
+
+void head_norm_backward(float* dx, index_t ld, index_t rows, index_t heads, index_t D, const float* weight,
+                        float* dweight, const BlockConfig& c, const float* pre, const float* rstd,
+                        std::vector<float>& tmp) {
+  const index_t w = heads * D;
+  float* t = grow(tmp, 2 * rows * w);
+  float* dt = t + rows * w;
+  for (index_t r = 0; r < rows; ++r) std::memcpy(t + r * w, dx + r * ld, sizeof(float) * w);
+  rmsnorm_backward(dt, dweight, t, pre, weight, rstd, rows * heads, D, c.norm_one_plus, false);
+  for (index_t r = 0; r < rows; ++r) std::memcpy(dx + r * ld, dt + r * w, sizeof(float) * w);
+}
+
+RotaryConfig rotary_of(const BlockConfig& c, const Dims& d) {
+  RotaryConfig r = c.rotary;
+  r.head_dim = d.D;
+  return r;
+}
+
+// The self-attention mask of one call. `bias` receives a relative position bias (H, T, S) when the block has one.
+AttentionMask self_mask(const BlockConfig& c, const BlockInput& in, index_t S,
+                        std::vector<float>& bias, const std::vector<float>& slopes) {
+  AttentionMask m;
+  m.key_padding = in.key_padding;
+  m.additive = in.additive, m.add_sb = in.add_sb, m.add_sh = in.add_sh, m.add_st = in.add_st;
+  m.causal = in.causal;
+  m.window = c.sliding_window;
+  if (c.position == PositionKind::kAlibi) m.alibi_slopes = slopes.data();
+  if (c.position == PositionKind::kRelativeBias) {
+    CPUFORMER_CHECK(in.additive == nullptr,
+                    "block: an additive attention mask cannot be combined with a relative position bias "
+                    "(use the key padding mask)");
+    m.additive = bias.data(), m.add_sb = 0, m.add_sh = in.T * S, m.add_st = S;
+  }
+  return m;
+}
+
+AttentionConfig attention_config(const Dims& d, index_t B, index_t T, index_t S, float dropout, std::uint64_t seed) {
+  AttentionConfig a{B, d.H, T, S, d.D, d.scale, dropout, seed};
+  a.KVH = d.KVH;
+  return a;
+}
+
+// Projects h (rows, C) to a fused q|k|v buffer (rows, width): one GEMM for fused weights, three into its columns
+// otherwise.
+void project_qkv(float* qkv, const float* h, index_t rows, const AttentionWeights& w, const Dims& d) {
+  if (w.qkv.present()) {
+    linear_forward(qkv, d.width, h, d.C, rows, w.qkv);
+  } else {
+    linear_forward(qkv, d.width, h, d.C, rows, w.q);
+    linear_forward(qkv + d.qdim, d.width, h, d.C, rows, w.k);
+    linear_forward(qkv + d.qdim + d.kvdim, d.width, h, d.C, rows, w.v);
+  }
+}
+
+void project_qkv_backward(float* dh, bool accumulate, const float* dqkv, const float* h, index_t rows,
+                          const AttentionWeights& w, const AttentionGrads& g, const Dims& d) {
+  if (w.qkv.present()) {
+    linear_backward(dh, d.C, accumulate, g.qkv.weight, g.qkv.bias, dqkv, d.width, h, d.C, rows, w.qkv);
+  } else {
+    linear_backward(dh, d.C, accumulate, g.q.weight, g.q.bias, dqkv, d.width, h, d.C, rows, w.q);
+    linear_backward(dh, d.C, true, g.k.weight, g.k.bias, dqkv + d.qdim, d.width, h, d.C, rows, w.k);
+    linear_backward(dh, d.C, true, g.v.weight, g.v.bias, dqkv + d.qdim + d.kvdim, d.width, h, d.C, rows, w.v);
+  }
+}
+
+// Cross-attention keys and values of memory (rows, C) into kv (rows, 2 kvdim) = [k | v].
+void project_kv(float* kv, const float* mem, index_t rows, const AttentionWeights& w, const Dims& d) {
+  if (w.kv.present()) {
+    linear_forward(kv, 2 * d.kvdim, mem, d.C, rows, w.kv);
+  } else {
+    linear_forward(kv, 2 * d.kvdim, mem, d.C, rows, w.k);
+    linear_forward(kv + d.kvdim, 2 * d.kvdim, mem, d.C, rows, w.v);
+  }
+}
+
+// Where training's forward keeps one sublayer's values (null pointers: inference, nothing kept).
+struct SelfSaves {
+  float *qkv, *q_pre, *k_pre, *q_rstd, *k_rstd, *attn, *lse;
+};
+
+// Self-attention of h (B*T, C) -> y (B*T, C).
+void self_attention_forward(float* y, const float* h, const BlockConfig& c, const Dims& d, const AttentionWeights& w,
+                            const BlockInput& in, float dropout, std::uint64_t seed, const SelfSaves& s,
+                            float* attn_weights, std::vector<float>& bias, std::vector<float>& tmp) {
+  const index_t B = in.B, T = in.T, rows = B * T;
+  std::vector<float> local_qkv, local_attn;
+  float* qkv = s.qkv ? s.qkv : grow(local_qkv, rows * d.width);
+  float* attn = s.attn ? s.attn : grow(local_attn, rows * d.qdim);
+  project_qkv(qkv, h, rows, w, d);
+  if (c.qk_norm) {
+    head_norm_forward(qkv, d.width, rows, d.H, d.D, w.q_norm, c, s.q_pre, s.q_rstd, tmp);
+    head_norm_forward(qkv + d.qdim, d.width, rows, d.KVH, d.D, w.k_norm, c, s.k_pre, s.k_rstd, tmp);
+  }
+  if (c.position == PositionKind::kRotary) {
+    const RotaryConfig rc = rotary_of(c, d);
+    rotary_forward(HeadTensor{qkv, T * d.width, d.width}, B, T, d.H, nullptr, in.position_offset, rc);
+    rotary_forward(HeadTensor{qkv + d.qdim, T * d.width, d.width}, B, T, d.KVH, nullptr, in.position_offset, rc);
+  }
+  std::vector<float> slopes;
+  if (c.position == PositionKind::kAlibi) slopes = alibi_slopes(d.H);
+  if (c.position == PositionKind::kRelativeBias) {
+    grow(bias, d.H * T * T);
+    relative_bias_forward(bias.data(), w.relative_table, d.H, T, T, 0, c.relative);
+  }
+  const AttentionMask mask = self_mask(c, in, T, bias, slopes);
+  const AttentionConfig ac = attention_config(d, B, T, T, dropout, seed);
+  const ConstHeadTensor q{qkv, T * d.width, d.width}, k{qkv + d.qdim, T * d.width, d.width},
+      v{qkv + d.qdim + d.kvdim, T * d.width, d.width};
+  attention_forward(HeadTensor{attn, T * d.qdim, d.qdim}, s.lse, q, k, v, mask, ac);
+  if (attn_weights) attention_weights(attn_weights, q, k, mask, ac);
+  linear_forward(y, d.C, attn, d.qdim, rows, w.o);
+}
+
+// dh (B*T, C) = gradient of the self-attention input (added when accumulate), from dy.
+void self_attention_backward(float* dh, bool accumulate, const float* dy, const float* h, const BlockConfig& c,
+                             const Dims& d, const AttentionWeights& w, const AttentionGrads& g, const BlockInput& in,
+                             float dropout, std::uint64_t seed, const SelfSaves& s, std::vector<float>& bias,
+                             std::vector<float>& scratch, std::vector<float>& tmp) {
+  const index_t B = in.B, T = in.T, rows = B * T;
+  float* dattn = grow(scratch, rows * (d.qdim + d.width));
+  float* dqkv = dattn + rows * d.qdim;
+  linear_backward(dattn, d.qdim, false, g.o.weight, g.o.bias, dy, d.C, s.attn, d.qdim, rows, w.o);
+  std::vector<float> slopes;
+  if (c.position == PositionKind::kAlibi) slopes = alibi_slopes(d.H);
+  const AttentionMask mask = self_mask(c, in, T, bias, slopes);  // bias: kept from the forward
+  const AttentionConfig ac = attention_config(d, B, T, T, dropout, seed);
+  std::vector<float> dbias;
+  if (c.position == PositionKind::kRelativeBias && g.relative_table) dbias.assign(d.H * T * T, 0.0f);
+  const float* qkv = s.qkv;
+  attention_backward(HeadTensor{dqkv, T * d.width, d.width}, HeadTensor{dqkv + d.qdim, T * d.width, d.width},
+                     HeadTensor{dqkv + d.qdim + d.kvdim, T * d.width, d.width},
+                     ConstHeadTensor{dattn, T * d.qdim, d.qdim}, ConstHeadTensor{qkv, T * d.width, d.width},
+                     ConstHeadTensor{qkv + d.qdim, T * d.width, d.width},
+                     ConstHeadTensor{qkv + d.qdim + d.kvdim, T * d.width, d.width},
+                     ConstHeadTensor{s.attn, T * d.qdim, d.qdim}, s.lse, mask, ac,
+                     dbias.empty() ? nullptr : dbias.data());
+  if (!dbias.empty()) relative_bias_backward(g.relative_table, dbias.data(), d.H, T, T, 0, c.relative);
+  if (c.position == PositionKind::kRotary) {
+    const RotaryConfig rc = rotary_of(c, d);
+    rotary_backward(HeadTensor{dqkv, T * d.width, d.width}, B, T, d.H, nullptr, in.position_offset, rc);
+    rotary_backward(HeadTensor{dqkv + d.qdim, T * d.width, d.width}, B, T, d.KVH, nullptr, in.position_offset, rc);
+  }
+  if (c.qk_norm) {
+    head_norm_backward(dqkv, d.width, rows, d.H, d.D, w.q_norm, g.q_norm, c, s.q_pre, s.q_rstd, tmp);
+    head_norm_backward(dqkv + d.qdim, d.width, rows, d.KVH, d.D, w.k_norm, g.k_norm, c, s.k_pre, s.k_rstd, tmp);
+  }
+  project_qkv_backward(dh, accumulate, dqkv, h, rows, w, g, d);
+}
+
+AttentionMask cross_mask(const BlockInput& in) {
+  AttentionMask m;
+  m.key_padding = in.memory_padding;
+  m.additive = in.memory_additive, m.add_sb = in.mem_add_sb, m.add_sh = in.mem_add_sh, m.add_st = in.mem_add_st;
+  return m;
+}
+
+// Cross-attention of h (B*T, C) over the memory (B*S, C) -> y; q (B*T, qdim), kv (B*S, 2 kvdim) kept when given.
+void cross_attention_forward(float* y, const float* h, const Dims& d, const AttentionWeights& w,
+                             const BlockInput& in, float dropout, std::uint64_t seed, float* q_save, float* kv_save,
+                             float* attn_save, float* lse) {
+  const index_t B = in.B, T = in.T, S = in.S;
+  std::vector<float> lq, lkv, la;
+  float* q = q_save ? q_save : grow(lq, B * T * d.qdim);
+  float* kv = kv_save ? kv_save : grow(lkv, B * S * 2 * d.kvdim);
+  float* attn = attn_save ? attn_save : grow(la, B * T * d.qdim);
+  linear_forward(q, d.qdim, h, d.C, B * T, w.q);
+  project_kv(kv, in.memory, B * S, w, d);
+  const index_t kvw = 2 * d.kvdim;
+  attention_forward(HeadTensor{attn, T * d.qdim, d.qdim}, lse, ConstHeadTensor{q, T * d.qdim, d.qdim},
+                    ConstHeadTensor{kv, S * kvw, kvw}, ConstHeadTensor{kv + d.kvdim, S * kvw, kvw}, cross_mask(in),
+                    attention_config(d, B, T, S, dropout, seed));
+  linear_forward(y, d.C, attn, d.qdim, B * T, w.o);
+}
+
+void cross_attention_backward(float* dh, bool accumulate, float* dmemory, const float* dy, const float* h,
+                              const Dims& d, const AttentionWeights& w, const AttentionGrads& g,
+                              const BlockInput& in, float dropout, std::uint64_t seed, const float* q,
+                              const float* kv, const float* attn, const float* lse, std::vector<float>& scratch) {
+  const index_t B = in.B, T = in.T, S = in.S, kvw = 2 * d.kvdim;
+  float* dattn = grow(scratch, B * T * 2 * d.qdim + B * S * kvw);
+  float* dq = dattn + B * T * d.qdim;
+  float* dkv = dq + B * T * d.qdim;
+  linear_backward(dattn, d.qdim, false, g.o.weight, g.o.bias, dy, d.C, attn, d.qdim, B * T, w.o);
+  attention_backward(HeadTensor{dq, T * d.qdim, d.qdim}, HeadTensor{dkv, S * kvw, kvw},
+                     HeadTensor{dkv + d.kvdim, S * kvw, kvw}, ConstHeadTensor{dattn, T * d.qdim, d.qdim},
+                     ConstHeadTensor{q, T * d.qdim, d.qdim}, ConstHeadTensor{kv, S * kvw, kvw},
+                     ConstHeadTensor{kv + d.kvdim, S * kvw, kvw}, ConstHeadTensor{attn, T * d.qdim, d.qdim}, lse,
+                     cross_mask(in), attention_config(d, B, T, S, dropout, seed));
+  linear_backward(dh, d.C, accumulate, g.q.weight, g.q.bias, dq, d.qdim, h, d.C, B * T, w.q);
+  if (w.kv.present()) {
+    linear_backward(dmemory, d.C, true, g.kv.weight, g.kv.bias, dkv, kvw, in.memory, d.C, B * S, w.kv);
+  } else {
+    linear_backward(dmemory, d.C, true, g.k.weight, g.k.bias, dkv, kvw, in.memory, d.C, B * S, w.k);
+    linear_backward(dmemory, d.C, true, g.v.weight, g.v.bias, dkv + d.kvdim, kvw, in.memory, d.C, B * S, w.v);
+  }
+}
+
+void check_input(const BlockConfig& c, const BlockInput& in, const char* who) {
+  CPUFORMER_CHECK(in.B >= 1 && in.T >= 1, who, ": B and T must be >= 1, got B=", in.B, " T=", in.T);
+  if (c.cross_attention)
+    CPUFORMER_CHECK(in.memory != nullptr && in.S >= 1, who, ": a cross-attention block needs the memory (S >= 1)");
+}
+
+// Residual step after a sublayer's output y: pre-norm x_next = x + drop(y); post-norm sum = x + drop(y) (into
+// `sum`), x_next = norm(sum).
+void dropout_inplace(float* y, index_t n, float p, std::uint64_t seed) {
+  if (p > 0.0f) dropout_forward(y, nullptr, y, n, p, seed);
+}
+
+// One forward (train when saved is non-null) of the whole block.
+void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockWeights& w, const BlockInput& in,
+                  std::uint64_t seed, BlockSaved* sv, float* attn_weights) {
+  block_check(c, w);
+  check_input(c, in, sv ? "block_forward_train" : "block_forward");
+  const Dims d(c);
+  const index_t B = in.B, T = in.T, rows = B * T, n = rows * d.C;
+  const bool train = sv != nullptr;
+  const float p_res = train ? c.dropout : 0.0f, p_ff = train ? c.ff_dropout : 0.0f,
+              p_att = train ? c.attention_dropout : 0.0f;
+  BlockSaved local;
+  BlockSaved& s = train ? *sv : local;
+  if (train) s.in = in, s.seed = seed, s.valid = false;
+  std::vector<float> tmp, y(static_cast<size_t>(n));
+  // The residual stream: cur holds the current x; for training every stage is kept.
+  float* cur = grow(s.x0, n);
+  std::memcpy(cur, x, sizeof(float) * n);
+  auto sublayer = [&](int i, std::vector<float>& in_vec, std::vector<float>& normed, std::vector<float>& sa,
+                      std::vector<float>& sb, std::vector<float>& next, const NormRef& nr, auto&& run) {
+    float* xin = in_vec.data();
+    const float* h = xin;
+    if (c.norm_first) {
+      h = grow(normed, n);
+      norm_forward(c, nr, grow(normed, n), grow(sa, rows), grow(sb, rows), xin, rows, d.C);
+    }
+    run(y.data(), h);
+    dropout_inplace(y.data(), n, p_res, sub_seed(seed, 10 + i));
+    float* xn = grow(next, n);
+    if (c.norm_first) {
+      residual_forward(xn, xin, y.data(), n);
+    } else {  // normed keeps the sum (the norm's input)
+      float* sum = grow(normed, n);
+      residual_forward(sum, xin, y.data(), n);
+      norm_forward(c, nr, xn, grow(sa, rows), grow(sb, rows), sum, rows, d.C);
+    }
+  };
+  auto run_self = [&](float* yy, const float* h) {
+    SelfSaves ss{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    if (train) {
+      ss.qkv = grow(s.qkv, rows * d.width), ss.attn = grow(s.attn, rows * d.qdim), ss.lse = grow(s.lse, B * d.H * T);
+      if (c.qk_norm) {
+        ss.q_pre = grow(s.q_pre, rows * d.qdim), ss.k_pre = grow(s.k_pre, rows * d.kvdim);
+        float* r = grow(s.qk_rstd, rows * (d.H + d.KVH));
+        ss.q_rstd = r, ss.k_rstd = r + rows * d.H;
+      }
+    }
+    self_attention_forward(yy, h, c, d, w.self_attn, in, p_att, sub_seed(seed, 1), ss, attn_weights, s.bias, tmp);
+  };
+  auto run_cross = [&](float* yy, const float* h) {
+    float *q = nullptr, *kv = nullptr, *attn = nullptr, *lse = nullptr;
+    if (train)
+      q = grow(s.cq, rows * d.qdim), kv = grow(s.ckv, B * in.S * 2 * d.kvdim), attn = grow(s.cattn, rows * d.qdim),
+      lse = grow(s.clse, B * d.H * T);
+    cross_attention_forward(yy, h, d, w.cross_attn, in, p_att, sub_seed(seed, 2), q, kv, attn, lse);
+  };
+  auto run_ff = [&](float* yy, const float* h) {
+    const index_t F = w.ff.up.out;
+    float* u = grow(s.u, rows * feedforward_u_width(w.ff));
+    float* a = grow(s.a, rows * F);
+    feedforward_forward(yy, u, a, h, w.ff, rows, c.activation, p_ff, sub_seed(seed, 3));
+  };
+  sublayer(0, s.x0, s.normed1, s.stat1a, s.stat1b, s.x1, w.norm1, run_self);
+  std::vector<float>* last = &s.x1;
+  if (c.cross_attention) {
+    sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, s.x2, w.norm2, run_cross);
+    last = &s.x2;
+  }
+  std::vector<float> final_x;
+  sublayer(2, *last, s.normed3, s.stat3a, s.stat3b, final_x, w.norm_ff, run_ff);
+  std::memcpy(out, final_x.data(), sizeof(float) * n);
+  if (train) s.valid = true;
+}
+
+}  // namespace
+
+void block_check(const BlockConfig& c, const BlockWeights& w) {
+  CPUFORMER_CHECK(c.d_model >= 1 && c.num_heads >= 1, "block: d_model and num_heads must be >= 1");
+  CPUFORMER_CHECK(c.num_kv_heads >= 0 && c.num_heads % c.kv_heads() == 0, "block: num_kv_heads (", c.num_kv_heads,
+                  ") must divide num_heads (", c.num_heads, ")");
+  CPUFORMER_CHECK(c.head_dim > 0 || c.d_model % c.num_heads == 0, "block: d_model (", c.d_model,
+                  ") must be a multiple of num_heads (", c.num_heads, ") unless head_dim is given");
+  CPUFORMER_CHECK(c.head_dim >= 0 && c.sliding_window >= 0, "block: head_dim and sliding_window must be >= 0");
+  CPUFORMER_CHECK(c.norm_eps >= 0.0f && std::isfinite(c.norm_eps), "block: norm_eps must be finite and >= 0");
+  for (float p : {c.dropout, c.ff_dropout, c.attention_dropout})
+    CPUFORMER_CHECK(p >= 0.0f && p < 1.0f, "block: dropout probabilities must be in [0, 1), got ", p);
+  CPUFORMER_CHECK(std::isfinite(c.attention_scale) && c.attention_scale >= 0.0f, "block: bad attention_scale");
+  const Dims d(c);
+  check_attention(w.self_attn, d, false, "self_attn");
+  if (c.cross_attention) check_attention(w.cross_attn, d, true, "cross_attn");
+  if (c.qk_norm)
+    CPUFORMER_CHECK(w.self_attn.q_norm && w.self_attn.k_norm, "block: qk_norm needs q_norm and k_norm weights");
+  if (c.position == PositionKind::kRelativeBias)
+    CPUFORMER_CHECK(w.self_attn.relative_table != nullptr, "block: a relative position bias needs its table");
+  if (c.position == PositionKind::kRotary) {
+    const index_t r = c.rotary.rotary_dim ? c.rotary.rotary_dim : d.D;
+    CPUFORMER_CHECK(r % 2 == 0 && r >= 2 && r <= d.D, "block: rotary_dim (", r, ") must be even and <= head_dim (",
+                    d.D, ")");
+  }
+  if (c.norm == NormKind::kRMSNorm)
+    CPUFORMER_CHECK(!w.norm1.bias && !w.norm2.bias && !w.norm_ff.bias, "block: RMSNorm has no bias");
+  check_linear(w.ff.up, d.C, w.ff.up.out, "ff.up");
+  CPUFORMER_CHECK(w.ff.up.out >= 1, "block: feed-forward width must be >= 1");
+  check_linear(w.ff.down, w.ff.up.out, d.C, "ff.down");
+  if (w.ff.gated()) check_linear(w.ff.gate, d.C, w.ff.up.out, "ff.gate");
+}
+
+void block_forward(float* out, const float* x, const BlockConfig& cfg, const BlockWeights& w, const BlockInput& in,
+                   float* attn_weights) {
+  forward_impl(out, x, cfg, w, in, 0, nullptr, attn_weights);
+}
+
+void block_forward_train(float* out, const float* x, const BlockConfig& cfg, const BlockWeights& w,
+                         const BlockInput& in, std::uint64_t seed, BlockSaved& saved, float* attn_weights) {
+  forward_impl(out, x, cfg, w, in, seed, &saved, attn_weights);
+}
+
+void block_backward(float* dx, float* dmemory, const float* dout, const BlockConfig& c, const BlockWeights& w,
+                    const BlockGrads& g, BlockSaved& s) {
+  CPUFORMER_CHECK(s.valid, "block_backward: no training forward to differentiate (call block_forward_train first)");
+  block_check(c, w);
+  const BlockInput& in = s.in;
+  CPUFORMER_CHECK(!c.cross_attention || dmemory != nullptr, "block_backward: a cross-attention block needs dmemory");
+  const Dims d(c);
+  const index_t B = in.B, T = in.T, rows = B * T, n = rows * d.C;
+  const std::uint64_t seed = s.seed;
+  std::vector<float> tmp, dy(static_cast<size_t>(n)), gcur(dout, dout + n), dsum;
+  std::vector<float>& scratch = s.scratch;
+  // One sublayer backward: g (d of the sublayer's output stream) -> d of its input stream, in place in gcur.
+  auto sublayer = [&](int i, std::vector<float>& in_vec, std::vector<float>& normed, std::vector<float>& sa,
+                      std::vector<float>& sb, const NormRef& nr, const NormGrads& ng, auto&& run_back) {
+    const float p_res = c.dropout;
+    if (c.norm_first) {
+      // x_next = x + drop(y(norm(x))): dy = drop'(g); dh = y'(dy); dx = g + norm'(dh)
+      std::memcpy(dy.data(), gcur.data(), sizeof(float) * n);
+      if (p_res > 0.0f) dropout_backward(dy.data(), dy.data(), n, p_res, sub_seed(seed, 10 + i));
+      float* dh = grow(dsum, n);
+      run_back(dh, false, dy.data(), normed.data());
+      norm_backward(c, nr, ng, gcur.data(), true, dh, in_vec.data(), sa.data(), sb.data(), rows, d.C);
+    } else {
+      // x_next = norm(x + drop(y(x))): ds = norm'(g); dy = drop'(ds); dx = ds + y'(dy)
+      float* ds = grow(dsum, n);
+      norm_backward(c, nr, ng, ds, false, gcur.data(), normed.data(), sa.data(), sb.data(), rows, d.C);
+      std::memcpy(dy.data(), ds, sizeof(float) * n);
+      if (p_res > 0.0f) dropout_backward(dy.data(), dy.data(), n, p_res, sub_seed(seed, 10 + i));
+      std::memcpy(gcur.data(), ds, sizeof(float) * n);
+      run_back(gcur.data(), true, dy.data(), in_vec.data());
+    }
+  };
+  const float p_att = c.attention_dropout;
+  auto back_ff = [&](float* dh, bool acc, const float* dyy, const float* h) {
+    float* sc = grow(scratch, rows * feedforward_scratch_width(w.ff));
+    feedforward_backward(dh, acc, g.ff, dyy, h, s.u.data(), s.a.data(), w.ff, sc, rows, c.activation, c.ff_dropout,
+                         sub_seed(seed, 3));
+  };
+  auto back_cross = [&](float* dh, bool acc, const float* dyy, const float* h) {
+    cross_attention_backward(dh, acc, dmemory, dyy, h, d, w.cross_attn, g.cross_attn, in, p_att, sub_seed(seed, 2),
+                             s.cq.data(), s.ckv.data(), s.cattn.data(), s.clse.data(), scratch);
+  };
+  auto back_self = [&](float* dh, bool acc, const float* dyy, const float* h) {
+    SelfSaves ss{s.qkv.data(), nullptr, nullptr, nullptr, nullptr, s.attn.data(), s.lse.data()};
+    if (c.qk_norm) {
+      ss.q_pre = s.q_pre.data(), ss.k_pre = s.k_pre.data();
+      ss.q_rstd = s.qk_rstd.data(), ss.k_rstd = s.qk_rstd.data() + rows * d.H;
+    }
+    self_attention_backward(dh, acc, dyy, h, c, d, w.self_attn, g.self_attn, in, p_att, sub_seed(seed, 1), ss, s.bias,
+                            scratch, tmp);
+  };
+  sublayer(2, c.cross_attention ? s.x2 : s.x1, s.normed3, s.stat3a, s.stat3b, w.norm_ff, g.norm_ff, back_ff);
+  if (c.cross_attention) sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, w.norm2, g.norm2, back_cross);
+  sublayer(0, s.x0, s.normed1, s.stat1a, s.stat1b, w.norm1, g.norm1, back_self);
+  std::memcpy(dx, gcur.data(), sizeof(float) * n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Incremental decoding.
+
+void KVCache::reset(index_t b, index_t cap, index_t wdt) {
+  CPUFORMER_CHECK(b >= 1 && cap >= 1 && wdt >= 1, "KVCache: batch, capacity and width must be >= 1");
+  batch = b, capacity = cap, width = wdt;
+  k.assign(static_cast<size_t>(b * cap * wdt), 0.0f);
+  v.assign(static_cast<size_t>(b * cap * wdt), 0.0f);
+  length.assign(static_cast<size_t>(b), 0);
+}
+
+void KVCache::reorder(const std::int64_t* rows, index_t n) {
+  CPUFORMER_CHECK(n >= 1, "KVCache::reorder: n must be >= 1");
+  for (index_t i = 0; i < n; ++i)
+    CPUFORMER_CHECK(rows[i] >= 0 && rows[i] < batch, "KVCache::reorder: row ", rows[i], " outside [0, ", batch, ")");
+  const index_t row = capacity * width;
+  std::vector<float> nk(static_cast<size_t>(n * row)), nv(static_cast<size_t>(n * row));
+  std::vector<std::int64_t> nl(static_cast<size_t>(n));
+  for (index_t i = 0; i < n; ++i) {
+    const index_t len = length[rows[i]] * width;  // only the filled part matters
+    std::copy_n(k.data() + rows[i] * row, len, nk.data() + i * row);
+    std::copy_n(v.data() + rows[i] * row, len, nv.data() + i * row);
+    nl[i] = length[rows[i]];
+  }
+  k.swap(nk), v.swap(nv), length.swap(nl);
+  batch = n;
+}
+
+void block_cross_cache(const float* memory, index_t B, index_t S, const BlockConfig& c, const BlockWeights& w,
+                       KVCache& cache) {
+  block_check(c, w);
+  CPUFORMER_CHECK(c.cross_attention, "block_cross_cache: not a cross-attention block");
+  CPUFORMER_CHECK(B >= 1 && S >= 1, "block_cross_cache: B and S must be >= 1");
+  const Dims d(c);
+  cache.reset(B, S, d.kvdim);
+  std::vector<float> kv(static_cast<size_t>(B * S * 2 * d.kvdim));
+  project_kv(kv.data(), memory, B * S, w.cross_attn, d);
+  for (index_t r = 0; r < B * S; ++r) {
+    std::copy_n(kv.data() + r * 2 * d.kvdim, d.kvdim, cache.k.data() + r * d.kvdim);
+    std::copy_n(kv.data() + r * 2 * d.kvdim + d.kvdim, d.kvdim, cache.v.data() + r * d.kvdim);
+  }
+  std::fill(cache.length.begin(), cache.length.end(), S);
+}
+
+void block_decode(float* out, const float* x, const BlockConfig& c, const BlockWeights& w, index_t B, index_t T,
+                  const std::int64_t* new_tokens, KVCache& cache, const KVCache* cross,
+                  const std::uint8_t* memory_padding) {
+  block_check(c, w);
+  const Dims d(c);
+  CPUFORMER_CHECK(B >= 1 && T >= 1, "block_decode: B and T must be >= 1");
+  CPUFORMER_CHECK(cache.batch == B && cache.width == d.kvdim, "block_decode: the cache holds ", cache.batch,
+                  " rows of width ", cache.width, ", expected ", B, " rows of width ", d.kvdim);
+  CPUFORMER_CHECK(!c.cross_attention || (cross && cross->batch == B && cross->width == d.kvdim),
+                  "block_decode: a cross-attention block needs its cross cache (block_cross_cache) for these rows");
+  std::vector<std::int64_t> offset(cache.length), n_new(static_cast<size_t>(B), T), key_len(static_cast<size_t>(B));
+  index_t S = 0;
+  for (index_t b = 0; b < B; ++b) {
+    if (new_tokens) n_new[b] = new_tokens[b];
+    CPUFORMER_CHECK(n_new[b] >= 0 && n_new[b] <= T, "block_decode: new_tokens[", b, "] must be in [0, ", T, "]");
+    key_len[b] = offset[b] + n_new[b];
+    CPUFORMER_CHECK(key_len[b] <= cache.capacity, "block_decode: row ", b, " would hold ", key_len[b],
+                    " positions, past the cache's capacity ", cache.capacity);
+    S = std::max<index_t>(S, std::max<std::int64_t>(key_len[b], 1));
+  }
+  const index_t rows = B * T, n = rows * d.C;
+  std::vector<float> cur(x, x + n), y(static_cast<size_t>(n)), h(static_cast<size_t>(n)), tmp;
+  auto sublayer = [&](const NormRef& nr, auto&& run) {
+    std::vector<float> sa(static_cast<size_t>(rows)), sb(static_cast<size_t>(rows));
+    const float* in = cur.data();
+    if (c.norm_first) {
+      norm_forward(c, nr, h.data(), sa.data(), sb.data(), cur.data(), rows, d.C);
+      in = h.data();
+    }
+    run(y.data(), in);
+    residual_forward(cur.data(), cur.data(), y.data(), n);
+    if (!c.norm_first) norm_forward(c, nr, cur.data(), sa.data(), sb.data(), cur.data(), rows, d.C);
+  };
+  // Self-attention over the cache.
+  sublayer(w.norm1, [&](float* yy, const float* hh) {
+    std::vector<float> qkv(static_cast<size_t>(rows * d.width)), attn(static_cast<size_t>(rows * d.qdim));
+    project_qkv(qkv.data(), hh, rows, w.self_attn, d);
+    if (c.qk_norm) {
+      head_norm_forward(qkv.data(), d.width, rows, d.H, d.D, w.self_attn.q_norm, c, nullptr, nullptr, tmp);
+      head_norm_forward(qkv.data() + d.qdim, d.width, rows, d.KVH, d.D, w.self_attn.k_norm, c, nullptr, nullptr, tmp);
+    }
+    if (c.position == PositionKind::kRotary) {
+      const RotaryConfig rc = rotary_of(c, d);
+      rotary_forward(HeadTensor{qkv.data(), T * d.width, d.width}, B, T, d.H, nullptr, offset.data(), rc);
+      rotary_forward(HeadTensor{qkv.data() + d.qdim, T * d.width, d.width}, B, T, d.KVH, nullptr, offset.data(), rc);
+    }
+    for (index_t b = 0; b < B; ++b)  // append the real new keys and values
+      for (index_t t = 0; t < n_new[b]; ++t) {
+        const float* row = qkv.data() + (b * T + t) * d.width;
+        const index_t at = (b * cache.capacity + offset[b] + t) * d.kvdim;
+        std::copy_n(row + d.qdim, d.kvdim, cache.k.data() + at);
+        std::copy_n(row + d.qdim + d.kvdim, d.kvdim, cache.v.data() + at);
+      }
+    AttentionMask m;
+    m.causal = true;
+    m.query_offset = offset.data();
+    m.key_length = key_len.data();
+    m.window = c.sliding_window;
+    std::vector<float> slopes, bias;
+    if (c.position == PositionKind::kAlibi) slopes = alibi_slopes(d.H), m.alibi_slopes = slopes.data();
+    if (c.position == PositionKind::kRelativeBias) {
+      bias.resize(static_cast<size_t>(B * d.H * T * S));
+      for (index_t b = 0; b < B; ++b)
+        relative_bias_forward(bias.data() + b * d.H * T * S, w.self_attn.relative_table, d.H, T, S, offset[b],
+                              c.relative);
+      m.additive = bias.data(), m.add_sb = d.H * T * S, m.add_sh = T * S, m.add_st = S;
+    }
+    const index_t cs = cache.capacity * d.kvdim;
+    attention_forward(HeadTensor{attn.data(), T * d.qdim, d.qdim}, nullptr,
+                      ConstHeadTensor{qkv.data(), T * d.width, d.width}, ConstHeadTensor{cache.k.data(), cs, d.kvdim},
+                      ConstHeadTensor{cache.v.data(), cs, d.kvdim}, m, attention_config(d, B, T, S, 0.0f, 0));
+    linear_forward(yy, d.C, attn.data(), d.qdim, rows, w.self_attn.o);
+  });
+  if (c.cross_attention) {
+    sublayer(w.norm2, [&](float* yy, const float* hh) {
+      std::vector<float> q(static_cast<size_t>(rows * d.qdim)), attn(static_cast<size_t>(rows * d.qdim));
+      linear_forward(q.data(), d.qdim, hh, d.C, rows, w.cross_attn.q);
+      AttentionMask m;
+      m.key_padding = memory_padding;
+      const index_t Sm = cross->capacity, cs = Sm * d.kvdim;
+      attention_forward(HeadTensor{attn.data(), T * d.qdim, d.qdim}, nullptr,
+                        ConstHeadTensor{q.data(), T * d.qdim, d.qdim}, ConstHeadTensor{cross->k.data(), cs, d.kvdim},
+                        ConstHeadTensor{cross->v.data(), cs, d.kvdim}, m, attention_config(d, B, T, Sm, 0.0f, 0));
+      linear_forward(yy, d.C, attn.data(), d.qdim, rows, w.cross_attn.o);
+    });
+  }
+  sublayer(w.norm_ff, [&](float* yy, const float* hh) {
+    const index_t F = w.ff.up.out;
+    std::vector<float> u(static_cast<size_t>(rows * feedforward_u_width(w.ff))), a(static_cast<size_t>(rows * F));
+    feedforward_forward(yy, u.data(), a.data(), hh, w.ff, rows, c.activation, 0.0f, 0);
+  });
+  for (index_t b = 0; b < B; ++b) cache.length[b] = key_len[b];
+  std::memcpy(out, cur.data(), sizeof(float) * n);
+}
+
+}  // namespace cpuformer

@@ -1,0 +1,60 @@
+// linear.cpp: y = x W^T + b for a weight in any of its forms (float in either layout, packed, int8), and its
+// backward. The one place a Linear layer's product is defined: the Transformer block, the feed-forward network and
+// the model heads all go through here.
+#include "cpuformer/linear.h"
+
+#include <vector>
+
+#include "cpuformer/activations.h"
+
+namespace cpuformer {
+
+void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t rows, const LinearRef& w) {
+  CPUFORMER_CHECK(w.in >= 1 && w.out >= 1 && rows >= 0 && ldx >= w.in && ldy >= w.out,
+                  "linear_forward: bad sizes in=", w.in, " out=", w.out, " rows=", rows);
+  if (rows == 0) return;
+  if (w.int8) {
+    linear_int8(x, rows, ldx, *w.int8, w.bias, y, ldy);
+  } else if (w.packed && !(rows <= 4 && w.weight)) {
+    sgemm_packed(rows, x, ldx, *w.packed, y, ldy, w.bias);
+  } else {
+    CPUFORMER_CHECK(w.weight != nullptr, "linear_forward: no weight");
+    if (w.in_out)
+      sgemm(false, false, rows, w.out, w.in, 1.0f, x, ldx, w.weight, w.out, 0.0f, y, ldy, w.bias);
+    else
+      sgemm(false, true, rows, w.out, w.in, 1.0f, x, ldx, w.weight, w.in, 0.0f, y, ldy, w.bias);
+  }
+}
+
+void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight, float* dbias, const float* dy,
+                     index_t lddy, const float* x, index_t ldx, index_t rows, const LinearRef& w) {
+  CPUFORMER_CHECK(w.weight != nullptr, "linear_backward: needs the float weight (prepared weights are inference-only)");
+  CPUFORMER_CHECK(w.in >= 1 && w.out >= 1 && rows >= 0 && ldx >= w.in && lddy >= w.out,
+                  "linear_backward: bad sizes in=", w.in, " out=", w.out, " rows=", rows);
+  if (rows == 0) return;
+  if (dweight) {
+    if (w.in_out)  // dW (in, out) += x^T dy
+      sgemm(true, false, w.in, w.out, rows, 1.0f, x, ldx, dy, lddy, 1.0f, dweight, w.out);
+    else           // dW (out, in) += dy^T x
+      sgemm(true, false, w.out, w.in, rows, 1.0f, dy, lddy, x, ldx, 1.0f, dweight, w.in);
+  }
+  if (dbias) {
+    if (lddy == w.out) {
+      bias_backward(dbias, dy, rows, w.out);
+    } else {  // strided rows (one projection's columns of a fused buffer): the same double-accumulated sums
+      std::vector<double> acc(static_cast<size_t>(w.out), 0.0);
+      for (index_t r = 0; r < rows; ++r)
+        for (index_t c = 0; c < w.out; ++c) acc[c] += dy[r * lddy + c];
+      for (index_t c = 0; c < w.out; ++c) dbias[c] += static_cast<float>(acc[c]);
+    }
+  }
+  if (dx) {
+    const float beta = accumulate_dx ? 1.0f : 0.0f;
+    if (w.in_out)
+      sgemm(false, true, rows, w.in, w.out, 1.0f, dy, lddy, w.weight, w.out, beta, dx, lddx);
+    else
+      sgemm(false, false, rows, w.in, w.out, 1.0f, dy, lddy, w.weight, w.in, beta, dx, lddx);
+  }
+}
+
+}  // namespace cpuformer
