@@ -158,7 +158,8 @@ Activation activation_of(const std::string& name) {
   if (name == "gelu" || name == "gelu_erf" || name == "none") return Activation::kGeluErf;
   if (name == "gelu_tanh" || name == "tanh") return Activation::kGeluTanh;
   if (name == "identity") return Activation::kIdentity;
-  value_error("activation must be 'relu', 'gelu' (erf), 'gelu_tanh' or 'identity', got '" + name + "'");
+  if (name == "silu" || name == "swish") return Activation::kSilu;
+  value_error("activation must be 'relu', 'gelu' (erf), 'gelu_tanh', 'silu' or 'identity', got '" + name + "'");
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -351,6 +352,246 @@ py::tuple activation_bwd(const py::object& dy_obj, const py::object& x_obj, cons
     activation_backward(pdx, pdb, pdy, px, bias, rows, cols, act);
   }
   return py::make_tuple(dx, db);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm, gated units
+
+py::tuple rms_norm_fwd(const py::object& x_obj, const py::object& w_obj, float eps, bool one_plus) {
+  const F32 x = f32(x_obj, "x", 1);
+  const auto [rows, C] = rows_cols(x);
+  const auto w_arr = opt_f32(w_obj, "weight");
+  const float* w = opt_vec(w_arr, "weight", C);
+  if (!(eps >= 0.0f) || !std::isfinite(eps)) value_error("rms_norm: eps must be finite and >= 0");
+  F32 y = empty_like(x);
+  F32 rstd(std::vector<py::ssize_t>(x.shape(), x.shape() + x.ndim() - 1));
+  const float* px = x.data();
+  float *py_ = y.mutable_data(), *pr = rstd.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    rmsnorm_forward(py_, pr, px, w, rows, C, eps, one_plus);
+  }
+  return py::make_tuple(y, rstd);
+}
+
+py::tuple rms_norm_bwd(const py::object& dy_obj, const py::object& x_obj, const py::object& w_obj,
+                       const py::object& rstd_obj, bool one_plus, bool need_weight_grad) {
+  const F32 dy = f32(dy_obj, "grad_output", 1), x = f32(x_obj, "x", 1);
+  same_shape(dy, "grad_output", x, "x");
+  const auto [rows, C] = rows_cols(x);
+  const auto w_arr = opt_f32(w_obj, "weight");
+  const float* w = opt_vec(w_arr, "weight", C);
+  const F32 rstd = f32(rstd_obj, "rstd");
+  if (rstd.size() != rows)
+    value_error("rms_norm_backward: rstd must hold one value per row (" + std::to_string(rows) + "), got shape " +
+                shape_of(rstd));
+  F32 dx = empty_like(x);
+  py::object dw = py::none();
+  float* pdw = nullptr;
+  if (need_weight_grad) {
+    F32 dwa(std::vector<py::ssize_t>{C});
+    std::fill(dwa.mutable_data(), dwa.mutable_data() + C, 0.0f);
+    pdw = dwa.mutable_data();
+    dw = dwa;
+  }
+  const float *pdy = dy.data(), *px = x.data(), *pr = rstd.data();
+  float* pdx = dx.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    rmsnorm_backward(pdx, pdw, pdy, px, w, pr, rows, C, one_plus, false);
+  }
+  return py::make_tuple(dx, dw);
+}
+
+F32 gated_fwd(const py::object& gate_obj, const py::object& up_obj, const std::string& kind) {
+  const F32 gate = f32(gate_obj, "gate", 1), up = f32(up_obj, "up", 1);
+  same_shape(gate, "gate", up, "up");
+  const Activation act = activation_of(kind);
+  const auto [rows, cols] = rows_cols(gate);
+  F32 out = empty_like(gate);
+  const float *pg = gate.data(), *pu = up.data();
+  float* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  gated_forward(po, cols, pg, cols, pu, cols, rows, cols, act);
+  return out;
+}
+
+py::tuple gated_bwd(const py::object& dy_obj, const py::object& gate_obj, const py::object& up_obj,
+                    const std::string& kind) {
+  const F32 dy = f32(dy_obj, "grad_output", 1), gate = f32(gate_obj, "gate", 1), up = f32(up_obj, "up", 1);
+  same_shape(gate, "gate", up, "up");
+  same_shape(dy, "grad_output", gate, "gate");
+  const Activation act = activation_of(kind);
+  const auto [rows, cols] = rows_cols(gate);
+  F32 dgate = empty_like(gate), dup = empty_like(up);
+  const float *pdy = dy.data(), *pg = gate.data(), *pu = up.data();
+  float *pdg = dgate.mutable_data(), *pdu = dup.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    gated_backward(pdg, cols, pdu, cols, pdy, cols, pg, cols, pu, cols, rows, cols, act);
+  }
+  return py::make_tuple(dgate, dup);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// positions: rotary embeddings, ALiBi slopes, T5 relative position buckets and bias
+
+RotaryConfig rotary_config(index_t head_dim, index_t rotary_dim, const std::string& layout, double theta,
+                           double linear_factor, double llama3_factor, double low_freq_factor,
+                           double high_freq_factor, index_t original_max_position) {
+  RotaryConfig cfg;
+  if (rotary_dim < 0 || rotary_dim > head_dim || rotary_dim % 2)
+    value_error("rotary_dim must be even and in [2, head_dim=" + std::to_string(head_dim) + "] (0: head_dim), got " +
+                std::to_string(rotary_dim));
+  if (layout == "half" || layout == "neox") cfg.layout = RotaryLayout::kHalf;
+  else if (layout == "interleaved" || layout == "gptj") cfg.layout = RotaryLayout::kInterleaved;
+  else value_error("layout must be 'half' or 'interleaved', got '" + layout + "'");
+  if (!std::isfinite(theta) || !(theta > 0.0)) value_error("theta must be finite and > 0");
+  cfg.head_dim = head_dim;
+  cfg.rotary_dim = rotary_dim;
+  cfg.theta = theta;
+  cfg.linear_factor = linear_factor;
+  cfg.llama3_factor = llama3_factor;
+  cfg.low_freq_factor = low_freq_factor;
+  cfg.high_freq_factor = high_freq_factor;
+  cfg.original_max_position = original_max_position;
+  return cfg;  // the scaling fields are checked by the kernel (std::invalid_argument -> ValueError) before any work
+}
+
+F32 rotary_inv_freq_py(index_t head_dim, index_t rotary_dim, double theta, double linear_factor,
+                       double llama3_factor, double low_freq_factor, double high_freq_factor,
+                       index_t original_max_position) {
+  if (head_dim < 2) value_error("head_dim must be >= 2, got " + std::to_string(head_dim));
+  const RotaryConfig cfg = rotary_config(head_dim, rotary_dim, "half", theta, linear_factor, llama3_factor,
+                                         low_freq_factor, high_freq_factor, original_max_position);
+  const std::vector<float> inv = rotary_inv_freq(cfg);
+  F32 out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(inv.size())});
+  std::copy(inv.begin(), inv.end(), out.mutable_data());
+  return out;
+}
+
+// x (B, T, heads * head_dim) or (B, T, heads, head_dim); returns a rotated copy (backward: by -angle).
+F32 rotary_py(const py::object& x_obj, index_t num_heads, const py::object& positions_obj,
+              const py::object& offset_obj, index_t rotary_dim, const std::string& layout, double theta,
+              double linear_factor, double llama3_factor, double low_freq_factor, double high_freq_factor,
+              index_t original_max_position, bool backward) {
+  const char* xname = backward ? "grad_output" : "x";
+  const F32 x = f32(x_obj, xname, 3, 4);
+  const index_t B = x.shape(0), T = x.shape(1);
+  index_t heads, D;
+  if (x.ndim() == 4) {
+    heads = x.shape(2);
+    D = x.shape(3);
+    if (num_heads != heads)
+      value_error("num_heads " + std::to_string(num_heads) + " does not match " + xname + "'s shape " + shape_of(x));
+  } else {
+    if (num_heads < 1) value_error("num_heads must be >= 1, got " + std::to_string(num_heads));
+    if (x.shape(2) % num_heads)
+      value_error("embed size " + std::to_string(x.shape(2)) + " is not divisible by num_heads " +
+                  std::to_string(num_heads));
+    heads = num_heads;
+    D = x.shape(2) / num_heads;
+  }
+  if (D < 2) value_error("head_dim must be >= 2, got " + std::to_string(D));
+  const RotaryConfig cfg = rotary_config(D, rotary_dim, layout, theta, linear_factor, llama3_factor, low_freq_factor,
+                                         high_freq_factor, original_max_position);
+  I64 positions, offset;
+  const std::int64_t *pp = nullptr, *po = nullptr;
+  if (!positions_obj.is_none()) {
+    if (!offset_obj.is_none()) value_error("give positions or offset, not both");
+    positions = i64(positions_obj, "positions");
+    if (positions.ndim() != 2 || positions.shape(0) != B || positions.shape(1) != T)
+      value_error("positions must have shape (" + std::to_string(B) + ", " + std::to_string(T) + "), got " +
+                  shape_of(positions));
+    pp = positions.data();
+  } else if (!offset_obj.is_none()) {
+    offset = i64(offset_obj, "offset");
+    if (offset.ndim() != 1 || offset.shape(0) != B)
+      value_error("offset must have shape (" + std::to_string(B) + ",), got " + shape_of(offset));
+    po = offset.data();
+  }
+  rotary_inv_freq(cfg);  // validates the scaling arguments before anything is allocated
+  F32 y = empty_like(x);
+  std::copy(x.data(), x.data() + x.size(), y.mutable_data());
+  const HeadTensor ht{y.mutable_data(), T * heads * D, heads * D};
+  {
+    py::gil_scoped_release nogil;
+    (backward ? rotary_backward : rotary_forward)(ht, B, T, heads, pp, po, cfg);
+  }
+  return y;
+}
+
+F32 alibi_slopes_py(index_t num_heads) {
+  if (num_heads < 1) value_error("num_heads must be >= 1, got " + std::to_string(num_heads));
+  const std::vector<float> s = alibi_slopes(num_heads);
+  F32 out(std::vector<py::ssize_t>{static_cast<py::ssize_t>(s.size())});
+  std::copy(s.begin(), s.end(), out.mutable_data());
+  return out;
+}
+
+RelativeBiasConfig bias_config(bool bidirectional, index_t num_buckets, index_t max_distance) {
+  RelativeBiasConfig cfg;
+  cfg.bidirectional = bidirectional;
+  cfg.num_buckets = num_buckets;
+  cfg.max_distance = max_distance;
+  const index_t n = bidirectional ? num_buckets / 2 : num_buckets;
+  if (n / 2 < 1)
+    value_error(std::string("num_buckets must be >= ") + (bidirectional ? "4 when bidirectional" : "2 when causal") +
+                ", got " + std::to_string(num_buckets));
+  if (max_distance <= n / 2)
+    value_error("max_distance must be > " + std::to_string(n / 2) + " (the exact range for num_buckets " +
+                std::to_string(num_buckets) + "), got " + std::to_string(max_distance));
+  return cfg;
+}
+
+I64 relative_bucket_py(const py::object& rel_obj, bool bidirectional, index_t num_buckets, index_t max_distance) {
+  const I64 rel = i64(rel_obj, "relative_positions");
+  const RelativeBiasConfig cfg = bias_config(bidirectional, num_buckets, max_distance);
+  I64 out(shape_vec(rel));
+  const std::int64_t* pr = rel.data();
+  std::int64_t* po = out.mutable_data();
+  const index_t n = rel.size();
+  py::gil_scoped_release nogil;
+  for (index_t i = 0; i < n; ++i) po[i] = relative_position_bucket(pr[i], cfg);
+  return out;
+}
+
+void check_table(const F32& table, const char* name, index_t num_buckets) {
+  if (table.ndim() != 2 || table.shape(0) != num_buckets)
+    value_error(std::string(name) + " must have shape (num_buckets=" + std::to_string(num_buckets) +
+                ", num_heads), got " + shape_of(table));
+}
+
+F32 relative_bias_py(const py::object& table_obj, index_t T, index_t S, std::int64_t query_offset, bool bidirectional,
+                     index_t num_buckets, index_t max_distance) {
+  const F32 table = f32(table_obj, "table", 2, 2);
+  const RelativeBiasConfig cfg = bias_config(bidirectional, num_buckets, max_distance);
+  check_table(table, "table", num_buckets);
+  if (T < 1) value_error("T must be >= 1, got " + std::to_string(T));
+  if (S < 1) value_error("S must be >= 1, got " + std::to_string(S));
+  const index_t H = table.shape(1);
+  F32 bias(std::vector<py::ssize_t>{H, T, S});
+  const float* pt = table.data();
+  float* pb = bias.mutable_data();
+  py::gil_scoped_release nogil;
+  relative_bias_forward(pb, pt, H, T, S, query_offset, cfg);
+  return bias;
+}
+
+void relative_bias_bwd(const py::object& dbias_obj, const py::object& dtable_obj, std::int64_t query_offset,
+                       bool bidirectional, index_t num_buckets, index_t max_distance) {
+  const F32 dbias = f32(dbias_obj, "grad_output", 3, 3);
+  F32 dtable = f32(dtable_obj, "table_grad", 2, 2, true);
+  const RelativeBiasConfig cfg = bias_config(bidirectional, num_buckets, max_distance);
+  check_table(dtable, "table_grad", num_buckets);
+  const index_t H = dtable.shape(1), T = dbias.shape(1), S = dbias.shape(2);
+  if (dbias.shape(0) != H)
+    value_error("grad_output must have shape (num_heads=" + std::to_string(H) + ", T, S), got " + shape_of(dbias));
+  check_disjoint({{&dtable, "table_grad"}}, {{&dbias, "grad_output"}});
+  const float* pg = dbias.data();
+  float* pt = dtable.mutable_data();
+  py::gil_scoped_release nogil;
+  relative_bias_backward(pt, pg, H, T, S, query_offset, cfg);
 }
 
 void check_p(float p) {
@@ -1503,6 +1744,30 @@ PYBIND11_MODULE(_core, m) {
         "act(x + bias); with inplace, written over x (which must be a writable float32 array) and returned.");
   m.def("activation_backward", &activation_bwd, py::arg("grad_output"), py::arg("x"), py::arg("bias"),
         py::arg("kind"), py::arg("need_dbias") = false, "Returns (dx, dbias or None).");
+  m.def("rms_norm", &rms_norm_fwd, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("one_plus") = false,
+        "RMSNorm over the last axis: x * rstd * w (w = weight, or 1 + weight with one_plus). Returns (y, rstd).");
+  m.def("rms_norm_backward", &rms_norm_bwd, py::arg("grad_output"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
+        py::arg("one_plus") = false, py::arg("need_weight_grad") = true, "Returns (dx, dweight or None).");
+  m.def("gated", &gated_fwd, py::arg("gate"), py::arg("up"), py::arg("kind"), "act(gate) * up.");
+  m.def("gated_backward", &gated_bwd, py::arg("grad_output"), py::arg("gate"), py::arg("up"), py::arg("kind"),
+        "Returns (dgate, dup).");
+  m.def("rotary_inv_freq", &rotary_inv_freq_py, py::arg("head_dim"), py::arg("rotary_dim"), py::arg("theta"),
+        py::arg("linear_factor"), py::arg("llama3_factor"), py::arg("low_freq_factor"), py::arg("high_freq_factor"),
+        py::arg("original_max_position"), "The rotary_dim / 2 inverse frequencies (float32).");
+  m.def("rotary", &rotary_py, py::arg("x"), py::arg("num_heads"), py::arg("positions"), py::arg("offset"),
+        py::arg("rotary_dim"), py::arg("layout"), py::arg("theta"), py::arg("linear_factor"),
+        py::arg("llama3_factor"), py::arg("low_freq_factor"), py::arg("high_freq_factor"),
+        py::arg("original_max_position"), py::arg("backward") = false,
+        "Rotary embedding of x (B, T, E) or (B, T, H, D): a rotated copy (backward: rotated by -angle).");
+  m.def("alibi_slopes", &alibi_slopes_py, py::arg("num_heads"));
+  m.def("relative_position_bucket", &relative_bucket_py, py::arg("relative_positions"), py::arg("bidirectional"),
+        py::arg("num_buckets"), py::arg("max_distance"));
+  m.def("relative_position_bias", &relative_bias_py, py::arg("table"), py::arg("T"), py::arg("S"),
+        py::arg("query_offset"), py::arg("bidirectional"), py::arg("num_buckets"), py::arg("max_distance"),
+        "bias (H, T, S) = table[bucket(s - (query_offset + t)), h].");
+  m.def("relative_position_bias_backward", &relative_bias_bwd, py::arg("grad_output"), py::arg("table_grad"),
+        py::arg("query_offset"), py::arg("bidirectional"), py::arg("num_buckets"), py::arg("max_distance"),
+        "Accumulates grad_output (H, T, S) into table_grad (num_buckets, H).");
   m.def("dropout", &dropout_fwd, py::arg("x"), py::arg("p"), py::arg("seed"), "Returns (y, keep_mask).");
   m.def("dropout_backward", &dropout_bwd, py::arg("grad_output"), py::arg("p"), py::arg("seed"));
   m.def("add", &add, py::arg("a"), py::arg("b"));

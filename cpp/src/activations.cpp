@@ -1,7 +1,9 @@
-// activations.cpp: ReLU / GELU (erf and tanh forms) fused with an optional bias add, dropout, residual add.
+// activations.cpp: ReLU / GELU (erf and tanh forms) / SiLU fused with an optional bias add, gated units (SwiGLU,
+// GeGLU, ReGLU), dropout, residual add.
 #include "cpuformer/activations.h"
 
 #include <cmath>
+#include <initializer_list>
 #include <vector>
 
 #include "parallel.h"
@@ -30,6 +32,10 @@ inline void tanh_parts(float x, float& e, float& r) {
   r = 1.0f / (e + 1.0f);
 }
 
+// sigmoid(x) = 1 / (1 + exp(-x)): exp(-x) overflows to +inf for x < -88.7, giving exactly 0 (never NaN), and
+// underflows to 0 for large x, giving 1; so SiLU x * sigmoid(x) is finite wherever x is.
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+
 float act_scalar(float x, Activation act) {
   switch (act) {
     case Activation::kRelu: return x > 0.0f ? x : 0.0f;
@@ -39,6 +45,7 @@ float act_scalar(float x, Activation act) {
       tanh_parts(x, e, r);
       return x * (e * r);  // 0.5 x (1 + tanh u) = x e / (e + 1); e * r first, x * e can overflow
     }
+    case Activation::kSilu: return x * sigmoid(x);
     default: return x;
   }
 }
@@ -55,6 +62,10 @@ float act_grad_scalar(float x, Activation act) {
       const float one_plus_t = 2.0f * e * r, sech2 = one_plus_t * 2.0f * r;  // 1 - tanh^2 = 4e / (e + 1)^2
       return 0.5f * one_plus_t + 0.5f * x * sech2 * kSqrt2OverPi * (1.0f + 3.0f * kGeluCoef * x * x);
     }
+    case Activation::kSilu: {  // s (1 + x (1 - s))
+      const float sg = sigmoid(x);
+      return sg * (1.0f + x * (1.0f - sg));
+    }
     default: return 1.0f;
   }
 }
@@ -66,6 +77,13 @@ CPUFORMER_AVX2 static inline void tanh_parts_avx2(__m256 x, __m256& e, __m256& r
   u = _mm256_min_ps(_mm256_set1_ps(kTanhClamp), _mm256_max_ps(_mm256_set1_ps(-kTanhClamp), u));
   e = simd::exp_ps(_mm256_add_ps(u, u));
   r = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f)));
+}
+
+// 1 / (1 + exp(-x)); exp_ps saturates at exp(88.37) for x < -88.37, which leaves sigmoid at about 3e-39 there
+// (SiLU within 1e-36 of 0) instead of +inf / NaN.
+CPUFORMER_AVX2 static inline __m256 sigmoid_avx2(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, simd::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), x))));
 }
 
 CPUFORMER_AVX2 static inline __m256 act_avx2(__m256 x, Activation act) {
@@ -81,6 +99,7 @@ CPUFORMER_AVX2 static inline __m256 act_avx2(__m256 x, Activation act) {
       tanh_parts_avx2(x, e, r);
       return _mm256_mul_ps(x, _mm256_mul_ps(e, r));
     }
+    case Activation::kSilu: return _mm256_mul_ps(x, sigmoid_avx2(x));
     default: return x;
   }
 }
@@ -105,6 +124,10 @@ CPUFORMER_AVX2 static inline __m256 act_grad_avx2(__m256 x, Activation act) {
       const __m256 du = _mm256_mul_ps(_mm256_set1_ps(kSqrt2OverPi),
                                       _mm256_fmadd_ps(_mm256_set1_ps(3.0f * kGeluCoef), _mm256_mul_ps(x, x), one));
       return _mm256_fmadd_ps(half, one_plus_t, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_mul_ps(sech2, du)));
+    }
+    case Activation::kSilu: {
+      const __m256 sg = sigmoid_avx2(x);
+      return _mm256_mul_ps(sg, _mm256_fmadd_ps(x, _mm256_sub_ps(one, sg), one));
     }
     default: return one;
   }
@@ -166,6 +189,64 @@ void backward_rows_scalar(float* dinp, double* dbias_part, const float* dout, co
       dinp[r * cols + j] = g;
       if (dbias_part) dbias_part[j] += g;
     }
+}
+
+
+// Gated units: out = act(gate) * up; backward dgate = dout * up * act'(gate), dup = dout * act(gate). Every element
+// is read before its outputs are written, so out may alias up (and dgate/dup the matching elements of dout).
+void gated_forward_scalar(float* out, index_t ldo, const float* gate, index_t ldg, const float* up, index_t ldu,
+                          index_t r0, index_t r1, index_t cols, Activation act, index_t j0 = 0) {
+  for (index_t r = r0; r < r1; ++r)
+    for (index_t j = j0; j < cols; ++j) out[r * ldo + j] = act_scalar(gate[r * ldg + j], act) * up[r * ldu + j];
+}
+
+void gated_backward_scalar(float* dgate, index_t lddg, float* dup, index_t lddu, const float* dout, index_t ldo,
+                           const float* gate, index_t ldg, const float* up, index_t ldu, index_t r0, index_t r1,
+                           index_t cols, Activation act, index_t j0 = 0) {
+  for (index_t r = r0; r < r1; ++r)
+    for (index_t j = j0; j < cols; ++j) {
+      const float d = dout[r * ldo + j], g = gate[r * ldg + j], u = up[r * ldu + j];
+      const float a = act_scalar(g, act), da = act_grad_scalar(g, act);
+      dgate[r * lddg + j] = d * u * da;
+      dup[r * lddu + j] = d * a;
+    }
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static void gated_forward_avx2(float* out, index_t ldo, const float* gate, index_t ldg, const float* up,
+                                              index_t ldu, index_t r0, index_t r1, index_t cols, Activation act) {
+  using namespace simd;
+  const index_t vec = cols / kWidth * kWidth;
+  for (index_t r = r0; r < r1; ++r) {
+    const float *g = gate + r * ldg, *u = up + r * ldu;
+    float* o = out + r * ldo;
+    for (index_t j = 0; j < vec; j += kWidth)
+      _mm256_storeu_ps(o + j, _mm256_mul_ps(act_avx2(_mm256_loadu_ps(g + j), act), _mm256_loadu_ps(u + j)));
+  }
+  if (vec < cols) gated_forward_scalar(out, ldo, gate, ldg, up, ldu, r0, r1, cols, act, vec);
+}
+
+CPUFORMER_AVX2 static void gated_backward_avx2(float* dgate, index_t lddg, float* dup, index_t lddu, const float* dout,
+                                               index_t ldo, const float* gate, index_t ldg, const float* up,
+                                               index_t ldu, index_t r0, index_t r1, index_t cols, Activation act) {
+  using namespace simd;
+  const index_t vec = cols / kWidth * kWidth;
+  for (index_t r = r0; r < r1; ++r)
+    for (index_t j = 0; j < vec; j += kWidth) {
+      const __m256 d = _mm256_loadu_ps(dout + r * ldo + j), g = _mm256_loadu_ps(gate + r * ldg + j),
+                   u = _mm256_loadu_ps(up + r * ldu + j);
+      const __m256 a = act_avx2(g, act), da = act_grad_avx2(g, act);
+      _mm256_storeu_ps(dgate + r * lddg + j, _mm256_mul_ps(_mm256_mul_ps(d, u), da));
+      _mm256_storeu_ps(dup + r * lddu + j, _mm256_mul_ps(d, a));
+    }
+  if (vec < cols) gated_backward_scalar(dgate, lddg, dup, lddu, dout, ldo, gate, ldg, up, ldu, r0, r1, cols, act, vec);
+}
+#endif
+
+void check_gated(const char* who, index_t rows, index_t cols, std::initializer_list<index_t> lds) {
+  CPUFORMER_CHECK(rows >= 0 && cols >= 0, who, ": negative size rows=", rows, " cols=", cols);
+  for (index_t ld : lds)
+    CPUFORMER_CHECK(rows <= 1 || ld >= cols, who, ": row stride ", ld, " is below cols = ", cols);
 }
 
 }  // namespace
@@ -246,6 +327,30 @@ void residual_forward(float* out, const float* a, const float* b, index_t n) {
   CPUFORMER_CHECK(n >= 0, "residual_forward: negative size");
   detail::parallel_for(n, kMinElemsPerThread * 4, [&](index_t i0, index_t i1, int) {
     for (index_t i = i0; i < i1; ++i) out[i] = a[i] + b[i];
+  });
+}
+
+void gated_forward(float* out, index_t ldo, const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows,
+                   index_t cols, Activation act) {
+  check_gated("gated_forward", rows, cols, {ldo, ldg, ldu});
+  detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int) {
+#ifdef CPUFORMER_HAVE_AVX2
+    if (detail::use_avx2()) return gated_forward_avx2(out, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
+#endif
+    gated_forward_scalar(out, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
+  });
+}
+
+void gated_backward(float* dgate, index_t lddg, float* dup, index_t lddu, const float* dout, index_t ldo,
+                    const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows, index_t cols,
+                    Activation act) {
+  check_gated("gated_backward", rows, cols, {lddg, lddu, ldo, ldg, ldu});
+  detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int) {
+#ifdef CPUFORMER_HAVE_AVX2
+    if (detail::use_avx2())
+      return gated_backward_avx2(dgate, lddg, dup, lddu, dout, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
+#endif
+    gated_backward_scalar(dgate, lddg, dup, lddu, dout, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
   });
 }
 

@@ -1,4 +1,4 @@
-// layernorm.cpp: LayerNorm over the last axis, inp (rows, C), forward and backward.
+// layernorm.cpp: LayerNorm and RMSNorm over the last axis, inp (rows, C), forward and backward.
 // Backward is parallel over rows for dinp, with per-thread partial sums for dweight/dbias that are then reduced
 // in a fixed order (deterministic for a fixed thread count), as PyTorch's CPU kernel does.
 #include "cpuformer/layernorm.h"
@@ -178,6 +178,45 @@ void backward_row(float* dx, double* pw, double* pb, const float* dy, const floa
   backward_row_scalar(dx, pw, pb, dy, x, weight, C, m, rs, accumulate);
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// RMSNorm
+
+// sum of x[j] * y[j] over a row (x * x for the mean square): double accumulation on the scalar path, two float
+// vector accumulators reduced into double on the AVX2 path (as the LayerNorm moments).
+double row_dot_scalar(const float* x, const float* y, index_t C) {
+  double s = 0.0;
+  for (index_t j = 0; j < C; ++j) s += static_cast<double>(x[j]) * y[j];
+  return s;
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 static double row_dot_avx2(const float* x, const float* y, index_t C) {
+  using namespace simd;
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  index_t j = 0;
+  for (; j + 16 <= C; j += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(y + j), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(y + j + 8), s1);
+  }
+  double s = hsum(_mm256_add_ps(s0, s1));
+  for (; j < C; ++j) s += static_cast<double>(x[j]) * y[j];
+  return s;
+}
+#endif
+
+double row_dot(const float* x, const float* y, index_t C) {
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) return row_dot_avx2(x, y, C);
+#endif
+  return row_dot_scalar(x, y, C);
+}
+
+// The effective scale w[j] (weight, or 1 + weight when one_plus; 1 without a weight).
+inline float scale_of(const float* weight, index_t j, bool one_plus) {
+  return weight ? (one_plus ? 1.0f + weight[j] : weight[j]) : 1.0f;
+}
+
 }  // namespace
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
@@ -223,6 +262,65 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     }
     if (dweight) dweight[j] += static_cast<float>(w);
     if (dbias) dbias[j] += static_cast<float>(b);
+  }
+}
+
+void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, index_t rows, index_t C,
+                     float eps, bool one_plus) {
+  CPUFORMER_CHECK(rows >= 0 && C >= 1, "rmsnorm_forward: bad size rows=", rows, " C=", C);
+  CPUFORMER_CHECK(eps >= 0.0f && std::isfinite(eps), "rmsnorm_forward: eps must be finite and >= 0, got ", eps);
+  detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int) {
+    for (index_t r = r0; r < r1; ++r) {
+      const float* x = inp + r * C;
+      float* y = out + r * C;
+      const float ms = static_cast<float>(row_dot(x, x, C) / C);
+      const float rs = 1.0f / std::sqrt(ms + eps);
+      // (x * rstd) * w: the order of torch.nn.RMSNorm, LlamaRMSNorm and Gemma's (x * rstd) * (1 + w)
+      if (!weight) {
+        for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs;
+      } else if (one_plus) {
+        for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs * (1.0f + weight[j]);
+      } else {
+        for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs * weight[j];
+      }
+      if (rstd) rstd[r] = rs;
+    }
+  });
+}
+
+void rmsnorm_backward(float* dinp, float* dweight, const float* dout, const float* inp, const float* weight,
+                      const float* rstd, index_t rows, index_t C, bool one_plus, bool accumulate_dinp) {
+  CPUFORMER_CHECK(rows >= 0 && C >= 1, "rmsnorm_backward: bad size rows=", rows, " C=", C);
+  CPUFORMER_CHECK(rows == 0 || rstd, "rmsnorm_backward: rstd (saved by the forward) is required");
+  const int nt = detail::kernel_threads();
+  std::vector<double> partial(dweight ? static_cast<size_t>(nt) * C : 0, 0.0);
+  std::vector<char> used(nt, 0);
+  detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int t) {
+    double* pw = dweight ? partial.data() + static_cast<size_t>(t) * C : nullptr;
+    used[t] = 1;
+    std::vector<float> g(static_cast<size_t>(C));
+    for (index_t r = r0; r < r1; ++r) {
+      const float* x = inp + r * C;
+      const float* dy = dout + r * C;
+      float* dx = dinp + r * C;
+      const float rs = rstd[r];
+      // y = xh * w with xh = x * rs:  dx = rs * (g - xh * mean(g * xh)), g = dy * w;  dw += dy * xh
+      for (index_t j = 0; j < C; ++j) g[j] = dy[j] * scale_of(weight, j, one_plus);
+      const float mgx = static_cast<float>(row_dot(g.data(), x, C) * rs / C);  // mean(g * xh)
+      for (index_t j = 0; j < C; ++j) {
+        const float xh = x[j] * rs;
+        const float v = rs * (g[j] - xh * mgx);
+        dx[j] = accumulate_dinp ? dx[j] + v : v;
+        if (pw) pw[j] += static_cast<double>(dy[j]) * xh;
+      }
+    }
+  });
+  if (!dweight) return;
+  for (index_t j = 0; j < C; ++j) {  // fixed reduction order over threads
+    double w = 0.0;
+    for (int t = 0; t < nt; ++t)
+      if (used[t]) w += partial[static_cast<size_t>(t) * C + j];
+    dweight[j] += static_cast<float>(w);
   }
 }
 

@@ -28,6 +28,9 @@ __all__ = [
     "bias_activation", "bias_activation_backward", "dropout", "dropout_backward", "add",
     "embedding", "embedding_backward", "cross_entropy", "cross_entropy_with_grad", "adamw_step", "sum_squares",
     "bias_grad", "attention", "attention_backward", "attention_weights", "feed_forward", "feed_forward_backward",
+    "rms_norm", "rms_norm_backward", "silu", "silu_backward", "gated", "gated_backward", "rotary", "rotary_backward",
+    "rotary_inv_freq", "alibi_slopes", "relative_position_bucket", "relative_position_bias",
+    "relative_position_bias_backward",
 ]
 
 _GELU_KINDS = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -180,16 +183,27 @@ def relu_backward(grad_output, x) -> np.ndarray:
     return _core.activation_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), None, "relu", False)[0]
 
 
+def silu(x) -> np.ndarray:
+    """SiLU (swish): ``x * sigmoid(x)``."""
+    return _core.activation(_f32(x, "x"), None, "silu")
+
+
+def silu_backward(grad_output, x) -> np.ndarray:
+    """``grad_output * silu'(x)``, ``silu'(x) = s (1 + x (1 - s))`` with ``s = sigmoid(x)``."""
+    return _core.activation_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), None, "silu", False)[0]
+
+
 def _activation_kind(activation: str) -> str:
-    kinds = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "identity": "identity"}
+    kinds = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu", "swish": "silu",
+             "identity": "identity"}
     if activation not in kinds:
         raise ValueError(f"activation must be one of {sorted(kinds)}, got {activation!r}")
     return kinds[activation]
 
 
 def bias_activation(x, bias, activation: str = "gelu") -> np.ndarray:
-    """``act(x + bias)`` in one pass (bias over the last axis); ``activation`` is relu, gelu, gelu_tanh or
-    identity."""
+    """``act(x + bias)`` in one pass (bias over the last axis); ``activation`` is relu, gelu, gelu_tanh, silu
+    (alias swish) or identity."""
     return _core.activation(_f32(x, "x"), _opt_f32(bias, "bias"), _activation_kind(activation))
 
 
@@ -198,6 +212,214 @@ def bias_activation_backward(grad_output, x, bias, activation: str = "gelu"):
     sums, in one pass."""
     return _core.activation_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), _opt_f32(bias, "bias"),
                                      _activation_kind(activation), bias is not None)
+
+
+def gated(gate, up, activation: str = "silu") -> np.ndarray:
+    """Gated linear unit ``act(gate) * up`` (SwiGLU with ``"silu"``, GeGLU with ``"gelu"``/``"gelu_tanh"``,
+    ReGLU with ``"relu"``); ``gate`` and ``up`` have one shape."""
+    return _core.gated(_f32(gate, "gate"), _f32(up, "up"), _activation_kind(activation))
+
+
+def gated_backward(grad_output, gate, up, activation: str = "silu") -> Tuple[np.ndarray, np.ndarray]:
+    """Returns ``(dgate, dup)`` for :func:`gated`: ``dgate = dy * up * act'(gate)``, ``dup = dy * act(gate)``."""
+    return _core.gated_backward(_f32(grad_output, "grad_output"), _f32(gate, "gate"), _f32(up, "up"),
+                                _activation_kind(activation))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RMSNorm
+
+
+def _rms_eps(eps) -> float:
+    if eps is None:  # torch.nn.RMSNorm: eps=None means torch.finfo(float32).eps
+        return float(np.finfo(np.float32).eps)
+    eps = _finite_scalar(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return eps
+
+
+def rms_norm(x, weight=None, eps: Optional[float] = None, one_plus: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+    """RMSNorm over the last axis: ``y = x / sqrt(mean(x^2) + eps) * w`` with ``w = weight`` (or ``1 + weight``
+    with ``one_plus``, Gemma's form; no scale when ``weight`` is None). ``eps=None`` is float32's machine epsilon,
+    as ``torch.nn.RMSNorm``. Returns ``(y, rstd)``, ``rstd`` (shape ``x.shape[:-1]``) kept for backward."""
+    return _core.rms_norm(_f32(x, "x"), _opt_f32(weight, "weight"), _rms_eps(eps), bool(one_plus))
+
+
+def rms_norm_backward(grad_output, x, weight, rstd, one_plus: bool = False, *, need_weight_grad: bool = True):
+    """Returns ``(dx, dweight)`` for :func:`rms_norm` (``dweight`` None when ``need_weight_grad`` is false or
+    ``weight`` is None)."""
+    return _core.rms_norm_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), _opt_f32(weight, "weight"),
+                                   _f32(rstd, "rstd"), bool(one_plus), bool(need_weight_grad) and weight is not None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# position information: rotary embeddings, ALiBi, T5 relative position bias
+
+_SCALING_KEYS = {"rope_type", "type", "factor", "low_freq_factor", "high_freq_factor",
+                 "original_max_position_embeddings"}
+
+
+def _rope_scaling(scaling) -> Tuple[float, float, float, float, int]:
+    """An HF-style ``rope_scaling`` dict as (linear_factor, llama3_factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings)."""
+    none = (1.0, 0.0, 1.0, 4.0, 8192)
+    if scaling is None:
+        return none
+    if not isinstance(scaling, dict):
+        raise TypeError(f"scaling must be a dict like transformers' rope_scaling or None, got {type(scaling).__name__}")
+    unknown = sorted(set(scaling) - _SCALING_KEYS)
+    if unknown:
+        raise ValueError(f"scaling: unsupported key(s) {unknown}; known: {sorted(_SCALING_KEYS)}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return none
+
+    def need(key):
+        if key not in scaling:
+            raise ValueError(f"scaling: rope_type {kind!r} needs {key!r}")
+        v = _finite_scalar(scaling[key], f"scaling[{key!r}]")
+        if v <= 0:
+            raise ValueError(f"scaling[{key!r}] must be > 0, got {v}")
+        return v
+
+    if kind == "linear":
+        return (need("factor"), 0.0, 1.0, 4.0, 8192)
+    if kind == "llama3":
+        orig = scaling.get("original_max_position_embeddings")
+        if orig is None:
+            raise ValueError("scaling: rope_type 'llama3' needs 'original_max_position_embeddings'")
+        orig = _int_arg(orig, "scaling['original_max_position_embeddings']", 1)
+        low, high = need("low_freq_factor"), need("high_freq_factor")
+        if not high > low:
+            raise ValueError(f"scaling: high_freq_factor ({high}) must exceed low_freq_factor ({low})")
+        return (1.0, need("factor"), low, high, orig)
+    raise ValueError(f"scaling: rope_type must be 'default', 'linear' or 'llama3', got {kind!r}")
+
+
+def _rotary_dim(rotary_dim, head_dim: int) -> int:
+    if rotary_dim is None:
+        return 0
+    rotary_dim = _int_arg(rotary_dim, "rotary_dim", 2)
+    if rotary_dim % 2 or rotary_dim > head_dim:
+        raise ValueError(f"rotary_dim must be even and <= head_dim ({head_dim}), got {rotary_dim}")
+    return rotary_dim
+
+
+def _layout(layout: str) -> str:
+    if layout not in ("half", "interleaved"):
+        raise ValueError(f"layout must be 'half' (NeoX/Llama) or 'interleaved' (GPT-J), got {layout!r}")
+    return layout
+
+
+def rotary_inv_freq(head_dim: int, rotary_dim: Optional[int] = None, theta: float = 10000.0,
+                    scaling=None) -> np.ndarray:
+    """The ``rotary_dim // 2`` inverse frequencies (float32), as transformers' rope init functions compute them."""
+    head_dim = _int_arg(head_dim, "head_dim", 2)
+    return _core.rotary_inv_freq(head_dim, _rotary_dim(rotary_dim, head_dim), _finite_scalar(theta, "theta"),
+                                 *_rope_scaling(scaling))
+
+
+def _rotary(x, num_heads, positions, offset, rotary_dim, layout, theta, scaling, backward: bool):
+    name = "grad_output" if backward else "x"
+    x = _f32(x, name)
+    if x.ndim not in (3, 4):
+        raise ValueError(f"{name} must be (B, T, heads * head_dim) or (B, T, heads, head_dim), got shape {x.shape}")
+    B, T = x.shape[:2]
+    if x.ndim == 4:
+        if num_heads is None:
+            num_heads = x.shape[2]
+        num_heads = _int_arg(num_heads, "num_heads", 1)
+        head_dim = x.shape[3]
+    else:
+        num_heads = _heads(num_heads, x.shape[2])
+        head_dim = x.shape[2] // num_heads
+    pos = off = None
+    if positions is not None:
+        if offset is not None:
+            raise ValueError("give positions or offset, not both")
+        pos = _ids(positions, "positions")
+        if pos.ndim == 1:
+            pos = pos[None]
+        if pos.ndim != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
+            raise ValueError(f"positions must have shape ({B}, {T}), (1, {T}) or ({T},), got {np.shape(positions)}")
+        pos = np.ascontiguousarray(np.broadcast_to(pos, (B, T)))
+    elif offset is not None:
+        off = _ids(offset, "offset")
+        if off.ndim == 0:
+            off = np.full(B, int(off), np.int64)
+        if off.shape != (B,):
+            raise ValueError(f"offset must be an int or have shape ({B},), got {np.shape(offset)}")
+    return _core.rotary(x, num_heads, pos, off, _rotary_dim(rotary_dim, head_dim), _layout(layout),
+                        _finite_scalar(theta, "theta"), *_rope_scaling(scaling), backward=backward)
+
+
+def rotary(x, num_heads: Optional[int], positions=None, offset=None, rotary_dim: Optional[int] = None,
+           layout: str = "half", theta: float = 10000.0, scaling=None) -> np.ndarray:
+    """Rotary position embedding (RoPE) of every head's first ``rotary_dim`` features (default: all), returned as a
+    new array; features past ``rotary_dim`` pass through.
+
+    ``x``: (B, T, num_heads * head_dim) or (B, T, num_heads, head_dim). Row (b, t) sits at ``positions[b, t]``
+    (positions (B, T), (1, T) or (T,)), else at ``offset[b] + t`` (``offset`` an int or (B,)), else at t.
+    ``layout="half"`` pairs features (i, i + rotary_dim/2) as transformers' Llama/NeoX ``rotate_half``;
+    ``"interleaved"`` pairs (2i, 2i + 1) as GPT-J. ``scaling``: None or a transformers ``rope_scaling`` dict
+    with ``rope_type`` "default", "linear" (``factor``) or "llama3" (``factor``, ``low_freq_factor``,
+    ``high_freq_factor``, ``original_max_position_embeddings``)."""
+    return _rotary(x, num_heads, positions, offset, rotary_dim, layout, theta, scaling, False)
+
+
+def rotary_backward(grad_output, num_heads: Optional[int], positions=None, offset=None,
+                    rotary_dim: Optional[int] = None, layout: str = "half", theta: float = 10000.0,
+                    scaling=None) -> np.ndarray:
+    """Gradient of :func:`rotary` (the same arguments): ``grad_output`` rotated by the opposite angles."""
+    return _rotary(grad_output, num_heads, positions, offset, rotary_dim, layout, theta, scaling, True)
+
+
+def alibi_slopes(num_heads: int) -> np.ndarray:
+    """ALiBi slopes (float32, one per head) as BLOOM's ``build_alibi_tensor`` (and MPT) compute them."""
+    return _core.alibi_slopes(_int_arg(num_heads, "num_heads", 1))
+
+
+def _bias_args(bidirectional, num_buckets, max_distance):
+    return (bool(bidirectional), _int_arg(num_buckets, "num_buckets", 1), _int_arg(max_distance, "max_distance", 1))
+
+
+def relative_position_bucket(relative_positions, bidirectional: bool = True, num_buckets: int = 32,
+                             max_distance: int = 128) -> np.ndarray:
+    """T5's bucket of each relative position (key - query), exactly as transformers'
+    ``T5Attention._relative_position_bucket``; int64, the input's shape."""
+    rel = _ids(relative_positions, "relative_positions")
+    if rel.size == 0:
+        raise ValueError(f"relative_positions has a zero-size dimension: shape {rel.shape}")
+    return _core.relative_position_bucket(rel, *_bias_args(bidirectional, num_buckets, max_distance))
+
+
+def relative_position_bias(table, T: int, S: int, query_offset: int = 0, bidirectional: bool = True,
+                           num_buckets: Optional[int] = None, max_distance: int = 128) -> np.ndarray:
+    """T5's position bias (num_heads, T, S): ``table[bucket(s - (query_offset + t)), h]``, with ``table``
+    (num_buckets, num_heads) laid out as transformers' ``relative_attention_bias.weight``. ``num_buckets``
+    defaults to ``table.shape[0]``."""
+    table = _f32(table, "table")
+    if table.ndim != 2:
+        raise ValueError(f"table must be 2-D (num_buckets, num_heads), got shape {table.shape}")
+    nb = table.shape[0] if num_buckets is None else num_buckets
+    return _core.relative_position_bias(table, _int_arg(T, "T", 1), _int_arg(S, "S", 1),
+                                        _int_arg(query_offset, "query_offset", None),
+                                        *_bias_args(bidirectional, nb, max_distance))
+
+
+def relative_position_bias_backward(grad_output, table_grad: np.ndarray, query_offset: int = 0,
+                                    bidirectional: bool = True, num_buckets: Optional[int] = None,
+                                    max_distance: int = 128) -> np.ndarray:
+    """Accumulate the gradient of :func:`relative_position_bias` into ``table_grad`` (a writable float32
+    (num_buckets, num_heads) array) from ``grad_output`` (num_heads, T, S); deterministic. Returns it."""
+    if not isinstance(table_grad, np.ndarray) or table_grad.ndim != 2:
+        raise ValueError("table_grad must be a 2-D float32 numpy array (num_buckets, num_heads)")
+    nb = table_grad.shape[0] if num_buckets is None else num_buckets
+    _core.relative_position_bias_backward(_f32(grad_output, "grad_output"), table_grad,
+                                          _int_arg(query_offset, "query_offset", None),
+                                          *_bias_args(bidirectional, nb, max_distance))
+    return table_grad
 
 
 # ---------------------------------------------------------------------------------------------------------------
