@@ -333,7 +333,8 @@ def _check_additive(mask: np.ndarray, name: str) -> None:
 def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt_len: int, src_len: int):
     """Normalise PyTorch-style masks for the kernels: returns ``(additive float32 mask or None, uint8 key padding
     or None)``. ``attn_mask``: boolean (True = not allowed) or additive float, shape (T, S), (B, T, S),
-    (B*num_heads, T, S) or (B or 1, num_heads or 1, T, S). ``key_padding_mask``: (B, S), boolean/integer (True = padding) or additive float."""
+    (B*num_heads, T, S) or (B or 1, num_heads or 1, T, S). ``key_padding_mask``: (B, S), boolean/integer
+    (True = padding) or additive float."""
     additive = None
     if attn_mask is not None:
         m = np.asarray(attn_mask)

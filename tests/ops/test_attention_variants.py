@@ -315,7 +315,10 @@ def test_gqa_dropout_equals_multi_head_with_repeated_keys(rng, threads):
     repeated keys and values gives, and its key/value gradients are the group sums."""
     B, T, S, D, H, kvh = 2, 40, 33, 4, 6, 2
     q, k, v, g = randn(rng, B, T, H * D), randn(rng, B, S, kvh * D), randn(rng, B, S, kvh * D), randn(rng, B, T, H * D)
-    rep = lambda x: np.ascontiguousarray(np.repeat(x.reshape(B, S, kvh, D), H // kvh, axis=2).reshape(B, S, H * D))  # noqa
+
+    def rep(x):
+        return np.ascontiguousarray(np.repeat(x.reshape(B, S, kvh, D), H // kvh, axis=2).reshape(B, S, H * D))
+
     kw = dict(dropout_p=0.3, seed=11, is_causal=True, window=9)
     out, lse = ops.attention(q, k, v, H, num_kv_heads=kvh, need_lse=True, **kw)
     out_m, lse_m = ops.attention(q, rep(k), rep(v), H, need_lse=True, **kw)
