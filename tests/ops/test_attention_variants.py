@@ -150,7 +150,7 @@ def run_and_check(rng, B, T, S, D, H, kvh, positions, extra, grad_tol=1e-3):
 @pytest.mark.parametrize("H,kvh", KV)
 @pytest.mark.parametrize("positions", POSITIONS)
 @pytest.mark.parametrize("extra", EXTRAS)
-def test_every_combination_matches_float64_reference(rng, H, kvh, positions, extra):
+def test_every_combination_matches_float64_reference(rng, simd, H, kvh, positions, extra):
     run_and_check(rng, 2, 5, 7, 3, H, kvh, positions, extra)
 
 
