@@ -148,6 +148,130 @@ void test_errors() {
   check(threw, "set_num_threads(0) throws");
 }
 
+// Attention variants against a double-precision reference that materialises the scores: grouped-query heads, a
+// causal sliding window, query offsets and key lengths per batch row (one row with no keys at all), ALiBi, and a
+// (T, S) additive mask broadcast over batch and heads together with its gradient; then 1 vs 2 threads bitwise, and
+// the argument checks.
+void test_attention_variants(std::mt19937& gen) {
+  using cpuformer::index_t;
+  const index_t B = 3, H = 4, KVH = 2, T = 70, S = 300, D = 5, G = H / KVH, window = 40;
+  const float scale = 1.0f / std::sqrt(float(D));
+  auto q = random_vec(gen, size_t(B * T * H * D)), k = random_vec(gen, size_t(B * S * KVH * D)),
+       v = random_vec(gen, size_t(B * S * KVH * D)), add = random_vec(gen, size_t(T * S)),
+       dout = random_vec(gen, size_t(B * T * H * D));
+  std::vector<float> slopes(H);
+  for (index_t h = 0; h < H; ++h) slopes[h] = std::pow(2.0f, -8.0f * float(h + 1) / float(H));
+  const std::vector<std::int64_t> offset = {0, 230, 10}, length = {70, 300, 0};
+  cpuformer::AttentionMask mask;
+  mask.additive = add.data();
+  mask.add_st = S;  // (T, S): add_sb = add_sh = 0
+  mask.causal = true;
+  mask.window = window;
+  mask.query_offset = offset.data();
+  mask.key_length = length.data();
+  mask.alibi_slopes = slopes.data();
+  cpuformer::AttentionConfig cfg{B, H, T, S, D, scale};
+  cfg.KVH = KVH;
+  const auto qi = [&](index_t b, index_t t, index_t h) { return size_t(((b * T + t) * H + h) * D); };
+  const auto ki = [&](index_t b, index_t s, index_t g) { return size_t(((b * S + s) * KVH + g) * D); };
+
+  // Reference: probabilities, output, lse and all gradients in double.
+  std::vector<double> ro(q.size()), rdq(q.size()), rdk(k.size()), rdv(v.size()), rdadd(add.size()),
+      rlse(size_t(B * H * T));
+  std::vector<double> p(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t t = 0; t < T; ++t) {
+        const index_t g = h / G, pos = offset[b] + t;
+        double mx = -INFINITY;
+        for (index_t s = 0; s < S; ++s) {
+          const bool visible = s < length[b] && s <= pos && s > pos - window;
+          double acc = 0;
+          for (index_t d = 0; d < D; ++d) acc += double(q[qi(b, t, h) + d]) * k[ki(b, s, g) + d];
+          p[s] = visible ? acc * scale + add[t * S + s] + double(slopes[h]) * double(s - pos) : -INFINITY;
+          mx = std::max(mx, p[s]);
+        }
+        double z = 0;
+        for (index_t s = 0; s < S; ++s) z += p[s] = mx == -INFINITY ? 0.0 : std::exp(p[s] - mx);
+        rlse[(b * H + h) * T + t] = z > 0 ? mx + std::log(z) : -INFINITY;
+        double dsum = 0;
+        for (index_t s = 0; s < S; ++s) {
+          p[s] = z > 0 ? p[s] / z : 0.0;
+          double acc = 0;
+          for (index_t d = 0; d < D; ++d) {
+            ro[qi(b, t, h) + d] += p[s] * v[ki(b, s, g) + d];
+            acc += double(dout[qi(b, t, h) + d]) * v[ki(b, s, g) + d];
+          }
+          dp[s] = acc;
+          dsum += p[s] * acc;
+        }
+        for (index_t s = 0; s < S; ++s) {
+          const double ds = p[s] * (dp[s] - dsum);
+          rdadd[t * S + s] += ds;
+          for (index_t d = 0; d < D; ++d) {
+            rdq[qi(b, t, h) + d] += ds * scale * k[ki(b, s, g) + d];
+            rdk[ki(b, s, g) + d] += ds * scale * q[qi(b, t, h) + d];
+            rdv[ki(b, s, g) + d] += p[s] * dout[qi(b, t, h) + d];
+          }
+        }
+      }
+  const auto rel = [](const std::vector<float>& a, const std::vector<double>& r) {
+    double err = 0, mag = 1e-30;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (std::isinf(r[i]) || std::isinf(a[i])) {
+        if (a[i] != r[i]) return 1e30;
+        continue;
+      }
+      err = std::max(err, std::fabs(a[i] - r[i]));
+      mag = std::max(mag, std::fabs(r[i]));
+    }
+    return err / mag;
+  };
+  std::vector<std::vector<float>> first;
+  for (int threads : {1, 2}) {
+    cpuformer::set_num_threads(threads);
+    std::vector<float> out(q.size()), lse(rlse.size()), dq(q.size()), dk(k.size()), dv(v.size()), dadd(add.size());
+    const cpuformer::ConstHeadTensor cq{q.data(), T * H * D, H * D}, ck{k.data(), S * KVH * D, KVH * D},
+        cv{v.data(), S * KVH * D, KVH * D}, cdo{dout.data(), T * H * D, H * D}, co{out.data(), T * H * D, H * D};
+    cpuformer::attention_forward({out.data(), T * H * D, H * D}, lse.data(), cq, ck, cv, mask, cfg);
+    cpuformer::attention_backward({dq.data(), T * H * D, H * D}, {dk.data(), S * KVH * D, KVH * D},
+                                  {dv.data(), S * KVH * D, KVH * D}, cdo, cq, ck, cv, co, lse.data(), mask, cfg,
+                                  dadd.data());
+    const std::string tag = " (threads " + std::to_string(threads) + ")";
+    check(rel(out, ro) < 1e-5, "attention variants: output" + tag);
+    check(rel(lse, rlse) < 1e-5, "attention variants: lse, -inf for the batch row without keys" + tag);
+    check(rel(dq, rdq) < 1e-4 && rel(dk, rdk) < 1e-4 && rel(dv, rdv) < 1e-4, "attention variants: dq, dk, dv" + tag);
+    check(rel(dadd, rdadd) < 1e-4, "attention variants: gradient of a broadcast additive mask" + tag);
+    std::vector<std::vector<float>> all = {out, lse, dq, dk, dv, dadd};
+    if (first.empty()) first = all;
+    else check(all == first, "attention variants: 1 and 2 threads give identical results");
+  }
+  // Argument checks: std::invalid_argument before anything is written.
+  const auto throws = [&](cpuformer::AttentionMask m, cpuformer::AttentionConfig c) {
+    std::vector<float> out(q.size(), -7.0f);
+    try {
+      cpuformer::attention_forward({out.data(), T * H * D, H * D}, nullptr, {q.data(), T * H * D, H * D},
+                                   {k.data(), S * KVH * D, KVH * D}, {v.data(), S * KVH * D, KVH * D}, m, c);
+    } catch (const std::invalid_argument&) {
+      return out[0] == -7.0f;
+    }
+    return false;
+  };
+  cpuformer::AttentionConfig bad = cfg;
+  bad.KVH = 3;
+  check(throws(mask, bad), "attention: H % KVH != 0 throws");
+  cpuformer::AttentionMask m2 = mask;
+  m2.window = -1;
+  check(throws(m2, cfg), "attention: window < 0 throws");
+  const std::vector<std::int64_t> too_long = {70, 301, 0}, negative = {0, -1, 0};
+  m2 = mask;
+  m2.key_length = too_long.data();
+  check(throws(m2, cfg), "attention: key_length > S throws");
+  m2 = mask;
+  m2.query_offset = negative.data();
+  check(throws(m2, cfg), "attention: negative query_offset throws");
+}
+
 // A valid safetensors file, then thousands of mutated copies (flipped bytes, truncations): the reader must return
 // an error or a consistent result, never crash or read out of bounds (this program runs under ASan in CI).
 void test_safetensors_fuzz(std::mt19937& gen) {
@@ -506,6 +630,7 @@ int main() {
     }
   }
   test_errors();
+  test_attention_variants(gen);
   test_safetensors_fuzz(gen);
   test_model_generate();
   test_model_encoders();
