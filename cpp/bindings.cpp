@@ -1525,6 +1525,10 @@ BlockConfig make_block_config(const py::kwargs& kw) {
     if (!(p >= 0.0f && p < 1.0f)) value_error("BlockConfig: dropout probabilities must be in [0, 1)");
   if (c.num_heads % c.kv_heads()) value_error("BlockConfig: num_kv_heads (" + std::to_string(c.num_kv_heads) + ") must divide num_heads (" + std::to_string(c.num_heads) + ")");
   if (!c.head_dim && c.d_model % c.num_heads) value_error("BlockConfig: d_model (" + std::to_string(c.d_model) + ") must be a multiple of num_heads (" + std::to_string(c.num_heads) + ") unless head_dim is given");
+  const index_t rd = c.rotary.rotary_dim ? c.rotary.rotary_dim : c.head_size();
+  if (c.position == PositionKind::kRotary && (rd % 2 || rd < 2 || rd > c.head_size()))
+    value_error("BlockConfig: rotary_dim (" + std::to_string(rd) + ") must be even, >= 2 and <= head_dim (" +
+                std::to_string(c.head_size()) + ")");
   return c;
 }
 

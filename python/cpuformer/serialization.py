@@ -145,7 +145,26 @@ def check_config(cls, config, tensors: Mapping[str, np.ndarray], where: str) -> 
         if table is not None and cfg.get("positional") == "learned" and cfg[key] + extra != dim(table, 0, key):
             raise SafetensorsError(f"{where}: config {key} is {cfg[key]} but {table} has shape "
                                    f"{tensors[table].shape}")
+    if name == "GPT":
+        _check_gpt_block(cfg, tensors, where)
     return cfg
+
+
+def _check_gpt_block(cfg: dict, tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """GPT's feed-forward width (d_ff, 0 = 4 x n_embd) and key/value heads (n_kv_head, 0 = n_head) against the
+    first block's tensors, whichever block layout the file holds."""
+    ff = cfg["d_ff"] or 4 * cfg["n_embd"]
+    for tensor in ("blocks.0.linear1.weight", "blocks.0.mlp.up_proj.weight"):
+        if tensor in tensors and tensors[tensor].shape[0] != ff:
+            raise SafetensorsError(f"{where}: config d_ff ({cfg['d_ff']}, width {ff}) but {tensor} has shape "
+                                   f"{tensors[tensor].shape}")
+    kvh = cfg["n_kv_head"] or cfg["n_head"]
+    if kvh > cfg["n_head"] or cfg["n_head"] % kvh:
+        raise SafetensorsError(f"{where}: config n_kv_head ({cfg['n_kv_head']}) must divide n_head ({cfg['n_head']})")
+    k = tensors.get("blocks.0.self_attn.k_proj.weight")
+    if k is not None and k.shape[0] != kvh * (cfg["n_embd"] // cfg["n_head"]):
+        raise SafetensorsError(f"{where}: config n_kv_head ({cfg['n_kv_head']}) but blocks.0.self_attn.k_proj.weight "
+                               f"has shape {k.shape}")
 
 
 def save(model, path: str) -> None:
