@@ -388,7 +388,7 @@ void test_model_file_validation() {
       {with_config(gpt, "\"n_head\": 2", "\"n_head\": 3"), "not divisible by the heads"},
       {with_config(gpt, "\"n_head\": 2", "\"n_head\": -2"), "'n_head' must be an integer"},
       {with_config(gpt, "\"vocab_size\": 11", "\"vocab_size\": 12"), "'wte.weight' has shape"},
-      {with_config(gpt, "\"positional\": \"sinusoidal\"", "\"positional\": \"rotary\""), "'positional' must be"},
+      {with_config(gpt, "\"positional\": \"sinusoidal\"", "\"positional\": \"rope\""), "'positional' must be"},
       {with_config(gpt, "\"tie_weights\": true", "\"tie_weights\": 1"), "'tie_weights' must be true or false"},
       {with_config(gpt, "\"layer_norm_eps\": 1e-05", "\"layer_norm_eps\": -1"), "'layer_norm_eps'"},
       {with_config(clf, "\"pad_id\": 0", "\"pad_id\": 13"), "'pad_id' must be an integer in [0, 12]"},
