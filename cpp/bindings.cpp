@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <iterator>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <sstream>
@@ -760,31 +761,60 @@ HeadArg head_arg(const py::handle& obj, const char* name, bool writable) {
 struct MaskArgs {
   F32 additive_arr;
   py::array_t<std::uint8_t, py::array::c_style> padding_arr;
+  I64 offset_arr, length_arr;
+  F32 slopes_arr;
   AttentionMask mask;
 };
 
+// The positional options of attention (decoding over a cache, sliding window, ALiBi), checked here so the errors
+// name the Python argument.
+struct PositionArgs {
+  index_t window = 0;
+  py::object query_offset = py::none(), key_length = py::none(), alibi_slopes = py::none();
+};
+
+// An optional (B,) int64 vector whose values lie in [lo, hi].
+I64 batch_vector(const py::object& obj, const char* name, index_t B, index_t lo, index_t hi) {
+  I64 a = i64(obj, name);
+  if (a.ndim() != 1 || a.shape(0) != B)
+    value_error(std::string(name) + " must have shape (" + std::to_string(B) + ",), got " + shape_of(a));
+  for (index_t b = 0; b < B; ++b)
+    if (a.data()[b] < lo || a.data()[b] > hi) {
+      std::ostringstream os;
+      os << name << "[" << b << "] = " << a.data()[b] << " is out of range: must be in [" << lo << ", " << hi << "]";
+      value_error(os.str());
+    }
+  return a;
+}
+
 MaskArgs mask_args(const py::object& attn_mask, const py::object& key_padding_mask, bool causal, index_t B,
-                   index_t H, index_t T, index_t S) {
+                   index_t H, index_t T, index_t S, const PositionArgs& pos = {}) {
   MaskArgs m;
   m.mask.causal = causal;
   if (!attn_mask.is_none()) {
-    m.additive_arr = f32(attn_mask, "attn_mask", 2, 3);
+    m.additive_arr = f32(attn_mask, "attn_mask", 2, 4);
     const auto& a = m.additive_arr;
-    const index_t lead = a.ndim() == 3 ? a.shape(0) : 1;
-    const bool ok = a.shape(a.ndim() - 2) == T && a.shape(a.ndim() - 1) == S &&
-                    (a.ndim() == 2 || lead == B || lead == B * H);
+    const py::ssize_t nd = a.ndim();
+    const index_t lead = nd >= 3 ? a.shape(0) : 1;
+    bool ok = a.shape(nd - 2) == T && a.shape(nd - 1) == S;
+    if (nd == 3) ok = ok && (lead == B || lead == B * H);
+    if (nd == 4) ok = ok && (lead == B || lead == 1) && (a.shape(1) == H || a.shape(1) == 1);
     if (!ok) {
       std::ostringstream os;
-      os << "attn_mask must have shape (" << T << ", " << S << "), (" << B << ", " << T << ", " << S << ") or ("
-         << B * H << ", " << T << ", " << S << "), got " << shape_of(a);
+      os << "attn_mask must have shape (" << T << ", " << S << "), (" << B << ", " << T << ", " << S << "), ("
+         << B * H << ", " << T << ", " << S << ") or (" << B << " or 1, " << H << " or 1, " << T << ", " << S
+         << "), got " << shape_of(a);
       value_error(os.str());
     }
     m.mask.additive = a.data();
     m.mask.add_st = S;
-    if (a.ndim() == 3 && lead == B * H && H > 1) {
+    if (nd == 4) {
+      m.mask.add_sh = a.shape(1) == H && H > 1 ? T * S : 0;
+      m.mask.add_sb = lead == B && B > 1 ? a.shape(1) * T * S : 0;
+    } else if (nd == 3 && lead == B * H && H > 1) {
       m.mask.add_sh = T * S;
       m.mask.add_sb = H * T * S;
-    } else if (a.ndim() == 3) {
+    } else if (nd == 3) {
       m.mask.add_sb = T * S;
     }
   }
@@ -798,24 +828,63 @@ MaskArgs mask_args(const py::object& attn_mask, const py::object& key_padding_ma
                   shape_of(kp));
     m.mask.key_padding = m.padding_arr.data();
   }
+  if (pos.window < 0) value_error("window must be >= 0 (0 = no sliding window), got " + std::to_string(pos.window));
+  m.mask.window = pos.window;
+  if (!pos.query_offset.is_none()) {
+    m.offset_arr = batch_vector(pos.query_offset, "query_offset", B, 0, std::numeric_limits<index_t>::max() - T);
+    m.mask.query_offset = m.offset_arr.data();
+  }
+  if (!pos.key_length.is_none()) {
+    m.length_arr = batch_vector(pos.key_length, "key_length", B, 0, S);
+    m.mask.key_length = m.length_arr.data();
+  }
+  if (!pos.alibi_slopes.is_none()) {
+    m.slopes_arr = f32(pos.alibi_slopes, "alibi_slopes", 1, 1);
+    if (m.slopes_arr.shape(0) != H)
+      value_error("alibi_slopes must have shape (" + std::to_string(H) + ",), got " + shape_of(m.slopes_arr));
+    for (index_t h = 0; h < H; ++h)
+      if (!std::isfinite(m.slopes_arr.data()[h])) value_error("alibi_slopes must be finite");
+    m.mask.alibi_slopes = m.slopes_arr.data();
+  }
   return m;
 }
 
+// The mask and position arrays, for the aliasing check of the ops that write.
+std::vector<Arg> mask_inputs(const MaskArgs& m) {
+  std::vector<Arg> v;
+  if (m.mask.additive) v.push_back({&m.additive_arr, "attn_mask"});
+  if (m.mask.key_padding) v.push_back({&m.padding_arr, "key_padding_mask"});
+  if (m.mask.query_offset) v.push_back({&m.offset_arr, "query_offset"});
+  if (m.mask.key_length) v.push_back({&m.length_arr, "key_length"});
+  if (m.mask.alibi_slopes) v.push_back({&m.slopes_arr, "alibi_slopes"});
+  return v;
+}
+
+// q (B, T, H*D); k and v (B, S, KVH*D): KVH = num_kv_heads (0: num_heads) key/value heads, each read by
+// num_heads / KVH query heads (grouped-query attention).
 AttentionConfig attention_config(const HeadArg& q, const HeadArg& k, const HeadArg& v, index_t num_heads,
-                                 float scale, float dropout_p, std::uint64_t seed) {
+                                 float scale, float dropout_p, std::uint64_t seed, index_t num_kv_heads = 0) {
   if (num_heads < 1) value_error("num_heads must be >= 1");
   if (q.E % num_heads) value_error("embed size " + std::to_string(q.E) + " is not divisible by num_heads " +
                                    std::to_string(num_heads));
-  if (k.B != q.B || v.B != q.B || k.E != q.E || v.E != q.E || v.T != k.T) {
+  if (num_kv_heads < 0) value_error("num_kv_heads must be >= 1");
+  const index_t kvh = num_kv_heads == 0 ? num_heads : num_kv_heads;
+  if (num_heads % kvh)
+    value_error("num_kv_heads " + std::to_string(kvh) + " must divide num_heads " + std::to_string(num_heads));
+  const index_t D = q.E / num_heads, kv_e = kvh * D;
+  if (k.B != q.B || v.B != q.B || k.E != kv_e || v.E != kv_e || v.T != k.T) {
     std::ostringstream os;
     os << "attention: q (B, T, E) = (" << q.B << ", " << q.T << ", " << q.E << "), k and v must be (" << q.B
-       << ", S, " << q.E << ") with the same S; got k (" << k.B << ", " << k.T << ", " << k.E << "), v (" << v.B
-       << ", " << v.T << ", " << v.E << ")";
+       << ", S, " << kv_e << ") with the same S";
+    if (kvh != num_heads) os << " (num_kv_heads " << kvh << " x head size " << D << ")";
+    os << "; got k (" << k.B << ", " << k.T << ", " << k.E << "), v (" << v.B << ", " << v.T << ", " << v.E << ")";
     value_error(os.str());
   }
   if (!(dropout_p >= 0.0f && dropout_p < 1.0f)) value_error("dropout_p must be in [0, 1)");
   if (!std::isfinite(scale)) value_error("scale must be finite");
-  return AttentionConfig{q.B, num_heads, q.T, k.T, q.E / num_heads, scale, dropout_p, seed};
+  AttentionConfig c{q.B, num_heads, q.T, k.T, D, scale, dropout_p, seed};
+  c.KVH = kvh;
+  return c;
 }
 
 ConstHeadTensor as_const(const HeadArg& a) { return {a.data, a.sb, a.st}; }
@@ -823,11 +892,14 @@ HeadTensor as_mut(const HeadArg& a) { return {a.data, a.sb, a.st}; }
 
 py::tuple attention_fwd(const py::object& q_obj, const py::object& k_obj, const py::object& v_obj,
                         index_t num_heads, const py::object& attn_mask, const py::object& key_padding_mask,
-                        bool is_causal, float scale, float dropout_p, std::uint64_t seed, bool need_lse) {
+                        bool is_causal, float scale, float dropout_p, std::uint64_t seed, bool need_lse,
+                        index_t num_kv_heads, index_t window, const py::object& query_offset,
+                        const py::object& key_length, const py::object& alibi_slopes) {
   const HeadArg q = head_arg(q_obj, "query", false), k = head_arg(k_obj, "key", false),
                 v = head_arg(v_obj, "value", false);
-  const AttentionConfig cfg = attention_config(q, k, v, num_heads, scale, dropout_p, seed);
-  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
+  const AttentionConfig cfg = attention_config(q, k, v, num_heads, scale, dropout_p, seed, num_kv_heads);
+  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S,
+                               {window, query_offset, key_length, alibi_slopes});
   F32 out({q.B, q.T, q.E});
   py::object lse_obj = py::none();
   float* lse = nullptr;
@@ -848,12 +920,14 @@ void attention_bwd(const py::object& dout_obj, const py::object& q_obj, const py
                    const py::object& v_obj, const py::object& out_obj, const py::object& lse_obj,
                    const py::object& dq_obj, const py::object& dk_obj, const py::object& dv_obj, index_t num_heads,
                    const py::object& attn_mask, const py::object& key_padding_mask, bool is_causal, float scale,
-                   float dropout_p, std::uint64_t seed) {
+                   float dropout_p, std::uint64_t seed, index_t num_kv_heads, index_t window,
+                   const py::object& query_offset, const py::object& key_length, const py::object& alibi_slopes,
+                   const py::object& grad_attn_mask) {
   const HeadArg q = head_arg(q_obj, "query", false), k = head_arg(k_obj, "key", false),
                 v = head_arg(v_obj, "value", false), out = head_arg(out_obj, "output", false),
                 dout = head_arg(dout_obj, "grad_output", false), dq = head_arg(dq_obj, "grad_query", true),
                 dk = head_arg(dk_obj, "grad_key", true), dv = head_arg(dv_obj, "grad_value", true);
-  const AttentionConfig cfg = attention_config(q, k, v, num_heads, scale, dropout_p, seed);
+  const AttentionConfig cfg = attention_config(q, k, v, num_heads, scale, dropout_p, seed, num_kv_heads);
   const auto same = [](const HeadArg& a, const HeadArg& b) { return a.B == b.B && a.T == b.T && a.E == b.E; };
   if (!same(out, q) || !same(dout, q) || !same(dq, q) || !same(dk, k) || !same(dv, v))
     value_error("attention_backward: output, grad_output and grad_query must match query's shape, grad_key and "
@@ -862,22 +936,39 @@ void attention_bwd(const py::object& dout_obj, const py::object& q_obj, const py
   if (lse.shape(0) != cfg.B || lse.shape(1) != cfg.H || lse.shape(2) != cfg.T)
     value_error("lse must have shape (B, num_heads, T) = (" + std::to_string(cfg.B) + ", " + std::to_string(cfg.H) +
                 ", " + std::to_string(cfg.T) + "), got " + shape_of(lse));
-  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
-  const py::array* additive = attn_mask.is_none() ? nullptr : &m.additive_arr;
-  const py::array* padding = key_padding_mask.is_none() ? nullptr : &m.padding_arr;
-  check_disjoint({{&dq.arr, "grad_query"}, {&dk.arr, "grad_key"}, {&dv.arr, "grad_value"}},
+  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S,
+                               {window, query_offset, key_length, alibi_slopes});
+  std::optional<F32> dmask;
+  if (!grad_attn_mask.is_none()) {
+    if (!m.mask.additive) value_error("grad_attn_mask needs attn_mask (it is the gradient with respect to it)");
+    dmask = f32(grad_attn_mask, "grad_attn_mask", 1, 64, true);
+    same_shape(*dmask, "grad_attn_mask", m.additive_arr, "attn_mask");
+  }
+  const std::vector<Arg> masks = mask_inputs(m);
+  for (const Arg& out_arg : {Arg{&dq.arr, "grad_query"}, Arg{&dk.arr, "grad_key"}, Arg{&dv.arr, "grad_value"},
+                             Arg{opt_arg(dmask), "grad_attn_mask"}})
+    for (const Arg& in : masks)
+      if (out_arg.array && shares_memory(*out_arg.array, *in.array))
+        value_error(std::string(out_arg.name) + " must not share memory with " + in.name + " (it is written while " +
+                    in.name + " is read)");
+  check_disjoint({{&dq.arr, "grad_query"}, {&dk.arr, "grad_key"}, {&dv.arr, "grad_value"},
+                  {opt_arg(dmask), "grad_attn_mask"}},
                  {{&dout.arr, "grad_output"}, {&q.arr, "query"}, {&k.arr, "key"}, {&v.arr, "value"},
-                  {&out.arr, "output"}, {&lse, "lse"}, {additive, "attn_mask"}, {padding, "key_padding_mask"}});
+                  {&out.arr, "output"}, {&lse, "lse"}});
+  float* pdmask = dmask ? dmask->mutable_data() : nullptr;
   py::gil_scoped_release nogil;
   attention_backward(as_mut(dq), as_mut(dk), as_mut(dv), as_const(dout), as_const(q), as_const(k), as_const(v),
-                     as_const(out), lse.data(), m.mask, cfg);
+                     as_const(out), lse.data(), m.mask, cfg, pdmask);
 }
 
 F32 attention_probs(const py::object& q_obj, const py::object& k_obj, index_t num_heads,
-                    const py::object& attn_mask, const py::object& key_padding_mask, bool is_causal, float scale) {
+                    const py::object& attn_mask, const py::object& key_padding_mask, bool is_causal, float scale,
+                    index_t num_kv_heads, index_t window, const py::object& query_offset,
+                    const py::object& key_length, const py::object& alibi_slopes) {
   const HeadArg q = head_arg(q_obj, "query", false), k = head_arg(k_obj, "key", false);
-  const AttentionConfig cfg = attention_config(q, k, k, num_heads, scale, 0.0f, 0);
-  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S);
+  const AttentionConfig cfg = attention_config(q, k, k, num_heads, scale, 0.0f, 0, num_kv_heads);
+  const MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, cfg.B, cfg.H, cfg.T, cfg.S,
+                               {window, query_offset, key_length, alibi_slopes});
   F32 w({cfg.B, cfg.H, cfg.T, cfg.S});
   float* pw = w.mutable_data();
   {
@@ -1796,15 +1887,22 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention", &attention_fwd, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("num_heads"),
         py::arg("attn_mask") = py::none(), py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false,
         py::arg("scale"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("need_lse") = false,
-        "Fused attention: returns (output (B, T, E), lse (B, H, T) or None).");
+        py::arg("num_kv_heads") = 0, py::arg("window") = 0, py::arg("query_offset") = py::none(),
+        py::arg("key_length") = py::none(), py::arg("alibi_slopes") = py::none(),
+        "Fused attention: returns (output (B, T, E), lse (B, H, T) or None). num_kv_heads 0 = num_heads.");
   m.def("attention_backward", &attention_bwd, py::arg("grad_output"), py::arg("query"), py::arg("key"),
         py::arg("value"), py::arg("output"), py::arg("lse"), py::arg("grad_query"), py::arg("grad_key"),
         py::arg("grad_value"), py::arg("num_heads"), py::arg("attn_mask") = py::none(),
         py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false, py::arg("scale"),
-        py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, "Writes the gradients into grad_query/key/value.");
+        py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("num_kv_heads") = 0, py::arg("window") = 0,
+        py::arg("query_offset") = py::none(), py::arg("key_length") = py::none(),
+        py::arg("alibi_slopes") = py::none(), py::arg("grad_attn_mask") = py::none(),
+        "Writes the gradients into grad_query/key/value; accumulates the attn_mask gradient into grad_attn_mask.");
   m.def("attention_weights", &attention_probs, py::arg("query"), py::arg("key"), py::arg("num_heads"),
         py::arg("attn_mask") = py::none(), py::arg("key_padding_mask") = py::none(), py::arg("is_causal") = false,
-        py::arg("scale"), "Attention probabilities (B, H, T, S).");
+        py::arg("scale"), py::arg("num_kv_heads") = 0, py::arg("window") = 0, py::arg("query_offset") = py::none(),
+        py::arg("key_length") = py::none(), py::arg("alibi_slopes") = py::none(),
+        "Attention probabilities (B, H, T, S).");
   py::class_<Int8Weight, std::shared_ptr<Int8Weight>>(m, "Int8Weight",
                                                        "A Linear weight quantized to int8 per output channel.")
       .def_readonly("out_features", &Int8Weight::n)

@@ -148,6 +148,130 @@ void test_errors() {
   check(threw, "set_num_threads(0) throws");
 }
 
+// Attention variants against a double-precision reference that materialises the scores: grouped-query heads, a
+// causal sliding window, query offsets and key lengths per batch row (one row with no keys at all), ALiBi, and a
+// (T, S) additive mask broadcast over batch and heads together with its gradient; then 1 vs 2 threads bitwise, and
+// the argument checks.
+void test_attention_variants(std::mt19937& gen) {
+  using cpuformer::index_t;
+  const index_t B = 3, H = 4, KVH = 2, T = 70, S = 300, D = 5, G = H / KVH, window = 40;
+  const float scale = 1.0f / std::sqrt(float(D));
+  auto q = random_vec(gen, size_t(B * T * H * D)), k = random_vec(gen, size_t(B * S * KVH * D)),
+       v = random_vec(gen, size_t(B * S * KVH * D)), add = random_vec(gen, size_t(T * S)),
+       dout = random_vec(gen, size_t(B * T * H * D));
+  std::vector<float> slopes(H);
+  for (index_t h = 0; h < H; ++h) slopes[h] = std::pow(2.0f, -8.0f * float(h + 1) / float(H));
+  const std::vector<std::int64_t> offset = {0, 230, 10}, length = {70, 300, 0};
+  cpuformer::AttentionMask mask;
+  mask.additive = add.data();
+  mask.add_st = S;  // (T, S): add_sb = add_sh = 0
+  mask.causal = true;
+  mask.window = window;
+  mask.query_offset = offset.data();
+  mask.key_length = length.data();
+  mask.alibi_slopes = slopes.data();
+  cpuformer::AttentionConfig cfg{B, H, T, S, D, scale};
+  cfg.KVH = KVH;
+  const auto qi = [&](index_t b, index_t t, index_t h) { return size_t(((b * T + t) * H + h) * D); };
+  const auto ki = [&](index_t b, index_t s, index_t g) { return size_t(((b * S + s) * KVH + g) * D); };
+
+  // Reference: probabilities, output, lse and all gradients in double.
+  std::vector<double> ro(q.size()), rdq(q.size()), rdk(k.size()), rdv(v.size()), rdadd(add.size()),
+      rlse(size_t(B * H * T));
+  std::vector<double> p(static_cast<size_t>(S)), dp(static_cast<size_t>(S));
+  for (index_t b = 0; b < B; ++b)
+    for (index_t h = 0; h < H; ++h)
+      for (index_t t = 0; t < T; ++t) {
+        const index_t g = h / G, pos = offset[b] + t;
+        double mx = -INFINITY;
+        for (index_t s = 0; s < S; ++s) {
+          const bool visible = s < length[b] && s <= pos && s > pos - window;
+          double acc = 0;
+          for (index_t d = 0; d < D; ++d) acc += double(q[qi(b, t, h) + d]) * k[ki(b, s, g) + d];
+          p[s] = visible ? acc * scale + add[t * S + s] + double(slopes[h]) * double(s - pos) : -INFINITY;
+          mx = std::max(mx, p[s]);
+        }
+        double z = 0;
+        for (index_t s = 0; s < S; ++s) z += p[s] = mx == -INFINITY ? 0.0 : std::exp(p[s] - mx);
+        rlse[(b * H + h) * T + t] = z > 0 ? mx + std::log(z) : -INFINITY;
+        double dsum = 0;
+        for (index_t s = 0; s < S; ++s) {
+          p[s] = z > 0 ? p[s] / z : 0.0;
+          double acc = 0;
+          for (index_t d = 0; d < D; ++d) {
+            ro[qi(b, t, h) + d] += p[s] * v[ki(b, s, g) + d];
+            acc += double(dout[qi(b, t, h) + d]) * v[ki(b, s, g) + d];
+          }
+          dp[s] = acc;
+          dsum += p[s] * acc;
+        }
+        for (index_t s = 0; s < S; ++s) {
+          const double ds = p[s] * (dp[s] - dsum);
+          rdadd[t * S + s] += ds;
+          for (index_t d = 0; d < D; ++d) {
+            rdq[qi(b, t, h) + d] += ds * scale * k[ki(b, s, g) + d];
+            rdk[ki(b, s, g) + d] += ds * scale * q[qi(b, t, h) + d];
+            rdv[ki(b, s, g) + d] += p[s] * dout[qi(b, t, h) + d];
+          }
+        }
+      }
+  const auto rel = [](const std::vector<float>& a, const std::vector<double>& r) {
+    double err = 0, mag = 1e-30;
+    for (size_t i = 0; i < a.size(); ++i) {
+      if (std::isinf(r[i]) || std::isinf(a[i])) {
+        if (a[i] != r[i]) return 1e30;
+        continue;
+      }
+      err = std::max(err, std::fabs(a[i] - r[i]));
+      mag = std::max(mag, std::fabs(r[i]));
+    }
+    return err / mag;
+  };
+  std::vector<std::vector<float>> first;
+  for (int threads : {1, 2}) {
+    cpuformer::set_num_threads(threads);
+    std::vector<float> out(q.size()), lse(rlse.size()), dq(q.size()), dk(k.size()), dv(v.size()), dadd(add.size());
+    const cpuformer::ConstHeadTensor cq{q.data(), T * H * D, H * D}, ck{k.data(), S * KVH * D, KVH * D},
+        cv{v.data(), S * KVH * D, KVH * D}, cdo{dout.data(), T * H * D, H * D}, co{out.data(), T * H * D, H * D};
+    cpuformer::attention_forward({out.data(), T * H * D, H * D}, lse.data(), cq, ck, cv, mask, cfg);
+    cpuformer::attention_backward({dq.data(), T * H * D, H * D}, {dk.data(), S * KVH * D, KVH * D},
+                                  {dv.data(), S * KVH * D, KVH * D}, cdo, cq, ck, cv, co, lse.data(), mask, cfg,
+                                  dadd.data());
+    const std::string tag = " (threads " + std::to_string(threads) + ")";
+    check(rel(out, ro) < 1e-5, "attention variants: output" + tag);
+    check(rel(lse, rlse) < 1e-5, "attention variants: lse, -inf for the batch row without keys" + tag);
+    check(rel(dq, rdq) < 1e-4 && rel(dk, rdk) < 1e-4 && rel(dv, rdv) < 1e-4, "attention variants: dq, dk, dv" + tag);
+    check(rel(dadd, rdadd) < 1e-4, "attention variants: gradient of a broadcast additive mask" + tag);
+    std::vector<std::vector<float>> all = {out, lse, dq, dk, dv, dadd};
+    if (first.empty()) first = all;
+    else check(all == first, "attention variants: 1 and 2 threads give identical results");
+  }
+  // Argument checks: std::invalid_argument before anything is written.
+  const auto throws = [&](cpuformer::AttentionMask m, cpuformer::AttentionConfig c) {
+    std::vector<float> out(q.size(), -7.0f);
+    try {
+      cpuformer::attention_forward({out.data(), T * H * D, H * D}, nullptr, {q.data(), T * H * D, H * D},
+                                   {k.data(), S * KVH * D, KVH * D}, {v.data(), S * KVH * D, KVH * D}, m, c);
+    } catch (const std::invalid_argument&) {
+      return out[0] == -7.0f;
+    }
+    return false;
+  };
+  cpuformer::AttentionConfig bad = cfg;
+  bad.KVH = 3;
+  check(throws(mask, bad), "attention: H % KVH != 0 throws");
+  cpuformer::AttentionMask m2 = mask;
+  m2.window = -1;
+  check(throws(m2, cfg), "attention: window < 0 throws");
+  const std::vector<std::int64_t> too_long = {70, 301, 0}, negative = {0, -1, 0};
+  m2 = mask;
+  m2.key_length = too_long.data();
+  check(throws(m2, cfg), "attention: key_length > S throws");
+  m2 = mask;
+  m2.query_offset = negative.data();
+  check(throws(m2, cfg), "attention: negative query_offset throws");
+}
+
 // A valid safetensors file, then thousands of mutated copies (flipped bytes, truncations): the reader must return
 // an error or a consistent result, never crash or read out of bounds (this program runs under ASan in CI).
 void test_safetensors_fuzz(std::mt19937& gen) {
@@ -492,6 +616,162 @@ void test_prepared_weights(std::mt19937& gen) {
   }
 }
 
+// Rotary embeddings (strided rows, both layouts, partial rotary_dim), ALiBi slopes, T5 buckets and bias, RMSNorm,
+// SiLU and gated units against double-precision references.
+void test_positions_norms(std::mt19937& gen) {
+  using namespace cpuformer;
+  {  // rotary on a fused (B, T, 3 * heads * D) buffer: only the first third's heads turn, by the right angle
+    const index_t B = 2, T = 5, H = 3, D = 8, st = 3 * H * D;
+    for (int interleaved = 0; interleaved < 2; ++interleaved)
+      for (index_t rd : {index_t(0), index_t(4)}) {
+        RotaryConfig cfg;
+        cfg.head_dim = D;
+        cfg.rotary_dim = rd;
+        cfg.theta = 500000.0;
+        cfg.layout = interleaved ? RotaryLayout::kInterleaved : RotaryLayout::kHalf;
+        const index_t R = rd ? rd : D, half = R / 2;
+        auto x = random_vec(gen, size_t(B * T * st));
+        auto y = x;
+        const std::int64_t offset[2] = {3, 1000};
+        rotary_forward(HeadTensor{y.data(), T * st, st}, B, T, H, nullptr, offset, cfg);
+        const std::vector<float> inv = rotary_inv_freq(cfg);
+        double err = 0;
+        bool rest_same = true;
+        for (index_t b = 0; b < B; ++b)
+          for (index_t t = 0; t < T; ++t)
+            for (index_t j = 0; j < st; ++j) {
+              const index_t at = b * T * st + t * st + j, h = j / D, d = j % D;
+              if (h >= H || d >= R) {
+                rest_same = rest_same && x[at] == y[at];
+                continue;
+              }
+              const index_t i = interleaved ? d / 2 : d % half;
+              const bool first = interleaved ? d % 2 == 0 : d < half;
+              const index_t partner = interleaved ? (first ? d + 1 : d - 1) : (first ? d + half : d - half);
+              const double a = double(float(offset[b] + t) * inv[i]);
+              const double xp = x[at - d + partner];
+              const double ref = first ? x[at] * std::cos(a) - xp * std::sin(a) : x[at] * std::cos(a) + xp * std::sin(a);
+              err = std::max(err, std::fabs(ref - y[at]));
+            }
+        check(err < 1e-5 && rest_same, "rotary_forward strided, interleaved=" + std::to_string(interleaved) +
+                                           " rotary_dim=" + std::to_string(rd));
+        rotary_backward(HeadTensor{y.data(), T * st, st}, B, T, H, nullptr, offset, cfg);
+        check(max_rel_err(y, x) < 1e-5, "rotary_backward inverts rotary_forward");
+      }
+    RotaryConfig bad;
+    bad.head_dim = 8;
+    bad.rotary_dim = 3;
+    bool threw = false;
+    try {
+      rotary_inv_freq(bad);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    check(threw, "rotary: odd rotary_dim rejected");
+    RotaryConfig l3;
+    l3.head_dim = 16;
+    l3.llama3_factor = 8.0;
+    l3.original_max_position = 64;
+    const auto base = rotary_inv_freq(RotaryConfig{16}), scaled = rotary_inv_freq(l3);
+    // wavelength 2 pi / inv < 16 kept, > 64 divided by 8, between interpolated
+    bool ok = true;
+    for (size_t i = 0; i < base.size(); ++i) {
+      const double wl = 2 * M_PI / base[i];
+      if (wl < 16) ok = ok && scaled[i] == base[i];
+      else if (wl > 64) ok = ok && std::fabs(scaled[i] - base[i] / 8) <= 1e-7 * base[i];
+      else ok = ok && scaled[i] < base[i] && scaled[i] > base[i] / 8;
+    }
+    check(ok, "rotary llama3 scaling regions");
+  }
+  {  // ALiBi
+    const auto s8 = alibi_slopes(8), s12 = alibi_slopes(12);
+    bool ok = s12.size() == 12;
+    for (int k = 0; k < 8; ++k) ok = ok && s8[k] == std::ldexp(1.0f, -(k + 1)) && s12[k] == s8[k];
+    for (int k = 0; k < 4; ++k) ok = ok && std::fabs(s12[8 + k] - std::pow(2.0, -0.5 * (2 * k + 1))) < 1e-7;
+    check(ok, "alibi_slopes 8 and 12 heads");
+  }
+  {  // T5 buckets: values of transformers' T5Attention._relative_position_bucket
+    RelativeBiasConfig enc{8, 20, true}, dec{32, 128, false}, t5{32, 128, true};
+    const index_t want_enc[10] = {2, 2, 2, 2, 1, 0, 5, 6, 6, 6};  // relative positions -5..4
+    bool ok = true;
+    for (int i = 0; i < 10; ++i) ok = ok && relative_position_bucket(i - 5, enc) == want_enc[i];
+    ok = ok && relative_position_bucket(0, t5) == 0 && relative_position_bucket(1, t5) == 17 &&
+         relative_position_bucket(-1, t5) == 1 && relative_position_bucket(-8, t5) == 8 &&
+         relative_position_bucket(200, t5) == 31 && relative_position_bucket(INT64_MIN, t5) == 15 &&
+         relative_position_bucket(5, dec) == 0 && relative_position_bucket(-5, dec) == 5 &&
+         relative_position_bucket(-200, dec) == 31 && relative_position_bucket(-16, dec) == 16;
+    check(ok, "relative_position_bucket T5 values");
+    const index_t H = 3, T = 4, S = 6, nb = 32;
+    auto table = random_vec(gen, size_t(nb * H)), dbias = random_vec(gen, size_t(H * T * S));
+    std::vector<float> bias(size_t(H * T * S)), dtable(size_t(nb * H), 0.0f);
+    relative_bias_forward(bias.data(), table.data(), H, T, S, 2, dec);
+    relative_bias_backward(dtable.data(), dbias.data(), H, T, S, 2, dec);
+    bool fwd = true;
+    std::vector<double> ref(size_t(nb * H), 0.0);
+    for (index_t h = 0; h < H; ++h)
+      for (index_t t = 0; t < T; ++t)
+        for (index_t s = 0; s < S; ++s) {
+          const index_t bk = relative_position_bucket(s - (2 + t), dec);
+          fwd = fwd && bias[(h * T + t) * S + s] == table[bk * H + h];
+          ref[bk * H + h] += dbias[(h * T + t) * S + s];
+        }
+    double err = 0;
+    for (size_t i = 0; i < ref.size(); ++i) err = std::max(err, std::fabs(ref[i] - dtable[i]));
+    check(fwd && err < 1e-5, "relative_bias_forward/backward");
+  }
+  {  // RMSNorm (plain and 1 + w), against double references of y, dx, dw
+    const index_t rows = 7, C = 37;
+    auto x = random_vec(gen, size_t(rows * C)), w = random_vec(gen, size_t(C)), dy = random_vec(gen, size_t(rows * C));
+    for (int one_plus = 0; one_plus < 2; ++one_plus) {
+      std::vector<float> y(x.size()), rstd(rows), dx(x.size(), 1.0f), dw(size_t(C), 0.5f);
+      rmsnorm_forward(y.data(), rstd.data(), x.data(), w.data(), rows, C, 1e-6f, one_plus);
+      rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), rows, C, one_plus, true);
+      std::vector<float> ry(x.size()), rdx(x.size()), rdw(size_t(C), 0.5f);
+      std::vector<double> accw(size_t(C), 0.0);
+      for (index_t r = 0; r < rows; ++r) {
+        double ss = 0, gx = 0;
+        for (index_t j = 0; j < C; ++j) ss += double(x[r * C + j]) * x[r * C + j];
+        const double rs = 1 / std::sqrt(ss / C + 1e-6);
+        for (index_t j = 0; j < C; ++j) {
+          const double we = one_plus ? 1.0 + w[j] : w[j];
+          ry[r * C + j] = float(x[r * C + j] * rs * we);
+          gx += dy[r * C + j] * we * x[r * C + j] * rs;
+          accw[j] += dy[r * C + j] * x[r * C + j] * rs;
+        }
+        for (index_t j = 0; j < C; ++j) {
+          const double we = one_plus ? 1.0 + w[j] : w[j];
+          rdx[r * C + j] = float(1.0 + rs * (dy[r * C + j] * we - x[r * C + j] * rs * gx / C));  // accumulated onto 1
+        }
+      }
+      for (index_t j = 0; j < C; ++j) rdw[j] = float(0.5 + accw[j]);
+      check(max_rel_err(y, ry) < 1e-5 && max_rel_err(dx, rdx) < 1e-5 && max_rel_err(dw, rdw) < 1e-5,
+            "rmsnorm forward/backward one_plus=" + std::to_string(one_plus));
+    }
+  }
+  {  // SiLU and SwiGLU on strided rows
+    const index_t rows = 5, cols = 19, ld = 2 * cols;
+    auto gu = random_vec(gen, size_t(rows * ld), 3.0f), dout = random_vec(gen, size_t(rows * cols));
+    std::vector<float> out(size_t(rows * cols)), dg(size_t(rows * ld)), act(size_t(rows * cols));
+    gated_forward(out.data(), cols, gu.data(), ld, gu.data() + cols, ld, rows, cols, Activation::kSilu);
+    gated_backward(dg.data(), ld, dg.data() + cols, ld, dout.data(), cols, gu.data(), ld, gu.data() + cols, ld, rows,
+                   cols, Activation::kSilu);
+    std::vector<float> ro(out.size()), rdg(dg.size());
+    for (index_t r = 0; r < rows; ++r)
+      for (index_t c = 0; c < cols; ++c) {
+        const double g = gu[r * ld + c], u = gu[r * ld + cols + c], s = 1 / (1 + std::exp(-g)), d = dout[r * cols + c];
+        ro[r * cols + c] = float(g * s * u);
+        rdg[r * ld + c] = float(d * u * s * (1 + g * (1 - s)));
+        rdg[r * ld + cols + c] = float(d * g * s);
+      }
+    check(max_rel_err(out, ro) < 1e-5 && max_rel_err(dg, rdg) < 1e-5, "gated silu strided");
+    std::vector<float> big = {-1e4f, -100.0f, -88.5f, 0.0f, 88.5f, 1e4f};
+    activation_forward(act.data(), big.data(), nullptr, 1, index_t(big.size()), Activation::kSilu);
+    check(std::fabs(act[0]) < 1e-30f && std::fabs(act[1]) < 1e-30f && act[3] == 0.0f && act[4] == 88.5f &&
+              act[5] == 1e4f,
+          "silu saturates without NaN");
+  }
+}
+
 int main() {
   std::mt19937 gen(1234);
   std::vector<std::string> paths = {"scalar"};
@@ -503,9 +783,11 @@ int main() {
       test_sgemm(gen);
       test_softmax_layernorm_ce(gen);
       test_prepared_weights(gen);
+      test_positions_norms(gen);
     }
   }
   test_errors();
+  test_attention_variants(gen);
   test_safetensors_fuzz(gen);
   test_model_generate();
   test_model_encoders();

@@ -554,8 +554,9 @@ def _check_additive(mask: np.ndarray, name: str) -> None:
 
 def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt_len: int, src_len: int):
     """Normalise PyTorch-style masks for the kernels: returns ``(additive float32 mask or None, uint8 key padding
-    or None)``. ``attn_mask``: boolean (True = not allowed) or additive float, shape (T, S), (B, T, S) or
-    (B*num_heads, T, S). ``key_padding_mask``: (B, S), boolean/integer (True = padding) or additive float."""
+    or None)``. ``attn_mask``: boolean (True = not allowed) or additive float, shape (T, S), (B, T, S),
+    (B*num_heads, T, S) or (B or 1, num_heads or 1, T, S). ``key_padding_mask``: (B, S), boolean/integer
+    (True = padding) or additive float."""
     additive = None
     if attn_mask is not None:
         m = np.asarray(attn_mask)
@@ -578,6 +579,8 @@ def attention_masks(attn_mask, key_padding_mask, batch: int, num_heads: int, tgt
             extra = np.broadcast_to(kp.astype(np.float32)[:, None, :], (batch, tgt_len, src_len))
             if additive is None:
                 additive = np.ascontiguousarray(extra)
+            elif additive.ndim == 4:  # (B or 1, H or 1, T, S) + per-key values: (B, H or 1, T, S)
+                additive = np.ascontiguousarray(additive + extra[:, None], dtype=np.float32)
             elif additive.ndim == 3 and additive.shape[0] == batch * num_heads and num_heads > 1:
                 additive = (additive.reshape(batch, num_heads, tgt_len, src_len) + extra[:, None]).reshape(
                     batch * num_heads, tgt_len, src_len)
@@ -600,17 +603,57 @@ def _scale(scale, embed: int, num_heads: int) -> float:
     return 1.0 / math.sqrt(embed // num_heads) if scale is None else _finite_scalar(scale, "scale")
 
 
+def _kv_heads(num_kv_heads, num_heads: int) -> int:
+    if num_kv_heads is None:
+        return num_heads
+    num_kv_heads = _int_arg(num_kv_heads, "num_kv_heads", 1)
+    if num_heads % num_kv_heads:
+        raise ValueError(f"num_kv_heads {num_kv_heads} must divide num_heads {num_heads}")
+    return num_kv_heads
+
+
+def _positions(batch: int, num_heads: int, window, query_offset, key_length, alibi_slopes) -> dict:
+    """The positional keyword arguments of the _core attention functions: window (int >= 0), query_offset and
+    key_length (an int or a (B,) integer array, as int64 (B,)), alibi_slopes ((num_heads,) float32)."""
+    out = {"window": _int_arg(window, "window", 0)}
+    for name, value in (("query_offset", query_offset), ("key_length", key_length)):
+        if value is None:
+            continue
+        arr = _ids(value, name)
+        if arr.ndim == 0:
+            arr = np.full(batch, arr, np.int64)
+        if arr.shape != (batch,):
+            raise ValueError(f"{name} must be an int or have shape ({batch},), got {arr.shape}")
+        out[name] = arr
+    if alibi_slopes is not None:
+        slopes = _f32(alibi_slopes, "alibi_slopes")
+        if slopes.shape != (num_heads,):
+            raise ValueError(f"alibi_slopes must have shape ({num_heads},), got {slopes.shape}")
+        if not np.isfinite(slopes).all():
+            raise ValueError("alibi_slopes must be finite")
+        out["alibi_slopes"] = slopes
+    return out
+
+
+_ATTENTION_DOC = """
+    ``query`` (B, T, num_heads * head_dim), ``key`` and ``value`` (B, S, num_kv_heads * head_dim). Masks follow
+    PyTorch: ``attn_mask`` boolean (True = not allowed) or additive float, (T, S), (B, T, S), (B*num_heads, T, S) or
+    (B or 1, num_heads or 1, T, S); ``key_padding_mask`` (B, S), True = padding; ``is_causal`` lets query t see keys
+    s <= pos(t). ``num_kv_heads`` (grouped-query / multi-query attention): query head h reads key/value head
+    h // (num_heads // num_kv_heads); None = num_heads. ``window`` > 0: a sliding window, query at pos p sees keys
+    s > p - window (with ``is_causal``: p - window < s <= p). ``query_offset`` (int or (B,)): query t of batch b is
+    at position pos(t) = query_offset[b] + t (decoding over a cache; default t). ``key_length`` (int or (B,)): keys
+    s >= key_length[b] are invisible and never read. ``alibi_slopes`` (num_heads,): score += slope[h] * (s - pos(t)).
+    A query whose keys are all masked gets zeros."""
+
+
 def attention(query, key, value, num_heads: int = 1, *, attn_mask=None, key_padding_mask=None,
               is_causal: bool = False, scale: Optional[float] = None, dropout_p: float = 0.0, seed: int = 0,
-              need_lse: bool = False):
-    """Fused multi-head scaled dot-product attention, ``softmax(q k^T * scale + mask) v`` per head.
-
-    ``query`` (B, T, E), ``key`` and ``value`` (B, S, E), heads side by side along E (E = num_heads * head_dim);
-    ``scale`` defaults to 1/sqrt(head_dim). Masks follow PyTorch: ``attn_mask`` boolean (True = not allowed) or
-    additive float, (T, S), (B, T, S) or (B*num_heads, T, S); ``key_padding_mask`` (B, S), True = padding;
-    ``is_causal`` lets query t see keys s <= t. The (T, S) score matrix is never built. A query whose keys are
-    all masked gets zeros. Returns ``(output (B, T, E), lse (B, num_heads, T) or None)``; keep ``lse`` for
-    :func:`attention_backward`.
+              need_lse: bool = False, num_kv_heads: Optional[int] = None, window: int = 0, query_offset=None,
+              key_length=None, alibi_slopes=None):
+    """Fused multi-head scaled dot-product attention, ``softmax(q k^T * scale + mask) v`` per head; ``scale``
+    defaults to 1/sqrt(head_dim). The (T, S) score matrix is never built. Returns ``(output (B, T, E),
+    lse (B, num_heads, T) or None)``; keep ``lse`` for :func:`attention_backward`.
     """
     q, k, v = _rows_f32(query, "query"), _rows_f32(key, "key"), _rows_f32(value, "value")
     if q.ndim != 3:
@@ -618,17 +661,32 @@ def attention(query, key, value, num_heads: int = 1, *, attn_mask=None, key_padd
     if k.ndim != 3:
         raise ValueError(f"key must be 3-D (batch, length, embed), got shape {k.shape}")
     num_heads = _heads(num_heads, q.shape[2])
+    kvh = _kv_heads(num_kv_heads, num_heads)
+    pos = _positions(q.shape[0], num_heads, window, query_offset, key_length, alibi_slopes)
     additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], num_heads, q.shape[1], k.shape[1])
     return _core.attention(q, k, v, num_heads, additive, padding, bool(is_causal), _scale(scale, q.shape[2], num_heads),
-                           _check_p(dropout_p, "dropout_p"), _seed(seed), bool(need_lse))
+                           _check_p(dropout_p, "dropout_p"), _seed(seed), bool(need_lse), num_kv_heads=kvh, **pos)
+
+
+def _sum_to(x: np.ndarray, shape) -> np.ndarray:
+    """x summed over the axes that broadcasting ``shape`` up to x.shape added or stretched."""
+    lead = x.ndim - len(shape)
+    x = x.sum(axis=tuple(range(lead))) if lead else x
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+    return x.sum(axis=axes, keepdims=True) if axes else x
 
 
 def attention_backward(grad_output, query, key, value, output, lse, num_heads: int = 1, *, attn_mask=None,
                        key_padding_mask=None, is_causal: bool = False, scale: Optional[float] = None,
-                       dropout_p: float = 0.0, seed: int = 0, grad_query=None, grad_key=None, grad_value=None):
+                       dropout_p: float = 0.0, seed: int = 0, grad_query=None, grad_key=None, grad_value=None,
+                       num_kv_heads: Optional[int] = None, window: int = 0, query_offset=None, key_length=None,
+                       alibi_slopes=None, grad_attn_mask=None):
     """Gradients of :func:`attention` with respect to query, key and value, recomputed tile by tile from ``lse``.
     Pass ``grad_query``/``grad_key``/``grad_value`` (writable float32 arrays or views with a contiguous last axis)
-    to have them written in place, e.g. into the thirds of a fused (B, T, 3E) buffer. Returns ``(dq, dk, dv)``."""
+    to have them written in place, e.g. into the thirds of a fused (B, T, 3E) buffer. ``grad_attn_mask``: a
+    writable float32 C-contiguous array with ``attn_mask``'s shape into which the gradient with respect to the
+    (additive) ``attn_mask`` is ACCUMULATED (summed over the axes the mask broadcasts over; deterministic).
+    Returns ``(dq, dk, dv)``."""
     q, k, v = _rows_f32(query, "query"), _rows_f32(key, "key"), _rows_f32(value, "value")
     if q.ndim != 3 or k.ndim != 3:
         raise ValueError("query and key must be 3-D (batch, length, embed)")
@@ -636,23 +694,47 @@ def attention_backward(grad_output, query, key, value, output, lse, num_heads: i
     dk = np.empty(k.shape, np.float32) if grad_key is None else grad_key
     dv = np.empty(v.shape, np.float32) if grad_value is None else grad_value
     num_heads = _heads(num_heads, q.shape[2])
+    kvh = _kv_heads(num_kv_heads, num_heads)
+    pos = _positions(q.shape[0], num_heads, window, query_offset, key_length, alibi_slopes)
     additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], num_heads, q.shape[1], k.shape[1])
+    dmask, fold = grad_attn_mask, None
+    if grad_attn_mask is not None:
+        if attn_mask is None:
+            raise ValueError("grad_attn_mask needs attn_mask (it is the gradient with respect to it)")
+        if not isinstance(grad_attn_mask, np.ndarray):
+            raise TypeError(f"grad_attn_mask must be a numpy float32 array, got {type(grad_attn_mask).__name__}")
+        if grad_attn_mask.shape != np.shape(attn_mask):
+            raise ValueError(f"grad_attn_mask must have attn_mask's shape {np.shape(attn_mask)}, "
+                             f"got {grad_attn_mask.shape}")
+        if additive.shape != grad_attn_mask.shape:  # a float key_padding_mask was folded into the mask
+            dmask, fold = np.zeros(additive.shape, np.float32), grad_attn_mask
     _core.attention_backward(_rows_f32(grad_output, "grad_output"), q, k, v, _rows_f32(output, "output"),
                              _f32(lse, "lse"), dq, dk, dv, num_heads, additive, padding, bool(is_causal),
-                             _scale(scale, q.shape[2], num_heads), _check_p(dropout_p, "dropout_p"), _seed(seed))
+                             _scale(scale, q.shape[2], num_heads), _check_p(dropout_p, "dropout_p"), _seed(seed),
+                             num_kv_heads=kvh, grad_attn_mask=dmask, **pos)
+    if fold is not None:
+        fold += _sum_to(dmask, fold.shape)
     return dq, dk, dv
 
 
 def attention_weights(query, key, num_heads: int = 1, *, attn_mask=None, key_padding_mask=None,
-                      is_causal: bool = False, scale: Optional[float] = None) -> np.ndarray:
+                      is_causal: bool = False, scale: Optional[float] = None, num_kv_heads: Optional[int] = None,
+                      window: int = 0, query_offset=None, key_length=None, alibi_slopes=None) -> np.ndarray:
     """The attention probabilities, (B, num_heads, T, S), for inspection and plots (this materialises them)."""
     q, k = _rows_f32(query, "query"), _rows_f32(key, "key")
     if q.ndim != 3 or k.ndim != 3:
         raise ValueError("query and key must be 3-D (batch, length, embed)")
     num_heads = _heads(num_heads, q.shape[2])
+    kvh = _kv_heads(num_kv_heads, num_heads)
+    pos = _positions(q.shape[0], num_heads, window, query_offset, key_length, alibi_slopes)
     additive, padding = attention_masks(attn_mask, key_padding_mask, q.shape[0], num_heads, q.shape[1], k.shape[1])
     return _core.attention_weights(q, k, num_heads, additive, padding, bool(is_causal),
-                                   _scale(scale, q.shape[2], num_heads))
+                                   _scale(scale, q.shape[2], num_heads), num_kv_heads=kvh, **pos)
+
+
+for _f in (attention, attention_backward, attention_weights):
+    _f.__doc__ += _ATTENTION_DOC
+del _f
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_layer_input_errors(rng):
     with pytest.raises(ValueError, match="src must be"):
         nn.TransformerEncoderLayer(8, 2, 16)(randn(rng, 3, 8))
     with pytest.raises(ValueError, match="activation must be"):
-        nn.TransformerEncoderLayer(8, 2, 16, activation="swish")
+        nn.TransformerEncoderLayer(8, 2, 16, activation="mish")
     with pytest.raises(NotImplementedError, match="batch_first=True"):
         nn.TransformerEncoderLayer(8, 2, 16, batch_first=False)
     with pytest.raises(IndexError, match="out of range"):

@@ -137,7 +137,7 @@ def test_activation_errors(rng):
     with pytest.raises(ValueError, match="approximate"):
         ops.gelu(x, approximate="fast")
     with pytest.raises(ValueError, match="activation must be"):
-        ops.bias_activation(x, randn(rng, 8), "swish")
+        ops.bias_activation(x, randn(rng, 8), "mish")  # ("swish" is SiLU's alias)
     with pytest.raises(ValueError, match=r"bias must have shape \(8,\)"):
         ops.bias_activation(x, randn(rng, 9))
     with pytest.raises(ValueError, match="same shape"):

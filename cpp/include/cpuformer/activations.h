@@ -21,8 +21,8 @@ void activation_backward(float* dinp, float* dbias, const float* dout, const flo
 // ldo. out may alias up.
 void gated_forward(float* out, index_t ldo, const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows,
                    index_t cols, Activation act);
-// dgate = dout * up * act'(gate), dup = dout * act(gate) (overwritten; dgate/dup may alias dout's storage only if
-// they are the same rows of a different buffer: never alias gate or up).
+// dgate = dout * up * act'(gate), dup = dout * act(gate) (overwritten). Each element's inputs are read before its
+// outputs are written, so dgate or dup may be dout itself (same strides); they must not overlap gate or up otherwise.
 void gated_backward(float* dgate, index_t lddg, float* dup, index_t lddu, const float* dout, index_t ldo,
                     const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows, index_t cols,
                     Activation act);

@@ -50,12 +50,16 @@ struct AttentionConfig {
   index_t KVH = 0;
 };
 
-// out (B, T, H*D) overwritten; lse (B, H, T) may be null (inference).
+// q (B, T, H*D), k and v (B, S, KVH*D) (the caller makes sure the strided views are that wide); out (B, T, H*D)
+// overwritten; lse (B, H, T) may be null (inference). Key tiles that no query of a tile can see (past the causal
+// limit or key_length, before the window) are skipped and their K/V rows never read.
 void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadTensor k, ConstHeadTensor v,
                        const AttentionMask& mask, const AttentionConfig& cfg);
 
-// dq, dk, dv overwritten; needs the forward's out and lse. dadditive (may be null): the gradient with respect to
-// mask.additive (a learned position bias), ACCUMULATED at the mask's own strides (summed over broadcast axes).
+// dq (B, T, H*D), dk and dv (B, S, KVH*D) overwritten; needs the forward's out and lse. dadditive (may be null;
+// needs mask.additive): the gradient with respect to mask.additive (a learned position bias), ACCUMULATED at the
+// mask's own strides (summed over broadcast axes, i.e. those with stride 0; the slices of distinct (b, h) must
+// either coincide or be disjoint). Results do not depend on the thread count.
 void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTensor dout, ConstHeadTensor q,
                         ConstHeadTensor k, ConstHeadTensor v, ConstHeadTensor out, const float* lse,
                         const AttentionMask& mask, const AttentionConfig& cfg, float* dadditive = nullptr);

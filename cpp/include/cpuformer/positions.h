@@ -21,7 +21,7 @@ struct RotaryConfig {
   index_t rotary_dim = 0;  // even, <= head_dim; 0 = head_dim (partial_rotary_factor * head_dim otherwise)
   RotaryLayout layout = RotaryLayout::kHalf;
   double theta = 10000.0;
-  double linear_factor = 1.0;  // rope_type "linear": positions divided by this
+  double linear_factor = 1.0;  // rope_type "linear": inv_freq divided by it in float32, as transformers does
   // rope_type "llama3" (Llama 3.1+) when llama3_factor > 0: long wavelengths divided by the factor, short kept,
   // those between interpolated smoothly.
   double llama3_factor = 0.0, low_freq_factor = 1.0, high_freq_factor = 4.0;
@@ -45,7 +45,9 @@ void rotary_backward(HeadTensor dx, index_t B, index_t T, index_t heads, const s
 std::vector<float> alibi_slopes(index_t num_heads);
 
 // T5's relative position bucket of (key position - query position), exactly as transformers'
-// T5Attention._relative_position_bucket (its float32 logarithm included).
+// T5Attention._relative_position_bucket (its float32 logarithm included). Needs num_buckets >= 4 (bidirectional) or
+// >= 2 (causal) and max_distance > the exact range (num_buckets/4 or /2); std::invalid_argument otherwise.
+// (INT64_MIN, whose magnitude torch.abs overflows, gets the farthest bucket here.)
 struct RelativeBiasConfig {
   index_t num_buckets = 32, max_distance = 128;
   bool bidirectional = true;  // encoders; decoders (causal) use one-sided buckets

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from . import init
 from .attention import MultiheadAttention, attention_maps, record_attention
-from .layers import GELU, Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEncoding, ReLU
+from .layers import (GELU, Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEncoding, RelativePositionBias,
+                     ReLU, RMSNorm, RotaryEmbedding, SiLU)
 from .module import Module, ModuleList, Parameter, Sequential
 from .quantized import freeze, is_frozen, is_quantized, quantize_dynamic
 from .block import KVCache, TransformerBlock
@@ -12,6 +13,7 @@ from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLay
                           TransformerEncoderLayer, generate_square_subsequent_mask)
 
 __all__ = ["init", "Parameter", "Module", "Sequential", "ModuleList", "Linear", "Embedding", "PositionalEncoding",
-           "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward", "MultiheadAttention", "TransformerEncoderLayer",
+           "LayerNorm", "RMSNorm", "Dropout", "ReLU", "GELU", "SiLU", "FeedForward", "RotaryEmbedding",
+           "RelativePositionBias", "MultiheadAttention", "TransformerEncoderLayer",
            "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "Transformer",
            "generate_square_subsequent_mask", "TransformerBlock", "KVCache", "record_attention", "attention_maps", "quantize_dynamic", "is_quantized", "freeze", "is_frozen"]

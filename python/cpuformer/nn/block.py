@@ -13,6 +13,7 @@ grouped-query attention, gated feed-forward, q/k norms, sliding window) with Hug
 """
 from __future__ import annotations
 
+import threading
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -54,6 +55,16 @@ def norm_entries(weights: dict, grads: Optional[dict], part: str, norm: Module) 
                 grads[f"{part}.{name}"] = p.grad
 
 
+class _PerThread(threading.local):
+    """Each thread's saved block state (copies and pickles start empty: it is scratch, not model state)."""
+
+    def __deepcopy__(self, memo):
+        return _PerThread()
+
+    def __reduce__(self):
+        return _PerThread, ()
+
+
 def _mask(attn_mask, key_padding_mask, B: int, H: int, T: int, S: int):
     return ops.attention_masks(attn_mask, key_padding_mask, B, H, T, S)
 
@@ -92,9 +103,9 @@ class BlockLayer(Module):
         return any(kw.get(k, 0.0) > 0.0 for k in ("dropout", "ff_dropout", "attention_dropout"))
 
     def _run(self, x, *, attn_mask=None, key_padding_mask=None, is_causal=False, position_offset=None,
-             memory=None, memory_mask=None, memory_key_padding_mask=None, need_weights=False):
-        """One forward through the C++ block: inference in eval mode, training forward (saving for backward)
-        otherwise. Returns ``out`` or ``(out, self-attention probabilities (B, H, T, T))``."""
+             memory=None, memory_mask=None, memory_key_padding_mask=None, need_weights=False, keep=True):
+        """One forward through the C++ block, keeping what backward needs unless ``keep`` is false (eval mode
+        only) or the weights are prepared for inference. Returns ``out`` or ``(out, self-attention probabilities (B, H, T, T))``."""
         cfg = self.block_config
         x = ops._f32(x, "x")
         if x.ndim != 3 or x.shape[2] != cfg.d_model:
@@ -112,29 +123,54 @@ class BlockLayer(Module):
                 raise ValueError(f"memory must be (batch, length, d_model), got shape {memory.shape}")
             madd, mpad = _mask(memory_mask, memory_key_padding_mask, B, cfg.num_heads, T, memory.shape[1])
             kw.update(memory=memory, memory_key_padding_mask=mpad, memory_mask=madd)
-        if not self.training:
-            return _core.block_forward(cfg, self._weights(), x, **kw)
-        if quantized.is_frozen(self):
+        weights = self._weights()
+        prepared = any(k.endswith((".packed", ".int8")) for k in weights)
+        if prepared:  # frozen / int8: inference only
             quantized.require_inference(self)
-        saved = self.__dict__.get("_saved_state")
-        if saved is None:
-            saved = _core.BlockSaved()
-            object.__setattr__(self, "_saved_state", saved)
-        seed = init.next_seed() if self._dropout_active() else 0
-        object.__setattr__(self, "_out_shape", x.shape)
-        return _core.block_forward_train(cfg, self._weights(), x, seed, saved, **kw)
+        if prepared or not (keep or self.training):  # nothing kept
+            return _core.block_forward(cfg, weights, x, **kw)
+        # A float model keeps what backward needs, in training and in eval mode alike (as PyTorch's autograd
+        # does outside no_grad): per thread, so eval-mode forwards from many threads never share a buffer.
+        local = self.__dict__.get("_saved_local")
+        if local is None:
+            local = _PerThread()
+            object.__setattr__(self, "_saved_local", local)
+        if getattr(local, "saved", None) is None:
+            local.saved = _core.BlockSaved()
+        local.shape = x.shape
+        if self.training:
+            seed = init.next_seed() if self._dropout_active() else 0
+            return _core.block_forward_train(cfg, weights, x, seed, local.saved, **kw)
+        return _core.block_forward_train(self.eval_block_config, weights, x, 0, local.saved, **kw)
+
+    @property
+    def eval_block_config(self):
+        """The configuration without dropout (eval mode)."""
+        cfg = self.__dict__.get("_eval_config_obj")
+        if cfg is None:
+            kw = dict(self._block_config(), dropout=0.0, ff_dropout=0.0, attention_dropout=0.0)
+            cfg = _core.BlockConfig(**kw)
+            object.__setattr__(self, "_eval_config_obj", cfg)
+        return cfg
+
+    def inference(self, x, **kwargs):
+        """The forward without keeping anything for backward (generation, pipelines): same results as an
+        eval-mode call."""
+        return self._run(x, keep=False, **kwargs)
 
     def _run_backward(self, grad_output):
         """``(d_x, d_memory or None)``; parameter gradients accumulated."""
-        if quantized.is_frozen(self):
-            quantized.no_backward(self)
-        saved = self.__dict__.get("_saved_state")
+        local = self.__dict__.get("_saved_local")
+        saved = None if local is None else getattr(local, "saved", None)
         if saved is None or not saved.valid:
-            raise RuntimeError(f"{type(self).__name__}.backward called before a training-mode forward")
+            if quantized.is_frozen(self):
+                quantized.no_backward(self)
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
-        check_grad_shape(g, self._out_shape, type(self).__name__)
+        check_grad_shape(g, local.shape, type(self).__name__)
         weights, grads = self._weights_and_grads()
-        return _core.block_backward(self.block_config, weights, grads, g, saved)
+        cfg = self.block_config if self.training else self.eval_block_config
+        return _core.block_backward(cfg, weights, grads, g, saved)
 
     # -- incremental decoding -------------------------------------------------------------------------------------
     def new_cache(self, batch: int, capacity: int) -> KVCache:

@@ -1,4 +1,5 @@
-"""Basic layers: Linear, Embedding, PositionalEncoding, LayerNorm, Dropout, ReLU, GELU, FeedForward.
+"""Basic layers: Linear, Embedding, PositionalEncoding, LayerNorm, RMSNorm, Dropout, ReLU, GELU, SiLU, FeedForward,
+and the position layers RotaryEmbedding and RelativePositionBias.
 
 Batch-first; the arithmetic runs in the C++ kernels of :mod:`cpuformer.ops`. Initialisation follows PyTorch's
 defaults and draws from :mod:`cpuformer.nn.init`'s generator (``cpuformer.nn.init.manual_seed``).
@@ -14,8 +15,8 @@ from .. import _core, ops
 from . import init, quantized
 from .module import Module, Parameter, Workspace, check_grad_shape
 
-__all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "Dropout", "ReLU", "GELU", "FeedForward",
-           "feed_forward_apply", "feed_forward_grad"]
+__all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "RMSNorm", "Dropout", "ReLU", "GELU", "SiLU",
+           "FeedForward", "RotaryEmbedding", "RelativePositionBias", "feed_forward_apply", "feed_forward_grad"]
 
 
 def _as_input(x, name: str = "input") -> np.ndarray:
@@ -227,6 +228,156 @@ class LayerNorm(Module):
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.weight is not None}"
 
 
+class RMSNorm(Module):
+    """RMS normalization over the last axis, ``torch.nn.RMSNorm``'s signature and state dict (``weight``, ones):
+    ``y = x / sqrt(mean(x^2) + eps) * weight``; ``eps=None`` is float32's machine epsilon. With ``one_plus`` the
+    scale is ``1 + weight`` and ``weight`` starts at zeros (Gemma's RMSNorm and checkpoints)."""
+
+    def __init__(self, normalized_shape, eps: Optional[float] = None, elementwise_affine: bool = True,
+                 one_plus: bool = False) -> None:
+        super().__init__()
+        shape = (normalized_shape,) if isinstance(normalized_shape, (int, np.integer)) else tuple(normalized_shape)
+        if len(shape) != 1:
+            raise ValueError(f"RMSNorm: only the last axis can be normalised, got normalized_shape={shape}")
+        self.normalized_shape = (ops._int_arg(shape[0], "RMSNorm: normalized_shape", 1),)
+        if eps is not None:
+            eps = ops._finite_scalar(eps, "RMSNorm: eps")
+            if eps < 0:
+                raise ValueError(f"RMSNorm: eps must be >= 0, got {eps}")
+        self.eps = eps
+        self.one_plus = bool(one_plus)
+        C = self.normalized_shape[0]
+        if elementwise_affine:
+            self.weight = Parameter(np.zeros(C, np.float32) if self.one_plus else np.ones(C, np.float32))
+        else:
+            object.__setattr__(self, "weight", None)
+        self._saved = None
+
+    def forward(self, x):
+        x = _as_input(x)
+        _check_last_dim(x, self.normalized_shape[0], "RMSNorm")
+        y, rstd = ops.rms_norm(x, None if self.weight is None else self.weight.data, self.eps, self.one_plus)
+        self._saved = (x, rstd)
+        return y
+
+    def backward(self, grad_output):
+        if self._saved is None:
+            raise RuntimeError("RMSNorm.backward called before forward")
+        x, rstd = self._saved
+        g = ops._f32(grad_output, "grad_output")
+        check_grad_shape(g, x.shape, "RMSNorm")
+        dx, dw = ops.rms_norm_backward(g, x, None if self.weight is None else self.weight.data, rstd, self.one_plus,
+                                       need_weight_grad=self.weight is not None)
+        if self.weight is not None:
+            self.weight.grad += dw
+        return dx
+
+    def extra_repr(self) -> str:
+        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.weight is not None}"
+                + (", one_plus=True" if self.one_plus else ""))
+
+
+class RotaryEmbedding(Module):
+    """Rotary position embedding (RoPE) of query or key heads, no parameters. ``forward(x, num_heads,
+    positions=None)`` rotates each head's first ``rotary_dim`` features (default: all of ``head_dim``) of ``x``
+    (B, T, num_heads * head_dim) or (B, T, num_heads, head_dim), row (b, t) at ``positions[b, t]`` (default t;
+    (B, T), (1, T) or (T,)); ``backward(grad)`` rotates back with what the last forward saved (a layer applied to
+    both q and k needs one instance each, or :func:`cpuformer.ops.rotary_backward`). ``layout``: "half"
+    (transformers' Llama/NeoX ``rotate_half``) or "interleaved" (GPT-J); ``scaling``: a transformers
+    ``rope_scaling`` dict ("linear" or "llama3") or None."""
+
+    def __init__(self, head_dim: int, rotary_dim: Optional[int] = None, theta: float = 10000.0,
+                 layout: str = "half", scaling=None) -> None:
+        super().__init__()
+        self.head_dim = ops._int_arg(head_dim, "RotaryEmbedding: head_dim", 2)
+        self.rotary_dim = self.head_dim if rotary_dim is None else rotary_dim
+        self.theta = theta
+        self.layout = layout
+        self.scaling = None if scaling is None else dict(scaling)
+        # validates every argument now rather than at the first forward
+        self._args = dict(rotary_dim=self.rotary_dim, layout=layout, theta=theta, scaling=self.scaling)
+        ops.rotary_inv_freq(self.head_dim, self.rotary_dim, theta, self.scaling)
+        ops._layout(layout)
+        self._saved = None
+
+    def inv_freq(self) -> np.ndarray:
+        return ops.rotary_inv_freq(self.head_dim, self.rotary_dim, self.theta, self.scaling)
+
+    def forward(self, x, num_heads: Optional[int] = None, positions=None):
+        x = _as_input(x)
+        if x.ndim == 3 and num_heads is None and x.shape[-1] % self.head_dim == 0:
+            num_heads = x.shape[-1] // self.head_dim
+        if num_heads is not None:
+            num_heads = ops._int_arg(num_heads, "RotaryEmbedding: num_heads", 1)
+        if x.ndim == 4:
+            expected = x.shape[:2] + (num_heads or x.shape[2], self.head_dim)
+        else:
+            expected = None if num_heads is None or x.ndim != 3 else x.shape[:2] + (num_heads * self.head_dim,)
+        if x.shape != expected:
+            raise ValueError(f"RotaryEmbedding: input must be (B, T, num_heads * {self.head_dim}) or "
+                             f"(B, T, num_heads, {self.head_dim}); got shape {x.shape} with num_heads={num_heads}")
+        if positions is not None:
+            positions = ops._ids(positions, "positions").copy()  # kept for backward
+        y = ops.rotary(x, num_heads, positions, **self._args)
+        self._saved = (x.shape, num_heads, positions)
+        return y
+
+    def backward(self, grad_output):
+        if self._saved is None:
+            raise RuntimeError("RotaryEmbedding.backward called before forward")
+        shape, num_heads, positions = self._saved
+        g = ops._f32(grad_output, "grad_output")
+        check_grad_shape(g, shape, "RotaryEmbedding")
+        return ops.rotary_backward(g, num_heads, positions, **self._args)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, theta={self.theta}, "
+                f"layout={self.layout!r}, scaling={self.scaling}")
+
+
+class RelativePositionBias(Module):
+    """T5's bucketed relative position bias: ``weight`` (num_buckets, num_heads), as transformers'
+    ``relative_attention_bias.weight`` (initialised N(0, 1) like an Embedding). ``forward(T, S, query_offset=0)``
+    returns the additive attention bias (num_heads, T, S) for queries at ``query_offset + t`` and keys at ``s``;
+    ``backward(grad)`` accumulates into ``weight.grad`` and returns None. ``bidirectional``: encoder buckets (both
+    signs), else causal decoder buckets. ``num_heads`` is keyword-only (it has no default)."""
+
+    def __init__(self, num_buckets: int = 32, max_distance: int = 128, *, num_heads: int,
+                 bidirectional: bool = True) -> None:
+        super().__init__()
+        self.num_buckets = ops._int_arg(num_buckets, "RelativePositionBias: num_buckets", 1)
+        self.max_distance = ops._int_arg(max_distance, "RelativePositionBias: max_distance", 1)
+        self.num_heads = ops._int_arg(num_heads, "RelativePositionBias: num_heads", 1)
+        self.bidirectional = bool(bidirectional)
+        ops.relative_position_bucket(np.zeros(1, np.int64), self.bidirectional, self.num_buckets, self.max_distance)
+        self.weight = Parameter(init.normal((self.num_buckets, self.num_heads), 1.0))
+        self._saved = None
+
+    def _args(self):
+        return dict(bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance)
+
+    def forward(self, T: int, S: int, query_offset: int = 0):
+        T = ops._int_arg(T, "RelativePositionBias: T", 1)
+        S = ops._int_arg(S, "RelativePositionBias: S", 1)
+        query_offset = ops._int_arg(query_offset, "RelativePositionBias: query_offset", None)
+        bias = ops.relative_position_bias(self.weight.data, T, S, query_offset, **self._args())
+        self._saved = (T, S, query_offset)
+        return bias
+
+    def backward(self, grad_output):
+        if self._saved is None:
+            raise RuntimeError("RelativePositionBias.backward called before forward")
+        T, S, query_offset = self._saved
+        g = ops._f32(grad_output, "grad_output")
+        check_grad_shape(g, (self.num_heads, T, S), "RelativePositionBias")
+        ops.relative_position_bias_backward(g, self.weight.grad, query_offset, **self._args())
+        return None
+
+    def extra_repr(self) -> str:
+        return (f"num_buckets={self.num_buckets}, max_distance={self.max_distance}, num_heads={self.num_heads}, "
+                f"bidirectional={self.bidirectional}")
+
+
 class Dropout(Module):
     """Inverted dropout in training mode (identity in eval mode). Each forward draws a seed from
     :mod:`cpuformer.nn.init`'s generator; backward regenerates the same mask from it."""
@@ -295,17 +446,39 @@ class GELU(Module):
         return f"approximate={self.approximate!r}"
 
 
-_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
+class SiLU(Module):
+    """SiLU (swish): ``x * sigmoid(x)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._x = None
+
+    def forward(self, x):
+        self._x = _as_input(x)
+        return ops.silu(self._x)
+
+    def backward(self, grad_output):
+        if self._x is None:
+            raise RuntimeError("SiLU.backward called before forward")
+        g = ops._f32(grad_output, "grad_output")
+        check_grad_shape(g, self._x.shape, "SiLU")
+        return ops.silu_backward(g, self._x)
+
+
+_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "silu": "silu", "swish": "silu"}
 
 
 def activation_name(activation) -> str:
-    """"relu", "gelu" (exact), "gelu_tanh", or a ReLU/GELU module instance, as a kernel activation name."""
+    """"relu", "gelu" (exact), "gelu_tanh", "silu" (alias "swish"), or a ReLU/GELU/SiLU module instance, as a
+    kernel activation name."""
     if isinstance(activation, ReLU):
         return "relu"
     if isinstance(activation, GELU):
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be 'relu', 'gelu' or 'gelu_tanh', got {activation!r}")
+    if isinstance(activation, SiLU):
+        return "silu"
+    if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be 'relu', 'gelu', 'gelu_tanh' or 'silu', got {activation!r}")
     return _ACTIVATIONS[activation]
 
 
