@@ -358,7 +358,7 @@ def _first_tensor(header):
     (dict(config_edit={"dropout": float("nan")}), "dropout must be a finite number"),
     (dict(config_edit={"n_head": 3}), "n_head"),
     (dict(config_edit={"bogus": 1}), "does not take"),
-    (dict(config_edit={"positional": "rotary"}), "positional"),
+    (dict(config_edit={"positional": "rope"}), "positional"),
     (dict(header_edit=lambda h: _first_tensor(h).update(shape=[2**64 + 16])), "bytes for shape"),
     (dict(header_edit=lambda h: _first_tensor(h).update(dtype={"a": 1})), "unsupported dtype"),
     (dict(header_edit=lambda h: _first_tensor(h).update(shape=[True, 16])), "bad shape"),
