@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import cpuformer
-from cpuformer.models import GPT, BertModel, TransformerClassifier, mean_pool
+from cpuformer.models import GPT, BertModel, Seq2SeqTransformer, TransformerClassifier, mean_pool
+from cpuformer.nn import freeze, quantize_dynamic
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -93,6 +94,109 @@ def test_bert_sentence_embeddings_match_python(tmp_path, runner):
     expected = mean_pool(model(ids, attention_mask=mask), mask)
     np.testing.assert_allclose(run(runner, path, "embed", ids_arg(ids), 2, ids_arg(mask)), expected, rtol=1e-4,
                                atol=1e-4)
+
+
+# -- every model kind and variant through the core's block, float32 / frozen (packed) / int8 weights ----------------
+
+WEIGHTS = {"float32": ([], lambda m: m), "frozen": (["--frozen"], freeze), "int8": (["--int8"], quantize_dynamic)}
+
+
+def _perturb(model, seed, scale=0.3):
+    rng = np.random.default_rng(seed)
+    for p in model.parameters():
+        p.data += rng.standard_normal(p.shape).astype(np.float32) * scale
+
+
+def translate_run(exe, *args):
+    out = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [[int(v) for v in line.split()] for line in out.stdout.split("\n")[:-1]]
+
+
+GPT_VARIANTS = {
+    "classic": dict(positional="learned", activation="gelu_tanh"),
+    "classic_sinusoidal_untied": dict(positional="sinusoidal", tie_weights=False),
+    # Llama-style: RMSNorm, rotary, gated SiLU, grouped-query attention (2 of 4 heads), no biases, untied head
+    "llama": dict(norm="rms_norm", positional="rotary", activation="silu", gated=True, n_kv_head=2, bias=False,
+                  tie_weights=False, d_ff=40, rope_theta=500.0),
+    "alibi": dict(positional="alibi", n_kv_head=1, activation="gelu"),
+}
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("variant", list(GPT_VARIANTS))
+def test_gpt_variants_match_python(tmp_path, runner, variant, weights):
+    cpuformer.nn.init.manual_seed(11)
+    model = GPT(37, block_size=12, n_layer=2, n_head=4, n_embd=16, **GPT_VARIANTS[variant])
+    _perturb(model, 5)
+    path = str(tmp_path / "gpt.safetensors")
+    cpuformer.save(model, path)
+    flags, prepare = WEIGHTS[weights]
+    ref = prepare(model.eval())
+    batch = np.array([[3, 7, 11, 2, 5, 30], [1, 4, 9, 16, 25, 36]])
+    ours = run(runner, *flags, path, "logits", ids_arg(batch), 2)
+    np.testing.assert_allclose(ours, ref(batch)[:, -1], rtol=0, atol=1e-5)
+    one = run(runner, *flags, path, "logits", "8")  # a 1-token prompt
+    np.testing.assert_allclose(one[0], ref(np.array([[8]]))[0, -1], rtol=0, atol=1e-5)
+    for prompt, n in [([5], 16), ([3, 7, 11, 2, 5], 4)]:  # from one token past block_size 12; a longer prompt
+        ids = run(runner, *flags, path, "generate", ids_arg(prompt), n).astype(np.int64)
+        np.testing.assert_array_equal(ids, ref.generate([prompt], n, greedy=True), err_msg=f"{prompt} {n}")
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+def test_classifier_and_bert_prepared_weights_match_python(tmp_path, runner, weights):
+    flags, prepare = WEIGHTS[weights]
+    cpuformer.nn.init.manual_seed(12)
+    clf = TransformerClassifier(50, 3, d_model=16, nhead=2, num_layers=2, dim_feedforward=24, pooling="cls",
+                                max_len=20)
+    path = str(tmp_path / "clf.safetensors")
+    cpuformer.save(clf, path)
+    ids = np.array([[4, 9, 12, 0, 0, 0], [5, 6, 7, 8, 9, 10]])
+    np.testing.assert_allclose(run(runner, *flags, path, "classify", ids_arg(ids), 2), prepare(clf.eval())(ids),
+                               rtol=0, atol=1e-5)
+    bert = BertModel(60, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, intermediate_size=20,
+                     max_position_embeddings=16, pooler=False)
+    path = str(tmp_path / "bert.safetensors")
+    cpuformer.save(bert, path)
+    ids = np.array([[3, 4, 5, 6, 7], [8, 9, 10, 0, 0]])
+    mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    expected = mean_pool(prepare(bert.eval())(ids, attention_mask=mask), mask)
+    np.testing.assert_allclose(run(runner, *flags, path, "embed", ids_arg(ids), 2, ids_arg(mask)), expected,
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("norm_first,pad,eos", [(True, 0, 2), (False, 0, 2), (True, 0, 3), (False, 3, 9), (True, 14, 3)])
+def test_seq2seq_translate_matches_python(tmp_path, runner, weights, norm_first, pad, eos):
+    """EOS 3 or 9 and padding 3 or 14 are tokens this model emits: beams finish mid-way (length penalty) and padding
+    tokens enter the decoder (masked keys in Python, kept out of the cache here)."""
+    flags, prepare = WEIGHTS[weights]
+    cpuformer.nn.init.manual_seed(13)
+    model = Seq2SeqTransformer(23, 29, d_model=16, nhead=2, num_encoder_layers=2, num_decoder_layers=2,
+                               dim_feedforward=24, dropout=0.0, max_len=32, pad_id=pad, bos_id=1, eos_id=eos,
+                               norm_first=norm_first)
+    _perturb(model, 7, 0.5)
+    path = str(tmp_path / "s2s.safetensors")
+    cpuformer.save(model, path)
+    ref = prepare(model.eval())
+    src = np.array([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 0, 0, 0, 0], [4, 0, 0, 0, 0, 0, 0]])  # different lengths
+    src[src == 0] = pad
+    for beam in (1, 3):
+        for max_len in (0, 1, 12):
+            expected = ref.translate(src, max_len=max_len, beam_size=beam, length_penalty=0.6)
+            ours = translate_run(runner, *flags, path, "translate", ids_arg(src), max_len, beam, 3, 0.6)
+            assert ours == expected, (beam, max_len)
+    # one source row, a 1-token source
+    assert translate_run(runner, *flags, path, "translate", "4", 9, 2) == ref.translate([[4]], 9, 2)
+    out = run(runner, path, "translate", "4", 40, ok=False)  # past the position table: an error, as in Python
+    try:
+        expected = ref.translate([[4]], 40)
+    except ValueError:
+        assert out.returncode == 1 and "max_len" in out.stderr
+    else:
+        assert out.returncode == 0 and translate_run(runner, *flags, path, "translate", "4", 40) == expected
+    out = run(runner, path, "translate", "4", 5, 29, ok=False)
+    assert out.returncode == 1 and "beam_size" in out.stderr
 
 
 def test_runtime_rejects_bad_files_and_inputs(tmp_path, runner):

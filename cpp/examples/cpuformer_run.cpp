@@ -4,6 +4,11 @@
 //   cpuformer_run MODEL logits   IDS                                          last position's logits (GPT)
 //   cpuformer_run MODEL classify IDS [BATCH]                                  class logits per row
 //   cpuformer_run MODEL embed    IDS [BATCH [MASK]]                           mean-pooled hidden states per row
+//   cpuformer_run MODEL translate IDS [MAX_LEN [BEAM [BATCH [LENGTH_PENALTY]]]]  Seq2SeqTransformer: target ids per
+//                                                                             source row (greedy when BEAM is 1)
+//
+// Options before MODEL: --frozen (Linear weights packed once, as cpuformer.nn.freeze) or --int8 (int8 weights, as
+// cpuformer.nn.quantize_dynamic).
 //
 // IDS and MASK are comma-separated integers (BATCH rows of equal length). Output: numbers separated by spaces,
 // one row per line.
@@ -15,6 +20,7 @@
 //   cpuformer_run DIR classify "text" ["text" ...]                                  class logits per text
 //   cpuformer_run DIR logits   "text"                                               last position's logits
 //   cpuformer_run DIR tokenize "text"                                               ids, then tokens, one per line
+//   cpuformer_run DIR translate "text" [MAX_LEN [BEAM]]                             the decoded translation
 // Several texts are padded to the longest (the tokenizer's pad token) with an attention mask.
 //
 // Exit status 1 with a message on stderr for any error: bad arguments and any model or tokenizer file, however
@@ -127,6 +133,27 @@ static bool generate_options(int argc, char** argv, int first, int* max_new, cpu
   return true;
 }
 
+static cpuformer::LoadOptions load_options;
+
+static void print_ids(const std::vector<std::int64_t>& ids) {
+  for (size_t i = 0; i < ids.size(); ++i) std::printf(i ? " %lld" : "%lld", static_cast<long long>(ids[i]));
+  std::printf("\n");
+}
+
+// translate's optional MAX_LEN BEAM, from argv[first] on.
+static bool translate_options(int argc, char** argv, int first, int* max_len, int* beam, std::string* error) {
+  long long arg = 0;
+  if (argc > first) {
+    if (!parse_int(argv[first], INT_MIN, INT_MAX, &arg)) return *error = "MAX_LEN must be an integer", false;
+    *max_len = static_cast<int>(arg);
+  }
+  if (argc > first + 1) {
+    if (!parse_int(argv[first + 1], INT_MIN, INT_MAX, &arg)) return *error = "BEAM must be an integer", false;
+    *beam = static_cast<int>(arg);
+  }
+  return true;
+}
+
 // MODEL is a directory with model.safetensors and tokenizer.json: texts in, text or numbers out.
 static int run_text(const std::string& dir, int argc, char** argv) {
   std::unique_ptr<cpuformer::Tokenizer> tok;
@@ -143,8 +170,24 @@ static int run_text(const std::string& dir, int argc, char** argv) {
     return 0;
   }
   std::unique_ptr<cpuformer::Model> model;
-  st = cpuformer::Model::load(dir + "/model.safetensors", &model);
+  st = cpuformer::Model::load(dir + "/model.safetensors", &model, load_options);
   if (!st.ok()) return fail(st.message());
+  if (command == "translate") {  // one tokenizer for both sides
+    int max_len = 60, beam = 1;
+    std::string error;
+    if (!translate_options(argc, argv, 4, &max_len, &beam, &error)) return fail(error);
+    cpuformer::Encoding e;
+    st = tok->encode(argv[3], nullptr, true, &e);
+    if (st.ok() && e.ids.empty()) st = cpuformer::Status::error("the text encodes to no tokens");
+    std::vector<std::vector<std::int64_t>> out;
+    if (st.ok())
+      st = model->translate(e.ids, 1, static_cast<std::int64_t>(e.ids.size()), max_len, beam, 0.6, &out);
+    std::string text;
+    if (st.ok()) st = tok->decode(out[0], true, &text);
+    if (!st.ok()) return fail(st.message());
+    std::printf("%s\n", text.c_str());
+    return 0;
+  }
   if (command == "generate") {
     cpuformer::GenerateOptions opts;
     int max_new = 20;
@@ -184,11 +227,23 @@ static int run_text(const std::string& dir, int argc, char** argv) {
 }
 
 int main(int argc, char** argv) {
-  if (argc < 4) return fail("usage: cpuformer_run MODEL {generate|logits|classify|embed} IDS [...], or "
-                            "cpuformer_run DIR {generate|logits|classify|embed|tokenize} TEXT [...]");
+  while (argc > 1 && std::string(argv[1]).compare(0, 2, "--") == 0) {  // options before MODEL
+    const std::string option = argv[1];
+    if (option == "--int8")
+      load_options.weights = cpuformer::LoadOptions::kInt8;
+    else if (option == "--frozen")
+      load_options.weights = cpuformer::LoadOptions::kPacked;
+    else
+      return fail("unknown option '" + option + "' (--int8, --frozen)");
+    argv[1] = argv[0];
+    ++argv, --argc;
+  }
+  if (argc < 4) return fail("usage: cpuformer_run [--int8|--frozen] MODEL {generate|logits|classify|embed|translate} "
+                            "IDS [...], or cpuformer_run [--int8|--frozen] DIR "
+                            "{generate|logits|classify|embed|translate|tokenize} TEXT [...]");
   if (is_directory(argv[1])) return run_text(argv[1], argc, argv);
   std::unique_ptr<cpuformer::Model> model;
-  cpuformer::Status st = cpuformer::Model::load(argv[1], &model);
+  cpuformer::Status st = cpuformer::Model::load(argv[1], &model, load_options);
   if (!st.ok()) return fail(st.message());
   const std::string command = argv[2];
   std::vector<std::int64_t> ids;  // an empty list, negative counts, NaN temperatures: the model reports them
@@ -202,8 +257,29 @@ int main(int argc, char** argv) {
     std::vector<std::int64_t> out;
     st = model->generate(ids, max_new, opts, &out);
     if (!st.ok()) return fail(st.message());
-    for (size_t i = 0; i < out.size(); ++i) std::printf(i ? " %lld" : "%lld", static_cast<long long>(out[i]));
-    std::printf("\n");
+    print_ids(out);
+    return 0;
+  }
+  if (command == "translate") {
+    int max_len = 60, beam = 1;
+    std::string error;
+    if (!translate_options(argc, argv, 4, &max_len, &beam, &error)) return fail(error);
+    std::int64_t rows = 1;
+    if (argc > 6) {
+      if (!parse_int(argv[6], 1, LLONG_MAX, &arg)) return fail("BATCH must be an integer >= 1");
+      rows = arg;
+    }
+    double penalty = 0.6;
+    if (argc > 7) {
+      char* end = nullptr;
+      penalty = std::strtod(argv[7], &end);
+      if (end == argv[7] || *end != '\0') return fail("LENGTH_PENALTY must be a number");
+    }
+    if (static_cast<std::int64_t>(ids.size()) % rows) return fail("IDS do not split into BATCH rows");
+    std::vector<std::vector<std::int64_t>> out;
+    st = model->translate(ids, rows, static_cast<std::int64_t>(ids.size()) / rows, max_len, beam, penalty, &out);
+    if (!st.ok()) return fail(st.message());
+    for (const auto& row : out) print_ids(row);
     return 0;
   }
   std::int64_t batch = 1;

@@ -45,6 +45,10 @@ void run_model(cpuformer::Model& m) {
     expect(m.generate({0, 0}, 2, opts, &ids).ok(), "sampled generation failed");
     const cpuformer::Status st = m.logits({0}, 1, 1, &out);
     expect(st.ok(), "logits of one id failed");
+  } else if (m.kind() == "Seq2SeqTransformer") {
+    std::vector<std::vector<std::int64_t>> t;
+    (void)m.translate({0, 0}, 1, 2, 3, 1, 0.6, &t);
+    (void)m.translate({0, 0}, 1, 2, 3, 2, 0.6, &t);
   } else {
     // Two tokens may exceed a max_len of 1: then an error status, which is fine.
     if (m.kind() == "TransformerClassifier") (void)m.classify({0, 0}, 1, 2, &out);

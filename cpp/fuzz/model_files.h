@@ -121,11 +121,56 @@ inline ModelSpec tiny_bert() {
   return m;
 }
 
+// A Llama-style GPT: RMSNorm, rotary, gated SiLU, grouped-query attention (1 key/value head of 2), no biases,
+// an untied head (vocab 11, block_size 6, 2 layers, n_embd 8, d_ff 12).
+inline ModelSpec tiny_llama_gpt() {
+  const std::int64_t V = 11, C = 8, F = 12, KV = 4;
+  ModelSpec m{"GPT",
+              "{\"vocab_size\": 11, \"block_size\": 6, \"n_layer\": 2, \"n_head\": 2, \"n_embd\": 8, "
+              "\"dropout\": 0.0, \"positional\": \"rotary\", \"tie_weights\": false, \"activation\": \"silu\", "
+              "\"layer_norm_eps\": 1e-05, \"norm\": \"rms_norm\", \"n_kv_head\": 1, \"gated\": true, "
+              "\"bias\": false, \"d_ff\": 12, \"rope_theta\": 10000.0}",
+              {{"wte.weight", {V, C}}}};
+  for (int i = 0; i < 2; ++i) {
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    m.tensors.insert(m.tensors.end(), {{p + "self_attn.q_proj.weight", {C, C}}, {p + "self_attn.k_proj.weight", {KV, C}},
+                                       {p + "self_attn.v_proj.weight", {KV, C}}, {p + "self_attn.o_proj.weight", {C, C}},
+                                       {p + "mlp.gate_proj.weight", {F, C}}, {p + "mlp.up_proj.weight", {F, C}},
+                                       {p + "mlp.down_proj.weight", {C, F}}, {p + "input_layernorm.weight", {C}},
+                                       {p + "post_attention_layernorm.weight", {C}}});
+  }
+  m.tensors.insert(m.tensors.end(), {{"ln_f.weight", {C}}, {"lm_head.weight", {V, C}}});
+  return m;
+}
+
+// Seq2SeqTransformer(source vocab 13, target vocab 11, d_model 8, 2 heads, 1 + 1 layers, dim_feedforward 12,
+// max_len 8, pad 0, bos 1, eos 2).
+inline ModelSpec tiny_seq2seq() {
+  const std::int64_t C = 8, F = 12;
+  ModelSpec m{"Seq2SeqTransformer",
+              "{\"src_vocab_size\": 13, \"tgt_vocab_size\": 11, \"d_model\": 8, \"nhead\": 2, "
+              "\"num_encoder_layers\": 1, \"num_decoder_layers\": 1, \"dim_feedforward\": 12, \"dropout\": 0.0, "
+              "\"max_len\": 8, \"pad_id\": 0, \"bos_id\": 1, \"eos_id\": 2, \"norm_first\": true}",
+              {{"src_embedding.weight", {13, C}}, {"tgt_embedding.weight", {11, C}}}};
+  add_layer(&m.tensors, "transformer.encoder.layers.0.", C, F);
+  const std::string d = "transformer.decoder.layers.0.";
+  add_layer(&m.tensors, d, C, F);
+  m.tensors.insert(m.tensors.end(), {{d + "multihead_attn.in_proj_weight", {3 * C, C}},
+                                     {d + "multihead_attn.in_proj_bias", {3 * C}},
+                                     {d + "multihead_attn.out_proj.weight", {C, C}},
+                                     {d + "multihead_attn.out_proj.bias", {C}}, {d + "norm3.weight", {C}},
+                                     {d + "norm3.bias", {C}}, {"transformer.encoder.norm.weight", {C}},
+                                     {"transformer.encoder.norm.bias", {C}}, {"transformer.decoder.norm.weight", {C}},
+                                     {"transformer.decoder.norm.bias", {C}}, {"generator.weight", {11, C}},
+                                     {"generator.bias", {11}}});
+  return m;
+}
+
 // Every variant, named (the fuzzer's seeds).
 inline std::vector<std::pair<std::string, ModelSpec>> tiny_models() {
   return {{"gpt_learned_tied", tiny_gpt(true, true)},     {"gpt_sinusoidal_untied", tiny_gpt(false, false)},
           {"clf_mean_sinusoidal", tiny_classifier(true, false)}, {"clf_cls_learned", tiny_classifier(false, true)},
-          {"bert", tiny_bert()}};
+          {"bert", tiny_bert()}, {"gpt_llama", tiny_llama_gpt()}, {"seq2seq", tiny_seq2seq()}};
 }
 
 }  // namespace cpuformer_testing

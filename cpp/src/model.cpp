@@ -1,8 +1,11 @@
 // model.cpp: Python-free inference for models saved by cpuformer.save(): GPT (logits, KV-cached generation),
-// TransformerClassifier (hidden states, logits) and BertModel (hidden states, sentence embeddings).
+// TransformerClassifier (hidden states, logits), BertModel (hidden states, sentence embeddings) and
+// Seq2SeqTransformer (greedy and beam-search translation).
 //
-// The forward passes mirror python/cpuformer/models exactly, built from the same kernels (GEMM with fused bias,
-// fused attention, fused feed-forward, layer norm), so results agree with Python to float32 rounding.
+// This file only loads and assembles: it checks a file's config against its tensors, maps the tensors onto the
+// core's Transformer block (block.h: BlockConfig, BlockWeights of LinearRefs, exactly as the Python layers'
+// _block_parts do) and composes the models of python/cpuformer/models from block_forward / block_decode,
+// linear_forward, layer/RMS norms and embeddings. The arithmetic is the core's, shared with Python.
 #include "cpuformer/model.h"
 
 #include <algorithm>
@@ -11,12 +14,16 @@
 #include <random>
 #include <set>
 
+#include <deque>
+
 #include "cpuformer/activations.h"
-#include "cpuformer/attention.h"
+#include "cpuformer/block.h"
 #include "cpuformer/embedding.h"
-#include "cpuformer/feedforward.h"
 #include "cpuformer/layernorm.h"
+#include "cpuformer/linear.h"
 #include "cpuformer/matmul.h"
+#include "cpuformer/quantize.h"
+#include "cpuformer/softmax.h"
 #include "json.h"
 
 namespace cpuformer {
@@ -71,6 +78,21 @@ class Config {
       return lo;
     }
     return static_cast<std::int64_t>(v->number);
+  }
+  // An integer that older files may lack (added with a later option): `fallback` when absent.
+  std::int64_t integer_or(const std::string& key, std::int64_t fallback, std::int64_t lo, std::int64_t hi) {
+    const Json* v = j_.find(key);
+    if (!v || v->type == Json::kNull) return fallback;
+    return integer(key, lo, hi);
+  }
+  double positive(const std::string& key, double fallback) {  // finite and > 0 (rope_theta)
+    const Json* v = j_.find(key);
+    if (!v || v->type == Json::kNull) return fallback;
+    if (v->type != Json::kNumber || !(v->number > 0) || !std::isfinite(v->number)) {
+      error("'" + key + "' must be a finite number > 0");
+      return fallback;
+    }
+    return v->number;
   }
   double number(const std::string& key, double fallback) {  // finite and >= 0 (layer-norm epsilons)
     const Json* v = j_.find(key);
@@ -141,91 +163,8 @@ Status check_layers(const Weights& w, const std::string& prefix, const std::stri
 Activation activation_named(const std::string& name) {
   if (name == "relu") return Activation::kRelu;
   if (name == "gelu") return Activation::kGeluErf;
+  if (name == "silu") return Activation::kSilu;
   return Activation::kGeluTanh;  // gelu_tanh, and Hugging Face's gelu_new / gelu_pytorch_tanh
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// One Transformer encoder layer (the weights of nn.TransformerEncoderLayer), inference only.
-
-struct Block {
-  const float *in_w, *in_b, *out_w, *out_b, *l1_w, *l1_b, *l2_w, *l2_b, *n1_w, *n1_b, *n2_w, *n2_b;
-  std::int64_t C, F, H;
-  bool norm_first;
-  Activation act;
-  float eps;
-};
-
-Block read_block(ParamReader& r, const std::string& p, std::int64_t C, std::int64_t F, std::int64_t H,
-                 bool norm_first, Activation act, float eps) {
-  Block b{};
-  b.in_w = r.get(p + "self_attn.in_proj_weight", {3 * C, C});
-  b.in_b = r.get(p + "self_attn.in_proj_bias", {3 * C}, true);
-  b.out_w = r.get(p + "self_attn.out_proj.weight", {C, C});
-  b.out_b = r.get(p + "self_attn.out_proj.bias", {C}, true);
-  b.l1_w = r.get(p + "linear1.weight", {F, C});
-  b.l1_b = r.get(p + "linear1.bias", {F}, true);
-  b.l2_w = r.get(p + "linear2.weight", {C, F});
-  b.l2_b = r.get(p + "linear2.bias", {C}, true);
-  b.n1_w = r.get(p + "norm1.weight", {C});
-  b.n1_b = r.get(p + "norm1.bias", {C}, true);
-  b.n2_w = r.get(p + "norm2.weight", {C});
-  b.n2_b = r.get(p + "norm2.bias", {C}, true);
-  b.C = C, b.F = F, b.H = H, b.norm_first = norm_first, b.act = act, b.eps = eps;
-  if (r.status.ok() && (C % H)) r.status = Status::error("config: hidden size is not divisible by the heads");
-  return b;
-}
-
-// Scratch buffers reused across the layers of one call. Each call owns its own (never a member of the model), so
-// one loaded model can serve many threads at once.
-struct Work {
-  std::vector<float> h, qkv, att, proj, u, a, ff;
-  void reserve(std::int64_t rows, std::int64_t C, std::int64_t F) {
-    h.resize(rows * C), qkv.resize(rows * 3 * C), att.resize(rows * C), proj.resize(rows * C);
-    u.resize(rows * F), a.resize(rows * F), ff.resize(rows * C);
-  }
-};
-
-// out = out_proj(attention(qkv(in))) over (B, T) rows; keys are the same rows (self-attention).
-void self_attention(const Block& L, const float* in, float* out, std::int64_t B, std::int64_t T,
-                    const std::uint8_t* padding, bool causal, Work& w) {
-  const std::int64_t C = L.C, rows = B * T;
-  sgemm(false, true, rows, 3 * C, C, 1.0f, in, C, L.in_w, C, 0.0f, w.qkv.data(), 3 * C, L.in_b);
-  AttentionMask mask;
-  mask.key_padding = padding;
-  mask.causal = causal;
-  const AttentionConfig cfg{B, L.H, T, T, C / L.H, 1.0f / std::sqrt(static_cast<float>(C / L.H))};
-  const ConstHeadTensor q{w.qkv.data(), T * 3 * C, 3 * C}, k{w.qkv.data() + C, T * 3 * C, 3 * C},
-      v{w.qkv.data() + 2 * C, T * 3 * C, 3 * C};
-  attention_forward(HeadTensor{w.att.data(), T * C, C}, nullptr, q, k, v, mask, cfg);
-  sgemm(false, true, rows, C, C, 1.0f, w.att.data(), C, L.out_w, C, 0.0f, out, C, L.out_b);
-}
-
-void feed_forward(const Block& L, const float* in, float* out, std::int64_t rows, Work& w) {
-  feedforward_forward(out, w.u.data(), w.a.data(), in, L.l1_w, L.l1_b, L.l2_w, L.l2_b, rows, L.C, L.F, L.act);
-}
-
-void add_into(float* x, const float* y, std::int64_t n) { residual_forward(x, x, y, n); }
-
-// x (B, T, C) in place, as nn.TransformerEncoderLayer.forward (eval mode).
-void block_forward(const Block& L, float* x, std::int64_t B, std::int64_t T, const std::uint8_t* padding,
-                   bool causal, Work& w) {
-  const std::int64_t rows = B * T, n = rows * L.C;
-  w.reserve(rows, L.C, L.F);
-  if (L.norm_first) {
-    layernorm_forward(w.h.data(), nullptr, nullptr, x, L.n1_w, L.n1_b, rows, L.C, L.eps);
-    self_attention(L, w.h.data(), w.proj.data(), B, T, padding, causal, w);
-    add_into(x, w.proj.data(), n);
-    layernorm_forward(w.h.data(), nullptr, nullptr, x, L.n2_w, L.n2_b, rows, L.C, L.eps);
-    feed_forward(L, w.h.data(), w.ff.data(), rows, w);
-    add_into(x, w.ff.data(), n);
-  } else {
-    self_attention(L, x, w.proj.data(), B, T, padding, causal, w);
-    add_into(w.proj.data(), x, n);
-    layernorm_forward(x, nullptr, nullptr, w.proj.data(), L.n1_w, L.n1_b, rows, L.C, L.eps);
-    feed_forward(L, x, w.ff.data(), rows, w);
-    add_into(w.ff.data(), x, n);
-    layernorm_forward(x, nullptr, nullptr, w.ff.data(), L.n2_w, L.n2_b, rows, L.C, L.eps);
-  }
 }
 
 // Rows [start, start + n) of the paper's sinusoidal position table, width d (the same double-precision formula as
@@ -275,14 +214,118 @@ Status no_throw(Fn&& fn) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// Shared by every model: the tensors, the prepared Linear weights, and the block assembly.
 
-class GptModel : public Model {
+// One block: its configuration and weights (pointers into the model's tensors and prepared weights).
+struct Layer {
+  BlockConfig cfg;
+  BlockWeights w;
+};
+
+// A final norm (GPT's ln_f, an encoder's or decoder's norm): LayerNorm or RMSNorm over rows of C.
+struct Norm {
+  NormKind kind = NormKind::kLayerNorm;
+  NormRef ref;
+  float eps = 1e-5f;
+  void apply(float* out, const float* in, std::int64_t rows, std::int64_t C) const {
+    if (kind == NormKind::kLayerNorm)
+      layernorm_forward(out, nullptr, nullptr, in, ref.weight, ref.bias, rows, C, eps);
+    else
+      rmsnorm_forward(out, nullptr, in, ref.weight, rows, C, eps);
+  }
+};
+
+class ModelBase : public Model {
  public:
   Weights weights;
-  std::vector<Block> blocks;
-  const float *wte = nullptr, *wpe = nullptr, *lnf_w = nullptr, *lnf_b = nullptr, *head = nullptr;
+  LoadOptions options;
+  // Prepared forms of the Linear weights (deques: the LinearRefs point into them, and they never move).
+  std::deque<PackedMatrix> packed;
+  std::deque<Int8Weight> int8;
+
+  // A Linear's weight rows [row0, row0 + out) of `weight` (in columns), bias likewise, prepared as the load
+  // options ask (Python prepares each slice of MultiheadAttention's in_proj the same way: per-channel, so a slice
+  // quantizes to the rows of the whole).
+  LinearRef prepare(const float* weight, const float* bias, std::int64_t out, std::int64_t in,
+                    std::int64_t row0 = 0) {
+    LinearRef l;
+    l.in = in, l.out = out;
+    if (!weight) return l;
+    l.weight = weight + row0 * in;
+    l.bias = bias ? bias + row0 : nullptr;
+    if (options.weights == LoadOptions::kPacked) {
+      packed.push_back(sgemm_pack_b(true, in, out, l.weight, in));
+      l.packed = &packed.back();
+    } else if (options.weights == LoadOptions::kInt8) {
+      int8.push_back(quantize_weight_int8(l.weight, out, in, in));
+      l.int8 = &int8.back();
+    }
+    return l;
+  }
+  // `name`.weight (out, in) and the optional `name`.bias (out).
+  LinearRef linear(ParamReader& r, const std::string& name, std::int64_t out, std::int64_t in) {
+    const float* w = r.get(name + ".weight", {out, in});
+    const float* b = r.get(name + ".bias", {out}, true);
+    return r.status.ok() ? prepare(w, b, out, in) : LinearRef{};
+  }
+  NormRef norm(ParamReader& r, const std::string& name, std::int64_t C, bool with_bias = true) {
+    NormRef n;
+    n.weight = r.get(name + ".weight", {C});
+    if (with_bias) n.bias = r.get(name + ".bias", {C}, true);
+    return n;
+  }
+
+  // One nn.TransformerEncoderLayer / TransformerDecoderLayer (decoder: cross-attention too), as their
+  // _block_parts map them: self_attn.qkv = in_proj rows [q|k|v], cross_attn.q = in_proj rows [0, C), cross_attn.kv
+  // = rows [C, 3C); norm1, norm2 (norm3 in a decoder) = norm1, norm_ff (cross: norm2); ff.up/down = linear1/2.
+  Layer torch_layer(ParamReader& r, const std::string& p, std::int64_t C, std::int64_t F, std::int64_t H,
+                    bool norm_first, Activation act, float eps, bool decoder) {
+    Layer L;
+    if (r.status.ok() && (C % H)) r.status = Status::error("config: hidden size is not divisible by the heads");
+    L.cfg.d_model = C, L.cfg.num_heads = H, L.cfg.norm_eps = eps, L.cfg.norm_first = norm_first;
+    L.cfg.activation = act, L.cfg.cross_attention = decoder;
+    const float* in_w = r.get(p + "self_attn.in_proj_weight", {3 * C, C});
+    const float* in_b = r.get(p + "self_attn.in_proj_bias", {3 * C}, true);
+    if (r.status.ok()) L.w.self_attn.qkv = prepare(in_w, in_b, 3 * C, C);
+    L.w.self_attn.o = linear(r, p + "self_attn.out_proj", C, C);
+    if (decoder) {
+      const float* x_w = r.get(p + "multihead_attn.in_proj_weight", {3 * C, C});
+      const float* x_b = r.get(p + "multihead_attn.in_proj_bias", {3 * C}, true);
+      if (r.status.ok()) {
+        L.w.cross_attn.q = prepare(x_w, x_b, C, C, 0);
+        L.w.cross_attn.kv = prepare(x_w, x_b, 2 * C, C, C);
+      }
+      L.w.cross_attn.o = linear(r, p + "multihead_attn.out_proj", C, C);
+    }
+    L.w.ff.up = linear(r, p + "linear1", F, C);
+    L.w.ff.down = linear(r, p + "linear2", C, F);
+    L.w.norm1 = norm(r, p + "norm1", C);
+    if (decoder) {
+      L.w.norm2 = norm(r, p + "norm2", C);
+      L.w.norm_ff = norm(r, p + "norm3", C);
+    } else {
+      L.w.norm_ff = norm(r, p + "norm2", C);
+    }
+    return L;
+  }
+};
+
+// Checks every assembled block as the core will (sizes, presence) and turns its exception into a status.
+Status check_blocks(const std::vector<Layer>& layers) {
+  for (const Layer& L : layers) block_check(L.cfg, L.w);
+  return Status();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+
+class GptModel : public ModelBase {
+ public:
+  std::vector<Layer> blocks;
+  const float *wte = nullptr, *wpe = nullptr;
+  bool sinusoidal = false;
+  Norm ln_f;
+  LinearRef head;
   std::int64_t V = 0, block_size = 0, C = 0;
-  float eps = 1e-5f;
 
   std::string kind() const override { return "GPT"; }
 
@@ -291,44 +334,84 @@ class GptModel : public Model {
     V = cfg.integer("vocab_size", 1, kMaxSize), block_size = cfg.integer("block_size", 1, kMaxLength);
     C = cfg.integer("n_embd", 1, kMaxSize);
     const std::int64_t layers = cfg.integer("n_layer", 0, kMaxSize), H = cfg.integer("n_head", 1, kMaxSize);
-    eps = static_cast<float>(cfg.number("layer_norm_eps", 1e-5));
-    const bool learned = cfg.choice("positional", {"learned", "sinusoidal"}) == "learned";
+    const float eps = static_cast<float>(cfg.number("layer_norm_eps", 1e-5));
+    const std::string positional = cfg.choice("positional", {"learned", "sinusoidal", "rotary", "alibi"});
     const bool tied = cfg.flag("tie_weights", true);
-    const Activation act = activation_named(cfg.choice("activation", {"gelu", "gelu_tanh", "relu"}));
+    const Activation act = activation_named(cfg.choice("activation", {"gelu", "gelu_tanh", "relu", "silu"}));
+    const bool rms = cfg.choice("norm", {"layer_norm", "rms_norm"}) == "rms_norm";
+    const std::int64_t n_kv = cfg.integer_or("n_kv_head", 0, 0, kMaxSize);
+    const bool gated = cfg.flag("gated", false), bias = cfg.flag("bias", true);
+    const std::int64_t d_ff = cfg.integer_or("d_ff", 0, 0, kMaxSize);
+    const double theta = cfg.positive("rope_theta", 10000.0);
     if (!cfg.status.ok()) return cfg.status;
+    if (C % H) return Status::error("config: hidden size is not divisible by the heads");
+    const std::int64_t KVH = n_kv ? n_kv : H;
+    if (H % KVH) return Status::error("config: 'n_kv_head' must divide 'n_head'");
+    const std::int64_t F = d_ff ? d_ff : 4 * C, D = C / H;
+    // Python's rule: the classic GPT-2 block (torch's TransformerEncoderLayer names) unless a Llama-style option.
+    const bool table = positional == "learned" || positional == "sinusoidal";
+    const bool classic = !rms && table && !gated && bias && KVH == H;
     Status st = check_layers(weights, "blocks.", "n_layer", layers);
     if (!st.ok()) return st;
     ParamReader r(weights);
     wte = r.get("wte.weight", {V, C});
-    if (learned) wpe = r.get("wpe.weight", {block_size, C});
-    for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
-      blocks.push_back(read_block(r, "blocks." + std::to_string(i) + ".", C, 4 * C, H, true, act, eps));
-    lnf_w = r.get("ln_f.weight", {C});
-    lnf_b = r.get("ln_f.bias", {C}, true);
-    head = tied ? wte : r.get("lm_head.weight", {V, C});
+    if (positional == "learned") wpe = r.get("wpe.weight", {block_size, C});
+    sinusoidal = positional == "sinusoidal";
+    for (std::int64_t i = 0; i < layers && r.status.ok(); ++i) {
+      const std::string p = "blocks." + std::to_string(i) + ".";
+      if (classic) {
+        blocks.push_back(torch_layer(r, p, C, F, H, true, act, eps, false));
+        continue;
+      }
+      // TransformerBlock (Hugging Face Llama names).
+      Layer L;
+      L.cfg.d_model = C, L.cfg.num_heads = H, L.cfg.num_kv_heads = KVH, L.cfg.head_dim = D;
+      L.cfg.norm = rms ? NormKind::kRMSNorm : NormKind::kLayerNorm, L.cfg.norm_eps = eps;
+      L.cfg.norm_first = true, L.cfg.activation = act;
+      L.cfg.position = positional == "rotary"  ? PositionKind::kRotary
+                       : positional == "alibi" ? PositionKind::kAlibi
+                                               : PositionKind::kNone;
+      L.cfg.rotary.theta = theta;
+      L.w.self_attn.q = linear(r, p + "self_attn.q_proj", H * D, C);
+      L.w.self_attn.k = linear(r, p + "self_attn.k_proj", KVH * D, C);
+      L.w.self_attn.v = linear(r, p + "self_attn.v_proj", KVH * D, C);
+      L.w.self_attn.o = linear(r, p + "self_attn.o_proj", C, H * D);
+      if (gated) L.w.ff.gate = linear(r, p + "mlp.gate_proj", F, C);
+      L.w.ff.up = linear(r, p + "mlp.up_proj", F, C);
+      L.w.ff.down = linear(r, p + "mlp.down_proj", C, F);
+      L.w.norm1 = norm(r, p + "input_layernorm", C, !rms);
+      L.w.norm_ff = norm(r, p + "post_attention_layernorm", C, !rms);
+      blocks.push_back(L);
+    }
+    ln_f.kind = rms ? NormKind::kRMSNorm : NormKind::kLayerNorm, ln_f.eps = eps;
+    ln_f.ref = norm(r, "ln_f", C, !rms);
+    const float* head_w = tied ? wte : r.get("lm_head.weight", {V, C});
+    if (r.status.ok()) head = prepare(head_w, nullptr, V, C);  // the tied head too, as GPT._freeze_weights
     hidden_size_ = C;
-    return r.status;
+    return r.status.ok() ? check_blocks(blocks) : r.status;
   }
 
-  // Position rows start..start+n-1 (<= block_size): the learned table's, or sinusoidal rows computed into buf.
-  const float* positions(std::int64_t start, std::int64_t n, std::vector<float>* buf) const {
-    if (wpe) return wpe + start * C;
-    *buf = sinusoidal_rows(start, n, C);
-    return buf->data();
-  }
-
-  // Hidden states after ln_f for ids (B, T) at positions 0..T-1.
-  void hidden(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T, std::vector<float>* x) const {
-    x->resize(static_cast<size_t>(B * T * C));
-    embedding_forward(x->data(), ids.data(), wte, B * T, V, C);
+  // Token embeddings plus position rows start.. (learned or sinusoidal; none for rotary / ALiBi) for n tokens.
+  void embed(const std::int64_t* ids, std::int64_t n, std::int64_t start, std::int64_t period, float* x) const {
+    embedding_forward(x, ids, wte, n, V, C);
+    if (!wpe && !sinusoidal) return;
     std::vector<float> buf;
-    const float* pe = positions(0, T, &buf);
-    Work work;
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t c = 0; c < C; ++c) (*x)[(b * T + t) * C + c] += pe[t * C + c];
-    for (const Block& L : blocks) block_forward(L, x->data(), B, T, nullptr, true, work);
-    layernorm_forward(x->data(), nullptr, nullptr, x->data(), lnf_w, lnf_b, B * T, C, eps);
+    if (sinusoidal) buf = sinusoidal_rows(start, period, C);
+    const float* pe = wpe ? wpe + start * C : buf.data();
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t c = 0; c < C; ++c) x[i * C + c] += pe[(i % period) * C + c];
+  }
+
+  // Logits (B*T, V) of ids (B, T) at positions 0..T-1: GPT.forward.
+  void forward(const std::int64_t* ids, std::int64_t B, std::int64_t T, std::vector<float>* y) const {
+    std::vector<float> x(static_cast<size_t>(B * T * C));
+    embed(ids, B * T, 0, T, x.data());
+    BlockInput in;
+    in.B = B, in.T = T, in.causal = true;
+    for (const Layer& L : blocks) block_forward(x.data(), x.data(), L.cfg, L.w, in);
+    ln_f.apply(x.data(), x.data(), B * T, C);
+    y->resize(static_cast<size_t>(B * T * V));
+    linear_forward(y->data(), V, x.data(), C, B * T, head);
   }
 
   Status logits(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
@@ -340,54 +423,31 @@ class GptModel : public Model {
     if (st.ok()) st = check_output_size(B * T, V);
     if (!st.ok()) return st;
     return no_throw([&] {
-      std::vector<float> x, y(static_cast<size_t>(B * T * V));
-      hidden(ids, B, T, &x);
-      sgemm(false, true, B * T, V, C, 1.0f, x.data(), C, head, C, 0.0f, y.data(), V);
+      std::vector<float> y;
+      forward(ids.data(), B, T, &y);
       out->swap(y);
       return Status();
     });
   }
 
-  // One step with the key/value cache: tokens ids[0..n) at positions start..start+n-1; returns the last logits.
-  // The caches hold at least start+n positions.
-  void step(const std::int64_t* ids, std::int64_t n, std::int64_t start, std::vector<std::vector<float>>& kc,
-            std::vector<std::vector<float>>& vc, Work& work, std::vector<float>* logits) const {
-    std::vector<float> x(static_cast<size_t>(n * C)), buf;
-    embedding_forward(x.data(), ids, wte, n, V, C);
-    const float* pe = positions(start, n, &buf);
-    for (std::int64_t t = 0; t < n; ++t)
-      for (std::int64_t c = 0; c < C; ++c) x[t * C + c] += pe[t * C + c];
-    work.reserve(n, C, 4 * C);
-    for (size_t l = 0; l < blocks.size(); ++l) {
-      const Block& L = blocks[l];
-      layernorm_forward(work.h.data(), nullptr, nullptr, x.data(), L.n1_w, L.n1_b, n, C, eps);
-      sgemm(false, true, n, 3 * C, C, 1.0f, work.h.data(), C, L.in_w, C, 0.0f, work.qkv.data(), 3 * C, L.in_b);
-      for (std::int64_t t = 0; t < n; ++t) {
-        std::copy_n(work.qkv.data() + t * 3 * C + C, C, kc[l].data() + (start + t) * C);
-        std::copy_n(work.qkv.data() + t * 3 * C + 2 * C, C, vc[l].data() + (start + t) * C);
-      }
-      AttentionMask mask;
-      mask.causal = n > 1;  // prefill from position 0; single new tokens see the whole cache
-      const std::int64_t S = start + n, D = C / L.H;
-      const AttentionConfig cfg{1, L.H, n, S, D, 1.0f / std::sqrt(static_cast<float>(D))};
-      attention_forward(HeadTensor{work.att.data(), n * C, C}, nullptr, ConstHeadTensor{work.qkv.data(), n * 3 * C, 3 * C},
-                        ConstHeadTensor{kc[l].data(), S * C, C}, ConstHeadTensor{vc[l].data(), S * C, C}, mask, cfg);
-      sgemm(false, true, n, C, C, 1.0f, work.att.data(), C, L.out_w, C, 0.0f, work.proj.data(), C, L.out_b);
-      add_into(x.data(), work.proj.data(), n * C);
-      layernorm_forward(work.h.data(), nullptr, nullptr, x.data(), L.n2_w, L.n2_b, n, C, eps);
-      feed_forward(L, work.h.data(), work.ff.data(), n, work);
-      add_into(x.data(), work.ff.data(), n * C);
-    }
-    std::vector<float> last(C);
-    layernorm_forward(last.data(), nullptr, nullptr, x.data() + (n - 1) * C, lnf_w, lnf_b, 1, C, eps);
-    logits->resize(V);
-    sgemm(false, true, 1, V, C, 1.0f, last.data(), C, head, C, 0.0f, logits->data(), V);
+  // GPT._step_cached: tokens ids[0..n) at positions start.. through block_decode over the caches; the last
+  // position's logits.
+  void step(const std::int64_t* ids, std::int64_t n, std::int64_t start, std::vector<KVCache>& caches,
+            std::vector<float>* logits) const {
+    std::vector<float> x(static_cast<size_t>(n * C));
+    embed(ids, n, start, n, x.data());
+    for (size_t l = 0; l < blocks.size(); ++l)
+      block_decode(x.data(), x.data(), blocks[l].cfg, blocks[l].w, 1, n, nullptr, caches[l]);
+    std::vector<float> last(static_cast<size_t>(C));
+    ln_f.apply(last.data(), x.data() + (n - 1) * C, 1, C);
+    logits->resize(static_cast<size_t>(V));
+    linear_forward(logits->data(), V, last.data(), C, 1, head);
   }
 
   // The next token from the last position's logits. Non-finite logits (from non-finite weights) never index out
   // of range: NaN ranks lowest, and a distribution that does not sum to a positive finite number falls back to
   // the top-ranked token.
-  std::int64_t pick(const std::vector<float>& logits, const GenerateOptions& opts, std::mt19937_64& rng) const {
+  std::int64_t pick(const float* logits, const GenerateOptions& opts, std::mt19937_64& rng) const {
     const auto score = [&](std::int64_t j) { return std::isnan(logits[j]) ? -INFINITY : logits[j]; };
     const auto better = [&](std::int64_t a, std::int64_t b) {
       return score(a) > score(b) || (score(a) == score(b) && a < b);
@@ -429,22 +489,27 @@ class GptModel : public Model {
       // The cache holds positions 0..window-1: never more than block_size, nor than this call can reach.
       const std::int64_t window =
           std::min<std::int64_t>(block_size, static_cast<std::int64_t>(prompt.size()) + max_new_tokens);
-      std::vector<std::vector<float>> kc(blocks.size()), vc(blocks.size());
+      std::vector<KVCache> caches(blocks.size());
       std::vector<float> logits;
-      Work work;
-      std::int64_t cached = -1;  // the cache holds positions 0..cached-1 of `ids`; -1: nothing cached yet
+      bool cached = false;  // the caches hold every position of `ids` but the last
       for (int i = 0; i < max_new_tokens; ++i) {
         const std::int64_t total = static_cast<std::int64_t>(ids.size());
-        if (total <= block_size && cached == total - 1) {
-          step(ids.data() + total - 1, 1, total - 1, kc, vc, work, &logits);  // one new token: O(total) attention
-        } else {  // first step, or past the position table: run the last block_size tokens from position 0
-          const std::int64_t keep = std::min(total, block_size);
-          for (size_t l = 0; l < blocks.size(); ++l)
-            kc[l].assign(static_cast<size_t>(window * C), 0.0f), vc[l].assign(static_cast<size_t>(window * C), 0.0f);
-          step(ids.data() + total - keep, keep, 0, kc, vc, work, &logits);
+        const float* last = nullptr;
+        if (total <= block_size) {  // as GPT.generate with use_cache: the prompt once, then one token a step
+          if (!cached) {
+            for (size_t l = 0; l < blocks.size(); ++l)
+              caches[l].reset(1, window, blocks[l].cfg.kv_heads() * blocks[l].cfg.head_size());
+            step(ids.data(), total, 0, caches, &logits);
+          } else {
+            step(ids.data() + total - 1, 1, total - 1, caches, &logits);
+          }
+          cached = true;
+          last = logits.data();
+        } else {  // past the position table: GPT.forward over the last block_size tokens
+          forward(ids.data() + total - block_size, 1, block_size, &logits);
+          last = logits.data() + (block_size - 1) * V;
         }
-        cached = total <= block_size ? total : -1;
-        const std::int64_t next = pick(logits, opts, rng);
+        const std::int64_t next = pick(last, opts, rng);
         ids.push_back(next);
         if (opts.eos_id >= 0 && next == opts.eos_id) break;
       }
@@ -456,14 +521,15 @@ class GptModel : public Model {
 
 // ---------------------------------------------------------------------------------------------------------------
 
-class EncoderModel : public Model {
+class EncoderModel : public ModelBase {
  public:
-  Weights weights;
-  std::vector<Block> blocks;
+  std::vector<Layer> blocks;
   std::string model_kind;
   // classifier
-  const float *emb = nullptr, *cls = nullptr, *pos = nullptr, *norm_w = nullptr, *norm_b = nullptr,
-              *head_w = nullptr, *head_b = nullptr;
+  const float *emb = nullptr, *cls = nullptr, *pos = nullptr;
+  Norm final_norm;  // the classifier's encoder.norm (norm_first only)
+  bool has_final_norm = false;
+  LinearRef head;
   std::int64_t V = 0, C = 0, classes = 0, max_len = 0, pad_id = 0;
   bool mean_pool = true;
   float eps = 1e-5f;
@@ -492,13 +558,12 @@ class EncoderModel : public Model {
     if (!mean_pool) cls = r.get("cls", {C});
     if (learned) pos = r.get("pos.weight", {max_len + 1, C});
     for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
-      blocks.push_back(read_block(r, "encoder.layers." + std::to_string(i) + ".", C, F, H, norm_first,
-                                  Activation::kGeluErf, 1e-5f));
-    if (norm_first) norm_w = r.get("encoder.norm.weight", {C}), norm_b = r.get("encoder.norm.bias", {C}, true);
-    head_w = r.get("head.weight", {classes, C});
-    head_b = r.get("head.bias", {classes}, true);
+      blocks.push_back(torch_layer(r, "encoder.layers." + std::to_string(i) + ".", C, F, H, norm_first,
+                                   Activation::kGeluErf, 1e-5f, false));
+    if (norm_first) final_norm.ref = norm(r, "encoder.norm", C), has_final_norm = true;
+    head = linear(r, "head", classes, C);
     hidden_size_ = C;
-    return r.status;
+    return r.status.ok() ? check_blocks(blocks) : r.status;
   }
 
   Status init_bert(const Json& j) {
@@ -523,17 +588,17 @@ class EncoderModel : public Model {
     emb_norm_w = r.get("embeddings_norm.weight", {C});
     emb_norm_b = r.get("embeddings_norm.bias", {C}, true);
     for (std::int64_t i = 0; i < layers && r.status.ok(); ++i)
-      blocks.push_back(read_block(r, "layers." + std::to_string(i) + ".", C, F, H, false, act, eps));
+      blocks.push_back(torch_layer(r, "layers." + std::to_string(i) + ".", C, F, H, false, act, eps, false));
     hidden_size_ = C;
-    return r.status;
+    return r.status.ok() ? check_blocks(blocks) : r.status;
   }
 
-  // Shared encoder pass; padding (B*T) 1 = padding.
+  // The encoder blocks over x (B, T, C) in place; padding (B*T, 1 = padding) may be empty.
   void run_blocks(float* x, std::int64_t B, std::int64_t T, const std::vector<std::uint8_t>& padding) const {
-    Work work;
-    for (const Block& L : blocks) block_forward(L, x, B, T, padding.empty() ? nullptr : padding.data(), false, work);
+    BlockInput in;
+    in.B = B, in.T = T, in.key_padding = padding.empty() ? nullptr : padding.data();
+    for (const Layer& L : blocks) block_forward(x, x, L.cfg, L.w, in);
   }
-
   Status encode(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
                 const std::vector<std::int64_t>& attention_mask, std::vector<float>* hidden) const override {
     if (!hidden) return Status::error("encode: null output");
@@ -584,7 +649,7 @@ class EncoderModel : public Model {
         }
       }
       run_blocks(x.data(), B, T2, padding);
-      if (norm_w) layernorm_forward(x.data(), nullptr, nullptr, x.data(), norm_w, norm_b, B * T2, C, 1e-5f);
+      if (has_final_norm) final_norm.apply(x.data(), x.data(), B * T2, C);
       hidden->swap(x);
       return Status();
     });
@@ -612,8 +677,268 @@ class EncoderModel : public Model {
           if (ids[b * T + t] != pad_id)
             for (std::int64_t c = 0; c < C; ++c) pooled[b * C + c] += h[(b * T + t) * C + c] * w;
       }
-      sgemm(false, true, B, classes, C, 1.0f, pooled.data(), C, head_w, C, 0.0f, y.data(), classes, head_b);
+      linear_forward(y.data(), classes, pooled.data(), C, B, head);
       logits->swap(y);
+      return Status();
+    });
+  }
+};
+
+
+// ---------------------------------------------------------------------------------------------------------------
+// Seq2SeqTransformer: source/target embeddings scaled by sqrt(d_model) plus sinusoidal positions, the encoder and
+// decoder stacks (nn.Transformer: final norms on both), the generator head; greedy and beam-search translation.
+
+class Seq2SeqModel : public ModelBase {
+ public:
+  std::vector<Layer> encoder, decoder;
+  const float *src_emb = nullptr, *tgt_emb = nullptr;
+  Norm enc_norm, dec_norm;
+  LinearRef generator;
+  std::int64_t Vs = 0, Vt = 0, C = 0, max_len = 0, pad_id = 0, bos_id = 0, eos_id = 0;
+  float scale = 1.0f;
+
+  std::string kind() const override { return "Seq2SeqTransformer"; }
+
+  Status init(const Json& j) {
+    Config cfg(j);
+    Vs = cfg.integer("src_vocab_size", 1, kMaxSize), Vt = cfg.integer("tgt_vocab_size", 1, kMaxSize);
+    C = cfg.integer("d_model", 1, kMaxSize);
+    const std::int64_t H = cfg.integer("nhead", 1, kMaxSize), ne = cfg.integer("num_encoder_layers", 0, kMaxSize),
+                       nd = cfg.integer("num_decoder_layers", 0, kMaxSize),
+                       F = cfg.integer("dim_feedforward", 1, kMaxSize);
+    max_len = cfg.integer("max_len", 1, kMaxLength);
+    const std::int64_t vmin = std::min(Vs, Vt);
+    pad_id = cfg.integer("pad_id", 0, vmin - 1), bos_id = cfg.integer("bos_id", 0, Vt - 1);
+    eos_id = cfg.integer("eos_id", 0, Vt - 1);
+    const bool norm_first = cfg.flag("norm_first", true);
+    if (!cfg.status.ok()) return cfg.status;
+    Status st = check_layers(weights, "transformer.encoder.layers.", "num_encoder_layers", ne);
+    if (st.ok()) st = check_layers(weights, "transformer.decoder.layers.", "num_decoder_layers", nd);
+    if (!st.ok()) return st;
+    ParamReader r(weights);
+    src_emb = r.get("src_embedding.weight", {Vs, C});
+    tgt_emb = r.get("tgt_embedding.weight", {Vt, C});
+    for (std::int64_t i = 0; i < ne && r.status.ok(); ++i)
+      encoder.push_back(torch_layer(r, "transformer.encoder.layers." + std::to_string(i) + ".", C, F, H, norm_first,
+                                    Activation::kRelu, 1e-5f, false));
+    for (std::int64_t i = 0; i < nd && r.status.ok(); ++i)
+      decoder.push_back(torch_layer(r, "transformer.decoder.layers." + std::to_string(i) + ".", C, F, H, norm_first,
+                                    Activation::kRelu, 1e-5f, true));
+    enc_norm.ref = norm(r, "transformer.encoder.norm", C);
+    dec_norm.ref = norm(r, "transformer.decoder.norm", C);
+    generator = linear(r, "generator", Vt, C);
+    scale = static_cast<float>(std::sqrt(static_cast<double>(C)));
+    hidden_size_ = C;
+    if (!r.status.ok()) return r.status;
+    st = check_blocks(encoder);
+    return st.ok() ? check_blocks(decoder) : st;
+  }
+
+  // Embeddings * sqrt(d_model) + the sinusoidal rows of positions pos[i] (PositionalEncoding, eval mode).
+  void embed(const float* table, std::int64_t vocab, const std::int64_t* ids, std::int64_t n,
+             const std::vector<float>& pe, const std::int64_t* row_of, float* x) const {
+    embedding_forward(x, ids, table, n, vocab, C);
+    for (std::int64_t i = 0; i < n; ++i)
+      for (std::int64_t c = 0; c < C; ++c) x[i * C + c] = x[i * C + c] * scale + pe[row_of[i] * C + c];
+  }
+
+  // The encoder's output (B, S, C) and the source padding (B, S): Seq2SeqTransformer._encode.
+  void encode_source(const std::vector<std::int64_t>& src, std::int64_t B, std::int64_t S, std::vector<float>* memory,
+                     std::vector<std::uint8_t>* pad) const {
+    pad->resize(static_cast<size_t>(B * S));
+    std::vector<std::int64_t> rows(static_cast<size_t>(B * S));
+    for (std::int64_t i = 0; i < B * S; ++i) (*pad)[i] = src[i] == pad_id, rows[i] = i % S;
+    memory->resize(static_cast<size_t>(B * S * C));
+    embed(src_emb, Vs, src.data(), B * S, sinusoidal_rows(0, S, C), rows.data(), memory->data());
+    BlockInput in;
+    in.B = B, in.T = S, in.key_padding = pad->data();
+    for (const Layer& L : encoder) block_forward(memory->data(), memory->data(), L.cfg, L.w, in);
+    enc_norm.apply(memory->data(), memory->data(), B * S, C);
+  }
+
+  // One decoder step: token tok[b] of each of the n rows at position `pos` (the decoder's key/value caches hold
+  // the earlier ones); the generator's logits (n, Vt). A padding token is a masked key in Python's decode
+  // (tgt_key_padding_mask): here it is not appended to the cache (new_tokens 0), which attends the same way.
+  void step(const std::vector<std::int64_t>& tok, std::int64_t n, std::int64_t pos, std::vector<KVCache>& self,
+            const std::vector<KVCache>& cross, const std::uint8_t* memory_padding, std::vector<float>* logits) const {
+    std::vector<float> x(static_cast<size_t>(n * C));
+    const std::vector<std::int64_t> zero(static_cast<size_t>(n), 0);
+    embed(tgt_emb, Vt, tok.data(), n, sinusoidal_rows(pos, 1, C), zero.data(), x.data());
+    std::vector<std::int64_t> fresh(static_cast<size_t>(n));
+    for (std::int64_t b = 0; b < n; ++b) fresh[b] = tok[b] != pad_id;
+    for (size_t l = 0; l < decoder.size(); ++l)
+      block_decode(x.data(), x.data(), decoder[l].cfg, decoder[l].w, n, 1, fresh.data(), self[l], &cross[l],
+                   memory_padding);
+    dec_norm.apply(x.data(), x.data(), n, C);
+    logits->resize(static_cast<size_t>(n * Vt));
+    linear_forward(logits->data(), Vt, x.data(), C, n, generator);
+  }
+
+  Status position_error(std::int64_t length) const {
+    return Status::error("translate: target length " + std::to_string(length) + " exceeds max_len " +
+                         std::to_string(max_len) + " (the position table)");
+  }
+
+  // Token ids up to the first EOS or padding: Seq2SeqTransformer._strip.
+  std::vector<std::int64_t> strip(const std::int64_t* ids, std::int64_t n) const {
+    std::vector<std::int64_t> out;
+    for (std::int64_t i = 0; i < n && ids[i] != eos_id && ids[i] != pad_id; ++i) out.push_back(ids[i]);
+    return out;
+  }
+
+  std::vector<KVCache> new_caches(std::int64_t B, std::int64_t capacity) const {
+    std::vector<KVCache> caches(decoder.size());
+    for (size_t l = 0; l < decoder.size(); ++l)
+      caches[l].reset(B, capacity, decoder[l].cfg.kv_heads() * decoder[l].cfg.head_size());
+    return caches;
+  }
+
+  Status greedy(const std::vector<float>& memory, const std::vector<std::uint8_t>& pad, std::int64_t B,
+                std::int64_t S, int steps, std::vector<std::vector<std::int64_t>>* out) const {
+    std::vector<KVCache> cross(decoder.size());
+    for (size_t l = 0; l < decoder.size(); ++l)
+      block_cross_cache(memory.data(), B, S, decoder[l].cfg, decoder[l].w, cross[l]);
+    std::vector<KVCache> self = new_caches(B, std::max<std::int64_t>(1, std::min<std::int64_t>(steps, max_len)));
+    std::vector<std::vector<std::int64_t>> ys(static_cast<size_t>(B), std::vector<std::int64_t>{bos_id});
+    std::vector<bool> done(static_cast<size_t>(B), false);
+    std::vector<std::int64_t> tok(static_cast<size_t>(B));
+    std::vector<float> logits;
+    for (int s = 0; s < steps; ++s) {
+      if (s + 1 > max_len) return position_error(s + 1);
+      for (std::int64_t b = 0; b < B; ++b) tok[b] = ys[b].back();
+      step(tok, B, s, self, cross, pad.data(), &logits);
+      bool all = true;
+      for (std::int64_t b = 0; b < B; ++b) {
+        const float* row = logits.data() + b * Vt;
+        const std::int64_t best = std::max_element(row, row + Vt) - row;  // the first maximum, as numpy's argmax
+        const std::int64_t next = done[b] ? pad_id : best;
+        if (next == eos_id) done[b] = true;
+        ys[b].push_back(next);
+        all = all && done[b];
+      }
+      if (all) break;
+    }
+    out->clear();
+    for (const auto& row : ys) out->push_back(strip(row.data() + 1, static_cast<std::int64_t>(row.size()) - 1));
+    return Status();
+  }
+
+  // Seq2SeqTransformer._beam for source row `row`, step for step: candidates are each beam's beam_size best
+  // tokens, sorted by score (stable: beam order, then token order), the best beam_size unfinished kept; a
+  // candidate ending in EOS is finished with its score divided by ((5 + length) / 6) ^ alpha.
+  Status beam(const std::vector<float>& memory, const std::vector<std::uint8_t>& pad, std::int64_t row,
+              std::int64_t S, int steps, int beam_size, double alpha, std::vector<std::int64_t>* out) const {
+    std::vector<KVCache> base(decoder.size()), cross;
+    for (size_t l = 0; l < decoder.size(); ++l)
+      block_cross_cache(memory.data() + row * S * C, 1, S, decoder[l].cfg, decoder[l].w, base[l]);
+    std::vector<KVCache> self = new_caches(1, std::max<std::int64_t>(1, std::min<std::int64_t>(steps, max_len)));
+    struct Hyp {
+      std::vector<std::int64_t> seq;
+      double score;
+      std::int64_t parent;
+    };
+    const auto penalty = [&](size_t length) { return std::pow((5.0 + static_cast<double>(length) - 1.0) / 6.0, alpha); };
+    std::vector<Hyp> beams{{{bos_id}, 0.0, 0}};
+    std::vector<std::pair<std::vector<std::int64_t>, double>> finished;
+    std::vector<float> logits, logp;
+    std::vector<std::uint8_t> mpad;
+    std::int64_t cross_rows = 0;
+    for (int s = 0; s < steps; ++s) {
+      if (s + 1 > max_len) return position_error(s + 1);
+      const std::int64_t n = static_cast<std::int64_t>(beams.size());
+      if (n != cross_rows) {  // the memory repeated for n beams
+        cross = base;
+        const std::vector<std::int64_t> zeros(static_cast<size_t>(n), 0);
+        for (auto& c : cross) c.reorder(zeros.data(), n);
+        mpad.clear();
+        for (std::int64_t i = 0; i < n; ++i) mpad.insert(mpad.end(), pad.begin() + row * S, pad.begin() + (row + 1) * S);
+        cross_rows = n;
+      }
+      std::vector<std::int64_t> tok(static_cast<size_t>(n));
+      for (std::int64_t i = 0; i < n; ++i) tok[i] = beams[i].seq.back();
+      step(tok, n, s, self, cross, mpad.data(), &logits);
+      logp.resize(logits.size());
+      log_softmax_forward(logp.data(), logits.data(), n, Vt);
+      std::vector<Hyp> candidates;
+      std::vector<std::int64_t> order(static_cast<size_t>(Vt));
+      for (std::int64_t i = 0; i < n; ++i) {
+        const float* lp = logp.data() + i * Vt;
+        for (std::int64_t t = 0; t < Vt; ++t) order[t] = t;
+        std::partial_sort(order.begin(), order.begin() + beam_size, order.end(), [&](std::int64_t a, std::int64_t b) {
+          return lp[a] > lp[b] || (lp[a] == lp[b] && a < b);
+        });
+        for (int k = 0; k < beam_size; ++k) {
+          Hyp h{beams[i].seq, beams[i].score + static_cast<double>(lp[order[k]]), i};
+          h.seq.push_back(order[k]);
+          candidates.push_back(std::move(h));
+        }
+      }
+      std::stable_sort(candidates.begin(), candidates.end(),
+                       [](const Hyp& a, const Hyp& b) { return a.score > b.score; });
+      std::vector<Hyp> next;
+      for (Hyp& c : candidates) {
+        if (c.seq.back() == eos_id)
+          finished.emplace_back(c.seq, c.score / penalty(c.seq.size()));
+        else
+          next.push_back(std::move(c));
+        if (static_cast<int>(next.size()) == beam_size) break;
+      }
+      beams.swap(next);
+      if (beams.empty()) break;
+      if (static_cast<int>(finished.size()) >= beam_size) {
+        double best_finished = -INFINITY, best_open = -INFINITY;
+        for (const auto& f : finished) best_finished = std::max(best_finished, f.second);
+        for (const Hyp& b : beams) best_open = std::max(best_open, b.score / penalty(b.seq.size()));
+        if (best_finished > best_open) break;
+      }
+      std::vector<std::int64_t> parents;
+      for (const Hyp& b : beams) parents.push_back(b.parent);
+      for (auto& c : self) c.reorder(parents.data(), static_cast<std::int64_t>(parents.size()));
+    }
+    if (finished.empty())
+      for (const Hyp& b : beams) finished.emplace_back(b.seq, b.score / penalty(b.seq.size()));
+    size_t best = 0;  // the first maximum, as Python's max
+    for (size_t i = 1; i < finished.size(); ++i)
+      if (finished[i].second > finished[best].second) best = i;
+    const auto& seq = finished[best].first;
+    *out = strip(seq.data() + 1, static_cast<std::int64_t>(seq.size()) - 1);
+    return Status();
+  }
+
+  Status translate(const std::vector<std::int64_t>& src, std::int64_t B, std::int64_t S, int steps, int beam_size,
+                   double length_penalty, std::vector<std::vector<std::int64_t>>* out) const override {
+    if (!out) return Status::error("translate: null output");
+    Status st = check_ids(src, B, S, Vs);
+    if (!st.ok()) return st;
+    if (S > max_len)
+      return Status::error("translate: source length " + std::to_string(S) + " exceeds max_len " +
+                           std::to_string(max_len));
+    if (steps < 0) return Status::error("translate: max_len must be >= 0");
+    if (beam_size < 1) return Status::error("translate: beam_size must be >= 1");
+    if (beam_size >= Vt)
+      return Status::error("translate: beam_size must be smaller than the target vocabulary (" + std::to_string(Vt) +
+                           "), got " + std::to_string(beam_size));
+    if (!std::isfinite(length_penalty) || std::fabs(length_penalty) > 10)
+      return Status::error("translate: length_penalty must be a finite number in [-10, 10]");
+    st = check_output_size(B * S, C);
+    if (!st.ok()) return st;
+    return no_throw([&] {
+      std::vector<float> memory;
+      std::vector<std::uint8_t> pad;
+      encode_source(src, B, S, &memory, &pad);
+      std::vector<std::vector<std::int64_t>> result;
+      if (beam_size == 1) {
+        Status s = greedy(memory, pad, B, S, steps, &result);
+        if (!s.ok()) return s;
+      } else {
+        result.resize(static_cast<size_t>(B));
+        for (std::int64_t b = 0; b < B; ++b) {
+          Status s = beam(memory, pad, b, S, steps, beam_size, length_penalty, &result[b]);
+          if (!s.ok()) return s;
+        }
+      }
+      out->swap(result);
       return Status();
     });
   }
@@ -636,6 +961,11 @@ Status Model::logits(const std::vector<std::int64_t>&, std::int64_t, std::int64_
 Status Model::generate(const std::vector<std::int64_t>&, int, const GenerateOptions&,
                        std::vector<std::int64_t>*) const {
   return Status::error(kind() + " is not a language model (GPT is)");
+}
+
+Status Model::translate(const std::vector<std::int64_t>&, std::int64_t, std::int64_t, int, int, double,
+                        std::vector<std::vector<std::int64_t>>*) const {
+  return Status::error(kind() + " is not a translation model (Seq2SeqTransformer is)");
 }
 
 Status Model::sentence_embeddings(const std::vector<std::int64_t>& ids, std::int64_t B, std::int64_t T,
@@ -666,7 +996,7 @@ namespace {
 
 // Builds a model from a file's tensors and metadata; `name` prefixes error messages.
 Status build_model(std::map<std::string, Tensor>& tensors, std::map<std::string, std::string>& meta,
-                   const std::string& name, std::unique_ptr<Model>* out) {
+                   const std::string& name, const LoadOptions& options, std::unique_ptr<Model>* out) {
   const auto fail = [&](const std::string& what) { return Status::error(name.empty() ? what : name + ": " + what); };
   const std::string& format = meta["format"];
   if (format != "cpuformer-model" && format != "cpuformer-checkpoint")
@@ -679,19 +1009,27 @@ Status build_model(std::map<std::string, Tensor>& tensors, std::map<std::string,
   if (!st.ok()) return fail("bad model config: " + st.message());
   const std::string& cls = meta["model_class"];
   std::unique_ptr<Model> model;
+  if (options.weights != LoadOptions::kFloat32 && options.weights != LoadOptions::kPacked &&
+      options.weights != LoadOptions::kInt8)
+    return fail("LoadOptions: unknown weights form");
   if (cls == "GPT") {
     auto m = std::make_unique<GptModel>();
-    m->weights = std::move(tensors);
+    m->weights = std::move(tensors), m->options = options;
     st = m->init(config);
     model = std::move(m);
   } else if (cls == "TransformerClassifier" || cls == "BertModel") {
     auto m = std::make_unique<EncoderModel>();
-    m->weights = std::move(tensors);
+    m->weights = std::move(tensors), m->options = options;
     st = cls == "BertModel" ? m->init_bert(config) : m->init_classifier(config);
+    model = std::move(m);
+  } else if (cls == "Seq2SeqTransformer") {
+    auto m = std::make_unique<Seq2SeqModel>();
+    m->weights = std::move(tensors), m->options = options;
+    st = m->init(config);
     model = std::move(m);
   } else {
     return fail("model class " + quoted(cls) + " is not supported by the C++ runtime (GPT, TransformerClassifier, "
-                "BertModel)");
+                "BertModel, Seq2SeqTransformer)");
   }
   if (!st.ok()) return fail(st.message());
   *out = std::move(model);
@@ -700,25 +1038,26 @@ Status build_model(std::map<std::string, Tensor>& tensors, std::map<std::string,
 
 }  // namespace
 
-Status Model::load(const std::string& path, std::unique_ptr<Model>* out) {
+Status Model::load(const std::string& path, std::unique_ptr<Model>* out, const LoadOptions& options) {
   if (!out) return Status::error("Model::load: null output");
   out->reset();
   return no_throw([&] {
     std::map<std::string, Tensor> tensors;
     std::map<std::string, std::string> meta;
     Status st = read_safetensors(path, &tensors, &meta);
-    return st.ok() ? build_model(tensors, meta, path, out) : st;
+    return st.ok() ? build_model(tensors, meta, path, options, out) : st;
   });
 }
 
-Status Model::load_from_buffer(const void* data, std::size_t size, std::unique_ptr<Model>* out) {
+Status Model::load_from_buffer(const void* data, std::size_t size, std::unique_ptr<Model>* out,
+                               const LoadOptions& options) {
   if (!out) return Status::error("Model::load_from_buffer: null output");
   out->reset();
   return no_throw([&] {
     std::map<std::string, Tensor> tensors;
     std::map<std::string, std::string> meta;
     Status st = read_safetensors_buffer(data, size, &tensors, &meta);
-    return st.ok() ? build_model(tensors, meta, "", out) : st;
+    return st.ok() ? build_model(tensors, meta, "", options, out) : st;
   });
 }
 

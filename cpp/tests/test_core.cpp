@@ -415,6 +415,30 @@ void test_model_generate() {
   }
 }
 
+// The Llama-style GPT (rotary, GQA, gated SiLU, RMSNorm): cached generation through block_decode equals logits()
+// of the whole window each step, in every weight form.
+void test_model_llama_generate() {
+  const std::string bytes = cpuformer_testing::tiny_llama_gpt().file();
+  for (const auto form : {cpuformer::LoadOptions::kFloat32, cpuformer::LoadOptions::kPacked,
+                          cpuformer::LoadOptions::kInt8}) {
+    std::unique_ptr<cpuformer::Model> m;
+    cpuformer::LoadOptions options;
+    options.weights = form;
+    check(cpuformer::Model::load_from_buffer(bytes.data(), bytes.size(), &m, options).ok(), "llama GPT: loads");
+    if (!m) continue;
+    for (const int len : {1, 3, 8})
+      for (const int n : {0, 4, 9}) {
+        std::vector<std::int64_t> prompt, out;
+        for (int i = 0; i < len; ++i) prompt.push_back((3 * i + 5) % 11);
+        const cpuformer::Status st = m->generate(prompt, n, cpuformer::GenerateOptions{}, &out);
+        // int8: one row's activations quantize the same alone or among others, so the reference agrees too
+        check(st.ok() && out == greedy_reference(*m, prompt, n, 6),
+              "llama GPT: cached greedy generation = uncached, form " + std::to_string(form) + ", prompt " +
+                  std::to_string(len) + ", new " + std::to_string(n));
+      }
+  }
+}
+
 void test_model_encoders() {
   for (const bool mean_pool : {true, false}) {
     const std::string name = mean_pool ? "classifier mean" : "classifier cls";
@@ -452,34 +476,52 @@ void test_model_encoders() {
 // its scratch per call; sinusoidal positions are computed per call, not grown in a shared table).
 void test_model_threads() {
   const std::vector<std::int64_t> ids{1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
-  for (const auto& [name, spec] : cpuformer_testing::tiny_models()) {
-    auto m = load_spec(spec);
-    if (!m) continue;
-    const bool gpt = m->kind() == "GPT";
-    // Each thread uses its own sequence length, so a shared buffer would be resized under another call.
-    const auto call = [&](int i, std::vector<float>* f, std::vector<std::int64_t>* g) {
-      const std::int64_t T = 2 + i % 4;
-      const std::vector<std::int64_t> x(ids.begin(), ids.begin() + 2 * T);
-      if (!gpt) return m->encode(x, 2, T, {}, f).ok();
-      return m->logits(x, 2, T, f).ok() && m->generate({x[0]}, 3 + i, cpuformer::GenerateOptions{}, g).ok();
-    };
-    std::vector<std::vector<float>> ref_f(4);
-    std::vector<std::vector<std::int64_t>> ref_g(4);
-    bool ok = true;
-    for (int i = 0; i < 4; ++i) ok = ok && call(i, &ref_f[i], &ref_g[i]);
-    std::vector<int> bad(4, 0);
-    std::vector<std::thread> threads;
-    for (int i = 0; i < 4; ++i)
-      threads.emplace_back([&, i] {
-        for (int r = 0; r < 50; ++r) {
-          std::vector<float> f;
-          std::vector<std::int64_t> g;
-          if (!call(i, &f, &g) || f != ref_f[i] || g != ref_g[i]) ++bad[i];
+  for (const auto& [name, spec] : cpuformer_testing::tiny_models())
+    for (const auto form : {cpuformer::LoadOptions::kFloat32, cpuformer::LoadOptions::kPacked,
+                            cpuformer::LoadOptions::kInt8}) {
+      const std::string bytes = spec.file();
+      std::unique_ptr<cpuformer::Model> m;
+      cpuformer::LoadOptions options;
+      options.weights = form;
+      const cpuformer::Status loaded = cpuformer::Model::load_from_buffer(bytes.data(), bytes.size(), &m, options);
+      const std::string label = name + (form == cpuformer::LoadOptions::kInt8     ? " int8"
+                                        : form == cpuformer::LoadOptions::kPacked ? " packed"
+                                                                                  : "");
+      check(loaded.ok(), label + ": loads (" + loaded.message() + ")");
+      if (!m) continue;
+      const bool gpt = m->kind() == "GPT", s2s = m->kind() == "Seq2SeqTransformer";
+      // Each thread uses its own sequence length, so a shared buffer would be resized under another call.
+      const auto call = [&](int i, std::vector<float>* f, std::vector<std::int64_t>* g) {
+        const std::int64_t T = 2 + i % 4;
+        const std::vector<std::int64_t> x(ids.begin(), ids.begin() + 2 * T);
+        if (s2s) {  // greedy and beam search (beams 2, 3), two source rows
+          std::vector<std::vector<std::int64_t>> out;
+          if (!m->translate(x, 2, T, 3 + i, 1 + i % 3, 0.6, &out).ok() || out.size() != 2) return false;
+          g->clear();
+          for (const auto& row : out) g->insert(g->end(), row.begin(), row.end()), g->push_back(-1);
+          return true;
         }
-      });
-    for (auto& t : threads) t.join();
-    check(ok && bad == std::vector<int>(4, 0), name + ": concurrent calls on one model give single-thread results");
-  }
+        if (!gpt) return m->encode(x, 2, T, {}, f).ok();
+        return m->logits(x, 2, T, f).ok() && m->generate({x[0]}, 3 + i, cpuformer::GenerateOptions{}, g).ok();
+      };
+      std::vector<std::vector<float>> ref_f(4);
+      std::vector<std::vector<std::int64_t>> ref_g(4);
+      bool ok = true;
+      for (int i = 0; i < 4; ++i) ok = ok && call(i, &ref_f[i], &ref_g[i]);
+      std::vector<int> bad(4, 0);
+      std::vector<std::thread> threads;
+      for (int i = 0; i < 4; ++i)
+        threads.emplace_back([&, i] {
+          for (int r = 0; r < 20; ++r) {
+            std::vector<float> f;
+            std::vector<std::int64_t> g;
+            if (!call(i, &f, &g) || f != ref_f[i] || g != ref_g[i]) ++bad[i];
+          }
+        });
+      for (auto& t : threads) t.join();
+      check(ok && bad == std::vector<int>(4, 0),
+            label + ": concurrent calls on one model give single-thread results");
+    }
 }
 
 void test_model_file_validation() {
@@ -512,7 +554,7 @@ void test_model_file_validation() {
       {with_config(gpt, "\"n_head\": 2", "\"n_head\": 3"), "not divisible by the heads"},
       {with_config(gpt, "\"n_head\": 2", "\"n_head\": -2"), "'n_head' must be an integer"},
       {with_config(gpt, "\"vocab_size\": 11", "\"vocab_size\": 12"), "'wte.weight' has shape"},
-      {with_config(gpt, "\"positional\": \"sinusoidal\"", "\"positional\": \"rotary\""), "'positional' must be"},
+      {with_config(gpt, "\"positional\": \"sinusoidal\"", "\"positional\": \"rope\""), "'positional' must be"},
       {with_config(gpt, "\"tie_weights\": true", "\"tie_weights\": 1"), "'tie_weights' must be true or false"},
       {with_config(gpt, "\"layer_norm_eps\": 1e-05", "\"layer_norm_eps\": -1"), "'layer_norm_eps'"},
       {with_config(clf, "\"pad_id\": 0", "\"pad_id\": 13"), "'pad_id' must be an integer in [0, 12]"},
@@ -790,6 +832,7 @@ int main() {
   test_attention_variants(gen);
   test_safetensors_fuzz(gen);
   test_model_generate();
+  test_model_llama_generate();
   test_model_encoders();
   test_model_threads();
   test_model_file_validation();

@@ -7,6 +7,12 @@
 //   std::vector<int64_t> out;
 //   st = model->generate({2, 17, 5}, 50, cpuformer::GenerateOptions{}, &out);   // GPT: ids in, ids out
 //
+// Models: GPT (classic GPT-2 blocks, or the Llama-style options: RMSNorm, rotary or ALiBi positions, gated SiLU,
+// grouped-query attention, no biases, an untied head), TransformerClassifier, BertModel and Seq2SeqTransformer
+// (greedy and beam-search translation). Every layer runs through the core's Transformer block (block.h), the same
+// code Python's layers call, so results equal Python's. LoadOptions prepares every Linear weight once: packed
+// float32 (cpuformer.nn.freeze) or int8 (cpuformer.nn.quantize_dynamic), the same kernels as Python's.
+//
 // Files are the ones cpuformer.save() writes (safetensors: tensors + the model class and its config as JSON in the
 // metadata). Every function returns a Status instead of throwing (out of memory included); a malformed file
 // (truncated, header past the end, offsets out of bounds or overlapping, unknown dtype, JSON nested deeper than 64
@@ -67,16 +73,26 @@ Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* 
 Status read_safetensors_buffer(const void* data, std::size_t size, std::map<std::string, Tensor>* tensors,
                                std::map<std::string, std::string>* metadata);
 
+// How a model's Linear weights are held for inference: as read (float32), packed once into the GEMM's panels
+// (Python's cpuformer.nn.freeze: the same results as float32 to a few ulp), or int8 per output channel with
+// activations quantized per row at run time (Python's cpuformer.nn.quantize_dynamic: the same results).
+struct LoadOptions {
+  enum Weights { kFloat32, kPacked, kInt8 };
+  Weights weights = kFloat32;
+};
+
 // A loaded model is immutable: every inference method is const and keeps its scratch per call, so one model may be
 // called from any number of threads at once.
 class Model {
  public:
   virtual ~Model() = default;
-  static Status load(const std::string& path, std::unique_ptr<Model>* out);
+  static Status load(const std::string& path, std::unique_ptr<Model>* out,
+                     const LoadOptions& options = LoadOptions());
   // The same from a model file's bytes in memory (the model copies what it needs).
-  static Status load_from_buffer(const void* data, std::size_t size, std::unique_ptr<Model>* out);
+  static Status load_from_buffer(const void* data, std::size_t size, std::unique_ptr<Model>* out,
+                                 const LoadOptions& options = LoadOptions());
 
-  // "GPT", "TransformerClassifier" or "BertModel".
+  // "GPT", "TransformerClassifier", "BertModel" or "Seq2SeqTransformer".
   virtual std::string kind() const = 0;
 
   // Encoders (BertModel, TransformerClassifier): the last hidden states (B, T, C), row-major. ids (B*T);
@@ -98,6 +114,14 @@ class Model {
   // finite and >= 0 (0 = greedy); anything else is an error status.
   virtual Status generate(const std::vector<std::int64_t>& prompt, int max_new_tokens, const GenerateOptions& opts,
                           std::vector<std::int64_t>* out) const;
+
+  // Seq2SeqTransformer: translate each source row of src_ids (B, S; pad_id marks padding) as Python's
+  // translate(src, max_len, beam_size, length_penalty): greedy when beam_size == 1, else beam search with the GNMT
+  // length penalty ((5 + length) / 6) ^ length_penalty. The encoder runs once; the decoder extends key/value caches
+  // one token per step. out receives B id lists without BOS/EOS. max_len >= 0, 1 <= beam_size < target vocabulary,
+  // |length_penalty| <= 10; S and the decoded length are bounded by the config's max_len, as in Python.
+  virtual Status translate(const std::vector<std::int64_t>& src_ids, std::int64_t B, std::int64_t S, int max_len,
+                           int beam_size, double length_penalty, std::vector<std::vector<std::int64_t>>* out) const;
 
   std::int64_t hidden_size() const { return hidden_size_; }
 
