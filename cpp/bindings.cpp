@@ -2026,7 +2026,8 @@ PYBIND11_MODULE(_core, m) {
              I64 r = i64(rows, "rows");
              if (r.ndim() != 1) value_error("rows must be 1-D");
              c.reorder(r.data(), r.shape(0));
-           }, py::arg("rows"), "Beam search: new row i = old row rows[i].");
+           }, py::arg("rows"), "Beam search: new row i = old row rows[i].")
+      .def("copy", [](const KVCache& c) { return c; }, "An independent copy.");
   m.def("block_forward", [](const BlockConfig& c, const py::dict& w, const py::object& x, const py::object& kpm,
                             const py::object& am, bool causal, const py::object& off, const py::object& mem,
                             const py::object& mkpm, const py::object& mm, bool need_weights) {

@@ -94,12 +94,32 @@ class Seq2SeqTransformer(Module):
         finally:
             self.train(was_training)
 
+    def _new_caches(self, batch: int, max_len: int):
+        capacity = max(1, min(max_len, self.config["max_len"]))
+        return [layer.new_cache(batch, capacity) for layer in self.transformer.decoder.layers]
+
+    def _step(self, tok: np.ndarray, pos: int, caches, crosses, pad) -> np.ndarray:
+        """One decoder step: token ``tok[b]`` of each row at position ``pos`` through the decoder blocks' key/value
+        caches (the C++ block's decode step); the generator's logits (n, V). A padding token (a finished row) is
+        not appended to its cache, which attends as the full decoder's target padding mask does."""
+        if pos + 1 > self.config["max_len"]:
+            raise ValueError(f"translate: target length {pos + 1} exceeds max_len {self.config['max_len']}")
+        x = self.tgt_embedding.weight.data[tok][:, None] * self.scale + self.tgt_pos.rows(pos, pos + 1)[None]
+        fresh = (tok != self.pad_id).astype(np.int64)
+        for layer, cache, cross in zip(self.transformer.decoder.layers, caches, crosses):
+            x = layer.decode(x, cache, new_tokens=fresh, cross=cross, memory_key_padding_mask=pad)
+        if self.transformer.decoder.norm is not None:
+            x = self.transformer.decoder.norm(x)
+        return self.generator(x[:, 0])
+
     def _greedy(self, memory, pad, max_len):
         B = memory.shape[0]
+        crosses = [layer.cross_cache(memory) for layer in self.transformer.decoder.layers]
+        caches = self._new_caches(B, max_len)
         ys = np.full((B, 1), self.bos_id, np.int64)
         done = np.zeros(B, bool)
-        for _ in range(max_len):
-            logits = self.decode(ys, memory, pad)[:, -1]
+        for step in range(max_len):
+            logits = self._step(ys[:, -1], step, caches, crosses, pad)
             nxt = np.where(done, self.pad_id, logits.argmax(-1))
             done |= nxt == self.eos_id
             ys = np.concatenate([ys, nxt[:, None]], axis=1)
@@ -116,32 +136,47 @@ class Seq2SeqTransformer(Module):
         return out
 
     def _beam(self, memory, pad, max_len, beam_size, alpha) -> List[int]:
-        beams = [([self.bos_id], 0.0)]
+        """Beam search over one source row: each beam's beam_size best tokens, sorted by score (stable: beam order,
+        then token order), the best beam_size unfinished kept; one ending in EOS is finished with its score divided
+        by ((5 + length) / 6) ** alpha. Beams share the key/value caches through reordering."""
+        base = [layer.cross_cache(memory) for layer in self.transformer.decoder.layers]
+        caches = self._new_caches(1, max_len)
+        beams = [([self.bos_id], 0.0, 0)]
         finished = []
-        for _ in range(max_len):
-            ys = np.array([b[0] for b in beams], np.int64)
+        crosses, cross_rows = None, 0
+
+        def penalty(length):
+            return ((5 + length - 1) / 6) ** alpha
+
+        for step in range(max_len):
             n = len(beams)
-            logits = self.decode(ys, np.repeat(memory, n, 0), np.repeat(pad, n, 0))[:, -1]
-            logp = ops.log_softmax(logits)
+            if n != cross_rows:  # the memory repeated for n beams
+                crosses = [c.copy() for c in base]
+                for c in crosses:
+                    c.reorder(np.zeros(n, np.int64))
+                cross_rows, mpad = n, np.repeat(pad, n, 0)
+            tok = np.array([b[0][-1] for b in beams], np.int64)
+            logp = ops.log_softmax(self._step(tok, step, caches, crosses, mpad))
             candidates = []
-            for i, (seq, score) in enumerate(beams):
-                top = np.argpartition(-logp[i], beam_size)[:beam_size]
-                candidates += [(seq + [int(t)], score + float(logp[i, t])) for t in top]
+            for i, (seq, score, _) in enumerate(beams):
+                top = np.lexsort((np.arange(logp.shape[1]), -logp[i]))[:beam_size]  # ties: lower id first
+                candidates += [(seq + [int(t)], score + float(logp[i, t]), i) for t in top]
             candidates.sort(key=lambda c: -c[1])
             beams = []
-            for seq, score in candidates:
-                if seq[-1] == self.eos_id:
-                    finished.append((seq, score / (((5 + len(seq) - 1) / 6) ** alpha)))
+            for cand in candidates:
+                if cand[0][-1] == self.eos_id:
+                    finished.append((cand[0], cand[1] / penalty(len(cand[0]))))
                 else:
-                    beams.append((seq, score))
+                    beams.append(cand)
                 if len(beams) == beam_size:
                     break
             if not beams or (len(finished) >= beam_size and max(f[1] for f in finished) >
-                             max(b[1] / (((5 + len(b[0]) - 1) / 6) ** alpha) for b in beams)):
+                             max(b[1] / penalty(len(b[0])) for b in beams)):
                 break
+            parents = np.array([b[2] for b in beams], np.int64)
+            for c in caches:
+                c.reorder(parents)
         if not finished:
-            finished = [(seq, score / (((5 + len(seq) - 1) / 6) ** alpha)) for seq, score in beams]
+            finished = [(seq, score / penalty(len(seq))) for seq, score, _ in beams]
         best = max(finished, key=lambda f: f[1])[0]
         return self._strip(best[1:])
-
-
