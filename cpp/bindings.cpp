@@ -1009,24 +1009,59 @@ F32 hidden_buffer(const py::object& obj, const char* name, py::ssize_t rows, py:
   return buf;
 }
 
+// The gate of a gated network (SwiGLU/GeGLU): w_gate (F, C) like linear1, b_gate (F) or None.
+struct GateArgs {
+  std::optional<F32> w, b;
+  const float* bias = nullptr;
+};
+GateArgs gate_args(const py::object& w_obj, const py::object& b_obj, const FfnShapes& s) {
+  GateArgs g;
+  if (w_obj.is_none()) {
+    if (!b_obj.is_none()) value_error("gate.bias given without gate.weight");
+    return g;
+  }
+  g.w = f32(w_obj, "gate.weight", 2, 2);
+  if (g.w->shape(0) != s.F || g.w->shape(1) != s.C)
+    value_error("gate.weight must have shape (" + std::to_string(s.F) + ", " + std::to_string(s.C) + "), got " +
+                shape_of(*g.w));
+  g.b = opt_f32(b_obj, "gate.bias");
+  g.bias = opt_vec(g.b, "gate.bias", s.F);
+  return g;
+}
+
+FeedForwardWeights ffn_weights(const FfnShapes& s, const float* w1, const float* b1, const float* w2,
+                               const float* b2, const GateArgs& g) {
+  FeedForwardWeights w;
+  w.up = LinearRef{s.C, s.F, w1, b1};
+  w.down = LinearRef{s.F, s.C, w2, b2};
+  if (g.w) w.gate = LinearRef{s.C, s.F, g.w->data(), g.bias};
+  return w;
+}
+
 py::tuple feedforward_fwd(const py::object& x_obj, const py::object& w1_obj, const py::object& b1_obj,
                           const py::object& w2_obj, const py::object& b2_obj, const std::string& kind,
-                          float dropout_p, std::uint64_t seed, const py::object& u_obj, const py::object& a_obj) {
+                          float dropout_p, std::uint64_t seed, const py::object& u_obj, const py::object& a_obj,
+                          const py::object& wg_obj, const py::object& bg_obj) {
   const F32 x = f32(x_obj, "x", 1), w1 = f32(w1_obj, "linear1.weight", 2, 2), w2 = f32(w2_obj, "linear2.weight", 2, 2);
   const FfnShapes s = ffn_shapes(x, w1, w2);
   const auto b1_arr = opt_f32(b1_obj, "linear1.bias"), b2_arr = opt_f32(b2_obj, "linear2.bias");
   const float* b1 = opt_vec(b1_arr, "linear1.bias", s.F);
   const float* b2 = opt_vec(b2_arr, "linear2.bias", s.C);
+  const GateArgs g = gate_args(wg_obj, bg_obj, s);
   check_p(dropout_p);
   const Activation act = activation_of(kind);
   F32 out = empty_like(x);
-  F32 u = hidden_buffer(u_obj, "u_out", s.rows, s.F, {&x, &w1, &w2, opt_arg(b1_arr), opt_arg(b2_arr)});
-  F32 a = hidden_buffer(a_obj, "a_out", s.rows, s.F, {&x, &w1, &w2, opt_arg(b1_arr), opt_arg(b2_arr), &u});
+  const std::vector<const py::array*> ins{&x, &w1, &w2, opt_arg(b1_arr), opt_arg(b2_arr), opt_arg(g.w), opt_arg(g.b)};
+  F32 u = hidden_buffer(u_obj, "u_out", s.rows, g.w ? 2 * s.F : s.F, ins);
+  std::vector<const py::array*> ins_u = ins;
+  ins_u.push_back(&u);
+  F32 a = hidden_buffer(a_obj, "a_out", s.rows, s.F, ins_u);
   float *po = out.mutable_data(), *pu = u.mutable_data(), *pa = a.mutable_data();
-  const float *px = x.data(), *pw1 = w1.data(), *pw2 = w2.data();
+  const FeedForwardWeights w = ffn_weights(s, w1.data(), b1, w2.data(), b2, g);
+  const float* px = x.data();
   {
     py::gil_scoped_release nogil;
-    feedforward_forward(po, pu, pa, px, pw1, b1, pw2, b2, s.rows, s.C, s.F, act, dropout_p, seed);
+    feedforward_forward(po, pu, pa, px, w, s.rows, act, dropout_p, seed);
   }
   return py::make_tuple(out, u, a);
 }
@@ -1045,34 +1080,43 @@ F32 feedforward_bwd(const py::object& dout_obj, const py::object& x_obj, const p
                     const py::object& a_obj, const py::object& w1_obj, const py::object& w2_obj,
                     const py::object& dw1_obj, const py::object& db1_obj, const py::object& dw2_obj,
                     const py::object& db2_obj, const std::string& kind, float dropout_p, std::uint64_t seed,
-                    const py::object& workspace_obj) {
+                    const py::object& workspace_obj, const py::object& wg_obj, const py::object& dwg_obj,
+                    const py::object& dbg_obj) {
   const F32 x = f32(x_obj, "x", 1), w1 = f32(w1_obj, "linear1.weight", 2, 2), w2 = f32(w2_obj, "linear2.weight", 2, 2);
   const FfnShapes s = ffn_shapes(x, w1, w2);
+  const GateArgs g = gate_args(wg_obj, py::none(), s);
+  const index_t uw = g.w ? 2 * s.F : s.F;
   const F32 dout = f32(dout_obj, "grad_output", 1), u = f32(u_obj, "u", 2, 2), a = f32(a_obj, "a", 2, 2);
   same_shape(dout, "grad_output", x, "x");
-  if (u.shape(0) != s.rows || u.shape(1) != s.F || a.shape(0) != s.rows || a.shape(1) != s.F)
-    value_error("feedforward_backward: saved activations must have shape (rows, dim_feedforward)");
-  std::optional<F32> k1, k2, k3, k4;
+  if (u.shape(0) != s.rows || u.shape(1) != uw || a.shape(0) != s.rows || a.shape(1) != s.F)
+    value_error("feedforward_backward: saved activations must have shape (rows, " + std::string(g.w ? "2 * " : "") +
+                "dim_feedforward) and (rows, dim_feedforward)");
+  std::optional<F32> k1, k2, k3, k4, k5, k6;
   float* dw1 = opt_grad(dw1_obj, "linear1.weight.grad", {s.F, s.C}, k1);
   float* db1 = opt_grad(db1_obj, "linear1.bias.grad", {s.F}, k2);
   float* dw2 = opt_grad(dw2_obj, "linear2.weight.grad", {s.C, s.F}, k3);
   float* db2 = opt_grad(db2_obj, "linear2.bias.grad", {s.C}, k4);
-  if (!dw1 || !dw2) value_error("feedforward_backward: the weight gradients are required");
-  check_disjoint({{opt_arg(k1), "grad_w1"}, {opt_arg(k2), "grad_b1"}, {opt_arg(k3), "grad_w2"}, {opt_arg(k4), "grad_b2"}},
-                 {{&dout, "grad_output"}, {&x, "x"}, {&u, "u"}, {&a, "a"}, {&w1, "w1"}, {&w2, "w2"}});
+  float* dwg = opt_grad(dwg_obj, "gate.weight.grad", {s.F, s.C}, k5);
+  float* dbg = opt_grad(dbg_obj, "gate.bias.grad", {s.F}, k6);
+  if (!dw1 || !dw2 || (g.w && !dwg)) value_error("feedforward_backward: the weight gradients are required");
+  check_disjoint({{opt_arg(k1), "grad_w1"}, {opt_arg(k2), "grad_b1"}, {opt_arg(k3), "grad_w2"}, {opt_arg(k4), "grad_b2"},
+                  {opt_arg(k5), "grad_w_gate"}, {opt_arg(k6), "grad_b_gate"}},
+                 {{&dout, "grad_output"}, {&x, "x"}, {&u, "u"}, {&a, "a"}, {&w1, "w1"}, {&w2, "w2"},
+                  {opt_arg(g.w), "w_gate"}});
   check_p(dropout_p);
   const Activation act = activation_of(kind);
-  std::vector<const py::array*> operands{&dout, &x, &u, &a, &w1, &w2};
-  for (const auto* grad : {&k1, &k2, &k3, &k4})
+  std::vector<const py::array*> operands{&dout, &x, &u, &a, &w1, &w2, opt_arg(g.w)};
+  for (const auto* grad : {&k1, &k2, &k3, &k4, &k5, &k6})
     if (*grad) operands.push_back(&**grad);
-  F32 work = hidden_buffer(workspace_obj, "workspace", s.rows, s.F, operands);
+  F32 work = hidden_buffer(workspace_obj, "workspace", s.rows, g.w ? 3 * s.F : s.F, operands);
   F32 dx = empty_like(x);
   float *pdx = dx.mutable_data(), *pwork = work.mutable_data();
-  const float *pdo = dout.data(), *px = x.data(), *pu = u.data(), *pa = a.data(), *pw1 = w1.data(), *pw2 = w2.data();
+  const float *pdo = dout.data(), *px = x.data(), *pu = u.data(), *pa = a.data();
+  const FeedForwardWeights w = ffn_weights(s, w1.data(), nullptr, w2.data(), nullptr, g);
+  const FeedForwardGrads grads{dw1, db1, dwg, dbg, dw2, db2};
   {
     py::gil_scoped_release nogil;
-    feedforward_backward(pdx, dw1, db1, dw2, db2, pdo, px, pu, pa, pw1, pw2, pwork, s.rows, s.C, s.F, act,
-                         dropout_p, seed);
+    feedforward_backward(pdx, false, grads, pdo, px, pu, pa, w, pwork, s.rows, act, dropout_p, seed);
   }
   return dx;
 }
@@ -1878,14 +1922,16 @@ PYBIND11_MODULE(_core, m) {
   m.def("sum_squares", &sum_sq, py::arg("x"));
   m.def("feedforward", &feedforward_fwd, py::arg("x"), py::arg("w1"), py::arg("b1"), py::arg("w2"), py::arg("b2"),
         py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("u_out") = py::none(),
-        py::arg("a_out") = py::none(),
-        "Returns (out, u, a): u = x W1^T + b1 and a = dropout(act(u)) are saved for backward (written into u_out and "
-        "a_out when given, (rows, F) buffers reused across calls).");
+        py::arg("a_out") = py::none(), py::arg("w_gate") = py::none(), py::arg("b_gate") = py::none(),
+        "Returns (out, u, a): u = x W1^T + b1 (gated: [x Wg^T + bg | x W1^T + b1], (rows, 2F)) and a = "
+        "dropout(act(u)) (gated: dropout(act(gate) * up)) are saved for backward (written into u_out and a_out when "
+        "given: buffers reused across calls).");
   m.def("feedforward_backward", &feedforward_bwd, py::arg("grad_output"), py::arg("x"), py::arg("u"), py::arg("a"),
         py::arg("w1"), py::arg("w2"), py::arg("grad_w1"), py::arg("grad_b1"), py::arg("grad_w2"), py::arg("grad_b2"),
         py::arg("activation"), py::arg("dropout_p") = 0.0f, py::arg("seed") = 0, py::arg("workspace") = py::none(),
+        py::arg("w_gate") = py::none(), py::arg("grad_w_gate") = py::none(), py::arg("grad_b_gate") = py::none(),
         "Returns dx; accumulates into the weight and bias gradients given. workspace: a (rows, F) scratch buffer "
-        "reused across calls (None: a fresh one).");
+        "((rows, 3F) gated) reused across calls (None: a fresh one).");
   m.def("bias_grad", &bias_grad, py::arg("bias_grad"), py::arg("grad_output"),
         "bias_grad += column sums of grad_output (over all leading axes).");
   m.def("attention", &attention_fwd, py::arg("query"), py::arg("key"), py::arg("value"), py::arg("num_heads"),

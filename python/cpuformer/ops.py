@@ -742,22 +742,28 @@ del _f
 
 
 def feed_forward(x, w1, b1, w2, b2, activation: str = "relu", *, dropout_p: float = 0.0, seed: int = 0,
-                 u_out: Optional[np.ndarray] = None, a_out: Optional[np.ndarray] = None):
+                 u_out: Optional[np.ndarray] = None, a_out: Optional[np.ndarray] = None, w_gate=None, b_gate=None):
     """``dropout(act(x @ w1.T + b1)) @ w2.T + b2`` over the last axis of ``x``; weights in PyTorch's Linear layout
-    (``w1`` (F, C), ``w2`` (C, F)). Returns ``(out, u, a)``; ``u`` (pre-activation) and ``a`` are kept for
-    :func:`feed_forward_backward`. ``u_out`` / ``a_out``: (rows, F) float32 buffers to write them into (a layer
-    reuses its own across steps; fresh multi-megabyte arrays cost page faults every call)."""
+    (``w1`` (F, C), ``w2`` (C, F)). With ``w_gate`` (F, C) (and ``b_gate``) the gated form (SwiGLU / GeGLU):
+    ``dropout(act(x @ w_gate.T + b_gate) * (x @ w1.T + b1)) @ w2.T + b2``. Returns ``(out, u, a)``; ``u``
+    (pre-activations, (rows, F) or gated (rows, 2F) = [gate | up]) and ``a`` are kept for
+    :func:`feed_forward_backward`. ``u_out`` / ``a_out``: float32 buffers to write them into (a layer reuses its
+    own across steps; fresh multi-megabyte arrays cost page faults every call)."""
     return _core.feedforward(_f32(x, "x"), _f32(w1, "w1"), _opt_f32(b1, "b1"), _f32(w2, "w2"), _opt_f32(b2, "b2"),
                              _activation_kind(activation), _check_p(dropout_p, "dropout_p"), _seed(seed),
-                             u_out, a_out)
+                             u_out, a_out, None if w_gate is None else _f32(w_gate, "w_gate"),
+                             _opt_f32(b_gate, "b_gate"))
 
 
 def feed_forward_backward(grad_output, x, u, a, w1, w2, grad_w1, grad_b1, grad_w2, grad_b2,
                           activation: str = "relu", *, dropout_p: float = 0.0, seed: int = 0,
-                          workspace: Optional[np.ndarray] = None) -> np.ndarray:
-    """Returns dx; accumulates into ``grad_w1``, ``grad_b1``, ``grad_w2``, ``grad_b2`` (writable float32 arrays;
-    the bias gradients may be None). ``workspace``: a (rows, F) float32 scratch buffer to reuse across calls."""
+                          workspace: Optional[np.ndarray] = None, w_gate=None, grad_w_gate=None,
+                          grad_b_gate=None) -> np.ndarray:
+    """Returns dx; accumulates into ``grad_w1``, ``grad_b1``, ``grad_w2``, ``grad_b2`` (and, gated,
+    ``grad_w_gate``, ``grad_b_gate``) (writable float32 arrays; the bias gradients may be None). ``workspace``: a
+    (rows, F) ((rows, 3F) gated) float32 scratch buffer to reuse across calls."""
     return _core.feedforward_backward(_f32(grad_output, "grad_output"), _f32(x, "x"), u, a, _f32(w1, "w1"),
                                       _f32(w2, "w2"), grad_w1, grad_b1, grad_w2, grad_b2,
                                       _activation_kind(activation), _check_p(dropout_p, "dropout_p"), _seed(seed),
-                                      workspace)
+                                      workspace, None if w_gate is None else _f32(w_gate, "w_gate"), grad_w_gate,
+                                      grad_b_gate)

@@ -404,3 +404,35 @@ def test_bad_configs_and_inputs():
         block.backward(np.zeros((2, 4, 32), np.float32))
     with pytest.raises(ValueError, match="key_padding_mask"):
         block(np.zeros((2, 3, 32), np.float32), key_padding_mask=np.zeros((2, 4), bool))
+
+
+@pytest.mark.parametrize("activation,hf_act", [("silu", "silu"), ("gelu_tanh", "gelu_pytorch_tanh"),
+                                               ("gelu", "gelu")])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_feed_forward_matches_llama_mlp(activation, hf_act, bias):
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    rng = np.random.default_rng(12)
+    cfg = transformers.LlamaConfig(hidden_size=20, intermediate_size=36, hidden_act=hf_act, mlp_bias=bias,
+                                   num_attention_heads=2, num_key_value_heads=2)
+    mlp = LlamaMLP(cfg)
+    randomize(mlp, rng)
+    ff = nn.FeedForward(20, 36, activation=activation, bias=bias, gated=True)
+    sd = {k.replace("gate_proj", "linear_gate").replace("up_proj", "linear1").replace("down_proj", "linear2"):
+          v.detach().numpy() for k, v in mlp.state_dict().items()}
+    ff.load_state_dict(sd)
+    x = rng.standard_normal((3, 7, 20)).astype(np.float32)
+    g = rng.standard_normal((3, 7, 20)).astype(np.float32)
+    xt = torch.tensor(x, requires_grad=True)
+    yt = mlp(xt)
+    (yt * torch.tensor(g)).sum().backward()
+    assert rel(ff(x), yt.detach().numpy()) <= TOL
+    assert rel(ff.backward(g), xt.grad.numpy()) <= TOL
+    for ours, theirs in (("linear_gate", "gate_proj"), ("linear1", "up_proj"), ("linear2", "down_proj")):
+        assert rel(getattr(ff, ours).weight.grad, getattr(mlp, theirs).weight.grad.numpy(), 0.05) <= TOL
+        if bias:
+            assert rel(getattr(ff, ours).bias.grad, getattr(mlp, theirs).bias.grad.numpy(), 0.05) <= TOL
+    ff.eval()
+    y = ff(x)
+    np.testing.assert_allclose(nn.freeze(ff)(x), y, rtol=0, atol=1e-5)
+    q = nn.quantize_dynamic(ff)(x)
+    assert rel(q, y) < 0.05

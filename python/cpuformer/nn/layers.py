@@ -483,78 +483,86 @@ def activation_name(activation) -> str:
 
 
 def feed_forward_apply(linear1: Linear, linear2: Linear, x, activation: str, dropout_p: float,
-                       workspace: Optional[Workspace] = None):
-    """``linear2(dropout(act(linear1(x))))`` in one fused C++ call; returns ``(out, saved)`` for
-    :func:`feed_forward_grad`. Shared by :class:`FeedForward` and the Transformer layers. With a ``workspace``
-    the saved hidden activations live in its arrays (overwritten by the next call)."""
+                       workspace: Optional[Workspace] = None, gate: Optional[Linear] = None):
+    """``linear2(dropout(act(linear1(x))))`` (with ``gate``: ``linear2(dropout(act(gate(x)) * linear1(x)))``) in one
+    fused C++ call; returns ``(out, saved)`` for :func:`feed_forward_grad`. With a ``workspace`` the saved hidden
+    activations live in its arrays (overwritten by the next call)."""
     x = _as_input(x)
     _check_last_dim(x, linear1.in_features, "FeedForward")
-    hidden = (x.size // x.shape[-1], linear1.out_features)
-    if linear1._frozen is not None and linear2._frozen is not None:  # frozen for inference: no dropout, no saves
-        h_out = None if workspace is None else workspace.get("u", hidden).reshape(x.shape[:-1] + hidden[1:])
-        h = linear1._frozen_forward(x, h_out)
-        return linear2._frozen_forward(_core.activation(h, None, ops._activation_kind(activation), True)), "frozen"
-    if linear1._frozen is not None or linear2._frozen is not None:
-        raise RuntimeError("feed-forward: linear1 and linear2 must both be frozen (or quantized), or neither")
+    rows, F = x.size // x.shape[-1], linear1.out_features
+    linears = (linear1, linear2) if gate is None else (linear1, linear2, gate)
+    frozen = [lin._frozen is not None for lin in linears]
+    if all(frozen):  # prepared for inference: no dropout, no saves
+        h = linear1._frozen_forward(x)
+        kind = ops._activation_kind(activation)
+        if gate is None:
+            a = _core.activation(h, None, kind, True)
+        else:
+            a = ops.gated(gate._frozen_forward(x), h, activation)
+        return linear2._frozen_forward(a), "frozen"
+    if any(frozen):
+        raise RuntimeError("feed-forward: its Linear layers must all be frozen (or quantized), or none")
     seed = init.next_seed() if dropout_p > 0.0 else 0
-    u_out, a_out = (None, None) if workspace is None else (workspace.get("u", hidden), workspace.get("a", hidden))
+    u_width = F if gate is None else 2 * F
+    u_out, a_out = (None, None) if workspace is None else (workspace.get("u", (rows, u_width)),
+                                                           workspace.get("a", (rows, F)))
     out, u, a = ops.feed_forward(x, linear1.weight.data, None if linear1.bias is None else linear1.bias.data,
                                  linear2.weight.data, None if linear2.bias is None else linear2.bias.data,
-                                 activation, dropout_p=dropout_p, seed=seed, u_out=u_out, a_out=a_out)
+                                 activation, dropout_p=dropout_p, seed=seed, u_out=u_out, a_out=a_out,
+                                 w_gate=None if gate is None else gate.weight.data,
+                                 b_gate=None if gate is None or gate.bias is None else gate.bias.data)
     return out, (x, u, a, dropout_p, seed, activation)
 
 
-def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output, workspace: Optional[Workspace] = None):
-    """Input gradient of :func:`feed_forward_apply`; accumulates the four parameter gradients."""
+def feed_forward_grad(linear1: Linear, linear2: Linear, saved, grad_output, workspace: Optional[Workspace] = None,
+                      gate: Optional[Linear] = None):
+    """Input gradient of :func:`feed_forward_apply`; accumulates the parameter gradients."""
     if saved is None:
         raise RuntimeError("feed-forward backward called before forward")
     if isinstance(saved, str):
         quantized.no_backward(linear1)
     x, u, a, p, seed, activation = saved
+    F = linear1.out_features
+    scratch = None if workspace is None else workspace.get("grad_hidden", (u.shape[0], F if gate is None else 3 * F))
     return ops.feed_forward_backward(
         grad_output, x, u, a, linear1.weight.data, linear2.weight.data, linear1.weight.grad,
         None if linear1.bias is None else linear1.bias.grad, linear2.weight.grad,
-        None if linear2.bias is None else linear2.bias.grad, activation, dropout_p=p, seed=seed,
-        workspace=None if workspace is None else workspace.get("grad_hidden", u.shape))
+        None if linear2.bias is None else linear2.bias.grad, activation, dropout_p=p, seed=seed, workspace=scratch,
+        w_gate=None if gate is None else gate.weight.data, grad_w_gate=None if gate is None else gate.weight.grad,
+        grad_b_gate=None if gate is None or gate.bias is None else gate.bias.grad)
 
 
-class FeedForwardMixin:
-    """A feed-forward ``linear2(dropout(act(linear1(x))))`` held as ``linear1`` / ``linear2`` of the module itself,
-    so a Transformer layer's state dict has PyTorch's names (no "ff." prefix)."""
+class FeedForward(Module):
+    """Position-wise feed-forward network ``linear2(dropout(act(linear1(x))))``, fused in the C++ core (bias in
+    the GEMM write-back, activation and dropout in one pass); with ``gated=True`` the gated form (SwiGLU with
+    ``activation="silu"``, GeGLU with "gelu"): ``linear2(dropout(act(linear_gate(x)) * linear1(x)))``."""
 
-    def _init_ff(self, d_model, dim_feedforward, dropout, activation, bias) -> None:
+    def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, activation="relu",
+                 bias: bool = True, gated: bool = False) -> None:
+        super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.linear1 = Linear(d_model, dim_feedforward, bias=bias)
         self.linear2 = Linear(dim_feedforward, d_model, bias=bias)
+        if gated:
+            self.linear_gate = Linear(d_model, dim_feedforward, bias=bias)
+        else:
+            object.__setattr__(self, "linear_gate", None)
         self.activation = activation_name(activation)
         self._ff_dropout = float(dropout)
         self._ff_saved = None
         object.__setattr__(self, "_ff_workspace", Workspace())
 
-    def _ff(self, x):
+    def forward(self, x):
         out, self._ff_saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
-                                                 self._ff_dropout if self.training else 0.0, self._ff_workspace)
+                                                 self._ff_dropout if self.training else 0.0, self._ff_workspace,
+                                                 self.linear_gate)
         return out
 
-    def _ff_backward(self, grad_output):
-        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, grad_output, self._ff_workspace)
-
-
-class FeedForward(FeedForwardMixin, Module):
-    """Position-wise feed-forward network ``linear2(dropout(act(linear1(x))))``, fused in the C++ core (bias in
-    the GEMM write-back, activation and dropout in one pass)."""
-
-    def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, activation="relu",
-                 bias: bool = True) -> None:
-        super().__init__()
-        self._init_ff(d_model, dim_feedforward, dropout, activation, bias)
-
-    def forward(self, x):
-        return self._ff(x)
-
     def backward(self, grad_output):
-        return self._ff_backward(grad_output)
+        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, grad_output, self._ff_workspace,
+                                 self.linear_gate)
 
     def extra_repr(self) -> str:
-        return f"activation={self.activation!r}, dropout={self._ff_dropout}"
+        return (f"activation={self.activation!r}, dropout={self._ff_dropout}"
+                + (", gated=True" if self.linear_gate is not None else ""))
