@@ -106,8 +106,9 @@ RotaryConfig rotary_of(const BlockConfig& c, const Dims& d) {
   return r;
 }
 
-// The self-attention mask of one call. `bias` receives a relative position bias (H, T, S) when the block has one.
-AttentionMask self_mask(const BlockConfig& c, const BlockInput& in, index_t S,
+// The self-attention mask of one call. A relative position bias lives in `bias`: (H, T, S), or (B, H, T, S) with
+// the caller's additive mask added when there is one (relative_bias_into builds it).
+AttentionMask self_mask(const BlockConfig& c, const Dims& d, const BlockInput& in, index_t S,
                         std::vector<float>& bias, const std::vector<float>& slopes) {
   AttentionMask m;
   m.key_padding = in.key_padding;
@@ -116,12 +117,32 @@ AttentionMask self_mask(const BlockConfig& c, const BlockInput& in, index_t S,
   m.window = c.sliding_window;
   if (c.position == PositionKind::kAlibi) m.alibi_slopes = slopes.data();
   if (c.position == PositionKind::kRelativeBias) {
-    CPUFORMER_CHECK(in.additive == nullptr,
-                    "block: an additive attention mask cannot be combined with a relative position bias "
-                    "(use the key padding mask)");
-    m.additive = bias.data(), m.add_sb = 0, m.add_sh = in.T * S, m.add_st = S;
+    m.additive = bias.data(), m.add_sh = in.T * S, m.add_st = S;
+    m.add_sb = in.additive ? d.H * in.T * S : 0;
   }
   return m;
+}
+
+// The relative position bias of a (B, T) call into `bias`, combined with the caller's additive mask if any.
+void relative_bias_into(std::vector<float>& bias, const float* table, const BlockConfig& c, const Dims& d,
+                        const BlockInput& in) {
+  const index_t T = in.T, HTT = d.H * T * T;
+  if (!in.additive) {
+    bias.resize(static_cast<size_t>(HTT));
+    relative_bias_forward(bias.data(), table, d.H, T, T, 0, c.relative);
+    return;
+  }
+  std::vector<float> rel(static_cast<size_t>(HTT));
+  relative_bias_forward(rel.data(), table, d.H, T, T, 0, c.relative);
+  bias.resize(static_cast<size_t>(in.B * HTT));
+  for (index_t b = 0; b < in.B; ++b)
+    for (index_t h = 0; h < d.H; ++h)
+      for (index_t t = 0; t < T; ++t) {
+        const float* add = in.additive + b * in.add_sb + h * in.add_sh + t * in.add_st;
+        const float* r = rel.data() + (h * T + t) * T;
+        float* out = bias.data() + ((b * d.H + h) * T + t) * T;
+        for (index_t s = 0; s < T; ++s) out[s] = r[s] + add[s];
+      }
 }
 
 AttentionConfig attention_config(const Dims& d, index_t B, index_t T, index_t S, float dropout, std::uint64_t seed) {
@@ -189,10 +210,9 @@ void self_attention_forward(float* y, const float* h, const BlockConfig& c, cons
   std::vector<float> slopes;
   if (c.position == PositionKind::kAlibi) slopes = alibi_slopes(d.H);
   if (c.position == PositionKind::kRelativeBias) {
-    grow(bias, d.H * T * T);
-    relative_bias_forward(bias.data(), w.relative_table, d.H, T, T, 0, c.relative);
+    relative_bias_into(bias, w.relative_table, c, d, in);
   }
-  const AttentionMask mask = self_mask(c, in, T, bias, slopes);
+  const AttentionMask mask = self_mask(c, d, in, T, bias, slopes);
   const AttentionConfig ac = attention_config(d, B, T, T, dropout, seed);
   const ConstHeadTensor q{qkv, T * d.width, d.width}, k{qkv + d.qdim, T * d.width, d.width},
       v{qkv + d.qdim + d.kvdim, T * d.width, d.width};
@@ -212,10 +232,10 @@ void self_attention_backward(float* dh, bool accumulate, const float* dy, const 
   linear_backward(dattn, d.qdim, false, g.o.weight, g.o.bias, dy, d.C, s.attn, d.qdim, rows, w.o);
   std::vector<float> slopes;
   if (c.position == PositionKind::kAlibi) slopes = alibi_slopes(d.H);
-  const AttentionMask mask = self_mask(c, in, T, bias, slopes);  // bias: kept from the forward
+  const AttentionMask mask = self_mask(c, d, in, T, bias, slopes);  // bias: kept from the forward
   const AttentionConfig ac = attention_config(d, B, T, T, dropout, seed);
   std::vector<float> dbias;
-  if (c.position == PositionKind::kRelativeBias && g.relative_table) dbias.assign(d.H * T * T, 0.0f);
+  if (c.position == PositionKind::kRelativeBias && g.relative_table) dbias.assign(bias.size(), 0.0f);
   const float* qkv = s.qkv;
   attention_backward(HeadTensor{dqkv, T * d.width, d.width}, HeadTensor{dqkv + d.qdim, T * d.width, d.width},
                      HeadTensor{dqkv + d.qdim + d.kvdim, T * d.width, d.width},
@@ -224,7 +244,12 @@ void self_attention_backward(float* dh, bool accumulate, const float* dy, const 
                      ConstHeadTensor{qkv + d.qdim + d.kvdim, T * d.width, d.width},
                      ConstHeadTensor{s.attn, T * d.qdim, d.qdim}, s.lse, mask, ac,
                      dbias.empty() ? nullptr : dbias.data());
-  if (!dbias.empty()) relative_bias_backward(g.relative_table, dbias.data(), d.H, T, T, 0, c.relative);
+  if (!dbias.empty()) {
+    const index_t HTT = d.H * T * T;
+    for (index_t b = 1; b < static_cast<index_t>(dbias.size()) / HTT; ++b)  // combined with a per-call mask
+      for (index_t i = 0; i < HTT; ++i) dbias[i] += dbias[b * HTT + i];
+    relative_bias_backward(g.relative_table, dbias.data(), d.H, T, T, 0, c.relative);
+  }
   if (c.position == PositionKind::kRotary) {
     const RotaryConfig rc = rotary_of(c, d);
     rotary_backward(HeadTensor{dqkv, T * d.width, d.width}, B, T, d.H, nullptr, in.position_offset, rc);

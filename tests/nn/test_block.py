@@ -200,7 +200,8 @@ def _reference(block: "nn.TransformerBlock", kw: dict, x, causal, padding=None, 
         if kw.get("sliding_window"):
             s = s.masked_fill(ki <= qi - kw["sliding_window"], float("-inf"))
         if additive is not None:
-            s = s + torch.tensor(additive.astype(np.float64))
+            add = torch.tensor(additive.astype(np.float64))
+            s = s + (add[:, None] if add.ndim == 3 else add)
         if padding is not None:
             s = s.masked_fill(torch.tensor(padding)[:, None, None, :], float("-inf"))
         a = torch.softmax(s, -1) @ v
@@ -239,8 +240,6 @@ VARIANTS = {
 @pytest.mark.parametrize("masks", ["none", "padding", "additive"])
 def test_block_variants_match_float64_reference(variant, causal, masks):
     kw = dict(VARIANTS[variant])
-    if masks == "additive" and kw.get("position") == "relative":
-        pytest.skip("an additive mask and a relative bias are not combined (the padding mask is)")
     rng = np.random.default_rng(abs(hash((variant, causal, masks))) % 2**32)
     nn.init.manual_seed(5)
     block = nn.TransformerBlock(24, 4, 20, norm_eps=1e-5, **kw)
@@ -255,8 +254,9 @@ def test_block_variants_match_float64_reference(variant, causal, masks):
         padding = np.zeros((B, T), bool)
         padding[1, 9:] = True  # trailing keys only: no query row is left with no key to see
         padding[2, 10:] = True
-    elif masks == "additive":
-        additive = (rng.standard_normal((T, T)) * 0.5).astype(np.float32)
+    elif masks == "additive":  # (T, T), or per batch row with a relative bias (combined into one per-call bias)
+        shape = (B, T, T) if kw.get("position") == "relative" else (T, T)
+        additive = (rng.standard_normal(shape) * 0.5).astype(np.float32)
     ref, xt, P = _reference(block, kw, x, causal, padding, additive)
     (ref * torch.tensor(g.astype(np.float64))).sum().backward()
     y = block(x, is_causal=causal, key_padding_mask=padding, attn_mask=additive)
