@@ -124,10 +124,15 @@ def _train_lm(args, train_text: str, val_text: str, prompt: str) -> dict:
     train_ids, val_ids = tok.encode(train_text), tok.encode(val_text)
     train = LanguageModelDataset(train_ids, args.block_size)
     val = LanguageModelDataset(val_ids, args.block_size)
-    model = GPT(tok.vocab_size, args.block_size, args.layers, args.heads, args.embd, dropout=args.dropout)
+    arch = getattr(args, "arch", "gpt")
+    llama = dict(norm="rms_norm", positional="rotary", activation="silu", gated=True, bias=False,
+                 tie_weights=False, n_kv_head=max(1, args.heads // 4), d_ff=_swiglu_width(args.embd),
+                 layer_norm_eps=1e-6) if arch == "llama" else {}
+    model = GPT(tok.vocab_size, args.block_size, args.layers, args.heads, args.embd, dropout=args.dropout, **llama)
     unit = "token" if subword else "char"
     print(f"{'subword (byte-level BPE)' if subword else 'character'} LM: {tok.vocab_size} symbols, "
-          f"{len(train_ids):,} training {unit}s, GPT {args.layers}x{args.embd} ({model.num_parameters():,} "
+          f"{len(train_ids):,} training {unit}s, {'Llama-style ' if llama else ''}GPT {args.layers}x{args.embd} "
+          f"({model.num_parameters():,} "
           f"parameters), {cpuformer.get_num_threads()} threads")
     steps = _measure_steps(model, train, args)
     trainer = _trainer(model, args, steps, ["perplexity"])
@@ -153,6 +158,12 @@ def _train_lm(args, train_text: str, val_text: str, prompt: str) -> dict:
     return result
 
 
+def _swiglu_width(d_model: int) -> int:
+    """Llama's feed-forward width for d_model: 2/3 of 4 d (the gated form's three matrices cost what two of 4 d
+    would), rounded up to a multiple of 64."""
+    return 64 * math.ceil(8 * d_model / 3 / 64)
+
+
 def _lm_arguments(p, minutes, block, layers, heads, embd, dropout):
     _common(p, minutes, lr=2e-3, batch=32)
     p.add_argument("--block-size", type=int, default=block)
@@ -164,6 +175,9 @@ def _lm_arguments(p, minutes, block, layers, heads, embd, dropout):
     p.add_argument("--tokenizer", choices=["char", "bpe"], default="char",
                    help="characters (default) or cased byte-level BPE subwords trained on --train")
     p.add_argument("--vocab-size", type=int, default=4000, help="BPE vocabulary size")
+    p.add_argument("--arch", choices=["gpt", "llama"], default="gpt",
+                   help="gpt: GPT-2 blocks (LayerNorm, learned positions, GELU); llama: RMSNorm, rotary positions, "
+                        "SwiGLU, grouped-query attention (heads/4 key-value heads), no biases, untied head")
 
 
 def cmd_lm(args) -> int:
