@@ -436,3 +436,21 @@ def test_gated_feed_forward_matches_llama_mlp(activation, hf_act, bias):
     np.testing.assert_allclose(nn.freeze(ff)(x), y, rtol=0, atol=1e-5)
     q = nn.quantize_dynamic(ff)(x)
     assert rel(q, y) < 0.05
+
+
+@pytest.mark.parametrize("llama", [False, True])
+def test_gpt_generates_prompts_of_different_lengths_in_one_batch(llama):
+    from cpuformer.models import GPT
+    nn.init.manual_seed(21)
+    kw = dict(norm="rms_norm", positional="rotary", activation="silu", gated=True, n_kv_head=1, bias=False,
+              tie_weights=False) if llama else {}
+    model = GPT(50, 32, 2, 4, 32, **kw).eval()
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(0, 50, n) for n in (1, 6, 3)]
+    got = model.generate(prompts, 8, greedy=True)
+    for p, g in zip(prompts, got):
+        np.testing.assert_array_equal(g, model.generate(p[None], 8, greedy=True)[0])
+    # past the position window the rows fall back to one at a time, with the same results
+    far = model.generate(prompts, 30, greedy=True)
+    for p, g in zip(prompts, far):
+        np.testing.assert_array_equal(g, model.generate(p[None], 30, greedy=True)[0])

@@ -191,7 +191,15 @@ class GPT(Module):
                  use_cache: bool = True, eos_id: Optional[int] = None) -> np.ndarray:
         """Continue ``ids`` (B, T0) by ``max_new_tokens`` tokens; returns (B, T0 + new). With ``use_cache`` (default)
         keys and values are cached, so each new token costs O(T) work; past ``block_size`` (and without the cache)
-        the last ``block_size`` tokens are re-run each step. Stops early when every row has produced ``eos_id``."""
+        the last ``block_size`` tokens are re-run each step. Stops early when every row has produced ``eos_id``.
+
+        ``ids`` may also be a list of prompts of different lengths: they run as one batch (each row at its own
+        positions in the blocks' caches) and a list of arrays (prompt + continuation) comes back; greedy results
+        equal each prompt's own."""
+        if isinstance(ids, (list, tuple)) and len(ids) and all(np.ndim(r) == 1 for r in ids) and \
+                len({len(r) for r in ids}) > 1:
+            return self._generate_ragged([ops._ids(r, f"ids[{i}]") for i, r in enumerate(ids)], max_new_tokens,
+                                         temperature, top_k, top_p, greedy, seed, use_cache, eos_id)
         ids = ops._ids(ids, "ids")
         if ids.ndim == 1:
             ids = ids[None]
@@ -236,6 +244,57 @@ class GPT(Module):
         finally:
             self.train(was_training)
         return out
+
+    def _generate_ragged(self, prompts, max_new_tokens, temperature, top_k, top_p, greedy, seed, use_cache, eos_id):
+        lengths = np.array([len(p) for p in prompts], np.int64)
+        max_new_tokens = ops._int_arg(max_new_tokens, "max_new_tokens", 0)
+        if lengths.min() < 1:
+            raise ValueError("generate: every prompt needs at least one id")
+        for i, p in enumerate(prompts):
+            if p.min() < 0 or p.max() >= self.vocab_size:
+                raise IndexError(f"generate: ids[{i}] holds an id out of range [0, {self.vocab_size})")
+        if not use_cache or lengths.max() + max_new_tokens > self.block_size:  # past the window: row by row
+            return [self.generate(p[None], max_new_tokens, temperature, top_k, top_p, greedy, seed, use_cache,
+                                  eos_id)[0] for p in prompts]
+        _sampling_args(temperature, top_k, top_p)
+        if eos_id is not None:
+            eos_id = ops._int_arg(eos_id, "eos_id", 0)
+        rng = np.random.default_rng(seed)
+        B, P = len(prompts), int(lengths.max())
+        padded = np.zeros((B, P), np.int64)
+        for b, p in enumerate(prompts):
+            padded[b, :len(p)] = p
+        was_training = self.training
+        self.eval()
+        try:
+            caches = [block.new_cache(B, self.block_size) for block in self.blocks]
+            x = self.wte.weight.data[padded]
+            if self.wpe is not None:
+                x = x + self.wpe.rows(0, P)[None]
+            for block, cache in zip(self.blocks, caches):
+                x = block.decode(x, cache, new_tokens=lengths)
+            h = x[np.arange(B), lengths - 1]  # each row's last real position
+            outs = [list(p) for p in prompts]
+            done = np.zeros(B, bool)
+            for step in range(max_new_tokens):
+                logits = self._logits(self.ln_f(h))
+                nxt = sample_next(logits, rng, temperature, top_k, top_p, greedy)
+                if eos_id is not None:
+                    nxt = np.where(done, eos_id, nxt)
+                    done |= nxt == eos_id
+                for b in range(B):
+                    outs[b].append(int(nxt[b]))
+                if (eos_id is not None and done.all()) or step == max_new_tokens - 1:
+                    break
+                x = self.wte.weight.data[nxt][:, None]
+                if self.wpe is not None:
+                    x = x + self.wpe.rows(0, self.block_size)[lengths + step][:, None]
+                for block, cache in zip(self.blocks, caches):
+                    x = block.decode(x, cache)
+                h = x[:, 0]
+        finally:
+            self.train(was_training)
+        return [np.array(o, np.int64) for o in outs]
 
     def flops_per_token(self) -> float:
         """Approximate training FLOPs per token (6 x parameters + attention)."""
