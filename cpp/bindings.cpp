@@ -1850,6 +1850,99 @@ py::object block_decode_py(const BlockConfig& c, const py::dict& weights, const 
 }
 
 
+
+// The attention sublayer alone (MultiheadAttention): weights "attn.{qkv,q,k,v,kv,o}.*" as the block's parts.
+struct PyAttentionSaved {
+  AttentionLayerSaved s;
+  py::object xq, xk, xv, padding, additive;
+};
+
+AttentionWeights attention_layer_weights(const BlockConfig& c, const py::dict& d, bool self) {
+  BlockArrays a{c, d, false, {}, 0};
+  AttentionWeights w;
+  read_attention(a, "attn", !self, w);
+  a.check_all_used();
+  return w;
+}
+
+py::object attention_layer_fwd(const BlockConfig& c, const py::dict& weights, const py::object& xq_obj,
+                               const py::object& xk_obj, const py::object& xv_obj, const py::object& key_padding_mask,
+                               const py::object& attn_mask, bool is_causal, std::uint64_t seed,
+                               PyAttentionSaved* saved, bool need_weights) {
+  const bool self = xq_obj.is(xk_obj) && xk_obj.is(xv_obj);
+  F32 xq = f32(xq_obj, "query", 3, 3);
+  F32 xk = self ? xq : f32(xk_obj, "key", 3, 3);
+  F32 xv = self ? xq : (xv_obj.is(xk_obj) ? xk : f32(xv_obj, "value", 3, 3));
+  const index_t B = xq.shape(0), T = xq.shape(1), S = xk.shape(1);
+  for (const F32* a : {&xq, &xk, &xv})
+    if (a->shape(2) != c.d_model) value_error("query, key and value must have last dimension " + std::to_string(c.d_model));
+  if (xk.shape(0) != B || xv.shape(0) != B || xv.shape(1) != S)
+    value_error("key and value must be (" + std::to_string(B) + ", S, " + std::to_string(c.d_model) + ") with one S");
+  const AttentionWeights w = attention_layer_weights(c, weights, self);
+  BlockInput in;
+  in.B = B, in.T = T, in.S = S;
+  MaskArgs m = mask_args(attn_mask, key_padding_mask, is_causal, B, c.num_heads, T, S);
+  if (self) {
+    in.key_padding = m.mask.key_padding, in.causal = is_causal;
+    in.additive = m.mask.additive, in.add_sb = m.mask.add_sb, in.add_sh = m.mask.add_sh, in.add_st = m.mask.add_st;
+  } else {
+    in.memory_padding = m.mask.key_padding;
+    in.memory_additive = m.mask.additive, in.mem_add_sb = m.mask.add_sb, in.mem_add_sh = m.mask.add_sh;
+    in.mem_add_st = m.mask.add_st;
+  }
+  F32 out({B, T, c.d_model});
+  std::optional<F32> probs;
+  if (need_weights) probs = F32({B, c.num_heads, T, S});
+  {
+    py::gil_scoped_release nogil;
+    attention_layer_forward(out.mutable_data(), xq.data(), xk.data(), xv.data(), c, w, in, is_causal, seed,
+                            saved ? &saved->s : nullptr, probs ? probs->mutable_data() : nullptr);
+  }
+  if (saved) {  // keep the inputs and masks s.in points to
+    saved->xq = xq, saved->xk = xk, saved->xv = xv;
+    saved->padding = py::object(m.padding_arr), saved->additive = py::object(m.additive_arr);
+  }
+  if (need_weights) return py::make_tuple(out, *probs);
+  return std::move(out);
+}
+
+// mode "separate": (d_query, d_key, d_value); "summed" (self-attention): (d_input,); "query_memory" (key is value):
+// (d_query, d_memory).
+py::tuple attention_layer_bwd(const BlockConfig& c, const py::dict& weights, const py::dict& grads,
+                              const py::object& dout_obj, PyAttentionSaved& saved, const std::string& mode) {
+  AttentionLayerSaved& s = saved.s;
+  if (!s.valid) value_error("attention backward: no training forward to differentiate");
+  if (mode != "separate" && mode != "summed" && mode != "query_memory")
+    value_error("mode must be 'separate', 'summed' or 'query_memory', got '" + mode + "'");
+  if (mode == "summed" && !s.self) value_error("the summed input gradient needs a self-attention forward");
+  if (mode == "query_memory" && (s.self || s.xk != s.xv))
+    value_error("the (query, memory) gradients need a forward with key is value (not self-attention)");
+  const AttentionWeights w = attention_layer_weights(c, weights, s.self);
+  BlockArrays a{c, grads, true, {}, 0};
+  AttentionGrads g;
+  read_attention_grads(a, "attn", w, g);
+  a.check_all_used();
+  F32 dout = f32(dout_obj, "grad_output", 3, 3);
+  const index_t B = s.in.B, T = s.in.T, S = s.self ? s.in.T : s.in.S, C = c.d_model;
+  if (dout.shape(0) != B || dout.shape(1) != T || dout.shape(2) != C)
+    value_error("grad_output must have the forward output's shape (" + std::to_string(B) + ", " + std::to_string(T) +
+                ", " + std::to_string(C) + "), got " + shape_of(dout));
+  F32 dq({B, T, C});
+  std::optional<F32> dk, dv;
+  if (mode != "summed") dk = F32({B, S, C});
+  if (mode == "separate") dv = F32({B, S, C});
+  {
+    py::gil_scoped_release nogil;
+    float* pq = dq.mutable_data();
+    float* pk = dk ? dk->mutable_data() : pq;
+    float* pv = dv ? dv->mutable_data() : pk;
+    attention_layer_backward(pq, pk, pv, dout.data(), c, w, g, s);
+  }
+  if (mode == "summed") return py::make_tuple(dq);
+  if (mode == "query_memory") return py::make_tuple(dq, *dk);
+  return py::make_tuple(dq, *dk, *dv);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -2108,4 +2201,18 @@ PYBIND11_MODULE(_core, m) {
   m.def("block_decode", &block_decode_py, py::arg("config"), py::arg("weights"), py::arg("x"), py::arg("cache"),
         py::arg("new_tokens") = py::none(), py::arg("cross") = nullptr, py::arg("memory_key_padding_mask") = py::none(),
         "Next positions of each row over the block's cache (appended).");
+  py::class_<PyAttentionSaved>(m, "AttentionSaved", "What a training-mode attention forward keeps for backward.")
+      .def(py::init<>())
+      .def_property_readonly("valid", [](const PyAttentionSaved& s) { return s.s.valid; })
+      .def_property_readonly("self_attention", [](const PyAttentionSaved& s) { return s.s.self; })
+      .def("__deepcopy__", [](const PyAttentionSaved&, py::dict) { return PyAttentionSaved(); });
+  m.def("attention_layer_forward", &attention_layer_fwd, py::arg("config"), py::arg("weights"), py::arg("query"),
+        py::arg("key"), py::arg("value"), py::arg("key_padding_mask") = py::none(), py::arg("attn_mask") = py::none(),
+        py::arg("is_causal") = false, py::arg("seed") = 0, py::arg("saved") = nullptr, py::arg("need_weights") = false,
+        "MultiheadAttention's forward through the block's attention sublayer (self-attention when query is key is "
+        "value): out, or (out, probabilities (B, H, T, S)). With `saved`: training (dropout) and kept for backward.");
+  m.def("attention_layer_backward", &attention_layer_bwd, py::arg("config"), py::arg("weights"), py::arg("grads"),
+        py::arg("grad_output"), py::arg("saved"), py::arg("mode") = "separate",
+        "mode 'separate': (d_query, d_key, d_value); 'summed' (self-attention): (d_input,); 'query_memory' (key is "
+        "value): (d_query, d_memory).");
 }

@@ -221,11 +221,13 @@ void self_attention_forward(float* y, const float* h, const BlockConfig& c, cons
   linear_forward(y, d.C, attn, d.qdim, rows, w.o);
 }
 
-// dh (B*T, C) = gradient of the self-attention input (added when accumulate), from dy.
-void self_attention_backward(float* dh, bool accumulate, const float* dy, const float* h, const BlockConfig& c,
-                             const Dims& d, const AttentionWeights& w, const AttentionGrads& g, const BlockInput& in,
-                             float dropout, std::uint64_t seed, const SelfSaves& s, std::vector<float>& bias,
-                             std::vector<float>& scratch, std::vector<float>& tmp) {
+// The gradient of the fused projection's output, dqkv (B*T, width), from dy: through the output projection, the
+// attention, the rotary positions and the q/k norms (parameter gradients accumulated on the way). Returns a
+// pointer into scratch.
+float* self_attention_backward_to_qkv(const float* dy, const BlockConfig& c, const Dims& d, const AttentionWeights& w,
+                                      const AttentionGrads& g, const BlockInput& in, float dropout, std::uint64_t seed,
+                                      const SelfSaves& s, std::vector<float>& bias, std::vector<float>& scratch,
+                                      std::vector<float>& tmp) {
   const index_t B = in.B, T = in.T, rows = B * T;
   float* dattn = grow(scratch, rows * (d.qdim + d.width));
   float* dqkv = dattn + rows * d.qdim;
@@ -259,38 +261,60 @@ void self_attention_backward(float* dh, bool accumulate, const float* dy, const 
     head_norm_backward(dqkv, d.width, rows, d.H, d.D, w.q_norm, g.q_norm, c, s.q_pre, s.q_rstd, tmp);
     head_norm_backward(dqkv + d.qdim, d.width, rows, d.KVH, d.D, w.k_norm, g.k_norm, c, s.k_pre, s.k_rstd, tmp);
   }
-  project_qkv_backward(dh, accumulate, dqkv, h, rows, w, g, d);
+  return dqkv;
 }
 
-AttentionMask cross_mask(const BlockInput& in) {
+// dh (B*T, C) = gradient of the self-attention input (added when accumulate), from dy.
+void self_attention_backward(float* dh, bool accumulate, const float* dy, const float* h, const BlockConfig& c,
+                             const Dims& d, const AttentionWeights& w, const AttentionGrads& g, const BlockInput& in,
+                             float dropout, std::uint64_t seed, const SelfSaves& s, std::vector<float>& bias,
+                             std::vector<float>& scratch, std::vector<float>& tmp) {
+  const float* dqkv = self_attention_backward_to_qkv(dy, c, d, w, g, in, dropout, seed, s, bias, scratch, tmp);
+  project_qkv_backward(dh, accumulate, dqkv, h, in.B * in.T, w, g, d);
+}
+
+AttentionMask cross_mask(const BlockInput& in, bool causal) {
   AttentionMask m;
   m.key_padding = in.memory_padding;
   m.additive = in.memory_additive, m.add_sb = in.mem_add_sb, m.add_sh = in.mem_add_sh, m.add_st = in.mem_add_st;
+  m.causal = causal;
   return m;
 }
 
-// Cross-attention of h (B*T, C) over the memory (B*S, C) -> y; q (B*T, qdim), kv (B*S, 2 kvdim) kept when given.
-void cross_attention_forward(float* y, const float* h, const Dims& d, const AttentionWeights& w,
-                             const BlockInput& in, float dropout, std::uint64_t seed, float* q_save, float* kv_save,
-                             float* attn_save, float* lse) {
-  const index_t B = in.B, T = in.T, S = in.S;
+// Attention of queries from xq (B*T, C) over keys from xk and values from xv (B*S, C) -> y (B*T, C): a decoder's
+// cross-attention (xk == xv, the memory) or torch's MultiheadAttention with three inputs. q (B*T, qdim) and
+// kv (B*S, 2 kvdim) = [k | v] are kept when given. One k|v GEMM when xk == xv and the weights are fused.
+void cross_attention_forward(float* y, const float* xq, const float* xk, const float* xv, const Dims& d,
+                             const AttentionWeights& w, const BlockInput& in, bool causal, float dropout,
+                             std::uint64_t seed, float* q_save, float* kv_save, float* attn_save, float* lse,
+                             float* attn_weights) {
+  const index_t B = in.B, T = in.T, S = in.S, kvw = 2 * d.kvdim;
   std::vector<float> lq, lkv, la;
   float* q = q_save ? q_save : grow(lq, B * T * d.qdim);
-  float* kv = kv_save ? kv_save : grow(lkv, B * S * 2 * d.kvdim);
+  float* kv = kv_save ? kv_save : grow(lkv, B * S * kvw);
   float* attn = attn_save ? attn_save : grow(la, B * T * d.qdim);
-  linear_forward(q, d.qdim, h, d.C, B * T, w.q);
-  project_kv(kv, in.memory, B * S, w, d);
-  const index_t kvw = 2 * d.kvdim;
-  attention_forward(HeadTensor{attn, T * d.qdim, d.qdim}, lse, ConstHeadTensor{q, T * d.qdim, d.qdim},
-                    ConstHeadTensor{kv, S * kvw, kvw}, ConstHeadTensor{kv + d.kvdim, S * kvw, kvw}, cross_mask(in),
-                    attention_config(d, B, T, S, dropout, seed));
+  linear_forward(q, d.qdim, xq, d.C, B * T, w.q);
+  if (xk == xv) {
+    project_kv(kv, xk, B * S, w, d);
+  } else {
+    linear_forward(kv, kvw, xk, d.C, B * S, w.k);
+    linear_forward(kv + d.kvdim, kvw, xv, d.C, B * S, w.v);
+  }
+  const AttentionMask mask = cross_mask(in, causal);
+  const AttentionConfig ac = attention_config(d, B, T, S, dropout, seed);
+  const ConstHeadTensor qt{q, T * d.qdim, d.qdim}, kt{kv, S * kvw, kvw};
+  attention_forward(HeadTensor{attn, T * d.qdim, d.qdim}, lse, qt, kt, ConstHeadTensor{kv + d.kvdim, S * kvw, kvw},
+                    mask, ac);
+  if (attn_weights) attention_weights(attn_weights, qt, kt, mask, ac);
   linear_forward(y, d.C, attn, d.qdim, B * T, w.o);
 }
 
-void cross_attention_backward(float* dh, bool accumulate, float* dmemory, const float* dy, const float* h,
-                              const Dims& d, const AttentionWeights& w, const AttentionGrads& g,
-                              const BlockInput& in, float dropout, std::uint64_t seed, const float* q,
-                              const float* kv, const float* attn, const float* lse, std::vector<float>& scratch) {
+// dxq (overwritten, or added with accumulate); dxk and dxv ACCUMULATED (the same buffer when xk == xv).
+void cross_attention_backward(float* dxq, bool accumulate, float* dxk, float* dxv, const float* dy, const float* xq,
+                              const float* xk, const float* xv, const Dims& d, const AttentionWeights& w,
+                              const AttentionGrads& g, const BlockInput& in, bool causal, float dropout,
+                              std::uint64_t seed, const float* q, const float* kv, const float* attn,
+                              const float* lse, std::vector<float>& scratch) {
   const index_t B = in.B, T = in.T, S = in.S, kvw = 2 * d.kvdim;
   float* dattn = grow(scratch, B * T * 2 * d.qdim + B * S * kvw);
   float* dq = dattn + B * T * d.qdim;
@@ -300,13 +324,22 @@ void cross_attention_backward(float* dh, bool accumulate, float* dmemory, const 
                      HeadTensor{dkv + d.kvdim, S * kvw, kvw}, ConstHeadTensor{dattn, T * d.qdim, d.qdim},
                      ConstHeadTensor{q, T * d.qdim, d.qdim}, ConstHeadTensor{kv, S * kvw, kvw},
                      ConstHeadTensor{kv + d.kvdim, S * kvw, kvw}, ConstHeadTensor{attn, T * d.qdim, d.qdim}, lse,
-                     cross_mask(in), attention_config(d, B, T, S, dropout, seed));
-  linear_backward(dh, d.C, accumulate, g.q.weight, g.q.bias, dq, d.qdim, h, d.C, B * T, w.q);
-  if (w.kv.present()) {
-    linear_backward(dmemory, d.C, true, g.kv.weight, g.kv.bias, dkv, kvw, in.memory, d.C, B * S, w.kv);
-  } else {
-    linear_backward(dmemory, d.C, true, g.k.weight, g.k.bias, dkv, kvw, in.memory, d.C, B * S, w.k);
-    linear_backward(dmemory, d.C, true, g.v.weight, g.v.bias, dkv + d.kvdim, kvw, in.memory, d.C, B * S, w.v);
+                     cross_mask(in, causal), attention_config(d, B, T, S, dropout, seed));
+  linear_backward(dxq, d.C, accumulate, g.q.weight, g.q.bias, dq, d.qdim, xq, d.C, B * T, w.q);
+  if (xk == xv && dxk == dxv && w.kv.present()) {
+    linear_backward(dxk, d.C, true, g.kv.weight, g.kv.bias, dkv, kvw, xk, d.C, B * S, w.kv);
+  } else {  // each of k and v on its own (halves of a fused k|v weight when that is what there is)
+    LinearRef k = w.k, v = w.v;
+    LinearGrads gk = g.k, gv = g.v;
+    if (w.kv.present()) {
+      CPUFORMER_CHECK(w.kv.weight && !w.kv.in_out, "attention backward: needs the float (out, in) k|v weight");
+      k = LinearRef{d.C, d.kvdim, w.kv.weight, w.kv.bias};
+      v = LinearRef{d.C, d.kvdim, w.kv.weight + d.kvdim * d.C, w.kv.bias ? w.kv.bias + d.kvdim : nullptr};
+      gk = LinearGrads{g.kv.weight, g.kv.bias};
+      gv = LinearGrads{g.kv.weight ? g.kv.weight + d.kvdim * d.C : nullptr, g.kv.bias ? g.kv.bias + d.kvdim : nullptr};
+    }
+    linear_backward(dxk, d.C, true, gk.weight, gk.bias, dkv, kvw, xk, d.C, B * S, k);
+    linear_backward(dxv, d.C, true, gv.weight, gv.bias, dkv + d.kvdim, kvw, xv, d.C, B * S, v);
   }
 }
 
@@ -375,7 +408,8 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
     if (train)
       q = grow(s.cq, rows * d.qdim), kv = grow(s.ckv, B * in.S * 2 * d.kvdim), attn = grow(s.cattn, rows * d.qdim),
       lse = grow(s.clse, B * d.H * T);
-    cross_attention_forward(yy, h, d, w.cross_attn, in, p_att, sub_seed(seed, 2), q, kv, attn, lse);
+    cross_attention_forward(yy, h, in.memory, in.memory, d, w.cross_attn, in, false, p_att, sub_seed(seed, 2), q, kv,
+                            attn, lse, nullptr);
   };
   auto run_ff = [&](float* yy, const float* h) {
     const index_t F = w.ff.up.out;
@@ -477,8 +511,9 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
                          sub_seed(seed, 3));
   };
   auto back_cross = [&](float* dh, bool acc, const float* dyy, const float* h) {
-    cross_attention_backward(dh, acc, dmemory, dyy, h, d, w.cross_attn, g.cross_attn, in, p_att, sub_seed(seed, 2),
-                             s.cq.data(), s.ckv.data(), s.cattn.data(), s.clse.data(), scratch);
+    cross_attention_backward(dh, acc, dmemory, dmemory, dyy, h, in.memory, in.memory, d, w.cross_attn, g.cross_attn, in,
+                             false, p_att, sub_seed(seed, 2), s.cq.data(), s.ckv.data(), s.cattn.data(),
+                             s.clse.data(), scratch);
   };
   auto back_self = [&](float* dh, bool acc, const float* dyy, const float* h) {
     SelfSaves ss{s.qkv.data(), nullptr, nullptr, nullptr, nullptr, s.attn.data(), s.lse.data()};
@@ -493,6 +528,93 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
   if (c.cross_attention) sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, w.norm2, g.norm2, back_cross);
   sublayer(0, s.x0, s.normed1, s.stat1a, s.stat1b, w.norm1, g.norm1, back_self);
   std::memcpy(dx, gcur.data(), sizeof(float) * n);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The attention sublayer alone.
+
+void attention_layer_forward(float* out, const float* xq, const float* xk, const float* xv, const BlockConfig& c,
+                             const AttentionWeights& w, const BlockInput& in, bool causal, std::uint64_t seed,
+                             AttentionLayerSaved* s, float* attn_weights) {
+  const Dims d(c);
+  const bool self = xq == xk && xk == xv;
+  CPUFORMER_CHECK(in.B >= 1 && in.T >= 1 && (self || in.S >= 1), "attention_layer_forward: bad sizes B=", in.B,
+                  " T=", in.T, " S=", in.S);
+  check_attention(w, d, !self, "attention");
+  const float p = s ? c.attention_dropout : 0.0f;
+  std::vector<float> bias, tmp;
+  const index_t rows = in.B * in.T;
+  if (self) {
+    SelfSaves ss{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    if (s) {
+      ss.qkv = grow(s->qkv, rows * d.width), ss.attn = grow(s->attn, rows * d.qdim);
+      ss.lse = grow(s->lse, in.B * d.H * in.T);
+      if (c.qk_norm) {
+        ss.q_pre = grow(s->q_pre, rows * d.qdim), ss.k_pre = grow(s->k_pre, rows * d.kvdim);
+        float* r = grow(s->qk_rstd, rows * (d.H + d.KVH));
+        ss.q_rstd = r, ss.k_rstd = r + rows * d.H;
+      }
+    }
+    self_attention_forward(out, xq, c, d, w, in, p, seed, ss, attn_weights, s ? s->bias : bias, s ? s->tmp : tmp);
+  } else {
+    CPUFORMER_CHECK(c.position == PositionKind::kNone && !c.qk_norm,
+                    "attention_layer_forward: positions and q/k norms apply to self-attention only");
+    float *q = nullptr, *kv = nullptr, *attn = nullptr, *lse = nullptr;
+    if (s)
+      q = grow(s->q, rows * d.qdim), kv = grow(s->kv, in.B * in.S * 2 * d.kvdim), attn = grow(s->attn, rows * d.qdim),
+      lse = grow(s->lse, in.B * d.H * in.T);
+    cross_attention_forward(out, xq, xk, xv, d, w, in, causal, p, seed, q, kv, attn, lse, attn_weights);
+  }
+  if (s) {
+    s->in = in, s->self = self, s->causal = causal, s->dropout = p, s->seed = seed;
+    s->xq = xq, s->xk = xk, s->xv = xv, s->valid = true;
+  }
+}
+
+void attention_layer_backward(float* dxq, float* dxk, float* dxv, const float* dout, const BlockConfig& c,
+                              const AttentionWeights& w, const AttentionGrads& g, AttentionLayerSaved& s) {
+  CPUFORMER_CHECK(s.valid, "attention_layer_backward: no training forward to differentiate");
+  const Dims d(c);
+  const BlockInput& in = s.in;
+  const index_t rows = in.B * in.T;
+  if (!s.self) {
+    if (dxk != dxq) std::fill(dxk, dxk + in.B * in.S * d.C, 0.0f);
+    if (dxv != dxk && dxv != dxq) std::fill(dxv, dxv + in.B * in.S * d.C, 0.0f);
+    cross_attention_backward(dxq, false, dxk, dxv, dout, s.xq, s.xk, s.xv, d, w, g, in, s.causal, s.dropout, s.seed,
+                             s.q.data(), s.kv.data(), s.attn.data(), s.lse.data(), s.scratch);
+    return;
+  }
+  SelfSaves ss{s.qkv.data(), nullptr, nullptr, nullptr, nullptr, s.attn.data(), s.lse.data()};
+  if (c.qk_norm) {
+    ss.q_pre = s.q_pre.data(), ss.k_pre = s.k_pre.data();
+    ss.q_rstd = s.qk_rstd.data(), ss.k_rstd = s.qk_rstd.data() + rows * d.H;
+  }
+  if (dxq == dxk && dxk == dxv) {  // the summed input gradient: one GEMM through the fused projection
+    self_attention_backward(dxq, false, dout, s.xq, c, d, w, g, in, s.dropout, s.seed, ss, s.bias, s.scratch, s.tmp);
+    return;
+  }
+  // Each input's own gradient: the projection's q, k and v parts separately (float weights, as training has).
+  AttentionWeights parts = w;
+  AttentionGrads pg = g;
+  if (w.qkv.present()) {
+    CPUFORMER_CHECK(w.qkv.weight && !w.qkv.in_out, "attention_layer_backward: needs the float (out, in) weight");
+    const index_t offs[3] = {0, d.qdim, d.qdim + d.kvdim}, outs[3] = {d.qdim, d.kvdim, d.kvdim};
+    LinearRef* dst[3] = {&parts.q, &parts.k, &parts.v};
+    LinearGrads* gdst[3] = {&pg.q, &pg.k, &pg.v};
+    for (int i = 0; i < 3; ++i) {
+      *dst[i] = LinearRef{d.C, outs[i], w.qkv.weight + offs[i] * d.C, w.qkv.bias ? w.qkv.bias + offs[i] : nullptr};
+      *gdst[i] = LinearGrads{g.qkv.weight ? g.qkv.weight + offs[i] * d.C : nullptr,
+                             g.qkv.bias ? g.qkv.bias + offs[i] : nullptr};
+    }
+  }
+  const float* dqkv =
+      self_attention_backward_to_qkv(dout, c, d, w, g, in, s.dropout, s.seed, ss, s.bias, s.scratch, s.tmp);
+  float* dx[3] = {dxq, dxk, dxv};
+  const LinearRef* lr[3] = {&parts.q, &parts.k, &parts.v};
+  const LinearGrads* lg[3] = {&pg.q, &pg.k, &pg.v};
+  const index_t col[3] = {0, d.qdim, d.qdim + d.kvdim};
+  for (int i = 0; i < 3; ++i)
+    linear_backward(dx[i], d.C, false, lg[i]->weight, lg[i]->bias, dqkv + col[i], d.width, s.xq, d.C, rows, *lr[i]);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

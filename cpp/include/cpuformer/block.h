@@ -141,6 +141,27 @@ void block_forward_train(float* out, const float* x, const BlockConfig& cfg, con
 void block_backward(float* dx, float* dmemory, const float* dout, const BlockConfig& cfg, const BlockWeights& w,
                     const BlockGrads& g, BlockSaved& saved);
 
+// The attention sublayer alone, as torch.nn.MultiheadAttention: out = o(attention(q(xq), k(xk), v(xv))), the
+// same code as the block's. Self-attention when xq == xk == xv (B, T, C) (one fused projection; the config's
+// positions and q/k norms apply; masks from in.key_padding / in.additive / in.causal); otherwise keys and values
+// over in.S positions (one k|v GEMM when xk == xv and the weights are fused; masks from in.memory_padding /
+// in.memory_additive and `causal`). The config's attention_dropout applies when training (then `saved` is given).
+struct AttentionLayerSaved {
+  BlockInput in;
+  bool self = true, causal = false, valid = false;
+  float dropout = 0.0f;
+  std::uint64_t seed = 0;
+  const float *xq = nullptr, *xk = nullptr, *xv = nullptr;  // the inputs: the caller keeps them until backward
+  std::vector<float> qkv, q_pre, k_pre, qk_rstd, attn, lse, bias, q, kv, scratch, tmp;
+};
+void attention_layer_forward(float* out, const float* xq, const float* xk, const float* xv, const BlockConfig& cfg,
+                             const AttentionWeights& w, const BlockInput& in, bool causal, std::uint64_t seed,
+                             AttentionLayerSaved* saved, float* attn_weights = nullptr);
+// Input gradients (overwritten): dxq, dxk, dxv may all be one buffer (self-attention: their sum, one GEMM) or
+// distinct (each input's own); parameter gradients accumulated.
+void attention_layer_backward(float* dxq, float* dxk, float* dxv, const float* dout, const BlockConfig& cfg,
+                              const AttentionWeights& w, const AttentionGrads& g, AttentionLayerSaved& saved);
+
 // Key/value cache of one block for incremental decoding: rows of `capacity` positions of kv_heads * head_dim keys
 // and values, length[b] of them filled.
 struct KVCache {
