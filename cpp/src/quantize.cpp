@@ -2,16 +2,46 @@
 //
 // Packed weight layout: panels of 16 output columns; inside a panel, groups of 4 consecutive k, and in a group the
 // 4 bytes of column 0, then column 1, ... (64 bytes). One broadcast 32-bit load of 4 activation bytes then meets
-// 16 columns in two vpmaddubsw + two vpmaddwd: 4 products per int32 lane, accumulated exactly.
+// 16 columns in two vpmaddubsw + two vpmaddwd: 4 products per int32 lane, accumulated exactly. The same 64 bytes are
+// exactly one zmm operand of AVX-512 VNNI's vpdpbusd (16 int32 lanes x 4 u8*s8 products, no saturation), and two ymm
+// operands of AVX-VNNI's 256-bit form, so the VNNI kernels read the same panels.
+//
+// Kernels (int8_kernel_name): "avx512vnni", "avxvnni", "avx2", "scalar". Every one sums the same integers exactly in
+// int32 and dequantizes with the same float operations in the same order (no FMA: -ffp-contract=off), so all give
+// bitwise identical outputs; they differ only in speed. The VNNI kernels are compiled with per-function target
+// attributes like the AVX2 ones and chosen at run time from CPUID (and XCR0 for the zmm state), and only while the
+// SIMD path is AVX2 (set_simd_path("scalar") selects the scalar kernel).
 #include "cpuformer/quantize.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <stdexcept>
 
 #include "parallel.h"
+// GCC 12's AVX-512 headers initialise placeholders from themselves (__Y = __Y), which -Wuninitialized flags at every
+// use (GCC PR105593): silenced for warnings located in those headers only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "simd.h"
+#pragma GCC diagnostic pop
+#else
+#include "simd.h"
+#endif
+
+// VNNI needs GCC >= 11 or clang >= 12 for the avxvnni target; both carry avx512vnni too.
+#if defined(CPUFORMER_HAVE_AVX2) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define CPUFORMER_HAVE_VNNI 1
+#include <cpuid.h>
+#define CPUFORMER_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+#define CPUFORMER_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
+#endif
 
 namespace cpuformer {
 using detail::parallel_for;
@@ -20,7 +50,82 @@ namespace {
 
 constexpr index_t kPanel = 16;  // output columns per packed panel
 constexpr index_t kGroup = 4;   // k values per 32-bit group
-constexpr int kMaxRows = 4;     // activation rows per micro-kernel call
+constexpr int kMaxRows = 4;     // activation rows per micro-kernel call (scalar, AVX2, AVX-VNNI)
+constexpr int kMaxRowsZmm = 8;  // rows per AVX-512 VNNI call, which also takes two panels: 16 zmm accumulators
+
+// ---- kernel choice --------------------------------------------------------------------------------------------
+
+enum class Kernel : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+constexpr const char* kKernelNames[] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+constexpr int kAuto = -1, kInvalid = -2;
+
+int parse_kernel(const std::string& name) {
+  if (name == "auto" || name.empty()) return kAuto;
+  if (name == "vnni") return static_cast<int>(Kernel::kAvx512Vnni);
+  for (int i = 0; i < 4; ++i)
+    if (name == kKernelNames[i]) return i;
+  return kInvalid;
+}
+
+#ifdef CPUFORMER_HAVE_VNNI
+// XCR0: which register state the OS saves on a context switch (0 without OSXSAVE).
+std::uint64_t read_xcr0() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE)) return 0;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (std::uint64_t(hi) << 32) | lo;
+}
+#endif
+
+bool cpu_has(Kernel k) {
+  switch (k) {
+    case Kernel::kScalar: return true;
+#ifdef CPUFORMER_HAVE_AVX2
+    case Kernel::kAvx2:
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+#ifdef CPUFORMER_HAVE_VNNI
+    case Kernel::kAvxVnni:  // VEX-encoded: needs the ymm state (XCR0 bits 1, 2)
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni") &&
+             (read_xcr0() & 0x6) == 0x6;
+    case Kernel::kAvx512Vnni:  // plus opmask, upper zmm0-15 and zmm16-31 (XCR0 bits 5, 6, 7)
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+             (read_xcr0() & 0xe6) == 0xe6;
+#endif
+    default: return false;
+  }
+}
+
+Kernel best_kernel() {
+  static const Kernel best = cpu_has(Kernel::kAvx512Vnni) ? Kernel::kAvx512Vnni
+                             : cpu_has(Kernel::kAvxVnni)  ? Kernel::kAvxVnni
+                             : cpu_has(Kernel::kAvx2)     ? Kernel::kAvx2
+                                                          : Kernel::kScalar;
+  return best;
+}
+
+// kAuto, or the kernel CPUFORMER_INT8 / set_int8_kernel forces (an unknown or unavailable name in the environment
+// means auto: a bad variable must not break import).
+int initial_choice() {
+  const char* env = std::getenv("CPUFORMER_INT8");
+  const int c = env ? parse_kernel(env) : kAuto;
+  return c >= 0 && cpu_has(static_cast<Kernel>(c)) ? c : kAuto;
+}
+
+std::atomic<int> g_choice{initial_choice()};
+
+// The kernel linear_int8 uses now: scalar whenever the SIMD path is (CPUFORMER_SIMD=scalar, set_simd_path).
+Kernel active_kernel() {
+  if (!detail::use_avx2()) return Kernel::kScalar;
+  const int c = g_choice.load(std::memory_order_relaxed);
+  return c >= 0 ? static_cast<Kernel>(c) : best_kernel();
+}
 
 index_t round_up(index_t x, index_t m) { return (x + m - 1) / m * m; }
 
@@ -103,12 +208,58 @@ CPUFORMER_AVX2 void quantize_row_avx2(const float* x, index_t K, std::uint8_t* q
 }
 #endif
 
+#ifdef CPUFORMER_HAVE_VNNI
+// The AVX2 row quantization on zmm: the same min/max, the same products and conversion (round to nearest even),
+// the same clamp to [0, 127], so the same bytes.
+CPUFORMER_AVX512VNNI void quantize_row_avx512(const float* x, index_t K, std::uint8_t* q, RowQuant* out) {
+  __m512 vlo = _mm512_setzero_ps(), vhi = _mm512_setzero_ps(), vpoison = _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
+  index_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    vlo = _mm512_min_ps(vlo, v);
+    vhi = _mm512_max_ps(vhi, v);
+    vpoison = _mm512_add_ps(vpoison, _mm512_mul_ps(v, zero));
+  }
+  if (k < K) {  // zeros in the masked-off lanes change neither the range (it holds 0) nor the poison
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(tail, x + k);
+    vlo = _mm512_min_ps(vlo, v);
+    vhi = _mm512_max_ps(vhi, v);
+    vpoison = _mm512_add_ps(vpoison, _mm512_mul_ps(v, zero));
+  }
+  const RowQuant p =
+      row_params(_mm512_reduce_min_ps(vlo), _mm512_reduce_max_ps(vhi), _mm512_reduce_add_ps(vpoison) == 0.0f);
+  const __m512 inv = _mm512_set1_ps(p.inv);
+  const __m512i zp = _mm512_set1_epi32(p.zero), lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(127);
+  k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv)), zp);
+    i = _mm512_min_epi32(_mm512_max_epi32(i, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(i));
+  }
+  if (k < K) {
+    const __mmask16 tail = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail, x + k), inv)), zp);
+    i = _mm512_min_epi32(_mm512_max_epi32(i, lo), hi);
+    _mm512_mask_cvtepi32_storeu_epi8(q + k, tail, i);
+  }
+  *out = p;
+}
+#endif
+
 void quantize_rows(const float* x, index_t M, index_t K, index_t ldx, std::uint8_t* qa, index_t ldq, RowQuant* rq) {
+  const Kernel kern = active_kernel();
   parallel_for(M, std::max<index_t>(1, 16384 / std::max<index_t>(K, 1)), [&](index_t m0, index_t m1, int) {
     for (index_t m = m0; m < m1; ++m) {
       std::uint8_t* q = qa + m * ldq;
+#ifdef CPUFORMER_HAVE_VNNI
+      if (kern == Kernel::kAvx512Vnni) {
+        quantize_row_avx512(x + m * ldx, K, q, rq + m);
+      } else
+#endif
 #ifdef CPUFORMER_HAVE_AVX2
-      if (detail::use_avx2()) {
+      if (kern != Kernel::kScalar) {
         quantize_row_avx2(x + m * ldx, K, q, rq + m);
       } else
 #endif
@@ -125,11 +276,11 @@ struct Tile {
   index_t ldq, groups;
   const std::int8_t* panel;
   const RowQuant* rq;
-  const float* scale;          // 16 weight scales of the panel
-  const std::int32_t* col_sum;  // 16 column sums
+  const float* scale;          // 16 weight scales per panel (padded to whole panels)
+  const std::int32_t* col_sum;  // 16 column sums per panel
   const float* bias;           // the panel's biases (cols of them) or null
   float* y;                    // output tile, rows ldy apart
-  index_t ldy, cols;           // cols <= 16 stored
+  index_t ldy, cols;           // cols stored: <= 16, or <= 32 (two panels) for the AVX-512 kernel
 };
 
 inline void finish_scalar(const Tile& t, int rows, const std::int32_t acc[kMaxRows][kPanel]) {
@@ -158,23 +309,9 @@ void tile_scalar(const Tile& t, int rows) {
 }
 
 #ifdef CPUFORMER_HAVE_AVX2
+// Dequantizes and stores R rows of one 16-column panel from two ymm int32 sums per row.
 template <int R>
-CPUFORMER_AVX2 void tile_avx2(const Tile& t) {
-  __m256i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  const __m256i ones = _mm256_set1_epi16(1);
-  const std::int8_t* w = t.panel;
-  for (index_t g = 0; g < t.groups; ++g, w += kPanel * kGroup) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
-    for (int r = 0; r < R; ++r) {
-      std::int32_t four;
-      std::memcpy(&four, t.a + r * t.ldq + g * kGroup, 4);
-      const __m256i a = _mm256_set1_epi32(four);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w1), ones));
-    }
-  }
+CPUFORMER_AVX2 static inline void finish_avx2(const Tile& t, const __m256i (&acc)[R][2]) {
   const __m256i cs0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum));
   const __m256i cs1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(t.col_sum + 8));
   const __m256 sw0 = _mm256_loadu_ps(t.scale), sw1 = _mm256_loadu_ps(t.scale + 8);
@@ -199,20 +336,154 @@ CPUFORMER_AVX2 void tile_avx2(const Tile& t) {
     }
   }
 }
-#endif
 
-void run_tile(const Tile& t, int rows) {
-#ifdef CPUFORMER_HAVE_AVX2
-  if (detail::use_avx2()) {
-    switch (rows) {
-      case 1: return tile_avx2<1>(t);
-      case 2: return tile_avx2<2>(t);
-      case 3: return tile_avx2<3>(t);
-      default: return tile_avx2<4>(t);
+template <int R>
+CPUFORMER_AVX2 void tile_avx2(const Tile& t) {
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  const __m256i ones = _mm256_set1_epi16(1);
+  const std::int8_t* w = t.panel;
+  for (index_t g = 0; g < t.groups; ++g, w += kPanel * kGroup) {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32));
+    for (int r = 0; r < R; ++r) {
+      std::int32_t four;
+      std::memcpy(&four, t.a + r * t.ldq + g * kGroup, 4);
+      const __m256i a = _mm256_set1_epi32(four);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w0), ones));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w1), ones));
     }
   }
+  finish_avx2<R>(t, acc);
+}
 #endif
-  tile_scalar(t, rows);
+
+#ifdef CPUFORMER_HAVE_VNNI
+// AVX-VNNI (VEX, 256-bit): the AVX2 kernel with one vpdpbusd in place of vpmaddubsw + vpmaddwd + vpaddd. With one
+// or two rows, two sets of sums over alternate groups keep more than two vpdpbusd chains in flight; integer sums
+// are associative, so the split changes no bit.
+template <int R>
+CPUFORMER_AVXVNNI void tile_avxvnni(const Tile& t) {
+  constexpr int S = R <= 2 ? 2 : 1;
+  __m256i acc[S][R][2];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) acc[s][r][0] = acc[s][r][1] = _mm256_setzero_si256();
+  const std::int8_t* w = t.panel;
+  const std::uint8_t* a = t.a;
+  auto step = [&](int s, const std::int8_t* wg, const std::uint8_t* ag) CPUFORMER_AVXVNNI {
+    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg));
+    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + 32));
+    for (int r = 0; r < R; ++r) {
+      std::int32_t four;
+      std::memcpy(&four, ag + r * t.ldq, 4);
+      const __m256i av = _mm256_set1_epi32(four);
+      acc[s][r][0] = _mm256_dpbusd_avx_epi32(acc[s][r][0], av, w0);
+      acc[s][r][1] = _mm256_dpbusd_avx_epi32(acc[s][r][1], av, w1);
+    }
+  };
+  index_t g = 0;
+  for (; g + S <= t.groups; g += S, w += S * kPanel * kGroup, a += S * kGroup)
+    for (int s = 0; s < S; ++s) step(s, w + s * kPanel * kGroup, a + s * kGroup);
+  if (g < t.groups) step(0, w, a);  // S == 2 and an odd number of groups
+  if (S == 2)
+    for (int r = 0; r < R; ++r) {
+      acc[0][r][0] = _mm256_add_epi32(acc[0][r][0], acc[S - 1][r][0]);
+      acc[0][r][1] = _mm256_add_epi32(acc[0][r][1], acc[S - 1][r][1]);
+    }
+  finish_avx2<R>(t, acc[0]);
+}
+
+// AVX-512 VNNI: R rows (1..8) times P panels (1, 2) of 16 columns, one zmm accumulator each; per 4-k group one
+// 64-byte load per panel, one 4-byte broadcast per row and R * P vpdpbusd. Small tiles (R * P <= 4) keep two sets
+// of sums over alternate groups so that at least eight independent vpdpbusd chains hide its latency.
+template <int R, int P>
+CPUFORMER_AVX512VNNI void tile_avx512vnni(const Tile& t) {
+  constexpr int S = R * P <= 4 ? 2 : 1;
+  constexpr index_t kGroupBytes = kPanel * kGroup;
+  __m512i acc[S][R][P];
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[s][r][p] = _mm512_setzero_si512();
+  const index_t panel_bytes = t.groups * kGroupBytes;
+  const std::int8_t* w = t.panel;
+  const std::uint8_t* a = t.a;
+  auto step = [&](int s, const std::int8_t* wg, const std::uint8_t* ag) CPUFORMER_AVX512VNNI {
+    __m512i wv[P];
+    for (int p = 0; p < P; ++p) wv[p] = _mm512_loadu_si512(wg + p * panel_bytes);
+    for (int r = 0; r < R; ++r) {
+      std::int32_t four;
+      std::memcpy(&four, ag + r * t.ldq, 4);
+      const __m512i av = _mm512_set1_epi32(four);
+      for (int p = 0; p < P; ++p) acc[s][r][p] = _mm512_dpbusd_epi32(acc[s][r][p], av, wv[p]);
+    }
+  };
+  index_t g = 0;
+  for (; g + S <= t.groups; g += S, w += S * kGroupBytes, a += S * kGroup)
+    for (int s = 0; s < S; ++s) step(s, w + s * kGroupBytes, a + s * kGroup);
+  if (g < t.groups) step(0, w, a);
+  if (S == 2)
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[0][r][p] = _mm512_add_epi32(acc[0][r][p], acc[S - 1][r][p]);
+  for (int p = 0; p < P; ++p) {  // the same dequantization as finish_scalar and finish_avx2, 16 lanes at a time
+    const index_t j0 = p * kPanel, cols = std::min<index_t>(kPanel, t.cols - j0);
+    const __mmask16 m = static_cast<__mmask16>(cols >= kPanel ? 0xffffu : (1u << cols) - 1);
+    const __m512i cs = _mm512_loadu_si512(t.col_sum + j0);  // padded to whole panels
+    const __m512 sw = _mm512_loadu_ps(t.scale + j0);
+    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0) : _mm512_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+      const __m512i z = _mm512_set1_epi32(t.rq[r].zero);
+      const __m512 sa = _mm512_set1_ps(t.rq[r].scale);
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][r][p], _mm512_mullo_epi32(z, cs)));
+      const __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(sa, sw)), b);
+      if (cols == kPanel)
+        _mm512_storeu_ps(t.y + r * t.ldy + j0, y);
+      else
+        _mm512_mask_storeu_ps(t.y + r * t.ldy + j0, m, y);
+    }
+  }
+}
+
+template <int P>
+void run_tile_avx512vnni(const Tile& t, int rows) {
+  switch (rows) {
+    case 1: return tile_avx512vnni<1, P>(t);
+    case 2: return tile_avx512vnni<2, P>(t);
+    case 3: return tile_avx512vnni<3, P>(t);
+    case 4: return tile_avx512vnni<4, P>(t);
+    case 5: return tile_avx512vnni<5, P>(t);
+    case 6: return tile_avx512vnni<6, P>(t);
+    case 7: return tile_avx512vnni<7, P>(t);
+    default: return tile_avx512vnni<8, P>(t);
+  }
+}
+#endif
+
+// rows <= rows_per_tile(kern) and, but for the AVX-512 kernel, one panel (t.cols <= 16).
+void run_tile(Kernel kern, const Tile& t, int rows) {
+  switch (kern) {
+#ifdef CPUFORMER_HAVE_VNNI
+    case Kernel::kAvx512Vnni:
+      if (t.cols > kPanel) return run_tile_avx512vnni<2>(t, rows);
+      return run_tile_avx512vnni<1>(t, rows);
+    case Kernel::kAvxVnni:
+      switch (rows) {
+        case 1: return tile_avxvnni<1>(t);
+        case 2: return tile_avxvnni<2>(t);
+        case 3: return tile_avxvnni<3>(t);
+        default: return tile_avxvnni<4>(t);
+      }
+#endif
+#ifdef CPUFORMER_HAVE_AVX2
+    case Kernel::kAvx2:
+      switch (rows) {
+        case 1: return tile_avx2<1>(t);
+        case 2: return tile_avx2<2>(t);
+        case 3: return tile_avx2<3>(t);
+        default: return tile_avx2<4>(t);
+      }
+#endif
+    default: return tile_scalar(t, rows);
+  }
 }
 
 }  // namespace
@@ -281,14 +552,21 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
   std::vector<std::uint8_t> qa(static_cast<size_t>(M * ldq));
   std::vector<RowQuant> rq(static_cast<size_t>(M));
   quantize_rows(x, M, w.k, ldx, qa.data(), ldq, rq.data());
-  // Rows in chunks whose quantized activations stay in L2 while every panel of the chunk passes over them.
-  const index_t mc = std::max<index_t>(kMaxRows, std::min(M, round_up(std::max<index_t>(1, 96 * 1024 / ldq), 4)));
-  const index_t chunks = (M + mc - 1) / mc, tasks = chunks * panels;
-  const index_t macs_per_task = mc * kPanel * ldq;
+  // Tasks: chunks of rows whose quantized activations stay in L2 while every panel of the chunk passes over them,
+  // times blocks of panels (two for AVX-512: 32 columns per tile). Threads take contiguous runs of tasks, so at
+  // batch 1 each streams its own slice of the packed weights once.
+  const Kernel kern = active_kernel();
+  const int rows_per_tile = kern == Kernel::kAvx512Vnni ? kMaxRowsZmm : kMaxRows;
+  const index_t block = kern == Kernel::kAvx512Vnni ? 2 : 1;
+  const index_t blocks = (panels + block - 1) / block;
+  const index_t mc =
+      std::max<index_t>(rows_per_tile, std::min(M, round_up(std::max<index_t>(1, 96 * 1024 / ldq), rows_per_tile)));
+  const index_t chunks = (M + mc - 1) / mc, tasks = chunks * blocks;
+  const index_t macs_per_task = std::min(mc, M) * block * kPanel * ldq;
   parallel_for(tasks, std::max<index_t>(1, 262144 / std::max<index_t>(1, macs_per_task)),
                [&](index_t t0, index_t t1, int) {
                  for (index_t task = t0; task < t1; ++task) {
-                   const index_t c = task / panels, p = task % panels;
+                   const index_t c = task / blocks, p = task % blocks * block;
                    const index_t m_end = std::min(M, (c + 1) * mc), n0 = p * kPanel;
                    Tile t;
                    t.ldq = ldq;
@@ -298,15 +576,33 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
                    t.col_sum = w.col_sum.data() + n0;
                    t.bias = bias ? bias + n0 : nullptr;
                    t.ldy = ldy;
-                   t.cols = std::min(kPanel, N - n0);
-                   for (index_t m = c * mc; m < m_end; m += kMaxRows) {
+                   t.cols = std::min(block * kPanel, N - n0);
+                   for (index_t m = c * mc; m < m_end; m += rows_per_tile) {
                      t.a = qa.data() + m * ldq;
                      t.rq = rq.data() + m;
                      t.y = y + m * ldy + n0;
-                     run_tile(t, static_cast<int>(std::min<index_t>(kMaxRows, m_end - m)));
+                     run_tile(kern, t, static_cast<int>(std::min<index_t>(rows_per_tile, m_end - m)));
                    }
                  }
                });
+}
+
+std::string int8_kernel_name() { return kKernelNames[static_cast<int>(active_kernel())]; }
+
+void set_int8_kernel(const std::string& name) {
+  const int c = parse_kernel(name);
+  CPUFORMER_CHECK(c != kInvalid, "set_int8_kernel: name must be 'auto', 'avx512vnni' (or 'vnni'), 'avxvnni', 'avx2' "
+                  "or 'scalar', got '", name, "'");
+  CPUFORMER_CHECK(c == kAuto || cpu_has(static_cast<Kernel>(c)), "set_int8_kernel: this CPU or build lacks '", name,
+                  "'");
+  g_choice.store(c);
+}
+
+std::vector<std::string> int8_kernels_available() {
+  std::vector<std::string> out;
+  for (int i = 3; i >= 0; --i)
+    if (cpu_has(static_cast<Kernel>(i))) out.push_back(kKernelNames[i]);
+  return out;
 }
 
 }  // namespace cpuformer
