@@ -233,6 +233,18 @@ CPUFORMER_AVX512VNNI void quantize_row_avx512(const float* x, index_t K, std::ui
   const __m512 inv = _mm512_set1_ps(p.inv);
   const __m512i zp = _mm512_set1_epi32(p.zero), lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(127);
   k = 0;
+  // 64 at a time as the AVX2 code does it: saturating packs (to int16, then to u8 clamping at 0), one permute back
+  // into order and a minimum with 127; vpmovdb costs two shuffles per 16.
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i top = _mm512_set1_epi8(127);
+  for (; k + 64 <= K; k += 64) {
+    const __m512i i0 = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv)), zp);
+    const __m512i i1 = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 16), inv)), zp);
+    const __m512i i2 = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 32), inv)), zp);
+    const __m512i i3 = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k + 48), inv)), zp);
+    const __m512i b = _mm512_packus_epi16(_mm512_packs_epi32(i0, i1), _mm512_packs_epi32(i2, i3));
+    _mm512_storeu_si512(q + k, _mm512_min_epu8(_mm512_permutexvar_epi32(order, b), top));
+  }
   for (; k + 16 <= K; k += 16) {
     __m512i i = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), inv)), zp);
     i = _mm512_min_epi32(_mm512_max_epi32(i, lo), hi);
