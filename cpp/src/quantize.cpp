@@ -76,6 +76,12 @@ std::uint64_t read_xcr0() {
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
   return (std::uint64_t(hi) << 32) | lo;
 }
+
+// CPUID.(EAX=7, ECX=1):EAX bit 4 (clang's __builtin_cpu_supports does not know "avxvnni").
+bool cpuid_avxvnni() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+}
 #endif
 
 bool cpu_has(Kernel k) {
@@ -89,7 +95,7 @@ bool cpu_has(Kernel k) {
 #ifdef CPUFORMER_HAVE_VNNI
     case Kernel::kAvxVnni:  // VEX-encoded: needs the ymm state (XCR0 bits 1, 2)
       __builtin_cpu_init();
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("avxvnni") &&
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpuid_avxvnni() &&
              (read_xcr0() & 0x6) == 0x6;
     case Kernel::kAvx512Vnni:  // plus opmask, upper zmm0-15 and zmm16-31 (XCR0 bits 5, 6, 7)
       __builtin_cpu_init();
@@ -262,6 +268,7 @@ CPUFORMER_AVX512VNNI void quantize_row_avx512(const float* x, index_t K, std::ui
 
 void quantize_rows(const float* x, index_t M, index_t K, index_t ldx, std::uint8_t* qa, index_t ldq, RowQuant* rq) {
   const Kernel kern = active_kernel();
+  (void)kern;  // only SIMD builds choose
   parallel_for(M, std::max<index_t>(1, 16384 / std::max<index_t>(K, 1)), [&](index_t m0, index_t m1, int) {
     for (index_t m = m0; m < m1; ++m) {
       std::uint8_t* q = qa + m * ldq;
