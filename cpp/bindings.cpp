@@ -1142,6 +1142,7 @@ py::dict build_info() {
   d["simd"] = get_simd_path();
   d["simd_compiled"] = build_has_avx2() ? "avx2+scalar" : "scalar";
   d["cpu_avx2_fma"] = cpu_supports_avx2_fma();
+  d["int8_kernel"] = int8_kernel_name();
   d["num_threads"] = get_num_threads();
   return d;
 }
@@ -2079,6 +2080,12 @@ PYBIND11_MODULE(_core, m) {
         py::arg("out") = py::none(),
         "x @ weight^T + bias with a weight from pack_linear_weight; written into out when given.");
   m.def("quantize_rows_u7", &quantize_rows, py::arg("x"), "Returns (q uint8, scale, zero_point) per row.");
+  m.def("int8_kernel", &int8_kernel_name,
+        "The kernel linear_int8 uses now: 'avx512vnni', 'avxvnni', 'avx2' or 'scalar' (all give the same bits).");
+  m.def("set_int8_kernel", &set_int8_kernel, py::arg("name"),
+        "Force 'avx512vnni' ('vnni'), 'avxvnni', 'avx2' or 'scalar', or 'auto' (initially CPUFORMER_INT8 or auto); "
+        "a scalar SIMD path still selects 'scalar'.");
+  m.def("int8_kernels", &int8_kernels_available, "The int8 kernels this CPU and build can run, fastest first.");
   // Private Unicode test hooks (cpp/src/unicode.h).
   m.def("_unicode_normalize", &unicode_normalize_py, py::arg("text"), py::arg("form"),
         "(normalized text, tokenizers-style change per output char) for NFD/NFKD/NFC/NFKC (Unicode 9.0).");

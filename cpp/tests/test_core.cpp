@@ -6,6 +6,8 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <random>
@@ -658,6 +660,50 @@ void test_prepared_weights(std::mt19937& gen) {
   }
 }
 
+// Every int8 kernel this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2, scalar) gives the scalar kernel's bits: M = 1..37,
+// N and K off the panel and group sizes, strided x and y (the gaps are left alone), NaN/Inf and zero rows.
+void test_int8_kernels(std::mt19937& gen) {
+  const std::vector<std::string> kernels = cpuformer::int8_kernels_available();
+  check(!kernels.empty() && kernels.back() == "scalar", "int8_kernels_available ends with scalar");
+  std::uniform_int_distribution<int> small(1, 75);
+  int mismatches = 0, cases = 0;
+  for (int M = 1; M <= 37; ++M) {
+    const int K = M == 2 ? 1031 : small(gen), N = M == 3 ? 300 : small(gen);
+    const int ldx = K + 3, ldy = N + 5;
+    auto X = random_vec(gen, size_t(M) * ldx, 4.0f), W = random_vec(gen, size_t(N) * K), bias = random_vec(gen, N);
+    if (M > 4) {
+      std::fill(X.begin() + 2 * ldx, X.begin() + 2 * ldx + K, 0.0f);  // a zero row
+      X[size_t(M - 1) * ldx + K / 2] = std::numeric_limits<float>::quiet_NaN();
+      X[size_t(M - 2) * ldx] = -std::numeric_limits<float>::infinity();
+    }
+    const cpuformer::Int8Weight q = cpuformer::quantize_weight_int8(W.data(), N, K, K);
+    std::vector<float> ref(size_t(M) * ldy, 777.0f), y(ref.size());
+    cpuformer::set_int8_kernel("scalar");
+    cpuformer::linear_int8(X.data(), M, ldx, q, M % 2 ? bias.data() : nullptr, ref.data(), ldy);
+    for (const auto& k : kernels) {
+      cpuformer::set_int8_kernel(k);
+      std::fill(y.begin(), y.end(), 777.0f);
+      cpuformer::linear_int8(X.data(), M, ldx, q, M % 2 ? bias.data() : nullptr, y.data(), ldy);
+      ++cases;
+      for (size_t i = 0; i < y.size(); ++i)
+        if (!(std::memcmp(&y[i], &ref[i], 4) == 0 || (std::isnan(y[i]) && std::isnan(ref[i])))) {
+          ++mismatches;
+          break;
+        }
+    }
+    bool gaps = true, nan_rows = true;
+    for (int m = 0; m < M; ++m) {
+      for (int j = N; j < ldy; ++j) gaps = gaps && ref[size_t(m) * ldy + j] == 777.0f;
+      const bool bad = M > 4 && m >= M - 2;
+      for (int j = 0; j < N; ++j) nan_rows = nan_rows && std::isnan(ref[size_t(m) * ldy + j]) == bad;
+    }
+    check(gaps && nan_rows, "linear_int8 M=" + std::to_string(M) + ": strided gaps kept, NaN exactly in bad rows");
+  }
+  cpuformer::set_int8_kernel("auto");
+  check(mismatches == 0, "int8 kernels bitwise equal to scalar (" + std::to_string(mismatches) + " of " +
+                             std::to_string(cases) + " differ)");
+}
+
 // Rotary embeddings (strided rows, both layouts, partial rotary_dim), ALiBi slopes, T5 buckets and bias, RMSNorm,
 // SiLU and gated units against double-precision references.
 void test_positions_norms(std::mt19937& gen) {
@@ -825,6 +871,7 @@ int main() {
       test_sgemm(gen);
       test_softmax_layernorm_ce(gen);
       test_prepared_weights(gen);
+      test_int8_kernels(gen);
       test_positions_norms(gen);
     }
   }

@@ -30,7 +30,8 @@ __all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quanti
 
 def build_info() -> dict:
     """What this build is and how it runs: ``version``, ``compiler``, ``openmp`` (bool), ``simd`` (the path in
-    use: ``"avx2"`` or ``"scalar"``), ``simd_compiled``, ``cpu_avx2_fma`` and ``num_threads``."""
+    use: ``"avx2"`` or ``"scalar"``), ``simd_compiled``, ``cpu_avx2_fma``, ``int8_kernel`` (the int8 Linear kernel in
+    use: ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or ``"scalar"``) and ``num_threads``."""
     return _core.build_info()
 
 

@@ -126,3 +126,24 @@ def test_freeze_is_exact_and_inference_only(rng):
         nn.quantize_dynamic(frozen)
     with pytest.raises(RuntimeError, match="inference-only"):
         frozen.backward(np.ones((2, 20, 97), np.float32))
+
+
+def test_int8_kernels_give_the_same_model_outputs(rng):
+    """Whole models on every int8 kernel this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2, scalar): the same bits."""
+    from cpuformer import _core
+    nn.init.manual_seed(5)
+    model = GPT(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=40).eval()
+    clf = TransformerClassifier(60, 3, d_model=36, nhead=4, num_layers=1, dim_feedforward=52).eval()
+    ids, cids = rng.integers(0, 61, (3, 13)), rng.integers(1, 60, (5, 9))
+    q, qc = cpuformer.quantize_dynamic(model), nn.quantize_dynamic(clf)
+    results = {}
+    try:
+        for name in _core.int8_kernels():
+            _core.set_int8_kernel(name)
+            results[name] = (q(ids), q.generate(ids[:1, :3], 6, greedy=True, use_cache=True), qc(cids))
+    finally:
+        _core.set_int8_kernel("auto")
+    ref = results["scalar"]
+    for name, got in results.items():
+        for g, r in zip(got, ref):
+            np.testing.assert_array_equal(g, r, err_msg=name)

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -90,6 +93,28 @@ def test_row_quantization(simd, rng):
     assert (np.abs(back - x) <= scale[:, None] * 0.5 + 1e-6).all()
 
 
+INT8_KERNELS = _core.int8_kernels()  # this CPU's, fastest first; every one must give the same bits
+
+
+@pytest.fixture(params=INT8_KERNELS)
+def int8_kernel(request):
+    """Run the test once per int8 kernel this CPU has (under the AVX2 SIMD path where there is one)."""
+    _core.set_simd_path(SIMD_PATHS[0])
+    _core.set_int8_kernel(request.param)
+    assert _core.int8_kernel() == (request.param if SIMD_PATHS[0] == "avx2" else "scalar")
+    yield request.param
+    _core.set_int8_kernel("auto")
+    _core.set_simd_path("auto")
+
+
+def _on_kernel(name, fn):
+    _core.set_int8_kernel(name)
+    try:
+        return fn()
+    finally:
+        _core.set_int8_kernel("auto")
+
+
 def test_paths_and_threads_agree(rng):
     x = rng.standard_normal((37, 200)).astype(np.float32)
     w = rng.standard_normal((45, 200)).astype(np.float32)
@@ -98,14 +123,106 @@ def test_paths_and_threads_agree(rng):
     before = cpuformer.get_num_threads()
     for path in SIMD_PATHS:
         _core.set_simd_path(path)
-        for t in (1, 2):
-            cpuformer.set_num_threads(t)
-            outs.append(_core.linear_int8(x, qw, None))
+        for kernel in INT8_KERNELS:
+            _core.set_int8_kernel(kernel)
+            for t in (1, 2):
+                cpuformer.set_num_threads(t)
+                outs.append(_core.linear_int8(x, qw, None))
+    _core.set_int8_kernel("auto")
     _core.set_simd_path("auto")
     cpuformer.set_num_threads(before)
-    assert len(outs) == 2 * len(SIMD_PATHS)
-    for o in outs[1:]:  # integer accumulation: the paths differ at most by float rounding in the scaling
-        np.testing.assert_allclose(o, outs[0], rtol=1e-6, atol=1e-6)
+    assert len(outs) == 2 * len(SIMD_PATHS) * len(INT8_KERNELS)
+    for o in outs[1:]:  # exact int32 sums, the same float dequantization: the same bits on every path
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def _odd_case(rng, M, K, N):
+    x = (rng.standard_normal((M, K)) * rng.uniform(0.01, 30)).astype(np.float32)
+    if M > 3:
+        x[rng.integers(0, M)] = 0.0  # a zero row: scale 1, every q 0
+        x[rng.integers(0, M)] = np.abs(x[0])  # all positive: zero point 0
+    if M > 6:
+        x[rng.integers(0, M), rng.integers(0, K)] = np.nan
+        x[rng.integers(0, M), rng.integers(0, K)] = -np.inf
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[rng.integers(0, N)] = 0.0
+    b = rng.standard_normal(N).astype(np.float32) if rng.integers(0, 2) else None
+    return x, w, b
+
+
+def test_int8_kernels_bitwise_equal_on_odd_shapes(rng, threads):
+    """Every int8 kernel (AVX-512 VNNI, AVX-VNNI, AVX2, scalar) gives the scalar path's bits: M = 1..37 (every row
+    remainder of the 4- and 8-row tiles), N off multiples of 16 and 32, K off multiples of 4 and of 8 groups, NaN,
+    Inf and zero rows; the row quantization too."""
+    shapes = [(M, int(rng.integers(1, 70)), int(rng.integers(1, 90))) for M in range(1, 38)]
+    shapes += [(1, 3072, 33), (2, 769, 3072), (3, 1023, 47), (8, 767, 100), (9, 5, 31), (16, 2, 17), (1, 1, 1)]
+    for M, K, N in shapes:
+        x, w, b = _odd_case(rng, M, K, N)
+        qw = _core.quantize_weight_int8(w)
+        ref = _on_kernel("scalar", lambda: (_core.linear_int8(x, qw, b), _core.quantize_rows_u7(x)))
+        bad = ~np.isfinite(x).all(axis=1)
+        assert np.isnan(ref[0][bad]).all() and np.isfinite(ref[0][~bad]).all()
+        for kernel in INT8_KERNELS:
+            got = _on_kernel(kernel, lambda: (_core.linear_int8(x, qw, b), _core.quantize_rows_u7(x)))
+            np.testing.assert_array_equal(got[0], ref[0], err_msg=f"{kernel} M={M} K={K} N={N}")
+            for g, r in zip(got[1], ref[1]):
+                np.testing.assert_array_equal(g, r, err_msg=f"{kernel} rows M={M} K={K}")
+
+
+def test_int8_kernel_matches_reference(int8_kernel, rng):
+    for M, K, N in [(1, 37, 50), (11, 130, 33), (33, 64, 64)]:
+        x = rng.standard_normal((M, K)).astype(np.float32)
+        w = rng.standard_normal((N, K)).astype(np.float32)
+        b = rng.standard_normal(N).astype(np.float32)
+        y = _core.linear_int8(x, _core.quantize_weight_int8(w), b)
+        expected = ref_linear(x, w, b)
+        np.testing.assert_allclose(y, expected, rtol=2e-6, atol=2e-6 * np.abs(expected).max())
+
+
+def test_int8_kernel_choice():
+    names = _core.int8_kernels()
+    assert names[-1] == "scalar" and set(names) <= {"avx512vnni", "avxvnni", "avx2", "scalar"}
+    assert cpuformer.build_info()["int8_kernel"] == _core.int8_kernel()
+    try:
+        _core.set_simd_path("scalar")  # the scalar SIMD path wins over any int8 choice
+        for name in names:
+            _core.set_int8_kernel(name)
+            assert _core.int8_kernel() == "scalar"
+        _core.set_simd_path("auto")
+        for name in names:
+            _core.set_int8_kernel(name)
+            assert _core.int8_kernel() == (name if cpuformer.build_info()["simd"] == "avx2" else "scalar")
+        if "avx512vnni" in names:
+            _core.set_int8_kernel("vnni")
+            assert _core.int8_kernel() == "avx512vnni"
+        _core.set_int8_kernel("auto")
+        assert _core.int8_kernel() == (names[0] if cpuformer.build_info()["simd"] == "avx2" else "scalar")
+        with pytest.raises(ValueError, match="must be 'auto'"):
+            _core.set_int8_kernel("avx1024")
+        for missing in {"avx512vnni", "avxvnni", "avx2"} - set(names):
+            with pytest.raises(ValueError, match="lacks"):
+                _core.set_int8_kernel(missing)
+    finally:
+        _core.set_int8_kernel("auto")
+        _core.set_simd_path("auto")
+
+
+@pytest.mark.parametrize("env,expected", [({"CPUFORMER_INT8": "avx2"}, "avx2"), ({"CPUFORMER_INT8": "scalar"}, "scalar"),
+                                          ({"CPUFORMER_INT8": "bogus"}, "auto"), ({"CPUFORMER_SIMD": "scalar"}, "scalar"),
+                                          ({"CPUFORMER_INT8": "vnni", "CPUFORMER_SIMD": "scalar"}, "scalar")])
+def test_int8_kernel_environment(env, expected):
+    names = _core.int8_kernels()
+    if SIMD_PATHS[0] != "avx2":
+        expected = "scalar"
+    elif expected == "auto":
+        expected = names[0]
+    elif expected not in names:
+        expected = names[0]  # unavailable here: ignored
+    code = "from cpuformer import _core; print(_core.int8_kernel())"
+    clean = {k: v for k, v in os.environ.items() if k not in ("CPUFORMER_INT8", "CPUFORMER_SIMD")}
+    out = subprocess.run([sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == expected
 
 
 def test_batched_input_and_deepcopy(rng):
@@ -120,7 +237,7 @@ def test_batched_input_and_deepcopy(rng):
     np.testing.assert_array_equal(_core.linear_int8(x, q2), y)
 
 
-def test_nonfinite_rows_give_nan(simd, rng):
+def test_nonfinite_rows_give_nan(int8_kernel, rng):
     x = rng.standard_normal((4, 20)).astype(np.float32)
     x[1, 5] = np.nan
     x[2, 0] = np.inf

@@ -6,10 +6,13 @@
 //   y[m,n] = sa[m] * s[n] * (sum_k qa[m,k] q[n,k] - za[m] * sum_k q[n,k]) + bias[n].
 // Why 7 bits: AVX2 has no int8 dot product without saturation (vpmaddubsw adds two u8*s8 products into int16);
 // with qa <= 127 and |q| <= 127 that pair sum stays below 32767, so the AVX2 and scalar paths agree exactly
-// (the same choice as fbgemm's reduce_range on CPUs without VNNI).
+// (the same choice as fbgemm's reduce_range on CPUs without VNNI). With VNNI (vpdpbusd: four u8*s8 products into
+// int32, no saturation) the 7-bit range is kept, so every kernel sums the same integers and dequantizes them the
+// same way: the outputs are bitwise identical whichever kernel runs.
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cpuformer/common.h"
@@ -38,5 +41,19 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
 // The per-row activation quantization linear_int8 applies (exposed for tests): qa (M x K), scale and zero point.
 void quantize_rows_u7(const float* x, index_t M, index_t K, index_t ldx, std::uint8_t* qa, index_t ldq,
                       float* scale, std::int32_t* zero_point);
+
+// The kernel linear_int8 uses now: "avx512vnni" (AVX-512 VNNI, zmm), "avxvnni" (AVX-VNNI, ymm), "avx2" or
+// "scalar". By default the fastest this CPU has (VNNI also needs the OS to save the zmm/ymm state), and always
+// "scalar" while the SIMD path is scalar (CPUFORMER_SIMD=scalar, set_simd_path("scalar")).
+std::string int8_kernel_name();
+
+// Forces an int8 kernel ("avx512vnni" or its alias "vnni", "avxvnni", "avx2", "scalar"), or "auto" for the default;
+// a forced SIMD kernel still yields to a scalar SIMD path. The environment variable CPUFORMER_INT8 sets the initial
+// choice (ignored when unknown or unavailable). Throws std::invalid_argument for an unknown name or a kernel this
+// CPU or build lacks. Process-wide, like set_simd_path; every kernel gives the same bits.
+void set_int8_kernel(const std::string& name);
+
+// The int8 kernels this CPU and build can run, fastest first (always ends with "scalar").
+std::vector<std::string> int8_kernels_available();
 
 }  // namespace cpuformer
