@@ -5,10 +5,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from .. import ops
+from .. import _core, ops
 from . import init, quantized
+from .block import _PerThread, linear_entries
 from .layers import Linear
-from .module import Module, Parameter
+from .module import Module, Parameter, check_grad_shape
 
 __all__ = ["MultiheadAttention", "record_attention", "attention_maps"]
 
@@ -76,7 +77,6 @@ class MultiheadAttention(Module):
             self.out_proj.bias.data[...] = 0.0
         object.__setattr__(self, "last_attn_weights", None)
         object.__setattr__(self, "record_weights", False)  # see record_attention()
-        self._saved = None
 
     # -- helpers --------------------------------------------------------------------------------------------------
     def _w(self, i0: int, i1: int) -> np.ndarray:
@@ -92,19 +92,47 @@ class MultiheadAttention(Module):
         object.__setattr__(self, "_frozen", {(0, 3): make(self.in_proj_weight.data)})
         return 1
 
+    def _prepared(self, i0: int, i1: int):
+        if (i0, i1) not in self._frozen:  # per-channel scales: a slice quantizes to the same values
+            self._frozen[(i0, i1)] = quantized.same_kind(self._frozen[(0, 3)], self._w(i0, i1))
+        return self._frozen[(i0, i1)]
+
     def in_projection(self, x2: np.ndarray, i0: int, i1: int) -> np.ndarray:
         """``x2`` (rows, E) through the packed projection's rows [i0*E, i1*E) (0..3: Q, K, V), with the bias."""
         if self._frozen is not None:
             quantized.require_inference(self)
-            if (i0, i1) not in self._frozen:  # per-channel scales: a slice quantizes to the same values
-                self._frozen[(i0, i1)] = quantized.same_kind(self._frozen[(0, 3)], self._w(i0, i1))
-            return quantized.linear(x2, self._frozen[(i0, i1)], self._b(i0, i1), self._w(i0, i1))
+            return quantized.linear(x2, self._prepared(i0, i1), self._b(i0, i1), self._w(i0, i1))
         return ops.matmul(x2, self._w(i0, i1), transpose_b=True, bias=self._b(i0, i1))
 
-    def _project(self, x: np.ndarray, i0: int, i1: int) -> np.ndarray:
-        B, L, _ = x.shape
-        y = self.in_projection(x.reshape(B * L, self.embed_dim), i0, i1)
-        return y.reshape(B, L, (i1 - i0) * self.embed_dim)
+    def _parts(self, mode: str, grads: bool):
+        """The block's attention parts (``attn.*``) for a forward of ``mode`` ("self", "kv", "qkv"), and their
+        gradient arrays."""
+        E = self.embed_dim
+        spans = {"self": (("qkv", 0, 3),), "kv": (("q", 0, 1), ("kv", 1, 3)),
+                 "qkv": (("q", 0, 1), ("k", 1, 2), ("v", 2, 3))}[mode]
+        weights, grad = {}, ({} if grads else None)
+        for part, i0, i1 in spans:
+            weights[f"attn.{part}.weight"] = self._w(i0, i1)
+            if self.in_proj_bias is not None:
+                weights[f"attn.{part}.bias"] = self._b(i0, i1)
+            if self._frozen is not None:
+                prepared = self._prepared(i0, i1)
+                weights[f"attn.{part}.{'int8' if isinstance(prepared, _core.Int8Weight) else 'packed'}"] = prepared
+            if grads:
+                grad[f"attn.{part}.weight"] = self.in_proj_weight.grad[i0 * E: i1 * E]
+                if self.in_proj_bias is not None:
+                    grad[f"attn.{part}.bias"] = self.in_proj_bias.grad[i0 * E: i1 * E]
+        linear_entries(weights, grad, "attn.o", self.out_proj)
+        return weights, grad
+
+    def _config(self, training: bool):
+        key = "_train_config" if training else "_eval_config"
+        cfg = self.__dict__.get(key)
+        if cfg is None:
+            cfg = _core.BlockConfig(d_model=self.embed_dim, num_heads=self.num_heads,
+                                    attention_dropout=self.dropout if training else 0.0)
+            object.__setattr__(self, key, cfg)
+        return cfg
 
     def _input(self, x, name: str) -> np.ndarray:
         x = ops._f32(x, name)
@@ -125,118 +153,75 @@ class MultiheadAttention(Module):
         if k_in.shape[:2] != v_in.shape[:2] or k_in.shape[0] != q_in.shape[0]:
             raise ValueError(f"MultiheadAttention: batch and length of key {k_in.shape} and value {v_in.shape} must "
                              f"match, and their batch that of query {q_in.shape}")
-        E = self.embed_dim
-        if self_attn:  # one GEMM for Q, K and V; the kernel reads the thirds in place
-            qkv = self._project(q_in, 0, 3)
-            q, k, v = qkv[..., :E], qkv[..., E:2 * E], qkv[..., 2 * E:]
-        elif same_kv:
-            q = self._project(q_in, 0, 1)
-            kv = self._project(k_in, 1, 3)
-            k, v = kv[..., :E], kv[..., E:]
-        else:
-            q, k, v = self._project(q_in, 0, 1), self._project(k_in, 1, 2), self._project(v_in, 2, 3)
         B, T, S = q_in.shape[0], q_in.shape[1], k_in.shape[1]
         additive, padding = ops.attention_masks(attn_mask, key_padding_mask, B, self.num_heads, T, S)
-        p = self.dropout if self.training else 0.0
-        seed = init.next_seed() if p > 0.0 else 0
-        mask_kw = dict(attn_mask=additive, key_padding_mask=padding, is_causal=bool(is_causal))
-        attn, lse = ops.attention(q, k, v, self.num_heads, dropout_p=p, seed=seed, need_lse=True, **mask_kw)
-        out = self.out_proj(attn)
-        weights = None
-        if need_weights or self.record_weights:
-            weights = ops.attention_weights(q, k, self.num_heads, **mask_kw)
-            if need_weights and average_attn_weights:
-                weights = weights.mean(axis=1)
-        object.__setattr__(self, "last_attn_weights", weights)
-        if not need_weights:
-            weights = None
-        self._saved = dict(mode="self" if self_attn else "kv" if same_kv else "qkv", q_in=q_in, k_in=k_in,
-                           v_in=v_in, q=q, k=k, v=v, attn=attn, lse=lse, p=p, seed=seed, mask=mask_kw)
-        return self._to_layout(out), weights  # weights are (B, ...) in either layout, as PyTorch's
+        mode = "self" if self_attn else "kv" if same_kv else "qkv"
+        weights, _ = self._parts(mode, False)
+        want = bool(need_weights or self.record_weights)
+        kw = dict(key_padding_mask=padding, attn_mask=additive, is_causal=bool(is_causal), need_weights=want)
+        if self._frozen is not None:  # inference only, nothing kept
+            quantized.require_inference(self)
+            result = _core.attention_layer_forward(self._config(False), weights, q_in, k_in, v_in, **kw)
+        else:  # what backward needs, per thread (eval-mode forwards may run in many threads)
+            local = self.__dict__.get("_saved_local")
+            if local is None:
+                local = _PerThread()
+                object.__setattr__(self, "_saved_local", local)
+            if getattr(local, "saved", None) is None:
+                local.saved = _core.AttentionSaved()
+            training = self.training and self.dropout > 0.0
+            local.mode, local.shape, local.training = mode, (B, T, self.embed_dim), training
+            result = _core.attention_layer_forward(self._config(training), weights, q_in, k_in, v_in,
+                                                   seed=init.next_seed() if training else 0, saved=local.saved, **kw)
+        out, weights_out = (result if want else (result, None))
+        if weights_out is not None and need_weights and average_attn_weights:
+            weights_out = weights_out.mean(axis=1)
+        object.__setattr__(self, "last_attn_weights", weights_out if want else None)
+        return self._to_layout(out), (weights_out if need_weights else None)
 
     # -- backward -------------------------------------------------------------------------------------------------
-    def _attention_grads(self, grad_output):
-        """Through out_proj and the attention kernel: returns the projected-input gradients in one buffer laid out
-        like the forward's projections (B, T, 3E) for self-attention, else dq (B, T, E) and dkv (B, S, 2E) or
-        separate dk, dv."""
+    def _backward(self, grad_output, mode: str):
         if self._frozen is not None:
             quantized.no_backward(self)
-        s = self._saved
-        if s is None:
+        local = self.__dict__.get("_saved_local")
+        saved = None if local is None else getattr(local, "saved", None)
+        if saved is None or not saved.valid:
             raise RuntimeError("MultiheadAttention.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
         if not self.batch_first:
             g = np.ascontiguousarray(g.transpose(1, 0, 2))
-        dattn = self.out_proj.backward(g)
-        E = self.embed_dim
-        B, T, S = s["q"].shape[0], s["q"].shape[1], s["k"].shape[1]
-        if s["mode"] == "self":
-            dqkv = np.empty((B, T, 3 * E), np.float32)
-            dq, dk, dv = dqkv[..., :E], dqkv[..., E:2 * E], dqkv[..., 2 * E:]
-            bufs = (dqkv,)
-        elif s["mode"] == "kv":
-            dq = np.empty((B, T, E), np.float32)
-            dkv = np.empty((B, S, 2 * E), np.float32)
-            dk, dv = dkv[..., :E], dkv[..., E:]
-            bufs = (dq, dkv)
-        else:
-            dq, dk, dv = (np.empty((B, L, E), np.float32) for L in (T, S, S))
-            bufs = (dq, dk, dv)
-        ops.attention_backward(dattn, s["q"], s["k"], s["v"], s["attn"], s["lse"], self.num_heads,
-                               dropout_p=s["p"], seed=s["seed"], grad_query=dq, grad_key=dk, grad_value=dv,
-                               **s["mask"])
-        return bufs
-
-    def _accumulate_in_proj(self, dproj: np.ndarray, x: np.ndarray, i0: int, i1: int) -> np.ndarray:
-        """Weight/bias gradients of the projection rows [i0*E, i1*E) and the input gradient dproj @ W."""
-        E = self.embed_dim
-        d2 = dproj.reshape(-1, (i1 - i0) * E)
-        ops.gemm(d2, x.reshape(-1, E), self.in_proj_weight.grad[i0 * E: i1 * E], transpose_a=True, beta=1.0)
-        if self.in_proj_bias is not None:
-            ops.bias_grad(d2, self.in_proj_bias.grad[i0 * E: i1 * E])
-        return ops.matmul(d2, self._w(i0, i1)).reshape(x.shape)
+        check_grad_shape(g, local.shape, "MultiheadAttention")
+        weights, grads = self._parts(local.mode, True)
+        if mode == "separate" and local.mode == "kv":  # each of k and v on its own: their halves of the weight
+            weights, grads = self._parts("qkv", True)
+        grads_out = _core.attention_layer_backward(self._config(local.training), weights, grads, g, saved, mode)
+        return tuple(self._to_layout(d) for d in grads_out)
 
     def _to_layout(self, x: np.ndarray) -> np.ndarray:
         return x if self.batch_first else np.ascontiguousarray(x.transpose(1, 0, 2))
 
     def backward(self, grad_output) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Returns ``(d_query, d_key, d_value)`` (for self-attention, sum them: or call ``backward_self``)."""
-        bufs = self._attention_grads(grad_output)
-        s, E = self._saved, self.embed_dim
-        if s["mode"] == "self":
-            (dqkv,) = bufs
-            x = s["q_in"]
-            grads = [self._accumulate_in_proj(np.ascontiguousarray(dqkv[..., i * E:(i + 1) * E]), x, i, i + 1)
-                     for i in range(3)]
-        elif s["mode"] == "kv":
-            dq, dkv = bufs
-            grads = [self._accumulate_in_proj(dq, s["q_in"], 0, 1)]
-            grads += [self._accumulate_in_proj(np.ascontiguousarray(dkv[..., i * E:(i + 1) * E]), s["k_in"], 1 + i,
-                                               2 + i) for i in range(2)]
-        else:
-            grads = [self._accumulate_in_proj(d, s[name], i, i + 1)
-                     for i, (d, name) in enumerate(zip(bufs, ("q_in", "k_in", "v_in")))]
-        return tuple(self._to_layout(g) for g in grads)
+        return self._backward(grad_output, "separate")
 
     def backward_self(self, grad_output) -> np.ndarray:
         """For self-attention (query is key is value): the summed input gradient, with one GEMM for Q, K and V."""
-        if self._saved is None or self._saved["mode"] != "self":
+        local = self.__dict__.get("_saved_local")
+        if local is None or getattr(local, "mode", None) != "self":
             raise RuntimeError("backward_self needs a preceding self-attention forward (query is key is value)")
-        (dqkv,) = self._attention_grads(grad_output)
-        return self._to_layout(self._accumulate_in_proj(dqkv, self._saved["q_in"], 0, 3))
+        return self._backward(grad_output, "summed")[0]
 
     def backward_query_memory(self, grad_output) -> Tuple[np.ndarray, np.ndarray]:
         """For cross-attention over one memory (key is value): ``(d_query, d_memory)`` with d_memory summed over
         the key and value paths in one GEMM."""
-        if self._saved is None or self._saved["mode"] == "qkv":
+        local = self.__dict__.get("_saved_local")
+        mode = getattr(local, "mode", None)
+        if mode is None or mode == "qkv":
             raise RuntimeError("backward_query_memory needs a preceding forward with key is value")
-        if self._saved["mode"] == "self":
+        if mode == "self":
             d = self.backward_self(grad_output)
             return d, np.zeros_like(d)
-        dq, dkv = self._attention_grads(grad_output)
-        s = self._saved
-        return (self._to_layout(self._accumulate_in_proj(dq, s["q_in"], 0, 1)),
-                self._to_layout(self._accumulate_in_proj(dkv, s["k_in"], 1, 3)))
+        return self._backward(grad_output, "query_memory")
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
