@@ -30,7 +30,9 @@ __all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quanti
 
 def build_info() -> dict:
     """What this build is and how it runs: ``version``, ``compiler``, ``openmp`` (bool), ``simd`` (the path in
-    use: ``"avx2"`` or ``"scalar"``), ``simd_compiled``, ``cpu_avx2_fma`` and ``num_threads``."""
+    use: ``"avx512"`` (the GEMM's AVX-512 kernel; every other kernel runs AVX2), ``"avx2"`` or ``"scalar"``),
+    ``simd_compiled`` (``"avx512+avx2+scalar"``, ``"avx2+scalar"`` or ``"scalar"``), ``cpu_avx2_fma``,
+    ``cpu_avx512`` and ``num_threads``."""
     return _core.build_info()
 
 
