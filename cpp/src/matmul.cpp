@@ -5,6 +5,7 @@
 //     for pc (KC of the K dimension)
 //       for ic (MC rows, split over threads)   A block mc x kc packed per thread (L2)
 //         for jr (NR-wide B slivers, L1) / for ir (MR-tall A slivers): 6x16 micro-kernel in registers
+//         (AVX-512 path: 12x32 tiles, i.e. pairs of the same 16-wide B slivers by pairs of 6-row A slivers)
 // Transposes are absorbed by the pack routines; the micro-kernel only sees packed, zero-padded panels, so any
 // M, N, K (1 and odd sizes included) runs the same full-tile kernel and edges are cut at write-back.
 #include "cpuformer/matmul.h"
@@ -383,8 +384,9 @@ CPUFORMER_AVX512 __attribute__((always_inline)) static inline void kernel_avx512
   }
 #pragma GCC unroll 4
   for (index_t k = 0; k < kc; ++k) {
-    const __m512 bv0 = _mm512_load_ps(b0 + k * NR);
-    const __m512 bv1 = NB == 2 ? _mm512_load_ps(b1 + k * NR) : bv0;
+    // Unaligned loads: pack_b's callers promise 32-byte alignment only (64 in practice: free on aligned data).
+    const __m512 bv0 = _mm512_loadu_ps(b0 + k * NR);
+    const __m512 bv1 = NB == 2 ? _mm512_loadu_ps(b1 + k * NR) : bv0;
     if (PACKED) {
       _mm_prefetch(reinterpret_cast<const char*>(a0 + k * MR + 8 * MR), _MM_HINT_T0);
       if (MA == 2) _mm_prefetch(reinterpret_cast<const char*>(a1 + k * MR + 8 * MR), _MM_HINT_T0);
