@@ -1140,9 +1140,10 @@ py::dict build_info() {
   d["compiler"] = compiler_version();
   d["openmp"] = build_has_openmp();
   d["simd"] = get_simd_path();
-  d["simd_compiled"] = build_has_avx2() ? "avx2+scalar" : "scalar";
+  d["simd_compiled"] = build_has_avx512() ? "avx512+avx2+scalar" : build_has_avx2() ? "avx2+scalar" : "scalar";
   d["cpu_avx2_fma"] = cpu_supports_avx2_fma();
   d["int8_kernel"] = int8_kernel_name();
+  d["cpu_avx512"] = cpu_supports_avx512();
   d["num_threads"] = get_num_threads();
   return d;
 }
@@ -1953,7 +1954,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("build_info", &build_info, "Compiler, OpenMP, SIMD path and thread count of this build.");
   m.def("set_num_threads", &set_num_threads, py::arg("n"), "Threads used by every kernel (>= 1).");
   m.def("get_num_threads", &get_num_threads);
-  m.def("set_simd_path", &set_simd_path, py::arg("path"), "'auto', 'avx2' or 'scalar'.");
+  m.def("set_simd_path", &set_simd_path, py::arg("path"), "'auto', 'avx512', 'avx2' or 'scalar'.");
   m.def("get_simd_path", &get_simd_path);
 
   m.def("matmul", &matmul, py::arg("a"), py::arg("b"), py::arg("transpose_a") = false,

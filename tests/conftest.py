@@ -9,8 +9,10 @@ import pytest
 import cpuformer
 from cpuformer import _core
 
-SIMD_PATHS = ["avx2", "scalar"] if cpuformer.build_info()["cpu_avx2_fma"] and \
-    cpuformer.build_info()["simd_compiled"] != "scalar" else ["scalar"]
+_INFO = cpuformer.build_info()
+# Every path this machine and build have: "avx512" (the GEMM's AVX-512 kernel, AVX2 elsewhere) where the CPU offers it.
+SIMD_PATHS = (["avx512"] if _INFO.get("cpu_avx512") and "avx512" in _INFO["simd_compiled"] else []) + \
+    (["avx2", "scalar"] if _INFO["cpu_avx2_fma"] and _INFO["simd_compiled"] != "scalar" else ["scalar"])
 
 
 @pytest.fixture(params=SIMD_PATHS)

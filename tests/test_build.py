@@ -16,7 +16,8 @@ from cpuformer import _core, ops
 def test_build_info_fields():
     info = cpuformer.build_info()
     assert set(info) >= {"version", "compiler", "openmp", "simd", "num_threads"}
-    assert info["simd"] in ("avx2", "scalar")
+    assert info["simd"] in ("avx512", "avx2", "scalar")
+    assert info["simd_compiled"] in ("avx512+avx2+scalar", "avx2+scalar", "scalar")
     assert isinstance(info["openmp"], bool)
     assert info["num_threads"] == cpuformer.get_num_threads() >= 1
     assert cpuformer.__version__ == info["version"]
@@ -50,6 +51,44 @@ def test_simd_env_var_forces_scalar():
     env = dict(os.environ, CPUFORMER_SIMD="scalar")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "scalar"
+
+
+def test_simd_env_var_caps_at_avx2():
+    if not cpuformer.build_info()["cpu_avx2_fma"] or cpuformer.build_info()["simd_compiled"] == "scalar":
+        pytest.skip("no AVX2 on this CPU or build")
+    code = "import cpuformer; print(cpuformer.build_info()['simd'])"
+    env = dict(os.environ, CPUFORMER_SIMD="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "avx2"
+
+
+def test_default_simd_path_is_the_best_available():
+    info = cpuformer.build_info()
+    code = "import cpuformer; print(cpuformer.build_info()['simd'])"
+    env = {k: v for k, v in os.environ.items() if k != "CPUFORMER_SIMD"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    if info["cpu_avx512"] and "avx512" in info["simd_compiled"]:
+        expected = "avx512"
+    elif info["cpu_avx2_fma"] and info["simd_compiled"] != "scalar":
+        expected = "avx2"
+    else:
+        expected = "scalar"
+    assert out.stdout.strip() == expected
+
+
+def test_set_simd_path_avx512():
+    info = cpuformer.build_info()
+    try:
+        if info["cpu_avx512"] and "avx512" in info["simd_compiled"]:
+            _core.set_simd_path("avx512")
+            assert _core.get_simd_path() == cpuformer.build_info()["simd"] == "avx512"
+            _core.set_simd_path("avx2")
+            assert _core.get_simd_path() == "avx2"
+        else:
+            with pytest.raises(ValueError, match="AVX-512"):
+                _core.set_simd_path("avx512")
+    finally:
+        _core.set_simd_path("auto")
 
 
 def test_set_simd_path_rejects_unknown():

@@ -5,6 +5,7 @@
 //     for pc (KC of the K dimension)
 //       for ic (MC rows, split over threads)   A block mc x kc packed per thread (L2)
 //         for jr (NR-wide B slivers, L1) / for ir (MR-tall A slivers): 6x16 micro-kernel in registers
+//         (AVX-512 path: 12x32 tiles, i.e. pairs of the same 16-wide B slivers by pairs of 6-row A slivers)
 // Transposes are absorbed by the pack routines; the micro-kernel only sees packed, zero-padded panels, so any
 // M, N, K (1 and odd sizes included) runs the same full-tile kernel and edges are cut at write-back.
 #include "cpuformer/matmul.h"
@@ -27,6 +28,10 @@ constexpr int NR = 16;   // micro-tile columns (two 8-float vectors of B)
 constexpr index_t KC = 256;   // B sliver KC x NR = 16 KiB: half of L1d
 constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
 constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
+// AVX-512 path (Sapphire Rapids: 48 KiB L1d, 2 MiB L2 per core). KC and NC stay those of the AVX2 path: KC fixes
+// where each element's sum is cut into K blocks (so the two paths round alike), and KC, NC fix the packed-B layout.
+// MC: 96 to 384 measured the same within noise on 2 threads (1024^3, 4096x3072x768, 4096x768x3072, 2048^3).
+constexpr index_t MC_AVX512 = 144;
 
 // Below this many multiply-adds per thread a GEMM runs on fewer threads: waking a parked worker (tens of
 // microseconds on a VM) costs more than a small product takes.
@@ -330,6 +335,125 @@ CPUFORMER_AVX2 static void kernel_avx2_direct(index_t kc, const float* a, index_
 }
 #endif
 
+#ifdef CPUFORMER_HAVE_AVX512
+// ---------------------------------------------------------------------------------------------------------------
+// AVX-512 micro-kernel: a tile of MA groups of MR = 6 rows (MA = 1, 2) by NB B slivers of NR = 16 columns (NB = 1, 2),
+// 12 x 32 when whole: 24 zmm accumulators, per k two zmm loads of B (one per sliver) and 12 broadcast FMAs per B
+// load pair. It reads the very panels the AVX2 kernel does (6-row A slivers, 16-wide B slivers: packed layouts,
+// PackedMatrix and attention's packed blocks are shared by both paths), a 12 x 32 tile being two A slivers times two
+// B slivers. Each element is accumulated from zero by one FMA per k in ascending k, exactly as in kernel_avx2_body,
+// and written back per 6 x 16 sub-tile with the AVX2 path's arithmetic (fused for a whole sub-tile, tile_writeback's
+// for a cut one): with the same KC the two paths give bitwise identical results.
+//
+// A: group g's row r is at a_g + r * rs + k * ks. PACKED: a packed sliver (rs = 1, ks = MR, rows past the edge are
+// zeros, so all 6 rows are read at constant offsets); otherwise A in place, rows past mr clamped (never read past).
+
+template <bool kFull>
+CPUFORMER_AVX512 static inline void row_writeback_512(float* c, __m512 x, __m512 va, float beta, const float* bias,
+                                                      __mmask16 m) {
+  if (kFull) {  // as row_writeback: alpha * acc + bias fused, then beta * c fused
+    x = _mm512_fmadd_ps(x, va, bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps());
+    if (beta != 0.0f) x = _mm512_fmadd_ps(_mm512_set1_ps(beta), _mm512_loadu_ps(c), x);
+    _mm512_storeu_ps(c, x);
+  } else {  // as tile_writeback: v = alpha * acc; v += beta * c; v += bias, each rounded
+    x = _mm512_mul_ps(x, va);
+    if (beta != 0.0f) x = _mm512_add_ps(x, _mm512_mul_ps(_mm512_set1_ps(beta), _mm512_maskz_loadu_ps(m, c)));
+    if (bias) x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, bias));
+    _mm512_mask_storeu_ps(c, m, x);
+  }
+}
+
+template <int MA, int NB, bool PACKED>
+CPUFORMER_AVX512 __attribute__((always_inline)) static inline void kernel_avx512_body(
+    index_t kc, const float* a0, const float* a1, index_t rs, index_t ks, const float* b0, const float* b1, float* c,
+    index_t ldc, float alpha, float beta, const float* bias, int mr, int nr) {
+  constexpr int R = MA * MR;
+  __m512 acc[R][NB];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int h = 0; h < NB; ++h) acc[r][h] = _mm512_setzero_ps();
+  for (int r = 0; r < mr; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(c + r * ldc + NB * NR - 1), _MM_HINT_T0);
+  }
+  const float* ap[R];
+#pragma GCC unroll 12
+  for (int r = 0; r < R; ++r) {
+    const int rr = PACKED ? r % MR : std::min(r, mr - 1) - (r / MR) * MR;
+    ap[r] = (r < MR ? a0 : a1) + rr * rs;
+  }
+#pragma GCC unroll 4
+  for (index_t k = 0; k < kc; ++k) {
+    // Unaligned loads: pack_b's callers promise 32-byte alignment only (64 in practice: free on aligned data).
+    const __m512 bv0 = _mm512_loadu_ps(b0 + k * NR);
+    const __m512 bv1 = NB == 2 ? _mm512_loadu_ps(b1 + k * NR) : bv0;
+    if (PACKED) {
+      _mm_prefetch(reinterpret_cast<const char*>(a0 + k * MR + 8 * MR), _MM_HINT_T0);
+      if (MA == 2) _mm_prefetch(reinterpret_cast<const char*>(a1 + k * MR + 8 * MR), _MM_HINT_T0);
+    }
+#pragma GCC unroll 12
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(PACKED ? (r < MR ? a0 : a1)[k * MR + r % MR] : ap[r][k * ks]);
+      acc[r][0] = _mm512_fmadd_ps(av, bv0, acc[r][0]);
+      if (NB == 2) acc[r][NB - 1] = _mm512_fmadd_ps(av, bv1, acc[r][NB - 1]);
+    }
+  }
+  const __m512 va = _mm512_set1_ps(alpha);
+#pragma GCC unroll 2
+  for (int h = 0; h < NB; ++h) {
+    const int nrh = std::min(NR, nr - h * NR);
+    if (nrh <= 0) break;
+    const __mmask16 m = static_cast<__mmask16>((1u << nrh) - 1u);
+    const float* bh = bias ? bias + h * NR : nullptr;
+#pragma GCC unroll 2
+    for (int g = 0; g < MA; ++g) {
+      const int mrg = std::min(MR, mr - g * MR);
+      if (mrg <= 0) break;
+      float* cg = c + g * MR * ldc + h * NR;
+      if (mrg == MR && nrh == NR) {
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) row_writeback_512<true>(cg + r * ldc, acc[g * MR + r][h], va, beta, bh, m);
+      } else {
+        for (int r = 0; r < mrg; ++r) {
+          // acc[..][h] with a runtime r would force the array to memory; select by a switch over constants.
+          __m512 x = acc[g * MR][h];
+#pragma GCC unroll 6
+          for (int q = 1; q < MR; ++q)
+            if (q == r) x = acc[g * MR + q][h];
+          row_writeback_512<false>(cg + r * ldc, x, va, beta, bh, m);
+        }
+      }
+    }
+  }
+}
+
+template <int MA, int NB>
+CPUFORMER_AVX512 static void kernel_avx512(index_t kc, const float* a0, const float* b0, float* c, index_t ldc,
+                                           float alpha, float beta, const float* bias, int mr, int nr) {
+  // Packed: the second A sliver follows the first (kc * MR floats on), the second B sliver likewise (kc * NR).
+  kernel_avx512_body<MA, NB, true>(kc, a0, a0 + kc * MR, 1, MR, b0, b0 + kc * NR, c, ldc, alpha, beta, bias, mr, nr);
+}
+
+template <int MA, int NB>
+CPUFORMER_AVX512 static void kernel_avx512_direct(index_t kc, const float* a0, index_t rs, index_t ks,
+                                                  const float* b0, float* c, index_t ldc, float alpha, float beta,
+                                                  const float* bias, int mr, int nr) {
+  kernel_avx512_body<MA, NB, false>(kc, a0, a0 + MR * rs, rs, ks, b0, b0 + kc * NR, c, ldc, alpha, beta, bias, mr,
+                                    nr);
+}
+
+using Kernel512Fn = void (*)(index_t, const float*, const float*, float*, index_t, float, float, const float*, int,
+                             int);
+using Kernel512DirectFn = void (*)(index_t, const float*, index_t, index_t, const float*, float*, index_t, float,
+                                   float, const float*, int, int);
+constexpr Kernel512Fn kKernels512[2][2] = {{kernel_avx512<1, 1>, kernel_avx512<1, 2>},
+                                           {kernel_avx512<2, 1>, kernel_avx512<2, 2>}};
+constexpr Kernel512DirectFn kKernels512Direct[2][2] = {
+    {kernel_avx512_direct<1, 1>, kernel_avx512_direct<1, 2>},
+    {kernel_avx512_direct<2, 1>, kernel_avx512_direct<2, 2>}};
+#endif
+
 using KernelFn = void (*)(index_t, const float*, const float*, float*, index_t, float, float, const float*, int, int);
 
 KernelFn select_kernel() {
@@ -361,12 +485,21 @@ inline void team_barrier(int nt) {
 void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, int nt,
                const float* prepacked = nullptr) {
   const KernelFn kernel = select_kernel();
-  // Balance the row blocks over the team: a block count that is a multiple of nt, each a multiple of MR rows.
-  index_t m_blocks = (g.M + MC - 1) / MC;
+#ifdef CPUFORMER_HAVE_AVX512
+  const bool avx512 = detail::use_avx512();
+#else
+  const bool avx512 = false;
+#endif
+  // Row blocks a multiple of the tile height (AVX-512: two A slivers), so only the last 6-row group of M can be cut,
+  // on either path (their results stay identical).
+  const index_t tile_m = avx512 ? 2 * MR : MR;
+  const index_t mc_max = avx512 ? MC_AVX512 : MC;
+  // Balance the row blocks over the team: a block count that is a multiple of nt, each a multiple of tile_m rows.
+  index_t m_blocks = (g.M + mc_max - 1) / mc_max;
   const bool split_rows = m_blocks >= nt;
   if (split_rows) m_blocks = (m_blocks + nt - 1) / nt * nt;
   index_t mc = (g.M + m_blocks - 1) / m_blocks;
-  mc = (mc + MR - 1) / MR * MR;
+  mc = (mc + tile_m - 1) / tile_m * tile_m;
   m_blocks = (g.M + mc - 1) / mc;
 #ifdef CPUFORMER_HAVE_AVX2
   // Small problems: packing A costs as much as it saves, so the kernel reads A in place (BLIS "sup" style).
@@ -411,6 +544,28 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
           const index_t ic = ib * mc;
           const index_t mcur = std::min(mc, g.M - ic);
           if (!direct_a) pack_a_block(a_pack, g, ic, pc, mcur, kc);
+#ifdef CPUFORMER_HAVE_AVX512
+          if (avx512) {  // 12 x 32 tiles: pairs of B slivers by pairs of A slivers
+            for (index_t s = s0; s < s1; s += 2) {
+              const int nb = static_cast<int>(std::min<index_t>(2, s1 - s));
+              const index_t j = jc + s * NR;
+              const int nr = static_cast<int>(std::min<index_t>(nb * NR, g.N - j));
+              const float* bs = b_panel + s * NR * kc;
+              const float* bias = last && g.bias ? g.bias + j : nullptr;
+              for (index_t ir = 0; ir < mcur; ir += 2 * MR) {
+                const int mr = static_cast<int>(std::min<index_t>(2 * MR, mcur - ir));
+                const int ma = mr > MR ? 2 : 1;
+                float* c = g.C + (ic + ir) * g.ldc + j;
+                if (direct_a)
+                  kKernels512Direct[ma - 1][nb - 1](kc, g.A + (ic + ir) * a_rs + pc * a_ks, a_rs, a_ks, bs, c, g.ldc,
+                                                    g.alpha, beta, bias, mr, nr);
+                else
+                  kKernels512[ma - 1][nb - 1](kc, a_pack + ir * kc, bs, c, g.ldc, g.alpha, beta, bias, mr, nr);
+              }
+            }
+            continue;
+          }
+#endif
           for (index_t s = s0; s < s1; ++s) {
             const index_t j = jc + s * NR;
             const int nr = static_cast<int>(std::min<index_t>(NR, g.N - j));

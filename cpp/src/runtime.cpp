@@ -5,10 +5,15 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <algorithm>
 #include <string>
 
 #include "parallel.h"
 #include "simd.h"
+
+#ifdef CPUFORMER_HAVE_AVX512
+#include <cpuid.h>
+#endif
 
 #if defined(__linux__)
 #include <sched.h>
@@ -58,18 +63,47 @@ bool detect_avx2_fma() {
 #endif
 }
 
-bool initial_simd_choice() {
-  const char* env = std::getenv("CPUFORMER_SIMD");
-  if (env && std::strcmp(env, "scalar") == 0) return false;
-  return detect_avx2_fma();
+// AVX-512 F/DQ/BW/VL (what the GEMM kernel is compiled for) and an OS that saves the opmask and zmm state on
+// context switches: XCR0 bits 1-2 (SSE, AVX) and 5-7 (opmask, ZMM0-15 upper halves, ZMM16-31). libgcc's
+// __builtin_cpu_supports checks XCR0 too on recent GCC; the explicit check keeps older runtimes safe.
+bool detect_avx512() {
+#ifdef CPUFORMER_HAVE_AVX512
+  if (!detect_avx2_fma()) return false;
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")))
+    return false;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return false;
+  unsigned lo = 0, hi = 0;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0xE6u) == 0xE6u;
+#else
+  return false;
+#endif
 }
 
-std::atomic<bool> g_use_avx2{initial_simd_choice()};
+enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+int best_path() { return detect_avx512() ? kAvx512 : detect_avx2_fma() ? kAvx2 : kScalar; }
+
+// CPUFORMER_SIMD=scalar|avx2|avx512 caps the start-up choice at that path (a path the CPU or build lacks falls back
+// to the best one it has below it); unset or anything else: the best the CPU offers.
+int initial_simd_choice() {
+  const int best = best_path();
+  const char* env = std::getenv("CPUFORMER_SIMD");
+  if (!env) return best;
+  if (std::strcmp(env, "scalar") == 0) return kScalar;
+  if (std::strcmp(env, "avx2") == 0) return std::min<int>(best, kAvx2);
+  return best;
+}
+
+std::atomic<int> g_path{initial_simd_choice()};
 
 }  // namespace
 
 namespace detail {
-bool use_avx2() { return g_use_avx2.load(std::memory_order_relaxed); }
+bool use_avx2() { return g_path.load(std::memory_order_relaxed) >= kAvx2; }
+bool use_avx512() { return g_path.load(std::memory_order_relaxed) == kAvx512; }
 
 int kernel_threads() {
   int n = g_threads.load(std::memory_order_relaxed);
@@ -101,6 +135,7 @@ int get_num_threads() {
 }
 
 bool cpu_supports_avx2_fma() { return detect_avx2_fma(); }
+bool cpu_supports_avx512() { return detect_avx512(); }
 
 bool build_has_avx2() {
 #ifdef CPUFORMER_HAVE_AVX2
@@ -110,21 +145,39 @@ bool build_has_avx2() {
 #endif
 }
 
+bool build_has_avx512() {
+#ifdef CPUFORMER_HAVE_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
 void set_simd_path(const std::string& path) {
   if (path == "scalar") {
-    g_use_avx2.store(false);
+    g_path.store(kScalar);
   } else if (path == "avx2") {
     CPUFORMER_CHECK(build_has_avx2(), "set_simd_path: this build has no AVX2 kernels (CPUFORMER_FORCE_SCALAR)");
     CPUFORMER_CHECK(detect_avx2_fma(), "set_simd_path: this CPU lacks AVX2/FMA");
-    g_use_avx2.store(true);
+    g_path.store(kAvx2);
+  } else if (path == "avx512") {
+    CPUFORMER_CHECK(build_has_avx512(), "set_simd_path: this build has no AVX-512 kernels (CPUFORMER_FORCE_SCALAR)");
+    CPUFORMER_CHECK(detect_avx512(), "set_simd_path: this CPU (or OS) lacks AVX-512 F/DQ/BW/VL");
+    g_path.store(kAvx512);
   } else if (path == "auto") {
-    g_use_avx2.store(initial_simd_choice());
+    g_path.store(initial_simd_choice());
   } else {
-    CPUFORMER_CHECK(false, "set_simd_path: path must be 'auto', 'avx2' or 'scalar', got '", path, "'");
+    CPUFORMER_CHECK(false, "set_simd_path: path must be 'auto', 'avx512', 'avx2' or 'scalar', got '", path, "'");
   }
 }
 
-std::string get_simd_path() { return detail::use_avx2() ? "avx2" : "scalar"; }
+std::string get_simd_path() {
+  switch (g_path.load(std::memory_order_relaxed)) {
+    case kAvx512: return "avx512";
+    case kAvx2: return "avx2";
+    default: return "scalar";
+  }
+}
 
 bool build_has_openmp() {
 #ifdef _OPENMP

@@ -10,7 +10,8 @@
 #include <cstdint>
 
 namespace cpuformer::detail {
-bool use_avx2();  // the SIMD path in use now (runtime.cpp)
+bool use_avx2();    // the SIMD path in use now (runtime.cpp): true on the "avx2" and "avx512" paths
+bool use_avx512();  // the "avx512" path: the GEMM's AVX-512 micro-kernel; every other kernel runs its AVX2 code
 }
 
 #if !defined(CPUFORMER_FORCE_SCALAR) && (defined(__x86_64__) || defined(__i386__)) && \
@@ -18,6 +19,9 @@ bool use_avx2();  // the SIMD path in use now (runtime.cpp)
 #define CPUFORMER_HAVE_AVX2 1
 #include <immintrin.h>
 #define CPUFORMER_AVX2 __attribute__((target("avx2,fma")))
+// AVX-512 code (the GEMM micro-kernel only) likewise: per function, reached only when use_avx512().
+#define CPUFORMER_HAVE_AVX512 1
+#define CPUFORMER_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))
 
 namespace cpuformer::simd {
 

@@ -77,6 +77,85 @@ void test_sgemm(std::mt19937& gen) {
   check(max_rel_err(C, R) < 1e-5, "sgemm_strided_batched");
 }
 
+// The AVX-512 GEMM against the AVX2 one: bitwise equal (same per-element k order and K blocking, same write-back
+// arithmetic per 6x16 sub-tile) over odd shapes around the 12x32 tile, strided operands and C, alpha/beta, bias,
+// beta = 0 over NaN garbage, packed weights and batches, on 1 and 2 threads.
+void test_sgemm_avx512_equals_avx2(std::mt19937& gen) {
+  if (!(cpuformer::build_has_avx512() && cpuformer::cpu_supports_avx512())) {
+    std::printf("(no AVX-512 here: AVX-512 vs AVX2 GEMM comparison skipped)\n");
+    return;
+  }
+  const int shapes[][3] = {{1, 1, 1},    {2, 3, 1},     {4, 70, 33},    {5, 17, 1},     {6, 16, 8},
+                           {7, 17, 9},   {11, 31, 2},   {12, 32, 256},  {13, 33, 257},  {18, 48, 100},
+                           {23, 47, 513}, {25, 15, 40}, {64, 64, 64},   {97, 95, 96},   {130, 70, 600},
+                           {145, 97, 300}, {150, 200, 255}, {289, 31, 513}, {300, 4100, 20}, {37, 4097, 7}};
+  const int nan_bits = 0x7fc00000;
+  float qnan;
+  std::memcpy(&qnan, &nan_bits, sizeof qnan);
+  int mismatches = 0, cases = 0;
+  for (int threads : {1, 2}) {
+    cpuformer::set_num_threads(threads);
+    for (auto& s : shapes) {
+      const int M = s[0], N = s[1], K = s[2];
+      for (int variant = 0; variant < 8; ++variant) {
+        const bool ta = variant & 1, tb = variant & 2, tight = variant & 4;
+        const int pad = tight ? 0 : 3;  // strided operands and C
+        const int lda = (ta ? M : K) + pad, ldb = (tb ? K : N) + pad, ldc = N + pad;
+        auto A = random_vec(gen, size_t(ta ? K : M) * lda), B = random_vec(gen, size_t(tb ? N : K) * ldb);
+        auto bias = random_vec(gen, N), C0 = random_vec(gen, size_t(M) * ldc);
+        const float beta = variant % 3 == 0 ? 0.0f : 0.75f, alpha = variant % 2 ? 1.0f : -0.5f;
+        if (beta == 0.0f) std::fill(C0.begin(), C0.end(), qnan);  // never read
+        std::vector<float> out[2];
+        for (int p = 0; p < 2; ++p) {
+          cpuformer::set_simd_path(p ? "avx512" : "avx2");
+          out[p] = C0;
+          cpuformer::sgemm(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, out[p].data(), ldc,
+                           variant & 4 ? nullptr : bias.data());
+        }
+        ++cases;
+        if (std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)) != 0) {
+          ++mismatches;
+          std::printf("avx512 != avx2: sgemm %dx%dx%d variant %d threads %d\n", M, N, K, variant, threads);
+        }
+      }
+      {  // prepacked weights (PackedMatrix is shared by both paths)
+        auto X = random_vec(gen, size_t(M) * K), W = random_vec(gen, size_t(N) * K), bias = random_vec(gen, N);
+        const cpuformer::PackedMatrix packed = cpuformer::sgemm_pack_b(true, K, N, W.data(), K);
+        std::vector<float> out[2];
+        for (int p = 0; p < 2; ++p) {
+          cpuformer::set_simd_path(p ? "avx512" : "avx2");
+          out[p].assign(size_t(M) * N, qnan);
+          cpuformer::sgemm_packed(M, X.data(), K, packed, out[p].data(), N, bias.data());
+        }
+        ++cases;
+        if (out[0] != out[1]) {
+          ++mismatches;
+          std::printf("avx512 != avx2: sgemm_packed %dx%dx%d threads %d\n", M, N, K, threads);
+        }
+      }
+    }
+    {  // strided batch: single-threaded GEMMs inside the batch loop
+      const int batch = 7, M = 19, N = 45, K = 70;
+      auto A = random_vec(gen, size_t(batch) * M * K), B = random_vec(gen, size_t(batch) * K * N);
+      std::vector<float> out[2];
+      for (int p = 0; p < 2; ++p) {
+        cpuformer::set_simd_path(p ? "avx512" : "avx2");
+        out[p].assign(size_t(batch) * M * N, 0.0f);
+        cpuformer::sgemm_strided_batched(false, true, M, N, K, 1.0f, A.data(), K, M * K, B.data(), K, N * K, 0.0f,
+                                         out[p].data(), N, M * N, batch);
+      }
+      ++cases;
+      if (out[0] != out[1]) {
+        ++mismatches;
+        std::printf("avx512 != avx2: sgemm_strided_batched threads %d\n", threads);
+      }
+    }
+  }
+  cpuformer::set_simd_path("auto");
+  check(mismatches == 0, "AVX-512 GEMM bitwise equal to AVX2 (" + std::to_string(mismatches) + " of " +
+                             std::to_string(cases) + " cases differ)");
+}
+
 void test_softmax_layernorm_ce(std::mt19937& gen) {
   const int rows = 9, cols = 77;
   auto x = random_vec(gen, rows * cols, 3.0f);
@@ -864,6 +943,7 @@ int main() {
   std::mt19937 gen(1234);
   std::vector<std::string> paths = {"scalar"};
   if (cpuformer::build_has_avx2() && cpuformer::cpu_supports_avx2_fma()) paths.push_back("avx2");
+  if (cpuformer::build_has_avx512() && cpuformer::cpu_supports_avx512()) paths.push_back("avx512");
   for (const auto& path : paths) {
     cpuformer::set_simd_path(path);
     for (int threads : {1, 2}) {
@@ -875,6 +955,7 @@ int main() {
       test_positions_norms(gen);
     }
   }
+  test_sgemm_avx512_equals_avx2(gen);
   test_errors();
   test_attention_variants(gen);
   test_safetensors_fuzz(gen);

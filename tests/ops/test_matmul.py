@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import randn, rel_err
+from conftest import SIMD_PATHS, randn, rel_err
 
 # Sizes around the micro-tile (6x16), the blocking (MC=144, KC=256) and odd values.
 SHAPES = [(1, 1, 1), (1, 7, 5), (5, 1, 3), (2, 3, 1), (6, 16, 8), (7, 17, 9), (15, 33, 31), (64, 64, 64),
@@ -112,6 +112,61 @@ def test_simd_paths_agree(rng):
         _core.set_simd_path("auto")
     ca = ops.matmul(a, b)
     assert rel_err(cs, ca) < 1e-5
+
+
+# Around the AVX-512 12x32 tile (two 6-row A slivers x two 16-wide B slivers), the blocking and the direct/small-M paths.
+ODD_SHAPES = [(1, 1, 1), (2, 3, 1), (4, 70, 33), (5, 17, 1), (6, 16, 8), (7, 31, 2), (11, 33, 9), (12, 32, 256),
+              (13, 47, 257), (18, 48, 100), (23, 15, 513), (25, 64, 40), (97, 95, 96), (130, 70, 600),
+              (145, 97, 300), (289, 31, 513), (300, 4100, 20), (37, 4097, 7), (1, 2304, 768), (3, 1000, 333)]
+
+
+@pytest.mark.skipif("avx512" not in SIMD_PATHS, reason="no AVX-512 on this CPU or build")
+@pytest.mark.parametrize("threads_", [1, 2])
+def test_avx512_gemm_bitwise_equals_avx2(rng, threads_):
+    """Same per-element k order, K blocking and per-6x16-sub-tile write-back arithmetic: identical bits."""
+    import cpuformer
+    from cpuformer import _core
+    before = cpuformer.get_num_threads()
+    cpuformer.set_num_threads(threads_)
+    try:
+        for M, N, K in ODD_SHAPES:
+            for ta, tb in [(False, False), (False, True), (True, False), (True, True)]:
+                a, b = operand(rng, M, K, ta), operand(rng, K, N, tb)
+                bias = randn(rng, N)
+                c0 = randn(rng, M, N)
+                outs = []
+                for path in ("avx2", "avx512"):
+                    _core.set_simd_path(path)
+                    c = c0.copy()
+                    ops.gemm(a, b, c, transpose_a=ta, transpose_b=tb, alpha=0.5, beta=0.75, bias=bias)
+                    nan_out = np.full((M, N), np.nan, np.float32)
+                    ops.gemm(a, b, nan_out, transpose_a=ta, transpose_b=tb, beta=0.0)
+                    outs.append((c, nan_out, ops.matmul(a, b, transpose_a=ta, transpose_b=tb, bias=bias)))
+                for x, y in zip(*outs):
+                    np.testing.assert_array_equal(x, y, err_msg=f"{M}x{N}x{K} ta={ta} tb={tb}")
+                assert rel_err(outs[1][2], ref_matmul(a, b, ta, tb) + bias) < 1e-5
+    finally:
+        _core.set_simd_path("auto")
+        cpuformer.set_num_threads(before)
+
+
+@pytest.mark.skipif("avx512" not in SIMD_PATHS, reason="no AVX-512 on this CPU or build")
+def test_avx512_attention_bitwise_equals_avx2(rng):
+    """Attention's products go through the single-thread GEMM entry points (packed key blocks included)."""
+    from cpuformer import _core
+    q, k, v = randn(rng, 2, 75, 64), randn(rng, 2, 130, 64), randn(rng, 2, 130, 64)
+    g = randn(rng, 2, 75, 64)
+    outs = []
+    try:
+        for path in ("avx2", "avx512"):
+            _core.set_simd_path(path)
+            out, lse = ops.attention(q, k, v, 4, need_lse=True, is_causal=False)
+            grads = ops.attention_backward(g, q, k, v, out, lse, 4)
+            outs.append((out, lse, *grads))
+    finally:
+        _core.set_simd_path("auto")
+    for x, y in zip(*outs):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_no_copy_for_float32_contiguous_and_conversion_otherwise(rng):

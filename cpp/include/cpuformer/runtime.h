@@ -11,13 +11,20 @@ namespace cpuformer {
 void set_num_threads(int n);  // n >= 1
 int get_num_threads();
 
-// Which SIMD kernels run: "avx2" (AVX2 + FMA) or "scalar". Chosen at start-up from CPUID; the environment
-// variable CPUFORMER_SIMD=scalar forces the portable path. set_simd_path("avx2") throws if the CPU or the build
-// lacks it.
+// Which SIMD kernels run: "avx512", "avx2" (AVX2 + FMA) or "scalar". Chosen at start-up from CPUID (and, for
+// AVX-512, the OS's XSAVE state: XCR0 must enable the zmm/opmask registers): "avx512" where the CPU has AVX-512
+// F/DQ/BW/VL, else "avx2" where it has AVX2 + FMA, else "scalar". On "avx512" only the GEMM (sgemm and everything
+// built on it: linear layers, attention's products, packed weights) runs AVX-512 code; every other kernel runs its
+// AVX2 code, and the GEMM's results are bitwise identical to the "avx2" path's (same per-element summation order and
+// K blocking). The environment variable CPUFORMER_SIMD=avx2|scalar caps the start-up choice (avx2: no AVX-512 code
+// at all); CPUFORMER_SIMD=avx512 or unset: the best the CPU offers. set_simd_path("avx512"/"avx2") throws if the
+// CPU or the build lacks it; "auto" returns to the start-up choice. Builds with CPUFORMER_FORCE_SCALAR have neither.
 void set_simd_path(const std::string& path);
 std::string get_simd_path();
 bool cpu_supports_avx2_fma();   // what this CPU offers
+bool cpu_supports_avx512();     // AVX-512 F/DQ/BW/VL usable (CPU and OS)
 bool build_has_avx2();          // false when built with CPUFORMER_FORCE_SCALAR
+bool build_has_avx512();        // false when built with CPUFORMER_FORCE_SCALAR
 
 bool build_has_openmp();
 std::string compiler_version();
