@@ -365,10 +365,12 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
   const bool train = sv != nullptr;
   const float p_res = train ? c.dropout : 0.0f, p_ff = train ? c.ff_dropout : 0.0f,
               p_att = train ? c.attention_dropout : 0.0f;
-  BlockSaved local;
-  BlockSaved& s = train ? *sv : local;
-  if (train) s.in = in, s.seed = seed, s.valid = false;
-  std::vector<float> tmp, y(static_cast<size_t>(n));
+  static thread_local BlockSaved t_work;  // inference: this thread's buffers, reused from call to call
+  BlockSaved& s = train ? *sv : t_work;
+  s.valid = false;
+  if (train) s.in = in, s.seed = seed;
+  std::vector<float>& tmp = s.tmp;
+  float* y = grow(s.y, n);
   // The residual stream: cur holds the current x; for training every stage is kept.
   float* cur = grow(s.x0, n);
   std::memcpy(cur, x, sizeof(float) * n);
@@ -380,21 +382,22 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
       h = grow(normed, n);
       norm_forward(c, nr, grow(normed, n), grow(sa, rows), grow(sb, rows), xin, rows, d.C);
     }
-    run(y.data(), h);
-    dropout_inplace(y.data(), n, p_res, sub_seed(seed, 10 + i));
+    run(y, h);
+    dropout_inplace(y, n, p_res, sub_seed(seed, 10 + i));
     float* xn = grow(next, n);
     if (c.norm_first) {
-      residual_forward(xn, xin, y.data(), n);
+      residual_forward(xn, xin, y, n);
     } else {  // normed keeps the sum (the norm's input)
       float* sum = grow(normed, n);
-      residual_forward(sum, xin, y.data(), n);
+      residual_forward(sum, xin, y, n);
       norm_forward(c, nr, xn, grow(sa, rows), grow(sb, rows), sum, rows, d.C);
     }
   };
   auto run_self = [&](float* yy, const float* h) {
-    SelfSaves ss{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    SelfSaves ss{grow(s.qkv, rows * d.width), nullptr, nullptr, nullptr, nullptr, grow(s.attn, rows * d.qdim),
+                 nullptr};
     if (train) {
-      ss.qkv = grow(s.qkv, rows * d.width), ss.attn = grow(s.attn, rows * d.qdim), ss.lse = grow(s.lse, B * d.H * T);
+      ss.lse = grow(s.lse, B * d.H * T);
       if (c.qk_norm) {
         ss.q_pre = grow(s.q_pre, rows * d.qdim), ss.k_pre = grow(s.k_pre, rows * d.kvdim);
         float* r = grow(s.qk_rstd, rows * (d.H + d.KVH));
@@ -404,10 +407,10 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
     self_attention_forward(yy, h, c, d, w.self_attn, in, p_att, sub_seed(seed, 1), ss, attn_weights, s.bias, tmp);
   };
   auto run_cross = [&](float* yy, const float* h) {
-    float *q = nullptr, *kv = nullptr, *attn = nullptr, *lse = nullptr;
-    if (train)
-      q = grow(s.cq, rows * d.qdim), kv = grow(s.ckv, B * in.S * 2 * d.kvdim), attn = grow(s.cattn, rows * d.qdim),
-      lse = grow(s.clse, B * d.H * T);
+    float* q = grow(s.cq, rows * d.qdim);
+    float* kv = grow(s.ckv, B * in.S * 2 * d.kvdim);
+    float* attn = grow(s.cattn, rows * d.qdim);
+    float* lse = train ? grow(s.clse, B * d.H * T) : nullptr;
     cross_attention_forward(yy, h, in.memory, in.memory, d, w.cross_attn, in, false, p_att, sub_seed(seed, 2), q, kv,
                             attn, lse, nullptr);
   };
@@ -423,9 +426,8 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
     sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, s.x2, w.norm2, run_cross);
     last = &s.x2;
   }
-  std::vector<float> final_x;
-  sublayer(2, *last, s.normed3, s.stat3a, s.stat3b, final_x, w.norm_ff, run_ff);
-  std::memcpy(out, final_x.data(), sizeof(float) * n);
+  sublayer(2, *last, s.normed3, s.stat3a, s.stat3b, s.x3, w.norm_ff, run_ff);
+  std::memcpy(out, s.x3.data(), sizeof(float) * n);
   if (train) s.valid = true;
 }
 
@@ -542,12 +544,14 @@ void attention_layer_forward(float* out, const float* xq, const float* xk, const
                   " T=", in.T, " S=", in.S);
   check_attention(w, d, !self, "attention");
   const float p = s ? c.attention_dropout : 0.0f;
-  std::vector<float> bias, tmp;
+  static thread_local AttentionLayerSaved t_work;  // inference: this thread's buffers, reused from call to call
+  AttentionLayerSaved& b = s ? *s : t_work;
+  b.valid = false;
   const index_t rows = in.B * in.T;
   if (self) {
-    SelfSaves ss{nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
+    SelfSaves ss{grow(b.qkv, rows * d.width), nullptr, nullptr, nullptr, nullptr, grow(b.attn, rows * d.qdim),
+                 nullptr};
     if (s) {
-      ss.qkv = grow(s->qkv, rows * d.width), ss.attn = grow(s->attn, rows * d.qdim);
       ss.lse = grow(s->lse, in.B * d.H * in.T);
       if (c.qk_norm) {
         ss.q_pre = grow(s->q_pre, rows * d.qdim), ss.k_pre = grow(s->k_pre, rows * d.kvdim);
@@ -555,14 +559,14 @@ void attention_layer_forward(float* out, const float* xq, const float* xk, const
         ss.q_rstd = r, ss.k_rstd = r + rows * d.H;
       }
     }
-    self_attention_forward(out, xq, c, d, w, in, p, seed, ss, attn_weights, s ? s->bias : bias, s ? s->tmp : tmp);
+    self_attention_forward(out, xq, c, d, w, in, p, seed, ss, attn_weights, b.bias, b.tmp);
   } else {
     CPUFORMER_CHECK(c.position == PositionKind::kNone && !c.qk_norm,
                     "attention_layer_forward: positions and q/k norms apply to self-attention only");
-    float *q = nullptr, *kv = nullptr, *attn = nullptr, *lse = nullptr;
-    if (s)
-      q = grow(s->q, rows * d.qdim), kv = grow(s->kv, in.B * in.S * 2 * d.kvdim), attn = grow(s->attn, rows * d.qdim),
-      lse = grow(s->lse, in.B * d.H * in.T);
+    float* q = grow(b.q, rows * d.qdim);
+    float* kv = grow(b.kv, in.B * in.S * 2 * d.kvdim);
+    float* attn = grow(b.attn, rows * d.qdim);
+    float* lse = s ? grow(s->lse, in.B * d.H * in.T) : nullptr;
     cross_attention_forward(out, xq, xk, xv, d, w, in, causal, p, seed, q, kv, attn, lse, attn_weights);
   }
   if (s) {

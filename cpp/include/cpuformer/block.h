@@ -120,7 +120,8 @@ struct BlockSaved {
   std::vector<float> x0, normed1, stat1a, stat1b, qkv, q_pre, k_pre, qk_rstd, attn, lse, bias;
   std::vector<float> x1, normed2, stat2a, stat2b, cq, ckv, cattn, clse;
   std::vector<float> x2, normed3, stat3a, stat3b, u, a;
-  std::vector<float> scratch;  // backward's work buffers
+  std::vector<float> y, x3, tmp;  // the forward's work buffers
+  std::vector<float> scratch;     // backward's work buffers
 };
 
 // Checks a configuration and weights (sizes, presence, divisibility); throws std::invalid_argument naming the
@@ -128,7 +129,9 @@ struct BlockSaved {
 void block_check(const BlockConfig& cfg, const BlockWeights& w);
 
 // Inference: x (B, T, d_model) -> out (B, T, d_model) (out may alias x). attn_weights (B, H, T, T), when non-null,
-// receives the self-attention probabilities (materialised, for inspection).
+// receives the self-attention probabilities (materialised, for inspection). Its work buffers are the calling
+// thread's own, kept from call to call (fresh multi-megabyte buffers would cost page faults on every call); no
+// state is shared between threads.
 void block_forward(float* out, const float* x, const BlockConfig& cfg, const BlockWeights& w, const BlockInput& in,
                    float* attn_weights = nullptr);
 
