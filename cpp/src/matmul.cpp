@@ -28,10 +28,19 @@ constexpr int NR = 16;   // micro-tile columns (two 8-float vectors of B)
 constexpr index_t KC = 256;   // B sliver KC x NR = 16 KiB: half of L1d
 constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
 constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
-// AVX-512 path (Sapphire Rapids: 48 KiB L1d, 2 MiB L2 per core). KC and NC stay those of the AVX2 path: KC fixes
-// where each element's sum is cut into K blocks (so the two paths round alike), and KC, NC fix the packed-B layout.
+// AVX-512 path (Sapphire Rapids: 48 KiB L1d, 2 MiB L2 per core). NC stays that of the AVX2 path, and so does KC
+// wherever B comes packed (pack_b, PackedMatrix: KC and NC fix that layout, shared by both paths); when the GEMM
+// packs B itself it uses K blocks of KC_AVX512 = 512: half the read-modify-write passes over C, one K block for
+// K = 384/512 layers (+3..17% on 2 threads for the feed-forward and MiniLM shapes). So for K > 256 the two paths
+// cut each element's sum at different places and round differently (tests: float64 reference there, bitwise at
+// K <= 256).
 // MC: 96 to 384 measured the same within noise on 2 threads (1024^3, 4096x3072x768, 4096x768x3072, 2048^3).
 constexpr index_t MC_AVX512 = 144;
+// K block of the AVX-512 path when it packs B itself (B panels from pack_b / PackedMatrix keep KC: their layout).
+#ifndef CPUFORMER_KC_AVX512
+#define CPUFORMER_KC_AVX512 512
+#endif
+constexpr index_t KC_AVX512 = CPUFORMER_KC_AVX512;
 
 // Below this many multiply-adds per thread a GEMM runs on fewer threads: waking a parked worker (tens of
 // microseconds on a VM) costs more than a small product takes.
@@ -211,6 +220,42 @@ void pack_b_sliver(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t 
   if (detail::use_avx2()) return pack_b_sliver_avx2(d, g, p0, j0, kc, nr);
 #endif
   pack_b_sliver_scalar(d, g, p0, j0, kc, nr);
+}
+
+#ifdef CPUFORMER_HAVE_AVX2
+// Untransposed B, full slivers [s0, s1) of a panel (sliver s at d + s * NR * kc, columns j0 + s * NR on): walk the
+// source row by row, copying up to kRowGroup slivers' worth of each row (512 contiguous bytes), rather than sliver
+// by sliver (64 bytes per row, a new page every other row for wide B). Same layout as pack_b_sliver.
+CPUFORMER_AVX2 static void pack_b_rows_avx2(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc,
+                                            index_t s0, index_t s1) {
+  constexpr index_t kRowGroup = 8;
+  for (index_t sg = s0; sg < s1; sg += kRowGroup) {
+    const index_t ns = std::min(kRowGroup, s1 - sg);
+    const float* src = g.B + p0 * g.ldb + j0 + sg * NR;
+    float* dst = d + sg * NR * kc;
+    for (index_t k = 0; k < kc; ++k, src += g.ldb) {
+      for (index_t q = 0; q < ns; ++q) {
+        float* o = dst + q * NR * kc + k * NR;
+        _mm256_store_ps(o, _mm256_loadu_ps(src + q * NR));
+        _mm256_store_ps(o + 8, _mm256_loadu_ps(src + q * NR + 8));
+      }
+    }
+  }
+}
+#endif
+
+// Slivers [s0, s1) of the B panel at rows p0.., columns j0.. (nc wide), each at d + s * NR * kc.
+void pack_b_slivers(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc, index_t nc, index_t s0,
+                    index_t s1) {
+  const index_t full = nc / NR;  // slivers with all NR columns
+#ifdef CPUFORMER_HAVE_AVX2
+  if (!g.trans_b && detail::use_avx2() && s0 < std::min(s1, full)) {
+    pack_b_rows_avx2(d, g, p0, j0, kc, s0, std::min(s1, full));
+    s0 = std::min(s1, full);
+  }
+#endif
+  for (index_t s = s0; s < s1; ++s)
+    pack_b_sliver(d + s * NR * kc, g, p0, j0 + s * NR, kc, static_cast<int>(std::min<index_t>(NR, nc - s * NR)));
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -508,15 +553,16 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
 #else
   const bool direct_a = false;
 #endif
-  float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * KC + kPackASlack);
+  const index_t kc_max = avx512 && !prepacked ? KC_AVX512 : KC;
+  float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * kc_max + kPackASlack);
 
   int parity = 0;
   index_t packed_offset = 0;
   for (index_t jc = 0; jc < g.N; jc += NC) {
     const index_t nc = std::min(NC, g.N - jc);
     const index_t slivers = (nc + NR - 1) / NR;
-    for (index_t pc = 0; pc < g.K; pc += KC) {
-      const index_t kc = std::min(KC, g.K - pc);
+    for (index_t pc = 0; pc < g.K; pc += kc_max) {
+      const index_t kc = std::min(kc_max, g.K - pc);
       const bool first = pc == 0, last = pc + kc == g.K;
       const float beta = first ? g.beta : 1.0f;
       const float* b_panel;
@@ -527,10 +573,7 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
         float* panel = b_panels + parity * panel_size;
         parity ^= 1;
         // 1. The team packs the B panel together.
-        for (index_t s = slivers * tid / nt; s < slivers * (tid + 1) / nt; ++s) {
-          const int nr = static_cast<int>(std::min<index_t>(NR, nc - s * NR));
-          pack_b_sliver(panel + s * NR * kc, g, pc, jc + s * NR, kc, nr);
-        }
+        pack_b_slivers(panel, g, pc, jc, kc, nc, slivers * tid / nt, slivers * (tid + 1) / nt);
         team_barrier(nt);
         b_panel = panel;
       }
@@ -714,7 +757,7 @@ void gemm_run(const GemmArgs& g, int nt) {
     });
     return;
   }
-  const index_t panel = KC * ((std::min(NC, g.N) + NR - 1) / NR * NR);
+  const index_t panel = std::max(KC, KC_AVX512) * ((std::min(NC, g.N) + NR - 1) / NR * NR);
   float* b_panels = t_pack_b.get(2 * panel);
   if (nt <= 1) return gemm_team(g, b_panels, panel, 0, 1);
 #ifdef _OPENMP
@@ -756,9 +799,7 @@ void detail::pack_b(float* dst, bool trans_b, index_t K, index_t N, const float*
     const index_t nc = std::min(NC, N - jc), slivers = (nc + NR - 1) / NR;
     for (index_t pc = 0; pc < K; pc += KC) {
       const index_t kc = std::min(KC, K - pc);
-      for (index_t s = 0; s < slivers; ++s)
-        pack_b_sliver(dst + s * NR * kc, g, pc, jc + s * NR, kc,
-                      static_cast<int>(std::min<index_t>(NR, nc - s * NR)));
+      pack_b_slivers(dst, g, pc, jc, kc, nc, 0, slivers);
       dst += slivers * NR * kc;
     }
   }

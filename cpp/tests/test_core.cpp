@@ -77,9 +77,11 @@ void test_sgemm(std::mt19937& gen) {
   check(max_rel_err(C, R) < 1e-5, "sgemm_strided_batched");
 }
 
-// The AVX-512 GEMM against the AVX2 one: bitwise equal (same per-element k order and K blocking, same write-back
-// arithmetic per 6x16 sub-tile) over odd shapes around the 12x32 tile, strided operands and C, alpha/beta, bias,
-// beta = 0 over NaN garbage, packed weights and batches, on 1 and 2 threads.
+// The AVX-512 GEMM against the AVX2 one over odd shapes around the 12x32 tile, strided operands and C, alpha/beta,
+// bias, beta = 0 over NaN garbage, packed weights and batches, on 1 and 2 threads. Bitwise equal (same per-element k
+// order, same write-back arithmetic per 6x16 sub-tile) where both cut K alike: K <= 256 (one K block on both paths),
+// packed weights and batches. For K > 256 the AVX-512 path packs B in K blocks of 512, not 256, so its sums are
+// rounded differently: there both are checked against the float64 reference (same tolerance as test_sgemm).
 void test_sgemm_avx512_equals_avx2(std::mt19937& gen) {
   if (!(cpuformer::build_has_avx512() && cpuformer::cpu_supports_avx512())) {
     std::printf("(no AVX-512 here: AVX-512 vs AVX2 GEMM comparison skipped)\n");
@@ -113,7 +115,17 @@ void test_sgemm_avx512_equals_avx2(std::mt19937& gen) {
                            variant & 4 ? nullptr : bias.data());
         }
         ++cases;
-        if (std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)) != 0) {
+        if (K > 256) {
+          std::vector<float> R = C0;
+          cpuformer::sgemm_ref(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, R.data(), ldc,
+                               variant & 4 ? nullptr : bias.data());
+          for (int p = 0; p < 2; ++p)  // padding columns of C are untouched, so compare whole buffers
+            if (!(max_rel_err(out[p], R) < 1e-5)) {
+              ++mismatches;
+              std::printf("%s off the reference: sgemm %dx%dx%d variant %d threads %d\n", p ? "avx512" : "avx2", M,
+                          N, K, variant, threads);
+            }
+        } else if (std::memcmp(out[0].data(), out[1].data(), out[0].size() * sizeof(float)) != 0) {
           ++mismatches;
           std::printf("avx512 != avx2: sgemm %dx%dx%d variant %d threads %d\n", M, N, K, variant, threads);
         }
@@ -152,7 +164,7 @@ void test_sgemm_avx512_equals_avx2(std::mt19937& gen) {
     }
   }
   cpuformer::set_simd_path("auto");
-  check(mismatches == 0, "AVX-512 GEMM bitwise equal to AVX2 (" + std::to_string(mismatches) + " of " +
+  check(mismatches == 0, "AVX-512 GEMM equal to AVX2 (bitwise up to K 256) (" + std::to_string(mismatches) + " of " +
                              std::to_string(cases) + " cases differ)");
 }
 

@@ -123,7 +123,9 @@ ODD_SHAPES = [(1, 1, 1), (2, 3, 1), (4, 70, 33), (5, 17, 1), (6, 16, 8), (7, 31,
 @pytest.mark.skipif("avx512" not in SIMD_PATHS, reason="no AVX-512 on this CPU or build")
 @pytest.mark.parametrize("threads_", [1, 2])
 def test_avx512_gemm_bitwise_equals_avx2(rng, threads_):
-    """Same per-element k order, K blocking and per-6x16-sub-tile write-back arithmetic: identical bits."""
+    """Same per-element k order and per-6x16-sub-tile write-back arithmetic: identical bits where both paths cut K
+    alike (K <= 256). For K > 256 the AVX-512 path packs B in K blocks of 512 (AVX2: 256), so its sums round
+    differently: there both paths are held to the float64 reference instead."""
     import cpuformer
     from cpuformer import _core
     before = cpuformer.get_num_threads()
@@ -142,8 +144,15 @@ def test_avx512_gemm_bitwise_equals_avx2(rng, threads_):
                     nan_out = np.full((M, N), np.nan, np.float32)
                     ops.gemm(a, b, nan_out, transpose_a=ta, transpose_b=tb, beta=0.0)
                     outs.append((c, nan_out, ops.matmul(a, b, transpose_a=ta, transpose_b=tb, bias=bias)))
-                for x, y in zip(*outs):
-                    np.testing.assert_array_equal(x, y, err_msg=f"{M}x{N}x{K} ta={ta} tb={tb}")
+                if K <= 256:
+                    for x, y in zip(*outs):
+                        np.testing.assert_array_equal(x, y, err_msg=f"{M}x{N}x{K} ta={ta} tb={tb}")
+                else:
+                    ref = ref_matmul(a, b, ta, tb)
+                    for c, nan_out, mm in outs:
+                        assert rel_err(c, 0.5 * ref + 0.75 * c0.astype(np.float64) + bias) < 1e-5
+                        assert rel_err(nan_out, ref) < 1e-5
+                        assert rel_err(mm, ref + bias) < 1e-5
                 assert rel_err(outs[1][2], ref_matmul(a, b, ta, tb) + bias) < 1e-5
     finally:
         _core.set_simd_path("auto")
