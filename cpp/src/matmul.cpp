@@ -185,6 +185,42 @@ CPUFORMER_AVX2 static void transpose8_store(float* d, const float* const* src, i
                      _mm256_loadu_ps(src[5] + k), _mm256_loadu_ps(src[6] + k), _mm256_loadu_ps(src[7] + k));
 }
 
+#ifdef CPUFORMER_HAVE_AVX512
+// Transposed B on the AVX-512 path: 16 k-values of each of the sliver's 16 columns (rows of B), transposed as one
+// 16x16 block (64 shuffles per 256 floats; the AVX2 8x8 route takes 96), stored as 16 whole k rows of the sliver.
+// Returns how many k were packed (a multiple of 16); the caller packs the rest. Same layout as the AVX2 routine.
+CPUFORMER_AVX512 static index_t pack_b_t16_avx512(float* d, const float* src, index_t ldb, index_t kc) {
+  index_t k = 0;
+  for (; k + 16 <= kc; k += 16) {
+    __m512 t[16], u[16];
+#pragma GCC unroll 8
+    for (int c = 0; c < 16; c += 2) {
+      const __m512 r0 = _mm512_loadu_ps(src + c * ldb + k), r1 = _mm512_loadu_ps(src + (c + 1) * ldb + k);
+      t[c] = _mm512_unpacklo_ps(r0, r1);  // per 128-bit lane L: r0[4L] r1[4L] r0[4L+1] r1[4L+1]
+      t[c + 1] = _mm512_unpackhi_ps(r0, r1);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < 16; q += 4) {  // u[q + c], lane L: rows q..q+3 of column 4L + c
+      u[q + 0] = _mm512_shuffle_ps(t[q], t[q + 2], 0x44);
+      u[q + 1] = _mm512_shuffle_ps(t[q], t[q + 2], 0xEE);
+      u[q + 2] = _mm512_shuffle_ps(t[q + 1], t[q + 3], 0x44);
+      u[q + 3] = _mm512_shuffle_ps(t[q + 1], t[q + 3], 0xEE);
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512 v = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), w = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+      const __m512 x = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44);
+      const __m512 y = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+      _mm512_storeu_ps(d + (k + c) * NR, _mm512_shuffle_f32x4(v, x, 0x88));
+      _mm512_storeu_ps(d + (k + 4 + c) * NR, _mm512_shuffle_f32x4(v, x, 0xDD));
+      _mm512_storeu_ps(d + (k + 8 + c) * NR, _mm512_shuffle_f32x4(w, y, 0x88));
+      _mm512_storeu_ps(d + (k + 12 + c) * NR, _mm512_shuffle_f32x4(w, y, 0xDD));
+    }
+  }
+  return k;
+}
+#endif
+
 CPUFORMER_AVX2 static void pack_b_sliver_avx2(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc,
                                               int nr) {
   if (!g.trans_b) {
@@ -206,6 +242,9 @@ CPUFORMER_AVX2 static void pack_b_sliver_avx2(float* d, const GemmArgs& g, index
   const float* src[NR];
   for (int c = 0; c < NR; ++c) src[c] = g.B + (j0 + c) * g.ldb + p0;
   index_t k = 0;
+#ifdef CPUFORMER_HAVE_AVX512
+  if (detail::use_avx512()) k = pack_b_t16_avx512(d, src[0], g.ldb, kc);
+#endif
   for (; k + 8 <= kc; k += 8) {
     transpose8_store(d, src, k, 0);
     transpose8_store(d, src + 8, k, 8);
