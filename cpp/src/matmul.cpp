@@ -189,6 +189,11 @@ CPUFORMER_AVX2 static void transpose8_store(float* d, const float* const* src, i
 // Transposed B on the AVX-512 path: 16 k-values of each of the sliver's 16 columns (rows of B), transposed as one
 // 16x16 block (64 shuffles per 256 floats; the AVX2 8x8 route takes 96), stored as 16 whole k rows of the sliver.
 // Returns how many k were packed (a multiple of 16); the caller packs the rest. Same layout as the AVX2 routine.
+// (GCC 12 flags _mm512_undefined_ps() inside the shuffle intrinsics as "maybe uninitialized": a false positive.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 CPUFORMER_AVX512 static index_t pack_b_t16_avx512(float* d, const float* src, index_t ldb, index_t kc) {
   index_t k = 0;
   for (; k + 16 <= kc; k += 16) {
@@ -219,6 +224,9 @@ CPUFORMER_AVX512 static index_t pack_b_t16_avx512(float* d, const float* src, in
   }
   return k;
 }
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 CPUFORMER_AVX2 static void pack_b_sliver_avx2(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc,
@@ -578,13 +586,16 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
   // on either path (their results stay identical).
   const index_t tile_m = avx512 ? 2 * MR : MR;
   const index_t mc_max = avx512 ? MC_AVX512 : MC;
-  // Balance the row blocks over the team: a block count that is a multiple of nt, each a multiple of tile_m rows.
-  index_t m_blocks = (g.M + mc_max - 1) / mc_max;
-  const bool split_rows = m_blocks >= nt;
-  if (split_rows) m_blocks = (m_blocks + nt - 1) / nt * nt;
-  index_t mc = (g.M + m_blocks - 1) / m_blocks;
-  mc = (mc + tile_m - 1) / tile_m * tile_m;
-  m_blocks = (g.M + mc - 1) / mc;
+  // Rows: with enough of them each thread takes an even share counted in whole tiles (tile_m rows; only M's last tile
+  // can be cut), cut into blocks of at most mc_max rows, each a multiple of tile_m. Otherwise every thread takes all
+  // rows (one block set) and a share of the B slivers. Which thread computes a row never changes its bits.
+  const bool split_rows = (g.M + mc_max - 1) / mc_max >= nt;
+  const index_t tiles = (g.M + tile_m - 1) / tile_m;
+  const index_t m0 = split_rows ? std::min(g.M, tiles * tid / nt * tile_m) : 0;
+  const index_t m1 = split_rows ? std::min(g.M, tiles * (tid + 1) / nt * tile_m) : g.M;
+  const index_t my_blocks = std::max<index_t>(1, (m1 - m0 + mc_max - 1) / mc_max);
+  index_t mc = (m1 - m0 + my_blocks - 1) / my_blocks;
+  mc = std::max(tile_m, (mc + tile_m - 1) / tile_m * tile_m);
 #ifdef CPUFORMER_HAVE_AVX2
   // Small problems: packing A costs as much as it saves, so the kernel reads A in place (BLIS "sup" style).
   const bool direct_a = detail::use_avx2() && (g.prefer_direct_a || g.M * g.N * g.K <= kDirectMaxMacs);
@@ -617,14 +628,11 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
         b_panel = panel;
       }
       // 2. Each thread takes whole row blocks (or, for short M, a share of the B slivers of every block).
-      const index_t ib0 = split_rows ? m_blocks * tid / nt : 0;
-      const index_t ib1 = split_rows ? m_blocks * (tid + 1) / nt : m_blocks;
       const index_t s0 = split_rows ? 0 : slivers * tid / nt;
       const index_t s1 = split_rows ? slivers : slivers * (tid + 1) / nt;
       if (s0 < s1) {
-        for (index_t ib = ib0; ib < ib1; ++ib) {
-          const index_t ic = ib * mc;
-          const index_t mcur = std::min(mc, g.M - ic);
+        for (index_t ic = m0; ic < m1; ic += mc) {
+          const index_t mcur = std::min(mc, m1 - ic);
           if (!direct_a) pack_a_block(a_pack, g, ic, pc, mcur, kc);
 #ifdef CPUFORMER_HAVE_AVX512
           if (avx512) {  // 12 x 32 tiles: pairs of B slivers by pairs of A slivers
