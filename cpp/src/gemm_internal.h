@@ -37,10 +37,14 @@ void sgemm_single_thread(bool trans_a, bool trans_b, index_t M, index_t N, index
                          index_t lda, const float* B, index_t ldb, float beta, float* C, index_t ldc,
                          const float* bias = nullptr);
 
+// K block of the packed-B layout from pack_b (and of the AVX2 path); the AVX-512 path packs its own B in blocks of 512.
+constexpr index_t kGemmKC = 256;
+
 // op(B) (K x N) packed into the GEMM's panel layout at dst (packed_b_size(K, N) floats, 32-byte aligned), so a tile
-// that many products share (attention's keys and values) is packed once rather than on every call.
-index_t packed_b_size(index_t K, index_t N);
-void pack_b(float* dst, bool trans_b, index_t K, index_t N, const float* B, index_t ldb);
+// that many products share (attention's keys and values) is packed once rather than on every call. kc: the K block
+// the panels are cut at (sgemm_single_thread_packed reads kGemmKC; sgemm_pack_b records its own in PackedMatrix).
+index_t packed_b_size(index_t K, index_t N, index_t kc = kGemmKC);
+void pack_b(float* dst, bool trans_b, index_t K, index_t N, const float* B, index_t ldb, index_t kc = kGemmKC);
 
 // sgemm_single_thread with B from pack_b(K, N) (A read in place).
 void sgemm_single_thread_packed(bool trans_a, index_t M, index_t N, index_t K, float alpha, const float* A,

@@ -25,15 +25,15 @@ namespace {
 
 constexpr int MR = 6;    // micro-tile rows (broadcasts of A)
 constexpr int NR = 16;   // micro-tile columns (two 8-float vectors of B)
-constexpr index_t KC = 256;   // B sliver KC x NR = 16 KiB: half of L1d
+constexpr index_t KC = detail::kGemmKC;  // 256: B sliver KC x NR = 16 KiB, half of L1d
 constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
 constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
-// AVX-512 path (Sapphire Rapids: 48 KiB L1d, 2 MiB L2 per core). NC stays that of the AVX2 path, and so does KC
-// wherever B comes packed (pack_b, PackedMatrix: KC and NC fix that layout, shared by both paths); when the GEMM
-// packs B itself it uses K blocks of KC_AVX512 = 512: half the read-modify-write passes over C, one K block for
-// K = 384/512 layers (+3..17% on 2 threads for the feed-forward and MiniLM shapes). So for K > 256 the two paths
-// cut each element's sum at different places and round differently (tests: float64 reference there, bitwise at
-// K <= 256).
+// AVX-512 path (Sapphire Rapids: 48 KiB L1d, 2 MiB L2 per core). NC stays that of the AVX2 path. K blocks of
+// KC_AVX512 = 512 when it packs B itself, and in the PackedMatrix panels sgemm_pack_b cuts while it is the path in
+// use (PackedMatrix::kc records the cut; either path reads either cut): half the read-modify-write passes over C, one
+// K block for K = 384/512 layers (+3..17% on 2 threads for the feed-forward and MiniLM shapes). So for K > 256 the
+// two paths cut each element's sum at different places and round differently (tests: float64 reference there,
+// bitwise at K <= 256 and for one PackedMatrix). Attention's blocks (pack_b, sgemm_single_thread_packed) keep KC.
 // MC: 96 to 384 measured the same within noise on 2 threads (1024^3, 4096x3072x768, 4096x768x3072, 2048^3).
 constexpr index_t MC_AVX512 = 144;
 // K block of the AVX-512 path when it packs B itself (B panels from pack_b / PackedMatrix keep KC: their layout).
@@ -575,7 +575,7 @@ inline void team_barrier(int nt) {
 // With `prepacked` (sgemm_pack_b's layout: the (jc, pc) panels in loop order) B is read as given: no packing, and
 // no barrier, since nothing is written that another thread reads.
 void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, int nt,
-               const float* prepacked = nullptr) {
+               const float* prepacked = nullptr, index_t prepacked_kc = KC) {
   const KernelFn kernel = select_kernel();
 #ifdef CPUFORMER_HAVE_AVX512
   const bool avx512 = detail::use_avx512();
@@ -603,7 +603,7 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
 #else
   const bool direct_a = false;
 #endif
-  const index_t kc_max = avx512 && !prepacked ? KC_AVX512 : KC;
+  const index_t kc_max = prepacked ? prepacked_kc : avx512 ? KC_AVX512 : KC;
   float* a_pack = direct_a ? nullptr : t_pack_a.get(mc * kc_max + kPackASlack);
 
   int parity = 0;
@@ -834,18 +834,18 @@ void sgemm(bool trans_a, bool trans_b, index_t M, index_t N, index_t K, float al
   gemm_run(g, threads_for(M, N, K));
 }
 
-index_t detail::packed_b_size(index_t K, index_t N) {
+index_t detail::packed_b_size(index_t K, index_t N, index_t /*kc: the size does not depend on it*/) {
   index_t total = 0;
   for (index_t jc = 0; jc < N; jc += NC) total += (std::min(NC, N - jc) + NR - 1) / NR * NR * K;
   return total;
 }
 
-void detail::pack_b(float* dst, bool trans_b, index_t K, index_t N, const float* B, index_t ldb) {
+void detail::pack_b(float* dst, bool trans_b, index_t K, index_t N, const float* B, index_t ldb, index_t kc_max) {
   const GemmArgs g{false, trans_b, 0, N, K, 1.0f, nullptr, 0, B, ldb, 0.0f, nullptr, 0, nullptr};
   for (index_t jc = 0; jc < N; jc += NC) {  // the order gemm_team walks the panels
     const index_t nc = std::min(NC, N - jc), slivers = (nc + NR - 1) / NR;
-    for (index_t pc = 0; pc < K; pc += KC) {
-      const index_t kc = std::min(KC, K - pc);
+    for (index_t pc = 0; pc < K; pc += kc_max) {
+      const index_t kc = std::min(kc_max, K - pc);
       pack_b_slivers(dst, g, pc, jc, kc, nc, 0, slivers);
       dst += slivers * NR * kc;
     }
@@ -868,10 +868,12 @@ PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, in
   PackedMatrix p;
   p.K = K;
   p.N = N;
-  p.size = detail::packed_b_size(K, N);
+  // Cut at the K block of the path in use (either path reads either cut: only rounding depends on it).
+  p.kc = detail::use_avx512() ? KC_AVX512 : KC;
+  p.size = detail::packed_b_size(K, N, p.kc);
   p.storage.reset(static_cast<float*>(std::aligned_alloc(64, ((p.size * sizeof(float) + 63) / 64) * 64)));
   if (!p.storage) throw std::bad_alloc();
-  detail::pack_b(p.storage.get(), trans_b, K, N, B, ldb);
+  detail::pack_b(p.storage.get(), trans_b, K, N, B, ldb, p.kc);
   return p;
 }
 
@@ -882,12 +884,13 @@ void sgemm_packed(index_t M, const float* A, index_t lda, const PackedMatrix& B,
   if (M == 0) return;
   const GemmArgs g{false, false, M, B.N, B.K, 1.0f, A, lda, nullptr, 0, 0.0f, C, ldc, bias};
   const int nt = threads_for(M, B.N, B.K);
-  if (nt <= 1) return gemm_team(g, nullptr, 0, 0, 1, B.storage.get());
+  const index_t kc = B.kc > 0 ? B.kc : KC;
+  if (nt <= 1) return gemm_team(g, nullptr, 0, 0, 1, B.storage.get(), kc);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)
-  gemm_team(g, nullptr, 0, omp_get_thread_num(), omp_get_num_threads(), B.storage.get());
+  gemm_team(g, nullptr, 0, omp_get_thread_num(), omp_get_num_threads(), B.storage.get(), kc);
 #else
-  gemm_team(g, nullptr, 0, 0, 1, B.storage.get());
+  gemm_team(g, nullptr, 0, 0, 1, B.storage.get(), kc);
 #endif
 }
 

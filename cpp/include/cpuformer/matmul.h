@@ -28,6 +28,7 @@ struct PackedMatrix {
     void operator()(float* p) const { std::free(p); }
   };
   index_t K = 0, N = 0, size = 0;
+  index_t kc = 0;  // K block the panels are cut at (the SIMD path's when packed; 0: the default, 256)
   std::unique_ptr<float, FreeDeleter> storage;  // 64-byte aligned
 };
 PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb);
