@@ -294,8 +294,8 @@ CPUFORMER_AVX2 static void pack_b_rows_avx2(float* d, const GemmArgs& g, index_t
 // Slivers [s0, s1) of the B panel at rows p0.., columns j0.. (nc wide), each at d + s * NR * kc.
 void pack_b_slivers(float* d, const GemmArgs& g, index_t p0, index_t j0, index_t kc, index_t nc, index_t s0,
                     index_t s1) {
-  const index_t full = nc / NR;  // slivers with all NR columns
 #ifdef CPUFORMER_HAVE_AVX2
+  const index_t full = nc / NR;  // slivers with all NR columns
   if (!g.trans_b && detail::use_avx2() && s0 < std::min(s1, full)) {
     pack_b_rows_avx2(d, g, p0, j0, kc, s0, std::min(s1, full));
     s0 = std::min(s1, full);
