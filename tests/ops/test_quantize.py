@@ -101,7 +101,7 @@ def int8_kernel(request):
     """Run the test once per int8 kernel this CPU has (under the AVX2 SIMD path where there is one)."""
     _core.set_simd_path(SIMD_PATHS[0])
     _core.set_int8_kernel(request.param)
-    assert _core.int8_kernel() == (request.param if SIMD_PATHS[0] == "avx2" else "scalar")
+    assert _core.int8_kernel() == (request.param if SIMD_PATHS[0] != "scalar" else "scalar")
     yield request.param
     _core.set_int8_kernel("auto")
     _core.set_simd_path("auto")
@@ -191,12 +191,12 @@ def test_int8_kernel_choice():
         _core.set_simd_path("auto")
         for name in names:
             _core.set_int8_kernel(name)
-            assert _core.int8_kernel() == (name if cpuformer.build_info()["simd"] == "avx2" else "scalar")
+            assert _core.int8_kernel() == (name if cpuformer.build_info()["simd"] != "scalar" else "scalar")
         if "avx512vnni" in names:
             _core.set_int8_kernel("vnni")
             assert _core.int8_kernel() == "avx512vnni"
         _core.set_int8_kernel("auto")
-        assert _core.int8_kernel() == (names[0] if cpuformer.build_info()["simd"] == "avx2" else "scalar")
+        assert _core.int8_kernel() == (names[0] if cpuformer.build_info()["simd"] != "scalar" else "scalar")
         with pytest.raises(ValueError, match="must be 'auto'"):
             _core.set_int8_kernel("avx1024")
         for missing in {"avx512vnni", "avxvnni", "avx2"} - set(names):
@@ -212,7 +212,7 @@ def test_int8_kernel_choice():
                                           ({"CPUFORMER_INT8": "vnni", "CPUFORMER_SIMD": "scalar"}, "scalar")])
 def test_int8_kernel_environment(env, expected):
     names = _core.int8_kernels()
-    if SIMD_PATHS[0] != "avx2":
+    if SIMD_PATHS[0] == "scalar":
         expected = "scalar"
     elif expected == "auto":
         expected = names[0]
