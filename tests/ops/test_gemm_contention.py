@@ -1,0 +1,56 @@
+"""Multi-threaded products give the same bits when the cores are contended: a thread preempted in the middle of a
+GEMM must not let another read or overwrite what it has not finished (a GEMM that skipped a barrier once gave
+wrong rows only under load). A busy process competes for the cores while wide (N >= M), tall and square products
+and a whole GPT forward run with 2 threads, against their results computed undisturbed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cpuformer
+from cpuformer import ops
+
+SHAPES = [(96, 768, 2304), (128, 1536, 384), (512, 512, 2048), (2048, 256, 256), (200, 300, 1000),
+          (512, 768, 9000)]  # N past one column block (4080): blocks of different widths
+
+
+@pytest.fixture
+def busy():
+    """Two busy processes for the duration of the test (the machine's cores contended)."""
+    code = "import time\nt = time.time()\nwhile time.time() - t < 60: sum(i * i for i in range(5000))"
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
+    yield
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+def test_products_unchanged_under_contention(busy):
+    rng = np.random.default_rng(0)
+    old = cpuformer.get_num_threads()
+    cpuformer.set_num_threads(2)
+    try:
+        cases = []
+        for M, K, N in SHAPES:
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            cases.append((a, w, ops.matmul(a, w, transpose_b=True)))
+        for _ in range(25):
+            for a, w, want in cases:
+                np.testing.assert_array_equal(ops.matmul(a, w, transpose_b=True), want)
+    finally:
+        cpuformer.set_num_threads(old)
+
+
+def test_gpt_forward_unchanged_under_contention(busy):
+    from cpuformer.models import GPT
+    cpuformer.nn.init.manual_seed(0)
+    model = GPT(9000, 128, n_layer=2, n_head=6, n_embd=384).eval()  # a head wider than one column block
+    ids = np.random.default_rng(1).integers(0, 9000, (4, 96))
+    want = model(ids)
+    for _ in range(8):
+        model.generate(ids[:1, :8], 4, greedy=True)
+        np.testing.assert_array_equal(model(ids), want)
