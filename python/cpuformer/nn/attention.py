@@ -7,9 +7,9 @@ import numpy as np
 
 from .. import _core, ops
 from . import init, quantized
-from .block import _PerThread, linear_entries
+from .block import linear_entries
 from .layers import Linear
-from .module import Module, Parameter, check_grad_shape
+from .module import Module, Parameter, check_grad_shape, thread_state
 
 __all__ = ["MultiheadAttention", "record_attention", "attention_maps"]
 
@@ -163,10 +163,7 @@ class MultiheadAttention(Module):
             quantized.require_inference(self)
             result = _core.attention_layer_forward(self._config(False), weights, q_in, k_in, v_in, **kw)
         else:  # what backward needs, per thread (eval-mode forwards may run in many threads)
-            local = self.__dict__.get("_saved_local")
-            if local is None:
-                local = _PerThread()
-                object.__setattr__(self, "_saved_local", local)
+            local = thread_state(self)
             if getattr(local, "saved", None) is None:
                 local.saved = _core.AttentionSaved()
             training = self.training and self.dropout > 0.0
@@ -183,8 +180,8 @@ class MultiheadAttention(Module):
     def _backward(self, grad_output, mode: str):
         if self._frozen is not None:
             quantized.no_backward(self)
-        local = self.__dict__.get("_saved_local")
-        saved = None if local is None else getattr(local, "saved", None)
+        local = thread_state(self)
+        saved = getattr(local, "saved", None)
         if saved is None or not saved.valid:
             raise RuntimeError("MultiheadAttention.backward called before forward")
         g = ops._f32(grad_output, "grad_output")
@@ -206,16 +203,14 @@ class MultiheadAttention(Module):
 
     def backward_self(self, grad_output) -> np.ndarray:
         """For self-attention (query is key is value): the summed input gradient, with one GEMM for Q, K and V."""
-        local = self.__dict__.get("_saved_local")
-        if local is None or getattr(local, "mode", None) != "self":
+        if getattr(thread_state(self), "mode", None) != "self":
             raise RuntimeError("backward_self needs a preceding self-attention forward (query is key is value)")
         return self._backward(grad_output, "summed")[0]
 
     def backward_query_memory(self, grad_output) -> Tuple[np.ndarray, np.ndarray]:
         """For cross-attention over one memory (key is value): ``(d_query, d_memory)`` with d_memory summed over
         the key and value paths in one GEMM."""
-        local = self.__dict__.get("_saved_local")
-        mode = getattr(local, "mode", None)
+        mode = getattr(thread_state(self), "mode", None)
         if mode is None or mode == "qkv":
             raise RuntimeError("backward_query_memory needs a preceding forward with key is value")
         if mode == "self":

@@ -13,7 +13,6 @@ grouped-query attention, gated feed-forward, q/k norms, sliding window) with Hug
 """
 from __future__ import annotations
 
-import threading
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from .. import _core, ops
 from . import init, quantized
 from .layers import LayerNorm, Linear, RMSNorm, activation_name
-from .module import Module, Parameter, check_grad_shape
+from .module import Module, Parameter, check_grad_shape, thread_state
 
 __all__ = ["BlockLayer", "TransformerBlock", "KVCache"]
 
@@ -53,16 +52,6 @@ def norm_entries(weights: dict, grads: Optional[dict], part: str, norm: Module) 
             weights[f"{part}.{name}"] = p.data
             if grads is not None:
                 grads[f"{part}.{name}"] = p.grad
-
-
-class _PerThread(threading.local):
-    """Each thread's saved block state (copies and pickles start empty: it is scratch, not model state)."""
-
-    def __deepcopy__(self, memo):
-        return _PerThread()
-
-    def __reduce__(self):
-        return _PerThread, ()
 
 
 def _mask(attn_mask, key_padding_mask, B: int, H: int, T: int, S: int):
@@ -131,10 +120,7 @@ class BlockLayer(Module):
             return _core.block_forward(cfg, weights, x, **kw)
         # A float model keeps what backward needs, in training and in eval mode alike (as PyTorch's autograd
         # does outside no_grad): per thread, so eval-mode forwards from many threads never share a buffer.
-        local = self.__dict__.get("_saved_local")
-        if local is None:
-            local = _PerThread()
-            object.__setattr__(self, "_saved_local", local)
+        local = thread_state(self)
         if getattr(local, "saved", None) is None:
             local.saved = _core.BlockSaved()
         local.shape = x.shape
@@ -160,8 +146,8 @@ class BlockLayer(Module):
 
     def _run_backward(self, grad_output):
         """``(d_x, d_memory or None)``; parameter gradients accumulated."""
-        local = self.__dict__.get("_saved_local")
-        saved = None if local is None else getattr(local, "saved", None)
+        local = thread_state(self)
+        saved = getattr(local, "saved", None)
         if saved is None or not saved.valid:
             if quantized.is_frozen(self):
                 quantized.no_backward(self)

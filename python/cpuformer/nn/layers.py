@@ -13,7 +13,7 @@ import numpy as np
 
 from .. import _core, ops
 from . import init, quantized
-from .module import Module, Parameter, Workspace, check_grad_shape
+from .module import Module, Parameter, Workspace, check_grad_shape, thread_state
 
 __all__ = ["Linear", "Embedding", "PositionalEncoding", "LayerNorm", "RMSNorm", "Dropout", "ReLU", "GELU", "SiLU",
            "FeedForward", "RotaryEmbedding", "RelativePositionBias", "feed_forward_apply", "feed_forward_grad"]
@@ -550,18 +550,18 @@ class FeedForward(Module):
             object.__setattr__(self, "linear_gate", None)
         self.activation = activation_name(activation)
         self._ff_dropout = float(dropout)
-        self._ff_saved = None
         object.__setattr__(self, "_ff_workspace", Workspace())
 
     def forward(self, x):
-        out, self._ff_saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
-                                                 self._ff_dropout if self.training else 0.0, self._ff_workspace,
-                                                 self.linear_gate)
+        # what backward needs is kept per thread (the workspace's arrays are per thread too)
+        out, thread_state(self).saved = feed_forward_apply(self.linear1, self.linear2, x, self.activation,
+                                                           self._ff_dropout if self.training else 0.0,
+                                                           self._ff_workspace, self.linear_gate)
         return out
 
     def backward(self, grad_output):
-        return feed_forward_grad(self.linear1, self.linear2, self._ff_saved, grad_output, self._ff_workspace,
-                                 self.linear_gate)
+        return feed_forward_grad(self.linear1, self.linear2, getattr(thread_state(self), "saved", None), grad_output,
+                                 self._ff_workspace, self.linear_gate)
 
     def extra_repr(self) -> str:
         return (f"activation={self.activation!r}, dropout={self._ff_dropout}"

@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, NamedTuple, Tuple
 
 import numpy as np
 
-__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "to_numpy", "check_grad_shape"]
+__all__ = ["Parameter", "Module", "Sequential", "ModuleList", "to_numpy", "check_grad_shape", "thread_state"]
 
 
 class Parameter:
@@ -79,6 +79,32 @@ class Workspace:
 
     def __deepcopy__(self, memo) -> "Workspace":
         return Workspace()  # scratch, not state: a copy starts empty
+
+
+class _PerThread(threading.local):
+    """A module's per-thread state (copies and pickles start empty: it is scratch, not model state)."""
+
+    def __deepcopy__(self, memo):
+        return _PerThread()
+
+    def __reduce__(self):
+        return _PerThread, ()
+
+
+_THREAD_STATE = threading.Lock()
+
+
+def thread_state(module) -> "_PerThread":
+    """``module``'s per-thread namespace, for what a forward keeps for its backward: each thread sees its own
+    attributes, so forwards from several threads never overwrite each other's."""
+    state = module.__dict__.get("_thread_state")
+    if state is None:
+        with _THREAD_STATE:
+            state = module.__dict__.get("_thread_state")
+            if state is None:
+                state = _PerThread()
+                object.__setattr__(module, "_thread_state", state)
+    return state
 
 
 _TRAINING_CALLS = threading.Lock()  # guards the per-module training-call bookkeeping below
