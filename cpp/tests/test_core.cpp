@@ -62,7 +62,8 @@ void test_sgemm(std::mt19937& gen) {
         cpuformer::sgemm_ref(ta, tb, M, N, K, 0.5f, A.data(), lda, B.data(), ldb, 0.25f, R.data(), N, bias.data());
         check(max_rel_err(C, R) < 1e-5, "sgemm " + std::to_string(M) + "x" + std::to_string(N) + "x" +
                                             std::to_string(K) + " ta=" + std::to_string(ta) + " tb=" +
-                                            std::to_string(tb));
+                                            std::to_string(tb) + " path=" + cpuformer::get_simd_path() +
+                                            " threads=" + std::to_string(cpuformer::get_num_threads()));
       }
   }
   // Strided batch with a broadcast (stride 0) operand.
