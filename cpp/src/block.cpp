@@ -189,6 +189,24 @@ struct SelfSaves {
   float *qkv, *q_pre, *k_pre, *q_rstd, *k_rstd, *attn, *lse;
 };
 
+// The self-attention sublayer's buffers in S (BlockSaved or AttentionLayerSaved): q|k|v and the attention output
+// always (work buffers), lse and the q/k norms' inputs and statistics only when kept for backward. Backward calls
+// it again with keep: the buffers already have their sizes, so nothing moves.
+template <class S>
+SelfSaves self_saves(S& s, const BlockConfig& c, const Dims& d, index_t B, index_t T, bool keep) {
+  const index_t rows = B * T;
+  SelfSaves ss{grow(s.qkv, rows * d.width), nullptr, nullptr, nullptr, nullptr, grow(s.attn, rows * d.qdim), nullptr};
+  if (keep) {
+    ss.lse = grow(s.lse, B * d.H * T);
+    if (c.qk_norm) {
+      ss.q_pre = grow(s.q_pre, rows * d.qdim), ss.k_pre = grow(s.k_pre, rows * d.kvdim);
+      float* r = grow(s.qk_rstd, rows * (d.H + d.KVH));
+      ss.q_rstd = r, ss.k_rstd = r + rows * d.H;
+    }
+  }
+  return ss;
+}
+
 // Self-attention of h (B*T, C) -> y (B*T, C).
 void self_attention_forward(float* y, const float* h, const BlockConfig& c, const Dims& d, const AttentionWeights& w,
                             const BlockInput& in, float dropout, std::uint64_t seed, const SelfSaves& s,
@@ -394,16 +412,7 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
     }
   };
   auto run_self = [&](float* yy, const float* h) {
-    SelfSaves ss{grow(s.qkv, rows * d.width), nullptr, nullptr, nullptr, nullptr, grow(s.attn, rows * d.qdim),
-                 nullptr};
-    if (train) {
-      ss.lse = grow(s.lse, B * d.H * T);
-      if (c.qk_norm) {
-        ss.q_pre = grow(s.q_pre, rows * d.qdim), ss.k_pre = grow(s.k_pre, rows * d.kvdim);
-        float* r = grow(s.qk_rstd, rows * (d.H + d.KVH));
-        ss.q_rstd = r, ss.k_rstd = r + rows * d.H;
-      }
-    }
+    const SelfSaves ss = self_saves(s, c, d, B, T, train);
     self_attention_forward(yy, h, c, d, w.self_attn, in, p_att, sub_seed(seed, 1), ss, attn_weights, s.bias, tmp);
   };
   auto run_cross = [&](float* yy, const float* h) {
@@ -518,11 +527,7 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
                              s.clse.data(), scratch);
   };
   auto back_self = [&](float* dh, bool acc, const float* dyy, const float* h) {
-    SelfSaves ss{s.qkv.data(), nullptr, nullptr, nullptr, nullptr, s.attn.data(), s.lse.data()};
-    if (c.qk_norm) {
-      ss.q_pre = s.q_pre.data(), ss.k_pre = s.k_pre.data();
-      ss.q_rstd = s.qk_rstd.data(), ss.k_rstd = s.qk_rstd.data() + rows * d.H;
-    }
+    const SelfSaves ss = self_saves(s, c, d, B, T, true);
     self_attention_backward(dh, acc, dyy, h, c, d, w.self_attn, g.self_attn, in, p_att, sub_seed(seed, 1), ss, s.bias,
                             scratch, tmp);
   };
@@ -549,16 +554,7 @@ void attention_layer_forward(float* out, const float* xq, const float* xk, const
   b.valid = false;
   const index_t rows = in.B * in.T;
   if (self) {
-    SelfSaves ss{grow(b.qkv, rows * d.width), nullptr, nullptr, nullptr, nullptr, grow(b.attn, rows * d.qdim),
-                 nullptr};
-    if (s) {
-      ss.lse = grow(s->lse, in.B * d.H * in.T);
-      if (c.qk_norm) {
-        ss.q_pre = grow(s->q_pre, rows * d.qdim), ss.k_pre = grow(s->k_pre, rows * d.kvdim);
-        float* r = grow(s->qk_rstd, rows * (d.H + d.KVH));
-        ss.q_rstd = r, ss.k_rstd = r + rows * d.H;
-      }
-    }
+    const SelfSaves ss = self_saves(b, c, d, in.B, in.T, s != nullptr);
     self_attention_forward(out, xq, c, d, w, in, p, seed, ss, attn_weights, b.bias, b.tmp);
   } else {
     CPUFORMER_CHECK(c.position == PositionKind::kNone && !c.qk_norm,
@@ -588,11 +584,7 @@ void attention_layer_backward(float* dxq, float* dxk, float* dxv, const float* d
                              s.q.data(), s.kv.data(), s.attn.data(), s.lse.data(), s.scratch);
     return;
   }
-  SelfSaves ss{s.qkv.data(), nullptr, nullptr, nullptr, nullptr, s.attn.data(), s.lse.data()};
-  if (c.qk_norm) {
-    ss.q_pre = s.q_pre.data(), ss.k_pre = s.k_pre.data();
-    ss.q_rstd = s.qk_rstd.data(), ss.k_rstd = s.qk_rstd.data() + rows * d.H;
-  }
+  const SelfSaves ss = self_saves(s, c, d, in.B, in.T, true);
   if (dxq == dxk && dxk == dxv) {  // the summed input gradient: one GEMM through the fused projection
     self_attention_backward(dxq, false, dout, s.xq, c, d, w, g, in, s.dropout, s.seed, ss, s.bias, s.scratch, s.tmp);
     return;
