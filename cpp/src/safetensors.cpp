@@ -329,6 +329,8 @@ const char* dtype_name(DType dtype) {
 }
 
 std::int64_t TensorView::numel() const {
+  // A zero anywhere first: [10^15, 10^15, 0] is a valid empty shape whose partial products would overflow.
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
   std::int64_t n = 1;
   for (const std::int64_t d : shape) n *= d;  // bounded by the file's size when the parser made the view
   return n;
