@@ -634,11 +634,13 @@ class SafetensorsLoader {
     std::error_code ec;
     const fs::path d(dir);
     if (!fs::is_directory(d, ec))
-      return fs::exists(d, ec) ? Status::error(dir + ": not a directory") : Status::not_found(dir + ": no such directory");
+      return fs::exists(d, ec) ? Status::error(dir + ": not a directory")
+                               : Status::not_found(dir + ": no such directory");
     const std::string single = (d / "model.safetensors").string();
     if (fs::exists(single, ec)) return open_file(single, out);
     const std::string index = (d / "model.safetensors.index.json").string();
-    if (!fs::exists(index, ec)) return Status::not_found(dir + ": no model.safetensors or model.safetensors.index.json");
+    if (!fs::exists(index, ec))
+      return Status::not_found(dir + ": no model.safetensors or model.safetensors.index.json");
     const auto fail = [&](const std::string& what) { return Status::error(index + ": " + what); };
 
     File text;
