@@ -226,6 +226,10 @@ def malformed_cases(tmp_path):
         header='{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
                '"a": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}}')
     add("missing file", FileNotFoundError, ["cannot open"], path=tmp_path / "nope.safetensors")
+    fifo = tmp_path / "fifo.safetensors"
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(fifo)  # must not wait for a writer
+        add("fifo", ValueError, ["not a regular file"], path=fifo)
     idx = lambda d: str(d / "model.safetensors.index.json")  # noqa: E731
     for name, exc, wm, parts in [
         ("missing shard", FileNotFoundError, {"a": "s1.safetensors", "b": "s9.safetensors"},
@@ -260,6 +264,12 @@ def malformed_cases(tmp_path):
     cases.append(("empty directory", str(empty), FileNotFoundError,
                   [f"{empty}: no model.safetensors or model.safetensors.index.json"]))
     return cases
+
+
+def test_nul_in_path_is_an_error(tmp_path):
+    path = write_raw(tmp_path / "a.safetensors", {"a": entry("U8", [1], 0, 1)}, b"\x01")
+    with pytest.raises(ValueError, match="NUL byte"):
+        open_safetensors(path + "\0.junk")
 
 
 def test_malformed_inputs_raise_naming_the_file_and_tensor(tmp_path):

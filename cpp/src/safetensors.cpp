@@ -568,13 +568,15 @@ class SafetensorsLoader {
 
   // Maps the file read-only (MAP_PRIVATE: this process never sees a copy-on-write page, since it never writes).
   static Status load(const std::string& path, std::unique_ptr<File>* out) {
+    if (path.find('\0') != std::string::npos) return Status::error(quoted(path) + ": a path with a NUL byte");
     auto f = std::make_unique<File>();
     f->path = path;
 #ifdef _WIN32
     Status st = read_whole(path, f.get());
     if (!st.ok()) return st;
 #else
-    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    // O_NONBLOCK: opening a FIFO would otherwise wait for a writer (anything but a regular file is refused below).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
       const int e = errno;
       const std::string msg = path + ": cannot open the file (" + std::generic_category().message(e) + ")";
@@ -631,6 +633,7 @@ class SafetensorsLoader {
 
   static Status open_directory(const std::string& dir, std::unique_ptr<SafetensorsMap>* out) {
     namespace fs = std::filesystem;
+    if (dir.find('\0') != std::string::npos) return Status::error(quoted(dir) + ": a path with a NUL byte");
     std::error_code ec;
     const fs::path d(dir);
     if (!fs::is_directory(d, ec))
@@ -643,10 +646,12 @@ class SafetensorsLoader {
       return Status::not_found(dir + ": no model.safetensors or model.safetensors.index.json");
     const auto fail = [&](const std::string& what) { return Status::error(index + ": " + what); };
 
+    const std::uintmax_t index_size = fs::file_size(index, ec);
+    if (!ec && index_size > kMaxHeaderBytes) return fail("over the 100 MiB limit");
     File text;
     Status st = read_whole(index, &text);
     if (!st.ok()) return st;
-    if (text.size > kMaxHeaderBytes) return fail("over the 100 MiB limit");
+    if (text.size > kMaxHeaderBytes) return fail("over the 100 MiB limit");  // (it grew meanwhile)
     Json root;
     const char* begin = reinterpret_cast<const char*>(text.bytes);
     st = parse_json(begin, begin + text.size, &root);
