@@ -1947,6 +1947,122 @@ py::tuple attention_layer_bwd(const BlockConfig& c, const py::dict& weights, con
 
 }  // namespace
 
+// ---- Memory-mapped safetensors files and Hugging Face directories (python/cpuformer/io.py open_safetensors), over
+// cpuformer/safetensors.h. tensor() returns read-only numpy views of the mapped bytes whose base is the map's Python
+// object, so the mapping lives as long as any view. ----
+#include <cstring>
+#include <filesystem>
+
+namespace {
+
+[[noreturn]] void st_fail(const Status& st) {
+  if (st.is_not_found()) {
+    py::set_error(PyExc_FileNotFoundError, st.message().c_str());
+    throw py::error_already_set();
+  }
+  throw py::value_error(st.message());
+}
+
+std::shared_ptr<SafetensorsMap> st_open(const std::string& path) {
+  std::unique_ptr<SafetensorsMap> map;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    std::error_code ec;
+    st = std::filesystem::is_directory(path, ec) ? SafetensorsMap::open_directory(path, &map)
+                                                 : SafetensorsMap::open_file(path, &map);
+  }
+  if (!st.ok()) st_fail(st);
+  return std::shared_ptr<SafetensorsMap>(std::move(map));
+}
+
+const TensorView& st_view(const SafetensorsMap& map, const std::string& name) {
+  const TensorView* v = map.find(name);
+  if (!v) throw py::key_error("no tensor '" + name + "' in the safetensors map");
+  return *v;
+}
+
+// numpy has no bfloat16 or 8-bit float types: those come as their raw bits (uint16, uint8).
+py::dtype st_numpy_dtype(DType d) {
+  switch (d) {
+    case DType::kBool: return py::dtype("?");
+    case DType::kI8: return py::dtype("i1");
+    case DType::kI16: return py::dtype("<i2");
+    case DType::kU16: case DType::kBF16: return py::dtype("<u2");
+    case DType::kF16: return py::dtype("<f2");
+    case DType::kI32: return py::dtype("<i4");
+    case DType::kU32: return py::dtype("<u4");
+    case DType::kF32: return py::dtype("<f4");
+    case DType::kI64: return py::dtype("<i8");
+    case DType::kU64: return py::dtype("<u8");
+    case DType::kF64: return py::dtype("<f8");
+    case DType::kC64: return py::dtype("<c8");
+    default: return py::dtype("u1");  // U8 and the F8 formats
+  }
+}
+
+py::array st_tensor(const py::object& self, const std::string& name) {
+  const TensorView& v = st_view(self.cast<const SafetensorsMap&>(), name);
+  const py::dtype dt = st_numpy_dtype(v.dtype);
+  const std::vector<py::ssize_t> shape(v.shape.begin(), v.shape.end());
+  const auto align = static_cast<std::uintptr_t>(dt.attr("alignment").cast<int>());
+  py::array a;
+  if (reinterpret_cast<std::uintptr_t>(v.data) % align == 0) {
+    a = py::array(dt, shape, v.data, self);  // no copy: `self` as the base keeps the mapping alive
+  } else {
+    a = py::array(dt, shape);  // unaligned (old writers did not pad the header): a copy
+    if (v.nbytes) std::memcpy(a.mutable_data(), v.data, static_cast<size_t>(v.nbytes));
+  }
+  a.attr("setflags")(py::arg("write") = false);
+  return a;
+}
+
+py::list st_keys(const SafetensorsMap& map) {
+  py::list names;
+  for (const auto& [name, v] : map.tensors()) names.append(py::str(name));
+  return names;
+}
+
+void bind_safetensors_map(py::module_& m) {
+  py::class_<SafetensorsMap, std::shared_ptr<SafetensorsMap>>(
+      m, "SafetensorsMap",
+      "Safetensors file(s) mapped read-only: a file, or a Hugging Face directory (model.safetensors, or "
+      "model.safetensors.index.json and its shards). Opening reads only the headers; tensor() views the bytes.")
+      .def_static("open", &st_open, py::arg("path"),
+                  "Open a .safetensors file or a model directory. ValueError for a malformed one, FileNotFoundError "
+                  "for a missing file, directory or shard.")
+      .def("keys", &st_keys, "Tensor names, sorted.")
+      .def("__iter__", [](const SafetensorsMap& map) { return py::iter(st_keys(map)); })
+      .def("__len__", [](const SafetensorsMap& map) { return map.tensors().size(); })
+      .def("__contains__", [](const SafetensorsMap& map, const py::object& name) {
+        return py::isinstance<py::str>(name) && map.find(name.cast<std::string>()) != nullptr;
+      })
+      .def("dtype", [](const SafetensorsMap& map, const std::string& name) {
+        return std::string(dtype_name(st_view(map, name).dtype));
+      }, py::arg("name"), "The file's dtype name: 'F32', 'BF16', ...")
+      .def("shape", [](const SafetensorsMap& map, const std::string& name) {
+        const TensorView& v = st_view(map, name);
+        py::tuple t(v.shape.size());
+        for (size_t i = 0; i < v.shape.size(); ++i) t[i] = py::int_(v.shape[i]);
+        return t;
+      }, py::arg("name"))
+      .def("tensor", &st_tensor, py::arg("name"),
+           "A read-only numpy array viewing the mapped bytes (a copy only when they are unaligned). F16 is float16; "
+           "BF16 comes as its raw bits (uint16), the F8 formats as uint8, C64 as complex64.")
+      .def("metadata", [](const SafetensorsMap& map) {
+        py::dict d;
+        for (const auto& [k, v] : map.metadata()) d[py::str(k)] = py::str(v);
+        return d;
+      }, "The files' __metadata__, merged.")
+      .def_property_readonly("mapped_bytes", &SafetensorsMap::mapped_bytes, "Total size of the files held.")
+      .def("__repr__", [](const SafetensorsMap& map) {
+        return "<SafetensorsMap: " + std::to_string(map.tensors().size()) + " tensors, " +
+               std::to_string(map.mapped_bytes()) + " bytes>";
+      });
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -2223,4 +2339,5 @@ PYBIND11_MODULE(_core, m) {
         py::arg("grad_output"), py::arg("saved"), py::arg("mode") = "separate",
         "mode 'separate': (d_query, d_key, d_value); 'summed' (self-attention): (d_input,); 'query_memory' (key is "
         "value): (d_query, d_memory).");
+  bind_safetensors_map(m);  // memory-mapped safetensors (the block above PYBIND11_MODULE)
 }

@@ -5,10 +5,11 @@ in child processes, so a crash or a hang is caught and reported by case number i
 
 Each case starts from valid arguments, replaces one or two of them with a bad value (wrong dtype, rank or shape, 0-d,
 zero-size, non-contiguous, read-only, NaN/inf, out-of-range ids, aliasing another argument, wrong Python types) and
-calls. Allowed outcomes: a result, or TypeError / ValueError / IndexError (or their subclasses) / RuntimeError (a
-documented misuse such as backward before forward) / NotImplementedError. Anything else (ZeroDivisionError,
-OverflowError, MemoryError, AttributeError, KeyError, RecursionError, a signal, a hang) is a defect. The driver
-prints "CASE n: description" before each case and exits 3 on an unexpected exception, printing it.
+calls; damaged model files also go through the memory-mapped reader (cpuformer.io.open_safetensors), alone and as
+sharded Hugging Face directories. Allowed outcomes: a result, or TypeError / ValueError / IndexError (or their
+subclasses) / RuntimeError (a documented misuse such as backward before forward) / NotImplementedError. Anything
+else (ZeroDivisionError, OverflowError, MemoryError, AttributeError, KeyError, RecursionError, a signal, a hang) is a
+defect. The driver prints "CASE n: description" before each case and exits 3 on an unexpected exception, printing it.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 
 import cpuformer
 from cpuformer import models, nn, ops
-from cpuformer.io import SafetensorsError
+from cpuformer.io import SafetensorsError, load_safetensors, save_safetensors
 
 ALLOWED = (TypeError, ValueError, IndexError, RuntimeError, NotImplementedError)
 
@@ -376,6 +377,65 @@ def mutate_file(rng, raw: bytes, folder: str) -> bytes:
     return len(body).to_bytes(8, "little") + body + raw[8 + n:]
 
 
+def read_map(m):
+    """Read every byte of every tensor of an opened SafetensorsMap (a view outside the mapping would crash here) and
+    check that it agrees with itself."""
+    assert isinstance(m.metadata(), dict) and len(m) == len(m.keys())
+    for name in m.keys():
+        a = m.tensor(name)
+        assert a.shape == m.shape(name) and not a.flags.writeable and isinstance(m.dtype(name), str), name
+        assert len(a.tobytes()) == a.nbytes, name
+
+
+def open_map(path):
+    """_core.SafetensorsMap.open on a damaged file or directory: a ValueError, or a map that reads back whole. A
+    shard the damaged index names may not exist: FileNotFoundError is then the documented outcome."""
+    try:
+        m = cpuformer.io.open_safetensors(path)
+    except FileNotFoundError:
+        if os.path.isdir(path):
+            return
+        raise
+    read_map(m)
+
+
+SHARD_NAMES = ["../s1.safetensors", "/etc/passwd", "", ".", "..", "a\\b", "nope.safetensors", "s1.safetensors",
+               "s2.safetensors", "model.safetensors.index.json"]
+
+
+def shard_folder(rng, raw, target):
+    """A damaged two-shard Hugging Face directory made from one model file: the index, a shard or the
+    index's shard names edited, or a shard deleted."""
+    import shutil
+
+    shutil.rmtree(target, ignore_errors=True)
+    os.makedirs(target)
+    whole = os.path.join(target, "whole.safetensors")
+    with open(whole, "wb") as f:
+        f.write(raw)
+    tensors, meta = load_safetensors(whole)
+    os.remove(whole)
+    names = sorted(tensors)
+    weight_map = {name: f"s{1 + i % 2}.safetensors" for i, name in enumerate(names)}
+    for shard in ("s1.safetensors", "s2.safetensors"):
+        save_safetensors(os.path.join(target, shard), {n: tensors[n] for n in names if weight_map[n] == shard}, meta)
+    what = int(rng.integers(4))
+    if what == 2:  # a tensor moved to another (or a bad) shard name
+        weight_map[names[int(rng.integers(len(names)))]] = SHARD_NAMES[int(rng.integers(len(SHARD_NAMES)))]
+    index = json.dumps({"metadata": {"total_size": 1}, "weight_map": weight_map})
+    if what == 0:
+        index = mutate_json_text(rng, index)
+    with open(os.path.join(target, "model.safetensors.index.json"), "w", encoding="utf-8", errors="surrogatepass") as f:
+        f.write(index)
+    shard = os.path.join(target, f"s{1 + int(rng.integers(2))}.safetensors")
+    if what == 1:
+        damaged = mutate_file(rng, open(shard, "rb").read(), target)
+        with open(shard, "wb") as f:
+            f.write(damaged)
+    elif what == 3:
+        os.remove(shard)
+
+
 def fuzz_files(rng, count, folder):
     sources = []
     for name, make in model_factories().items():
@@ -386,12 +446,20 @@ def fuzz_files(rng, count, folder):
     cpuformer.save(models.GPT(13, block_size=8, n_layer=2, n_head=2, n_embd=8, positional="sinusoidal"), sinusoidal)
     sources.append(open(sinusoidal, "rb").read())
     target = os.path.join(folder, "mutated.safetensors")
+    target_dir = os.path.join(folder, "mutated-dir")
     for n in range(count):
-        raw = mutate_file(rng, sources[n % len(sources)], folder)
+        source = sources[n % len(sources)]
+        if n % 4 == 3:  # a damaged sharded directory, through the mapped reader
+            shard_folder(rng, source, target_dir)
+            run_case(n, f"SafetensorsMap.open(sharded mutation of source {n % len(sources)})",
+                     lambda: open_map(target_dir))
+            continue
+        raw = mutate_file(rng, source, folder)
         with open(target, "wb") as f:
             f.write(raw)
 
         def go():
+            open_map(target)  # the mapped reader first: it validates what cpuformer.load's reader does, and more
             try:
                 model = cpuformer.load(target)
             except SafetensorsError:

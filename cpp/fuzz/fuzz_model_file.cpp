@@ -1,5 +1,6 @@
 // fuzz_model_file.cpp: a coverage-guided (libFuzzer) target for model files. Each input is a whole file's bytes:
-// the safetensors reader and its JSON parser (read_safetensors_buffer), the config checks and model construction
+// the safetensors reader and its JSON parser (read_safetensors_buffer, and SafetensorsMap::open_buffer, whose views
+// are read byte by byte and must agree with the float32 reader), the config checks and model construction
 // (Model::load_from_buffer) and, when a file loads, a few small inference calls, so that whatever values the
 // tensors hold (NaN, Inf, huge) also go through the kernels. Any crash, sanitizer report, leak, or a result that
 // contradicts itself is a finding; error statuses are the expected outcome for most inputs.
@@ -18,12 +19,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "cpuformer/model.h"
+#include "cpuformer/safetensors.h"
 
 namespace {
 
@@ -56,6 +59,32 @@ void run_model(cpuformer::Model& m) {
   }
 }
 
+// The mapped reader on the same bytes: it accepts every file the float32 reader does (and more dtypes), its views
+// lie inside its copy of the file (ASan checks each byte read), and their float32 values equal the reader's.
+void check_map(const std::uint8_t* data, std::size_t size, const std::map<std::string, cpuformer::Tensor>& tensors) {
+  std::unique_ptr<cpuformer::SafetensorsMap> map;
+  const cpuformer::Status st = cpuformer::SafetensorsMap::open_buffer(data, size, &map);
+  expect(st.ok() == static_cast<bool>(map), "open_buffer status and map disagree");
+  if (!tensors.empty()) expect(st.ok(), "open_buffer rejects a file read_safetensors_buffer reads");
+  if (!map) return;
+  unsigned sum = 0;
+  for (const auto& [name, v] : map->tensors()) {
+    expect(v.name == name && v.nbytes == static_cast<std::uint64_t>(v.numel()) * cpuformer::dtype_size(v.dtype),
+           "a view's size and shape disagree");
+    for (std::uint64_t i = 0; i < v.nbytes; ++i) sum += v.data[i];
+    std::vector<float> f;
+    if (!cpuformer::tensor_to_float(v, &f).ok()) continue;
+    expect(f.size() == static_cast<std::size_t>(v.numel()), "tensor_to_float size");
+    const auto it = tensors.find(name);
+    if (it != tensors.end())
+      expect(it->second.data.size() == f.size() &&
+                 (f.empty() || std::memcmp(f.data(), it->second.data.data(), f.size() * sizeof(float)) == 0),
+             "the mapped and float32 readers disagree");
+  }
+  volatile unsigned sink = sum;  // keeps the reads
+  (void)sink;
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
@@ -73,6 +102,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   } else {
     expect(tensors.empty() && metadata.empty(), "a failed read wrote its outputs");
   }
+  check_map(data, size, tensors);
   std::unique_ptr<cpuformer::Model> model;
   const cpuformer::Status st = cpuformer::Model::load_from_buffer(data, size, &model);
   expect(st.ok() == static_cast<bool>(model), "load status and model disagree");

@@ -16,4 +16,5 @@
 #include "cpuformer/positions.h"
 #include "cpuformer/quantize.h"
 #include "cpuformer/runtime.h"
+#include "cpuformer/safetensors.h"
 #include "cpuformer/softmax.h"

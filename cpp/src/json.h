@@ -41,5 +41,6 @@ inline std::string quoted(const std::string& s) {
 // Parse a complete JSON text. Nesting deeper than 64 levels (the parser recurses), more than 2^21 values (each costs
 // ~100 bytes in memory), trailing characters or any syntax error is an error.
 Status parse_json(const std::string& text, Json* out);
+Status parse_json(const char* begin, const char* end, Json* out);  // the same for the bytes [begin, end)
 
 }  // namespace cpuformer

@@ -1,19 +1,33 @@
-// safetensors.cpp: a defensive reader for safetensors files, with the small JSON parser it needs.
+// safetensors.cpp: a defensive reader for safetensors files and Hugging Face weight directories (memory-mapped,
+// safetensors.h; float32 copies, model.h), with the small JSON parser it needs.
 //
 // Layout: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}, "__metadata__":
 // {str: str}}, then the tensor bytes (offsets relative to the data section). Every length, offset and size is
-// checked before it is used; tensors are copied out, so the data may have any alignment.
+// checked before it is used; views make no assumption about alignment.
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <new>
+#include <set>
+#include <system_error>
+
+#ifndef _WIN32
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
 
 #include "json.h"
 #include "unicode.h"
 #include "cpuformer/model.h"
+#include "cpuformer/safetensors.h"
 
 namespace cpuformer {
 
@@ -244,6 +258,7 @@ float half_to_float(std::uint16_t h) {
 }  // namespace
 
 Status parse_json(const std::string& text, Json* out) { return JsonParser(text.data(), text.data() + text.size()).parse(out); }
+Status parse_json(const char* begin, const char* end, Json* out) { return JsonParser(begin, end).parse(out); }
 
 const Json* Json::find(const std::string& key) const {
   if (type != kObject) return nullptr;
@@ -253,76 +268,102 @@ const Json* Json::find(const std::string& key) const {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// safetensors
+// dtypes
 
 namespace {
 
-// Where the bytes come from (a file or a memory buffer). The parser checks every range against size() first, so
-// read() is only asked for bytes that exist.
-class ByteSource {
- public:
-  virtual ~ByteSource() = default;
-  virtual std::uint64_t size() const = 0;
-  virtual bool read(std::uint64_t offset, size_t n, void* dst) = 0;
+struct DTypeInfo {
+  DType dtype;
+  const char* name;
+  std::size_t size;
 };
-
-class BufferSource : public ByteSource {
- public:
-  BufferSource(const void* data, size_t size) : data_(static_cast<const unsigned char*>(data)), size_(size) {}
-  std::uint64_t size() const override { return size_; }
-  bool read(std::uint64_t offset, size_t n, void* dst) override {
-    if (n) std::memcpy(dst, data_ + offset, n);
-    return true;
-  }
-
- private:
-  const unsigned char* data_;
-  size_t size_;
+constexpr DTypeInfo kDTypes[] = {
+    {DType::kBool, "BOOL", 1},         {DType::kU8, "U8", 1},
+    {DType::kI8, "I8", 1},             {DType::kF8E5M2, "F8_E5M2", 1},
+    {DType::kF8E4M3, "F8_E4M3", 1},    {DType::kF8E8M0, "F8_E8M0", 1},
+    {DType::kF8E4M3FNUZ, "F8_E4M3FNUZ", 1}, {DType::kF8E5M2FNUZ, "F8_E5M2FNUZ", 1},
+    {DType::kI16, "I16", 2},           {DType::kU16, "U16", 2},
+    {DType::kF16, "F16", 2},           {DType::kBF16, "BF16", 2},
+    {DType::kI32, "I32", 4},           {DType::kU32, "U32", 4},
+    {DType::kF32, "F32", 4},           {DType::kI64, "I64", 8},
+    {DType::kU64, "U64", 8},           {DType::kF64, "F64", 8},
+    {DType::kC64, "C64", 8},
 };
+constexpr std::size_t kNumDTypes = sizeof(kDTypes) / sizeof(kDTypes[0]);
 
-// Reads tensor by tensor, so a large file is never held in memory twice.
-class FileSource : public ByteSource {
- public:
-  explicit FileSource(const std::string& path) : f_(path, std::ios::binary | std::ios::ate) {
-    if (f_) size_ = static_cast<std::uint64_t>(std::max<std::streamoff>(f_.tellg(), 0));
-  }
-  bool is_open() const { return static_cast<bool>(f_); }
-  std::uint64_t size() const override { return size_; }
-  bool read(std::uint64_t offset, size_t n, void* dst) override {
-    f_.seekg(static_cast<std::streamoff>(offset));
-    f_.read(static_cast<char*>(dst), static_cast<std::streamsize>(n));
-    return static_cast<bool>(f_);
-  }
+constexpr bool in_enum_order() {
+  for (std::size_t i = 0; i < kNumDTypes; ++i)
+    if (static_cast<std::size_t>(kDTypes[i].dtype) != i) return false;
+  return true;
+}
+static_assert(in_enum_order() && kNumDTypes == static_cast<std::size_t>(DType::kC64) + 1,
+              "kDTypes lists every DType in enum order");
 
- private:
-  std::ifstream f_;
-  std::uint64_t size_ = 0;
-};
+const DTypeInfo* dtype_info(DType d) {
+  const auto i = static_cast<std::size_t>(d);
+  return i < kNumDTypes ? &kDTypes[i] : nullptr;
+}
+
+bool dtype_from_name(const std::string& name, DType* out) {
+  for (const DTypeInfo& d : kDTypes)
+    if (name == d.name) {
+      *out = d.dtype;
+      return true;
+    }
+  return false;
+}
+
+// The format's sub-byte dtypes: elements packed several to a byte, which byte offsets cannot address one by one.
+bool sub_byte_dtype(const std::string& name) { return name == "F4" || name == "F6_E2M3" || name == "F6_E3M2"; }
+
+}  // namespace
+
+std::size_t dtype_size(DType dtype) {
+  const DTypeInfo* d = dtype_info(dtype);
+  return d ? d->size : 0;
+}
+
+const char* dtype_name(DType dtype) {
+  const DTypeInfo* d = dtype_info(dtype);
+  return d ? d->name : "?";
+}
+
+std::int64_t TensorView::numel() const {
+  // A zero anywhere first: [10^15, 10^15, 0] is a valid empty shape whose partial products would overflow.
+  if (std::find(shape.begin(), shape.end(), 0) != shape.end()) return 0;
+  std::int64_t n = 1;
+  for (const std::int64_t d : shape) n *= d;  // bounded by the file's size when the parser made the view
+  return n;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The safetensors parser
+
+namespace {
 
 // A whole number in [0, max] (JSON numbers are doubles; max stays well below 2^53, so the value is exact).
 bool whole(const Json& v, double max) {
   return v.type == Json::kNumber && v.number >= 0 && v.number <= max && v.number == std::floor(v.number);
 }
 
-// The one parser behind read_safetensors and read_safetensors_buffer. `name` prefixes error messages. The outputs
-// are written only on success.
-Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std::string, Tensor>* tensors_out,
+// The one parser behind SafetensorsMap and read_safetensors*: validates a whole file's bytes [bytes, bytes + size)
+// and makes views into them. Only the length and the header are read, never a tensor's bytes, so that a mapped
+// file's data pages stay untouched. `file` prefixes messages ("" for none). The outputs are written only on success.
+Status parse_safetensors(const unsigned char* bytes, std::uint64_t size, const std::string& file,
+                         std::map<std::string, TensorView>* views_out,
                          std::map<std::string, std::string>* metadata_out) {
-  const auto fail = [&](const std::string& what) { return Status::error(name.empty() ? what : name + ": " + what); };
-  const std::uint64_t size = src.size();
+  const auto fail = [&](const std::string& what) { return Status::error(file.empty() ? what : file + ": " + what); };
   if (size < 8) return fail("too short for a safetensors header (" + std::to_string(size) + " bytes)");
-  unsigned char len_bytes[8];
-  if (!src.read(0, 8, len_bytes)) return fail("cannot read the header length");
   std::uint64_t n = 0;
-  for (int i = 7; i >= 0; --i) n = (n << 8) | len_bytes[i];
+  for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[i];
   if (n > size - 8) return fail("header length " + std::to_string(n) + " runs past the end of the file");
   if (n > kMaxHeaderBytes) return fail("header length " + std::to_string(n) + " is over the 100 MiB limit");
-  std::string header(static_cast<size_t>(n), '\0');
-  if (!src.read(8, header.size(), &header[0])) return fail("cannot read the header");
+  const char* header = reinterpret_cast<const char*>(bytes + 8);
   Json root;
-  Status st = parse_json(header, &root);
+  Status st = parse_json(header, header + n, &root);  // skips trailing spaces: writers pad the header with them
   if (!st.ok()) return fail(st.message());
   if (root.type != Json::kObject) return fail("the header is not a JSON object");
+  const unsigned char* data = bytes + 8 + n;
   const std::uint64_t data_size = size - 8 - n;
 
   struct Span {
@@ -330,10 +371,9 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
     const std::string* name;
   };
   std::vector<Span> spans;
-  std::map<std::string, Tensor> tensors;
+  std::map<std::string, TensorView> views;
   std::map<std::string, std::string> metadata;
   bool seen_metadata = false;
-  std::vector<unsigned char> raw;
   for (const auto& [tname, info] : root.members) {
     if (tname == "__metadata__") {
       if (seen_metadata) return fail("__metadata__ appears twice");
@@ -345,85 +385,374 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
       }
       continue;
     }
+    const std::string tensor = "tensor " + quoted(tname);
     const Json* dtype = info.find("dtype");
     const Json* shape = info.find("shape");
     const Json* offsets = info.find("data_offsets");
     if (!dtype || dtype->type != Json::kString || !shape || shape->type != Json::kArray || !offsets ||
         offsets->type != Json::kArray || offsets->items.size() != 2)
       return fail("entry " + quoted(tname) + " is malformed");
-    size_t itemsize;
-    if (dtype->str == "F32") itemsize = 4;
-    else if (dtype->str == "F16" || dtype->str == "BF16") itemsize = 2;
-    else return fail("tensor " + quoted(tname) + ": unsupported dtype " + quoted(dtype->str) + " (F32, F16, BF16)");
-    if (shape->items.size() > 8) return fail("tensor " + quoted(tname) + ": more than 8 dimensions");
-    Tensor t;
+    TensorView v;
+    if (!dtype_from_name(dtype->str, &v.dtype))
+      return fail(tensor + ": " +
+                  (sub_byte_dtype(dtype->str) ? "dtype " + quoted(dtype->str) + " packs elements below a byte, which "
+                                                "is not supported"
+                                              : "unsupported dtype " + quoted(dtype->str)));
+    const std::uint64_t itemsize = dtype_size(v.dtype);
+    if (shape->items.size() > 8) return fail(tensor + ": more than 8 dimensions");
     for (const Json& d : shape->items) {
-      if (!whole(d, 1e15)) return fail("tensor " + quoted(tname) + ": bad shape (dimensions are integers >= 0)");
-      t.shape.push_back(static_cast<std::int64_t>(d.number));
+      if (!whole(d, 1e15)) return fail(tensor + ": bad shape (dimensions are integers >= 0)");
+      v.shape.push_back(static_cast<std::int64_t>(d.number));
     }
     // The element count, bounded by the data section at every step: no product can overflow, and a shape that
     // the bytes cannot hold fails here, before anything is allocated.
-    const bool empty = std::find(t.shape.begin(), t.shape.end(), 0) != t.shape.end();
+    const bool empty = std::find(v.shape.begin(), v.shape.end(), 0) != v.shape.end();
     std::uint64_t count = empty ? 0 : 1;
-    for (const std::int64_t d : t.shape) {
+    for (const std::int64_t d : v.shape) {
       if (empty) break;
       const auto dim = static_cast<std::uint64_t>(d);
       if (count > data_size / itemsize / dim)
-        return fail("tensor " + quoted(tname) + ": shape larger than the data section (" + std::to_string(data_size) +
-                    " bytes)");
+        return fail(tensor + ": shape larger than the data section (" + std::to_string(data_size) + " bytes)");
       count *= dim;
     }
     std::uint64_t se[2];
     for (int i = 0; i < 2; ++i) {
-      if (!whole(offsets->items[i], 1e15)) return fail("tensor " + quoted(tname) + ": bad data_offsets");
+      if (!whole(offsets->items[i], 1e15)) return fail(tensor + ": bad data_offsets");
       se[i] = static_cast<std::uint64_t>(offsets->items[i].number);
     }
     if (se[0] > se[1] || se[1] > data_size)
-      return fail("tensor " + quoted(tname) + ": data_offsets [" + std::to_string(se[0]) + ", " + std::to_string(se[1]) +
+      return fail(tensor + ": data_offsets [" + std::to_string(se[0]) + ", " + std::to_string(se[1]) +
                   "] outside the data section (" + std::to_string(data_size) + " bytes)");
     if (se[1] - se[0] != count * itemsize)
-      return fail("tensor " + quoted(tname) + ": " + std::to_string(se[1] - se[0]) + " bytes for " +
-                  std::to_string(count) + " elements of " + dtype->str);
+      return fail(tensor + ": " + std::to_string(se[1] - se[0]) + " bytes for " + std::to_string(count) +
+                  " elements of " + dtype->str);
     spans.push_back({se[0], se[1], &tname});
-    raw.resize(static_cast<size_t>(se[1] - se[0]));
-    if (!src.read(8 + n + se[0], raw.size(), raw.data())) return fail("tensor " + quoted(tname) + ": cannot read its bytes");
-    t.data.resize(static_cast<size_t>(count));
-    for (size_t i = 0; i < t.data.size(); ++i) {  // little-endian on disk; copies, so any alignment works
-      if (itemsize == 4) {
-        std::uint32_t bits = raw[4 * i] | (raw[4 * i + 1] << 8) | (raw[4 * i + 2] << 16) |
-                             (static_cast<std::uint32_t>(raw[4 * i + 3]) << 24);
-        std::memcpy(&t.data[i], &bits, 4);
-      } else {
-        const std::uint16_t h = static_cast<std::uint16_t>(raw[2 * i] | (raw[2 * i + 1] << 8));
-        if (dtype->str == "BF16") {
-          const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
-          std::memcpy(&t.data[i], &bits, 4);
-        } else {
-          t.data[i] = half_to_float(h);
-        }
-      }
-    }
-    if (!tensors.emplace(tname, std::move(t)).second) return fail("tensor " + quoted(tname) + " appears twice");
+    v.name = tname;
+    v.data = data + se[0];
+    v.nbytes = se[1] - se[0];
+    v.file = file;
+    if (!views.emplace(tname, std::move(v)).second) return fail(tensor + " appears twice");
   }
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.begin < b.begin; });
   for (size_t i = 1; i < spans.size(); ++i)
     if (spans[i].begin < spans[i - 1].end)
       return fail("tensors " + quoted(*spans[i - 1].name) + " and " + quoted(*spans[i].name) + " overlap");
-  if (tensors_out) *tensors_out = std::move(tensors);
+  if (views_out) *views_out = std::move(views);
   if (metadata_out) *metadata_out = std::move(metadata);
   return Status();
 }
 
-// The public readers report allocation failures and any other exception as a Status.
+// The public functions report allocation failures and any other exception as a Status. prefix: "path: " or "".
 template <class Fn>
-Status no_throw(const std::string& name, Fn&& fn) {
+Status no_throw(const std::string& prefix, Fn&& fn) {
   try {
     return fn();
   } catch (const std::bad_alloc&) {
-    return Status::error(name + "out of memory reading safetensors data");
+    return Status::error(prefix + "out of memory reading safetensors data");
   } catch (const std::exception& e) {
-    return Status::error(name + e.what());
+    return Status::error(prefix + e.what());
   }
+}
+
+std::string prefix_of(const std::string& path) { return path.empty() ? "" : path + ": "; }
+
+// Little-endian loads that work at any alignment and on any host byte order.
+std::uint64_t load_le(const unsigned char* p, int n) {
+  std::uint64_t v = 0;
+  for (int i = n - 1; i >= 0; --i) v = (v << 8) | p[i];
+  return v;
+}
+
+}  // namespace
+
+Status tensor_to_float(const TensorView& t, std::vector<float>* out) {
+  const std::string where = prefix_of(t.file) + "tensor " + quoted(t.name);
+  const DType d = t.dtype;
+  if (d != DType::kF32 && d != DType::kF16 && d != DType::kBF16 && d != DType::kF64)
+    return Status::error(where + ": unsupported dtype " + quoted(dtype_name(d)) + " for float32 (F32, F16, BF16, F64)");
+  const std::uint64_t itemsize = dtype_size(d);
+  if (!out) return Status::error(where + ": null output");
+  if (t.nbytes % itemsize || (t.nbytes && !t.data)) return Status::error(where + ": inconsistent view");
+  return no_throw(where + ": ", [&] {
+    std::vector<float> v(static_cast<size_t>(t.nbytes / itemsize));
+    const unsigned char* p = t.data;
+    for (size_t i = 0; i < v.size(); ++i, p += itemsize) {
+      if (d == DType::kF16) {
+        v[i] = half_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
+      } else if (d == DType::kF64) {
+        const std::uint64_t bits = load_le(p, 8);
+        double x;
+        std::memcpy(&x, &bits, 8);
+        v[i] = static_cast<float>(x);
+      } else {  // F32, or BF16: the top half of a float32
+        const auto bits = static_cast<std::uint32_t>(d == DType::kF32 ? load_le(p, 4) : load_le(p, 2) << 16);
+        std::memcpy(&v[i], &bits, 4);
+      }
+    }
+    *out = std::move(v);
+    return Status();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// SafetensorsMap
+
+struct SafetensorsMap::File {
+  std::string path;
+  const unsigned char* bytes = nullptr;
+  std::uint64_t size = 0;
+  std::vector<unsigned char> copy;  // the bytes when they are not mapped: a buffer, or a file mmap refused
+  void* mapping = nullptr;
+  File() = default;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  ~File() {
+#ifndef _WIN32
+    if (mapping) munmap(mapping, static_cast<size_t>(size));
+#endif
+  }
+};
+
+SafetensorsMap::SafetensorsMap() = default;
+SafetensorsMap::~SafetensorsMap() = default;
+
+const TensorView* SafetensorsMap::find(const std::string& name) const {
+  const auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+// Builds maps; a friend of SafetensorsMap, so that File stays out of the public header.
+class SafetensorsLoader {
+ public:
+  using File = SafetensorsMap::File;
+  struct Parsed {
+    std::unique_ptr<File> file;
+    std::map<std::string, TensorView> views;
+    std::map<std::string, std::string> metadata;
+  };
+
+  static std::unique_ptr<SafetensorsMap> make() { return std::unique_ptr<SafetensorsMap>(new SafetensorsMap()); }
+
+  // Moves a parsed file into the map. Tensor names are unique across files (open_directory checks before).
+  static void add(SafetensorsMap* m, Parsed&& p) {
+    m->mapped_bytes_ += p.file->size;
+    for (auto& [name, v] : p.views) m->tensors_.emplace(name, std::move(v));
+    for (auto& [k, v] : p.metadata) m->metadata_.emplace(k, std::move(v));  // an earlier file wins a clash
+    m->files_.push_back(std::move(p.file));
+  }
+
+  static Status parse(std::unique_ptr<File> file, Parsed* out) {
+    Status st = parse_safetensors(file->bytes, file->size, file->path, &out->views, &out->metadata);
+    if (st.ok()) out->file = std::move(file);
+    return st;
+  }
+
+  // The whole file in memory: where mmap is unavailable or refuses the file.
+  static Status read_whole(const std::string& path, File* f) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) {
+      std::error_code ec;
+      const std::string msg = path + ": cannot open the file";
+      return std::filesystem::exists(path, ec) ? Status::error(msg) : Status::not_found(msg);
+    }
+    const std::streamoff size = in.tellg();
+    if (size < 0 || static_cast<std::uint64_t>(size) > SIZE_MAX) return Status::error(path + ": cannot size the file");
+    f->copy.resize(static_cast<size_t>(size));
+    in.seekg(0);
+    if (size > 0 && !in.read(reinterpret_cast<char*>(f->copy.data()), size))
+      return Status::error(path + ": cannot read the file");
+    f->bytes = f->copy.data();
+    f->size = static_cast<std::uint64_t>(size);
+    return Status();
+  }
+
+  // Maps the file read-only (MAP_PRIVATE: this process never sees a copy-on-write page, since it never writes).
+  static Status load(const std::string& path, std::unique_ptr<File>* out) {
+    if (path.find('\0') != std::string::npos) return Status::error(quoted(path) + ": a path with a NUL byte");
+    auto f = std::make_unique<File>();
+    f->path = path;
+#ifdef _WIN32
+    Status st = read_whole(path, f.get());
+    if (!st.ok()) return st;
+#else
+    // O_NONBLOCK: opening a FIFO would otherwise wait for a writer (anything but a regular file is refused below).
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+      const int e = errno;
+      const std::string msg = path + ": cannot open the file (" + std::generic_category().message(e) + ")";
+      return e == ENOENT || e == ENOTDIR ? Status::not_found(msg) : Status::error(msg);
+    }
+    struct stat info {};
+    const bool stat_ok = fstat(fd, &info) == 0;
+    if (!stat_ok || !S_ISREG(info.st_mode)) {
+      ::close(fd);
+      return Status::error(path + (!stat_ok ? ": cannot stat the file"
+                                   : S_ISDIR(info.st_mode) ? ": is a directory, not a file" : ": not a regular file"));
+    }
+    const auto size = static_cast<std::uint64_t>(info.st_size);
+    if (size > 0 && size <= SIZE_MAX) {
+      void* p = mmap(nullptr, static_cast<size_t>(size), PROT_READ, MAP_PRIVATE, fd, 0);
+      if (p != MAP_FAILED) {
+        f->mapping = p;
+        f->bytes = static_cast<const unsigned char*>(p);
+        f->size = size;
+      }
+    }
+    ::close(fd);  // the mapping keeps the file
+    if (size > 0 && !f->mapping) {
+      Status st = read_whole(path, f.get());
+      if (!st.ok()) return st;
+    }
+#endif
+    *out = std::move(f);
+    return Status();
+  }
+
+  static Status open_file(const std::string& path, std::unique_ptr<SafetensorsMap>* out) {
+    std::unique_ptr<File> file;
+    Status st = load(path, &file);
+    Parsed p;
+    if (st.ok()) st = parse(std::move(file), &p);
+    if (!st.ok()) return st;
+    auto m = make();
+    add(m.get(), std::move(p));
+    *out = std::move(m);
+    return Status();
+  }
+
+  // A shard named by an index: one file directly inside the directory, never a path out of it.
+  static bool plain_file_name(const std::string& s) {
+    if (s.empty() || s == "." || s == "..") return false;
+    for (const char c : s)
+      if (c == '/' || c == '\\' || c == '\0') return false;
+#ifdef _WIN32
+    if (s.find(':') != std::string::npos) return false;  // "C:x" is relative to a drive
+#endif
+    return true;
+  }
+
+  static Status open_directory(const std::string& dir, std::unique_ptr<SafetensorsMap>* out) {
+    namespace fs = std::filesystem;
+    if (dir.find('\0') != std::string::npos) return Status::error(quoted(dir) + ": a path with a NUL byte");
+    std::error_code ec;
+    const fs::path d(dir);
+    if (!fs::is_directory(d, ec))
+      return fs::exists(d, ec) ? Status::error(dir + ": not a directory")
+                               : Status::not_found(dir + ": no such directory");
+    const std::string single = (d / "model.safetensors").string();
+    if (fs::exists(single, ec)) return open_file(single, out);
+    const std::string index = (d / "model.safetensors.index.json").string();
+    if (!fs::exists(index, ec))
+      return Status::not_found(dir + ": no model.safetensors or model.safetensors.index.json");
+    const auto fail = [&](const std::string& what) { return Status::error(index + ": " + what); };
+
+    const std::uintmax_t index_size = fs::file_size(index, ec);
+    if (!ec && index_size > kMaxHeaderBytes) return fail("over the 100 MiB limit");
+    File text;
+    Status st = read_whole(index, &text);
+    if (!st.ok()) return st;
+    if (text.size > kMaxHeaderBytes) return fail("over the 100 MiB limit");  // (it grew meanwhile)
+    Json root;
+    const char* begin = reinterpret_cast<const char*>(text.bytes);
+    st = parse_json(begin, begin + text.size, &root);
+    if (!st.ok()) return fail(st.message());
+    if (root.type != Json::kObject) return fail("not a JSON object");
+    const Json* meta = root.find("metadata");
+    if (meta && meta->type != Json::kObject && meta->type != Json::kNull) return fail("'metadata' must be an object");
+    const Json* weight_map = root.find("weight_map");
+    if (!weight_map || weight_map->type != Json::kObject)
+      return fail("'weight_map' must be an object {tensor name: shard file}");
+    std::map<std::string, std::string> shard_of;
+    for (const auto& [tensor, shard] : weight_map->members) {
+      if (shard.type != Json::kString) return fail("weight_map: tensor " + quoted(tensor) + " must map to a file name");
+      if (!plain_file_name(shard.str))
+        return fail("weight_map: shard " + quoted(shard.str) + " (of tensor " + quoted(tensor) +
+                    ") is not a plain file name inside the directory");
+      if (!shard_of.emplace(tensor, shard.str).second)
+        return fail("weight_map: tensor " + quoted(tensor) + " appears twice");
+    }
+    std::set<std::string> shards;
+    for (const auto& [tensor, shard] : shard_of) shards.insert(shard);
+
+    auto m = make();
+    for (const std::string& shard : shards) {
+      const std::string path = (d / shard).string();
+      if (!fs::exists(path, ec))
+        return Status::not_found(index + ": shard " + quoted(shard) + " does not exist (" + path + ")");
+      std::unique_ptr<File> file;
+      Parsed p;
+      st = load(path, &file);
+      if (st.ok()) st = parse(std::move(file), &p);
+      if (!st.ok()) return st;
+      // Each tensor of a shard must be mapped to it: so none is in two shards, and none is silently dropped.
+      for (const auto& [tensor, view] : p.views) {
+        const auto it = shard_of.find(tensor);
+        if (it == shard_of.end())
+          return fail("shards disagree with the index: tensor " + quoted(tensor) + " is in shard " + quoted(shard) +
+                      " but not in the weight_map");
+        if (it->second != shard)
+          return fail("shards disagree with the index: tensor " + quoted(tensor) + " is in shard " + quoted(shard) +
+                      " but the index maps it to " + cpuformer::quoted(it->second));
+      }
+      add(m.get(), std::move(p));
+    }
+    for (const auto& [tensor, shard] : shard_of)
+      if (!m->find(tensor)) return fail("tensor " + quoted(tensor) + " is not in its shard " + quoted(shard));
+    *out = std::move(m);
+    return Status();
+  }
+
+  static Status open_buffer(const void* data, std::size_t size, std::unique_ptr<SafetensorsMap>* out) {
+    if (!data && size) return Status::error("null buffer");
+    auto file = std::make_unique<File>();
+    const auto* b = static_cast<const unsigned char*>(data);
+    file->copy.assign(b, b + size);
+    file->bytes = file->copy.data();
+    file->size = size;
+    Parsed p;
+    Status st = parse(std::move(file), &p);
+    if (!st.ok()) return st;
+    auto m = make();
+    add(m.get(), std::move(p));
+    *out = std::move(m);
+    return Status();
+  }
+};
+
+Status SafetensorsMap::open_file(const std::string& path, std::unique_ptr<SafetensorsMap>* out) {
+  if (!out) return Status::error(path + ": null output");
+  out->reset();
+  return no_throw(prefix_of(path), [&] { return SafetensorsLoader::open_file(path, out); });
+}
+
+Status SafetensorsMap::open_directory(const std::string& dir, std::unique_ptr<SafetensorsMap>* out) {
+  if (!out) return Status::error(dir + ": null output");
+  out->reset();
+  return no_throw(prefix_of(dir), [&] { return SafetensorsLoader::open_directory(dir, out); });
+}
+
+Status SafetensorsMap::open_buffer(const void* data, std::size_t size, std::unique_ptr<SafetensorsMap>* out) {
+  if (!out) return Status::error("null output");
+  out->reset();
+  return no_throw("", [&] { return SafetensorsLoader::open_buffer(data, size, out); });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The float32 readers (model.h), over the same parser
+
+namespace {
+
+Status to_float_tensors(const std::map<std::string, TensorView>& views, std::map<std::string, Tensor>* out) {
+  std::map<std::string, Tensor> tensors;
+  for (const auto& [name, v] : views) {
+    Tensor t;
+    t.shape = v.shape;
+    Status st = tensor_to_float(v, &t.data);
+    if (!st.ok()) return st;
+    tensors.emplace(name, std::move(t));
+  }
+  if (out) *out = std::move(tensors);
+  return Status();
 }
 
 }  // namespace
@@ -431,9 +760,11 @@ Status no_throw(const std::string& name, Fn&& fn) {
 Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* tensors,
                         std::map<std::string, std::string>* metadata) {
   return no_throw(path + ": ", [&] {
-    FileSource src(path);
-    if (!src.is_open()) return Status::error(path + ": cannot open the file");
-    return parse_safetensors(src, path, tensors, metadata);
+    std::unique_ptr<SafetensorsMap> map;
+    Status st = SafetensorsMap::open_file(path, &map);
+    if (st.ok()) st = to_float_tensors(map->tensors(), tensors);
+    if (st.ok() && metadata) *metadata = map->metadata();
+    return st;
   });
 }
 
@@ -441,8 +772,13 @@ Status read_safetensors_buffer(const void* data, size_t size, std::map<std::stri
                                std::map<std::string, std::string>* metadata) {
   return no_throw("", [&] {
     if (!data && size) return Status::error("null buffer");
-    BufferSource src(data, size);
-    return parse_safetensors(src, "", tensors, metadata);
+    // Views straight into the caller's buffer: it is only read during this call.
+    std::map<std::string, TensorView> views;
+    std::map<std::string, std::string> meta;
+    Status st = parse_safetensors(static_cast<const unsigned char*>(data), size, "", &views, &meta);
+    if (st.ok()) st = to_float_tensors(views, tensors);
+    if (st.ok() && metadata) *metadata = std::move(meta);
+    return st;
   });
 }
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <map>
 #include <memory>
@@ -725,6 +726,186 @@ void test_model_file_and_buffer() {
   check(!st.ok() && !a && contains(st.message(), "cannot open"), "Model::load of a missing file is an error");
   std::remove(path.c_str());
 }
+
+// SafetensorsMap (safetensors.h): every whole-byte dtype, views that point at the file's own bytes, the same
+// validation as read_safetensors, and Hugging Face directories (single file, sharded, broken indexes).
+std::string st_file(const std::string& header, const std::string& data) {
+  std::string f(8, '\0');
+  for (int i = 0; i < 8; ++i) f[i] = static_cast<char>((header.size() >> (8 * i)) & 0xFF);
+  return f + header + data;
+}
+
+void write_file(const std::string& path, const std::string& bytes) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  std::fwrite(bytes.data(), 1, bytes.size(), f);
+  std::fclose(f);
+}
+
+void test_safetensors_map() {
+  using cpuformer::DType;
+  using cpuformer::SafetensorsMap;
+  const std::pair<DType, size_t> sizes[] = {
+      {DType::kBool, 1}, {DType::kU8, 1},  {DType::kI8, 1},   {DType::kF8E5M2, 1}, {DType::kF8E4M3, 1},
+      {DType::kF8E8M0, 1}, {DType::kF8E4M3FNUZ, 1}, {DType::kF8E5M2FNUZ, 1}, {DType::kI16, 2}, {DType::kU16, 2},
+      {DType::kF16, 2},  {DType::kBF16, 2}, {DType::kI32, 4},  {DType::kU32, 4},    {DType::kF32, 4},
+      {DType::kI64, 8},  {DType::kU64, 8},  {DType::kF64, 8},  {DType::kC64, 8}};
+  for (const auto& [d, size] : sizes)
+    check(cpuformer::dtype_size(d) == size, std::string("dtype_size(") + cpuformer::dtype_name(d) + ")");
+  check(std::string(cpuformer::dtype_name(DType::kF8E4M3FNUZ)) == "F8_E4M3FNUZ" &&
+            std::string(cpuformer::dtype_name(DType::kBF16)) == "BF16",
+        "dtype_name spells the file's names");
+
+  // 1.5f, -2.0f (F32); 1.0, -2.0 (F16); 1.5, -2.0 (BF16); 0.25 (F64); 7 (I64); 3 bytes (U8, F8_E4M3, BOOL). The
+  // header is padded with spaces to a multiple of 8, as the official writer does.
+  std::string header =
+      R"({"f32":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"f16":{"dtype":"F16","shape":[2],)"
+      R"("data_offsets":[8,12]},"bf16":{"dtype":"BF16","shape":[2],"data_offsets":[12,16]},)"
+      R"("f64":{"dtype":"F64","shape":[],"data_offsets":[16,24]},"i64":{"dtype":"I64","shape":[1,1],)"
+      R"("data_offsets":[24,32]},"u8":{"dtype":"U8","shape":[3],"data_offsets":[32,35]},)"
+      R"("f8":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[35,36]},"b":{"dtype":"BOOL","shape":[0],)"
+      R"("data_offsets":[36,36]},"__metadata__":{"format":"pt"}})";
+  header += std::string((8 - header.size() % 8) % 8, ' ');
+  const std::string data = std::string("\x00\x00\xc0\x3f\x00\x00\x00\xc0", 8) + std::string("\x00\x3c\x00\xc0", 4) +
+                           std::string("\xc0\x3f\x00\xc0", 4) + std::string("\x00\x00\x00\x00\x00\x00\xd0\x3f", 8) +
+                           std::string("\x07\x00\x00\x00\x00\x00\x00\x00", 8) + "abcd";
+  const std::string file = st_file(header, data);
+  std::unique_ptr<SafetensorsMap> map;
+  cpuformer::Status st = SafetensorsMap::open_buffer(file.data(), file.size(), &map);
+  check(st.ok() && map && map->tensors().size() == 8 && map->metadata().at("format") == "pt" &&
+            map->mapped_bytes() == file.size(),
+        "open_buffer of a valid file: " + st.message());
+  if (!map) return;
+  const unsigned char* base = nullptr;
+  bool views_ok = true;
+  for (const auto& [name, v] : map->tensors()) {
+    views_ok &= v.name == name && v.nbytes == static_cast<std::uint64_t>(v.numel()) * cpuformer::dtype_size(v.dtype);
+    if (name == "f32") base = v.data;  // offset 0 of the data section
+  }
+  check(views_ok, "views: nbytes = numel * dtype size");
+  const cpuformer::TensorView* u8 = map->find("u8");
+  check(u8 && base && u8->data == base + 32 && std::memcmp(u8->data, "abc", 3) == 0 &&
+            std::memcmp(base, data.data(), data.size()) == 0 && map->find("f8")->dtype == DType::kF8E4M3 &&
+            map->find("b")->numel() == 0 && map->find("f64")->shape.empty() && !map->find("nope"),
+        "views point at the (copied) file bytes");
+  std::vector<float> f;
+  check(cpuformer::tensor_to_float(*map->find("f32"), &f).ok() && f == std::vector<float>{1.5f, -2.0f},
+        "tensor_to_float F32");
+  check(cpuformer::tensor_to_float(*map->find("f16"), &f).ok() && f == std::vector<float>{1.0f, -2.0f},
+        "tensor_to_float F16");
+  check(cpuformer::tensor_to_float(*map->find("bf16"), &f).ok() && f == std::vector<float>{1.5f, -2.0f},
+        "tensor_to_float BF16");
+  check(cpuformer::tensor_to_float(*map->find("f64"), &f).ok() && f == std::vector<float>{0.25f},
+        "tensor_to_float F64");
+  st = cpuformer::tensor_to_float(*map->find("i64"), &f);
+  check(!st.ok() && contains(st.message(), "'i64'") && contains(st.message(), "unsupported dtype 'I64'") &&
+            f == std::vector<float>{0.25f},
+        "tensor_to_float I64 is an error, output untouched: " + st.message());
+
+  // Bad headers: the same checks as read_safetensors, messages naming the tensor.
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {R"({"a":{"dtype":"F4","shape":[2],"data_offsets":[0,1]}})", "tensor 'a': dtype 'F4' packs elements below"},
+      {R"({"a":{"dtype":"Q8","shape":[2],"data_offsets":[0,2]}})", "tensor 'a': unsupported dtype 'Q8'"},
+      {R"({"a":{"dtype":"I64","shape":[2],"data_offsets":[0,8]}})", "tensor 'a': 8 bytes for 2 elements of I64"},
+      {R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"b":{"dtype":"U8","shape":[4],"data_offsets":[2,6]}})",
+       "tensors 'a' and 'b' overlap"},
+      {R"({"a":{"dtype":"U8","shape":[4],"data_offsets":[0,4]},"a":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}})",
+       "tensor 'a' appears twice"},
+      {R"({"a":{"dtype":"U8","shape":[80],"data_offsets":[0,80]}})", "tensor 'a': shape larger than the data"},
+      {R"({"a":{"dtype":"U8","shape":[1,1,1,1,1,1,1,1,1],"data_offsets":[0,1]}})", "more than 8 dimensions"},
+      {R"({"a":{"dtype":"U8","shape":[2],"data_offsets":[63,65]}})", "outside the data section"},
+      {R"({"a":{"dtype":"U8","shape":[2]}})", "entry 'a' is malformed"},
+      {R"({"a":)", "JSON"},
+      {"[]", "not a JSON object"},
+  };
+  for (const auto& [h, expect] : bad) {
+    const std::string f2 = st_file(h, std::string(64, '\0'));
+    st = SafetensorsMap::open_buffer(f2.data(), f2.size(), &map);
+    check(!st.ok() && !map && contains(st.message(), expect),
+          "open_buffer '" + h.substr(0, 50) + "': expected '" + expect + "', got '" + st.message() + "'");
+  }
+  st = SafetensorsMap::open_buffer(file.data(), 7, &map);
+  check(!st.ok() && contains(st.message(), "too short"), "open_buffer of 7 bytes");
+  std::string past = file;
+  past[3] = static_cast<char>(0x10);  // 256 MiB
+  st = SafetensorsMap::open_buffer(past.data(), past.size(), &map);
+  check(!st.ok() && contains(st.message(), "runs past the end"), "open_buffer: header past the end");
+  check(!SafetensorsMap::open_buffer(nullptr, 10, &map).ok(), "open_buffer of a null buffer");
+
+  // Files and directories (under the working directory, removed after).
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::path("cpuformer_st_dir");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string dirs = dir.string();
+  const auto index_with = [&](const std::string& weight_map) {
+    write_file((dir / "model.safetensors.index.json").string(),
+               R"({"metadata": {"total_size": 12}, "weight_map": {)" + weight_map + "}}");
+  };
+  st = SafetensorsMap::open_directory(dirs, &map);
+  check(!st.ok() && st.is_not_found() && contains(st.message(), "no model.safetensors or"), "empty directory");
+  write_file((dir / "s1.safetensors").string(),
+             st_file(R"({"x":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"__metadata__":{"format":"pt"}})",
+                     data.substr(0, 8)));
+  write_file((dir / "s2.safetensors").string(),
+             st_file(R"({"y":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}})", data.substr(12, 4)));
+  index_with(R"("x": "s1.safetensors", "y": "s2.safetensors")");
+  st = SafetensorsMap::open_directory(dirs, &map);
+  check(st.ok() && map->tensors().size() == 2 && map->find("y")->dtype == DType::kBF16 &&
+            map->find("y")->file == (dir / "s2.safetensors").string() && map->metadata().at("format") == "pt" &&
+            std::memcmp(map->find("x")->data, data.data(), 8) == 0,
+        "sharded directory opens: " + st.message());
+  const std::vector<std::pair<std::string, std::string>> bad_index = {
+      {R"("x": "s1.safetensors", "y": "s3.safetensors")", "shard 's3.safetensors' does not exist"},
+      {R"("x": "s1.safetensors", "y": "../s2.safetensors")", "shard '../s2.safetensors' (of tensor 'y') is not a plain"},
+      {R"("x": "s1.safetensors", "y": "/tmp/s2.safetensors")", "is not a plain file name"},
+      {R"("x": "s1.safetensors", "y": "s2.safetensors", "z": "s2.safetensors")",
+       "tensor 'z' is not in its shard 's2.safetensors'"},
+      {R"("x": "s1.safetensors", "y": "s1.safetensors")", "tensor 'y' is not in its shard 's1.safetensors'"},
+      {R"("x": "s1.safetensors")", ""},  // s2 is not named: ignored
+      {R"("x": 3)", "tensor 'x' must map to a file name"},
+  };
+  for (const auto& [wm, expect] : bad_index) {
+    index_with(wm);
+    st = SafetensorsMap::open_directory(dirs, &map);
+    const bool ok = expect.empty() ? st.ok() && map->tensors().size() == 1
+                                   : !st.ok() && !map && contains(st.message(), expect) &&
+                                         contains(st.message(), "model.safetensors.index.json");
+    check(ok, "index {" + wm + "}: expected '" + expect + "', got '" + st.message() + "'");
+  }
+  // A tensor in two shards: the second copy is in a shard the index does not map it to.
+  write_file((dir / "s2.safetensors").string(),
+             st_file(R"({"y":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]},)"
+                     R"("x":{"dtype":"BF16","shape":[2],"data_offsets":[4,8]}})",
+                     data.substr(8, 8)));
+  index_with(R"("x": "s1.safetensors", "y": "s2.safetensors")");
+  st = SafetensorsMap::open_directory(dirs, &map);
+  check(!st.ok() && contains(st.message(), "tensor 'x' is in shard 's2.safetensors' but the index maps it to "
+                                           "'s1.safetensors'"),
+        "a tensor in two shards: " + st.message());
+  index_with(R"("y": "s2.safetensors")");
+  st = SafetensorsMap::open_directory(dirs, &map);
+  check(!st.ok() && contains(st.message(), "shards disagree with the index: tensor 'x' is in shard 's2.safetensors' "
+                                           "but not in the weight_map"),
+        "a shard tensor the index does not list: " + st.message());
+  // model.safetensors wins over the index; open_file and read_safetensors agree.
+  write_file((dir / "model.safetensors").string(), file);
+  st = SafetensorsMap::open_directory(dirs, &map);
+  check(st.ok() && map->tensors().size() == 8, "model.safetensors is preferred: " + st.message());
+  std::map<std::string, cpuformer::Tensor> tensors;
+  st = cpuformer::read_safetensors((dir / "model.safetensors").string(), &tensors, nullptr);
+  check(!st.ok() && contains(st.message(), "model.safetensors: tensor 'b': unsupported dtype 'BOOL'"),
+        "read_safetensors names the file and the tensor it cannot convert: " + st.message());
+  write_file((dir / "cut.safetensors").string(), file.substr(0, file.size() - 1));
+  st = SafetensorsMap::open_file((dir / "cut.safetensors").string(), &map);
+  check(!st.ok() && contains(st.message(), "cut.safetensors: tensor 'f8': data_offsets [35, 36] outside"),
+        "a truncated file: " + st.message());
+  st = SafetensorsMap::open_file((dir / "missing.safetensors").string(), &map);
+  check(!st.ok() && st.is_not_found() && contains(st.message(), "missing.safetensors: cannot open"),
+        "a missing file: " + st.message());
+  st = SafetensorsMap::open_file(dirs, &map);
+  check(!st.ok() && !st.is_not_found() && contains(st.message(), "is a directory"), "open_file of a directory");
+  fs::remove_all(dir);
+}
 }  // namespace
 
 // Prepared inference weights: packed float32 equals sgemm; int8 equals the same integer arithmetic in double.
@@ -983,6 +1164,7 @@ int main() {
   test_model_threads();
   test_model_file_validation();
   test_model_file_and_buffer();
+  test_safetensors_map();
   const int passed = g_checks - g_failures;
   std::printf("cpuformer C++ core, %s, OpenMP %s\n", cpuformer::compiler_version().c_str(),
               cpuformer::build_has_openmp() ? "on" : "off");

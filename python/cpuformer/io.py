@@ -16,7 +16,7 @@ from typing import Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["save_safetensors", "load_safetensors", "atomic_write_bytes", "SafetensorsError"]
+__all__ = ["save_safetensors", "load_safetensors", "open_safetensors", "atomic_write_bytes", "SafetensorsError"]
 
 _DTYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32,
            "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
@@ -124,6 +124,24 @@ def parse_json(raw: bytes, what: str):
         return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SafetensorsError(f"{what} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def open_safetensors(path):
+    """Memory-map a safetensors file, or a Hugging Face model directory (``model.safetensors``, or
+    ``model.safetensors.index.json`` and its shards), without reading or copying the tensor data:
+    a ``cpuformer._core.SafetensorsMap``.
+
+    ``keys()``, ``len()``, ``name in m``, ``dtype(name)`` ("F32", "BF16", ...), ``shape(name)``, ``metadata()``
+    (the files' ``__metadata__``), ``mapped_bytes``; ``tensor(name)`` is a read-only numpy array viewing the file's
+    bytes (F16 as float16, BF16 as its raw uint16 bits, the F8 formats as uint8; an unaligned tensor of an old file
+    is copied). Views keep the mapping open. Only the headers are read when opening; pages are loaded as they are
+    touched. A malformed file or index raises ``ValueError`` naming the file and the tensor; a missing file,
+    directory or shard ``FileNotFoundError``. The checks are the C++ runtime's (cpp/include/cpuformer/safetensors.h),
+    plus for directories: shard names are plain file names inside it, and the shards hold exactly the tensors the
+    index maps to them."""
+    from . import _core  # on use: the rest of this module is pure Python
+
+    return _core.SafetensorsMap.open(os.fspath(path))
 
 
 def load_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:

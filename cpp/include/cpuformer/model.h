@@ -43,11 +43,19 @@ class Status {
     s.message_ = std::move(message);
     return s;
   }
+  // An error because a file or directory does not exist (Python raises FileNotFoundError for it).
+  static Status not_found(std::string message) {
+    Status s = error(std::move(message));
+    s.not_found_ = true;
+    return s;
+  }
   bool ok() const { return ok_; }
+  bool is_not_found() const { return not_found_; }
   const std::string& message() const { return message_; }
 
  private:
   bool ok_ = true;
+  bool not_found_ = false;
   std::string message_;
 };
 
@@ -66,7 +74,8 @@ struct Tensor {
 };
 
 // Parse a safetensors file defensively: every offset and size is checked against the file; the outputs (either may
-// be null) are written only on success. Tensors are converted to float32 (from F32, F16 or BF16).
+// be null) are written only on success. Tensors are converted to float32 (from F32, F16, BF16 or F64; any other
+// dtype is an error). The file is parsed by the same code as SafetensorsMap's (safetensors.h).
 Status read_safetensors(const std::string& path, std::map<std::string, Tensor>* tensors,
                         std::map<std::string, std::string>* metadata);
 // The same for a file's bytes already in memory (any alignment; the buffer is only read during the call).
