@@ -231,7 +231,15 @@ def _t5v11_hub_config(cfg):
     return cfg
 
 
-POST_BUILD = {"t5v11": _untie_lm_head}  # name -> f(model) -> model, before saving
+def _shrink_embedding(model):
+    """Gemma multiplies the (tied) embedding by sqrt(hidden): at O(1) scale the input token dominates the residual
+    stream and greedy decoding just repeats it. A smaller embedding lets the layers steer the continuation."""
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(0.25)
+    return model
+
+
+POST_BUILD = {"t5v11": _untie_lm_head, "gemma": _shrink_embedding}  # name -> f(model) -> model, before saving
 CONFIG_EDITS = {"t5v11": _t5v11_hub_config}  # name -> f(config dict) -> config dict, applied to the saved config.json
 
 # name -> (transformers class name, config factory, extra randomize skip list, generation_config overrides)
@@ -332,7 +340,12 @@ def hf(request):
 def _half_copy(model, dtype, path):
     half = copy.deepcopy(model).to(dtype)
     half.save_pretrained(str(path))
-    ref = copy.deepcopy(model).to(dtype).to(torch.float32).eval()  # the float32 model of the rounded weights
+    # the float32 model of the rounded weights: round the parameters only (a module-wide .to() would also round
+    # buffers such as RoPE's inv_freq, which transformers computes in float32 whatever the weights' dtype)
+    ref = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).to(torch.float32))
     return str(path), ref
 
 
