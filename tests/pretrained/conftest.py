@@ -239,7 +239,15 @@ def _shrink_embedding(model):
     return model
 
 
-POST_BUILD = {"t5v11": _untie_lm_head, "gemma": _shrink_embedding}  # name -> f(model) -> model, before saving
+def _favour_pad(model):
+    """Marian's generation_config bans the pad id (bad_words_ids). Make the pad logit attractive (+2 in
+    final_logits_bias) so that without the ban greedy and beam search would emit it."""
+    with torch.no_grad():
+        model.final_logits_bias[0, model.config.pad_token_id] = 2.0
+    return model
+
+
+POST_BUILD = {"t5v11": _untie_lm_head, "gemma": _shrink_embedding, "marian": _favour_pad}  # name -> f(model) -> model, before saving
 CONFIG_EDITS = {"t5v11": _t5v11_hub_config}  # name -> f(config dict) -> config dict, applied to the saved config.json
 
 # name -> (transformers class name, config factory, extra randomize skip list, generation_config overrides)
