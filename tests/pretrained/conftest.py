@@ -247,7 +247,8 @@ def _favour_pad(model):
     return model
 
 
-POST_BUILD = {"t5v11": _untie_lm_head, "gemma": _shrink_embedding, "marian": _favour_pad}  # name -> f(model) -> model, before saving
+# name -> f(model) -> model, applied before saving
+POST_BUILD = {"t5v11": _untie_lm_head, "gemma": _shrink_embedding, "marian": _favour_pad}
 CONFIG_EDITS = {"t5v11": _t5v11_hub_config}  # name -> f(config dict) -> config dict, applied to the saved config.json
 
 # name -> (transformers class name, config factory, extra randomize skip list, generation_config overrides)

@@ -15,7 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import DECODERS, check_rel, edit_config, gen_positions, left_padded, load, rand_ids, rel_err, to_np  # noqa: E402,E501
+from conftest import (DECODERS, check_rel, edit_config, gen_positions, left_padded, load, rand_ids,  # noqa: E402
+                      rel_err, to_np)
 
 B, T = 3, 13
 LENGTHS = [13, 10, 6]

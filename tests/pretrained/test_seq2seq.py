@@ -115,9 +115,9 @@ def test_marian_generation_config_rules(marian):
     unbanned = _hf_generate(hf_model, ids, mask, num_beams=1, max_new_tokens=6, bad_words_ids=None)
     assert (unbanned[:, 1:] == pad).any(), "fixture: the ban should matter"
     want = _hf_generate(hf_model, ids, mask, num_beams=1, max_new_tokens=6)
-    got = ours = load(path).generate(ids, attention_mask=mask, num_beams=1, max_new_tokens=6)
+    got = load(path).generate(ids, attention_mask=mask, num_beams=1, max_new_tokens=6)
     _check_generated(got, want, "marian greedy, 6 tokens")
-    assert (ours[:, 1:] != pad).all() and (ours[:, -1] == eos).all()
+    assert (got[:, 1:] != pad).all() and (got[:, -1] == eos).all()
 
 
 @pytest.mark.parametrize("num_beams", [1, 4])
