@@ -11,6 +11,7 @@
 #include <fstream>
 #include <new>
 
+#include "cpuformer/half.h"
 #include "json.h"
 #include "unicode.h"
 #include "cpuformer/model.h"
@@ -216,31 +217,6 @@ class JsonParser {
   }
 };
 
-float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
-  std::uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal half: normalise
-      int e = -1;
-      std::uint32_t m = mant;
-      do {
-        ++e;
-        m <<= 1;
-      } while (!(m & 0x400));
-      bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3FF) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
 }  // namespace
 
 Status parse_json(const std::string& text, Json* out) { return JsonParser(text.data(), text.data() + text.size()).parse(out); }
@@ -388,6 +364,7 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
     raw.resize(static_cast<size_t>(se[1] - se[0]));
     if (!src.read(8 + n + se[0], raw.size(), raw.data())) return fail("tensor " + quoted(tname) + ": cannot read its bytes");
     t.data.resize(static_cast<size_t>(count));
+    const HalfType half_type = dtype->str == "BF16" ? HalfType::kBF16 : HalfType::kF16;  // when itemsize == 2
     for (size_t i = 0; i < t.data.size(); ++i) {  // little-endian on disk; copies, so any alignment works
       if (itemsize == 4) {
         std::uint32_t bits = raw[4 * i] | (raw[4 * i + 1] << 8) | (raw[4 * i + 2] << 16) |
@@ -395,12 +372,7 @@ Status parse_safetensors(ByteSource& src, const std::string& name, std::map<std:
         std::memcpy(&t.data[i], &bits, 4);
       } else {
         const std::uint16_t h = static_cast<std::uint16_t>(raw[2 * i] | (raw[2 * i + 1] << 8));
-        if (dtype->str == "BF16") {
-          const std::uint32_t bits = static_cast<std::uint32_t>(h) << 16;
-          std::memcpy(&t.data[i], &bits, 4);
-        } else {
-          t.data[i] = half_to_float(h);
-        }
+        t.data[i] = half_to_float(h, half_type);
       }
     }
     if (!tensors.emplace(tname, std::move(t)).second) return fail("tensor " + quoted(tname) + " appears twice");
