@@ -296,35 +296,55 @@ void small_rows(const HalfGemm& g) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// More rows: the GEMM is compute-bound, so blocks of op(H) are converted to float32 once per call and multiplied by
-// sgemm. A block is kKBlock x (about kBlockFloats / kKBlock) floats, about 1 MB: it stays in L2/L3 between its
-// conversion and sgemm's packing, and converting costs one pass per weight against `rows` multiply-adds.
-// kKBlock is a multiple of sgemm's K blocks (256, 512), so K is cut where sgemm itself cuts it.
+// More rows: the GEMM is compute-bound, so blocks of op(H) are converted to float32 and multiplied by the GEMM.
+// Each thread takes a share of the output columns (whole 64-column groups) and, when there are too few columns for
+// every thread, of the rows; it converts only its own columns of H, block by block, into its own buffer and
+// multiplies them on its own (sgemm_single_thread): one parallel region and no barriers per call, and no shared
+// mutable state (one model may run on many threads at once). A block is kKBlock x up to kBlockFloats / kKBlock
+// floats (1 MB): it stays in the thread's L2 between its conversion and the GEMM's packing, and converting costs one
+// pass per weight against the rows' multiply-adds. kKBlock is a multiple of the GEMM's K blocks (256, 512), so K is
+// cut where sgemm itself cuts it.
 
-constexpr index_t kKBlock = 1024;
+constexpr index_t kKBlock = 512;
 constexpr index_t kBlockFloats = index_t(1) << 18;
+constexpr index_t kMinMacsPerThread = 64 * 64 * 64 + 1;  // as the GEMM: below this a thread costs more than it saves
 
-thread_local detail::AlignedBuffer t_half_block;  // per calling thread: one model may run on many threads at once
+thread_local detail::AlignedBuffer t_half_block;
 
-void blocked(const HalfGemm& g) {
+// Rows [r0, r1) x columns [n0, n1) of C.
+void blocked_share(const HalfGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
   const index_t kb = std::min(g.K, kKBlock);
-  const index_t nb = std::min(g.N, std::max<index_t>(64, kBlockFloats / kb / 64 * 64));
+  const index_t nb = std::min(n1 - n0, std::max<index_t>(64, kBlockFloats / kb / 64 * 64));
   float* buf = t_half_block.get(kb * nb);
   for (index_t k0 = 0; k0 < g.K; k0 += kb) {
     const index_t kc = std::min(kb, g.K - k0);
     const bool first = k0 == 0, last = k0 + kc == g.K;
-    for (index_t n0 = 0; n0 < g.N; n0 += nb) {
-      const index_t nc = std::min(nb, g.N - n0);
-      // The block of op(H): trans_h: H[n0:n0+nc, k0:k0+kc] as nc runs of kc; else H[k0:k0+kc, n0:n0+nc], kc runs of nc.
+    for (index_t j0 = n0; j0 < n1; j0 += nb) {
+      const index_t nc = std::min(nb, n1 - j0);
+      // op(H)'s block: trans_h: H[j0:j0+nc, k0:k0+kc] as nc runs of kc; else H[k0:k0+kc, j0:j0+nc], kc runs of nc.
       const index_t runs = g.trans_h ? nc : kc, len = g.trans_h ? kc : nc;
-      const std::uint16_t* src = g.H + (g.trans_h ? n0 * g.ldh + k0 : k0 * g.ldh + n0);
-      detail::parallel_for(runs, std::max<index_t>(1, (index_t(1) << 15) / len), [&](index_t i0, index_t i1, int) {
-        for (index_t i = i0; i < i1; ++i) convert(buf + i * len, src + i * g.ldh, len, g.t);
-      });
-      sgemm(false, g.trans_h, g.rows, nc, kc, 1.0f, g.A + k0, g.lda, buf, len, first && !g.accumulate ? 0.0f : 1.0f,
-            g.C + n0, g.ldc, last && g.bias ? g.bias + n0 : nullptr);
+      const std::uint16_t* src = g.H + (g.trans_h ? j0 * g.ldh + k0 : k0 * g.ldh + j0);
+      for (index_t i = 0; i < runs; ++i) convert(buf + i * len, src + i * g.ldh, len, g.t);
+      detail::sgemm_single_thread(false, g.trans_h, r1 - r0, nc, kc, 1.0f, g.A + r0 * g.lda + k0, g.lda, buf, len,
+                                  first && !g.accumulate ? 0.0f : 1.0f, g.C + r0 * g.ldc + j0, g.ldc,
+                                  last && g.bias ? g.bias + j0 : nullptr);
     }
   }
+}
+
+void blocked(const HalfGemm& g) {
+  const index_t useful = std::max<index_t>(1, g.rows * g.N * g.K / kMinMacsPerThread);
+  const index_t nt = std::min<index_t>(detail::kernel_threads(), useful);
+  const index_t groups = (g.N + 63) / 64;
+  const index_t col_shares = std::min(nt, groups);
+  const index_t row_shares = std::max<index_t>(1, std::min(nt / col_shares, g.rows / 48));  // >= 48 rows each
+  detail::parallel_for(col_shares * row_shares, 1, [&](index_t s0, index_t s1, int) {
+    for (index_t s = s0; s < s1; ++s) {
+      const index_t c = s % col_shares, r = s / col_shares;
+      blocked_share(g, g.rows * r / row_shares, g.rows * (r + 1) / row_shares,
+                    std::min(g.N, groups * c / col_shares * 64), std::min(g.N, groups * (c + 1) / col_shares * 64));
+    }
+  });
 }
 
 }  // namespace

@@ -34,7 +34,8 @@ void float_to_half_n(std::uint16_t* dst, const float* src, index_t n, HalfType t
 // values when accumulate. H is a 16-bit matrix with row stride ldh: op(H) = H^T when trans_h (H is N x K, as a
 // PyTorch (out, in) weight against x), else H (K x N).
 //   rows <= 4 (decoding): one fused pass that reads each weight element once, converting in registers.
-//   more rows: blocks of H converted to float32 (about 1 MB each, per calling thread) fed to sgemm.
+//   more rows: each thread converts blocks of its own share of H to float32 (1 MB, its own buffer) and multiplies
+//   them with the float32 GEMM.
 // The results equal the float32 product with half_to_float(H) up to float32 rounding.
 void gemm_half(bool trans_h, index_t rows, index_t N, index_t K, const float* A, index_t lda, const std::uint16_t* H,
                index_t ldh, HalfType t, bool accumulate, float* C, index_t ldc, const float* bias = nullptr);
