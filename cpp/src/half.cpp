@@ -137,7 +137,9 @@ struct HalfGemm {
 };
 
 constexpr index_t kSmallRows = 4;
-constexpr index_t kAxpyCols = 512;  // axpy form: columns per L1-resident accumulator block (4 rows x 2 KB)
+// Axpy form: accumulator floats per column block (16 KB, in L1): 4096 columns for one row, 1024 for four. Wide
+// blocks keep H's runs long (8 KB for one row), which the hardware prefetchers stream well.
+constexpr index_t kAxpyFloats = 4096;
 
 template <HalfType T>
 void dot_scalar(const HalfGemm& g, index_t j0, index_t j1) {
@@ -154,9 +156,10 @@ void dot_scalar(const HalfGemm& g, index_t j0, index_t j1) {
 
 template <HalfType T>
 void axpy_scalar(const HalfGemm& g, index_t n0, index_t n1) {
-  float acc[kSmallRows][kAxpyCols];
-  for (index_t c0 = n0; c0 < n1; c0 += kAxpyCols) {
-    const index_t nc = std::min(kAxpyCols, n1 - c0);
+  constexpr index_t kCols = kAxpyFloats / kSmallRows;
+  float acc[kSmallRows][kCols];
+  for (index_t c0 = n0; c0 < n1; c0 += kCols) {
+    const index_t nc = std::min(kCols, n1 - c0);
     for (index_t r = 0; r < g.rows; ++r) std::fill(acc[r], acc[r] + nc, 0.0f);
     for (index_t k = 0; k < g.K; ++k) {
       const std::uint16_t* h = g.H + k * g.ldh + c0;
@@ -207,13 +210,14 @@ CPUFORMER_F16C void dot_avx2(const HalfGemm& g, index_t j0, index_t j1) {
   for (; j < j1; ++j) dot_block_avx2<T, R, 1>(g, j);
 }
 
-// Columns [n0, n1) in blocks of kAxpyCols: the block's R accumulator rows stay in L1 while four rows of H at a time
+// Columns [n0, n1) in blocks of kAxpyFloats / R: the block's R accumulator rows stay in L1 while four rows of H at a time
 // stream past (four sequential streams; each accumulator load/store serves four multiply-adds).
 template <HalfType T, int R>
 CPUFORMER_F16C void axpy_avx2(const HalfGemm& g, index_t n0, index_t n1) {
-  alignas(32) float acc[R][kAxpyCols];
-  for (index_t c0 = n0; c0 < n1; c0 += kAxpyCols) {
-    const index_t nc = std::min(kAxpyCols, n1 - c0), nv = nc / 8 * 8;
+  constexpr index_t kCols = kAxpyFloats / R;
+  alignas(32) float acc[R][kCols];
+  for (index_t c0 = n0; c0 < n1; c0 += kCols) {
+    const index_t nc = std::min(kCols, n1 - c0), nv = nc / 8 * 8;
     for (int r = 0; r < R; ++r) std::fill(acc[r], acc[r] + nc, 0.0f);
     index_t k = 0;
     for (; k + 4 <= g.K; k += 4) {
