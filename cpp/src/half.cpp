@@ -214,7 +214,7 @@ CPUFORMER_F16C void dot_avx2(const HalfGemm& g, index_t j0, index_t j1) {
 // stream past (four sequential streams; each accumulator load/store serves four multiply-adds).
 template <HalfType T, int R>
 CPUFORMER_F16C void axpy_avx2(const HalfGemm& g, index_t n0, index_t n1) {
-  constexpr index_t kCols = kAxpyFloats / R;
+  constexpr index_t kCols = kAxpyFloats / R / 64 * 64;  // a multiple of 8: every acc[r] stays 32-byte aligned
   alignas(32) float acc[R][kCols];
   for (index_t c0 = n0; c0 < n1; c0 += kCols) {
     const index_t nc = std::min(kCols, n1 - c0), nv = nc / 8 * 8;
