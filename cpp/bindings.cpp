@@ -2063,6 +2063,104 @@ void bind_safetensors_map(py::module_& m) {
 
 }  // namespace
 
+// ===== 16-bit (bf16/f16) weights: conversions, linear, embedding (cpuformer/half.h) =====
+// Arrays of 16-bit values travel as numpy uint16 (numpy has no bfloat16; an f16 array is passed as .view(np.uint16)).
+namespace {
+
+using U16 = py::array_t<std::uint16_t, py::array::c_style>;
+
+HalfType half_kind(const std::string& kind) {
+  if (kind == "bf16") return HalfType::kBF16;
+  if (kind == "f16") return HalfType::kF16;
+  value_error("kind must be 'bf16' or 'f16', got '" + kind + "'");
+}
+
+// Exactly uint16, C-contiguous, no zero-size dimension; optionally a fixed rank range (as f32() for float32).
+U16 u16(const py::handle& obj, const char* name, int min_ndim = 0, int max_ndim = 64) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(std::string(name) + " must be a numpy uint16 array, got " + std::string(py::str(py::type::of(obj))));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().is(py::dtype::of<std::uint16_t>()))
+    throw py::type_error(std::string(name) + " must be uint16 (the 16-bit patterns; float16 arrays: .view(np.uint16)), got " +
+                         std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style)) value_error(std::string(name) + " must be C-contiguous");
+  if (a.ndim() < min_ndim || a.ndim() > max_ndim) {
+    std::ostringstream os;
+    os << name << " must have " << min_ndim;
+    if (max_ndim != min_ndim) os << ".." << max_ndim;
+    os << " dimensions, got shape " << shape_of(a);
+    value_error(os.str());
+  }
+  for (py::ssize_t i = 0; i < a.ndim(); ++i)
+    if (a.shape(i) == 0) value_error(std::string(name) + " has a zero-size dimension: shape " + shape_of(a));
+  return U16::ensure(a);
+}
+
+F32 half_to_float_py(const py::object& aobj, const std::string& kind) {
+  const HalfType t = half_kind(kind);
+  const U16 a = u16(aobj, "a");
+  F32 out(shape_vec(a));
+  float* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  half_to_float_n(po, a.data(), static_cast<index_t>(a.size()), t);
+  return out;
+}
+
+U16 float_to_half_py(const py::object& aobj, const std::string& kind) {
+  const HalfType t = half_kind(kind);
+  const F32 a = f32(aobj, "a");
+  U16 out(shape_vec(a));
+  std::uint16_t* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  float_to_half_n(po, a.data(), static_cast<index_t>(a.size()), t);
+  return out;
+}
+
+// x (..., in) -> x W^T + bias with W (out, in), or x W + bias with W (in, out) when in_out.
+F32 linear_half_py(const py::object& xobj, const py::object& wobj, const py::object& bobj, const std::string& kind,
+                   bool in_out) {
+  const HalfType t = half_kind(kind);
+  const U16 w = u16(wobj, "weight", 2, 2);
+  const index_t in = w.shape(in_out ? 0 : 1), out = w.shape(in_out ? 1 : 0);
+  LinearRef ref;
+  ref.in = in, ref.out = out, ref.half = w.data(), ref.half_type = t, ref.in_out = in_out;
+  return prepared_linear("linear_half", xobj, in, out, bobj, py::none(),
+                         [&](const float* x, index_t rows, const float* bias, float* y) {
+                           ref.bias = bias;
+                           linear_forward(y, out, x, in, rows, ref);
+                         });
+}
+
+F32 embedding_half_py(const py::object& ids_obj, const py::object& table_obj, const std::string& kind) {
+  const HalfType t = half_kind(kind);
+  const I64 ids = i64(ids_obj, "ids");
+  const U16 table = u16(table_obj, "table", 2, 2);
+  const index_t V = table.shape(0), C = table.shape(1), n = ids.size();
+  auto shape = shape_vec(ids);
+  shape.push_back(C);
+  F32 out(shape);
+  float* po = out.mutable_data();
+  py::gil_scoped_release nogil;
+  embedding_forward_half(po, ids.data(), table.data(), t, n, V, C);
+  return out;
+}
+
+void def_half(py::module_& m) {
+  m.def("half_to_float", &half_to_float_py, py::arg("a"), py::arg("kind"),
+        "uint16 array of bf16 ('bf16') or float16 ('f16') bit patterns -> float32 array of the same shape (exact).");
+  m.def("float_to_half", &float_to_half_py, py::arg("a"), py::arg("kind"),
+        "float32 array -> uint16 bit patterns of bf16 ('bf16') or float16 ('f16'), round to nearest even.");
+  m.def("linear_half", &linear_half_py, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::arg("kind") = "bf16", py::arg("in_out") = false,
+        "x (..., in) @ W^T + bias with a 16-bit weight W (out, in) (or x @ W with W (in, out) when in_out), converted "
+        "to float32 inside the product.");
+  m.def("embedding_half", &embedding_half_py, py::arg("ids"), py::arg("table"), py::arg("kind"),
+        "Rows of a 16-bit (V, C) table -> float32 (..., C).");
+}
+
+}  // namespace
+// ===== end of 16-bit weights =====
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -2340,4 +2438,6 @@ PYBIND11_MODULE(_core, m) {
         "mode 'separate': (d_query, d_key, d_value); 'summed' (self-attention): (d_input,); 'query_memory' (key is "
         "value): (d_query, d_memory).");
   bind_safetensors_map(m);  // memory-mapped safetensors (the block above PYBIND11_MODULE)
+
+  def_half(m);  // 16-bit weights (the block above PYBIND11_MODULE)
 }

@@ -7,6 +7,7 @@
 #include "cpuformer/common.h"
 #include "cpuformer/embedding.h"
 #include "cpuformer/feedforward.h"
+#include "cpuformer/half.h"
 #include "cpuformer/layernorm.h"
 #include "cpuformer/linear.h"
 #include "cpuformer/loss.h"

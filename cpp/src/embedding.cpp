@@ -3,6 +3,7 @@
 
 #include <cstring>
 
+#include "half_internal.h"
 #include "parallel.h"
 
 namespace cpuformer {
@@ -24,6 +25,15 @@ void embedding_forward(float* out, const std::int64_t* ids, const float* weight,
   detail::parallel_for(n, std::max<index_t>(1, (1 << 14) / C), [&](index_t t0, index_t t1, int) {
     for (index_t t = t0; t < t1; ++t)
       std::memcpy(out + t * C, weight + ids[t] * C, static_cast<size_t>(C) * sizeof(float));
+  });
+}
+
+void embedding_forward_half(float* out, const std::int64_t* ids, const std::uint16_t* weight, HalfType t, index_t n,
+                            index_t V, index_t C) {
+  CPUFORMER_CHECK(n >= 0 && V >= 1 && C >= 1, "embedding_forward_half: bad size n=", n, " V=", V, " C=", C);
+  check_ids("embedding_forward_half", ids, n, V);
+  detail::parallel_for(n, std::max<index_t>(1, (1 << 14) / C), [&](index_t t0, index_t t1, int) {
+    for (index_t i = t0; i < t1; ++i) detail::half_to_float_serial(out + i * C, weight + ids[i] * C, C, t);
   });
 }
 

@@ -1,4 +1,4 @@
-// linear.cpp: y = x W^T + b for a weight in any of its forms (float in either layout, packed, int8), and its
+// linear.cpp: y = x W^T + b for a weight in any of its forms (float in either layout, packed, int8, 16-bit), and its
 // backward. The one place a Linear layer's product is defined: the Transformer block, the feed-forward network and
 // the model heads all go through here.
 #include "cpuformer/linear.h"
@@ -17,6 +17,9 @@ void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t 
     linear_int8(x, rows, ldx, *w.int8, w.bias, y, ldy);
   } else if (w.packed && !(rows <= 4 && w.weight)) {
     sgemm_packed(rows, x, ldx, *w.packed, y, ldy, w.bias);
+  } else if (!w.weight && w.half) {  // (out, in) is H (N x K) against x: trans_h; (in, out) is H (K x N)
+    gemm_half(!w.in_out, rows, w.out, w.in, x, ldx, w.half, w.in_out ? w.out : w.in, w.half_type, false, y, ldy,
+              w.bias);
   } else {
     CPUFORMER_CHECK(w.weight != nullptr, "linear_forward: no weight");
     if (w.in_out)
@@ -28,7 +31,11 @@ void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t 
 
 void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight, float* dbias, const float* dy,
                      index_t lddy, const float* x, index_t ldx, index_t rows, const LinearRef& w) {
-  CPUFORMER_CHECK(w.weight != nullptr, "linear_backward: needs the float weight (prepared weights are inference-only)");
+  CPUFORMER_CHECK(w.weight != nullptr || w.half != nullptr,
+                  "linear_backward: needs the float or 16-bit weight (packed and int8 weights are inference-only)");
+  CPUFORMER_CHECK(w.weight != nullptr || dweight == nullptr,
+                  "linear_backward: weight gradients of a 16-bit (bf16/f16) weight are not supported; freeze it "
+                  "(dweight = null) or use a float32 weight");
   CPUFORMER_CHECK(w.in >= 1 && w.out >= 1 && rows >= 0 && ldx >= w.in && lddy >= w.out,
                   "linear_backward: bad sizes in=", w.in, " out=", w.out, " rows=", rows);
   if (rows == 0) return;
@@ -50,7 +57,10 @@ void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight
   }
   if (dx) {
     const float beta = accumulate_dx ? 1.0f : 0.0f;
-    if (w.in_out)
+    if (!w.weight)  // 16-bit weight: dx = dy W; (out, in) is H (K = out x N = in), (in, out) is H^T
+      gemm_half(w.in_out, rows, w.in, w.out, dy, lddy, w.half, w.in_out ? w.out : w.in, w.half_type, accumulate_dx,
+                dx, lddx);
+    else if (w.in_out)
       sgemm(false, true, rows, w.in, w.out, 1.0f, dy, lddy, w.weight, w.out, beta, dx, lddx);
     else
       sgemm(false, false, rows, w.in, w.out, 1.0f, dy, lddy, w.weight, w.in, beta, dx, lddx);

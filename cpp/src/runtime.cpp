@@ -11,7 +11,7 @@
 #include "parallel.h"
 #include "simd.h"
 
-#ifdef CPUFORMER_HAVE_AVX512
+#ifdef CPUFORMER_HAVE_AVX2
 #include <cpuid.h>
 #endif
 
@@ -63,6 +63,16 @@ bool detect_avx2_fma() {
 #endif
 }
 
+// F16C (CPUID.1:ECX bit 29; half-precision conversions). Every AVX2 CPU so far has it, but a hypervisor may hide it.
+bool detect_f16c() {
+#ifdef CPUFORMER_HAVE_AVX2
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  return detect_avx2_fma() && __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+#else
+  return false;
+#endif
+}
+
 // AVX-512 F/DQ/BW/VL (what the GEMM kernel is compiled for) and an OS that saves the opmask and zmm state on
 // context switches: XCR0 bits 1-2 (SSE, AVX) and 5-7 (opmask, ZMM0-15 upper halves, ZMM16-31). libgcc's
 // __builtin_cpu_supports checks XCR0 too on recent GCC; the explicit check keeps older runtimes safe.
@@ -104,6 +114,10 @@ std::atomic<int> g_path{initial_simd_choice()};
 namespace detail {
 bool use_avx2() { return g_path.load(std::memory_order_relaxed) >= kAvx2; }
 bool use_avx512() { return g_path.load(std::memory_order_relaxed) == kAvx512; }
+bool use_f16c() {
+  static const bool f16c = detect_f16c();  // CPUID once
+  return f16c && use_avx2();
+}
 
 int kernel_threads() {
   int n = g_threads.load(std::memory_order_relaxed);
@@ -136,6 +150,7 @@ int get_num_threads() {
 
 bool cpu_supports_avx2_fma() { return detect_avx2_fma(); }
 bool cpu_supports_avx512() { return detect_avx512(); }
+bool cpu_supports_f16c() { return detect_f16c(); }
 
 bool build_has_avx2() {
 #ifdef CPUFORMER_HAVE_AVX2

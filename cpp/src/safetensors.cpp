@@ -24,6 +24,7 @@
 #include <unistd.h>
 #endif
 
+#include "cpuformer/half.h"
 #include "json.h"
 #include "unicode.h"
 #include "cpuformer/model.h"
@@ -229,31 +230,6 @@ class JsonParser {
     }
   }
 };
-
-float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1F, mant = h & 0x3FF;
-  std::uint32_t bits;
-  if (exp == 0) {
-    if (mant == 0) {
-      bits = sign;
-    } else {  // subnormal half: normalise
-      int e = -1;
-      std::uint32_t m = mant;
-      do {
-        ++e;
-        m <<= 1;
-      } while (!(m & 0x400));
-      bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3FF) << 13);
-    }
-  } else if (exp == 31) {
-    bits = sign | 0x7F800000u | (mant << 13);
-  } else {
-    bits = sign | ((exp + 127 - 15) << 23) | (mant << 13);
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 }  // namespace
 
@@ -476,16 +452,24 @@ Status tensor_to_float(const TensorView& t, std::vector<float>* out) {
   return no_throw(where + ": ", [&] {
     std::vector<float> v(static_cast<size_t>(t.nbytes / itemsize));
     const unsigned char* p = t.data;
+    if ((d == DType::kF16 || d == DType::kBF16)) {  // the one 16-bit conversion (half.h)
+      const HalfType ht = d == DType::kF16 ? HalfType::kF16 : HalfType::kBF16;
+      if (reinterpret_cast<std::uintptr_t>(p) % 2 == 0) {
+        half_to_float_n(v.data(), reinterpret_cast<const std::uint16_t*>(p), static_cast<index_t>(v.size()), ht);
+      } else {
+        for (size_t i = 0; i < v.size(); ++i, p += 2) v[i] = half_to_float(static_cast<std::uint16_t>(load_le(p, 2)), ht);
+      }
+      *out = std::move(v);
+      return Status();
+    }
     for (size_t i = 0; i < v.size(); ++i, p += itemsize) {
-      if (d == DType::kF16) {
-        v[i] = half_to_float(static_cast<std::uint16_t>(load_le(p, 2)));
-      } else if (d == DType::kF64) {
+      if (d == DType::kF64) {
         const std::uint64_t bits = load_le(p, 8);
         double x;
         std::memcpy(&x, &bits, 8);
         v[i] = static_cast<float>(x);
-      } else {  // F32, or BF16: the top half of a float32
-        const auto bits = static_cast<std::uint32_t>(d == DType::kF32 ? load_le(p, 4) : load_le(p, 2) << 16);
+      } else {  // F32
+        const auto bits = static_cast<std::uint32_t>(load_le(p, 4));
         std::memcpy(&v[i], &bits, 4);
       }
     }

@@ -12,6 +12,7 @@
 namespace cpuformer::detail {
 bool use_avx2();    // the SIMD path in use now (runtime.cpp): true on the "avx2" and "avx512" paths
 bool use_avx512();  // the "avx512" path: the GEMM's AVX-512 micro-kernel; every other kernel runs its AVX2 code
+bool use_f16c();    // use_avx2() and the CPU has F16C: the 16-bit weight kernels (half.cpp) run their AVX2 code
 }
 
 #if !defined(CPUFORMER_FORCE_SCALAR) && (defined(__x86_64__) || defined(__i386__)) && \
@@ -19,6 +20,8 @@ bool use_avx512();  // the "avx512" path: the GEMM's AVX-512 micro-kernel; every
 #define CPUFORMER_HAVE_AVX2 1
 #include <immintrin.h>
 #define CPUFORMER_AVX2 __attribute__((target("avx2,fma")))
+// The 16-bit weight kernels (half.cpp): AVX2 + FMA + F16C (vcvtph2ps), reached only when use_f16c().
+#define CPUFORMER_F16C __attribute__((target("avx2,fma,f16c")))
 // AVX-512 code (the GEMM micro-kernel only) likewise: per function, reached only when use_avx512(). Left out of
 // sanitizer builds (CPUFORMER_NO_AVX512, set by CMake): under GCC 12's -fsanitize=address the packed-A AVX-512
 // kernel computes wrong products (no report), while release builds match the float64 reference and the AVX2 path

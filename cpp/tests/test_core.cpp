@@ -1138,6 +1138,230 @@ void test_positions_norms(std::mt19937& gen) {
   }
 }
 
+// ---- 16-bit (bf16/f16) weights: conversions, products, embedding (cpuformer/half.h) ----
+
+std::uint32_t float_bits(float f) {
+  std::uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// f16 value by its definition (double arithmetic): a reference independent of the library's bit manipulation.
+double f16_value(std::uint16_t h) {
+  const int sign = h >> 15, exp = (h >> 10) & 31, mant = h & 1023;
+  double v = exp == 0 ? std::ldexp(double(mant), -24) : exp == 31 ? (mant ? std::nan("") : INFINITY)
+                                                                  : std::ldexp(1.0 + mant / 1024.0, exp - 15);
+  return sign ? -v : v;
+}
+
+// Exhaustive over all 65536 values of each kind (path-independent bits), plus rounding cases.
+void test_half_conversions(std::mt19937& gen) {
+  using cpuformer::HalfType;
+  using cpuformer::index_t;
+  const std::string path = " path=" + cpuformer::get_simd_path();
+  std::vector<std::uint16_t> all(65536 + 1);
+  for (int i = 0; i < 65536; ++i) all[i + 1] = static_cast<std::uint16_t>(i);
+  std::vector<float> vec(65536);
+  for (HalfType t : {HalfType::kF16, HalfType::kBF16}) {
+    const std::string kind = t == HalfType::kF16 ? "f16" : "bf16";
+    // all.data() + 1: 2-byte but not 4/16-byte aligned, as in a memory-mapped file; odd lengths leave tails.
+    cpuformer::half_to_float_n(vec.data(), all.data() + 1, 65536, t);
+    int bad_scalar = 0, bad_vec = 0, bad_trip = 0;
+    for (int i = 0; i < 65536; ++i) {
+      const auto h = static_cast<std::uint16_t>(i);
+      const float f = cpuformer::half_to_float(h, t);
+      if (t == HalfType::kBF16) {
+        if (float_bits(f) != std::uint32_t(i) << 16) ++bad_scalar;
+      } else {
+        const double v = f16_value(h);
+        if (std::isnan(v) ? !(std::isnan(f) && (float_bits(f) & 0x400000u) &&
+                              ((float_bits(f) >> 13) & 0x3FFu) == ((h & 0x3FFu) | 0x200u) && (float_bits(f) >> 31) == (h >> 15))
+                          : !(double(f) == v && std::signbit(f) == bool(h >> 15)))
+          ++bad_scalar;
+      }
+      if (float_bits(vec[i]) != float_bits(f)) ++bad_vec;
+      const std::uint16_t back = cpuformer::float_to_half(f, t);
+      if (std::isnan(f) ? !std::isnan(cpuformer::half_to_float(back, t)) : back != h) ++bad_trip;
+    }
+    check(bad_scalar == 0, "half_to_float exact, all " + kind + " values: " + std::to_string(bad_scalar) + " wrong");
+    check(bad_vec == 0, "half_to_float_n == half_to_float, " + kind + path + ": " + std::to_string(bad_vec) + " differ");
+    check(bad_trip == 0, "float_to_half(half_to_float(h)) == h, " + kind + ": " + std::to_string(bad_trip) + " differ");
+    for (int n : {1, 7, 9, 15, 17, 33}) {  // short and odd runs from odd offsets
+      std::vector<float> part(n + 1, -1.0f);
+      cpuformer::half_to_float_n(part.data(), all.data() + 1 + 12345, n, t);
+      bool ok = part[n] == -1.0f;
+      for (int i = 0; i < n; ++i) ok = ok && float_bits(part[i]) == float_bits(vec[12345 + i]);
+      check(ok, "half_to_float_n n=" + std::to_string(n) + " " + kind + path);
+    }
+  }
+  // Ties to even, overflow, subnormals.
+  const auto f16 = [](float x) { return cpuformer::float_to_half(x, HalfType::kF16); };
+  const auto bf16 = [](float x) { return cpuformer::float_to_half(x, HalfType::kBF16); };
+  check(f16(1.0f + 0x1p-11f) == 0x3C00 && f16(1.0f + 3 * 0x1p-11f) == 0x3C02 && f16(-2.0f) == 0xC000 &&
+            f16(-0.0f) == 0x8000,
+        "float_to_half f16 ties to even");
+  check(f16(65504.0f) == 0x7BFF && f16(65519.0f) == 0x7BFF && f16(65520.0f) == 0x7C00 && f16(1e30f) == 0x7C00 &&
+            f16(-INFINITY) == 0xFC00,
+        "float_to_half f16 overflow");
+  check(f16(0x1p-24f) == 0x0001 && f16(0x1p-25f) == 0x0000 && f16(1.5f * 0x1p-25f) == 0x0001 &&
+            f16(3 * 0x1p-25f) == 0x0002 && f16(0x1p-14f - 0x1p-25f) == 0x0400 && f16(-0x1p-30f) == 0x8000,
+        "float_to_half f16 subnormals");
+  check(bf16(1.0f + 0x1p-8f) == 0x3F80 && bf16(1.0f + 3 * 0x1p-8f) == 0x3F82 &&
+            bf16(std::numeric_limits<float>::max()) == 0x7F80 && bf16(-INFINITY) == 0xFF80,
+        "float_to_half bf16 ties to even, overflow");
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::uint32_t snan_bits = 0x7F800001u;  // signalling NaN whose payload is below bf16's bits
+  float snan;
+  std::memcpy(&snan, &snan_bits, 4);
+  check(std::isnan(cpuformer::half_to_float(f16(nan), HalfType::kF16)) &&
+            std::isnan(cpuformer::half_to_float(bf16(nan), HalfType::kBF16)) &&
+            std::isnan(cpuformer::half_to_float(f16(snan), HalfType::kF16)) &&
+            std::isnan(cpuformer::half_to_float(bf16(snan), HalfType::kBF16)),
+        "float_to_half keeps NaN");
+  // Random floats of all magnitudes: the nearest value, ties to even (checked against the neighbours in double).
+  std::uniform_int_distribution<std::uint32_t> bits(0, 0xFFFFFFFFu);
+  int bad = 0;
+  for (int i = 0; i < 20000; ++i) {
+    std::uint32_t b = bits(gen);
+    if ((b & 0x7F800000u) == 0x7F800000u) continue;
+    if (i % 2) b = (b & 0x807FFFFFu) | ((100u + b % 50u) << 23);  // half the samples in the f16 range
+    float x;
+    std::memcpy(&x, &b, 4);
+    const std::uint16_t h = f16(x);
+    const double v = f16_value(h), xd = x;
+    if (std::isinf(v)) {
+      if (std::fabs(xd) < 65520.0) ++bad;
+      continue;
+    }
+    for (int d : {-1, 1}) {
+      const int nb = int(h & 0x7FFF) + d;
+      if (nb < 0 || nb > 0x7BFF) continue;
+      const double nv = f16_value(static_cast<std::uint16_t>((h & 0x8000) | nb));
+      const double e = std::fabs(v - xd), ne = std::fabs(nv - xd);
+      if (ne < e || (ne == e && (h & 1))) ++bad;
+    }
+  }
+  check(bad == 0, "float_to_half f16 nearest, ties to even (random floats): " + std::to_string(bad) + " wrong");
+}
+
+// Largest |y - ref| / (|x| |op(W)| + |bias|) of the same element: float32 rounding relative to the terms summed, so a
+// single output whose terms cancel (out = 1) is not judged by its tiny value.
+double max_err_vs_terms(const std::vector<float>& y, const std::vector<float>& ref, int rows, int out, int ldy,
+                        const std::vector<float>& x, int ldx, const std::vector<float>& w, bool in_out, int in,
+                        const float* bias) {
+  std::vector<float> ax(x.size()), aw(w.size()), ab(out, 0.0f), mag(size_t(rows) * ldy);
+  for (size_t i = 0; i < x.size(); ++i) ax[i] = std::fabs(x[i]);
+  for (size_t i = 0; i < w.size(); ++i) aw[i] = std::fabs(w[i]);
+  for (int j = 0; j < out && bias; ++j) ab[j] = std::fabs(bias[j]);
+  cpuformer::sgemm_ref(false, !in_out, rows, out, in, 1.0f, ax.data(), ldx, aw.data(), in_out ? out : in, 0.0f,
+                       mag.data(), ldy, ab.data());
+  double err = 0;
+  for (int r = 0; r < rows; ++r)
+    for (int j = 0; j < out; ++j) {
+      const size_t i = size_t(r) * ldy + j;
+      err = std::max(err, std::fabs(double(y[i]) - ref[i]) / (double(mag[i]) + 1e-30));
+    }
+  return err;
+}
+
+// linear_forward / linear_backward with only a 16-bit weight against the float32 product with the converted weight.
+void test_half_linear(std::mt19937& gen) {
+  using cpuformer::HalfType;
+  using cpuformer::index_t;
+  const std::string where = " path=" + cpuformer::get_simd_path() + " threads=" + std::to_string(cpuformer::get_num_threads());
+  const int sizes[] = {1, 7, 33, 300};
+  for (HalfType t : {HalfType::kF16, HalfType::kBF16})
+    for (int in_out = 0; in_out < 2; ++in_out)
+      for (int rows : {1, 2, 3, 4, 5, 17, 130})
+        for (int in : sizes)
+          for (int out : sizes) {
+            const bool with_bias = (rows + in + out) % 2 == 0 || rows == 1;
+            if (rows == 130 && in * out > 300 * 33) continue;  // keep the double reference quick
+            auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * in), bias = random_vec(gen, out);
+            std::vector<std::uint16_t> H(W.size());
+            cpuformer::float_to_half_n(H.data(), W.data(), index_t(W.size()), t);
+            cpuformer::half_to_float_n(W.data(), H.data(), index_t(W.size()), t);  // the weight the product uses
+            std::vector<float> Y(size_t(rows) * out, NAN), R(Y.size());
+            cpuformer::LinearRef w;
+            w.in = in, w.out = out, w.half = H.data(), w.half_type = t, w.in_out = in_out;
+            w.bias = with_bias ? bias.data() : nullptr;
+            cpuformer::linear_forward(Y.data(), out, X.data(), in, rows, w);
+            cpuformer::sgemm_ref(false, !in_out, rows, out, in, 1.0f, X.data(), in, W.data(), in_out ? out : in, 0.0f,
+                                 R.data(), out, w.bias);
+            check(max_err_vs_terms(Y, R, rows, out, out, X, in, W, in_out, in, w.bias) < 1e-5,
+                  std::string("linear_forward half ") + (t == HalfType::kF16 ? "f16" : "bf16") + " rows=" +
+                      std::to_string(rows) + " in=" + std::to_string(in) + " out=" + std::to_string(out) +
+                      " in_out=" + std::to_string(in_out) + " bias=" + std::to_string(with_bias) + where);
+          }
+  // Several K and N blocks of the converted-block path, strided x and y (the gaps stay untouched), and dx.
+  for (int in_out = 0; in_out < 2; ++in_out)
+    for (int rows : {3, 9}) {
+      const int in = 1100, out = 300, ldx = in + 5, ldy = out + 3;
+      auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * ldx), bias = random_vec(gen, out);
+      std::vector<std::uint16_t> H(W.size());
+      cpuformer::float_to_half_n(H.data(), W.data(), index_t(W.size()), HalfType::kBF16);
+      cpuformer::half_to_float_n(W.data(), H.data(), index_t(W.size()), HalfType::kBF16);
+      std::vector<float> Y(size_t(rows) * ldy, -3.0f), R(Y.size(), -3.0f);
+      cpuformer::LinearRef w;
+      w.in = in, w.out = out, w.half = H.data(), w.in_out = in_out, w.bias = bias.data();
+      cpuformer::linear_forward(Y.data(), ldy, X.data(), ldx, rows, w);
+      cpuformer::sgemm_ref(false, !in_out, rows, out, in, 1.0f, X.data(), ldx, W.data(), in_out ? out : in, 0.0f,
+                           R.data(), ldy, bias.data());
+      bool gaps = true;
+      for (int r = 0; r < rows; ++r)
+        for (int c = out; c < ldy; ++c) gaps = gaps && Y[r * ldy + c] == -3.0f;
+      const std::string shape = " rows=" + std::to_string(rows) + " in_out=" + std::to_string(in_out) + where;
+      check(max_rel_err(Y, R) < 1e-5 && gaps, "linear_forward half, strided, K and N blocks" + shape);
+
+      // dx = dy W, overwritten and accumulated; the float weight's backward is the reference.
+      auto dY = random_vec(gen, size_t(rows) * out);
+      std::vector<float> dX(size_t(rows) * in, 1.5f), dR(dX.size(), 1.5f);
+      cpuformer::LinearRef wf = w;
+      wf.half = nullptr, wf.weight = W.data();
+      for (bool acc : {false, true}) {
+        cpuformer::linear_backward(dX.data(), in, acc, nullptr, nullptr, dY.data(), out, X.data(), ldx, rows, w);
+        cpuformer::linear_backward(dR.data(), in, acc, nullptr, nullptr, dY.data(), out, X.data(), ldx, rows, wf);
+        check(max_rel_err(dX, dR) < 1e-5, std::string("linear_backward half dx accumulate=") + (acc ? "1" : "0") + shape);
+      }
+      std::vector<float> dW(W.size(), 0.0f);
+      bool threw = false;
+      try {
+        cpuformer::linear_backward(dX.data(), in, false, dW.data(), nullptr, dY.data(), out, X.data(), ldx, rows, w);
+      } catch (const std::invalid_argument&) {
+        threw = true;
+      }
+      check(threw, "linear_backward with a half weight and dweight throws std::invalid_argument");
+    }
+}
+
+void test_half_embedding(std::mt19937& gen) {
+  using cpuformer::HalfType;
+  using cpuformer::index_t;
+  const int V = 50, C = 37, n = 23;
+  auto table = random_vec(gen, size_t(V) * C);
+  std::vector<std::uint16_t> H(table.size());
+  std::vector<std::int64_t> ids(n);
+  for (int i = 0; i < n; ++i) ids[i] = (i * 17 + 3) % V;
+  for (HalfType t : {HalfType::kF16, HalfType::kBF16}) {
+    cpuformer::float_to_half_n(H.data(), table.data(), index_t(H.size()), t);
+    std::vector<float> out(size_t(n) * C);
+    cpuformer::embedding_forward_half(out.data(), ids.data(), H.data(), t, n, V, C);
+    bool ok = true;
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < C; ++c) ok = ok && out[i * C + c] == cpuformer::half_to_float(H[ids[i] * C + c], t);
+    check(ok, "embedding_forward_half path=" + cpuformer::get_simd_path());
+    std::vector<std::int64_t> bad = {1, V};
+    std::fill(out.begin(), out.end(), -7.0f);
+    bool threw = false;
+    try {
+      cpuformer::embedding_forward_half(out.data(), bad.data(), H.data(), t, 2, V, C);
+    } catch (const std::out_of_range&) {
+      threw = true;
+    }
+    check(threw && out[0] == -7.0f, "embedding_forward_half id out of range throws, writes nothing");
+  }
+}
+
 int main() {
   std::mt19937 gen(1234);
   std::vector<std::string> paths = {"scalar"};
@@ -1152,7 +1376,10 @@ int main() {
       test_prepared_weights(gen);
       test_int8_kernels(gen);
       test_positions_norms(gen);
+      test_half_linear(gen);
     }
+    test_half_conversions(gen);
+    test_half_embedding(gen);
   }
   test_sgemm_avx512_equals_avx2(gen);
   test_errors();

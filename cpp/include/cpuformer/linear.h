@@ -2,10 +2,14 @@
 //
 // The weight is read where it lies: PyTorch's (out, in) layout, or the (in, out) layout of GPT-2's Conv1D
 // (`in_out`), so checkpoints are never transposed at load. For inference it may also be prepared once: packed
-// into the GEMM's panels (freeze) or quantized to int8 (quantize_dynamic); the product then uses that form.
+// into the GEMM's panels (freeze) or quantized to int8 (quantize_dynamic); the product then uses that form. A
+// checkpoint's bf16/f16 weight may also be used as it lies (`half`, e.g. memory-mapped), converted inside the product.
 #pragma once
 
+#include <cstdint>
+
 #include "cpuformer/common.h"
+#include "cpuformer/half.h"
 #include "cpuformer/matmul.h"
 #include "cpuformer/quantize.h"
 
@@ -18,17 +22,21 @@ struct LinearRef {
   bool in_out = false;
   const PackedMatrix* packed = nullptr;  // op(weight) packed by sgemm_pack_b (float32, inference)
   const Int8Weight* int8 = nullptr;      // int8 per-channel weight (inference)
+  const std::uint16_t* half = nullptr;   // 16-bit weight in weight's layout (inference; training only needs dx)
+  HalfType half_type = HalfType::kBF16;
 
-  bool present() const { return weight || packed || int8; }
+  bool present() const { return weight || packed || int8 || half; }
 };
 
 // y[rows, out] (row stride ldy) = x[rows, in] (row stride ldx) W^T + b, through whichever form w holds (int8 first,
-// then packed; a packed product of 1-4 rows reads the float weight when it has one: streaming W once beats packing).
+// then packed; a packed product of 1-4 rows reads the float weight when it has one: streaming W once beats packing;
+// then the float weight, then the 16-bit one).
 void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t rows, const LinearRef& w);
 
 // dx[rows, in] = dy W (overwritten, or added when accumulate_dx; dx may be null: no input gradient);
 // dweight += dy^T x in the weight's own layout, dbias += column sums of dy (either may be null: frozen).
-// Needs the float weight.
+// Needs the float weight, or, for dx only, the 16-bit one (dweight with only a 16-bit weight throws
+// std::invalid_argument: gradients of 16-bit weights are not supported; frozen ones need only dx).
 void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight, float* dbias, const float* dy,
                      index_t lddy, const float* x, index_t ldx, index_t rows, const LinearRef& w);
 

@@ -23,6 +23,7 @@ void set_simd_path(const std::string& path);
 std::string get_simd_path();
 bool cpu_supports_avx2_fma();   // what this CPU offers
 bool cpu_supports_avx512();     // AVX-512 F/DQ/BW/VL usable (CPU and OS)
+bool cpu_supports_f16c();       // AVX2/FMA and F16C: the 16-bit weight kernels (half.h) run AVX2 code off "scalar"
 bool build_has_avx2();          // false when built with CPUFORMER_FORCE_SCALAR
 bool build_has_avx512();        // false when built with CPUFORMER_FORCE_SCALAR
 
