@@ -2161,6 +2161,265 @@ void def_half(py::module_& m) {
 }  // namespace
 // ===== end of 16-bit weights =====
 
+// ---- Hugging Face model directories (issue 15; python/cpuformer/models/hub.py), over cpuformer/pretrained.h ----
+#include "cpuformer/pretrained.h"
+
+namespace {
+
+// A Status from loading or running a pretrained model: FileNotFoundError for a missing file or directory,
+// ValueError for everything else (bad files, bad arguments).
+[[noreturn]] void pretrained_fail(const Status& st) {
+  const std::string& msg = st.message();
+  if (st.is_not_found()) {
+    PyErr_SetString(PyExc_FileNotFoundError, msg.c_str());
+    throw py::error_already_set();
+  }
+  value_error(msg);
+}
+
+// (B, T) int64 ids and an optional mask / type ids of the same shape.
+struct TextArgs {
+  I64 ids;
+  std::optional<I64> mask, types;
+  index_t B = 0, T = 0;
+};
+TextArgs text_args(const py::object& ids, const py::object& mask, const py::object& types, const char* ids_name) {
+  TextArgs a{i64(ids, ids_name), std::nullopt, std::nullopt};
+  if (a.ids.ndim() != 2) value_error(std::string(ids_name) + " must be (batch, length), got shape " + shape_of(a.ids));
+  a.B = a.ids.shape(0), a.T = a.ids.shape(1);
+  const auto other = [&](const py::object& o, const char* n) -> std::optional<I64> {
+    if (o.is_none()) return std::nullopt;
+    I64 x = i64(o, n);
+    if (x.ndim() != 2 || x.shape(0) != a.B || x.shape(1) != a.T)
+      value_error(std::string(n) + " must have the shape of " + ids_name + " " + shape_of(a.ids) + ", got " + shape_of(x));
+    return x;
+  };
+  a.mask = other(mask, "attention_mask");
+  a.types = other(types, "token_type_ids");
+  return a;
+}
+const std::int64_t* opt_data(const std::optional<I64>& a) { return a ? a->data() : nullptr; }
+
+F32 to_f32(std::vector<float>&& v, std::vector<py::ssize_t> shape) {
+  F32 out(shape);
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
+const char* kind_name(PretrainedModel::Kind k) {
+  switch (k) {
+    case PretrainedModel::Kind::kEncoder: return "encoder";
+    case PretrainedModel::Kind::kDecoder: return "decoder";
+    case PretrainedModel::Kind::kSeq2Seq: return "seq2seq";
+    default: return "vision";
+  }
+}
+const char* head_name(PretrainedModel::Head h) {
+  using H = PretrainedModel::Head;
+  switch (h) {
+    case H::kBase: return "base";
+    case H::kSequenceClassification: return "sequence-classification";
+    case H::kTokenClassification: return "token-classification";
+    case H::kQuestionAnswering: return "question-answering";
+    case H::kMaskedLM: return "masked-lm";
+    case H::kCausalLM: return "causal-lm";
+    case H::kSeq2SeqLM: return "seq2seq-lm";
+    default: return "image-classification";
+  }
+}
+
+std::shared_ptr<PretrainedModel> pretrained_load(const std::string& dir, const std::string& dtype,
+                                                 const std::string& weights) {
+  PretrainedOptions o;
+  if (dtype == "float32") o.dtype = PretrainedOptions::kFloat32;
+  else if (dtype != "auto") value_error("dtype must be 'auto' or 'float32', got '" + dtype + "'");
+  if (weights == "packed") o.weights = LoadOptions::kPacked;
+  else if (weights == "int8") o.weights = LoadOptions::kInt8;
+  else if (weights != "float32") value_error("weights must be 'float32', 'packed' or 'int8', got '" + weights + "'");
+  std::unique_ptr<PretrainedModel> model;
+  Status st;
+  {
+    py::gil_scoped_release nogil;
+    st = PretrainedModel::load(dir, &model, o);
+  }
+  if (!st.ok()) pretrained_fail(st);
+  return std::shared_ptr<PretrainedModel>(std::move(model));
+}
+
+GenerationOptions generation_options(std::int64_t max_new_tokens, bool do_sample, float temperature,
+                                     std::int64_t top_k, float top_p, const py::object& eos, std::int64_t pad,
+                                     std::uint64_t seed, std::int64_t num_beams, double length_penalty) {
+  GenerationOptions o;
+  o.max_new_tokens = max_new_tokens, o.do_sample = do_sample, o.temperature = temperature, o.top_k = top_k;
+  o.top_p = top_p, o.pad_token_id = pad, o.seed = seed, o.num_beams = num_beams, o.length_penalty = length_penalty;
+  if (!eos.is_none()) {
+    o.eos_token_ids = eos.cast<std::vector<std::int64_t>>();
+    o.no_eos = o.eos_token_ids.empty();  // an empty list: never stop early
+  }
+  return o;
+}
+
+}  // namespace
+
+void bind_pretrained(py::module_& m) {
+  using PM = PretrainedModel;
+  py::class_<PM, std::shared_ptr<PM>>(m, "_PretrainedModel",
+                                     "A Hugging Face model directory run by the C++ core (cpuformer/pretrained.h).")
+      .def_static("load", &pretrained_load, py::arg("directory"), py::arg("dtype") = "auto",
+                  py::arg("weights") = "float32")
+      .def_property_readonly("kind", [](const PM& p) { return kind_name(p.kind()); })
+      .def_property_readonly("head", [](const PM& p) { return head_name(p.head()); })
+      .def_property_readonly("model_type", &PM::model_type)
+      .def_property_readonly("architecture", &PM::architecture)
+      .def_property_readonly("hidden_size", &PM::hidden_size)
+      .def_property_readonly("vocab_size", &PM::vocab_size)
+      .def_property_readonly("num_labels", &PM::num_labels)
+      .def_property_readonly("has_pooler", &PM::has_pooler)
+      .def_property_readonly("pad_token_id", &PM::pad_token_id)
+      .def_property_readonly("decoder_start_token_id", &PM::decoder_start_token_id)
+      .def_property_readonly("eos_token_ids", &PM::eos_token_ids)
+      .def_property_readonly("max_positions", &PM::max_positions)
+      .def_property_readonly("mapped_bytes", &PM::mapped_bytes)
+      .def_property_readonly("owned_bytes", &PM::owned_bytes)
+      .def("hidden_states", [](const PM& p, const py::object& ids, const py::object& mask, const py::object& types) {
+            TextArgs a = text_args(ids, mask, types, "input_ids");
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.hidden_states(a.ids.data(), a.B, a.T, opt_data(a.mask), opt_data(a.types), &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            return to_f32(std::move(out), {a.B, a.T, static_cast<py::ssize_t>(p.hidden_size())});
+          }, py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("token_type_ids") = py::none())
+      .def("pooler_output", [](const PM& p, const py::object& ids, const py::object& mask, const py::object& types) {
+            TextArgs a = text_args(ids, mask, types, "input_ids");
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.pooler_output(a.ids.data(), a.B, a.T, opt_data(a.mask), opt_data(a.types), &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            return to_f32(std::move(out), {a.B, static_cast<py::ssize_t>(p.hidden_size())});
+          }, py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("token_type_ids") = py::none())
+      .def("head_output", [](const PM& p, const py::object& ids, const py::object& mask, const py::object& types) {
+            TextArgs a = text_args(ids, mask, types, "input_ids");
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.head_output(a.ids.data(), a.B, a.T, opt_data(a.mask), opt_data(a.types), &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            const auto w = static_cast<py::ssize_t>(p.head_width());
+            if (p.head() == PM::Head::kSequenceClassification) return to_f32(std::move(out), {a.B, w});
+            return to_f32(std::move(out), {a.B, a.T, w});
+          }, py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("token_type_ids") = py::none())
+      .def("generate", [](const PM& p, const py::object& ids, const py::object& mask, std::int64_t max_new_tokens,
+                          bool do_sample, float temperature, std::int64_t top_k, float top_p, const py::object& eos,
+                          std::int64_t pad, std::uint64_t seed) {
+            TextArgs a = text_args(ids, mask, py::none(), "input_ids");
+            GenerationOptions o = generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
+                                                     seed, 1, 1.0);
+            std::vector<std::int64_t> out;
+            std::int64_t n = 0;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.generate(a.ids.data(), a.B, a.T, opt_data(a.mask), o, &out, &n);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            I64 r({a.B, static_cast<py::ssize_t>(a.T + n)});
+            std::copy(out.begin(), out.end(), r.mutable_data());
+            return r;
+          }, py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("max_new_tokens") = 20,
+          py::arg("do_sample") = false, py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+          py::arg("eos_token_id") = py::none(), py::arg("pad_token_id") = -1, py::arg("seed") = 0)
+      .def("seq2seq_logits", [](const PM& p, const py::object& src, const py::object& mask, const py::object& dec) {
+            TextArgs a = text_args(src, mask, py::none(), "input_ids");
+            TextArgs d = text_args(dec, py::none(), py::none(), "decoder_input_ids");
+            if (d.B != a.B) value_error("decoder_input_ids must have the batch size of input_ids");
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.seq2seq_logits(a.ids.data(), a.B, a.T, opt_data(a.mask), d.ids.data(), d.T, &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            return to_f32(std::move(out), {a.B, d.T, static_cast<py::ssize_t>(p.vocab_size())});
+          }, py::arg("input_ids"), py::arg("attention_mask"), py::arg("decoder_input_ids"))
+      .def("seq2seq_generate", [](const PM& p, const py::object& src, const py::object& mask,
+                                  std::int64_t max_new_tokens, std::int64_t num_beams, double length_penalty,
+                                  bool do_sample, float temperature, std::int64_t top_k, float top_p,
+                                  const py::object& eos, std::int64_t pad, std::uint64_t seed) {
+            TextArgs a = text_args(src, mask, py::none(), "input_ids");
+            GenerationOptions o = generation_options(max_new_tokens, do_sample, temperature, top_k, top_p, eos, pad,
+                                                     seed, num_beams, length_penalty);
+            std::vector<std::int64_t> out;
+            std::int64_t L = 0;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.seq2seq_generate(a.ids.data(), a.B, a.T, opt_data(a.mask), o, &out, &L);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            I64 r({a.B, static_cast<py::ssize_t>(L)});
+            std::copy(out.begin(), out.end(), r.mutable_data());
+            return r;
+          }, py::arg("input_ids"), py::arg("attention_mask") = py::none(), py::arg("max_new_tokens") = 20,
+          py::arg("num_beams") = 1, py::arg("length_penalty") = 1.0, py::arg("do_sample") = false,
+          py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+          py::arg("eos_token_id") = py::none(), py::arg("pad_token_id") = -1, py::arg("seed") = 0)
+      .def("vision_forward", [](const PM& p, const py::object& pixels, bool pooled) {
+            F32 x = f32(pixels, "pixel_values", 4, 4);
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.vision_forward(x.data(), x.shape(0), x.shape(1), x.shape(2), x.shape(3), pooled, &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            const auto B = x.shape(0);
+            const auto n = static_cast<py::ssize_t>(out.size()) / B;
+            if (!pooled && p.head() == PM::Head::kBase)
+              return to_f32(std::move(out), {B, n / static_cast<py::ssize_t>(p.hidden_size()),
+                                             static_cast<py::ssize_t>(p.hidden_size())});
+            return to_f32(std::move(out), {B, n});
+          }, py::arg("pixel_values"), py::arg("pooled") = false);
+  m.def("sentence_pooling", [](const py::object& hidden, const py::object& mask, const std::vector<std::string>& modes,
+                               bool normalize) {
+        F32 h = f32(hidden, "hidden", 3, 3);
+        std::optional<I64> am;
+        if (!mask.is_none()) {
+          am = i64(mask, "attention_mask");
+          if (am->ndim() != 2 || am->shape(0) != h.shape(0) || am->shape(1) != h.shape(1))
+            value_error("attention_mask must be (batch, length) of hidden " + shape_of(h) + ", got " + shape_of(*am));
+        }
+        PoolingModes pm;
+        pm.mean = false, pm.normalize = normalize;
+        for (const std::string& mode : modes) {
+          if (mode == "cls") pm.cls = true;
+          else if (mode == "max") pm.max = true;
+          else if (mode == "mean") pm.mean = true;
+          else if (mode == "mean_sqrt_len") pm.mean_sqrt_len = true;
+          else if (mode == "weightedmean") pm.weighted_mean = true;
+          else if (mode == "lasttoken") pm.last_token = true;
+          else value_error("unknown pooling mode '" + mode + "' (cls, max, mean, mean_sqrt_len, weightedmean, lasttoken)");
+        }
+        std::vector<float> out;
+        Status st;
+        {
+          py::gil_scoped_release nogil;
+          st = sentence_pooling(h.data(), h.shape(0), h.shape(1), h.shape(2), opt_data(am), pm, &out);
+        }
+        if (!st.ok()) pretrained_fail(st);
+        return to_f32(std::move(out), {h.shape(0), static_cast<py::ssize_t>(pm.count()) * h.shape(2)});
+      }, py::arg("hidden"), py::arg("attention_mask"), py::arg("modes"), py::arg("normalize") = false,
+      "sentence-transformers pooling: the modes' vectors concatenated (cls, max, mean, mean_sqrt_len, weightedmean, "
+      "lasttoken order), optionally L2-normalised.");
+}
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "cpuformer C++ core (private: use cpuformer.ops)";
   // C++ exceptions map to Python ones: invalid_argument -> ValueError, out_of_range -> IndexError.
@@ -2438,6 +2697,7 @@ PYBIND11_MODULE(_core, m) {
         "mode 'separate': (d_query, d_key, d_value); 'summed' (self-attention): (d_input,); 'query_memory' (key is "
         "value): (d_query, d_memory).");
   bind_safetensors_map(m);  // memory-mapped safetensors (the block above PYBIND11_MODULE)
-
   def_half(m);  // 16-bit weights (the block above PYBIND11_MODULE)
+
+  bind_pretrained(m);
 }

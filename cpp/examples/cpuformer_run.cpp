@@ -23,6 +23,13 @@
 //   cpuformer_run DIR translate "text" [MAX_LEN [BEAM]]                             the decoded translation
 // Several texts are padded to the longest (the tokenizer's pad token) with an attention mask.
 //
+// Hugging Face model directories (config.json + safetensors + tokenizer.json; cpuformer/pretrained.h):
+//   cpuformer_run DIR embed    "text" [...]     sentence embeddings (the directory's sentence-transformers pooling
+//                                               and normalisation; mean pooling without one)
+//   cpuformer_run DIR classify "text" [...]     logits per text (sequence classification heads)
+//   cpuformer_run DIR generate "a prompt" [MAX_NEW [TOP_K [TEMPERATURE [SEED]]]]   prompt + continuation
+//   cpuformer_run DIR translate "text" [MAX_NEW [BEAMS]]                          encoder-decoders
+//
 // Exit status 1 with a message on stderr for any error: bad arguments and any model or tokenizer file, however
 // malformed, included (never a crash).
 #include <cctype>
@@ -38,6 +45,7 @@
 #include <sys/stat.h>
 
 #include "cpuformer/model.h"
+#include "cpuformer/pretrained.h"
 #include "cpuformer/tokenizer.h"
 
 // Whole-text integer parsing: "5x", "", " 5" or out-of-range values are errors, not silently 5 or 0.
@@ -226,6 +234,87 @@ static int run_text(const std::string& dir, int argc, char** argv) {
   return 0;
 }
 
+// DIR is a Hugging Face model directory (config.json): the families of cpuformer/pretrained.h, texts in.
+static int run_pretrained(const std::string& dir, int argc, char** argv) {
+  std::unique_ptr<cpuformer::Tokenizer> tok;
+  cpuformer::Status st = cpuformer::Tokenizer::from_file(dir + "/tokenizer.json", &tok);
+  if (!st.ok()) return fail(st.message());
+  cpuformer::PretrainedOptions options;
+  options.weights = load_options.weights;
+  std::unique_ptr<cpuformer::PretrainedModel> model;
+  st = cpuformer::PretrainedModel::load(dir, &model, options);
+  if (!st.ok()) return fail(st.message());
+  const std::string command = argv[2];
+  using Kind = cpuformer::PretrainedModel::Kind;
+  if (command == "generate" || command == "translate") {
+    cpuformer::GenerateOptions g;
+    int max_new = 20, beams = 1;
+    std::string error;
+    if (command == "generate" && !generate_options(argc, argv, 4, &max_new, &g, &error)) return fail(error);
+    if (command == "translate" && !translate_options(argc, argv, 4, &max_new, &beams, &error)) return fail(error);
+    cpuformer::GenerationOptions o;
+    o.max_new_tokens = max_new, o.do_sample = !g.greedy, o.top_k = g.top_k, o.temperature = g.temperature;
+    o.seed = g.seed, o.num_beams = beams;
+    cpuformer::Encoding e;
+    st = tok->encode(argv[3], nullptr, true, &e);
+    if (st.ok() && e.ids.empty()) st = cpuformer::Status::error("the text encodes to no tokens");
+    if (!st.ok()) return fail(st.message());
+    const auto T = static_cast<std::int64_t>(e.ids.size());
+    std::vector<std::int64_t> out;
+    std::int64_t n = 0;
+    if (command == "generate") {
+      if (model->kind() != Kind::kDecoder) return fail("generate needs a decoder model (translate for encoder-decoders)");
+      st = model->generate(e.ids.data(), 1, T, nullptr, o, &out, &n);
+    } else {
+      if (model->kind() != Kind::kSeq2Seq) return fail("translate needs an encoder-decoder model");
+      st = model->seq2seq_generate(e.ids.data(), 1, T, nullptr, o, &out, &n);
+    }
+    std::string text;
+    if (st.ok()) st = tok->decode(out, true, &text);
+    if (!st.ok()) return fail(st.message());
+    std::printf("%s\n", text.c_str());
+    return 0;
+  }
+  const std::vector<std::string> texts(argv + 3, argv + argc);
+  std::vector<std::int64_t> ids, mask;
+  std::int64_t T = 0;
+  cpuformer::PoolingModes pooling;
+  std::int64_t max_len = 0;
+  if (command == "embed") {
+    st = cpuformer::read_sentence_config(dir, &pooling, &max_len);
+    if (!st.ok()) return fail(st.message());
+  }
+  if (max_len > 0) {  // sentence-transformers truncates to max_seq_length
+    cpuformer::TruncationParams trunc;
+    trunc.max_length = static_cast<std::size_t>(max_len);
+    st = tok->set_truncation(trunc);
+    if (!st.ok()) return fail(st.message());
+  }
+  st = encode_texts(*tok, texts, &ids, &mask, &T);
+  if (!st.ok()) return fail(st.message());
+  const auto batch = static_cast<std::int64_t>(texts.size());
+  std::vector<float> out;
+  if (command == "embed") {
+    std::vector<float> hidden;
+    st = model->hidden_states(ids.data(), batch, T, mask.data(), nullptr, &hidden);
+    if (st.ok()) st = cpuformer::sentence_pooling(hidden.data(), batch, T, model->hidden_size(), mask.data(), pooling, &out);
+  } else if (command == "classify") {
+    if (model->head() != cpuformer::PretrainedModel::Head::kSequenceClassification)
+      return fail("classify needs a *ForSequenceClassification model");
+    st = model->head_output(ids.data(), batch, T, mask.data(), nullptr, &out);
+  } else {
+    return fail("unknown command '" + command + "' for a Hugging Face directory (embed, classify, generate, translate)");
+  }
+  if (!st.ok()) return fail(st.message());
+  print_rows(out, batch);
+  return 0;
+}
+
+static bool is_file(const std::string& path) {
+  struct stat info;
+  return stat(path.c_str(), &info) == 0 && S_ISREG(info.st_mode);
+}
+
 int main(int argc, char** argv) {
   while (argc > 1 && std::string(argv[1]).compare(0, 2, "--") == 0) {  // options before MODEL
     const std::string option = argv[1];
@@ -241,6 +330,8 @@ int main(int argc, char** argv) {
   if (argc < 4) return fail("usage: cpuformer_run [--int8|--frozen] MODEL {generate|logits|classify|embed|translate} "
                             "IDS [...], or cpuformer_run [--int8|--frozen] DIR "
                             "{generate|logits|classify|embed|translate|tokenize} TEXT [...]");
+  if (is_directory(argv[1]) && is_file(std::string(argv[1]) + "/config.json"))
+    return run_pretrained(argv[1], argc, argv);
   if (is_directory(argv[1])) return run_text(argv[1], argc, argv);
   std::unique_ptr<cpuformer::Model> model;
   cpuformer::Status st = cpuformer::Model::load(argv[1], &model, load_options);

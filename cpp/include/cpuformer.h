@@ -15,6 +15,7 @@
 #include "cpuformer/model.h"
 #include "cpuformer/optim.h"
 #include "cpuformer/positions.h"
+#include "cpuformer/pretrained.h"
 #include "cpuformer/quantize.h"
 #include "cpuformer/runtime.h"
 #include "cpuformer/safetensors.h"

@@ -1,20 +1,31 @@
-"""Pretrained weights from Hugging Face checkpoints on local disk (never a download): BERT-family encoders and
-GPT-2. ``from_pretrained(directory)`` reads ``config.json`` (``model_type`` "bert" or "gpt2") and
-``model.safetensors`` (or ``pytorch_model.bin`` through torch, when torch is installed)."""
+"""Hugging Face model directories on local disk (never a download), run by the C++ core.
+
+``from_pretrained(directory)`` reads ``config.json`` (``model_type``, ``architectures``) and the weights as they are
+on disk (``model.safetensors``, or ``model.safetensors.index.json`` with its shards; float32, float16 or bfloat16),
+memory-mapped and never copied: float32 tensors are used in place and 16-bit Linear weights stay 16-bit, converted
+inside the products (``dtype="float32"`` converts them at load instead). The model is assembled once, in C++
+(``cpp/src/pretrained.cpp``), the same code the C++ runtime runs.
+
+Families: encoders (bert, roberta, xlm-roberta, distilbert, mpnet) with their ``*Model``,
+``*ForSequenceClassification``, ``*ForTokenClassification``, ``*ForQuestionAnswering`` and ``*ForMaskedLM`` heads;
+decoders (gpt2, llama, mistral, qwen2, qwen3, gemma) for causal LM logits and generation; encoder-decoders (marian,
+bart, t5) for logits, greedy and beam-search generation; ViT. Calling conventions follow ``transformers``: numpy
+arrays in, numpy arrays out. Anything the loader does not implement is an error naming it.
+
+``BertModel`` (below) is cpuformer's own trainable BERT-architecture module, which ``cpuformer.save`` writes."""
 from __future__ import annotations
 
+import json
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
-from .. import ops
-from ..io import load_safetensors, parse_json
-from ..serialization import check_config
+from .. import _core, ops
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, TransformerEncoderLayer
-from .gpt import GPT
 
-__all__ = ["BertModel", "from_pretrained", "mean_pool"]
+__all__ = ["BertModel", "PretrainedModel", "EncoderModel", "CausalLM", "Seq2SeqLM", "VisionModel", "SentenceEncoder",
+           "from_pretrained", "mean_pool"]
 
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -83,122 +94,196 @@ class BertModel(Module):
         return np.tanh(self.pooler(hidden[:, 0]))
 
 
-# ------------------------------------------------------------------------------------------------ weight mapping
+# ------------------------------------------------------------------------------------------ Hugging Face models
 
-def _read_weights(directory: str) -> Dict[str, np.ndarray]:
-    st = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(st):
-        tensors, _ = load_safetensors(st)
-        return tensors
-    binary = os.path.join(directory, "pytorch_model.bin")
-    if os.path.isfile(binary):
-        try:
-            import torch
-        except ImportError as exc:
-            raise ImportError(f"{binary} is a PyTorch pickle; reading it needs torch (or convert the checkpoint to "
-                              "model.safetensors)") from exc
-        state = torch.load(binary, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() if v.is_floating_point() else v.numpy() for k, v in state.items()}
-    raise FileNotFoundError(f"{directory}: no model.safetensors or pytorch_model.bin")
+def _ids(x, name: str) -> np.ndarray:
+    """(B, T) int64, C-contiguous; a 1-D sequence becomes one row."""
+    a = np.asarray(x)
+    if a.dtype == object or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {a.dtype}")
+    if a.ndim == 1:
+        a = a[None, :]
+    if a.ndim != 2:
+        raise ValueError(f"{name} must be (batch, length), got shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def _strip(weights: Dict[str, np.ndarray], prefixes) -> Dict[str, np.ndarray]:
-    out = {}
-    for k, v in weights.items():
-        for p in prefixes:
-            if k.startswith(p):
-                k = k[len(p):]
-                break
-        out[k.replace(".gamma", ".weight").replace(".beta", ".bias")] = v
-    return out
+def _mask(x, ids: np.ndarray, name: str = "attention_mask") -> Optional[np.ndarray]:
+    if x is None:
+        return None
+    m = _ids(x, name)
+    if m.shape != ids.shape:
+        raise ValueError(f"{name} must have the shape of input_ids {ids.shape}, got {m.shape}")
+    return m
 
 
-def _bert_state(w: Dict[str, np.ndarray], n_layers: int, pooler: bool) -> Dict[str, np.ndarray]:
-    w = _strip(w, ("bert.",))
-    sd = {"word_embeddings.weight": w["embeddings.word_embeddings.weight"],
-          "position_embeddings.weight": w["embeddings.position_embeddings.weight"],
-          "token_type_embeddings.weight": w["embeddings.token_type_embeddings.weight"],
-          "embeddings_norm.weight": w["embeddings.LayerNorm.weight"],
-          "embeddings_norm.bias": w["embeddings.LayerNorm.bias"]}
-    for i in range(n_layers):
-        h, o = f"encoder.layer.{i}.", f"layers.{i}."
-        sd[o + "self_attn.in_proj_weight"] = np.concatenate(
-            [w[h + f"attention.self.{n}.weight"] for n in ("query", "key", "value")])
-        sd[o + "self_attn.in_proj_bias"] = np.concatenate(
-            [w[h + f"attention.self.{n}.bias"] for n in ("query", "key", "value")])
-        pairs = {"self_attn.out_proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
-                 "linear1": "intermediate.dense", "linear2": "output.dense", "norm2": "output.LayerNorm"}
-        for ours, theirs in pairs.items():
-            sd[o + ours + ".weight"] = w[h + theirs + ".weight"]
-            sd[o + ours + ".bias"] = w[h + theirs + ".bias"]
-    if pooler:
-        sd["pooler.weight"], sd["pooler.bias"] = w["pooler.dense.weight"], w["pooler.dense.bias"]
-    return sd
-
-
-def _gpt2_state(w: Dict[str, np.ndarray], n_layers: int) -> Dict[str, np.ndarray]:
-    w = _strip(w, ("transformer.",))
-    sd = {"wte.weight": w["wte.weight"], "wpe.weight": w["wpe.weight"], "ln_f.weight": w["ln_f.weight"],
-          "ln_f.bias": w["ln_f.bias"]}
-    for i in range(n_layers):
-        h, o = f"h.{i}.", f"blocks.{i}."
-        # GPT-2's Conv1D stores weights (in, out): transposed relative to Linear
-        sd[o + "self_attn.in_proj_weight"] = w[h + "attn.c_attn.weight"].T
-        sd[o + "self_attn.in_proj_bias"] = w[h + "attn.c_attn.bias"]
-        sd[o + "self_attn.out_proj.weight"] = w[h + "attn.c_proj.weight"].T
-        sd[o + "self_attn.out_proj.bias"] = w[h + "attn.c_proj.bias"]
-        sd[o + "linear1.weight"] = w[h + "mlp.c_fc.weight"].T
-        sd[o + "linear1.bias"] = w[h + "mlp.c_fc.bias"]
-        sd[o + "linear2.weight"] = w[h + "mlp.c_proj.weight"].T
-        sd[o + "linear2.bias"] = w[h + "mlp.c_proj.bias"]
-        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
-            sd[o + ours + ".weight"] = w[h + theirs + ".weight"]
-            sd[o + ours + ".bias"] = w[h + theirs + ".bias"]
-    return sd
-
-
-def from_pretrained(directory: str):
-    """Build the model described by ``directory/config.json`` and load its weights (see module docstring). The
-    model's ``tokenizer`` is the directory's (a :class:`cpuformer.Tokenizer`), or None when it has none."""
-    config_path = os.path.join(directory, "config.json")
+def _read_json(path: str):
+    with open(path, "rb") as f:
+        raw = f.read()
     try:
-        with open(config_path, "rb") as f:
-            cfg = parse_json(f.read(), config_path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face model directory is expected)") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
-    kind = cfg.get("model_type")
-    weights = _read_weights(directory)
-    if kind not in ("bert", "gpt2"):
-        raise ValueError(f"{config_path}: model_type {kind!r} is not supported (bert, gpt2)")
-    try:
-        if kind == "bert":
-            has_pooler = any(k.endswith("pooler.dense.weight") for k in weights)
-            cls, n_layers = BertModel, cfg["num_hidden_layers"]
-            args = dict(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], num_hidden_layers=n_layers,
-                        num_attention_heads=cfg["num_attention_heads"], intermediate_size=cfg["intermediate_size"],
-                        max_position_embeddings=cfg["max_position_embeddings"],
-                        type_vocab_size=cfg.get("type_vocab_size", 2), layer_norm_eps=cfg.get("layer_norm_eps", 1e-12),
-                        hidden_act=cfg.get("hidden_act", "gelu"), pooler=has_pooler)
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+class PretrainedModel:
+    """A loaded Hugging Face model directory. ``config`` (config.json as a dict), ``architecture``,
+    ``model_type``, ``tokenizer`` (the directory's, or None), ``directory``. Immutable: one model may be called
+    from many threads at once."""
+
+    def __init__(self, core, directory: str, config: dict, tokenizer) -> None:
+        self._core = core
+        self.directory = directory
+        self.config = config
+        self.tokenizer = tokenizer
+
+    @property
+    def architecture(self) -> str:
+        return self._core.architecture
+
+    @property
+    def model_type(self) -> str:
+        return self._core.model_type
+
+    @property
+    def head(self) -> str:
+        """"base", "sequence-classification", "token-classification", "question-answering", "masked-lm",
+        "causal-lm", "seq2seq-lm" or "image-classification"."""
+        return self._core.head
+
+    @property
+    def hidden_size(self) -> int:
+        return self._core.hidden_size
+
+    @property
+    def id2label(self) -> Dict[int, str]:
+        raw = self.config.get("id2label") or {}
+        return {int(k): v for k, v in raw.items()}
+
+    @property
+    def memory(self) -> Dict[str, int]:
+        """Bytes of the memory-mapped weight files and of what the model holds in its own memory."""
+        return {"mapped": self._core.mapped_bytes, "owned": self._core.owned_bytes}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.architecture or self.model_type!r}, {self.directory!r})"
+
+
+class EncoderModel(PretrainedModel):
+    """BERT, RoBERTa, XLM-R, DistilBERT, MPNet. ``model(input_ids, attention_mask=None, token_type_ids=None)``:
+    ``*Model``: the last hidden state (B, T, H); ``*ForSequenceClassification``: logits (B, labels);
+    ``*ForTokenClassification``: (B, T, labels); ``*ForQuestionAnswering``: (start_logits, end_logits), each (B, T);
+    ``*ForMaskedLM``: (B, T, V)."""
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        ids = _ids(input_ids, "input_ids")
+        mask, types = _mask(attention_mask, ids), _mask(token_type_ids, ids, "token_type_ids")
+        out = self._core.head_output(ids, mask, types)
+        if self.head == "question-answering":
+            return np.ascontiguousarray(out[..., 0]), np.ascontiguousarray(out[..., 1])
+        return out
+
+    def hidden_states(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """The last hidden state (B, T, H), whatever the head."""
+        ids = _ids(input_ids, "input_ids")
+        return self._core.hidden_states(ids, _mask(attention_mask, ids), _mask(token_type_ids, ids, "token_type_ids"))
+
+    def pooler_output(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """tanh(dense(hidden[:, 0])) (B, H), for checkpoints with a pooler."""
+        ids = _ids(input_ids, "input_ids")
+        return self._core.pooler_output(ids, _mask(attention_mask, ids), _mask(token_type_ids, ids, "token_type_ids"))
+
+
+def _eos(eos_token_id):
+    if eos_token_id is None:
+        return None
+    if isinstance(eos_token_id, (int, np.integer)):
+        return [int(eos_token_id)]
+    return [int(e) for e in eos_token_id]
+
+
+def _sampling(do_sample, temperature, top_k, top_p, seed):
+    if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 0):
+        raise ValueError(f"top_k must be None or >= 0, got {top_k!r}")
+    return dict(do_sample=bool(do_sample), temperature=float(temperature), top_k=int(top_k or 0),
+                top_p=1.0 if top_p is None else float(top_p),
+                seed=int(np.random.SeedSequence().entropy % (1 << 63)) if seed is None else int(seed))
+
+
+class CausalLM(PretrainedModel):
+    """GPT-2, Llama, Mistral, Qwen2, Qwen3, Gemma. ``model(input_ids, attention_mask=None)`` -> logits (B, T, V).
+    With padding in ``attention_mask`` (left or right), positions count only real tokens, as ``transformers``'
+    ``generate`` numbers them, so a padded row equals the row alone."""
+
+    def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
+        ids = _ids(input_ids, "input_ids")
+        return self._core.head_output(ids, _mask(attention_mask, ids), None)
+
+    def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
+        """The final-norm hidden states (B, T, H)."""
+        ids = _ids(input_ids, "input_ids")
+        return self._core.hidden_states(ids, _mask(attention_mask, ids), None)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 eos_token_id=None, pad_token_id: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
+        """Continue each row (greedy unless ``do_sample``), with a key/value cache: (B, T + n) int64, the input
+        then the new tokens, as ``transformers``' ``generate``. ``eos_token_id``: None = the model's
+        (generation_config.json, else config.json), an id or a list, ``[]`` = never stop. Finished rows are padded
+        with ``pad_token_id`` (default: the model's, else the eos)."""
+        ids = _ids(input_ids, "input_ids")
+        return self._core.generate(ids, _mask(attention_mask, ids), int(max_new_tokens),
+                                   eos_token_id=_eos(eos_token_id),
+                                   pad_token_id=-1 if pad_token_id is None else int(pad_token_id),
+                                   **_sampling(do_sample, temperature, top_k, top_p, seed))
+
+
+class Seq2SeqLM(PretrainedModel):
+    """Marian, BART, T5. ``model(input_ids, attention_mask=None, decoder_input_ids=...)`` -> logits
+    (B, T_dec, V); ``generate`` runs the encoder once, then greedy or beam search."""
+
+    def __call__(self, input_ids, attention_mask=None, decoder_input_ids=None) -> np.ndarray:
+        ids = _ids(input_ids, "input_ids")
+        if decoder_input_ids is None:
+            if self.model_type != "bart":
+                raise ValueError("decoder_input_ids is required (only BART derives it from input_ids)")
+            dec = np.empty_like(ids)  # transformers' shift_tokens_right: the start token, then input_ids[:, :-1]
+            dec[:, 0] = self._core.decoder_start_token_id
+            dec[:, 1:] = ids[:, :-1]
         else:
-            cls, n_layers = GPT, cfg["n_layer"]
-            args = dict(vocab_size=cfg["vocab_size"], block_size=cfg["n_positions"], n_layer=n_layers,
-                        n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, positional="learned",
-                        tie_weights=True,
-                        activation=_ACTIVATIONS.get(cfg.get("activation_function", "gelu_new"), "gelu_tanh"),
-                        layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-5))
-        if isinstance(n_layers, bool) or not isinstance(n_layers, int) or n_layers < 1:
-            raise ValueError(f"{config_path}: the layer count must be an integer >= 1, got {n_layers!r}")
-        state = _bert_state(weights, n_layers, has_pooler) if kind == "bert" else _gpt2_state(weights, n_layers)
-    except KeyError as exc:
-        raise ValueError(f"{directory}: checkpoint or config lacks {exc}") from None
-    # Every size is checked against the checkpoint's tensors before the model is built.
-    model = cls(**check_config(cls, args, state, directory))
-    model.load_state_dict(state)
-    model.eval()
-    model.tokenizer = _tokenizer_of(directory)
-    return model
+            dec = _ids(decoder_input_ids, "decoder_input_ids")
+        return self._core.seq2seq_logits(ids, _mask(attention_mask, ids), dec)
+
+    def encoder_hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
+        ids = _ids(input_ids, "input_ids")
+        return self._core.hidden_states(ids, _mask(attention_mask, ids), None)
+
+    def generate(self, input_ids, max_new_tokens: int = 20, attention_mask=None, num_beams: int = 1,
+                 length_penalty: float = 1.0, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_token_id=None,
+                 pad_token_id: Optional[int] = None, seed: Optional[int] = None) -> np.ndarray:
+        """(B, L) int64 starting with the decoder start token, finished rows padded, as ``transformers``'
+        ``generate`` (greedy with ``num_beams=1``, else its beam search; the generation config's forced
+        bos/eos, banned words, min length and no-repeat n-gram size apply)."""
+        ids = _ids(input_ids, "input_ids")
+        return self._core.seq2seq_generate(ids, _mask(attention_mask, ids), int(max_new_tokens), int(num_beams),
+                                           float(length_penalty), eos_token_id=_eos(eos_token_id),
+                                           pad_token_id=-1 if pad_token_id is None else int(pad_token_id),
+                                           **_sampling(do_sample, temperature, top_k, top_p, seed))
+
+
+class VisionModel(PretrainedModel):
+    """ViT. ``model(pixel_values)`` with pixel_values (B, C, H, W) float32: ``ViTModel`` -> the last hidden state
+    (B, 1 + patches, H); ``ViTForImageClassification`` -> logits (B, labels)."""
+
+    def __call__(self, pixel_values) -> np.ndarray:
+        return self._core.vision_forward(np.ascontiguousarray(pixel_values, dtype=np.float32), False)
+
+    def pooler_output(self, pixel_values) -> np.ndarray:
+        return self._core.vision_forward(np.ascontiguousarray(pixel_values, dtype=np.float32), True)
+
+
+_CLASSES = {"encoder": EncoderModel, "decoder": CausalLM, "seq2seq": Seq2SeqLM, "vision": VisionModel}
 
 
 def _tokenizer_of(directory: str):
@@ -208,3 +293,156 @@ def _tokenizer_of(directory: str):
         return Tokenizer.from_pretrained(directory)
     except FileNotFoundError:
         return None
+
+
+def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "float32") -> PretrainedModel:
+    """Load a Hugging Face model directory (see the module docstring). ``dtype``: None / "auto" keeps the
+    weights' on-disk precision (16-bit weights stay 16-bit, computed in float32), "float32" converts at load.
+    ``weights``: "float32", "packed" (packed once into the GEMM's panels) or "int8" (dynamic int8 quantization)."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: not a directory (a Hugging Face model directory is expected)")
+    if dtype not in (None, "auto", "float32"):
+        raise ValueError(f"dtype must be None, 'auto' or 'float32', got {dtype!r}")
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face model directory is expected)")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path}: expected a JSON object")
+    if (not os.path.isfile(os.path.join(directory, "model.safetensors"))
+            and not os.path.isfile(os.path.join(directory, "model.safetensors.index.json"))
+            and os.path.isfile(os.path.join(directory, "pytorch_model.bin"))):
+        raise ValueError(f"{directory}: only pytorch_model.bin (a pickle); cpuformer reads model.safetensors "
+                         "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
+    core = _core._PretrainedModel.load(directory, dtype or "auto", weights)
+    return _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory))
+
+
+# --------------------------------------------------------------------------------- sentence-transformers dirs
+
+_POOLING_KEYS = (("pooling_mode_cls_token", "cls"), ("pooling_mode_max_tokens", "max"),
+                 ("pooling_mode_mean_tokens", "mean"), ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len"),
+                 ("pooling_mode_weightedmean_tokens", "weightedmean"), ("pooling_mode_lasttoken", "lasttoken"))
+
+
+class SentenceEncoder:
+    """A sentence-transformers directory (``modules.json``: Transformer, Pooling, optional Dense and Normalize)
+    run by the C++ core. ``SentenceEncoder.from_pretrained(dir).encode(texts)`` equals sentence-transformers'
+    ``encode``: texts stripped (and lower-cased if ``do_lower_case``), truncated to ``max_seq_length``, batched in
+    order of length, pooled and normalised as the directory says."""
+
+    def __init__(self, model: EncoderModel, tokenizer, pooling: List[str], normalize: bool,
+                 max_seq_length: int, do_lower_case: bool = False, dense: Optional[list] = None) -> None:
+        self.model, self.tokenizer, self.pooling = model, tokenizer, pooling
+        self.normalize, self.max_seq_length, self.do_lower_case = normalize, max_seq_length, do_lower_case
+        self.dense = dense or []
+
+    @classmethod
+    def from_pretrained(cls, directory, dtype: Optional[str] = None, weights: str = "float32") -> "SentenceEncoder":
+        directory = os.fspath(directory)
+        modules_path = os.path.join(directory, "modules.json")
+        modules = _read_json(modules_path) if os.path.isfile(modules_path) else [
+            {"path": "", "type": "sentence_transformers.models.Transformer"},
+            {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if not isinstance(modules, list):
+            raise ValueError(f"{modules_path}: expected a list of modules")
+        model, pooling, normalize, dense = None, None, False, []
+        max_len, lower = None, False
+        for mod in sorted(modules, key=lambda m: m.get("idx", 0)):
+            kind = str(mod.get("type", "")).rsplit(".", 1)[-1]
+            path = os.path.join(directory, mod.get("path", ""))
+            if kind == "Transformer":
+                model = from_pretrained(path, dtype=dtype, weights=weights)
+                if not isinstance(model, EncoderModel):
+                    raise ValueError(f"{path}: a sentence encoder needs an encoder model, got {model.model_type!r}")
+                for name in ("sentence_bert_config.json", "sentence_roberta_config.json",
+                             "sentence_distilbert_config.json", "sentence_xlm-roberta_config.json"):
+                    p = os.path.join(path, name)
+                    if os.path.isfile(p):
+                        sb = _read_json(p)
+                        max_len, lower = sb.get("max_seq_length"), bool(sb.get("do_lower_case", False))
+                        break
+            elif kind == "Pooling":
+                p = os.path.join(path, "config.json")
+                pc = _read_json(p) if os.path.isfile(p) else {}
+                if not pc.get("include_prompt", True):
+                    raise ValueError(f"{p}: include_prompt=false is not supported")
+                modes = [name for key, name in _POOLING_KEYS if pc.get(key, key == "pooling_mode_mean_tokens")]
+                pooling = modes
+            elif kind == "Normalize":
+                normalize = True
+            elif kind == "Dense":
+                dense.append(_dense_module(path))
+            else:
+                raise ValueError(f"{modules_path}: module type {mod.get('type')!r} is not supported "
+                                 "(Transformer, Pooling, Dense, Normalize)")
+        if model is None:
+            raise ValueError(f"{modules_path}: no Transformer module")
+        if model.tokenizer is None:
+            raise FileNotFoundError(f"{directory}: no tokenizer (tokenizer.json or vocab.txt)")
+        if max_len is None:
+            max_len = model._core.max_positions or 512
+            tc = os.path.join(directory, "tokenizer_config.json")
+            if os.path.isfile(tc):
+                mml = _read_json(tc).get("model_max_length")
+                if isinstance(mml, int) and 0 < mml < max_len:
+                    max_len = mml
+        return cls(model, model.tokenizer, pooling or ["mean"], normalize, int(max_len), lower, dense)
+
+    def encode(self, sentences, batch_size: int = 32, normalize_embeddings: Optional[bool] = None) -> np.ndarray:
+        """(N, D) float32 embeddings of a list of texts ((D,) for one text). As sentence-transformers: the
+        directory's Normalize module always applies; ``normalize_embeddings=True`` normalises besides."""
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else list(sentences)
+        if isinstance(batch_size, bool) or int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        if any(not isinstance(t, str) for t in texts):
+            raise TypeError("sentences must be str or a list of str")
+        normalize = self.normalize or bool(normalize_embeddings)
+        # sentence-transformers sorts by length (longest first) so that each batch pads little, then restores order.
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        dim = None
+        out = None
+        for start in range(0, len(texts), int(batch_size)):
+            idx = order[start:start + int(batch_size)]
+            batch = [texts[i].strip() for i in idx]
+            if self.do_lower_case:
+                batch = [t.lower() for t in batch]
+            enc = self.tokenizer(batch, padding=True, truncation="longest_first", max_length=self.max_seq_length,
+                                 return_tensors="np")
+            hidden = self.model.hidden_states(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+            emb = _core.sentence_pooling(hidden, enc["attention_mask"], self.pooling, False)
+            for layer in self.dense:
+                emb = layer(emb)
+            if normalize:
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12).astype(np.float32)
+            if out is None:
+                dim = emb.shape[1]
+                out = np.empty((len(texts), dim), np.float32)
+            out[idx] = emb
+        if out is None:
+            out = np.zeros((0, self.model.hidden_size * len(self.pooling)), np.float32)
+        return out[0] if single else out
+
+
+def _dense_module(path: str):
+    """sentence-transformers' Dense: act(linear(x)) from config.json + model.safetensors."""
+    cfg = _read_json(os.path.join(path, "config.json"))
+    st = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(st):
+        raise FileNotFoundError(f"{path}: no model.safetensors for the Dense module")
+    from ..io import load_safetensors
+    tensors, _ = load_safetensors(st)
+    w = np.ascontiguousarray(tensors["linear.weight"], np.float32)
+    b = tensors.get("linear.bias")
+    act = str(cfg.get("activation_function", "torch.nn.modules.linear.Identity")).rsplit(".", 1)[-1]
+    acts = {"Identity": lambda x: x, "Tanh": np.tanh, "ReLU": lambda x: np.maximum(x, 0)}
+    if act not in acts:
+        raise ValueError(f"{path}/config.json: activation {act!r} is not supported (Identity, Tanh, ReLU)")
+    fn = acts[act]
+
+    def apply(x):
+        y = ops.linear(np.ascontiguousarray(x, np.float32), w, None if b is None else np.asarray(b, np.float32))
+        return np.asarray(fn(y), np.float32)
+    return apply
