@@ -2259,6 +2259,12 @@ GenerationOptions generation_options(std::int64_t max_new_tokens, bool do_sample
   return o;
 }
 
+void check_sampling(const GenerationOptions& o) {
+  if (!std::isfinite(o.temperature) || o.temperature < 0) value_error("temperature must be finite and >= 0");
+  if (o.top_k < 0) value_error("top_k must be >= 0");
+  if (!(o.top_p > 0 && o.top_p <= 1)) value_error("top_p must be in (0, 1]");
+}
+
 }  // namespace
 
 void bind_pretrained(py::module_& m) {
@@ -2387,6 +2393,49 @@ void bind_pretrained(py::module_& m) {
                                              static_cast<py::ssize_t>(p.hidden_size())});
             return to_f32(std::move(out), {B, n});
           }, py::arg("pixel_values"), py::arg("pooled") = false);
+  py::class_<DecoderBatch>(m, "_DecoderBatch",
+                           "Continuous batching over a decoder's key/value caches (cpuformer/pretrained.h).")
+      .def(py::init([](std::shared_ptr<PM> model, std::int64_t slots, std::int64_t capacity) {
+             std::unique_ptr<DecoderBatch> b;
+             Status st = DecoderBatch::create(std::move(model), slots, capacity, &b);
+             if (!st.ok()) pretrained_fail(st);
+             return b;
+           }), py::arg("model"), py::arg("slots"), py::arg("capacity"))
+      .def("prefill", [](DecoderBatch& b, std::int64_t slot, const std::vector<std::int64_t>& prompt,
+                         std::int64_t max_new_tokens) {
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = b.prefill(slot, prompt, max_new_tokens, &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            return to_f32(std::move(out), {static_cast<py::ssize_t>(b.vocab_size())});
+          }, py::arg("slot"), py::arg("prompt"), py::arg("max_new_tokens"))
+      .def("step", [](DecoderBatch& b, const std::vector<std::int64_t>& slots, const std::vector<std::int64_t>& tokens) {
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = b.step(slots, tokens, &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            return to_f32(std::move(out), {static_cast<py::ssize_t>(slots.size()), static_cast<py::ssize_t>(b.vocab_size())});
+          }, py::arg("slots"), py::arg("tokens"))
+      .def("length", &DecoderBatch::length, py::arg("slot"))
+      .def_property_readonly("slots", &DecoderBatch::slots)
+      .def_property_readonly("capacity", &DecoderBatch::capacity);
+  py::class_<TokenSampler>(m, "_TokenSampler", "generate()'s choice of the next token, one per sequence.")
+      .def(py::init([](bool do_sample, float temperature, std::int64_t top_k, float top_p, std::uint64_t seed) {
+             GenerationOptions o = generation_options(1, do_sample, temperature, top_k, top_p, py::none(), -1, seed, 1, 1.0);
+             check_sampling(o);
+             return std::make_unique<TokenSampler>(o);
+           }), py::arg("do_sample") = false, py::arg("temperature") = 1.0f, py::arg("top_k") = 0, py::arg("top_p") = 1.0f,
+           py::arg("seed") = 0)
+      .def("next", [](TokenSampler& t, const py::object& logits) {
+            F32 l = f32(logits, "logits", 1, 1);
+            return t.next(l.data(), l.shape(0));
+          }, py::arg("logits"));
   m.def("sentence_pooling", [](const py::object& hidden, const py::object& mask, const std::vector<std::string>& modes,
                                bool normalize) {
         F32 h = f32(hidden, "hidden", 3, 3);

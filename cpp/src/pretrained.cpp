@@ -1921,3 +1921,137 @@ Status read_sentence_config(const std::string& directory, PoolingModes* modes, s
 }
 
 }  // namespace cpuformer
+
+namespace cpuformer {
+
+// ------------------------------------------------------------------------------------------ continuous batching
+
+struct DecoderBatch::Impl {
+  std::shared_ptr<const PretrainedModel> owner;
+  const PretrainedModel::Impl* m = nullptr;
+  std::int64_t slots = 0, capacity = 0;
+  std::vector<KVCache> caches;                      // one per layer, `slots` rows
+  std::vector<std::vector<std::int64_t>> history;   // each slot's tokens (the rules look at them)
+  std::vector<std::int64_t> max_length;             // each slot's prompt + max_new_tokens
+
+  void logits_of(const float* x, index_t rows, const std::vector<std::int64_t>& which, std::vector<float>* out) {
+    std::vector<std::int64_t> all(static_cast<size_t>(rows));
+    for (index_t r = 0; r < rows; ++r) all[r] = r;
+    rows_to_logits(*m, m->dec, x, all, out);
+    for (index_t r = 0; r < rows; ++r) {
+      const auto& h = history[which[r]];
+      process_logits(*m, &(*out)[r * m->V], m->V, m->eos, h.data(), static_cast<std::int64_t>(h.size()),
+                     max_length[which[r]]);
+    }
+  }
+};
+
+DecoderBatch::DecoderBatch() : impl_(new Impl) {}
+DecoderBatch::~DecoderBatch() = default;
+
+Status DecoderBatch::create(std::shared_ptr<const PretrainedModel> model, std::int64_t slots, std::int64_t capacity,
+                            std::unique_ptr<DecoderBatch>* out) {
+  return no_throw([&]() -> Status {
+    if (!model || !out) return Status::error("DecoderBatch: null argument");
+    if (model->kind() != PretrainedModel::Kind::kDecoder) return Status::error("DecoderBatch: not a decoder model");
+    if (slots < 1 || slots > 4096) return Status::error("DecoderBatch: slots must be in [1, 4096]");
+    if (capacity < 1 || capacity > (1 << 20)) return Status::error("DecoderBatch: capacity must be in [1, 2^20]");
+    const PretrainedModel::Impl& m = *model->impl_;
+    if (m.max_pos && capacity > m.max_pos)
+      return Status::error("DecoderBatch: capacity " + std::to_string(capacity) + " is past the model's " +
+                           std::to_string(m.max_pos) + " positions");
+    std::unique_ptr<DecoderBatch> b(new DecoderBatch());
+    Impl& d = *b->impl_;
+    d.owner = std::move(model), d.m = &m, d.slots = slots, d.capacity = capacity;
+    reset_caches(m.dec, slots, capacity, &d.caches);
+    d.history.assign(static_cast<size_t>(slots), {});
+    d.max_length.assign(static_cast<size_t>(slots), 0);
+    *out = std::move(b);
+    return Status();
+  });
+}
+
+Status DecoderBatch::prefill(std::int64_t slot, const std::vector<std::int64_t>& prompt, std::int64_t max_new_tokens,
+                             std::vector<float>* logits) {
+  return no_throw([&]() -> Status {
+    Impl& d = *impl_;
+    const PretrainedModel::Impl& m = *d.m;
+    if (!logits) return Status::error("prefill: null output");
+    if (slot < 0 || slot >= d.slots) return Status::error("prefill: slot " + std::to_string(slot) + " out of range");
+    const auto T = static_cast<index_t>(prompt.size());
+    if (T < 1) return Status::error("prefill: the prompt is empty");
+    if (max_new_tokens < 0 || T + max_new_tokens > d.capacity)
+      return Status::error("prefill: prompt (" + std::to_string(T) + ") + max_new_tokens (" +
+                           std::to_string(max_new_tokens) + ") exceeds the capacity " + std::to_string(d.capacity));
+    std::vector<std::uint8_t> none;
+    m.check_inputs(prompt.data(), 1, T, nullptr, m.dec.word.rows, &none);
+    // The prompt alone through one-row caches, then its keys and values into the slot's row.
+    std::vector<KVCache> one;
+    reset_caches(m.dec, 1, T, &one);
+    std::vector<float> x(static_cast<size_t>(T * m.C));
+    const std::int64_t zero = 0;
+    m.embed(m.dec, prompt.data(), 1, T, nullptr, &zero, x.data());
+    for (std::size_t l = 0; l < m.dec.layers.size(); ++l) {
+      block_decode(x.data(), x.data(), m.dec.layers[l].cfg, m.dec.layers[l].w, 1, T, nullptr, one[l]);
+      KVCache& c = d.caches[l];
+      std::copy_n(one[l].k.data(), T * c.width, c.k.data() + slot * c.capacity * c.width);
+      std::copy_n(one[l].v.data(), T * c.width, c.v.data() + slot * c.capacity * c.width);
+      c.length[slot] = T;
+    }
+    d.history[slot] = prompt;
+    d.max_length[slot] = T + max_new_tokens;
+    d.logits_of(x.data() + (T - 1) * m.C, 1, {slot}, logits);
+    return Status();
+  });
+}
+
+Status DecoderBatch::step(const std::vector<std::int64_t>& slots, const std::vector<std::int64_t>& tokens,
+                          std::vector<float>* logits) {
+  return no_throw([&]() -> Status {
+    Impl& d = *impl_;
+    const PretrainedModel::Impl& m = *d.m;
+    if (!logits) return Status::error("step: null output");
+    if (slots.size() != tokens.size() || slots.empty()) return Status::error("step: one token per slot, at least one");
+    std::vector<std::int64_t> feed(static_cast<size_t>(d.slots), 0), n_new(static_cast<size_t>(d.slots), 0),
+        pos(static_cast<size_t>(d.slots));
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      const std::int64_t s = slots[i];
+      if (s < 0 || s >= d.slots) return Status::error("step: slot " + std::to_string(s) + " out of range");
+      if (n_new[s]) return Status::error("step: slot " + std::to_string(s) + " listed twice");
+      if (d.history[s].empty()) return Status::error("step: slot " + std::to_string(s) + " was not prefilled");
+      if (tokens[i] < 0 || tokens[i] >= m.V)
+        return Status::error("step: token " + std::to_string(tokens[i]) + " is outside the vocabulary");
+      if (d.caches[0].length[s] >= d.capacity) return Status::error("step: slot " + std::to_string(s) + " is full");
+      feed[s] = tokens[i], n_new[s] = 1;
+    }
+    for (std::int64_t s = 0; s < d.slots; ++s) pos[s] = d.caches[0].length[s];
+    std::vector<float> x(static_cast<size_t>(d.slots * m.C));
+    m.embed(m.dec, feed.data(), d.slots, 1, nullptr, pos.data(), x.data());
+    for (std::size_t l = 0; l < m.dec.layers.size(); ++l)
+      block_decode(x.data(), x.data(), m.dec.layers[l].cfg, m.dec.layers[l].w, d.slots, 1, n_new.data(), d.caches[l]);
+    std::vector<float> rows(slots.size() * static_cast<size_t>(m.C));
+    for (std::size_t i = 0; i < slots.size(); ++i) {
+      std::copy_n(&x[slots[i] * m.C], m.C, &rows[i * m.C]);
+      d.history[slots[i]].push_back(tokens[i]);
+    }
+    d.logits_of(rows.data(), static_cast<index_t>(slots.size()), slots, logits);
+    return Status();
+  });
+}
+
+std::int64_t DecoderBatch::length(std::int64_t slot) const {
+  return slot >= 0 && slot < impl_->slots ? static_cast<std::int64_t>(impl_->history[slot].size()) : 0;
+}
+std::int64_t DecoderBatch::slots() const { return impl_->slots; }
+std::int64_t DecoderBatch::capacity() const { return impl_->capacity; }
+std::int64_t DecoderBatch::vocab_size() const { return impl_->m->V; }
+
+struct TokenSampler::Impl {
+  GenerationOptions o;
+  std::mt19937_64 rng;
+};
+TokenSampler::TokenSampler(const GenerationOptions& options) : impl_(new Impl{options, std::mt19937_64(options.seed)}) {}
+TokenSampler::~TokenSampler() = default;
+std::int64_t TokenSampler::next(const float* logits, std::int64_t V) { return pick(logits, V, impl_->o, impl_->rng); }
+
+}  // namespace cpuformer

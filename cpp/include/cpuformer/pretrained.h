@@ -127,7 +127,50 @@ class PretrainedModel {
   struct Impl;
 
  private:
+  friend class DecoderBatch;
   PretrainedModel();
+  std::unique_ptr<Impl> impl_;
+};
+
+// Continuous batching for decoders (a server's generation loop): `slots` sequences share decode steps. prefill
+// starts a sequence in a slot (its prompt through the model alone, then its keys and values copied into the slot);
+// step appends one token to each listed slot, all of them in one batched pass. Both return next-token logits with
+// the model's generation rules applied (banned words, min length, no-repeat n-grams, forced eos at the slot's last
+// step), so sampling them (TokenSampler) gives what generate() gives. One DecoderBatch is driven by one thread at a
+// time; the model it runs may serve other callers meanwhile.
+class DecoderBatch {
+ public:
+  static Status create(std::shared_ptr<const PretrainedModel> model, std::int64_t slots, std::int64_t capacity,
+                       std::unique_ptr<DecoderBatch>* out);
+  ~DecoderBatch();
+  // Starts slot afresh with `prompt` (1 <= size, size + max_new_tokens <= capacity): logits (V).
+  Status prefill(std::int64_t slot, const std::vector<std::int64_t>& prompt, std::int64_t max_new_tokens,
+                 std::vector<float>* logits);
+  // Appends tokens[i] to slots[i] (distinct slots, each prefilled): logits (n, V).
+  Status step(const std::vector<std::int64_t>& slots, const std::vector<std::int64_t>& tokens,
+              std::vector<float>* logits);
+  std::int64_t length(std::int64_t slot) const;  // tokens held (prompt + appended)
+  std::int64_t slots() const;
+  std::int64_t capacity() const;
+  std::int64_t vocab_size() const;
+
+  struct Impl;
+
+ private:
+  DecoderBatch();
+  std::unique_ptr<Impl> impl_;
+};
+
+// The next token from one row of logits: greedy (argmax), or sampling with temperature / top-k / top-p from its own
+// seeded generator (one per sequence), exactly as generate() chooses.
+class TokenSampler {
+ public:
+  explicit TokenSampler(const GenerationOptions& options);
+  ~TokenSampler();
+  std::int64_t next(const float* logits, std::int64_t V);
+
+ private:
+  struct Impl;
   std::unique_ptr<Impl> impl_;
 };
 
