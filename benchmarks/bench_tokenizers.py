@@ -30,7 +30,7 @@ import cpuformer  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import compare_rounds, loadavg, paired_ratio  # noqa: E402
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+ROOT = os.environ.get("CPUFORMER_TEST_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 
 def read_texts(data: str, lines: int):

@@ -1,9 +1,8 @@
-"""The shared corpora (../shared/data beside the checkout) for the tokenizer tests: DATA and read_lines."""
+"""The shared corpora (CPUFORMER_TEST_DATA, else ../shared/data beside the checkout) for the tokenizer tests: DATA
+and read_lines."""
 from __future__ import annotations
 
-from pathlib import Path
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+from data_path import DATA
 
 
 def read_lines(rel, n, skip_header=False, column=None):

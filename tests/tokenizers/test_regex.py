@@ -40,7 +40,7 @@ CL100K_TIKTOKEN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}
 PATTERNS = {"gpt2": GPT2, "llama3": LLAMA3, "qwen2": QWEN2, "qwen35": QWEN35, "o200k": O200K, "clip": CLIP,
             "cl100k_tiktoken": CL100K_TIKTOKEN}
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+from data_path import DATA  # CPUFORMER_TEST_DATA, else ../shared/data
 
 HARD = [
     "", "a", " ", "  ", "\n", "\r\n", "\t", "'", "'s", "x'", "Hello world", "Hello, world!  How are you?",

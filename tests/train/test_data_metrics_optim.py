@@ -267,7 +267,8 @@ def test_bleu_matches_sacrebleu_on_real_sentences():
     from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
     from cpuformer.train.metrics import tokenize_13a
-    data = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "multi30k")
+    from data_path import DATA
+    data = os.path.join(DATA, "multi30k")
     if not os.path.isdir(data):
         pytest.skip("../shared/data is not beside the checkout")
     refs = []

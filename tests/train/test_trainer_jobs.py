@@ -17,7 +17,7 @@ from cpuformer.data import (CharTokenizer, LanguageModelDataset, Seq2SeqDataset,
 from cpuformer.models import GPT, Seq2SeqTransformer, TransformerClassifier
 from cpuformer.train import AdamW, Callback, EarlyStopping, Trainer, constant, latest_checkpoint, warmup_cosine
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data")
+from data_path import DATA  # CPUFORMER_TEST_DATA, else ../shared/data
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data not present")
 
 
