@@ -19,6 +19,8 @@ before each switch, best of --reps per round, median over rounds: the protocol o
 shared/design/kernels.md section 0). Each table has a calibration row: numpy float32 matmul GFLOP/s, timed in its own
 subprocess inside the same rounds, so a drifting machine shows up there. Any engine that is not installed or fails to
 load prints why and is skipped.
+Memory: the workers of a section are alive together (interleaving needs that); the full decoder section holds about
+10 GB (fp32 copies in torch, cpuformer and CTranslate2). The memory columns are per process, so unaffected by that.
 """
 from __future__ import annotations
 
@@ -697,7 +699,8 @@ def section_decoder(args, cache):
               f"{statistics.median(gf):.1f} GFLOP/s (min {min(gf):.1f}, max {max(gf):.1f})")
     print(f"load s: from_pretrained / Generator() on a warm page cache (the files were just written or read); "
           f"RSS load: resident growth over the process after imports; peak load / peak run: ru_maxrss growth over "
-          f"that baseline after loading / after the first {new}-token generate. decode tok/s = {new - 1} / "
+          f"that baseline after loading / after the first {new}-token generate (memory-mapped weights, cpuformer's "
+          f"bf16, count once touched: file pages, shared with the page cache). decode tok/s = {new - 1} / "
           f"(generate - prompt), medians. Ratios are time ratios engine / cpuformer at the same precision (fp32 vs "
           f"cpf-fp32, bf16 vs cpf-bf16, int8 vs cpf-int8; > 1: cpuformer faster); the decode ratio is "
           f"cpuformer tok/s / engine tok/s.")
@@ -763,9 +766,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 7, --quick 2)")
-    parser.add_argument("--pause", type=float, default=0.25,
-                        help="seconds before each switch of engine (thread pools stop spinning; Intel OpenMP in "
-                             "CTranslate2 spins 200 ms)")
+    parser.add_argument("--pause", type=float, default=None,
+                        help="seconds before each switch of engine (default 0.25, --quick 0.1), so that the previous "
+                             "engine's OpenMP/OpenBLAS workers stop spinning before the next one runs")
     parser.add_argument("--quick", action="store_true", help="tiny shapes and 2 rounds (smoke test, < 1 minute)")
     parser.add_argument("--only", choices=["embed", "decoder", "translate"])
     parser.add_argument("--decoder-layers", type=int, default=None, help="layers of the Qwen2-shaped decoder (24)")
@@ -774,6 +777,8 @@ def main():
     args = parser.parse_args()
     if args.rounds is None:
         args.rounds = 2 if args.quick else 7
+    if args.pause is None:
+        args.pause = 0.1 if args.quick else 0.25
     os.makedirs(args.cache, exist_ok=True)
     import warnings
     warnings.filterwarnings("ignore")
