@@ -2229,8 +2229,9 @@ const char* head_name(PretrainedModel::Head h) {
 }
 
 std::shared_ptr<PretrainedModel> pretrained_load(const std::string& dir, const std::string& dtype,
-                                                 const std::string& weights) {
+                                                 const std::string& weights, bool trainable) {
   PretrainedOptions o;
+  o.trainable = trainable;
   if (dtype == "float32") o.dtype = PretrainedOptions::kFloat32;
   else if (dtype != "auto") value_error("dtype must be 'auto' or 'float32', got '" + dtype + "'");
   if (weights == "packed") o.weights = LoadOptions::kPacked;
@@ -2272,7 +2273,69 @@ void bind_pretrained(py::module_& m) {
   py::class_<PM, std::shared_ptr<PM>>(m, "_PretrainedModel",
                                      "A Hugging Face model directory run by the C++ core (cpuformer/pretrained.h).")
       .def_static("load", &pretrained_load, py::arg("directory"), py::arg("dtype") = "auto",
-                  py::arg("weights") = "float32")
+                  py::arg("weights") = "float32", py::arg("trainable") = false)
+      .def("parameters", [](py::object self) {
+            // (name, data, grad or None): numpy views of the model's own buffers, kept alive by the model.
+            auto& p = self.cast<PM&>();
+            py::list out;
+            for (const auto& prm : p.parameters()) {
+              std::vector<py::ssize_t> shape(prm.shape.begin(), prm.shape.end());
+              py::array data(py::dtype::of<float>(), shape, prm.data, self);
+              py::object grad = prm.grad ? py::object(py::array(py::dtype::of<float>(), shape, prm.grad, self))
+                                         : py::object(py::none());
+              out.append(py::make_tuple(prm.name, data, grad));
+            }
+            return out;
+          })
+      .def("set_requires_grad", [](PM& p, const std::string& name, bool on) {
+            Status st = p.set_requires_grad(name, on);
+            if (!st.ok()) pretrained_fail(st);
+          }, py::arg("name"), py::arg("requires_grad"))
+      .def("zero_grad", &PM::zero_grad)
+      .def("train_forward", [](PM& p, TrainState& state, const py::object& ids, const py::object& mask,
+                               const py::object& types, const py::object& dec, const py::object& pixels, bool dropout,
+                               std::uint64_t seed, bool recompute) {
+            TrainInputs in;
+            std::optional<TextArgs> a, d;
+            std::optional<F32> px;
+            if (!pixels.is_none()) {
+              px = f32(pixels, "pixel_values", 4, 4);
+              in.pixels = px->data(), in.B = px->shape(0), in.C = px->shape(1), in.H = px->shape(2), in.W = px->shape(3);
+            } else {
+              a = text_args(ids, mask, types, "input_ids");
+              in.ids = a->ids.data(), in.B = a->B, in.T = a->T;
+              in.attention_mask = opt_data(a->mask), in.token_type_ids = opt_data(a->types);
+              if (!dec.is_none()) {
+                d = text_args(dec, py::none(), py::none(), "decoder_input_ids");
+                if (d->B != a->B) value_error("decoder_input_ids must have the batch size of input_ids");
+                in.decoder_ids = d->ids.data(), in.Td = d->T;
+              }
+            }
+            TrainOptions o;
+            o.dropout = dropout, o.seed = seed, o.recompute = recompute;
+            std::vector<float> out;
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.train_forward(in, o, &state, &out);
+            }
+            if (!st.ok()) pretrained_fail(st);
+            const auto n = static_cast<py::ssize_t>(out.size());
+            return to_f32(std::move(out), {n});
+          }, py::arg("state"), py::arg("input_ids") = py::none(), py::arg("attention_mask") = py::none(),
+          py::arg("token_type_ids") = py::none(), py::arg("decoder_input_ids") = py::none(),
+          py::arg("pixel_values") = py::none(), py::arg("dropout") = true, py::arg("seed") = 0,
+          py::arg("recompute") = false,
+          "The head's output, flattened (reshape it as the inference call's); keeps what backward needs in state.")
+      .def("train_backward", [](PM& p, TrainState& state, const py::object& dout) {
+            F32 d = f32(dout, "grad_output");
+            Status st;
+            {
+              py::gil_scoped_release nogil;
+              st = p.train_backward(&state, d.data());
+            }
+            if (!st.ok()) pretrained_fail(st);
+          }, py::arg("state"), py::arg("grad_output"))
       .def_property_readonly("kind", [](const PM& p) { return kind_name(p.kind()); })
       .def_property_readonly("head", [](const PM& p) { return head_name(p.head()); })
       .def_property_readonly("model_type", &PM::model_type)
@@ -2393,6 +2456,8 @@ void bind_pretrained(py::module_& m) {
                                              static_cast<py::ssize_t>(p.hidden_size())});
             return to_f32(std::move(out), {B, n});
           }, py::arg("pixel_values"), py::arg("pooled") = false);
+  py::class_<TrainState>(m, "_TrainState", "What one training forward of a pretrained model keeps for backward.")
+      .def(py::init<>());
   py::class_<DecoderBatch>(m, "_DecoderBatch",
                            "Continuous batching over a decoder's key/value caches (cpuformer/pretrained.h).")
       .def(py::init([](std::shared_ptr<PM> model, std::int64_t slots, std::int64_t capacity) {

@@ -240,21 +240,25 @@ class Checkpoint {
   }
 
   // float32 values: the mapped tensor itself when it is aligned float32, else a converted copy.
+  // Trainable models copy every tensor once (by its name in the file) into a writable parameter.
   const float* floats(const std::string& name, const std::vector<std::int64_t>& shape, bool optional = false) {
     const TensorView* t = find(name, shape, optional);
     if (!t) return nullptr;
-    if (t->dtype == DType::kF32 && reinterpret_cast<std::uintptr_t>(t->data) % alignof(float) == 0)
+    if (!opt.trainable && t->dtype == DType::kF32 && reinterpret_cast<std::uintptr_t>(t->data) % alignof(float) == 0)
       return reinterpret_cast<const float*>(t->data);
-    return convert(*t);
-  }
-  // `name` + 1 converted (Gemma's RMSNorm weights are offsets from one: the plain kernel then applies them).
-  const float* floats_plus_one(const std::string& name, std::int64_t C) {
-    const TensorView* t = find(name, {C}, false);
-    if (!t) return nullptr;
+    if (auto it = converted.find(t->name); it != converted.end()) return it->second;
     float* f = convert(*t);
-    for (std::int64_t i = 0; i < C; ++i) f[i] += 1.0f;
+    converted[t->name] = f;
+    if (opt.trainable) params.push_back({t->name, t->shape, f});
     return f;
   }
+  struct Param {
+    std::string name;
+    std::vector<std::int64_t> shape;
+    float* data;
+  };
+  std::vector<Param> params;                 // trainable models: every tensor used, in load order
+  std::map<std::string, float*> converted;   // tensor name -> its float32 copy
   Table table(const std::string& name, std::int64_t rows, std::int64_t cols, bool optional = false) {
     Table tb;
     tb.rows = rows, tb.cols = cols;
@@ -303,7 +307,7 @@ class Checkpoint {
   }
   bool keeps_half(const TensorView& t) const {
     return (t.dtype == DType::kF16 || t.dtype == DType::kBF16) && opt.dtype == PretrainedOptions::kAuto &&
-           opt.weights == LoadOptions::kFloat32;
+           opt.weights == LoadOptions::kFloat32 && !opt.trainable;
   }
   const std::uint16_t* half_data(const TensorView& t) {
     if (reinterpret_cast<std::uintptr_t>(t.data) % 2 == 0) return reinterpret_cast<const std::uint16_t*>(t.data);
@@ -318,7 +322,7 @@ class Checkpoint {
     return owned_f.back().data();
   }
   LinearRef prepare(LinearRef l) {
-    if (!l.weight || opt.weights == LoadOptions::kFloat32) return l;
+    if (!l.weight || opt.weights == LoadOptions::kFloat32 || opt.trainable) return l;
     std::vector<float> transposed;
     const float* w = l.weight;
     if (l.in_out) {  // the prepared forms take (out, in)
@@ -336,6 +340,11 @@ class Checkpoint {
     }
     // A converted copy is no longer needed: the prepared form serves every product.
     if (!owned_f.empty() && l.weight == owned_f.back().data()) {
+      for (auto it = converted.begin(); it != converted.end(); ++it)
+        if (it->second == l.weight) {
+          converted.erase(it);
+          break;
+        }
       owned_f.pop_back();
       l.weight = nullptr;
     }
@@ -379,7 +388,18 @@ struct Stack {
   std::vector<Layer> layers;
   Norm final_norm;
   index_t C = 0;
+  // Training: rows of the tables that get no gradient (transformers' padding_idx; -1: none), and the dropout on
+  // the embeddings' output.
+  std::int64_t word_padding_idx = -1, position_padding_idx = -1;
+  float embed_dropout = 0.0f;
 };
+
+// The config's dropout probabilities for training: sublayer outputs and embeddings, attention probabilities, the
+// feed-forward's hidden activations.
+void set_dropout(Stack& s, float hidden, float attention, float ff) {
+  s.embed_dropout = hidden;
+  for (Layer& L : s.layers) L.cfg.dropout = hidden, L.cfg.attention_dropout = attention, L.cfg.ff_dropout = ff;
+}
 
 // Marian's sinusoid: sin of the first ceil(d/2) columns, cos of the rest, computed in float64 (models.md 2.13).
 std::vector<float> marian_sinusoid(std::int64_t P, std::int64_t d) {
@@ -430,6 +450,8 @@ struct PretrainedModel::Impl {
   std::vector<std::int64_t> bad_words;
   std::int64_t forced_bos = -1, forced_eos = -1, min_length = 0, no_repeat_ngram = 0;
   int early_stopping = 0;  // 0 false, 1 true, 2 "never"
+  // Fine-tuning: gradient buffers of the parameters that require them (by the parameter's data pointer).
+  std::map<const float*, std::vector<float>> grads;
 
   // ------------------------------------------------------------------------------------------- forward pieces
 
@@ -437,27 +459,41 @@ struct PretrainedModel::Impl {
   // `start` (B, may be null) is the position of each row's first token for kArange / kSinusoid tables.
   void embed(const Stack& s, const std::int64_t* ids, index_t B, index_t T, const std::int64_t* type_ids,
              const std::int64_t* start, float* x) const {
+    embed_raw(s, ids, B, T, type_ids, start, x);
+    s.embed_norm.apply(x, x, B * T, s.C);
+  }
+
+  // The position-table row of each token (kArange / kPadding / kSinusoid), checked against the table.
+  std::vector<std::int64_t> position_rows(const Stack& s, const std::int64_t* ids, index_t B, index_t T,
+                                          const std::int64_t* start) const {
+    std::vector<std::int64_t> pos(static_cast<size_t>(B * T));
+    for (index_t b = 0; b < B; ++b) {
+      std::int64_t count = 0;
+      for (index_t t = 0; t < T; ++t) {
+        const std::int64_t id = ids[b * T + t];
+        if (s.positions == Positions::kPadding)
+          pos[b * T + t] = id == s.pad ? s.pad : s.pad + ++count;
+        else
+          pos[b * T + t] = std::max<std::int64_t>(0, (start ? start[b] : 0) + t) + s.position_offset;
+      }
+    }
+    const index_t P = s.positions == Positions::kSinusoid ? s.max_positions : s.position.rows;
+    for (const std::int64_t p : pos)
+      if (p >= P)
+        throw std::invalid_argument("position " + std::to_string(p - s.position_offset) + " is past the model's " +
+                                    std::to_string(P - s.position_offset) + " positions");
+    return pos;
+  }
+
+  // word * scale + positions + token types (before the embedding norm).
+  void embed_raw(const Stack& s, const std::int64_t* ids, index_t B, index_t T, const std::int64_t* type_ids,
+                 const std::int64_t* start, float* x) const {
     const index_t n = B * T, Cs = s.C;
     s.word.gather(x, ids, n);
     if (s.embed_scale != 1.0f)
       for (index_t i = 0; i < n * Cs; ++i) x[i] *= s.embed_scale;
     if (s.positions != Positions::kNone) {
-      std::vector<std::int64_t> pos(static_cast<size_t>(n));
-      for (index_t b = 0; b < B; ++b) {
-        std::int64_t count = 0;
-        for (index_t t = 0; t < T; ++t) {
-          const std::int64_t id = ids[b * T + t];
-          if (s.positions == Positions::kPadding)
-            pos[b * T + t] = id == s.pad ? s.pad : s.pad + ++count;
-          else
-            pos[b * T + t] = std::max<std::int64_t>(0, (start ? start[b] : 0) + t) + s.position_offset;
-        }
-      }
-      const index_t P = s.positions == Positions::kSinusoid ? s.max_positions : s.position.rows;
-      for (index_t i = 0; i < n; ++i)
-        if (pos[i] >= P)
-          throw std::invalid_argument("position " + std::to_string(pos[i] - s.position_offset) +
-                                      " is past the model's " + std::to_string(P - s.position_offset) + " positions");
+      const std::vector<std::int64_t> pos = position_rows(s, ids, B, T, start);
       std::vector<float> rows(static_cast<size_t>(n * Cs));
       if (s.positions == Positions::kSinusoid) {
         for (index_t i = 0; i < n; ++i)
@@ -474,7 +510,6 @@ struct PretrainedModel::Impl {
       s.token_type.gather(rows.data(), type_ids, n);
       for (index_t i = 0; i < n * Cs; ++i) x[i] += rows[i];
     }
-    s.embed_norm.apply(x, x, n, Cs);
   }
 
   // A stack over x (B*T, C) in place.
@@ -991,7 +1026,8 @@ Norm layer_norm(Checkpoint& ck, const std::string& name, std::int64_t C, float e
 Norm rms_norm(Checkpoint& ck, const std::string& name, std::int64_t C, float eps, bool one_plus = false) {
   Norm n;
   n.present = true, n.kind = NormKind::kRMSNorm, n.eps = eps;
-  n.ref.weight = one_plus ? ck.floats_plus_one(name + ".weight", C) : ck.floats(name + ".weight", {C});
+  n.ref.weight = ck.floats(name + ".weight", {C});
+  n.one_plus = one_plus;
   return n;
 }
 
@@ -1071,6 +1107,11 @@ Status load_encoder(Impl& m, HFConfig& cfg) {
   if (ck.has("pooler.dense.weight")) {
     m.pooler = {lin_op(dense(ck, "pooler.dense", H, H)), tanh_op()};
   }
+  s.word_padding_idx = m.pad_id;
+  if (roberta || mpnet) s.position_padding_idx = m.pad_id;
+  set_dropout(s, static_cast<float>(cfg.real(distil ? "dropout" : "hidden_dropout_prob", 0.1, 0, 1)),
+              static_cast<float>(cfg.real(distil ? "attention_dropout" : "attention_probs_dropout_prob", 0.1, 0, 1)),
+              0.0f);
   using Hd = PretrainedModel::Head;
   if (m.head == Hd::kSequenceClassification) {
     m.labels = label_count(cfg);
@@ -1194,6 +1235,9 @@ Status load_decoder(Impl& m, HFConfig& cfg) {
       s.layers.push_back(Ly);
     }
     s.final_norm = layer_norm(ck, "ln_f", H, eps);
+    set_dropout(s, static_cast<float>(cfg.real("resid_pdrop", 0.1, 0, 1)),
+                static_cast<float>(cfg.real("attn_pdrop", 0.1, 0, 1)), 0.0f);
+    s.embed_dropout = static_cast<float>(cfg.real("embd_pdrop", 0.1, 0, 1));
   } else {
     ck.prefix = "model.";
     const bool gemma = t == "gemma", qwen2 = t == "qwen2", qwen3 = t == "qwen3", mistral = t == "mistral";
@@ -1245,6 +1289,7 @@ Status load_decoder(Impl& m, HFConfig& cfg) {
       BlockConfig& c = Ly.cfg;
       c.d_model = H, c.num_heads = nH, c.num_kv_heads = nKV, c.head_dim = D;
       c.norm = NormKind::kRMSNorm, c.norm_eps = eps, c.norm_first = true, c.activation = act;
+      c.norm_one_plus = gemma;  // Gemma's norm weights are offsets from one
       c.position = PositionKind::kRotary, c.rotary = rope;
       c.sliding_window = sliding[i] ? window : 0;
       c.qk_norm = qwen3;
@@ -1269,6 +1314,8 @@ Status load_decoder(Impl& m, HFConfig& cfg) {
       s.layers.push_back(Ly);
     }
     s.final_norm = rms_norm(ck, "norm", H, eps, gemma);
+    set_dropout(s, 0.0f, static_cast<float>(cfg.real("attention_dropout", 0.0, 0, 1)), 0.0f);
+    s.word_padding_idx = cfg.integer("pad_token_id", gemma ? 0 : -1, -1);
   }
   if (m.head != PretrainedModel::Head::kCausalLM)
     return Status::error(cfg.path() + ": architecture " + quoted(m.architecture) +
@@ -1351,6 +1398,8 @@ Status load_seq2seq(Impl& m, HFConfig& cfg) {
         s.layers.push_back(Ly);
       }
       s.final_norm = rms_norm(ck, root + "final_layer_norm", d, eps);
+      const float drop = static_cast<float>(cfg.real("dropout_rate", 0.1, 0, 1));
+      set_dropout(s, drop, drop, drop);
     }
     const bool own_head = ck.map->find("lm_head.weight") != nullptr;
     m.lm_head = own_head ? dense_nobias(ck, "lm_head", m.V, d) : ck.tied(shared);
@@ -1417,6 +1466,10 @@ Status load_seq2seq(Impl& m, HFConfig& cfg) {
       Ly.w.norm_ff = layer_norm(ck, p + "final_layer_norm", d, 1e-5f).ref;
       s.layers.push_back(Ly);
     }
+    set_dropout(s, static_cast<float>(cfg.real("dropout", 0.1, 0, 1)),
+                static_cast<float>(cfg.real("attention_dropout", 0.0, 0, 1)),
+                static_cast<float>(cfg.real("activation_dropout", 0.0, 0, 1)));
+    s.word_padding_idx = m.pad_id;
   }
   m.max_pos = P;
   m.lm_head = ck.map->find("lm_head.weight") ? dense_nobias(ck, "lm_head", m.V, d) : ck.tied(shared);
@@ -1463,6 +1516,8 @@ Status load_vit(Impl& m, HFConfig& cfg) {
     s.layers.push_back(Ly);
   }
   s.final_norm = layer_norm(ck, "layernorm", H, eps);
+  set_dropout(s, static_cast<float>(cfg.real("hidden_dropout_prob", 0.0, 0, 1)),
+              static_cast<float>(cfg.real("attention_probs_dropout_prob", 0.0, 0, 1)), 0.0f);
   if (ck.has("pooler.dense.weight")) m.pooler = {lin_op(dense(ck, "pooler.dense", H, H)), tanh_op()};
   if (m.head == PretrainedModel::Head::kImageClassification) {
     m.labels = label_count(cfg);
@@ -2053,5 +2108,465 @@ struct TokenSampler::Impl {
 TokenSampler::TokenSampler(const GenerationOptions& options) : impl_(new Impl{options, std::mt19937_64(options.seed)}) {}
 TokenSampler::~TokenSampler() = default;
 std::int64_t TokenSampler::next(const float* logits, std::int64_t V) { return pick(logits, V, impl_->o, impl_->rng); }
+
+}  // namespace cpuformer
+
+namespace cpuformer {
+
+// ------------------------------------------------------------------------------------------------ fine-tuning
+
+namespace {
+
+using PImpl = PretrainedModel::Impl;
+
+// One stack's training forward: its inputs and everything its backward needs.
+struct StackRun {
+  index_t B = 0, T = 0;
+  std::vector<std::int64_t> ids, types, start, pos;
+  std::vector<std::uint8_t> padding;
+  BlockInput in;
+  std::vector<float> raw, emb_mean, emb_rstd;   // the embeddings before their norm, and its statistics
+  std::uint64_t seed = 0;
+  bool dropout = true, recompute = false;
+  std::vector<std::vector<float>> inputs;       // recompute: each block's input
+  std::vector<BlockSaved> saved;                // one per block (one in all when recomputing)
+  std::vector<float> pre_final, fin_mean, fin_rstd;
+};
+
+void norm_train_forward(const Norm& n, float* out, std::vector<float>* mean, std::vector<float>* rstd,
+                        const float* in, index_t rows, index_t C) {
+  mean->resize(static_cast<size_t>(rows)), rstd->resize(static_cast<size_t>(rows));
+  if (n.kind == NormKind::kLayerNorm)
+    layernorm_forward(out, mean->data(), rstd->data(), in, n.ref.weight, n.ref.bias, rows, C, n.eps);
+  else
+    rmsnorm_forward(out, rstd->data(), in, n.ref.weight, rows, C, n.eps, n.one_plus);
+}
+
+}  // namespace
+
+struct TrainState::Impl {
+  const PretrainedModel* model = nullptr;
+  TrainOptions options;
+  bool valid = false;
+  StackRun enc, dec;
+  std::vector<float> memory;                 // seq2seq: the encoder's output
+  std::vector<std::vector<float>> head_in;   // each head step's input
+  std::vector<HeadOp> head_ops;
+  index_t head_rows = 0;
+  bool first_only = false;                   // the head read each row's first token
+  std::vector<float> lm_in;                  // causal / seq2seq LM: the (scaled) hidden states
+  std::vector<float> patches;                // vision
+  index_t out_size = 0;
+};
+
+TrainState::TrainState() : impl(new Impl) {}
+TrainState::~TrainState() = default;
+
+namespace {
+
+struct Trainer {
+  const PImpl& m;
+  const std::map<const float*, std::vector<float>>& grads;
+
+  float* g(const float* p) const {
+    if (!p) return nullptr;
+    auto it = grads.find(p);
+    return it == grads.end() ? nullptr : const_cast<float*>(it->second.data());
+  }
+  LinearGrads lg(const LinearRef& l) const { return {g(l.weight), g(l.bias)}; }
+  AttentionGrads ag(const AttentionWeights& a) const {
+    AttentionGrads r;
+    r.qkv = lg(a.qkv), r.q = lg(a.q), r.k = lg(a.k), r.v = lg(a.v), r.kv = lg(a.kv), r.o = lg(a.o);
+    r.q_norm = g(a.q_norm), r.k_norm = g(a.k_norm), r.relative_table = g(a.relative_table);
+    return r;
+  }
+  BlockGrads bg(const BlockWeights& w) const {
+    BlockGrads r;
+    r.self_attn = ag(w.self_attn), r.cross_attn = ag(w.cross_attn);
+    r.norm1 = {g(w.norm1.weight), g(w.norm1.bias)}, r.norm2 = {g(w.norm2.weight), g(w.norm2.bias)};
+    r.norm_ff = {g(w.norm_ff.weight), g(w.norm_ff.bias)};
+    r.ff.up_w = g(w.ff.up.weight), r.ff.up_b = g(w.ff.up.bias), r.ff.gate_w = g(w.ff.gate.weight);
+    r.ff.gate_b = g(w.ff.gate.bias), r.ff.down_w = g(w.ff.down.weight), r.ff.down_b = g(w.ff.down.bias);
+    return r;
+  }
+
+  void norm_backward(const Norm& n, float* din, const float* dout, const float* in, const std::vector<float>& mean,
+                     const std::vector<float>& rstd, index_t rows, index_t C) const {
+    if (n.kind == NormKind::kLayerNorm)
+      layernorm_backward(din, g(n.ref.weight), g(n.ref.bias), dout, in, n.ref.weight, mean.data(), rstd.data(), rows,
+                         C);
+    else
+      rmsnorm_backward(din, g(n.ref.weight), dout, in, n.ref.weight, rstd.data(), rows, C, n.one_plus);
+  }
+
+  // Embeddings (with their norm and dropout) of r.ids into x (B*T, C).
+  void embed_forward(const Stack& s, StackRun& r, float* x) const {
+    const index_t n = r.B * r.T;
+    m.embed_raw(s, r.ids.data(), r.B, r.T, r.types.empty() ? nullptr : r.types.data(),
+                r.start.empty() ? nullptr : r.start.data(), x);
+    if (s.positions != Positions::kNone && s.positions != Positions::kSinusoid)
+      r.pos = m.position_rows(s, r.ids.data(), r.B, r.T, r.start.empty() ? nullptr : r.start.data());
+    if (s.embed_norm.present) {
+      r.raw.assign(x, x + n * s.C);
+      norm_train_forward(s.embed_norm, x, &r.emb_mean, &r.emb_rstd, r.raw.data(), n, s.C);
+    }
+    if (r.dropout && s.embed_dropout > 0) dropout_forward(x, nullptr, x, n * s.C, s.embed_dropout, r.seed);
+  }
+  void embed_backward(const Stack& s, StackRun& r, float* dx) const {
+    const index_t n = r.B * r.T, C = s.C;
+    if (r.dropout && s.embed_dropout > 0) dropout_backward(dx, dx, n * C, s.embed_dropout, r.seed);
+    std::vector<float> d(dx, dx + n * C);
+    if (s.embed_norm.present) norm_backward(s.embed_norm, d.data(), dx, r.raw.data(), r.emb_mean, r.emb_rstd, n, C);
+    if (float* gp = g(s.position.f); gp && !r.pos.empty())
+      embedding_backward(gp, d.data(), r.pos.data(), n, s.position.rows, C, s.position_padding_idx);
+    if (float* gt = g(s.token_type.f)) {
+      std::vector<std::int64_t> zeros;
+      const std::int64_t* types = r.types.empty() ? (zeros.assign(static_cast<size_t>(n), 0), zeros.data()) : r.types.data();
+      embedding_backward(gt, d.data(), types, n, s.token_type.rows, C, -1);
+    }
+    if (float* gw = g(s.word.f)) {
+      if (s.embed_scale != 1.0f)
+        for (float& v : d) v *= s.embed_scale;
+      embedding_backward(gw, d.data(), r.ids.data(), n, s.word.rows, C, s.word_padding_idx);
+    }
+  }
+
+  // The blocks and the final norm over x (B*T, C) in place.
+  void blocks_forward(const Stack& s, StackRun& r, std::vector<float>& x) const {
+    const index_t L = static_cast<index_t>(s.layers.size()), n = r.B * r.T * s.C;
+    r.saved.resize(r.recompute ? 1 : static_cast<size_t>(L));
+    r.inputs.assign(r.recompute ? static_cast<size_t>(L) : 0, {});
+    std::vector<float> y(static_cast<size_t>(n));
+    for (index_t l = 0; l < L; ++l) {
+      BlockConfig c = s.layers[l].cfg;
+      if (!r.dropout) c.dropout = c.attention_dropout = c.ff_dropout = 0.0f;
+      if (r.recompute) r.inputs[l] = x;
+      block_forward_train(y.data(), x.data(), c, s.layers[l].w, r.in, r.seed + 1 + l, r.saved[r.recompute ? 0 : l]);
+      x.swap(y);
+    }
+    if (s.final_norm.present) {
+      r.pre_final = x;
+      norm_train_forward(s.final_norm, x.data(), &r.fin_mean, &r.fin_rstd, r.pre_final.data(), r.B * r.T, s.C);
+    }
+  }
+  // dx (B*T, C) of the stack's output -> of its embeddings (in place); dmemory accumulated for cross-attention.
+  void blocks_backward(const Stack& s, StackRun& r, std::vector<float>& dx, float* dmemory) const {
+    const index_t L = static_cast<index_t>(s.layers.size()), rows = r.B * r.T;
+    std::vector<float> d(dx.size());
+    if (s.final_norm.present) {
+      norm_backward(s.final_norm, d.data(), dx.data(), r.pre_final.data(), r.fin_mean, r.fin_rstd, rows, s.C);
+      dx.swap(d);
+    }
+    std::vector<float> tmp;
+    for (index_t l = L - 1; l >= 0; --l) {
+      BlockConfig c = s.layers[l].cfg;
+      if (!r.dropout) c.dropout = c.attention_dropout = c.ff_dropout = 0.0f;
+      BlockSaved& sv = r.saved[r.recompute ? 0 : l];
+      if (r.recompute) {  // the block's activations again, from its input and its dropout seed
+        tmp.resize(dx.size());
+        block_forward_train(tmp.data(), r.inputs[l].data(), c, s.layers[l].w, r.in, r.seed + 1 + l, sv);
+      }
+      block_backward(d.data(), dmemory, dx.data(), c, s.layers[l].w, bg(s.layers[l].w), sv);
+      dx.swap(d);
+    }
+  }
+
+  void head_forward(TrainState::Impl& st, const std::vector<HeadOp>& ops, const float* x, index_t rows,
+                    index_t width, std::vector<float>* out) const {
+    st.head_ops = ops;
+    st.head_in.clear();
+    st.head_rows = rows;
+    std::vector<float> cur(x, x + rows * width);
+    for (const HeadOp& op : ops) {
+      st.head_in.push_back(cur);
+      switch (op.kind) {
+        case HeadOp::kLinear: {
+          std::vector<float> next(static_cast<size_t>(rows * op.lin.out));
+          linear_forward(next.data(), op.lin.out, cur.data(), width, rows, op.lin);
+          width = op.lin.out;
+          cur.swap(next);
+          break;
+        }
+        case HeadOp::kAct: activation_forward(cur.data(), cur.data(), nullptr, rows, width, op.act); break;
+        case HeadOp::kTanh:
+          for (float& v : cur) v = std::tanh(v);
+          break;
+        case HeadOp::kNorm: op.norm.apply(cur.data(), cur.data(), rows, width); break;
+      }
+    }
+    out->swap(cur);
+  }
+  // d(out) -> d(head input) (rows, width of the first step's input).
+  std::vector<float> head_backward(TrainState::Impl& st, const float* dout, index_t out_width) const {
+    const index_t rows = st.head_rows;
+    std::vector<float> dy(dout, dout + rows * out_width), dx;
+    for (index_t i = static_cast<index_t>(st.head_ops.size()) - 1; i >= 0; --i) {
+      const HeadOp& op = st.head_ops[i];
+      const std::vector<float>& in = st.head_in[i];
+      const index_t width = static_cast<index_t>(in.size()) / rows;
+      dx.assign(in.size(), 0.0f);
+      switch (op.kind) {
+        case HeadOp::kLinear:
+          linear_backward(dx.data(), width, false, g(op.lin.weight), g(op.lin.bias), dy.data(), op.lin.out, in.data(),
+                          width, rows, op.lin);
+          break;
+        case HeadOp::kAct: activation_backward(dx.data(), nullptr, dy.data(), in.data(), nullptr, rows, width, op.act); break;
+        case HeadOp::kTanh:
+          for (std::size_t j = 0; j < dx.size(); ++j) {
+            const float t = std::tanh(in[j]);
+            dx[j] = dy[j] * (1.0f - t * t);
+          }
+          break;
+        case HeadOp::kNorm: {
+          std::vector<float> mean, rstd, tmp(in.size());
+          norm_train_forward(op.norm, tmp.data(), &mean, &rstd, in.data(), rows, width);
+          norm_backward(op.norm, dx.data(), dy.data(), in.data(), mean, rstd, rows, width);
+          break;
+        }
+      }
+      dy.swap(dx);
+    }
+    return dy;
+  }
+};
+
+}  // namespace
+
+std::vector<PretrainedModel::Parameter> PretrainedModel::parameters() const {
+  std::vector<Parameter> out;
+  for (const auto& p : impl_->ck.params) {
+    auto it = impl_->grads.find(p.data);
+    out.push_back({p.name, p.shape, p.data, it == impl_->grads.end() ? nullptr : it->second.data()});
+  }
+  return out;
+}
+
+Status PretrainedModel::set_requires_grad(const std::string& name, bool requires_grad) {
+  return no_throw([&]() -> Status {
+    Impl& m = *impl_;
+    if (!m.ck.opt.trainable) return Status::error("set_requires_grad: the model was not loaded trainable");
+    for (const auto& p : m.ck.params) {
+      if (p.name != name) continue;
+      if (p.data == m.final_logits_bias) return Status::error(name + " is a buffer, not a parameter");
+      if (!requires_grad) {
+        m.grads.erase(p.data);
+      } else if (!m.grads.count(p.data)) {
+        std::int64_t n = 1;
+        for (auto d : p.shape) n *= d;
+        m.grads[p.data].assign(static_cast<size_t>(n), 0.0f);
+      }
+      return Status();
+    }
+    return Status::error("set_requires_grad: no parameter named " + quoted(name));
+  });
+}
+
+void PretrainedModel::zero_grad() {
+  for (auto& [p, g] : impl_->grads) std::fill(g.begin(), g.end(), 0.0f);
+}
+
+Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions& options, TrainState* state,
+                                      std::vector<float>* out) {
+  return no_throw([&]() -> Status {
+    Impl& m = *impl_;
+    if (!m.ck.opt.trainable) return Status::error("train_forward: load the model with trainable = true");
+    if (!state || !out) return Status::error("train_forward: null argument");
+    TrainState::Impl& st = *state->impl;
+    st = TrainState::Impl();
+    st.model = this, st.options = options;
+    Trainer tr{m, m.grads};
+    const auto setup = [&](StackRun& r, const std::int64_t* ids, index_t B, index_t T, const std::int64_t* types,
+                           std::uint64_t seed) {
+      r.B = B, r.T = T, r.seed = seed, r.dropout = options.dropout, r.recompute = options.recompute;
+      r.ids.assign(ids, ids + B * T);
+      if (types) r.types.assign(types, types + B * T);
+      r.in.B = B, r.in.T = T;
+    };
+    if (m.kind == Kind::kVision) {
+      if (!in.pixels) return Status::error("train_forward: a vision model needs pixels");
+      if (in.B < 1 || in.C != m.channels || in.H != m.image || in.W != m.image)
+        return Status::error("train_forward: pixel_values must be (batch, " + std::to_string(m.channels) + ", " +
+                             std::to_string(m.image) + ", " + std::to_string(m.image) + ")");
+      const index_t B = in.B, P = m.patch, G = m.image / P, N = G * G, K = in.C * P * P, D = m.C, T = N + 1;
+      st.patches.resize(static_cast<size_t>(B * N * K));
+      for (index_t b = 0; b < B; ++b)
+        for (index_t gy = 0; gy < G; ++gy)
+          for (index_t gx = 0; gx < G; ++gx)
+            for (index_t c = 0; c < in.C; ++c)
+              for (index_t i = 0; i < P; ++i)
+                std::memcpy(&st.patches[((b * N + gy * G + gx) * K) + (c * P + i) * P],
+                            in.pixels + ((b * in.C + c) * in.H + gy * P + i) * in.W + gx * P, sizeof(float) * P);
+      std::vector<float> emb(static_cast<size_t>(B * N * D)), x(static_cast<size_t>(B * T * D));
+      linear_forward(emb.data(), D, st.patches.data(), K, B * N, m.patch_proj);
+      for (index_t b = 0; b < B; ++b) {
+        for (index_t c = 0; c < D; ++c) x[b * T * D + c] = m.cls_token[c] + m.vit_positions[c];
+        for (index_t n = 0; n < N; ++n)
+          for (index_t c = 0; c < D; ++c)
+            x[(b * T + 1 + n) * D + c] = emb[(b * N + n) * D + c] + m.vit_positions[(1 + n) * D + c];
+      }
+      StackRun& r = st.enc;
+      r.B = B, r.T = T, r.seed = options.seed, r.dropout = options.dropout, r.recompute = options.recompute;
+      r.in.B = B, r.in.T = T;
+      tr.blocks_forward(m.enc, r, x);
+      if (m.head == Head::kBase) {
+        st.head_rows = B * T;
+        out->swap(x);
+      } else {
+        std::vector<float> first(static_cast<size_t>(B * D));
+        for (index_t b = 0; b < B; ++b) std::memcpy(&first[b * D], &x[b * T * D], sizeof(float) * D);
+        st.first_only = true;
+        tr.head_forward(st, m.head_ops, first.data(), B, D, out);
+      }
+      st.out_size = static_cast<index_t>(out->size());
+      st.valid = true;
+      return Status();
+    }
+    if (!in.ids) return Status::error("train_forward: null input ids");
+    if (m.kind == Kind::kSeq2Seq) {
+      if (!in.decoder_ids || in.Td < 1) return Status::error("train_forward: an encoder-decoder needs decoder_ids");
+      StackRun& e = st.enc;
+      setup(e, in.ids, in.B, in.T, nullptr, options.seed);
+      m.check_inputs(in.ids, in.B, in.T, in.attention_mask, m.enc.word.rows, &e.padding);
+      e.in.key_padding = e.padding.empty() ? nullptr : e.padding.data();
+      st.memory.resize(static_cast<size_t>(in.B * in.T * m.C));
+      tr.embed_forward(m.enc, e, st.memory.data());
+      tr.blocks_forward(m.enc, e, st.memory);
+      StackRun& d = st.dec;
+      setup(d, in.decoder_ids, in.B, in.Td, nullptr, options.seed + 7919);
+      std::vector<std::uint8_t> none;
+      m.check_inputs(in.decoder_ids, in.B, in.Td, nullptr, m.dec.word.rows, &none);
+      d.in.causal = true, d.in.memory = st.memory.data(), d.in.S = in.T;
+      d.in.memory_padding = e.in.key_padding;
+      std::vector<float> x(static_cast<size_t>(in.B * in.Td * m.C));
+      tr.embed_forward(m.dec, d, x.data());
+      tr.blocks_forward(m.dec, d, x);
+      st.lm_in = x;
+      if (m.output_scale != 1.0f)
+        for (float& v : st.lm_in) v *= m.output_scale;
+      out->resize(static_cast<size_t>(in.B * in.Td * m.V));
+      linear_forward(out->data(), m.V, st.lm_in.data(), m.C, in.B * in.Td, m.lm_head);
+      if (m.final_logits_bias)
+        for (index_t r = 0; r < in.B * in.Td; ++r)
+          for (index_t v = 0; v < m.V; ++v) (*out)[r * m.V + v] += m.final_logits_bias[v];
+      st.head_rows = in.B * in.Td;
+      st.out_size = static_cast<index_t>(out->size());
+      st.valid = true;
+      return Status();
+    }
+    const bool decoder = m.kind == Kind::kDecoder;
+    const Stack& s = decoder ? m.dec : m.enc;
+    StackRun& r = decoder ? st.dec : st.enc;
+    setup(r, in.ids, in.B, in.T, decoder ? nullptr : in.token_type_ids, options.seed);
+    m.check_inputs(in.ids, in.B, in.T, in.attention_mask, s.word.rows, &r.padding);
+    r.in.key_padding = r.padding.empty() ? nullptr : r.padding.data();
+    if (decoder) {
+      std::vector<std::int64_t> first, count;
+      PImpl::real_span(in.attention_mask, in.B, in.T, &first, &count);
+      r.start.resize(static_cast<size_t>(in.B));
+      for (index_t b = 0; b < in.B; ++b) r.start[b] = -first[b];
+      r.in.causal = true, r.in.position_offset = r.start.data();
+    } else if (in.token_type_ids && s.token_type.present()) {
+      for (index_t i = 0; i < in.B * in.T; ++i)
+        if (in.token_type_ids[i] < 0 || in.token_type_ids[i] >= s.token_type.rows)
+          return Status::error("token_type_ids: " + std::to_string(in.token_type_ids[i]) + " is out of range");
+    }
+    std::vector<float> x(static_cast<size_t>(in.B * in.T * m.C));
+    tr.embed_forward(s, r, x.data());
+    tr.blocks_forward(s, r, x);
+    const index_t rows = in.B * in.T;
+    if (m.head == Head::kBase) {
+      st.head_rows = rows;
+      out->swap(x);
+    } else if (m.head == Head::kCausalLM) {
+      st.lm_in = x;
+      st.head_rows = rows;
+      out->resize(static_cast<size_t>(rows * m.V));
+      linear_forward(out->data(), m.V, x.data(), m.C, rows, m.lm_head);
+    } else {
+      std::vector<HeadOp> ops = m.head_on_pooler ? m.pooler : std::vector<HeadOp>{};
+      ops.insert(ops.end(), m.head_ops.begin(), m.head_ops.end());
+      if (m.head_on_first) {
+        std::vector<float> first(static_cast<size_t>(in.B * m.C));
+        for (index_t b = 0; b < in.B; ++b) std::memcpy(&first[b * m.C], &x[b * in.T * m.C], sizeof(float) * m.C);
+        st.first_only = true;
+        tr.head_forward(st, ops, first.data(), in.B, m.C, out);
+      } else {
+        tr.head_forward(st, ops, x.data(), rows, m.C, out);
+      }
+    }
+    st.out_size = static_cast<index_t>(out->size());
+    st.valid = true;
+    return Status();
+  });
+}
+
+Status PretrainedModel::train_backward(TrainState* state, const float* dout) {
+  return no_throw([&]() -> Status {
+    Impl& m = *impl_;
+    if (!state || !dout) return Status::error("train_backward: null argument");
+    TrainState::Impl& st = *state->impl;
+    if (!st.valid || st.model != this) return Status::error("train_backward: no train_forward of this model to go back through");
+    st.valid = false;
+    Trainer tr{m, m.grads};
+    // d(stack output) from d(out), through the head.
+    const auto through_head = [&](index_t B, index_t T) {
+      std::vector<float> dx(static_cast<size_t>(B * T * m.C), 0.0f);
+      if (m.head == Head::kBase) {
+        std::copy(dout, dout + B * T * m.C, dx.begin());
+      } else if (m.head == Head::kCausalLM || m.head == Head::kSeq2SeqLM) {
+        linear_backward(dx.data(), m.C, false, tr.g(m.lm_head.weight), tr.g(m.lm_head.bias), dout, m.V,
+                        st.lm_in.data(), m.C, B * T, m.lm_head);
+        if (m.output_scale != 1.0f)
+          for (float& v : dx) v *= m.output_scale;
+      } else {
+        const index_t width = st.out_size / st.head_rows;
+        std::vector<float> dh = tr.head_backward(st, dout, width);
+        if (st.first_only) {
+          for (index_t b = 0; b < B; ++b) std::copy_n(&dh[b * m.C], m.C, &dx[b * T * m.C]);
+        } else {
+          dx.swap(dh);
+        }
+      }
+      return dx;
+    };
+    if (m.kind == Kind::kVision) {
+      StackRun& r = st.enc;
+      const index_t B = r.B, T = r.T, D = m.C, N = T - 1, K = m.patch_proj.in;
+      std::vector<float> dx = through_head(B, T);
+      tr.blocks_backward(m.enc, r, dx, nullptr);
+      if (float* gc = tr.g(m.cls_token))
+        for (index_t b = 0; b < B; ++b)
+          for (index_t c = 0; c < D; ++c) gc[c] += dx[b * T * D + c];
+      if (float* gp = tr.g(m.vit_positions))
+        for (index_t b = 0; b < B; ++b)
+          for (index_t i = 0; i < T * D; ++i) gp[i] += dx[b * T * D + i];
+      std::vector<float> demb(static_cast<size_t>(B * N * D));
+      for (index_t b = 0; b < B; ++b) std::copy_n(&dx[(b * T + 1) * D], N * D, &demb[b * N * D]);
+      float* gw = tr.g(m.patch_proj.weight);
+      float* gb = tr.g(m.patch_proj.bias);
+      if (gw || gb)
+        linear_backward(nullptr, K, false, gw, gb, demb.data(), D, st.patches.data(), K, B * N, m.patch_proj);
+      return Status();
+    }
+    if (m.kind == Kind::kSeq2Seq) {
+      StackRun& d = st.dec;
+      StackRun& e = st.enc;
+      std::vector<float> dx = through_head(d.B, d.T);
+      std::vector<float> dmem(st.memory.size(), 0.0f);
+      tr.blocks_backward(m.dec, d, dx, dmem.data());
+      tr.embed_backward(m.dec, d, dx.data());
+      tr.blocks_backward(m.enc, e, dmem, nullptr);
+      tr.embed_backward(m.enc, e, dmem.data());
+      return Status();
+    }
+    const bool decoder = m.kind == Kind::kDecoder;
+    const Stack& s = decoder ? m.dec : m.enc;
+    StackRun& r = decoder ? st.dec : st.enc;
+    std::vector<float> dx = through_head(r.B, r.T);
+    tr.blocks_backward(s, r, dx, nullptr);
+    tr.embed_backward(s, r, dx.data());
+    return Status();
+  });
+}
 
 }  // namespace cpuformer

@@ -38,6 +38,8 @@ struct PretrainedOptions {
   enum DType { kAuto, kFloat32 };
   DType dtype = kAuto;                              // kAuto: 16-bit weights stay 16-bit
   LoadOptions::Weights weights = LoadOptions::kFloat32;  // kPacked / kInt8: prepared Linear weights
+  // Fine-tuning: every tensor copied into writable float32 parameters (parameters()), gradients on request.
+  bool trainable = false;
 };
 
 struct GenerationOptions {
@@ -56,6 +58,30 @@ struct GenerationOptions {
   // divided by length ^ length_penalty).
   std::int64_t num_beams = 1;
   double length_penalty = 1.0;
+};
+
+// Fine-tuning: inputs of one training step, and what its forward keeps for backward (owned by the caller).
+struct TrainInputs {
+  const std::int64_t* ids = nullptr;  // (B, T) text models; the source for encoder-decoders
+  std::int64_t B = 0, T = 0;
+  const std::int64_t* attention_mask = nullptr;
+  const std::int64_t* token_type_ids = nullptr;
+  const std::int64_t* decoder_ids = nullptr;  // (B, Td) encoder-decoders
+  std::int64_t Td = 0;
+  const float* pixels = nullptr;  // (B, C, H, W) vision
+  std::int64_t C = 0, H = 0, W = 0;
+};
+struct TrainOptions {
+  bool dropout = true;      // the config's dropout probabilities (hidden, attention); false: deterministic
+  std::uint64_t seed = 0;   // the dropout masks' seed
+  bool recompute = false;   // keep only each block's input; recompute its activations during backward
+};
+class TrainState {
+ public:
+  TrainState();
+  ~TrainState();
+  struct Impl;
+  std::unique_ptr<Impl> impl;
 };
 
 class PretrainedModel {
@@ -123,6 +149,25 @@ class PretrainedModel {
   // Vision: pixel_values (B, C, H, W) -> ViTModel: hidden states (B, 1 + patches, hidden); classification: logits.
   Status vision_forward(const float* pixels, std::int64_t B, std::int64_t C, std::int64_t H, std::int64_t W,
                         bool pooled, std::vector<float>* out) const;
+
+  // ---- Fine-tuning (loaded with PretrainedOptions::trainable) ----
+  struct Parameter {
+    std::string name;                  // as in the checkpoint's files (tied tensors appear once)
+    std::vector<std::int64_t> shape;
+    float* data = nullptr;             // writable float32
+    float* grad = nullptr;             // null: frozen (no gradient work at all)
+  };
+  std::vector<Parameter> parameters() const;
+  // Gives a parameter a zeroed gradient (requires_grad) or frees it (frozen). Buffers, such as Marian/BART's
+  // final_logits_bias, are not parameters.
+  Status set_requires_grad(const std::string& name, bool requires_grad);
+  void zero_grad();
+  // The head's output as head_output / seq2seq_logits / vision_forward give it (the last hidden states for *Model
+  // heads), with dropout; `state` keeps what backward needs.
+  Status train_forward(const TrainInputs& inputs, const TrainOptions& options, TrainState* state,
+                       std::vector<float>* out);
+  // d(loss)/d(out) -> gradients accumulated (+=) into the parameters that require them.
+  Status train_backward(TrainState* state, const float* dout);
 
   struct Impl;
 
