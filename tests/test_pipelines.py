@@ -289,6 +289,10 @@ def test_text_generation_matches_transformers(gpt2_bpe):
                       ref(p, do_sample=False, max_new_tokens=12, return_full_text=False), p)
     got = pipe(prompts, max_new_tokens=12)  # batched, left-padded, order restored
     assert got == [pipe(p, max_new_tokens=12) for p in prompts]
+    hidden = pipeline("feature-extraction", path)(prompts[1], return_tensors=True)  # a decoder's final hidden states
+    with torch.no_grad():
+        want = model.transformer(**fast(prompts[1], return_tensors="pt")).last_hidden_state.numpy()
+    _close(hidden, want, what="decoder hidden states")
 
 
 def test_streaming_equals_generation(gpt2_bpe):

@@ -182,8 +182,8 @@ def _load_trained(path: str) -> TrainedModel:
         return TrainedModel(model, source_tokenizer=src or shared, target_tokenizer=tgt or shared, path=path)
     labels = None
     if name == "TransformerClassifier":
-        labels = _labels_of(dirs[-1] if not os.path.isfile(os.path.join(run_dir, "labels.json")) else run_dir,
-                            model.config["num_classes"])
+        where = [d for d in dirs if os.path.isfile(os.path.join(d, "labels.json"))]
+        labels = _labels_of(where[0] if where else run_dir, model.config["num_classes"])
     return TrainedModel(model, tokenizer=find("tokenizer.json"), id2label=labels, path=path)
 
 
@@ -333,10 +333,7 @@ class IncrementalDecoder:
         text = self._decode(self.ids)
         if text.startswith(self.emitted):
             piece = text[len(self.emitted):]
-        else:  # the decoder changed earlier text (a clean-up): emit what differs from here on
-            k = 0
-            while k < min(len(text), len(self.emitted)) and text[k] == self.emitted[k]:
-                k += 1
+        else:  # the decoder changed text already emitted (a clean-up rule): emit only what is longer
             piece = text[len(self.emitted):] if len(text) > len(self.emitted) else ""
         self.emitted = text
         return piece
