@@ -21,11 +21,13 @@ from .nn.quantized import freeze, quantize_dynamic
 from .serialization import load, save
 from .tokenizer import Tokenizer
 from .bpe import train_bpe
+from . import pipelines
+from .pipelines import pipeline
 
 __version__ = _core.build_info()["version"]
 
 __all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "Tokenizer",
-           "train_bpe", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+           "train_bpe", "pipeline", "pipelines", "build_info", "set_num_threads", "get_num_threads", "__version__"]
 
 
 def build_info() -> dict:
