@@ -2229,9 +2229,10 @@ const char* head_name(PretrainedModel::Head h) {
 }
 
 std::shared_ptr<PretrainedModel> pretrained_load(const std::string& dir, const std::string& dtype,
-                                                 const std::string& weights, bool trainable) {
+                                                 const std::string& weights, bool trainable, const std::string& task,
+                                                 std::int64_t num_labels, std::uint64_t init_seed) {
   PretrainedOptions o;
-  o.trainable = trainable;
+  o.trainable = trainable, o.task = task, o.num_labels = num_labels, o.init_seed = init_seed;
   if (dtype == "float32") o.dtype = PretrainedOptions::kFloat32;
   else if (dtype != "auto") value_error("dtype must be 'auto' or 'float32', got '" + dtype + "'");
   if (weights == "packed") o.weights = LoadOptions::kPacked;
@@ -2273,7 +2274,20 @@ void bind_pretrained(py::module_& m) {
   py::class_<PM, std::shared_ptr<PM>>(m, "_PretrainedModel",
                                      "A Hugging Face model directory run by the C++ core (cpuformer/pretrained.h).")
       .def_static("load", &pretrained_load, py::arg("directory"), py::arg("dtype") = "auto",
-                  py::arg("weights") = "float32", py::arg("trainable") = false)
+                  py::arg("weights") = "float32", py::arg("trainable") = false, py::arg("task") = "",
+                  py::arg("num_labels") = 0, py::arg("init_seed") = 0)
+      .def("new_parameters", &PM::new_parameters)
+      .def("add_lora", [](PM& p, const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
+                          std::uint64_t seed) {
+            std::vector<std::string> modules;
+            Status st = p.add_lora(targets, regex, r, alpha, seed, &modules);
+            if (!st.ok()) pretrained_fail(st);
+            return modules;
+          }, py::arg("targets"), py::arg("regex"), py::arg("r"), py::arg("alpha"), py::arg("seed") = 0)
+      .def("merge_lora", [](PM& p) {
+            Status st = p.merge_lora();
+            if (!st.ok()) pretrained_fail(st);
+          })
       .def("parameters", [](py::object self) {
             // (name, data, grad or None): numpy views of the model's own buffers, kept alive by the model.
             auto& p = self.cast<PM&>();

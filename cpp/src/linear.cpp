@@ -9,6 +9,22 @@
 
 namespace cpuformer {
 
+namespace {
+
+// t (rows, r) = x A^T: the adapter's low-rank projection.
+std::vector<float> lora_down(const float* x, index_t ldx, index_t rows, const LinearRef& w) {
+  const LoraAdapter& l = *w.lora;
+  std::vector<float> t(static_cast<size_t>(rows * l.r));
+  sgemm(false, true, rows, l.r, w.in, 1.0f, x, ldx, l.a, w.in, 0.0f, t.data(), l.r);
+  return t;
+}
+
+void check_lora(const LinearRef& w) {
+  CPUFORMER_CHECK(w.lora->a && w.lora->b && w.lora->r >= 1, "linear: a LoRA adapter needs A, B and r >= 1");
+}
+
+}  // namespace
+
 void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t rows, const LinearRef& w) {
   CPUFORMER_CHECK(w.in >= 1 && w.out >= 1 && rows >= 0 && ldx >= w.in && ldy >= w.out,
                   "linear_forward: bad sizes in=", w.in, " out=", w.out, " rows=", rows);
@@ -26,6 +42,11 @@ void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t 
       sgemm(false, false, rows, w.out, w.in, 1.0f, x, ldx, w.weight, w.out, 0.0f, y, ldy, w.bias);
     else
       sgemm(false, true, rows, w.out, w.in, 1.0f, x, ldx, w.weight, w.in, 0.0f, y, ldy, w.bias);
+  }
+  if (w.lora) {  // y += scale (x A^T) B^T, accumulated by the GEMM into the base product
+    check_lora(w);
+    const std::vector<float> t = lora_down(x, ldx, rows, w);
+    sgemm(false, true, rows, w.out, w.lora->r, w.lora->scale, t.data(), w.lora->r, w.lora->b, w.lora->r, 1.0f, y, ldy);
   }
 }
 
@@ -64,6 +85,18 @@ void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight
       sgemm(false, true, rows, w.in, w.out, 1.0f, dy, lddy, w.weight, w.out, beta, dx, lddx);
     else
       sgemm(false, false, rows, w.in, w.out, 1.0f, dy, lddy, w.weight, w.in, beta, dx, lddx);
+  }
+  if (w.lora && (dx || w.lora->grad_a || w.lora->grad_b)) {
+    check_lora(w);
+    const LoraAdapter& l = *w.lora;
+    std::vector<float> u(static_cast<size_t>(rows * l.r));  // u = dy B (rows, r)
+    sgemm(false, false, rows, l.r, w.out, 1.0f, dy, lddy, l.b, l.r, 0.0f, u.data(), l.r);
+    if (l.grad_b) {  // dB += scale dy^T (x A^T)
+      const std::vector<float> t = lora_down(x, ldx, rows, w);
+      sgemm(true, false, w.out, l.r, rows, l.scale, dy, lddy, t.data(), l.r, 1.0f, l.grad_b, l.r);
+    }
+    if (l.grad_a) sgemm(true, false, l.r, w.in, rows, l.scale, u.data(), l.r, x, ldx, 1.0f, l.grad_a, w.in);
+    if (dx) sgemm(false, false, rows, w.in, l.r, l.scale, u.data(), l.r, l.a, w.in, 1.0f, dx, lddx);
   }
 }
 

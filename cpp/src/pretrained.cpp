@@ -16,6 +16,7 @@
 #include <limits>
 #include <new>
 #include <random>
+#include <regex>
 #include <set>
 #include <sstream>
 
@@ -55,6 +56,7 @@ class HFConfig {
  public:
   HFConfig(const Json& j, std::string path) : j_(j), path_(std::move(path)) {}
   Status status;
+  std::int64_t forced_labels = 0;  // PretrainedOptions::num_labels: the label count of a new task head
 
   const Json* get(const std::string& key) const {
     const Json* v = j_.find(key);
@@ -220,6 +222,7 @@ class Checkpoint {
   const TensorView* find(const std::string& name, const std::vector<std::int64_t>& shape, bool optional) {
     if (!status.ok()) return nullptr;
     const TensorView* t = lookup(name);
+    if (!t && !optional && fresh_allowed(name)) t = fresh(name, shape);
     if (!t) {
       if (!optional)
         status = Status::error(where + ": no tensor '" + prefix + name + "'" + (prefix.empty() ? "" : " (nor '" + name + "')") +
@@ -239,17 +242,56 @@ class Checkpoint {
     return t;
   }
 
+  // A task head the checkpoint lacks (from_pretrained(dir, task=...)): created as transformers initialises it,
+  // weights ~ N(0, init_std), biases zero, and reported in `created`.
+  std::vector<std::string> fresh_prefixes;
+  double init_std = 0.02;
+  std::uint64_t init_seed = 0;
+  std::vector<std::string> created;
+  std::deque<TensorView> fresh_views;
+  bool fresh_allowed(const std::string& name) const {
+    for (const std::string& p : fresh_prefixes)
+      if (name.compare(0, p.size(), p) == 0) return true;
+    return false;
+  }
+  const TensorView* fresh(const std::string& name, const std::vector<std::int64_t>& shape) {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    owned_f.emplace_back(static_cast<size_t>(n), 0.0f);
+    std::vector<float>& v = owned_f.back();
+    const bool bias = name.size() > 5 && name.compare(name.size() - 5, 5, ".bias") == 0;
+    if (!bias) {
+      std::mt19937_64 rng(init_seed + created.size());
+      std::normal_distribution<double> normal(0.0, init_std);
+      for (float& x : v) x = static_cast<float>(normal(rng));
+    }
+    TensorView t;
+    t.name = name, t.dtype = DType::kF32, t.shape = shape;
+    t.data = reinterpret_cast<const unsigned char*>(v.data()), t.nbytes = static_cast<std::uint64_t>(n) * 4;
+    t.file = "(new)";
+    fresh_views.push_back(t);
+    created.push_back(name);
+    return &fresh_views.back();
+  }
+  bool is_fresh(const std::string& name) const { return std::find(created.begin(), created.end(), name) != created.end(); }
+  std::map<const void*, std::string> names;  // every weight pointer handed out -> its tensor name (LoRA targets)
+
   // float32 values: the mapped tensor itself when it is aligned float32, else a converted copy.
   // Trainable models copy every tensor once (by its name in the file) into a writable parameter.
   const float* floats(const std::string& name, const std::vector<std::int64_t>& shape, bool optional = false) {
     const TensorView* t = find(name, shape, optional);
     if (!t) return nullptr;
-    if (!opt.trainable && t->dtype == DType::kF32 && reinterpret_cast<std::uintptr_t>(t->data) % alignof(float) == 0)
+    const bool fresh_head = is_fresh(t->name);  // new heads are always trainable parameters
+    if (!opt.trainable && !fresh_head && t->dtype == DType::kF32 &&
+        reinterpret_cast<std::uintptr_t>(t->data) % alignof(float) == 0) {
+      names[t->data] = t->name;
       return reinterpret_cast<const float*>(t->data);
+    }
     if (auto it = converted.find(t->name); it != converted.end()) return it->second;
     float* f = convert(*t);
     converted[t->name] = f;
-    if (opt.trainable) params.push_back({t->name, t->shape, f});
+    names[f] = t->name;
+    if (opt.trainable || fresh_head) params.push_back({t->name, t->shape, f});
     return f;
   }
   struct Param {
@@ -282,6 +324,7 @@ class Checkpoint {
     if (!t) return l;
     if (keeps_half(*t)) {
       l.half = half_data(*t), l.half_type = t->dtype == DType::kF16 ? HalfType::kF16 : HalfType::kBF16;
+      names[l.half] = t->name;
       return l;
     }
     l.weight = floats(wname, in_out ? std::vector<std::int64_t>{in, out} : std::vector<std::int64_t>{out, in});
@@ -323,6 +366,7 @@ class Checkpoint {
   }
   LinearRef prepare(LinearRef l) {
     if (!l.weight || opt.weights == LoadOptions::kFloat32 || opt.trainable) return l;
+    if (auto it = names.find(l.weight); it != names.end() && is_fresh(it->second)) return l;  // a new, trainable head
     std::vector<float> transposed;
     const float* w = l.weight;
     if (l.in_out) {  // the prepared forms take (out, in)
@@ -452,6 +496,28 @@ struct PretrainedModel::Impl {
   int early_stopping = 0;  // 0 false, 1 true, 2 "never"
   // Fine-tuning: gradient buffers of the parameters that require them (by the parameter's data pointer).
   std::map<const float*, std::vector<float>> grads;
+  // LoRA adapters, one per adapted module.
+  struct Lora {
+    std::string module;
+    std::vector<float> a, b;
+    LoraAdapter ref;
+  };
+  std::deque<Lora> loras;
+  // Every Linear of the model (blocks, heads, the LM head, ViT's patch projection), for LoRA.
+  template <class Fn>
+  void for_each_linear(Fn&& fn) {
+    for (Stack* s : {&enc, &dec})
+      for (Layer& L : s->layers) {
+        for (AttentionWeights* a : {&L.w.self_attn, &L.w.cross_attn})
+          for (LinearRef* l : {&a->qkv, &a->q, &a->k, &a->v, &a->kv, &a->o}) fn(*l);
+        for (LinearRef* l : {&L.w.ff.up, &L.w.ff.gate, &L.w.ff.down}) fn(*l);
+      }
+    for (auto* ops : {&pooler, &head_ops})
+      for (HeadOp& op : *ops)
+        if (op.kind == HeadOp::kLinear) fn(op.lin);
+    fn(lm_head);
+    fn(patch_proj);
+  }
 
   // ------------------------------------------------------------------------------------------- forward pieces
 
@@ -990,6 +1056,7 @@ Status head_of(const std::string& arch, Impl& m) {
 }
 
 std::int64_t label_count(HFConfig& cfg) {
+  if (cfg.forced_labels > 0) return cfg.forced_labels;
   if (const Json* v = cfg.get("id2label"))
     if (v->type == Json::kObject && !v->members.empty()) return static_cast<std::int64_t>(v->members.size());
   return cfg.integer("num_labels", 2);
@@ -1632,6 +1699,30 @@ Status PretrainedModel::load(const std::string& directory, std::unique_ptr<Pretr
                            "qwen2, qwen3, gemma, marian, bart, t5, vit)");
     st = head_of(m.architecture, m);
     if (!st.ok()) return Status::error(cpath + ": " + st.message());
+    if (!options.task.empty()) {  // a task head on a checkpoint that may lack it
+      const std::string& task = options.task;
+      Head want = task == "text-classification"    ? Head::kSequenceClassification
+                  : task == "token-classification" ? Head::kTokenClassification
+                  : task == "question-answering"   ? Head::kQuestionAnswering
+                  : task == "image-classification" ? Head::kImageClassification
+                                                   : Head::kBase;
+      if (want == Head::kBase)
+        return Status::error("task " + quoted(task) + " is not supported (text-classification, token-classification, "
+                             "question-answering, image-classification)");
+      if ((m.kind == Kind::kVision) != (want == Head::kImageClassification) ||
+          (m.kind != Kind::kEncoder && m.kind != Kind::kVision))
+        return Status::error("task " + quoted(task) + " needs " +
+                             (want == Head::kImageClassification ? "a ViT" : "an encoder (bert, roberta, xlm-roberta, "
+                                                                             "distilbert, mpnet)") +
+                             " checkpoint, not " + quoted(t));
+      if (m.head != Head::kBase && m.head != want)
+        return Status::error(cpath + ": architecture " + quoted(m.architecture) + " already has another head");
+      m.head = want;
+      m.ck.fresh_prefixes = {"classifier", "pre_classifier", "qa_outputs", "pooler."};
+      m.ck.init_std = cfg.real("initializer_range", 0.02, 0, 10);
+      m.ck.init_seed = options.init_seed;
+    }
+    cfg.forced_labels = options.num_labels;
     if (m.architecture.empty()) {  // no architectures: the family's usual model
       if (m.kind == Kind::kDecoder) m.head = Head::kCausalLM;
       if (m.kind == Kind::kSeq2Seq) m.head = Head::kSeq2SeqLM;
@@ -2332,6 +2423,17 @@ struct Trainer {
 
 }  // namespace
 
+namespace {
+// Each adapter's gradient pointers follow its parameters' requires_grad.
+void refresh_lora_grads(PretrainedModel::Impl& m) {
+  for (auto& l : m.loras) {
+    auto ga = m.grads.find(l.a.data()), gb = m.grads.find(l.b.data());
+    l.ref.grad_a = ga == m.grads.end() ? nullptr : ga->second.data();
+    l.ref.grad_b = gb == m.grads.end() ? nullptr : gb->second.data();
+  }
+}
+}  // namespace
+
 std::vector<PretrainedModel::Parameter> PretrainedModel::parameters() const {
   std::vector<Parameter> out;
   for (const auto& p : impl_->ck.params) {
@@ -2344,7 +2446,6 @@ std::vector<PretrainedModel::Parameter> PretrainedModel::parameters() const {
 Status PretrainedModel::set_requires_grad(const std::string& name, bool requires_grad) {
   return no_throw([&]() -> Status {
     Impl& m = *impl_;
-    if (!m.ck.opt.trainable) return Status::error("set_requires_grad: the model was not loaded trainable");
     for (const auto& p : m.ck.params) {
       if (p.name != name) continue;
       if (p.data == m.final_logits_bias) return Status::error(name + " is a buffer, not a parameter");
@@ -2355,9 +2456,12 @@ Status PretrainedModel::set_requires_grad(const std::string& name, bool requires
         for (auto d : p.shape) n *= d;
         m.grads[p.data].assign(static_cast<size_t>(n), 0.0f);
       }
+      refresh_lora_grads(m);
       return Status();
     }
-    return Status::error("set_requires_grad: no parameter named " + quoted(name));
+    return Status::error("set_requires_grad: no parameter named " + quoted(name) +
+                         (m.ck.opt.trainable ? "" : " (the model was not loaded trainable: only new heads and LoRA "
+                                                    "adapters are parameters)"));
   });
 }
 
@@ -2369,7 +2473,6 @@ Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions&
                                       std::vector<float>* out) {
   return no_throw([&]() -> Status {
     Impl& m = *impl_;
-    if (!m.ck.opt.trainable) return Status::error("train_forward: load the model with trainable = true");
     if (!state || !out) return Status::error("train_forward: null argument");
     TrainState::Impl& st = *state->impl;
     st = TrainState::Impl();
@@ -2565,6 +2668,123 @@ Status PretrainedModel::train_backward(TrainState* state, const float* dout) {
     std::vector<float> dx = through_head(r.B, r.T);
     tr.blocks_backward(s, r, dx, nullptr);
     tr.embed_backward(s, r, dx.data());
+    return Status();
+  });
+}
+
+}  // namespace cpuformer
+
+namespace cpuformer {
+
+std::vector<std::string> PretrainedModel::new_parameters() const { return impl_->ck.created; }
+
+
+Status PretrainedModel::add_lora(const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
+                                 std::uint64_t seed, std::vector<std::string>* modules) {
+  return no_throw([&]() -> Status {
+    Impl& m = *impl_;
+    if (r < 1 || r > 4096) return Status::error("add_lora: r must be in [1, 4096]");
+    if (!std::isfinite(alpha) || alpha <= 0) return Status::error("add_lora: alpha must be finite and > 0");
+    if (targets.empty()) return Status::error("add_lora: no target modules");
+    std::vector<std::regex> patterns;
+    if (regex)
+      for (const std::string& t : targets) patterns.emplace_back(t, std::regex::ECMAScript);
+    const auto matches = [&](const std::string& module) {
+      for (std::size_t i = 0; i < targets.size(); ++i) {
+        if (regex ? std::regex_match(module, patterns[i])
+                  : (module == targets[i] || (module.size() > targets[i].size() &&
+                                               module.compare(module.size() - targets[i].size() - 1,
+                                                              targets[i].size() + 1, "." + targets[i]) == 0)))
+          return true;
+      }
+      return false;
+    };
+    std::map<std::string, Impl::Lora*> by_module;
+    for (auto& l : m.loras) by_module[l.module] = &l;
+    std::vector<std::string> added;
+    Status st;
+    const void* tied = m.dec.word.f ? static_cast<const void*>(m.dec.word.f) : static_cast<const void*>(m.dec.word.h);
+    m.for_each_linear([&](LinearRef& lin) {
+      const void* w = lin.weight ? static_cast<const void*>(lin.weight) : static_cast<const void*>(lin.half);
+      if (!w || !st.ok() || w == tied) return;  // the tied LM head is the embedding, not a Linear
+      auto it = m.ck.names.find(w);
+      if (it == m.ck.names.end()) return;
+      std::string module = it->second;
+      if (module.size() > 7 && module.compare(module.size() - 7, 7, ".weight") == 0) module.resize(module.size() - 7);
+      if (!matches(module)) return;
+      if (lin.packed || lin.int8) {
+        st = Status::error("add_lora: " + module + " is packed or int8; load with weights=\"float32\" for LoRA");
+        return;
+      }
+      Impl::Lora*& slot = by_module[module];
+      if (!slot) {
+        m.loras.emplace_back();
+        Impl::Lora& l = m.loras.back();
+        l.module = module;
+        l.a.resize(static_cast<size_t>(r * lin.in));
+        l.b.assign(static_cast<size_t>(lin.out * r), 0.0f);
+        std::mt19937_64 rng(seed + m.loras.size());
+        const double bound = 1.0 / std::sqrt(static_cast<double>(lin.in));  // kaiming_uniform_(a=sqrt(5))
+        std::uniform_real_distribution<double> u(-bound, bound);
+        for (float& x : l.a) x = static_cast<float>(u(rng));
+        l.ref.a = l.a.data(), l.ref.b = l.b.data(), l.ref.r = r, l.ref.scale = static_cast<float>(alpha / r);
+        m.ck.params.push_back({module + ".lora_A.weight", {r, lin.in}, l.a.data()});
+        m.ck.params.push_back({module + ".lora_B.weight", {lin.out, r}, l.b.data()});
+        m.grads[l.a.data()].assign(l.a.size(), 0.0f);
+        m.grads[l.b.data()].assign(l.b.size(), 0.0f);
+        added.push_back(module);
+        slot = &l;
+      } else if (slot->ref.r != r) {
+        st = Status::error("add_lora: " + module + " already has an adapter of another rank");
+        return;
+      }
+      lin.lora = &slot->ref;
+    });
+    if (!st.ok()) return st;
+    if (added.empty()) return Status::error("add_lora: no Linear module matches the targets");
+    refresh_lora_grads(m);
+    if (modules) *modules = added;
+    return Status();
+  });
+}
+
+Status PretrainedModel::merge_lora() {
+  return no_throw([&]() -> Status {
+    Impl& m = *impl_;
+    if (m.loras.empty()) return Status();
+    Status st;
+    m.for_each_linear([&](LinearRef& lin) {
+      if (!lin.lora || !st.ok()) return;
+      bool owned = false;
+      for (const auto& p : m.ck.params) owned = owned || p.data == lin.weight;
+      if (!owned) {
+        st = Status::error("merge_lora: the base weights are the mapped files' (read-only); load with trainable=true "
+                           "to merge, or keep the adapters");
+        return;
+      }
+    });
+    if (!st.ok()) return st;
+    std::set<const LoraAdapter*> merged;
+    m.for_each_linear([&](LinearRef& lin) {
+      if (!lin.lora) return;
+      const LoraAdapter& l = *lin.lora;
+      if (merged.insert(&l).second) {
+        float* w = const_cast<float*>(lin.weight);  // an owned parameter (checked above)
+        if (lin.in_out)  // W (in, out) += scale A^T B^T
+          sgemm(true, true, lin.in, lin.out, l.r, l.scale, l.a, lin.in, l.b, l.r, 1.0f, w, lin.out);
+        else             // W (out, in) += scale B A
+          sgemm(false, false, lin.out, lin.in, l.r, l.scale, l.b, l.r, l.a, lin.in, 1.0f, w, lin.in);
+      }
+      lin.lora = nullptr;
+    });
+    for (const auto& l : m.loras) {
+      m.grads.erase(l.a.data()), m.grads.erase(l.b.data());
+      auto& ps = m.ck.params;
+      ps.erase(std::remove_if(ps.begin(), ps.end(),
+                              [&](const Checkpoint::Param& p) { return p.data == l.a.data() || p.data == l.b.data(); }),
+               ps.end());
+    }
+    m.loras.clear();
     return Status();
   });
 }

@@ -15,6 +15,17 @@
 
 namespace cpuformer {
 
+// A LoRA adapter on a Linear layer (PEFT's layout): y += scale * (x A^T) B^T with A (r, in), B (out, r),
+// scale = alpha / r. Gradients of A and B are accumulated into grad_a / grad_b when they are non-null.
+struct LoraAdapter {
+  const float* a = nullptr;
+  const float* b = nullptr;
+  index_t r = 0;
+  float scale = 0.0f;
+  float* grad_a = nullptr;
+  float* grad_b = nullptr;
+};
+
 struct LinearRef {
   index_t in = 0, out = 0;
   const float* weight = nullptr;  // (out, in), or (in, out) when in_out; may be null when a prepared form is given
@@ -25,6 +36,7 @@ struct LinearRef {
   const std::uint16_t* half = nullptr;   // 16-bit weight in weight's layout (inference; training only needs dx)
   HalfType half_type = HalfType::kBF16;
 
+  const LoraAdapter* lora = nullptr;     // an adapter added to the product (fine-tuning), or null
   bool present() const { return weight || packed || int8 || half; }
 };
 

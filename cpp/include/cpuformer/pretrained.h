@@ -40,6 +40,13 @@ struct PretrainedOptions {
   LoadOptions::Weights weights = LoadOptions::kFloat32;  // kPacked / kInt8: prepared Linear weights
   // Fine-tuning: every tensor copied into writable float32 parameters (parameters()), gradients on request.
   bool trainable = false;
+  // A task head for an encoder (or ViT) checkpoint that has none, as transformers' *For<Task>.from_pretrained:
+  // "text-classification", "token-classification", "question-answering" (or "image-classification" for ViT).
+  // Its weights are created (N(0, initializer_range), biases zero) and listed by new_parameters(); they are always
+  // trainable parameters. num_labels > 0 overrides the config's label count.
+  std::string task;
+  std::int64_t num_labels = 0;
+  std::uint64_t init_seed = 0;
 };
 
 struct GenerationOptions {
@@ -162,6 +169,18 @@ class PretrainedModel {
   // final_logits_bias, are not parameters.
   Status set_requires_grad(const std::string& name, bool requires_grad);
   void zero_grad();
+  // The head weights this load created (PretrainedOptions::task), by name.
+  std::vector<std::string> new_parameters() const;
+  // LoRA (PEFT's layout and initialisation): adapters A (r, in) ~ U(-1/sqrt(in), 1/sqrt(in)), B (out, r) = 0 on
+  // every Linear whose module name (the weight's checkpoint name without ".weight") matches `targets` (regex:
+  // an ECMAScript full match of one pattern; else PEFT's list rule: the name equals a target or ends with
+  // "." + target). y += (alpha / r) B A x, in inference too. The adapters are parameters named
+  // "<module>.lora_A.weight" / ".lora_B.weight" that require gradients. `modules` receives the adapted names.
+  Status add_lora(const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
+                  std::uint64_t seed, std::vector<std::string>* modules);
+  // Folds every adapter into its weight (W += (alpha / r) B A) and removes the adapters; needs float32 weights of
+  // the model's own (a trainable load).
+  Status merge_lora();
   // The head's output as head_output / seq2seq_logits / vision_forward give it (the last hidden states for *Model
   // heads), with dropout; `state` keeps what backward needs.
   Status train_forward(const TrainInputs& inputs, const TrainOptions& options, TrainState* state,
