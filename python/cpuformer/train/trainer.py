@@ -282,7 +282,7 @@ class _Progress:
         now = time.perf_counter()
         due = (self.last_print is None or (self.log_every and step % self.log_every == 0)
                or (self.log_seconds is not None and now - self.last_print >= self.log_seconds)
-               or (total is not None and step >= total))
+               or (total is not None and not estimated and step >= total))
         if not due:
             return
         self.last_print = now
