@@ -150,9 +150,9 @@ def test_ctrl_c_saves_checkpoint_and_model_and_exits_130(files, tmp_path):
 def test_user_mistakes_are_one_line_and_exit_2(files, tmp_path, capsys, argv, words):
     argv = [a.format(d=files) for a in argv] + ["--output-dir", str(tmp_path / "o")]
     try:
-        code, out, err = run(capsys, *argv)
+        code, _, err = run(capsys, *argv)
     except SystemExit as exc:  # argparse's own checks
-        code, (out, err) = exc.code, capsys.readouterr()
+        code, err = exc.code, capsys.readouterr().err
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import importlib.machinery
-import json
 import os
 import signal
 import sys
