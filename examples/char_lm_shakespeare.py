@@ -29,4 +29,4 @@ trainer = Trainer(model, optimizer=AdamW(model, lr=2e-3, betas=(0.9, 0.98)), sch
 trainer.fit(train, val, epochs=100, max_steps=steps, batch_size=32, resume_from="latest")
 print(f"validation loss {trainer.evaluate(val)['loss']:.4f} nats/char")
 prompt = np.array([tok.encode("ROMEO:")])
-print(tok.decode(model.generate(prompt, 400, temperature=0.8, top_k=40, seed=0)[0]))
+print(tok.decode(model.generate(prompt, 400, do_sample=True, temperature=0.8, top_k=40, seed=0)[0]))

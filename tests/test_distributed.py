@@ -103,7 +103,7 @@ def test_resume_matches_uninterrupted(tmp_path):
     run(["--out", tmp_path / "full.npz", "--output-dir", full, *common], ranks=2)
     run(["--out", tmp_path / "p1.npz", "--output-dir", part, "--batch", 4, "--save-every", 3, "--steps", 4],
         ranks=2)
-    assert sorted(os.listdir(part)) == ["checkpoint-3", "checkpoint-4", "history.jsonl"]  # rank 0 wrote, once
+    assert sorted(os.listdir(part)) == ["checkpoint-3", "checkpoint-4", "history.csv", "history.jsonl"]  # rank 0 wrote, once
     run(["--out", tmp_path / "resumed.npz", "--output-dir", part, *common, "--resume"], ranks=2)
     a, b = load(tmp_path / "full.npz"), load(tmp_path / "resumed.npz")
     for k in a:

@@ -257,7 +257,7 @@ def test_latest_checkpoint_is_the_newest_complete_one(tmp_path):
     for steps in (2, 4, 6, 8):
         t.fit(ds, max_steps=steps, batch_size=4)
     assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8",
-                                       "history.jsonl"]
+                                       "history.csv", "history.jsonl"]
     assert latest_checkpoint(out).endswith("checkpoint-8")
     # what the old save left when killed while deleting the checkpoint it replaced: only trainer_state.json
     for name in ("model.safetensors", "optimizer.safetensors", "checkpoint_complete.json"):
@@ -355,7 +355,7 @@ def test_leftovers_of_a_killed_run_are_tidied_at_the_next_start(tmp_path):
         os.makedirs(os.path.join(out, busy[0]))
         open(os.path.join(out, busy[1]), "wb").close()
         _trainer(out)
-        assert sorted(os.listdir(out)) == sorted(["checkpoint-2", "checkpoint-6", "history.jsonl"] + busy)
+        assert sorted(os.listdir(out)) == sorted(["checkpoint-2", "checkpoint-6", "history.csv", "history.jsonl"] + busy)
         t3, _ = _trainer(out)
         t3.fit(ds, max_steps=2, batch_size=4, resume_from="latest")  # from checkpoint-6: nothing left to do
         assert t3.step == 2  # (the copy of checkpoint-2 was put in place as checkpoint-6)
@@ -363,7 +363,7 @@ def test_leftovers_of_a_killed_run_are_tidied_at_the_next_start(tmp_path):
         live.kill()
         live.wait()
     _trainer(out)  # the writer is gone now
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-6", "history.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-6", "history.csv", "history.jsonl"]
 
 
 def test_rotation_never_deletes_the_newest_complete_checkpoint(tmp_path):
@@ -376,14 +376,14 @@ def test_rotation_never_deletes_the_newest_complete_checkpoint(tmp_path):
     open(os.path.join(out, "checkpoint-8", "trainer_state.json"), "w").close()
     t.fit(ds, max_steps=4, batch_size=4)
     assert latest_checkpoint(out).endswith("checkpoint-4")  # the old rotation kept checkpoint-8 and deleted 4
-    assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-8", "history.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-4", "checkpoint-8", "history.csv", "history.jsonl"]
     t.fit(ds, max_steps=8, batch_size=4)  # replaces the incomplete checkpoint-8
-    assert sorted(os.listdir(out)) == ["checkpoint-8", "history.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-8", "history.csv", "history.jsonl"]
     assert latest_checkpoint(out).endswith("checkpoint-8")
     # keep the two newest complete ones, and the one just saved even when older ones are newer by step
     t2, _ = _trainer(out, save_total_limit=2, save_every=1)
     t2.fit(ds, max_steps=2, batch_size=4)
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-8", "history.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "checkpoint-8", "history.csv", "history.jsonl"]
 
 
 def test_the_final_save_replaces_the_step_s_checkpoint_whole(tmp_path):
@@ -407,7 +407,7 @@ def test_the_final_save_replaces_the_step_s_checkpoint_whole(tmp_path):
     assert ".tmp-" in renames[2][1] and renames[2][2] == "checkpoint-2"
     first_delete = next(i for i, e in enumerate(events) if e[0] in ("unlink", "rmdir"))
     assert first_delete > events.index(renames[2])
-    assert sorted(os.listdir(out)) == ["checkpoint-2", "history.jsonl"]
+    assert sorted(os.listdir(out)) == ["checkpoint-2", "history.csv", "history.jsonl"]
 
 
 # ------------------------------------------------------------------------------------------------ real processes

@@ -248,7 +248,8 @@ def test_kv_cache_generation_equals_generation_without_cache():
     t = Trainer(model, optimizer=AdamW(model, lr=3e-3), quiet=True)
     t.fit(ds, max_steps=20, batch_size=8)
     prompt = np.array([tok.encode("the qu"), tok.encode("lazy d")])
-    for kw in (dict(greedy=True), dict(temperature=0.9, top_k=5, seed=3), dict(temperature=1.2, top_p=0.8, seed=4)):
+    for kw in (dict(greedy=True), dict(do_sample=True, temperature=0.9, top_k=5, seed=3),
+               dict(do_sample=True, temperature=1.2, top_p=0.8, seed=4)):
         a = model.generate(prompt, 8, use_cache=True, **kw)
         b = model.generate(prompt, 8, use_cache=False, **kw)
         np.testing.assert_array_equal(a, b)

@@ -188,14 +188,28 @@ class GPT(Module):
 
     def generate(self, ids, max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, greedy: bool = False, seed: Optional[int] = None,
-                 use_cache: bool = True, eos_id: Optional[int] = None) -> np.ndarray:
-        """Continue ``ids`` (B, T0) by ``max_new_tokens`` tokens; returns (B, T0 + new). With ``use_cache`` (default)
+                 use_cache: bool = True, eos_id: Optional[int] = None,
+                 do_sample: Optional[bool] = None) -> np.ndarray:
+        """Continue ``ids`` (B, T0) by ``max_new_tokens`` tokens; returns (B, T0 + new).
+
+        Greedy by default, as transformers' ``generate``: ``do_sample=True`` samples at ``temperature`` from the
+        ``top_k`` / ``top_p`` filtered distribution (``seed`` makes it reproducible); ``do_sample=False`` (or
+        ``greedy=True``) takes the most likely token. Left unset, ``do_sample`` follows the arguments, as before it
+        existed: sampling when ``temperature``, ``top_k``, ``top_p`` or ``seed`` is given, greedy otherwise.
+
+        With ``use_cache`` (default)
         keys and values are cached, so each new token costs O(T) work; past ``block_size`` (and without the cache)
         the last ``block_size`` tokens are re-run each step. Stops early when every row has produced ``eos_id``.
 
         ``ids`` may also be a list of prompts of different lengths: they run as one batch (each row at its own
         positions in the blocks' caches) and a list of arrays (prompt + continuation) comes back; greedy results
         equal each prompt's own."""
+        if do_sample is None:
+            do_sample = not greedy and (temperature != 1.0 or top_k is not None or top_p is not None
+                                        or seed is not None)
+        elif do_sample and greedy:
+            raise ValueError("generate: greedy=True and do_sample=True contradict each other")
+        greedy = not do_sample
         if isinstance(ids, (list, tuple)) and len(ids) and all(np.ndim(r) == 1 for r in ids) and \
                 len({len(r) for r in ids}) > 1:
             return self._generate_ragged([ops._ids(r, f"ids[{i}]") for i, r in enumerate(ids)], max_new_tokens,
@@ -255,7 +269,7 @@ class GPT(Module):
                 raise IndexError(f"generate: ids[{i}] holds an id out of range [0, {self.vocab_size})")
         if not use_cache or lengths.max() + max_new_tokens > self.block_size:  # past the window: row by row
             return [self.generate(p[None], max_new_tokens, temperature, top_k, top_p, greedy, seed, use_cache,
-                                  eos_id)[0] for p in prompts]
+                                  eos_id, do_sample=not greedy)[0] for p in prompts]
         _sampling_args(temperature, top_k, top_p)
         if eos_id is not None:
             eos_id = ops._int_arg(eos_id, "eos_id", 0)

@@ -21,6 +21,9 @@ renamed into place, other temporary folders and files of dead processes are remo
 """
 from __future__ import annotations
 
+import csv
+import importlib.util
+import io
 import json
 import logging
 import math
@@ -28,14 +31,16 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
 from .. import ops
-from ..data.sequences import IGNORE_INDEX, batch_indices
+from ..data.sequences import IGNORE_INDEX, ArrayDataset, batch_indices
 from ..io import _fsync_dir, atomic_write_bytes, load_safetensors, save_safetensors
 from ..nn import init
 from .losses import CrossEntropyLoss
@@ -175,6 +180,9 @@ def _tidy_output_dir(output_dir: str) -> None:
 class Callback:
     """Hooks called by the Trainer; ``logs`` is the record just added to the history."""
 
+    def on_train_begin(self, trainer: "Trainer") -> None:
+        pass
+
     def on_step_end(self, trainer: "Trainer", logs: dict) -> None:
         pass
 
@@ -237,12 +245,22 @@ class History(list):
         return [r[key] for r in self if key in r]
 
 
-class _Progress:
-    """tqdm when installed, wanted and writing to a terminal; plain log lines otherwise (files, CI logs); nothing
-    in quiet mode."""
+def _clock(seconds: float) -> str:
+    """1:05 or 1:02:05."""
+    seconds = int(max(0, round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if h else f"{rest // 60}:{rest % 60:02d}"
 
-    def __init__(self, total: int, initial: int, quiet: bool, log_every: int, use_tqdm: bool):
-        self.quiet, self.log_every, self.bar = quiet, log_every, None
+
+class _Progress:
+    """tqdm when installed, wanted and writing to a terminal; plain lines otherwise (files, CI logs), one every
+    ``log_every`` steps and at least one every ``log_seconds`` seconds, with step/total, elapsed time and ETA;
+    nothing in quiet mode."""
+
+    def __init__(self, total: int, initial: int, quiet: bool, log_every: Optional[int], use_tqdm: bool,
+                 log_seconds: Optional[float] = None):
+        self.quiet, self.log_every, self.log_seconds, self.bar = quiet, log_every, log_seconds, None
+        self.last_print = None
         if not quiet and use_tqdm and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
@@ -250,15 +268,29 @@ class _Progress:
             except ImportError:
                 pass
 
-    def update(self, step: int, logs: dict) -> None:
+    def update(self, step: int, logs: dict, total: Optional[int] = None, estimated: bool = False,
+               elapsed: Optional[float] = None, eta: Optional[float] = None) -> None:
         if self.quiet:
             return
         text = f"loss {logs['loss']:.4f}  lr {logs['lr']:.2e}  {logs['tokens_per_s']:.0f} tok/s"
         if self.bar is not None:
+            if total and self.bar.total != total:
+                self.bar.total = total
             self.bar.update(1)
             self.bar.set_postfix_str(text, refresh=False)
-        elif step % self.log_every == 0:
-            print(f"step {step}  epoch {logs['epoch']}  {text}", flush=True)
+            return
+        now = time.perf_counter()
+        due = (self.last_print is None or (self.log_every and step % self.log_every == 0)
+               or (self.log_seconds is not None and now - self.last_print >= self.log_seconds)
+               or (total is not None and not estimated and step >= total))
+        if not due:
+            return
+        self.last_print = now
+        where = f"step {step}/{'~' if estimated else ''}{total}" if total else f"step {step}"
+        when = ""
+        if elapsed is not None:
+            when = f"  elapsed {_clock(elapsed)}" + (f"  ETA {_clock(eta)}" if eta is not None else "")
+        print(f"{where}  epoch {logs['epoch']}  {text}{when}", flush=True)
 
     def write(self, text: str) -> None:
         if self.quiet:
@@ -273,6 +305,65 @@ class _Progress:
             self.bar.close()
 
 
+def _is_dataset(obj) -> bool:
+    """A dataset (indexed with an array of sample indices), as opposed to arrays or a tuple of arrays."""
+    return (hasattr(obj, "__getitem__") and hasattr(obj, "__len__") and not isinstance(obj, (np.ndarray, list, tuple))
+            and not hasattr(obj, "__array__"))
+
+
+def _as_arrays(obj) -> bool:
+    return isinstance(obj, np.ndarray) or hasattr(obj, "__array__") or (
+        isinstance(obj, (list, tuple)) and len(obj) > 0 and all(isinstance(a, np.ndarray) or hasattr(a, "__array__")
+                                                                 for a in obj))
+
+
+class _Subset:
+    """Samples ``ids`` of a dataset (for ``validation_split``)."""
+
+    def __init__(self, data, ids: np.ndarray) -> None:
+        self.data, self.ids = data, np.asarray(ids, np.int64)
+        lengths = getattr(data, "lengths", None)
+        self.lengths = None if lengths is None else np.asarray(lengths)[self.ids]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, idx):
+        return self.data[self.ids[np.asarray(idx)]]
+
+
+def _to_dataset(x, y, what: str):
+    """A dataset from Keras-style arguments: a dataset (``y`` None), arrays ``x`` (one array or a list/tuple of
+    input arrays) with targets ``y``, or ``(x, y)``."""
+    if x is None:
+        return None
+    if y is None and _is_dataset(x):
+        return x
+    if y is None:
+        if isinstance(x, tuple) and len(x) == 2:
+            x, y = x
+        else:
+            raise ValueError(f"{what}: arrays need targets: pass (x, y), or x and y")
+    if isinstance(x, list) and not all(isinstance(a, np.ndarray) for a in x):
+        x = np.asarray(x)
+    return ArrayDataset(x, y)
+
+
+def _tensorboard_writer(logdir: str):
+    """A SummaryWriter from tensorboardX or torch.utils.tensorboard when one is installed, else None (optional:
+    the CSV and JSON-lines logs are always written)."""
+    try:
+        if importlib.util.find_spec("tensorboardX") is not None:
+            from tensorboardX import SummaryWriter
+            return SummaryWriter(logdir)
+        if importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec("torch") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            return SummaryWriter(logdir)
+    except Exception as exc:  # a broken optional install must not stop training
+        logger.warning("TensorBoard logging disabled: %s", exc)
+    return None
+
+
 class Trainer:
     """Keras-style training loop over cpuformer models.
 
@@ -285,14 +376,22 @@ class Trainer:
     step and parameter) or "skip" (the step is skipped and counted); ``progress`` (tqdm when installed), ``quiet``;
     ``distributed``: a :class:`cpuformer.distributed.DataParallel` for data-parallel training over MPI, where
     ``batch_size`` is per rank, losses, metrics and clipping are global, and only rank 0 prints and saves.
+    Progress lines come every ``log_every`` steps and at least every ``log_seconds`` seconds (step/total, elapsed,
+    ETA). With ``output_dir`` every record also goes to ``history.jsonl`` and ``history.csv``, and to TensorBoard
+    event files under ``output_dir/tensorboard`` when ``tensorboardX`` or ``tensorboard`` is installed.
+
+    Ctrl-C (SIGINT) during :meth:`fit` stops at the end of the current step; the checkpoint is saved (with
+    ``output_dir``), callbacks end as usual (early stopping restores the best weights) and ``KeyboardInterrupt``
+    is raised; ``interrupted`` is then True. A second Ctrl-C interrupts at once.
     """
 
     def __init__(self, model, loss=None, optimizer=None, *, lr: float = 1e-3, schedule: Optional[Schedule] = None,
                  max_grad_norm: Optional[float] = None, grad_accum_steps: int = 1, metrics: Sequence[str] = (),
                  output_dir: Optional[str] = None, save_every: Optional[int] = None,
-                 save_total_limit: Optional[int] = 2, eval_every: Optional[int] = None, log_every: int = 20,
+                 save_total_limit: Optional[int] = 2, eval_every: Optional[int] = None, log_every: Optional[int] = 20,
                  seed: int = 0, callbacks: Iterable[Callback] = (), on_nonfinite: str = "raise",
-                 progress: bool = True, quiet: bool = False, distributed=None) -> None:
+                 progress: bool = True, quiet: bool = False, distributed=None,
+                 log_seconds: Optional[float] = None) -> None:
         if on_nonfinite not in ("raise", "skip"):
             raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
         if grad_accum_steps < 1:
@@ -308,7 +407,9 @@ class Trainer:
         self.grad_accum_steps = int(grad_accum_steps)
         self.metrics = tuple(metrics)
         self.output_dir, self.save_every, self.save_total_limit = output_dir, save_every, save_total_limit
-        self.eval_every, self.log_every, self.seed = eval_every, max(1, int(log_every)), int(seed)
+        self.eval_every, self.seed = eval_every, int(seed)
+        self.log_every = max(0, int(log_every or 0))
+        self.log_seconds = log_seconds
         self.callbacks = list(callbacks)
         self.dist = distributed
         self.is_main = distributed is None or distributed.is_main
@@ -321,6 +422,14 @@ class Trainer:
         self.should_stop = False
         self.history = History()
         self.last_loss = float("nan")
+        self.elapsed_before = 0.0  # training seconds of earlier runs (restored from a checkpoint)
+        self._fit_start: Optional[float] = None
+        self._fit_step0 = 0
+        self.max_time: Optional[float] = None
+        self.total_steps: Optional[int] = None
+        self.interrupted = False
+        self._csv_columns: Optional[List[str]] = None
+        self._tb = None
         if output_dir and self.is_main:
             self._tidy()
 
@@ -331,32 +440,79 @@ class Trainer:
             logger.warning("could not tidy %s: %s", self.output_dir, exc)
 
     # -- the loop -------------------------------------------------------------------------------------------------
-    def fit(self, train, val=None, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
-            bucket: bool = False, resume_from: Optional[str] = None, eval_batch_size: Optional[int] = None) -> History:
-        """Train for ``epochs`` (or until ``max_steps`` optimizer steps); ``resume_from`` a checkpoint folder, or
-        ``"latest"`` for the newest in ``output_dir``. Returns the history (also in ``output_dir/history.jsonl``)."""
+    def fit(self, train=None, val=None, epochs: int = 1, max_steps: Optional[int] = None, batch_size: int = 32,
+            bucket: bool = False, resume_from: Optional[str] = None, eval_batch_size: Optional[int] = None, *,
+            x=None, y=None, validation_data=None, validation_split: float = 0.0, shuffle: bool = True,
+            max_time: Optional[float] = None) -> History:
+        """Train for ``epochs`` (or until ``max_steps`` optimizer steps, or ``max_time`` seconds of training);
+        ``resume_from`` a checkpoint folder, or ``"latest"`` for the newest in ``output_dir``. Returns the history
+        (also in ``output_dir/history.jsonl`` and ``history.csv``).
+
+        The data: a dataset (``train``, with ``val`` or ``validation_data`` another), or, as Keras, numpy arrays:
+        ``fit(x, y)`` or ``fit((x, y))`` (``x`` one array or a list of input arrays),
+        ``validation_data=(x_val, y_val)``, ``validation_split`` (the last fraction of the samples, before
+        shuffling, as Keras), ``shuffle`` (each epoch's order; False keeps the samples in order)."""
+        if train is None:
+            train = x
+        if train is None:
+            raise ValueError("fit: no training data (pass a dataset, or arrays x and y)")
+        if _as_arrays(train) and not _is_dataset(train) and y is None and val is not None and _as_arrays(val) \
+                and not isinstance(val, tuple):
+            y, val = val, None  # fit(x, y): Keras's positional order
+        train = _to_dataset(train, y, "fit")
+        if validation_data is not None:
+            if val is not None:
+                raise ValueError("fit: pass val or validation_data, not both")
+            val = validation_data
+        val = _to_dataset(val, None, "validation_data") if val is not None else None
+        if validation_split:
+            if not 0 < validation_split < 1:
+                raise ValueError(f"fit: validation_split must be in (0, 1), got {validation_split}")
+            if val is not None:
+                raise ValueError("fit: pass validation_split or validation data, not both")
+            n_val = int(len(train) * validation_split)  # Keras: the last fraction, before any shuffling
+            if n_val < 1 or n_val >= len(train):
+                raise ValueError(f"fit: validation_split {validation_split} of {len(train)} samples leaves no "
+                                 "training or no validation samples")
+            cut = len(train) - n_val
+            train, val = _Subset(train, np.arange(cut)), _Subset(train, np.arange(cut, len(train)))
         if len(train) == 0:
             raise ValueError("fit: the training set is empty")
+        if batch_size is None or int(batch_size) < 1:
+            raise ValueError(f"fit: batch_size must be >= 1, got {batch_size}")
         if resume_from == "latest":
             if self.output_dir and self.is_main:
                 self._tidy()  # a checkpoint a kill left between its two renames is put in place first
             resume_from = latest_checkpoint(self.output_dir) if self.output_dir else None
             if self.dist:  # rank 0's view of the folder decides; every rank must be able to read it
                 resume_from = self.dist.bcast_object(resume_from)
+            if resume_from is None and self.is_main and not self.quiet:
+                print(f"no checkpoint in {self.output_dir}: starting from scratch", flush=True)
         if resume_from:
             self.load_checkpoint(resume_from)
+            if self.is_main and not self.quiet:
+                print(f"resumed from {os.path.basename(os.path.normpath(resume_from))} (step {self.step}, epoch "
+                      f"{self.epoch})", flush=True)
         ranks = self.dist.size if self.dist else 1
         global_batch = batch_size * ranks  # each global batch is sharded over the ranks
         n_batches = -(-len(train) // global_batch)
         steps_per_epoch = max(1, n_batches // self.grad_accum_steps)
         total = min(epochs * steps_per_epoch, max_steps) if max_steps else epochs * steps_per_epoch
-        bar = _Progress(total, self.step, self.quiet, self.log_every, self.progress)
+        self.total_steps, self.max_time = total, max_time
+        self._fit_start, self._fit_step0 = time.perf_counter(), self.step
+        bar = _Progress(total, self.step, self.quiet, self.log_every, self.progress, self.log_seconds)
         self.should_stop = False
+        self.interrupted = False
         lengths = getattr(train, "lengths", None)
+        if self.output_dir and self.is_main and self._tb is None:
+            self._tb = _tensorboard_writer(os.path.join(self.output_dir, "tensorboard"))
+        for cb in self.callbacks:
+            cb.on_train_begin(self)
+        restore = self._catch_sigint()
         try:
             while self.epoch < epochs and not self.should_stop and (not max_steps or self.step < max_steps):
-                batches = batch_indices(len(train), global_batch, np.random.default_rng([self.seed, self.epoch]),
-                                        lengths=lengths, bucket=bucket)
+                rng = np.random.default_rng([self.seed, self.epoch]) if shuffle else None
+                batches = batch_indices(len(train), global_batch, rng, lengths=lengths, bucket=bucket)
                 while self.batch_in_epoch + self.grad_accum_steps <= len(batches):
                     if self.should_stop or (max_steps and self.step >= max_steps):
                         break
@@ -366,9 +522,13 @@ class Trainer:
                     if logs is None:
                         continue
                     self._record(logs)
-                    bar.update(self.step, logs)
+                    est_total, estimated = self.estimated_total_steps()
+                    elapsed = self.elapsed()
+                    bar.update(self.step, logs, est_total, estimated, elapsed, self._eta(est_total))
                     for cb in self.callbacks:
                         cb.on_step_end(self, logs)
+                    if max_time is not None and elapsed >= max_time:
+                        self.should_stop = True
                     if self.dist:  # a wall-clock budget may trip on one rank first: stop together
                         self.should_stop = bool(self.dist.allreduce([self.should_stop])[0])
                     if val is not None and self.eval_every and self.step % self.eval_every == 0:
@@ -383,15 +543,73 @@ class Trainer:
                         epoch_logs.update(self._evaluate_and_record(val, eval_batch_size or batch_size, bar))
                     for cb in self.callbacks:
                         cb.on_epoch_end(self, epoch_logs)
+            if self.output_dir:
+                self.save_checkpoint()  # the state training reached, so a resume continues from it
         finally:
             bar.close()
-        if self.output_dir:
-            self.save_checkpoint()  # the state training reached, so a resume continues from it
+            restore()
+            self.elapsed_before = self.elapsed()
+            self._fit_start = None
+            if self._tb is not None:
+                self._tb.flush()
         for cb in self.callbacks:
             cb.on_train_end(self)
         if self.dist:
             self.dist.barrier()
+        if self.interrupted:
+            raise KeyboardInterrupt(f"training interrupted at step {self.step}")
         return self.history
+
+    def _catch_sigint(self):
+        """Make a first Ctrl-C stop training at the end of the current step (the main thread only, and only while
+        Python's default handler is installed); returns the function that puts the handler back."""
+        if threading.current_thread() is not threading.main_thread() or \
+                signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return lambda: None
+
+        def handler(signum, frame):
+            if self.interrupted:  # a second Ctrl-C: at once
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.should_stop = True
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def elapsed(self) -> float:
+        """Seconds of training so far, earlier runs (before a resume) included."""
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self.elapsed_before + running
+
+    def estimated_total_steps(self):
+        """(total steps, estimated?): the steps ``fit`` will take; with ``max_time``, estimated from the pace so
+        far (the smaller of the two)."""
+        total = self.total_steps
+        if self.max_time is None or self._fit_start is None:
+            return total, False
+        done = self.step - self._fit_step0
+        run = time.perf_counter() - self._fit_start
+        if done < 1 or run <= 0:
+            return total, True
+        by_time = self.step + int(max(0.0, self.max_time - self.elapsed()) * done / run)
+        return (by_time, True) if total is None or by_time < total else (total, False)
+
+    def progress_fraction(self, step: Optional[int] = None) -> float:
+        """How far training is, in [0, 1]: by steps, or by time with ``max_time`` (whichever is further)."""
+        step = self.step if step is None else step
+        frac = step / self.total_steps if self.total_steps else 0.0
+        if self.max_time:
+            frac = max(frac, self.elapsed() / self.max_time)
+        return min(1.0, frac)
+
+    def _eta(self, total: Optional[int]) -> Optional[float]:
+        done = self.step - self._fit_step0
+        if self._fit_start is None or done < 1 or not total:
+            return None
+        eta = (total - self.step) * (time.perf_counter() - self._fit_start) / done
+        if self.max_time is not None:
+            eta = min(eta, max(0.0, self.max_time - self.elapsed()))
+        return max(0.0, eta)
 
     def _train_step(self, train, group: List[np.ndarray]) -> Optional[dict]:
         t0 = time.perf_counter()
@@ -443,6 +661,8 @@ class Trainer:
         if self.max_grad_norm is not None and norm > self.max_grad_norm:
             clip = self.max_grad_norm / (norm + 1e-6)
         lr = self.schedule(self.step)
+        if self.dist and getattr(self.schedule, "uses_time", False):  # a clock-driven schedule: one value for all
+            lr = float(self.dist.allreduce([lr])[0]) / self.dist.size
         self.optimizer.step(lr=lr, grad_scale=clip)
         self.model.zero_grad()
         self.step += 1
@@ -465,6 +685,37 @@ class Trainer:
             os.makedirs(self.output_dir, exist_ok=True)
             with open(os.path.join(self.output_dir, "history.jsonl"), "a") as f:
                 f.write(json.dumps(logs) + "\n")
+            self._csv_append(logs)
+            if self._tb is not None:
+                step = int(logs.get("step", self.step))
+                for key, value in logs.items():
+                    if key not in ("step", "epoch", "epoch_end") and isinstance(value, (int, float)):
+                        self._tb.add_scalar(key, float(value), step)
+
+    def _csv_append(self, logs: dict) -> None:
+        """One row of ``history.csv`` (a column per key ever seen; a record with a new key rewrites the file with
+        the wider header, which happens once or twice a run)."""
+        path = os.path.join(self.output_dir, "history.csv")
+        if self._csv_columns is None or not os.path.exists(path):
+            self._csv_columns = None
+        if self._csv_columns is not None and all(k in self._csv_columns for k in logs):
+            buf = io.StringIO()
+            csv.DictWriter(buf, self._csv_columns, lineterminator="\n").writerow(logs)
+            with open(path, "a", newline="") as f:
+                f.write(buf.getvalue())
+        else:
+            self._write_csv(path)
+
+    def _write_csv(self, path: str) -> None:
+        columns: List[str] = []
+        for record in self.history:
+            columns += [k for k in record if k not in columns]
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_bytes(path, [buf.getvalue().encode()])
+        self._csv_columns = columns
 
     def _evaluate_and_record(self, val, batch_size, bar) -> dict:
         results = {f"val_{k}": v for k, v in self.evaluate(val, batch_size=batch_size).items()}
@@ -563,6 +814,7 @@ class Trainer:
             state = {"format": "cpuformer-trainer-state", "version": 1, "step": self.step, "epoch": self.epoch,
                      "batch_in_epoch": self.batch_in_epoch, "seed": self.seed, "skipped_steps": self.skipped_steps,
                      "init_generator": init.get_state(), "init_generator_ranks": generators,
+                     "elapsed_seconds": self.elapsed(),
                      "history": list(self.history),
                      "callbacks": [cb.state() if hasattr(cb, "state") else None for cb in self.callbacks],
                      "schedule": repr(self.schedule)}
@@ -653,6 +905,10 @@ class Trainer:
         for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
             if cb_state is not None and hasattr(cb, "load_state"):
                 cb.load_state(cb_state)
-        if self.output_dir and self.is_main:  # the history file restarts from the checkpoint's records
+        self.elapsed_before = float(state.get("elapsed_seconds", 0.0) or 0.0)
+        if self._fit_start is not None:
+            self._fit_start = time.perf_counter()
+        if self.output_dir and self.is_main:  # the history files restart from the checkpoint's records
             atomic_write_bytes(os.path.join(self.output_dir, "history.jsonl"),
                                [(json.dumps(r) + "\n").encode() for r in self.history])
+            self._write_csv(os.path.join(self.output_dir, "history.csv"))
