@@ -89,7 +89,9 @@ def run(args) -> int:
     kind = "completions, chat completions" if state.kind == "generation" else "embeddings"
     print(f"cpuformer serve: '{state.model_name}' ({kind}) on http://{args.host}:{args.port}/v1", file=sys.stderr)
     try:
-        server.run()
+        server.run()  # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal
+    except KeyboardInterrupt:
+        pass
     finally:
         state.close()
     return 0
