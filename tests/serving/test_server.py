@@ -322,3 +322,46 @@ def test_timeout(llama_dir):
         assert wait_until(lambda: server.engine.active_count == 0)
     finally:
         server.stop()
+
+
+def test_client_gone_before_a_plain_answer_frees_the_slot(llama_server):
+    engine = llama_server.engine
+    engine.step_delay = 0.05
+    try:
+        cancelled = engine.cancelled
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(llama_server.url + "/v1/completions", timeout=0.3,
+                       json={"model": "tiny-llama", "prompt": "the cat", "max_tokens": 24, "temperature": 0,
+                             "stop": "impossible stop"})
+        assert wait_until(lambda: engine.active_count == 0, timeout=3)  # long before its 24 steps (1.2 s)
+        assert engine.cancelled == cancelled + 1
+    finally:
+        engine.step_delay = 0.0
+
+
+def test_an_error_fails_only_its_request(llama_server):
+    """Requests put straight into the engine: a prompt the DecoderBatch refuses fails alone; the others are served."""
+    import asyncio
+    from cpuformer.serving.engine import GenerationRequest
+    engine, model = llama_server.engine, llama_server.state.model
+    ids = model.tokenizer.encode(PROMPTS[2]).ids
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        good = [GenerationRequest(loop, ids, 6, model.tokenizer, temperature=0) for _ in range(2)]
+        bad = GenerationRequest(loop, [10 ** 6], 6, model.tokenizer, temperature=0)
+        for r in (good[0], bad, good[1]):
+            engine.submit(r)
+        out = []
+        for r in (good[0], bad, good[1]):
+            evs = []
+            while not evs or evs[-1][0] not in ("done", "error"):
+                evs.append(await r.events.get())
+            out.append(evs)
+        return out
+    g0, b, g1 = asyncio.run(go())
+    want, reason = expected_text(model, ids, 6)
+    for evs in (g0, g1):
+        assert "".join(e[1] for e in evs if e[0] == "text") == want and evs[-1][:2] == ("done", reason)
+    assert b[-1][0] == "error" and b[-1][1] == 400 and "vocabulary" in b[-1][2]
+    assert engine.active_count == 0

@@ -272,13 +272,18 @@ def create_app(state: ServerState):
 
     async def _wait(request, req, engine):
         """Events of req until it is done; cancels it if the client goes away."""
+        checked = time.monotonic()
         while True:
             try:
                 ev = await asyncio.wait_for(req.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
+                ev = None
+            if time.monotonic() - checked >= 0.5:  # events may keep coming: check by the clock
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     engine.cancel(req)
                     raise APIError(499, "client disconnected")
+            if ev is None:
                 continue
             yield ev
             if ev[0] in ("done", "error"):
@@ -316,10 +321,14 @@ def create_app(state: ServerState):
         dims = _field(body, "dimensions", int, None, check=lambda v: v >= 1)
         req = EmbeddingRequest(asyncio.get_running_loop(), inp, state.timeout)
         _submit(state.embeddings, req)
-        async for ev in _wait(request, req, state.embeddings):
-            if ev[0] == "error":
-                _raise(ev)
-            _, emb, tokens = ev
+        try:
+            async for ev in _wait(request, req, state.embeddings):
+                if ev[0] == "error":
+                    _raise(ev)
+                _, emb, tokens = ev
+        finally:
+            if not req.done:
+                state.embeddings.cancel(req)
         if dims is not None:
             if dims > emb.shape[1]:
                 raise APIError(400, f"'dimensions' is {dims}, more than the model's {emb.shape[1]}",
@@ -370,13 +379,17 @@ def create_app(state: ServerState):
 
         if not stream:
             pieces = []
-            async for ev in _wait(request, req, engine):
-                if ev[0] == "text":
-                    pieces.append(ev[1])
-                elif ev[0] == "error":
-                    _raise(ev)
-                else:
-                    _, reason, p, c = ev
+            try:
+                async for ev in _wait(request, req, engine):
+                    if ev[0] == "text":
+                        pieces.append(ev[1])
+                    elif ev[0] == "error":
+                        _raise(ev)
+                    else:
+                        _, reason, p, c = ev
+            finally:
+                if not req.done:  # the client went away or the server stops
+                    engine.cancel(req)
             text = "".join(pieces)
             choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                        "finish_reason": reason} if chat else
