@@ -8,7 +8,6 @@ import json
 import time
 
 import numpy as np
-import pytest
 
 from conftest import RunningServer, httpx, wait_until
 

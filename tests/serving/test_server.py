@@ -2,9 +2,7 @@
 greedy completions equal model.generate, chat through the template, streaming, stop strings, errors, limits."""
 from __future__ import annotations
 
-import json
 import threading
-import time
 
 import numpy as np
 import pytest
