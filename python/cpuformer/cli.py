@@ -747,6 +747,14 @@ def _inference(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = _optional("commands")
+    # An inference command goes to cpuformer.commands whole (its TEXT arguments may come after its options), and so
+    # does `classify MODEL ...` / `translate MODEL ...`: a MODEL positional instead of --train means inference.
+    if commands is not None and argv and (argv[0] in ("embed", "generate", "qa") or (
+            argv[0] in ("classify", "translate") and len(argv) > 1 and not argv[1].startswith("-"))):
+        if not any(a in ("-h", "--help") for a in argv[1:]) or argv[0] not in ("classify", "translate"):
+            return commands.main_inference(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     prog = f"cpuformer {args.command}" if args.command else "cpuformer"

@@ -192,25 +192,18 @@ def test_version(capsys):
 
 
 def test_hooks_for_inference_and_serving_commands(monkeypatch, capsys):
+    """Inference commands go whole to cpuformer.commands.main_inference (classify / translate when a MODEL comes
+    instead of --train); serve goes to cpuformer.serving."""
     calls = []
-    commands = types.ModuleType("cpuformer.commands")
-
-    def add_inference_parser(sub, name):
-        p = sub.add_parser(name)
-        p.add_argument("model")
-        p.add_argument("text", nargs="*")
-
-    commands.add_inference_parser = add_inference_parser
-    commands.add_inference_options = lambda group, name: group.add_argument("--top-k", type=int, default=1)
-    commands.run_inference = lambda args: calls.append((args.command, args.model, args.text)) or 0
+    from cpuformer import commands
+    monkeypatch.setattr(commands, "main_inference", lambda argv: calls.append(list(argv)) or 0)
     serving = types.ModuleType("cpuformer.serving")
     serving.add_parser = lambda sub: sub.add_parser("serve").add_argument("--port", type=int, default=8000)
     serving.run = lambda args: calls.append(("serve", args.port)) or 0
-    monkeypatch.setitem(sys.modules, "cpuformer.commands", commands)
     monkeypatch.setitem(sys.modules, "cpuformer.serving", serving)
     assert cli.main(["classify", "runs/x", "a text", "another", "--top-k", "2"]) == 0
     assert cli.main(["translate", "runs/y", "hello"]) == 0
     assert cli.main(["embed", "m", "t"]) == 0
     assert cli.main(["serve", "--port", "9"]) == 0
-    assert calls == [("classify", "runs/x", ["a text", "another"]), ("translate", "runs/y", ["hello"]),
-                     ("embed", "m", ["t"]), ("serve", 9)]
+    assert calls == [["classify", "runs/x", "a text", "another", "--top-k", "2"], ["translate", "runs/y", "hello"],
+                     ["embed", "m", "t"], ("serve", 9)]
