@@ -618,7 +618,9 @@ void process_logits(const Impl& m, float* logits, std::int64_t V, const std::vec
     for (std::int64_t i = 0; i + n <= cur_len; ++i) {  // every earlier n-gram whose first n-1 match the tail
       bool same = true;
       for (std::int64_t j = 0; j < n - 1 && same; ++j) same = seq[i + j] == seq[cur_len - n + 1 + j];
-      if (same) logits[seq[i + n - 1]] = ninf;
+      // A finished row holds pad ids, which may lie outside the vocabulary (its logits are unused).
+      const std::int64_t banned = seq[i + n - 1];
+      if (same && banned >= 0 && banned < V) logits[banned] = ninf;
     }
   }
   for (std::int64_t w : m.bad_words) logits[w] = ninf;
@@ -814,6 +816,9 @@ void seq2seq_generate_impl(const Impl& m, const std::int64_t* src, index_t B, in
   const std::int64_t fill = eos.empty() ? -1 : (pad > 0 ? pad : eos[0]);
   const float kNeg = -1.0e9f;
   const index_t keep = std::max<index_t>(2, 1 + static_cast<index_t>(eos.size())) * K;
+  // transformers takes the top (1 + eos ids) * beams of the beams x vocabulary candidates: there must be as many.
+  CPUFORMER_CHECK(keep <= K * m.V, "beam search keeps max(2, 1 + eos ids) * num_beams = ", keep,
+                  " candidates, more than num_beams * vocab_size = ", K * m.V, " (too many eos_token_id values)");
   std::vector<std::int64_t> run_seq(static_cast<size_t>(rows * max_length), fill);
   std::vector<float> run_score(static_cast<size_t>(rows), 0.0f);
   std::vector<std::int64_t> fin_seq(static_cast<size_t>(rows * max_length), fill), fin_len(static_cast<size_t>(rows), 0);
