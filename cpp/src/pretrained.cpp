@@ -1386,6 +1386,11 @@ Status load_seq2seq(Impl& m, HFConfig& cfg) {
   if (!cfg.status.ok()) return cfg.status;
   m.C = d;
   Table shared = ck.has("shared.weight") ? ck.table("shared.weight", m.V, d) : ck.table("encoder.embed_tokens.weight", m.V, d);
+  if (!ck.status.ok()) return ck.status;  // (the table's shape bounds d before the sinusoid below is built)
+  // Marian's position table is computed, not stored: refuse sizes no checkpoint has before allocating P x d floats.
+  if (marian && P > (std::int64_t{1} << 26) / d)
+    return Status::error(cfg.path() + ": max_position_embeddings " + std::to_string(P) + " x d_model " +
+                         std::to_string(d) + " is too large for the sinusoidal position table");
   std::vector<float> sinusoid = marian ? marian_sinusoid(P, d) : std::vector<float>();
   for (int side = 0; side < 2 && ck.status.ok(); ++side) {
     Stack& s = side ? m.dec : m.enc;
@@ -1517,6 +1522,13 @@ Status load_generation(Impl& m, HFConfig& cfg, const std::string& dir) {
     for (const Json& w : b->items) {
       if (w.type != Json::kArray || w.items.size() != 1 || w.items[0].type != Json::kNumber)
         return Status::error(c->path() + ": only single-token bad_words_ids are supported");
+      const double id = w.items[0].number;  // (an integer in range before the cast: 1e300 cast is undefined)
+      if (id != std::floor(id) || id < 0 || id >= static_cast<double>(m.V))
+      {
+        std::ostringstream v;
+        v << id;
+        return Status::error(c->path() + ": bad_words_ids " + v.str() + " is not a token id of the vocabulary");
+      }
       m.bad_words.push_back(static_cast<std::int64_t>(w.items[0].number));
     }
     break;
