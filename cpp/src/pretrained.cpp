@@ -1153,8 +1153,11 @@ Status rotary_of(HFConfig& cfg, std::int64_t head_dim, std::int64_t max_pos, Rot
   if (type == "llama3") {
     r->llama3_factor = num("factor", 8.0);
     r->low_freq_factor = num("low_freq_factor", 1.0), r->high_freq_factor = num("high_freq_factor", 4.0);
-    r->original_max_position = static_cast<index_t>(num("original_max_position_embeddings", static_cast<double>(max_pos)));
-    if (!(r->llama3_factor > 0) || !(r->high_freq_factor > r->low_freq_factor) || r->original_max_position < 1)
+    // (range-checked as a double: casting 1e300 or inf to an integer is undefined)
+    const double original = num("original_max_position_embeddings", static_cast<double>(max_pos));
+    const bool original_ok = original >= 1 && original <= static_cast<double>(kMaxSize);
+    r->original_max_position = original_ok ? static_cast<index_t>(original) : 0;
+    if (!(r->llama3_factor > 0) || !(r->high_freq_factor > r->low_freq_factor) || !original_ok)
       return Status::error(cfg.path() + ": invalid llama3 rope scaling parameters");
     return Status();
   }
