@@ -1542,13 +1542,20 @@ void test_pretrained_directories() {
   check(!yarn.ok() && none5 && yarn.message().find("yarn") != std::string::npos &&
             yarn.message().find("config.json") != std::string::npos,
         "pretrained: rope_scaling yarn is refused by name: " + yarn.message());
+  // llama3 rope scaling whose original_max_position_embeddings no int64 holds (a double-to-int cast is undefined)
+  auto [rope, none7] = load_error(TinyLlamaDir::write(
+      "llama3_huge", TinyLlamaDir::config(R"(, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,)"
+                                          R"( "original_max_position_embeddings": 1e300})"),
+      tiny.file(false)));
+  check(!rope.ok() && none7 && rope.message().find("llama3") != std::string::npos,
+        "pretrained: llama3 original_max_position_embeddings 1e300 refused: " + rope.message());
   cfg = TinyLlamaDir::config();
   cfg.replace(cfg.find("\"num_hidden_layers\": 1,"), 23, "\"num_hidden_layers\": 1000000000,");
   auto [huge, none6] = load_error(TinyLlamaDir::write("huge_layers", cfg, tiny.file(false)));
   check(!huge.ok() && none6 && huge.message().find("model.layers.1.") != std::string::npos,
         "pretrained: num_hidden_layers past the file is a missing tensor, not an allocation: " + huge.message());
   for (const char* n : {"llama_f32", "llama_bf16", "no_config", "unknown_type", "missing_tensor", "wrong_shape",
-                        "yarn", "huge_layers"})
+                        "yarn", "huge_layers", "llama3_huge"})
     std::filesystem::remove_all(std::filesystem::temp_directory_path() /
                                 ("cpuformer_test_" + std::string(n) + "_" + std::to_string(::getpid())));
 }
