@@ -402,7 +402,7 @@ def _run_cases(cases, tmp_path, timeout=60):
     manifest = os.path.join(str(tmp_path), "manifest.json")
     with open(manifest, "w") as f:
         json.dump(cases, f)
-    defects, first = [], 0
+    defects, first, finished = [], 0, 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     while first < len(cases):
         try:
@@ -414,6 +414,7 @@ def _run_cases(cases, tmp_path, timeout=60):
             stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
             rc, stderr = "timeout", ""
         lines = stdout.strip().splitlines()
+        finished += sum(line.startswith("OUTCOME ") for line in lines)
         if rc == 0 and lines and lines[-1] == "DONE":
             break
         at = [line for line in lines if line.startswith("CASE ")]
@@ -425,11 +426,12 @@ def _run_cases(cases, tmp_path, timeout=60):
         detail = "\n".join(line for line in lines if line.startswith("DEFECT"))[-1500:]
         defects.append(f"{at[-1]}  -> {how}\n{detail}\n{stderr[-800:]}")
         first = n + 1
+    assert finished + len(defects) == len(cases), f"{finished} cases finished, {len(defects)} defects, {len(cases)} cases"
     return defects
 
 
 BASES = ["bert_seqcls", "llama", "t5", "vit_cls", "sharded_llama", "marian"]
-COUNTS = {"bert_seqcls": 140, "llama": 140, "t5": 120, "vit_cls": 80, "sharded_llama": 120, "marian": 80}
+COUNTS = {"bert_seqcls": 400, "llama": 400, "t5": 300, "vit_cls": 200, "sharded_llama": 300, "marian": 200}
 
 
 @pytest.mark.parametrize("base", BASES)
