@@ -96,16 +96,16 @@ static std::int64_t pad_id(const cpuformer::Tokenizer& tok) {
   return 0;
 }
 
-// Encode texts as one padded batch: ids and attention mask (B*T), and T.
+// Encode texts as one padded batch: ids and attention mask (B*T), and T; truncated when `truncation` is given.
 static cpuformer::Status encode_texts(const cpuformer::Tokenizer& tok, const std::vector<std::string>& texts,
                                       std::vector<std::int64_t>* ids, std::vector<std::int64_t>* mask,
-                                      std::int64_t* T) {
+                                      std::int64_t* T, const cpuformer::TruncationParams* truncation = nullptr) {
   cpuformer::PaddingParams padding;
   if (tok.padding()) padding = *tok.padding();
   padding.fixed = false;
   padding.pad_id = pad_id(tok);
   std::vector<cpuformer::Encoding> encodings;
-  cpuformer::Status st = tok.encode_batch_with(texts, nullptr, true, nullptr, &padding, &encodings);
+  cpuformer::Status st = tok.encode_batch_with(texts, nullptr, true, truncation, &padding, &encodings);
   if (!st.ok()) return st;
   *T = static_cast<std::int64_t>(encodings[0].size());
   if (*T == 0) return cpuformer::Status::error("the text encodes to no tokens");
@@ -284,13 +284,11 @@ static int run_pretrained(const std::string& dir, int argc, char** argv) {
     st = cpuformer::read_sentence_config(dir, &pooling, &max_len);
     if (!st.ok()) return fail(st.message());
   }
-  if (max_len > 0) {  // sentence-transformers truncates to max_seq_length
-    cpuformer::TruncationParams trunc;
-    trunc.max_length = static_cast<std::size_t>(max_len);
-    st = tok->set_truncation(trunc);
-    if (!st.ok()) return fail(st.message());
-  }
-  st = encode_texts(*tok, texts, &ids, &mask, &T);
+  // sentence-transformers truncates to max_seq_length (encode_texts passes its truncation explicitly: the
+  // tokenizer's own setting would not reach encode_batch_with)
+  cpuformer::TruncationParams trunc;
+  trunc.max_length = static_cast<std::size_t>(max_len);
+  st = encode_texts(*tok, texts, &ids, &mask, &T, max_len > 0 ? &trunc : nullptr);
   if (!st.ok()) return fail(st.message());
   const auto batch = static_cast<std::int64_t>(texts.size());
   std::vector<float> out;

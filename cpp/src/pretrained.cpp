@@ -719,7 +719,9 @@ void process_logits(const Impl& m, float* logits, std::int64_t V, const std::vec
     for (std::int64_t i = 0; i + n <= cur_len; ++i) {  // every earlier n-gram whose first n-1 match the tail
       bool same = true;
       for (std::int64_t j = 0; j < n - 1 && same; ++j) same = seq[i + j] == seq[cur_len - n + 1 + j];
-      if (same) logits[seq[i + n - 1]] = ninf;
+      // A finished row holds pad ids, which may lie outside the vocabulary (its logits are unused).
+      const std::int64_t banned = seq[i + n - 1];
+      if (same && banned >= 0 && banned < V) logits[banned] = ninf;
     }
   }
   for (std::int64_t w : m.bad_words) logits[w] = ninf;
@@ -915,6 +917,9 @@ void seq2seq_generate_impl(const Impl& m, const std::int64_t* src, index_t B, in
   const std::int64_t fill = eos.empty() ? -1 : (pad > 0 ? pad : eos[0]);
   const float kNeg = -1.0e9f;
   const index_t keep = std::max<index_t>(2, 1 + static_cast<index_t>(eos.size())) * K;
+  // transformers takes the top (1 + eos ids) * beams of the beams x vocabulary candidates: there must be as many.
+  CPUFORMER_CHECK(keep <= K * m.V, "beam search keeps max(2, 1 + eos ids) * num_beams = ", keep,
+                  " candidates, more than num_beams * vocab_size = ", K * m.V, " (too many eos_token_id values)");
   std::vector<std::int64_t> run_seq(static_cast<size_t>(rows * max_length), fill);
   std::vector<float> run_score(static_cast<size_t>(rows), 0.0f);
   std::vector<std::int64_t> fin_seq(static_cast<size_t>(rows * max_length), fill), fin_len(static_cast<size_t>(rows), 0);
@@ -1256,8 +1261,11 @@ Status rotary_of(HFConfig& cfg, std::int64_t head_dim, std::int64_t max_pos, Rot
   if (type == "llama3") {
     r->llama3_factor = num("factor", 8.0);
     r->low_freq_factor = num("low_freq_factor", 1.0), r->high_freq_factor = num("high_freq_factor", 4.0);
-    r->original_max_position = static_cast<index_t>(num("original_max_position_embeddings", static_cast<double>(max_pos)));
-    if (!(r->llama3_factor > 0) || !(r->high_freq_factor > r->low_freq_factor) || r->original_max_position < 1)
+    // (range-checked as a double: casting 1e300 or inf to an integer is undefined)
+    const double original = num("original_max_position_embeddings", static_cast<double>(max_pos));
+    const bool original_ok = original >= 1 && original <= static_cast<double>(kMaxSize);
+    r->original_max_position = original_ok ? static_cast<index_t>(original) : 0;
+    if (!(r->llama3_factor > 0) || !(r->high_freq_factor > r->low_freq_factor) || !original_ok)
       return Status::error(cfg.path() + ": invalid llama3 rope scaling parameters");
     return Status();
   }
@@ -1497,6 +1505,11 @@ Status load_seq2seq(Impl& m, HFConfig& cfg) {
   if (!cfg.status.ok()) return cfg.status;
   m.C = d;
   Table shared = ck.has("shared.weight") ? ck.table("shared.weight", m.V, d) : ck.table("encoder.embed_tokens.weight", m.V, d);
+  if (!ck.status.ok()) return ck.status;  // (the table's shape bounds d before the sinusoid below is built)
+  // Marian's position table is computed, not stored: refuse sizes no checkpoint has before allocating P x d floats.
+  if (marian && P > (std::int64_t{1} << 26) / d)
+    return Status::error(cfg.path() + ": max_position_embeddings " + std::to_string(P) + " x d_model " +
+                         std::to_string(d) + " is too large for the sinusoidal position table");
   std::vector<float> sinusoid = marian ? marian_sinusoid(P, d) : std::vector<float>();
   for (int side = 0; side < 2 && ck.status.ok(); ++side) {
     Stack& s = side ? m.dec : m.enc;
@@ -1634,6 +1647,13 @@ Status load_generation(Impl& m, HFConfig& cfg, const std::string& dir) {
     for (const Json& w : b->items) {
       if (w.type != Json::kArray || w.items.size() != 1 || w.items[0].type != Json::kNumber)
         return Status::error(c->path() + ": only single-token bad_words_ids are supported");
+      const double id = w.items[0].number;  // (an integer in range before the cast: 1e300 cast is undefined)
+      if (id != std::floor(id) || id < 0 || id >= static_cast<double>(m.V))
+      {
+        std::ostringstream v;
+        v << id;
+        return Status::error(c->path() + ": bad_words_ids " + v.str() + " is not a token id of the vocabulary");
+      }
       m.bad_words.push_back(static_cast<std::int64_t>(w.items[0].number));
     }
     break;

@@ -16,6 +16,8 @@
 #include <thread>
 #include <vector>
 
+#include <unistd.h>
+
 #include "cpuformer.h"
 #include "cpuformer/model.h"
 #include "../fuzz/model_files.h"
@@ -1362,6 +1364,202 @@ void test_half_embedding(std::mt19937& gen) {
   }
 }
 
+// A Hugging Face directory written from C++: config.json text and a safetensors file built in memory, a 1-layer
+// Llama (grouped-query attention, 2 of 4 heads) with random weights rounded to bfloat16, stored once as F32 and once
+// as BF16. The BF16 copy holds exactly the same values, so both give the same logits to float rounding.
+struct TinyLlamaDir {
+  static constexpr int V = 40, H = 16, I = 24, nH = 4, nKV = 2, D = 4;
+  std::vector<std::pair<std::string, std::vector<std::int64_t>>> shapes = {
+      {"model.embed_tokens.weight", {V, H}},
+      {"model.layers.0.self_attn.q_proj.weight", {nH * D, H}},
+      {"model.layers.0.self_attn.k_proj.weight", {nKV * D, H}},
+      {"model.layers.0.self_attn.v_proj.weight", {nKV * D, H}},
+      {"model.layers.0.self_attn.o_proj.weight", {H, nH * D}},
+      {"model.layers.0.mlp.gate_proj.weight", {I, H}},
+      {"model.layers.0.mlp.up_proj.weight", {I, H}},
+      {"model.layers.0.mlp.down_proj.weight", {H, I}},
+      {"model.layers.0.input_layernorm.weight", {H}},
+      {"model.layers.0.post_attention_layernorm.weight", {H}},
+      {"model.norm.weight", {H}},
+      {"lm_head.weight", {V, H}}};
+  std::map<std::string, std::vector<float>> values;  // bfloat16-representable
+
+  explicit TinyLlamaDir(std::mt19937& gen) {
+    for (const auto& [name, shape] : shapes) {
+      std::int64_t n = 1;
+      for (std::int64_t d : shape) n *= d;
+      const bool norm = shape.size() == 1;
+      auto v = random_vec(gen, static_cast<size_t>(n), norm ? 0.2f : 1.0f / std::sqrt(float(shape.back())));
+      if (norm)
+        for (float& x : v) x += 1.0f;
+      std::vector<std::uint16_t> h(v.size());
+      cpuformer::float_to_half_n(h.data(), v.data(), n, cpuformer::HalfType::kBF16);
+      cpuformer::half_to_float_n(v.data(), h.data(), n, cpuformer::HalfType::kBF16);
+      values[name] = v;
+    }
+  }
+  static std::string config(const std::string& extra = "") {
+    return R"({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 40, "hidden_size": 16,)"
+           R"( "intermediate_size": 24, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,)"
+           R"( "head_dim": 4, "max_position_embeddings": 64, "rms_norm_eps": 1e-06, "rope_theta": 10000.0,)"
+           R"( "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "tie_word_embeddings": false)" +
+           extra + "}";
+  }
+  // The safetensors bytes in F32 or BF16, leaving out `skip` and giving `reshape` the shape (3, 3).
+  std::string file(bool bf16, const std::string& skip = "", const std::string& reshape = "") const {
+    std::string header = "{", data;
+    for (const auto& [name, shape] : shapes) {
+      if (name == skip) continue;
+      const std::vector<float>& v = values.at(name);
+      std::string bytes;
+      if (bf16) {
+        std::vector<std::uint16_t> h(v.size());
+        cpuformer::float_to_half_n(h.data(), v.data(), cpuformer::index_t(v.size()), cpuformer::HalfType::kBF16);
+        bytes.assign(reinterpret_cast<const char*>(h.data()), h.size() * 2);
+      } else {
+        bytes.assign(reinterpret_cast<const char*>(v.data()), v.size() * 4);
+      }
+      std::string dims;
+      if (name == reshape) {
+        dims = "3,3";
+        bytes.resize(9 * (bf16 ? 2 : 4));
+      } else {
+        for (size_t i = 0; i < shape.size(); ++i) dims += (i ? "," : "") + std::to_string(shape[i]);
+      }
+      header += std::string(header.size() > 1 ? "," : "") + "\"" + name + "\":{\"dtype\":\"" + (bf16 ? "BF16" : "F32") +
+                "\",\"shape\":[" + dims + "],\"data_offsets\":[" + std::to_string(data.size()) + "," +
+                std::to_string(data.size() + bytes.size()) + "]}";
+      data += bytes;
+    }
+    header += "}";
+    header += std::string((8 - header.size() % 8) % 8, ' ');
+    return st_file(header, data);
+  }
+  // A directory `name` under the temporary folder holding config.json (unless empty) and model.safetensors.
+  static std::string write(const std::string& name, const std::string& config_text, const std::string& weights) {
+    const auto dir = std::filesystem::temp_directory_path() / ("cpuformer_test_" + name + "_" + std::to_string(::getpid()));
+    std::filesystem::remove_all(dir);
+    std::filesystem::create_directories(dir);
+    if (!config_text.empty()) write_file((dir / "config.json").string(), config_text);
+    write_file((dir / "model.safetensors").string(), weights);
+    return dir.string();
+  }
+};
+
+void test_pretrained_directories() {
+  using cpuformer::PretrainedModel;
+  std::mt19937 gen(77);
+  const TinyLlamaDir tiny(gen);
+  const std::string f32_dir = TinyLlamaDir::write("llama_f32", TinyLlamaDir::config(), tiny.file(false));
+  const std::string bf16_dir = TinyLlamaDir::write("llama_bf16", TinyLlamaDir::config(), tiny.file(true));
+  std::unique_ptr<PretrainedModel> f32, bf16;
+  cpuformer::Status st = PretrainedModel::load(f32_dir, &f32);
+  check(st.ok() && f32, "pretrained: a C++-written F32 Llama directory loads: " + st.message());
+  st = PretrainedModel::load(bf16_dir, &bf16);
+  check(st.ok() && bf16, "pretrained: the BF16 copy loads: " + st.message());
+  if (!f32 || !bf16) return;
+  check(f32->kind() == PretrainedModel::Kind::kDecoder && f32->head() == PretrainedModel::Head::kCausalLM &&
+            f32->vocab_size() == TinyLlamaDir::V && f32->hidden_size() == TinyLlamaDir::H &&
+            f32->eos_token_ids() == std::vector<std::int64_t>{2} && f32->pad_token_id() == 0,
+        "pretrained: kind, head, sizes and token ids from config.json");
+  const std::uint64_t f32_bytes = std::filesystem::file_size(f32_dir + "/model.safetensors");
+  const std::uint64_t bf16_bytes = std::filesystem::file_size(bf16_dir + "/model.safetensors");
+  check(f32->mapped_bytes() == f32_bytes && bf16->mapped_bytes() == bf16_bytes && f32->owned_bytes() == 0,
+        "pretrained: the weight file is mapped, float32 used in place");
+  check(bf16->owned_bytes() <= 3 * TinyLlamaDir::H * sizeof(float),
+        "pretrained: bfloat16 matrices stay 16-bit (only the norms converted), owned " +
+            std::to_string(bf16->owned_bytes()));
+
+  // logits: finite, equal between the F32 and BF16 files to float rounding, a padded row equal to the row alone
+  const std::vector<std::int64_t> ids = {5, 9, 3, 17, 33, 8, 0, 0, 12, 7, 21, 30};  // (2, 6)
+  const std::vector<std::int64_t> mask = {1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1};     // row 1 left-padded
+  std::vector<float> a, b, alone;
+  st = f32->head_output(ids.data(), 2, 6, mask.data(), nullptr, &a);
+  check(st.ok() && a.size() == size_t(2 * 6 * TinyLlamaDir::V), "pretrained: head_output (B, T, V): " + st.message());
+  st = bf16->head_output(ids.data(), 2, 6, mask.data(), nullptr, &b);
+  check(st.ok() && b.size() == a.size(), "pretrained: BF16 head_output: " + st.message());
+  check(std::all_of(a.begin(), a.end(), [](float x) { return std::isfinite(x); }), "pretrained: logits are finite");
+  check(a.size() == b.size() && max_rel_err(b, a) < 1e-5,
+        "pretrained: BF16-on-disk logits equal the F32 ones (exactly representable weights), rel err " +
+            std::to_string(a.size() == b.size() ? max_rel_err(b, a) : -1.0));
+  st = f32->head_output(ids.data() + 8, 1, 4, nullptr, nullptr, &alone);
+  const std::vector<float> padded_tail(a.begin() + (6 + 2) * TinyLlamaDir::V, a.end());
+  check(st.ok() && max_rel_err(padded_tail, alone) < 1e-5, "pretrained: a left-padded row equals the row alone");
+
+  // generation: deterministic, the same from both files, sampling reproducible by seed
+  cpuformer::GenerationOptions g;
+  g.max_new_tokens = 12, g.no_eos = true;
+  std::vector<std::int64_t> g1, g2, g3;
+  std::int64_t n1 = 0, n2 = 0, n3 = 0;
+  st = f32->generate(ids.data(), 2, 6, mask.data(), g, &g1, &n1);
+  check(st.ok() && n1 == 12 && g1.size() == size_t(2 * 18), "pretrained: generate 12 tokens: " + st.message());
+  f32->generate(ids.data(), 2, 6, mask.data(), g, &g2, &n2);
+  bf16->generate(ids.data(), 2, 6, mask.data(), g, &g3, &n3);
+  check(g1 == g2 && g1 == g3, "pretrained: greedy generation is deterministic and equal from F32 and BF16 files");
+  bool in_vocab = std::all_of(g1.begin(), g1.end(), [](std::int64_t t) { return t >= 0 && t < TinyLlamaDir::V; });
+  check(in_vocab && std::equal(ids.begin(), ids.begin() + 6, g1.begin()), "pretrained: generate keeps the prompt");
+  g.do_sample = true, g.top_k = 10, g.temperature = 0.8f, g.seed = 5;
+  f32->generate(ids.data(), 2, 6, mask.data(), g, &g1, &n1);
+  f32->generate(ids.data(), 2, 6, mask.data(), g, &g2, &n2);
+  check(g1 == g2, "pretrained: sampling with a seed is reproducible");
+  st = f32->generate(ids.data(), 2, 6, mask.data(), [] {
+    cpuformer::GenerationOptions o;
+    o.max_new_tokens = std::int64_t{1} << 40;
+    return o;
+  }(), &g1, &n1);
+  check(!st.ok() && st.message().find("max_new_tokens") != std::string::npos, "pretrained: huge max_new_tokens refused");
+  const std::vector<std::int64_t> bad_ids = {5, 40};
+  st = f32->head_output(bad_ids.data(), 1, 2, nullptr, nullptr, &a);
+  check(!st.ok() && st.message().find("vocabulary") != std::string::npos, "pretrained: an id past the vocabulary");
+
+  // error Statuses naming what is wrong
+  const auto load_error = [](const std::string& dir) {
+    std::unique_ptr<PretrainedModel> m;
+    cpuformer::Status s = PretrainedModel::load(dir, &m);
+    return std::make_pair(s, m == nullptr);
+  };
+  auto [missing_cfg, none1] = load_error(TinyLlamaDir::write("no_config", "", tiny.file(false)));
+  check(!missing_cfg.ok() && missing_cfg.is_not_found() && none1 &&
+            missing_cfg.message().find("config.json") != std::string::npos,
+        "pretrained: missing config.json is a not-found Status naming it: " + missing_cfg.message());
+  std::string cfg = TinyLlamaDir::config();
+  cfg.replace(cfg.find("\"llama\""), 7, "\"frobnicator\"");
+  auto [unknown, none2] = load_error(TinyLlamaDir::write("unknown_type", cfg, tiny.file(false)));
+  check(!unknown.ok() && !unknown.is_not_found() && none2 && unknown.message().find("frobnicator") != std::string::npos &&
+            unknown.message().find("model_type") != std::string::npos,
+        "pretrained: unknown model_type: " + unknown.message());
+  auto [missing, none3] = load_error(
+      TinyLlamaDir::write("missing_tensor", TinyLlamaDir::config(), tiny.file(false, "model.layers.0.mlp.up_proj.weight")));
+  check(!missing.ok() && none3 && missing.message().find("model.layers.0.mlp.up_proj.weight") != std::string::npos,
+        "pretrained: a missing tensor is named: " + missing.message());
+  auto [shape, none4] = load_error(TinyLlamaDir::write("wrong_shape", TinyLlamaDir::config(),
+                                                       tiny.file(true, "", "model.layers.0.self_attn.k_proj.weight")));
+  check(!shape.ok() && none4 && shape.message().find("model.layers.0.self_attn.k_proj.weight") != std::string::npos &&
+            shape.message().find("(3, 3)") != std::string::npos && shape.message().find("(8, 16)") != std::string::npos,
+        "pretrained: a misshapen tensor is named with both shapes: " + shape.message());
+  auto [yarn, none5] = load_error(TinyLlamaDir::write(
+      "yarn", TinyLlamaDir::config(R"(, "rope_scaling": {"rope_type": "yarn", "factor": 4.0})"), tiny.file(false)));
+  check(!yarn.ok() && none5 && yarn.message().find("yarn") != std::string::npos &&
+            yarn.message().find("config.json") != std::string::npos,
+        "pretrained: rope_scaling yarn is refused by name: " + yarn.message());
+  // llama3 rope scaling whose original_max_position_embeddings no int64 holds (a double-to-int cast is undefined)
+  auto [rope, none7] = load_error(TinyLlamaDir::write(
+      "llama3_huge", TinyLlamaDir::config(R"(, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,)"
+                                          R"( "original_max_position_embeddings": 1e300})"),
+      tiny.file(false)));
+  check(!rope.ok() && none7 && rope.message().find("llama3") != std::string::npos,
+        "pretrained: llama3 original_max_position_embeddings 1e300 refused: " + rope.message());
+  cfg = TinyLlamaDir::config();
+  cfg.replace(cfg.find("\"num_hidden_layers\": 1,"), 23, "\"num_hidden_layers\": 1000000000,");
+  auto [huge, none6] = load_error(TinyLlamaDir::write("huge_layers", cfg, tiny.file(false)));
+  check(!huge.ok() && none6 && huge.message().find("model.layers.1.") != std::string::npos,
+        "pretrained: num_hidden_layers past the file is a missing tensor, not an allocation: " + huge.message());
+  for (const char* n : {"llama_f32", "llama_bf16", "no_config", "unknown_type", "missing_tensor", "wrong_shape",
+                        "yarn", "huge_layers", "llama3_huge"})
+    std::filesystem::remove_all(std::filesystem::temp_directory_path() /
+                                ("cpuformer_test_" + std::string(n) + "_" + std::to_string(::getpid())));
+}
+
 int main() {
   std::mt19937 gen(1234);
   std::vector<std::string> paths = {"scalar"};
@@ -1392,6 +1590,7 @@ int main() {
   test_model_file_validation();
   test_model_file_and_buffer();
   test_safetensors_map();
+  test_pretrained_directories();
   const int passed = g_checks - g_failures;
   std::printf("cpuformer C++ core, %s, OpenMP %s\n", cpuformer::compiler_version().c_str(),
               cpuformer::build_has_openmp() ? "on" : "off");
