@@ -624,6 +624,18 @@ void KVCache::reset(index_t b, index_t cap, index_t wdt) {
   length.assign(static_cast<size_t>(b), 0);
 }
 
+void KVCache::reserve(index_t cap) {
+  if (cap <= capacity) return;
+  const index_t old_row = capacity * width, row = cap * width;
+  std::vector<float> nk(static_cast<size_t>(batch * row), 0.0f), nv(static_cast<size_t>(batch * row), 0.0f);
+  for (index_t b = 0; b < batch; ++b) {
+    std::copy_n(k.data() + b * old_row, length[b] * width, nk.data() + b * row);
+    std::copy_n(v.data() + b * old_row, length[b] * width, nv.data() + b * row);
+  }
+  k.swap(nk), v.swap(nv);
+  capacity = cap;
+}
+
 void KVCache::reorder(const std::int64_t* rows, index_t n) {
   CPUFORMER_CHECK(n >= 1, "KVCache::reorder: n must be >= 1");
   for (index_t i = 0; i < n; ++i)

@@ -759,6 +759,12 @@ void decoder_step(const Impl& m, const Stack& s, const std::int64_t* tokens, ind
                  cross ? &(*cross)[l] : nullptr, memory_padding);
 }
 
+// At least `needed` positions in every cache, doubling (amortised O(1) per token).
+void grow_caches(std::vector<KVCache>& caches, index_t needed) {
+  for (KVCache& c : caches)
+    if (needed > c.capacity) c.reserve(std::max(needed, 2 * c.capacity));
+}
+
 void reset_caches(const Stack& s, index_t B, index_t capacity, std::vector<KVCache>* caches) {
   caches->resize(s.layers.size());
   for (std::size_t l = 0; l < s.layers.size(); ++l) {
@@ -807,8 +813,9 @@ void decoder_generate(const Impl& m, const std::int64_t* ids, index_t B, index_t
   std::vector<std::int64_t> compact(static_cast<size_t>(B * Tr), 0), zero(static_cast<size_t>(B), 0);
   for (index_t b = 0; b < B; ++b)
     std::copy(ids + b * T + first[b], ids + b * T + first[b] + count[b], &compact[b * Tr]);
+  // The caches grow as tokens come (doubling), so a large max_new_tokens costs memory only when it is used.
   std::vector<KVCache> caches;
-  reset_caches(m.dec, B, Tr + steps, &caches);
+  reset_caches(m.dec, B, Tr + std::min<index_t>(steps, 64), &caches);
   std::vector<float> x(static_cast<size_t>(B * Tr * m.C));
   m.embed(m.dec, compact.data(), B, Tr, nullptr, zero.data(), x.data());
   for (std::size_t l = 0; l < m.dec.layers.size(); ++l)
@@ -836,6 +843,7 @@ void decoder_generate(const Impl& m, const std::int64_t* ids, index_t B, index_t
     *produced = s + 1;
     if (all_done || s + 1 == steps) break;
     for (index_t b = 0; b < B; ++b) pos[b] = caches[0].length[b];
+    grow_caches(caches, *std::max_element(pos.begin(), pos.end()) + 1);
     decoder_step(m, m.dec, tok.data(), B, pos.data(), caches, nullptr, nullptr, &x);
     rows_to_logits(m, m.dec, x.data(), all, &logits);
   }
@@ -875,7 +883,7 @@ void seq2seq_generate_impl(const Impl& m, const std::int64_t* src, index_t B, in
     mem = mem_k.data(), mp = mp ? pad_k.data() : nullptr;
   }
   std::vector<KVCache> cache, cross(m.dec.layers.size());
-  reset_caches(m.dec, rows, max_length, &cache);
+  reset_caches(m.dec, rows, std::min<index_t>(max_length, 64), &cache);
   for (std::size_t l = 0; l < m.dec.layers.size(); ++l)
     block_cross_cache(mem, rows, S, m.dec.layers[l].cfg, m.dec.layers[l].w, cross[l]);
   std::vector<std::int64_t> all(static_cast<size_t>(rows)), pos(static_cast<size_t>(rows));
@@ -883,6 +891,7 @@ void seq2seq_generate_impl(const Impl& m, const std::int64_t* src, index_t B, in
   std::vector<float> x, logits;
   const auto step = [&](const std::int64_t* tokens, index_t n) {  // logits (n, V) of the next position
     for (index_t r = 0; r < n; ++r) pos[r] = cache[0].length[r];
+    grow_caches(cache, *std::max_element(pos.begin(), pos.begin() + n) + 1);
     decoder_step(m, m.dec, tokens, n, pos.data(), cache, &cross, mp, &x);
     rows_to_logits(m, m.dec, x.data(), all, &logits);
   };

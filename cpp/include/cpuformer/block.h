@@ -172,6 +172,8 @@ struct KVCache {
   std::vector<float> k, v;
   std::vector<std::int64_t> length;
   void reset(index_t batch, index_t capacity, index_t width);
+  // Grows every row to `capacity` positions, keeping what they hold (generation grows its caches as it goes).
+  void reserve(index_t capacity);
   // Beam search: new row i becomes old row rows[i] (n rows; n may differ from batch).
   void reorder(const std::int64_t* rows, index_t n);
 };
