@@ -89,13 +89,16 @@ const py::array* opt_arg(const std::optional<T>& a) {
   return a ? &*a : nullptr;
 }
 
-// Exactly float32, C-contiguous, no zero-size dimension; optionally a fixed rank range.
-F32 f32(const py::handle& obj, const char* name, int min_ndim = 0, int max_ndim = 64, bool writable = false) {
+// Exactly dtype T (`what` names it in messages), C-contiguous, no zero-size dimension; optionally a fixed rank
+// range and writability.
+template <class T>
+py::array_t<T, py::array::c_style> typed_array(const py::handle& obj, const char* name, const std::string& what,
+                                               int min_ndim, int max_ndim, bool writable) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(std::string(name) + " must be a numpy array, got " + std::string(py::str(py::type::of(obj))));
   auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<float>()))
-    throw py::type_error(std::string(name) + " must be float32, got " + std::string(py::str(a.dtype())));
+  if (!a.dtype().is(py::dtype::of<T>()))
+    throw py::type_error(std::string(name) + " must be " + what + ", got " + std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style)) value_error(std::string(name) + " must be C-contiguous");
   if (writable && !a.writeable()) value_error(std::string(name) + " must be writable");
   if (a.ndim() < min_ndim || a.ndim() > max_ndim) {
@@ -107,7 +110,12 @@ F32 f32(const py::handle& obj, const char* name, int min_ndim = 0, int max_ndim 
   }
   for (py::ssize_t i = 0; i < a.ndim(); ++i)
     if (a.shape(i) == 0) value_error(std::string(name) + " has a zero-size dimension: shape " + shape_of(a));
-  return F32::ensure(a);
+  return py::array_t<T, py::array::c_style>::ensure(a);
+}
+
+// Exactly float32, C-contiguous, no zero-size dimension; optionally a fixed rank range.
+F32 f32(const py::handle& obj, const char* name, int min_ndim = 0, int max_ndim = 64, bool writable = false) {
+  return typed_array<float>(obj, name, "float32", min_ndim, max_ndim, writable);
 }
 
 I64 i64(const py::handle& obj, const char* name) {
@@ -2077,23 +2085,8 @@ HalfType half_kind(const std::string& kind) {
 
 // Exactly uint16, C-contiguous, no zero-size dimension; optionally a fixed rank range (as f32() for float32).
 U16 u16(const py::handle& obj, const char* name, int min_ndim = 0, int max_ndim = 64) {
-  if (!py::isinstance<py::array>(obj))
-    throw py::type_error(std::string(name) + " must be a numpy uint16 array, got " + std::string(py::str(py::type::of(obj))));
-  auto a = py::reinterpret_borrow<py::array>(obj);
-  if (!a.dtype().is(py::dtype::of<std::uint16_t>()))
-    throw py::type_error(std::string(name) + " must be uint16 (the 16-bit patterns; float16 arrays: .view(np.uint16)), got " +
-                         std::string(py::str(a.dtype())));
-  if (!(a.flags() & py::array::c_style)) value_error(std::string(name) + " must be C-contiguous");
-  if (a.ndim() < min_ndim || a.ndim() > max_ndim) {
-    std::ostringstream os;
-    os << name << " must have " << min_ndim;
-    if (max_ndim != min_ndim) os << ".." << max_ndim;
-    os << " dimensions, got shape " << shape_of(a);
-    value_error(os.str());
-  }
-  for (py::ssize_t i = 0; i < a.ndim(); ++i)
-    if (a.shape(i) == 0) value_error(std::string(name) + " has a zero-size dimension: shape " + shape_of(a));
-  return U16::ensure(a);
+  return typed_array<std::uint16_t>(obj, name, "uint16 (the 16-bit patterns; float16 arrays: .view(np.uint16))",
+                                    min_ndim, max_ndim, false);
 }
 
 F32 half_to_float_py(const py::object& aobj, const std::string& kind) {

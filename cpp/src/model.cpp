@@ -25,6 +25,7 @@
 #include "cpuformer/quantize.h"
 #include "cpuformer/softmax.h"
 #include "json.h"
+#include "no_throw.h"
 
 namespace cpuformer {
 namespace {
@@ -199,18 +200,6 @@ Status check_ids(const std::vector<std::int64_t>& ids, std::int64_t B, std::int6
 Status check_output_size(std::int64_t rows, std::int64_t width) {
   if (rows > (std::int64_t{1} << 40) / width) return Status::error("the output would be too large");
   return Status();
-}
-
-// Kernels throw on bad arguments and allocations may fail: the runtime API reports a Status instead.
-template <class Fn>
-Status no_throw(Fn&& fn) {
-  try {
-    return fn();
-  } catch (const std::bad_alloc&) {
-    return Status::error("out of memory");
-  } catch (const std::exception& e) {
-    return Status::error(e.what());
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@
 #include "cpuformer/safetensors.h"
 #include "cpuformer/softmax.h"
 #include "json.h"
+#include "no_throw.h"
 #include "sampling.h"
 
 namespace cpuformer {
@@ -456,17 +457,6 @@ std::vector<float> marian_sinusoid(std::int64_t P, std::int64_t d) {
       s[p * d + j] = static_cast<float>(j < half ? std::sin(angle) : std::cos(angle));
     }
   return s;
-}
-
-template <class Fn>
-Status no_throw(Fn&& fn) {
-  try {
-    return fn();
-  } catch (const std::bad_alloc&) {
-    return Status::error("out of memory");
-  } catch (const std::exception& e) {
-    return Status::error(e.what());
-  }
 }
 
 }  // namespace

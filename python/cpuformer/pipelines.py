@@ -67,6 +67,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from . import _core
+from .models.pretrained import _read_json
 from .tokenizer import Tokenizer
 
 __all__ = ["pipeline", "load_model", "Pipeline", "TrainedModel", "IncrementalDecoder", "TASKS"]
@@ -104,15 +105,6 @@ class TrainedModel:
 
     def __repr__(self) -> str:
         return f"TrainedModel({type(self.model).__name__}, {self.path!r})"
-
-
-def _read_json(path: str):
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
 def load_tokenizer_file(path: str):
