@@ -91,36 +91,60 @@ class GenerationRequest(_Request):
             self._post(("done", reason, len(self.prompt_ids), len(self.generated)))
 
 
-class GenerationEngine:
-    def __init__(self, model, max_batch: int = 8, capacity: int = 512, max_queue: int = 64) -> None:
-        self.model = model
-        self.batch = _core._DecoderBatch(model._core, int(max_batch), int(capacity))
-        self.slots = int(max_batch)
-        self.capacity = int(capacity)
+class _Engine:
+    """A bounded queue of requests served by one thread (`_run`, defined by each engine)."""
+
+    thread_name = "cpuformer-engine"
+
+    def __init__(self, max_queue: int) -> None:
         self.max_queue = int(max_queue)
-        self.eos = set(int(e) for e in (model._core.eos_token_ids or []))
-        self.vocab_size = int(model._core.vocab_size)
-        self._waiting: "collections.deque[GenerationRequest]" = collections.deque()
-        self._active = {}  # slot -> request (engine thread only)
+        self._waiting: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._stop = False
-        self.steps = 0  # decode steps run (for tests and the benchmark)
-        self.served = 0  # requests finished (eos, stop string or length)
-        self.cancelled = 0  # requests dropped because their client went away
-        self.step_delay = 0.0  # seconds slept after each step (tests: a slow model)
-        self._running = threading.Event()
-        self._running.set()
-        self._thread = threading.Thread(target=self._run, name="cpuformer-generation", daemon=True)
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
-    # ---- asyncio side ----------------------------------------------------------------------------------
-    def submit(self, req: GenerationRequest) -> None:
+    def submit(self, req) -> None:
         with self._cv:
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
             self._waiting.append(req)
             self._cv.notify()
 
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+
+class GenerationEngine(_Engine):
+    thread_name = "cpuformer-generation"
+
+    def __init__(self, model, max_batch: int = 8, capacity: int = 512, max_queue: int = 64) -> None:
+        self.model = model
+        self.batch = _core._DecoderBatch(model._core, int(max_batch), int(capacity))
+        self.slots = int(max_batch)
+        self.capacity = int(capacity)
+        super().__init__(max_queue)
+        self.eos = set(int(e) for e in (model._core.eos_token_ids or []))
+        self.vocab_size = int(model._core.vocab_size)
+        self._active = {}  # slot -> request (engine thread only)
+        self.steps = 0  # decode steps run (for tests and the benchmark)
+        self.served = 0  # requests finished (eos, stop string or length)
+        self.cancelled = 0  # requests dropped because their client went away
+        self.step_delay = 0.0  # seconds slept after each step (tests: a slow model)
+        self._running = threading.Event()
+        self._running.set()
+        self._start()
+
+    # ---- asyncio side ----------------------------------------------------------------------------------
     def cancel(self, req: GenerationRequest) -> None:
         req.cancelled = True
         with self._cv:
@@ -138,16 +162,6 @@ class GenerationEngine:
     @property
     def active_count(self) -> int:
         return len(self._active)
-
-    @property
-    def waiting_count(self) -> int:
-        return len(self._waiting)
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
 
     # ---- engine thread ---------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -255,37 +269,18 @@ class EmbeddingRequest(_Request):
             self._post(("done", embeddings, tokens))
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(_Engine):
+    thread_name = "cpuformer-embeddings"
+
     def __init__(self, encoder, batch_size: int = 32, max_queue: int = 64) -> None:
+        super().__init__(max_queue)
         self.encoder = encoder
         self.batch_size = int(batch_size)
-        self.max_queue = int(max_queue)
-        self._waiting: "collections.deque[EmbeddingRequest]" = collections.deque()
-        self._cv = threading.Condition()
-        self._stop = False
         self.batches = 0
-        self._thread = threading.Thread(target=self._run, name="cpuformer-embeddings", daemon=True)
-        self._thread.start()
-
-    def submit(self, req: EmbeddingRequest) -> None:
-        with self._cv:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting (--max-queue {self.max_queue})")
-            self._waiting.append(req)
-            self._cv.notify()
+        self._start()
 
     def cancel(self, req: EmbeddingRequest) -> None:
         req.cancelled = True
-
-    @property
-    def waiting_count(self) -> int:
-        return len(self._waiting)
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while True:
