@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import _core, ops
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, TransformerEncoderLayer
+from .finetuning import Trainable, head_architecture
 
 __all__ = ["BertModel", "PretrainedModel", "EncoderModel", "CausalLM", "Seq2SeqLM", "VisionModel", "SentenceEncoder",
            "from_pretrained", "mean_pool"]
@@ -126,16 +127,21 @@ def _read_json(path: str):
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
-class PretrainedModel:
+class PretrainedModel(Trainable):
     """A loaded Hugging Face model directory. ``config`` (config.json as a dict), ``architecture``,
-    ``model_type``, ``tokenizer`` (the directory's, or None), ``directory``. Immutable: one model may be called
-    from many threads at once."""
+    ``model_type``, ``tokenizer`` (the directory's, or None), ``directory``. In eval mode (the default) calls are
+    inference and one model may be called from many threads at once; fine-tuning (``train()``, ``backward``,
+    parameters, ``save_pretrained``) is described in :mod:`cpuformer.models.finetuning`."""
 
-    def __init__(self, core, directory: str, config: dict, tokenizer) -> None:
+    def __init__(self, core, directory: str, config: dict, tokenizer, trainable: bool = False) -> None:
         self._core = core
         self.directory = directory
         self.config = config
         self.tokenizer = tokenizer
+        self.trainable = bool(trainable)
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
 
     @property
     def architecture(self) -> str:
@@ -178,6 +184,8 @@ class EncoderModel(PretrainedModel):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
         ids = _ids(input_ids, "input_ids")
         mask, types = _mask(attention_mask, ids), _mask(token_type_ids, ids, "token_type_ids")
+        if self.training:
+            return self._train_forward(ids, mask, types)
         out = self._core.head_output(ids, mask, types)
         if self.head == "question-answering":
             return np.ascontiguousarray(out[..., 0]), np.ascontiguousarray(out[..., 1])
@@ -217,6 +225,8 @@ class CausalLM(PretrainedModel):
 
     def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
         ids = _ids(input_ids, "input_ids")
+        if self.training:
+            return self._train_forward(ids, _mask(attention_mask, ids))
         return self._core.head_output(ids, _mask(attention_mask, ids), None)
 
     def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -252,6 +262,8 @@ class Seq2SeqLM(PretrainedModel):
             dec[:, 1:] = ids[:, :-1]
         else:
             dec = _ids(decoder_input_ids, "decoder_input_ids")
+        if self.training:
+            return self._train_forward(ids, _mask(attention_mask, ids), None, dec)
         return self._core.seq2seq_logits(ids, _mask(attention_mask, ids), dec)
 
     def encoder_hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -277,6 +289,8 @@ class VisionModel(PretrainedModel):
     (B, 1 + patches, H); ``ViTForImageClassification`` -> logits (B, labels)."""
 
     def __call__(self, pixel_values) -> np.ndarray:
+        if self.training:
+            return self._train_forward(pixels=np.ascontiguousarray(pixel_values, dtype=np.float32))
         return self._core.vision_forward(np.ascontiguousarray(pixel_values, dtype=np.float32), False)
 
     def pooler_output(self, pixel_values) -> np.ndarray:
@@ -295,10 +309,18 @@ def _tokenizer_of(directory: str):
         return None
 
 
-def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "float32") -> PretrainedModel:
+def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "float32", trainable: bool = False,
+                    task: Optional[str] = None, num_labels: Optional[int] = None, init_seed: int = 0,
+                    verbose: bool = True) -> PretrainedModel:
     """Load a Hugging Face model directory (see the module docstring). ``dtype``: None / "auto" keeps the
     weights' on-disk precision (16-bit weights stay 16-bit, computed in float32), "float32" converts at load.
-    ``weights``: "float32", "packed" (packed once into the GEMM's panels) or "int8" (dynamic int8 quantization)."""
+    ``weights``: "float32", "packed" (packed once into the GEMM's panels) or "int8" (dynamic int8 quantization).
+
+    Fine-tuning (:mod:`cpuformer.models.finetuning`): ``trainable=True`` copies every tensor into writable float32
+    parameters (all frozen until ``requires_grad_``); ``task`` ("text-classification", "token-classification",
+    "question-answering", "image-classification") creates the head an encoder / ViT checkpoint lacks, with
+    ``num_labels`` labels (default: the config's), initialised as transformers does with ``init_seed``; the new
+    weights are listed in ``model.new_parameters`` and, with ``verbose``, reported as transformers reports them."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory (a Hugging Face model directory is expected)")
@@ -315,8 +337,23 @@ def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "floa
             and os.path.isfile(os.path.join(directory, "pytorch_model.bin"))):
         raise ValueError(f"{directory}: only pytorch_model.bin (a pickle); cpuformer reads model.safetensors "
                          "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    core = _core._PretrainedModel.load(directory, dtype or "auto", weights)
-    return _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory))
+    if num_labels is not None and (isinstance(num_labels, bool) or int(num_labels) < 1):
+        raise ValueError(f"num_labels must be >= 1, got {num_labels!r}")
+    core = _core._PretrainedModel.load(directory, dtype or "auto", weights, bool(trainable), task or "",
+                                       int(num_labels or 0), int(init_seed))
+    model = _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory), trainable)
+    created = model.new_parameters
+    if created:
+        import logging
+        arch = head_architecture(core.model_type, core.architecture, core.head)
+        message = (f"Some weights of {arch} were not initialized from the model checkpoint at {directory} and are "
+                   f"newly initialized: {created}\nYou should probably TRAIN this model on a down-stream task to be "
+                   "able to use it for predictions and inference.")
+        logging.getLogger("cpuformer").warning(message)
+        if verbose:
+            import sys
+            print(message, file=sys.stderr)
+    return model
 
 
 # --------------------------------------------------------------------------------- sentence-transformers dirs
