@@ -343,6 +343,8 @@ def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "floa
                                        int(num_labels or 0), int(init_seed))
     model = _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory), trainable)
     created = model.new_parameters
+    for name in created:  # a new head is there to be trained
+        core.set_requires_grad(name, True)
     if created:
         import logging
         arch = head_architecture(core.model_type, core.architecture, core.head)
@@ -376,7 +378,8 @@ class SentenceEncoder:
         self.dense = dense or []
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: Optional[str] = None, weights: str = "float32") -> "SentenceEncoder":
+    def from_pretrained(cls, directory, dtype: Optional[str] = None, weights: str = "float32",
+                        trainable: bool = False) -> "SentenceEncoder":
         directory = os.fspath(directory)
         modules_path = os.path.join(directory, "modules.json")
         modules = _read_json(modules_path) if os.path.isfile(modules_path) else [
@@ -390,7 +393,7 @@ class SentenceEncoder:
             kind = str(mod.get("type", "")).rsplit(".", 1)[-1]
             path = os.path.join(directory, mod.get("path", ""))
             if kind == "Transformer":
-                model = from_pretrained(path, dtype=dtype, weights=weights)
+                model = from_pretrained(path, dtype=dtype, weights=weights, trainable=trainable)
                 if not isinstance(model, EncoderModel):
                     raise ValueError(f"{path}: a sentence encoder needs an encoder model, got {model.model_type!r}")
                 for name in ("sentence_bert_config.json", "sentence_roberta_config.json",
@@ -426,6 +429,86 @@ class SentenceEncoder:
                 if isinstance(mml, int) and 0 < mml < max_len:
                     max_len = mml
         return cls(model, model.tokenizer, pooling or ["mean"], normalize, int(max_len), lower, dense)
+
+    # -- fine-tuning (contrastive, e.g. cpuformer.train.MultipleNegativesRankingLoss) ----------------------------
+    # The encoder's parameters, modes, state and saving are the EncoderModel's; a training-mode call returns the
+    # pooled (not normalised) sentence embeddings (B, D) and backward goes through the pooling into the encoder.
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        if mode and (self.dense or self.pooling not in (["mean"], ["cls"])):
+            raise NotImplementedError("training a SentenceEncoder supports mean or cls pooling without Dense "
+                                      f"modules (this one: pooling {self.pooling}, {len(self.dense)} Dense)")
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def requires_grad_(self, flag: bool = True):
+        self.model.requires_grad_(flag)
+        return self
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def checkpoint_state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return self.model.load_state_dict(state_dict, strict)
+
+    def save_pretrained(self, directory) -> str:
+        return self.model.save_pretrained(directory)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """Pooled embeddings (B, D) of tokenized input (training mode: with what backward needs)."""
+        ids = _ids(input_ids, "input_ids")
+        mask = np.ones_like(ids) if attention_mask is None else _mask(attention_mask, ids)
+        if not self.training:
+            hidden = self.model.hidden_states(ids, mask, token_type_ids)
+            emb = _core.sentence_pooling(hidden, mask, self.pooling, False)
+            for layer in self.dense:
+                emb = layer(emb)
+            return emb
+        hidden = self.model(ids, mask, token_type_ids)
+        m = mask.astype(np.float32)[..., None]
+        if self.pooling == ["cls"]:
+            emb = np.ascontiguousarray(hidden[:, 0])
+            self.model._tls().pool = ("cls", hidden.shape, None)
+        else:
+            count = np.maximum(m.sum(1), 1e-9).astype(np.float32)  # sentence-transformers' clamp
+            emb = (hidden * m).sum(1) / count
+            self.model._tls().pool = ("mean", hidden.shape, m / count[:, None, :])
+        return emb.astype(np.float32)
+
+    forward = __call__
+
+    def backward(self, grad_output) -> None:
+        kind, shape, weights = self.model._tls().pool
+        g = np.asarray(grad_output, np.float32)
+        if kind == "cls":
+            dh = np.zeros(shape, np.float32)
+            dh[:, 0] = g
+        else:
+            dh = (g[:, None, :] * weights).astype(np.float32)
+        self.model.backward(dh)
 
     def encode(self, sentences, batch_size: int = 32, normalize_embeddings: Optional[bool] = None) -> np.ndarray:
         """(N, D) float32 embeddings of a list of texts ((D,) for one text). As sentence-transformers: the
