@@ -223,6 +223,9 @@ class Checkpoint {
   const TensorView* find(const std::string& name, const std::vector<std::int64_t>& shape, bool optional) {
     if (!status.ok()) return nullptr;
     const TensorView* t = lookup(name);
+    if (!t)  // a head weight created by an earlier request for it
+      for (const TensorView& v : fresh_views)
+        if (v.name == name) t = &v;
     if (!t && !optional && fresh_allowed(name)) t = fresh(name, shape);
     if (!t) {
       if (!optional)
@@ -321,7 +324,8 @@ class Checkpoint {
     l.in = in, l.out = out, l.in_out = in_out;
     const TensorView* t = find(wname, in_out ? std::vector<std::int64_t>{in, out} : std::vector<std::int64_t>{out, in},
                                false);
-    if (!bname.empty()) l.bias = floats(bname, {out}, !bias_required);
+    // a new head's Linear gets a new (zero) bias, as transformers' nn.Linear has one
+    if (!bname.empty()) l.bias = floats(bname, {out}, !bias_required && !(t && is_fresh(t->name)));
     if (!t) return l;
     if (keeps_half(*t)) {
       l.half = half_data(*t), l.half_type = t->dtype == DType::kF16 ? HalfType::kF16 : HalfType::kBF16;

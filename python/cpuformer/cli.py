@@ -726,6 +726,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--label-smoothing", type=_number(0, 1, low_open=False), default=0.1,
                    help="label smoothing of the cross-entropy")
 
+    from .finetune import add_parser as _finetune_parser  # (here: cpuformer.finetune imports this module)
+    _finetune_parser(sub)
+
     if commands is not None:  # inference commands (cpuformer.commands)
         for name in ("embed", "generate", "qa"):
             commands.add_inference_parser(sub, name)
@@ -735,7 +738,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_TRAINING = {"demo": cmd_demo, "lm": cmd_lm, "classify": cmd_classify, "translate": cmd_translate}
+def cmd_finetune(args) -> int:
+    from .finetune import cmd_finetune as run
+    return run(args)
+
+
+_TRAINING = {"demo": cmd_demo, "lm": cmd_lm, "classify": cmd_classify, "translate": cmd_translate,
+             "finetune": cmd_finetune}
 
 
 def _inference(args) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import _core, ops
 from ..nn import Embedding, LayerNorm, Linear, Module, ModuleList, TransformerEncoderLayer
+from .finetuning import Trainable, head_architecture
 
 __all__ = ["BertModel", "PretrainedModel", "EncoderModel", "CausalLM", "Seq2SeqLM", "VisionModel", "SentenceEncoder",
            "from_pretrained", "mean_pool"]
@@ -126,16 +127,21 @@ def _read_json(path: str):
         raise ValueError(f"{path}: not valid JSON ({exc})") from None
 
 
-class PretrainedModel:
+class PretrainedModel(Trainable):
     """A loaded Hugging Face model directory. ``config`` (config.json as a dict), ``architecture``,
-    ``model_type``, ``tokenizer`` (the directory's, or None), ``directory``. Immutable: one model may be called
-    from many threads at once."""
+    ``model_type``, ``tokenizer`` (the directory's, or None), ``directory``. In eval mode (the default) calls are
+    inference and one model may be called from many threads at once; fine-tuning (``train()``, ``backward``,
+    parameters, ``save_pretrained``) is described in :mod:`cpuformer.models.finetuning`."""
 
-    def __init__(self, core, directory: str, config: dict, tokenizer) -> None:
+    def __init__(self, core, directory: str, config: dict, tokenizer, trainable: bool = False) -> None:
         self._core = core
         self.directory = directory
         self.config = config
         self.tokenizer = tokenizer
+        self.trainable = bool(trainable)
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
 
     @property
     def architecture(self) -> str:
@@ -178,6 +184,8 @@ class EncoderModel(PretrainedModel):
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
         ids = _ids(input_ids, "input_ids")
         mask, types = _mask(attention_mask, ids), _mask(token_type_ids, ids, "token_type_ids")
+        if self.training:
+            return self._train_forward(ids, mask, types)
         out = self._core.head_output(ids, mask, types)
         if self.head == "question-answering":
             return np.ascontiguousarray(out[..., 0]), np.ascontiguousarray(out[..., 1])
@@ -217,6 +225,8 @@ class CausalLM(PretrainedModel):
 
     def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
         ids = _ids(input_ids, "input_ids")
+        if self.training:
+            return self._train_forward(ids, _mask(attention_mask, ids))
         return self._core.head_output(ids, _mask(attention_mask, ids), None)
 
     def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -252,6 +262,8 @@ class Seq2SeqLM(PretrainedModel):
             dec[:, 1:] = ids[:, :-1]
         else:
             dec = _ids(decoder_input_ids, "decoder_input_ids")
+        if self.training:
+            return self._train_forward(ids, _mask(attention_mask, ids), None, dec)
         return self._core.seq2seq_logits(ids, _mask(attention_mask, ids), dec)
 
     def encoder_hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -277,6 +289,8 @@ class VisionModel(PretrainedModel):
     (B, 1 + patches, H); ``ViTForImageClassification`` -> logits (B, labels)."""
 
     def __call__(self, pixel_values) -> np.ndarray:
+        if self.training:
+            return self._train_forward(pixels=np.ascontiguousarray(pixel_values, dtype=np.float32))
         return self._core.vision_forward(np.ascontiguousarray(pixel_values, dtype=np.float32), False)
 
     def pooler_output(self, pixel_values) -> np.ndarray:
@@ -295,10 +309,18 @@ def _tokenizer_of(directory: str):
         return None
 
 
-def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "float32") -> PretrainedModel:
+def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "float32", trainable: bool = False,
+                    task: Optional[str] = None, num_labels: Optional[int] = None, init_seed: int = 0,
+                    verbose: bool = True) -> PretrainedModel:
     """Load a Hugging Face model directory (see the module docstring). ``dtype``: None / "auto" keeps the
     weights' on-disk precision (16-bit weights stay 16-bit, computed in float32), "float32" converts at load.
-    ``weights``: "float32", "packed" (packed once into the GEMM's panels) or "int8" (dynamic int8 quantization)."""
+    ``weights``: "float32", "packed" (packed once into the GEMM's panels) or "int8" (dynamic int8 quantization).
+
+    Fine-tuning (:mod:`cpuformer.models.finetuning`): ``trainable=True`` copies every tensor into writable float32
+    parameters (all frozen until ``requires_grad_``); ``task`` ("text-classification", "token-classification",
+    "question-answering", "image-classification") creates the head an encoder / ViT checkpoint lacks, with
+    ``num_labels`` labels (default: the config's), initialised as transformers does with ``init_seed``; the new
+    weights are listed in ``model.new_parameters`` and, with ``verbose``, reported as transformers reports them."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: not a directory (a Hugging Face model directory is expected)")
@@ -315,8 +337,25 @@ def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "floa
             and os.path.isfile(os.path.join(directory, "pytorch_model.bin"))):
         raise ValueError(f"{directory}: only pytorch_model.bin (a pickle); cpuformer reads model.safetensors "
                          "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))")
-    core = _core._PretrainedModel.load(directory, dtype or "auto", weights)
-    return _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory))
+    if num_labels is not None and (isinstance(num_labels, bool) or int(num_labels) < 1):
+        raise ValueError(f"num_labels must be >= 1, got {num_labels!r}")
+    core = _core._PretrainedModel.load(directory, dtype or "auto", weights, bool(trainable), task or "",
+                                       int(num_labels or 0), int(init_seed))
+    model = _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory), trainable)
+    created = model.new_parameters
+    for name in created:  # a new head is there to be trained
+        core.set_requires_grad(name, True)
+    if created:
+        import logging
+        arch = head_architecture(core.model_type, core.architecture, core.head)
+        message = (f"Some weights of {arch} were not initialized from the model checkpoint at {directory} and are "
+                   f"newly initialized: {created}\nYou should probably TRAIN this model on a down-stream task to be "
+                   "able to use it for predictions and inference.")
+        logging.getLogger("cpuformer").warning(message)
+        if verbose:
+            import sys
+            print(message, file=sys.stderr)
+    return model
 
 
 # --------------------------------------------------------------------------------- sentence-transformers dirs
@@ -339,7 +378,8 @@ class SentenceEncoder:
         self.dense = dense or []
 
     @classmethod
-    def from_pretrained(cls, directory, dtype: Optional[str] = None, weights: str = "float32") -> "SentenceEncoder":
+    def from_pretrained(cls, directory, dtype: Optional[str] = None, weights: str = "float32",
+                        trainable: bool = False) -> "SentenceEncoder":
         directory = os.fspath(directory)
         modules_path = os.path.join(directory, "modules.json")
         modules = _read_json(modules_path) if os.path.isfile(modules_path) else [
@@ -353,7 +393,7 @@ class SentenceEncoder:
             kind = str(mod.get("type", "")).rsplit(".", 1)[-1]
             path = os.path.join(directory, mod.get("path", ""))
             if kind == "Transformer":
-                model = from_pretrained(path, dtype=dtype, weights=weights)
+                model = from_pretrained(path, dtype=dtype, weights=weights, trainable=trainable)
                 if not isinstance(model, EncoderModel):
                     raise ValueError(f"{path}: a sentence encoder needs an encoder model, got {model.model_type!r}")
                 for name in ("sentence_bert_config.json", "sentence_roberta_config.json",
@@ -389,6 +429,86 @@ class SentenceEncoder:
                 if isinstance(mml, int) and 0 < mml < max_len:
                     max_len = mml
         return cls(model, model.tokenizer, pooling or ["mean"], normalize, int(max_len), lower, dense)
+
+    # -- fine-tuning (contrastive, e.g. cpuformer.train.MultipleNegativesRankingLoss) ----------------------------
+    # The encoder's parameters, modes, state and saving are the EncoderModel's; a training-mode call returns the
+    # pooled (not normalised) sentence embeddings (B, D) and backward goes through the pooling into the encoder.
+
+    @property
+    def training(self) -> bool:
+        return self.model.training
+
+    def train(self, mode: bool = True):
+        if mode and (self.dense or self.pooling not in (["mean"], ["cls"])):
+            raise NotImplementedError("training a SentenceEncoder supports mean or cls pooling without Dense "
+                                      f"modules (this one: pooling {self.pooling}, {len(self.dense)} Dense)")
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def named_parameters(self):
+        return self.model.named_parameters()
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def requires_grad_(self, flag: bool = True):
+        self.model.requires_grad_(flag)
+        return self
+
+    def zero_grad(self) -> None:
+        self.model.zero_grad()
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def checkpoint_state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        return self.model.load_state_dict(state_dict, strict)
+
+    def save_pretrained(self, directory) -> str:
+        return self.model.save_pretrained(directory)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None) -> np.ndarray:
+        """Pooled embeddings (B, D) of tokenized input (training mode: with what backward needs)."""
+        ids = _ids(input_ids, "input_ids")
+        mask = np.ones_like(ids) if attention_mask is None else _mask(attention_mask, ids)
+        if not self.training:
+            hidden = self.model.hidden_states(ids, mask, token_type_ids)
+            emb = _core.sentence_pooling(hidden, mask, self.pooling, False)
+            for layer in self.dense:
+                emb = layer(emb)
+            return emb
+        hidden = self.model(ids, mask, token_type_ids)
+        m = mask.astype(np.float32)[..., None]
+        if self.pooling == ["cls"]:
+            emb = np.ascontiguousarray(hidden[:, 0])
+            self.model._tls().pool = ("cls", hidden.shape, None)
+        else:
+            count = np.maximum(m.sum(1), 1e-9).astype(np.float32)  # sentence-transformers' clamp
+            emb = (hidden * m).sum(1) / count
+            self.model._tls().pool = ("mean", hidden.shape, m / count[:, None, :])
+        return emb.astype(np.float32)
+
+    forward = __call__
+
+    def backward(self, grad_output) -> None:
+        kind, shape, weights = self.model._tls().pool
+        g = np.asarray(grad_output, np.float32)
+        if kind == "cls":
+            dh = np.zeros(shape, np.float32)
+            dh[:, 0] = g
+        else:
+            dh = (g[:, None, :] * weights).astype(np.float32)
+        self.model.backward(dh)
 
     def encode(self, sentences, batch_size: int = 32, normalize_embeddings: Optional[bool] = None) -> np.ndarray:
         """(N, D) float32 embeddings of a list of texts ((D,) for one text). As sentence-transformers: the

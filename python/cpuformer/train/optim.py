@@ -13,19 +13,23 @@ __all__ = ["AdamW", "SGD", "Schedule", "constant", "warmup_cosine", "warmup_line
 
 
 def _named(params) -> List[Tuple[str, Parameter]]:
+    """(name, parameter) pairs to optimize: parameters with ``requires_grad`` False (frozen pretrained weights,
+    which have no gradient) are left out, so they get no optimizer state."""
     if hasattr(params, "named_parameters"):
-        return list(params.named_parameters())
-    items = list(params)
-    if items and isinstance(items[0], tuple):
-        return items
-    return [(str(i), p) for i, p in enumerate(items)]
+        items = list(params.named_parameters())
+    else:
+        items = list(params)
+        if not (items and isinstance(items[0], tuple)):
+            items = [(str(i), p) for i, p in enumerate(items)]
+    return [(n, p) for n, p in items if getattr(p, "requires_grad", True)]
 
 
 class _Optimizer:
     def __init__(self, params, lr: float) -> None:
         self.params: List[Tuple[str, Parameter]] = _named(params)
         if not self.params:
-            raise ValueError("optimizer got no parameters")
+            raise ValueError("optimizer got no parameters (none requires a gradient: for a pretrained model call "
+                             "model.requires_grad_(True), add LoRA adapters or a task head first)")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"lr must be a positive number, got {lr}")
         self.lr = float(lr)

@@ -620,7 +620,8 @@ class Trainer:
             group = [dist.shard(idx) for idx in group]
         batches = [train[idx] for idx in group if len(idx)]  # a rank may get no samples of a short last batch
         # counted targets across the accumulated batches (and ranks), for an exact mean over the global batch
-        counts = [int((np.asarray(targets) != ignore).sum()) for _, targets in batches]
+        count_of = getattr(self.loss, "count", None) or (lambda t: int((np.asarray(t) != ignore).sum()))
+        counts = [int(count_of(targets)) for _, targets in batches]
         tokens = sum(int(np.asarray(inputs[0]).size) for inputs, _ in batches)
         grand = max(1, sum(counts) if not dist else int(dist.allreduce([sum(counts)])[0]))
         total_loss, total_count, bad_loss = 0.0, 0, None
@@ -651,6 +652,7 @@ class Trainer:
         # check, clipping folded into the optimizer's pass
         sq = 0.0
         named = list(self.model.named_parameters())
+        named = [(name, p) for name, p in named if p.grad is not None]  # frozen pretrained weights have none
         for name, p in named:
             sq += ops.sum_squares(p.grad)
         norm = math.sqrt(sq)
@@ -807,8 +809,11 @@ class Trainer:
             if config is not None:
                 meta["config"] = json.dumps(config)
                 meta["model_class"] = type(self.model).__name__
-            save_safetensors(os.path.join(tmp, "model.safetensors"),
-                             {n: p.data for n, p in self.model.named_parameters()}, meta)
+            # what the model says a checkpoint needs (a pretrained model: only what training changes), else its
+            # parameters
+            weights = self.model.checkpoint_state_dict() if hasattr(self.model, "checkpoint_state_dict") else \
+                {n: p.data for n, p in self.model.named_parameters()}
+            save_safetensors(os.path.join(tmp, "model.safetensors"), weights, meta)
             save_safetensors(os.path.join(tmp, "optimizer.safetensors"), self.optimizer.state_arrays(),
                              {"step_count": str(self.optimizer.step_count), "class": type(self.optimizer).__name__})
             state = {"format": "cpuformer-trainer-state", "version": 1, "step": self.step, "epoch": self.epoch,
