@@ -21,7 +21,7 @@ import cpuformer  # noqa: E402
 from cpuformer.pipelines import IncrementalDecoder, TrainedModel, pipeline, resize_bilinear  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("_cpuformer_pretrained_conftest",
-                                               pathlib.Path(__file__).resolve().parent / "pretrained" / "conftest.py")
+                                               pathlib.Path(__file__).resolve().parent / "pretrained" / "hf_testlib.py")
 pc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(pc)
 

@@ -629,6 +629,10 @@ void gemm_team(const GemmArgs& g, float* b_panels, index_t panel_size, int tid, 
         // last one may be narrower), wait until every thread is done with the previous ones, whose panels the new
         // shares overlap.
         if (!split_rows && jc > 0 && pc == 0) team_barrier(nt);
+        // Likewise when the K block is shorter than the others (the last one): its slivers sit closer together
+        // (s * NR * kc), so a thread's new share in this buffer can overlap the slivers a slower thread is still
+        // reading from the block two back. (Full-size K blocks keep every thread's share where it was.)
+        if (!split_rows && pc > 0 && kc != kc_max) team_barrier(nt);
         // 1. The team packs the B panel together.
         pack_b_slivers(panel, g, pc, jc, kc, nc, slivers * tid / nt, slivers * (tid + 1) / nt);
         // Splitting columns, a thread packs exactly the slivers it multiplies by: nothing else to wait for.

@@ -944,14 +944,31 @@ void seq2seq_generate_impl(const Impl& m, const std::int64_t* src, index_t B, in
     bool any_open = false, all_hit = true;
     for (index_t b = 0; b < B; ++b) {
       // The `keep` best (beam, token) continuations by accumulated log-probability.
-      std::vector<std::pair<float, std::int64_t>> cand;
-      cand.reserve(static_cast<size_t>(K * m.V));
-      for (index_t k = 0; k < K; ++k)
-        for (index_t v = 0; v < m.V; ++v)
-          cand.push_back({logits[(b * K + k) * m.V + v] + run_score[b * K + k], k * m.V + v});
-      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), [](const auto& a, const auto& c) {
+      // Each beam's own best `keep` (a bounded heap over its row, no K * V array), then the best of their union:
+      // the same candidates, in the same order, as sorting all K * V.
+      const auto before = [](const std::pair<float, std::int64_t>& a, const std::pair<float, std::int64_t>& c) {
         return a.first > c.first || (a.first == c.first && a.second < c.second);
-      });
+      };
+      std::vector<std::pair<float, std::int64_t>> cand;
+      cand.reserve(static_cast<size_t>(K * keep));
+      const index_t per_beam = std::min<index_t>(keep, m.V);
+      for (index_t k = 0; k < K; ++k) {
+        const float* row = &logits[(b * K + k) * m.V];
+        const float base = run_score[b * K + k];
+        const std::size_t first = cand.size();
+        for (index_t v = 0; v < m.V; ++v) {
+          const std::pair<float, std::int64_t> c{row[v] + base, k * m.V + v};
+          if (static_cast<index_t>(cand.size() - first) < per_beam) {
+            cand.push_back(c);
+            std::push_heap(cand.begin() + first, cand.end(), before);  // the heap's front is its worst
+          } else if (before(c, cand[first])) {
+            std::pop_heap(cand.begin() + first, cand.end(), before);
+            cand.back() = c;
+            std::push_heap(cand.begin() + first, cand.end(), before);
+          }
+        }
+      }
+      std::partial_sort(cand.begin(), cand.begin() + keep, cand.end(), before);
       std::vector<std::uint8_t> hit(static_cast<size_t>(keep));
       for (index_t i = 0; i < keep; ++i)
         hit[i] = is_eos(eos, cand[i].second % m.V) || cur + 1 >= max_length;

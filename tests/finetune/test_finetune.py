@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import H, rand_ids
+from ft_testlib import H, rand_ids
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

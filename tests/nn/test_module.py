@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import cpuformer.nn as nn
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 
 def test_named_parameters_state_dict_and_zero_grad():

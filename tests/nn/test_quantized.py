@@ -8,7 +8,7 @@ import cpuformer
 from cpuformer import nn
 from cpuformer.models import GPT, Seq2SeqTransformer, TransformerClassifier
 
-from conftest import rel_err
+from testutil import rel_err
 
 
 def _close_but_quantized(q, f, bound):

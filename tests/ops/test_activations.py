@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from cpuformer import _core, ops
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 _erf = np.vectorize(math.erf)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 
 def ref_attention(q, k, v, H, additive=None, padding=None, causal=False):

@@ -10,7 +10,7 @@ import pytest
 
 import cpuformer
 from cpuformer import _core, ops
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 
 def _mask4(a, B, H, T, S):

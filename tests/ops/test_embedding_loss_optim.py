@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import assert_close, randn, rel_err
+from testutil import assert_close, randn, rel_err
 
 try:
     import torch

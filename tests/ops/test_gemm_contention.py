@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 import cpuformer
-from cpuformer import ops
+from cpuformer import _core, ops
+
+from testutil import SIMD_PATHS
 
 SHAPES = [(96, 768, 2304), (128, 1536, 384), (512, 512, 2048), (2048, 256, 256), (200, 300, 1000),
           (512, 768, 9000)]  # N past one column block (4080): blocks of different widths
@@ -26,6 +28,29 @@ def busy():
     for p in procs:
         p.kill()
         p.wait()
+
+
+@pytest.mark.parametrize("path", SIMD_PATHS)
+def test_short_last_k_block_under_contention(busy, path):
+    """Columns split between threads (N < M but too few rows for a row split) and a last K block shorter than the
+    others: a thread packing that block may not overwrite the slivers another still reads from two blocks back
+    (it did, on every path: 2 products in 40 came out wrong under load)."""
+    rng = np.random.default_rng(1)
+    old = cpuformer.get_num_threads()
+    cpuformer.set_num_threads(2)
+    _core.set_simd_path(path)
+    try:
+        cases = []
+        for M, K, N in [(130, 1000, 70), (100, 1300, 90), (120, 600, 40)]:
+            a = rng.standard_normal((M, K)).astype(np.float32)
+            w = rng.standard_normal((N, K)).astype(np.float32)
+            cases.append((a, w, ops.matmul(a, w, transpose_b=True)))
+        for _ in range(40):
+            for a, w, want in cases:
+                np.testing.assert_array_equal(ops.matmul(a, w, transpose_b=True), want)
+    finally:
+        _core.set_simd_path("auto")
+        cpuformer.set_num_threads(old)
 
 
 def test_products_unchanged_under_contention(busy):

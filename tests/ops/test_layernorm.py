@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 
 def ref_ln(x, w, b, eps):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import SIMD_PATHS, randn, rel_err
+from testutil import SIMD_PATHS, randn, rel_err
 
 # Sizes around the micro-tile (6x16), the blocking (MC=144, KC=256) and odd values.
 SHAPES = [(1, 1, 1), (1, 7, 5), (5, 1, 3), (2, 3, 1), (6, 16, 8), (7, 17, 9), (15, 33, 31), (64, 64, 64),

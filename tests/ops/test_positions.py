@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

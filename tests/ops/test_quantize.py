@@ -13,7 +13,7 @@ import pytest
 import cpuformer
 from cpuformer import _core
 
-from conftest import SIMD_PATHS, rel_err
+from testutil import SIMD_PATHS, rel_err
 
 
 def ref_weight(w):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from conftest import assert_close, randn
+from testutil import assert_close, randn
 
 SHAPES = [(1,), (1, 1), (3, 7), (5, 8), (2, 3, 17), (64, 1000), (4, 50257)]
 

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-from conftest import edit_config, load, names  # noqa: E402
+from hf_testlib import edit_config, load, names  # noqa: E402
 
 SHARD = r"model-\d{5}-of-\d{5}\.safetensors"
 

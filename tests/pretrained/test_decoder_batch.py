@@ -2,12 +2,11 @@
 join and leave a shared batch get exactly what generate() gives each of them alone."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from cpuformer import _core
 
-from conftest import load, rand_ids
+from hf_testlib import load, rand_ids
 
 pytest.importorskip("transformers")
 

@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import (DECODERS, check_rel, edit_config, gen_positions, left_padded, load, rand_ids,  # noqa: E402
+from hf_testlib import (DECODERS, check_rel, edit_config, gen_positions, left_padded, load, rand_ids,  # noqa: E402
                       rel_err, to_np)
 
 B, T = 3, 13

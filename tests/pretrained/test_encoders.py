@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import ENCODERS, check_rel, load, rand_ids, rel_err, right_padded, to_np  # noqa: E402
+from hf_testlib import ENCODERS, check_rel, load, rand_ids, rel_err, right_padded, to_np  # noqa: E402
 
 B, T = 3, 13
 LENGTHS = [13, 9, 4]

@@ -10,7 +10,7 @@ import pytest
 
 from cpuformer import _core
 
-from conftest import rand_ids
+from hf_testlib import rand_ids
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from conftest import SENTENCES, load, wordpiece_tokenizer_json, write_st_dir  # noqa: E402
+from hf_testlib import SENTENCES, load, wordpiece_tokenizer_json, write_st_dir  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
     "_cpuformer_tests_cpp_runtime", os.path.join(os.path.dirname(__file__), "..", "test_cpp_runtime.py"))

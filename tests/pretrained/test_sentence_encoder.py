@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 sentence_transformers = pytest.importorskip("sentence_transformers")
 pytest.importorskip("tokenizers")
 
-from conftest import SENTENCES, load, rel_err, write_st_dir  # noqa: E402
+from hf_testlib import SENTENCES, load, rel_err, write_st_dir  # noqa: E402
 
 COS = 0.99999
 

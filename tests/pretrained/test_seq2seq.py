@@ -14,7 +14,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import SEQ2SEQ, check_rel, load, rand_ids, rel_err, right_padded, to_np  # noqa: E402
+from hf_testlib import SEQ2SEQ, check_rel, load, rand_ids, rel_err, right_padded, to_np  # noqa: E402
 
 B, S, TD = 2, 11, 7
 LENGTHS = [11, 6]

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from conftest import V, load, left_padded, rand_ids, right_padded  # noqa: E402
+from hf_testlib import V, load, left_padded, rand_ids, right_padded  # noqa: E402
 
 THREADS = 8
 

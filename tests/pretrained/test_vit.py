@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import VITS, check_rel, load, rel_err, to_np  # noqa: E402
+from hf_testlib import VITS, check_rel, load, rel_err, to_np  # noqa: E402
 
 
 def _pixels(seed=0, n=3):

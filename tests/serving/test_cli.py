@@ -9,7 +9,7 @@ import sys
 import time
 
 
-from conftest import free_port, httpx
+from serving_testlib import free_port, httpx
 
 import cpuformer.serving as serving
 

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from conftest import RunningServer, httpx, wait_until
+from serving_testlib import RunningServer, httpx, wait_until
 
 PROMPTS = ["the cat sat on", "a dog ran in the park", "we walked home under", "numbers like 42",
            "she said the movie", "it is a truly"]

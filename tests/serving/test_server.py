@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import RunningServer, httpx, wait_until
+from serving_testlib import RunningServer, httpx, wait_until
 
 openai = pytest.importorskip("openai")
 

@@ -17,7 +17,8 @@ from cpuformer.data import (CharTokenizer, LanguageModelDataset, Seq2SeqDataset,
 from cpuformer.models import GPT, Seq2SeqTransformer, TransformerClassifier
 from cpuformer.train import AdamW, Callback, EarlyStopping, Trainer, constant, latest_checkpoint, warmup_cosine
 
-from data_path import DATA  # CPUFORMER_TEST_DATA, else ../shared/data
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: data_path
+from data_path import DATA  # noqa: E402  CPUFORMER_TEST_DATA, else ../shared/data
 needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data not present")
 
 

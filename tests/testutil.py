@@ -1,0 +1,32 @@
+"""Helpers shared by the test modules (import them from here: ``from testutil import assert_close``; a test directory
+with its own conftest.py would shadow ``from conftest import ...``): the SIMD paths of this machine and build, random
+data, tolerances."""
+from __future__ import annotations
+
+import numpy as np
+
+import cpuformer
+
+_INFO = cpuformer.build_info()
+# Every path this machine and build have: "avx512" (the GEMM's AVX-512 kernel, AVX2 elsewhere) where the CPU offers it.
+SIMD_PATHS = (["avx512"] if _INFO.get("cpu_avx512") and "avx512" in _INFO["simd_compiled"] else []) + \
+    (["avx2", "scalar"] if _INFO["cpu_avx2_fma"] and _INFO["simd_compiled"] != "scalar" else ["scalar"])
+
+def randn(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what=""):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = np.abs(actual - expected)
+    bad = err > atol + rtol * np.abs(expected)
+    assert not bad.any(), (f"{what}: {bad.sum()} of {bad.size} elements off; max abs err {err.max():.3g}, "
+                           f"max rel err {(err / (np.abs(expected) + 1e-30)).max():.3g}")
+
+
+def rel_err(actual, expected):
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
