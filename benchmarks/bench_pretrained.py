@@ -426,7 +426,12 @@ class Worker:
         self.name = spec["engine"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS=str(threads) if self.name == "calib" else "1")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+        # The spec (inputs included) goes through a file: a command-line argument is limited to 128 KiB.
+        import tempfile
+        fd, self.spec_path = tempfile.mkstemp(prefix="bench-spec-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec, f)
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "@" + self.spec_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
         self.info = self._recv()
@@ -663,7 +668,7 @@ def section_decoder(args, cache):
                 print(f"  CTranslate2 {q}: {spec['ct2_error'][:200]}")
         if spec["ct2"]:
             spec["ct2_vocab"] = json.load(open(os.path.join(next(iter(spec["ct2"].values())), "vocabulary.json")))
-    engines = ["cpf-fp32", "cpf-bf16", "cpf-int8", "torch-fp32", "torch-bf16", "ct2-fp32", "ct2-int8", "calib"]
+    engines = ["cpf-fp32", "cpf-packed", "cpf-bf16", "cpf-int8", "torch-fp32", "torch-bf16", "ct2-fp32", "ct2-int8", "calib"]
     workers = start_workers(engines, spec, args)
     ids = np.random.default_rng(0).integers(0, fields["vocab_size"] - 1, size=(1, prompt_len))
     base = {"ids": ids.tolist(), "mask": np.ones_like(ids).tolist(), "pad": 0}
@@ -732,7 +737,7 @@ def section_translate(args, cache):
             vf = [f for f in ("shared_vocabulary.json", "source_vocabulary.json")
                   if os.path.isfile(os.path.join(p0, f))]
             spec["ct2_vocab"] = json.load(open(os.path.join(p0, vf[0])))
-    engines = ["cpf-fp32", "cpf-int8", "torch-fp32", "ct2-fp32", "ct2-int8", "calib"]
+    engines = ["cpf-fp32", "cpf-packed", "cpf-int8", "torch-fp32", "ct2-fp32", "ct2-int8", "calib"]
     workers = start_workers(engines, spec, args)
     rng = np.random.default_rng(0)
     lens = rng.integers(20, 29, size=batch) if not args.quick else rng.integers(6, 11, size=batch)
@@ -761,7 +766,14 @@ def section_translate(args, cache):
 
 def main():
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        worker(json.loads(sys.argv[2]))
+        arg = sys.argv[2]
+        if arg.startswith("@"):
+            with open(arg[1:]) as f:
+                spec = json.load(f)
+            os.unlink(arg[1:])
+        else:
+            spec = json.loads(arg)
+        worker(spec)
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)

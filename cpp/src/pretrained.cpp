@@ -8,6 +8,11 @@
 // norm steps). Forward passes, generation and beam search are written once over those pieces.
 #include "cpuformer/pretrained.h"
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -367,7 +372,20 @@ class Checkpoint {
     owned_f.emplace_back();
     Status st = tensor_to_float(t, &owned_f.back());
     if (!st.ok() && status.ok()) status = st;
+    release_pages(t);
     return owned_f.back().data();
+  }
+  // A converted tensor's mapped pages are not read again: let the kernel drop them from this process's resident
+  // set now (they stay in the page cache), so converting at load does not hold the file and its copy at once.
+  static void release_pages(const TensorView& t) {
+#if defined(__unix__) || defined(__APPLE__)
+    static const std::uintptr_t page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
+    const auto begin = reinterpret_cast<std::uintptr_t>(t.data), end = begin + t.nbytes;
+    const std::uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;  // whole pages only
+    if (t.file != "(new)" && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+#else
+    (void)t;
+#endif
   }
   LinearRef prepare(LinearRef l) {
     if (!l.weight || opt.weights == LoadOptions::kFloat32 || opt.trainable) return l;
