@@ -4,7 +4,6 @@ the finetune job. Tiny random models; torch / transformers / peft / sentence-tra
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -279,9 +278,9 @@ def test_mnrl_matches_sentence_transformers(ft_bert_tok):
 
 
 def _cli(*args, cwd):
-    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), "..", "..", "python"))
-    return subprocess.run([sys.executable, "-m", "cpuformer", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120)
+    # The installed package (this interpreter's), as a user runs it: never the source folder, which has no _core.
+    return subprocess.run([sys.executable, "-m", "cpuformer", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_finetune_job_classify_lora(ft_bert_tok, tmp_path):
