@@ -44,7 +44,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -55,7 +54,7 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from _timing import loadavg, paired_ratio  # noqa: E402
-from bench_pretrained import (CALIB_N, EMBED_SHAPES, QUICK as PRETRAINED_QUICK, QWEN2_05B, _digest,  # noqa: E402
+from bench_pretrained import (CALIB_N, Worker, EMBED_SHAPES, QUICK as PRETRAINED_QUICK, QWEN2_05B, _digest,  # noqa: E402
                               available, build_dir, fmt_ms, kib_to_mib, set_threads, statm_mib)
 
 # ------------------------------------------------------------------------------------------------ configuration
@@ -266,54 +265,6 @@ def worker(spec: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ the parent
 
-class Worker:
-    def __init__(self, spec: dict, threads: int) -> None:
-        self.name = spec["engine"]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS=str(threads) if self.name == "calib" else "1")
-        import tempfile
-        fd, self.spec_path = tempfile.mkstemp(prefix="bench-ft-spec-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(spec, f)
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "@" + self.spec_path],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, env=env)
-        self.info = self._recv()
-        self.alive = self.info.get("ok", False)
-        self.error = self.info.get("error")
-
-    def _recv(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            err = self.proc.stderr.read()
-            return {"ok": False, "error": "worker died: " + (err.strip().splitlines() or ["?"])[-1][:200]}
-        return json.loads(line)
-
-    def ask(self, **cmd) -> dict:
-        if not self.alive:
-            return {"ok": False, "error": self.error}
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        r = self._recv()
-        if not r.get("ok"):
-            self.alive, self.error = False, r.get("error")
-        return r
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
-                self.proc.stdin.flush()
-                self.proc.wait(timeout=60)
-            except Exception:  # noqa: BLE001
-                self.proc.kill()
-                self.proc.wait()
-        if os.path.exists(self.spec_path):  # a worker that died before reading it
-            os.unlink(self.spec_path)
-        self.proc.stderr.close()
-        self.proc.stdout.close()
-
-
 def start_workers(engines: list, spec: dict, args) -> list:
     workers = []
     for eng in engines:
@@ -321,7 +272,7 @@ def start_workers(engines: list, spec: dict, args) -> list:
         if not available(lib) or (lib == "torch" and spec["section"] == "lora" and not _has("peft")):
             print(f"  {eng}: not installed")
             continue
-        w = Worker(dict(spec, engine=eng), args.threads)
+        w = Worker(dict(spec, engine=eng), args.threads, script=__file__)
         if not w.alive:
             print(f"  {eng}: failed to load: {w.error}")
             w.close()

@@ -422,7 +422,10 @@ def worker(spec: dict) -> None:
 # ------------------------------------------------------------------------------------------------ the parent
 
 class Worker:
-    def __init__(self, spec: dict, threads: int) -> None:
+    """One engine in its own process running `script --worker @spec.json` (this file by default; bench_finetune.py
+    runs its own workers through this class), answering JSON commands line by line."""
+
+    def __init__(self, spec: dict, threads: int, script: str = __file__) -> None:
         self.name = spec["engine"]
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                    OPENBLAS_NUM_THREADS=str(threads) if self.name == "calib" else "1")
@@ -431,7 +434,7 @@ class Worker:
         fd, self.spec_path = tempfile.mkstemp(prefix="bench-spec-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump(spec, f)
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "@" + self.spec_path],
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(script), "--worker", "@" + self.spec_path],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True, env=env)
         self.info = self._recv()
@@ -460,10 +463,12 @@ class Worker:
             try:
                 self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
                 self.proc.stdin.flush()
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except Exception:  # noqa: BLE001
                 self.proc.kill()
                 self.proc.wait()
+        if os.path.exists(self.spec_path):  # a worker that died before reading it
+            os.unlink(self.spec_path)
         self.proc.stderr.close()
         self.proc.stdout.close()
 
