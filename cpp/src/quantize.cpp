@@ -6,11 +6,17 @@
 // exactly one zmm operand of AVX-512 VNNI's vpdpbusd (16 int32 lanes x 4 u8*s8 products, no saturation), and two ymm
 // operands of AVX-VNNI's 256-bit form, so the VNNI kernels read the same panels.
 //
-// Kernels (int8_kernel_name): "avx512vnni", "avxvnni", "avx2", "scalar". Every one sums the same integers exactly in
+// Kernels (int8_kernel_name): "amx", "avx512vnni", "avxvnni", "avx2", "scalar". Every one sums the same integers exactly in
 // int32 and dequantizes with the same float operations in the same order (no FMA: -ffp-contract=off), so all give
 // bitwise identical outputs; they differ only in speed. The VNNI kernels are compiled with per-function target
 // attributes like the AVX2 ones and chosen at run time from CPUID (and XCR0 for the zmm state), and only while the
 // SIMD path is AVX2 (set_simd_path("scalar") selects the scalar kernel).
+//
+// AMX (Sapphire Rapids and later): the panel layout is also AMX's: 16 consecutive 4-k groups of a panel (1 KiB) are
+// one B tile for tdpbusd (16 rows of 16 columns x 4 bytes). Each call multiplies 32 rows by 32 columns in four
+// int32 tiles, 64 k per step, then dequantizes like the AVX-512 kernel. Fewer than 16 rows (decoding) go to the
+// AVX-512 VNNI kernel, which streams the weights as fast. Linux only: the tile data state needs arch_prctl's
+// permission, asked once.
 #include "cpuformer/quantize.h"
 
 #include <algorithm>
@@ -42,6 +48,21 @@
 #include <cpuid.h>
 #define CPUFORMER_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define CPUFORMER_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
+#if defined(__linux__)
+#define CPUFORMER_HAVE_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#define CPUFORMER_AMX __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+// The tile instructions as inline assembly with what they read and write declared ("memory"): GCC 12's intrinsics
+// declare neither the 64 bytes ldtilecfg reads nor tileloadd's reads, so the stores that prepare them could be
+// dropped as dead.
+#define CPUFORMER_TILE_LOADD(t, base, stride) \
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define CPUFORMER_TILE_STORED(t, base, stride) \
+  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define CPUFORMER_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define CPUFORMER_TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#endif
 #endif
 
 namespace cpuformer {
@@ -56,14 +77,18 @@ constexpr int kMaxRowsZmm = 8;  // rows per AVX-512 VNNI call, which also takes 
 
 // ---- kernel choice --------------------------------------------------------------------------------------------
 
-enum class Kernel : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
-constexpr const char* kKernelNames[] = {"scalar", "avx2", "avxvnni", "avx512vnni"};
+enum class Kernel : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3, kAmx = 4 };
+constexpr int kNumKernels = 5;
+constexpr const char* kKernelNames[] = {"scalar", "avx2", "avxvnni", "avx512vnni", "amx"};
+constexpr int kAmxRows = 32;         // rows per AMX call: two 16-row A tiles
+constexpr index_t kAmxMinRows = 16;  // fewer rows go to the AVX-512 VNNI kernel
+constexpr index_t kAmxGroups = 16;   // 4-k groups per tile step (64 bytes of each activation row)
 constexpr int kAuto = -1, kInvalid = -2;
 
 int parse_kernel(const std::string& name) {
   if (name == "auto" || name.empty()) return kAuto;
   if (name == "vnni") return static_cast<int>(Kernel::kAvx512Vnni);
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < kNumKernels; ++i)
     if (name == kKernelNames[i]) return i;
   return kInvalid;
 }
@@ -82,6 +107,21 @@ std::uint64_t read_xcr0() {
 bool cpuid_avxvnni() {
   unsigned a = 0, b = 0, c = 0, d = 0;
   return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+}
+#endif
+
+#ifdef CPUFORMER_HAVE_AMX
+// AMX-TILE and AMX-INT8 (CPUID.(7,0):EDX bits 24, 25), the tile state in XCR0 (bits 17, 18), and Linux's
+// permission for this process to use the 8 KiB tile data (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), asked once.
+bool amx_usable() {
+  static const bool ok = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
+    if ((read_xcr0() & 0x60000) != 0x60000) return false;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
 }
 #endif
 
@@ -105,12 +145,17 @@ bool cpu_has(Kernel k) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
              (read_xcr0() & 0xe6) == 0xe6;
 #endif
+#ifdef CPUFORMER_HAVE_AMX
+    case Kernel::kAmx:  // dequantizes and takes the small products with AVX-512 VNNI
+      return cpu_has(Kernel::kAvx512Vnni) && amx_usable();
+#endif
     default: return false;
   }
 }
 
 Kernel best_kernel() {
-  static const Kernel best = cpu_has(Kernel::kAvx512Vnni) ? Kernel::kAvx512Vnni
+  static const Kernel best = cpu_has(Kernel::kAmx)         ? Kernel::kAmx
+                             : cpu_has(Kernel::kAvx512Vnni) ? Kernel::kAvx512Vnni
                              : cpu_has(Kernel::kAvxVnni)  ? Kernel::kAvxVnni
                              : cpu_has(Kernel::kAvx2)     ? Kernel::kAvx2
                                                           : Kernel::kScalar;
@@ -274,7 +319,7 @@ void quantize_rows(const float* x, index_t M, index_t K, index_t ldx, std::uint8
     for (index_t m = m0; m < m1; ++m) {
       std::uint8_t* q = qa + m * ldq;
 #ifdef CPUFORMER_HAVE_VNNI
-      if (kern == Kernel::kAvx512Vnni) {
+      if (kern == Kernel::kAvx512Vnni || kern == Kernel::kAmx) {
         quantize_row_avx512(x + m * ldx, K, q, rq + m);
       } else
 #endif
@@ -507,6 +552,100 @@ void run_tile_avx512vnni(const Tile& t, int rows) {
     default: return tile_avx512vnni<8, P>(t);
   }
 }
+
+#ifdef CPUFORMER_HAVE_AMX
+// The tile palette: C tiles 0-3 (row half h, panel p at 2h + p; 16 int32 columns), A tiles 4, 5 (the row halves,
+// 64 bytes of k), B tiles 6, 7 (the panels: 16 groups of 64 bytes). rows1 == 0 leaves tiles 2, 3 and 5 unused.
+struct alignas(64) AmxConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+void amx_configure(int rows) {
+  const int rows0 = std::min(rows, 16), rows1 = std::max(rows - 16, 0);
+  AmxConfig c;
+  for (int t : {0, 1, 4}) c.rows[t] = static_cast<std::uint8_t>(rows0), c.colsb[t] = 64;
+  if (rows1)
+    for (int t : {2, 3, 5}) c.rows[t] = static_cast<std::uint8_t>(rows1), c.colsb[t] = 64;
+  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
+  __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
+}
+
+void amx_release() { __asm__ volatile("tilerelease" ::); }
+
+// One k step of 16 groups: A halves from a (rows lda apart), B panels from w (panel_bytes apart, rows 64 apart).
+template <int H, int P>
+CPUFORMER_AMX static inline __attribute__((always_inline)) void amx_step(const std::uint8_t* a, index_t lda,
+                                                                        const std::int8_t* w, index_t panel_bytes) {
+  CPUFORMER_TILE_LOADD(6, w, 64);
+  if (P == 2) CPUFORMER_TILE_LOADD(7, w + panel_bytes, 64);
+  CPUFORMER_TILE_LOADD(4, a, lda);
+  CPUFORMER_TILE_DPBUSD(0, 4, 6);
+  if (P == 2) CPUFORMER_TILE_DPBUSD(1, 4, 7);
+  if (H == 2) {
+    CPUFORMER_TILE_LOADD(5, a + 16 * lda, lda);
+    CPUFORMER_TILE_DPBUSD(2, 5, 6);
+    if (P == 2) CPUFORMER_TILE_DPBUSD(3, 5, 7);
+  }
+}
+
+// rows (<= 16 * H, configured by amx_configure(rows)) times P panels.
+template <int H, int P>
+CPUFORMER_AMX void tile_amx(const Tile& t, int rows) {
+  constexpr index_t kStepBytes = kAmxGroups * kPanel * kGroup;  // one B tile
+  CPUFORMER_TILE_ZERO(0);
+  if (P == 2) CPUFORMER_TILE_ZERO(1);
+  if (H == 2) {
+    CPUFORMER_TILE_ZERO(2);
+    if (P == 2) CPUFORMER_TILE_ZERO(3);
+  }
+  const index_t panel_bytes = t.groups * kPanel * kGroup, full = t.groups / kAmxGroups * kAmxGroups;
+  for (index_t g = 0; g < full; g += kAmxGroups)
+    amx_step<H, P>(t.a + g * kGroup, t.ldq, t.panel + g * kPanel * kGroup, panel_bytes);
+  if (full < t.groups) {
+    // The last groups, copied with zero padding: no tile row reads past an activation row or the packed weight.
+    alignas(64) std::uint8_t a[kAmxRows][64] = {};
+    alignas(64) std::int8_t w[2][kStepBytes] = {};
+    const index_t tail = t.groups - full;
+    for (int r = 0; r < rows; ++r) std::memcpy(a[r], t.a + r * t.ldq + full * kGroup, tail * kGroup);
+    for (int p = 0; p < P; ++p)
+      std::memcpy(w[p], t.panel + p * panel_bytes + full * kPanel * kGroup, tail * kPanel * kGroup);
+    amx_step<H, P>(a[0], 64, w[0], kStepBytes);
+  }
+  alignas(64) std::int32_t acc[kAmxRows][2 * kPanel];
+  constexpr index_t kAccStride = 2 * kPanel * sizeof(std::int32_t);
+  CPUFORMER_TILE_STORED(0, acc[0], kAccStride);
+  if (P == 2) CPUFORMER_TILE_STORED(1, acc[0] + kPanel, kAccStride);
+  if (H == 2) {
+    CPUFORMER_TILE_STORED(2, acc[16], kAccStride);
+    if (P == 2) CPUFORMER_TILE_STORED(3, acc[16] + kPanel, kAccStride);
+  }
+  for (int p = 0; p < P; ++p) {  // the same dequantization as the AVX-512 VNNI kernel
+    const index_t j0 = p * kPanel, cols = std::min<index_t>(kPanel, t.cols - j0);
+    const __mmask16 m = static_cast<__mmask16>(cols >= kPanel ? 0xffffu : (1u << cols) - 1);
+    const __m512i cs = _mm512_loadu_si512(t.col_sum + j0);
+    const __m512 sw = _mm512_loadu_ps(t.scale + j0);
+    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+      const __m512i z = _mm512_set1_epi32(t.rq[r].zero);
+      const __m512 sa = _mm512_set1_ps(t.rq[r].scale);
+      const __m512i sum = _mm512_load_si512(acc[r] + j0);
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_mullo_epi32(z, cs)));
+      const __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(sa, sw)), b);
+      if (cols == kPanel)
+        _mm512_storeu_ps(t.y + r * t.ldy + j0, y);
+      else
+        _mm512_mask_storeu_ps(t.y + r * t.ldy + j0, m, y);
+    }
+  }
+}
+
+void run_tile_amx(const Tile& t, int rows) {
+  if (rows > 16) return t.cols > kPanel ? tile_amx<2, 2>(t, rows) : tile_amx<2, 1>(t, rows);
+  return t.cols > kPanel ? tile_amx<1, 2>(t, rows) : tile_amx<1, 1>(t, rows);
+}
+#endif
 #endif
 
 // rows <= rows_per_tile(kern) and, but for the AVX-512 kernel, one panel (t.cols <= 16).
@@ -624,9 +763,11 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
   // Tasks: chunks of rows whose quantized activations stay in L2 while every panel of the chunk passes over them,
   // times blocks of panels (two for AVX-512: 32 columns per tile). Threads take contiguous runs of tasks, so at
   // batch 1 each streams its own slice of the packed weights once.
-  const Kernel kern = active_kernel();
-  const int rows_per_tile = kern == Kernel::kAvx512Vnni ? kMaxRowsZmm : kMaxRows;
-  const index_t block = kern == Kernel::kAvx512Vnni ? 2 : 1;
+  Kernel kern = active_kernel();
+  if (kern == Kernel::kAmx && M < kAmxMinRows) kern = Kernel::kAvx512Vnni;
+  const bool zmm = kern == Kernel::kAvx512Vnni || kern == Kernel::kAmx;
+  const int rows_per_tile = kern == Kernel::kAmx ? kAmxRows : zmm ? kMaxRowsZmm : kMaxRows;
+  const index_t block = zmm ? 2 : 1;
   const index_t blocks = (panels + block - 1) / block;
   const index_t mc =
       std::max<index_t>(rows_per_tile, std::min(M, round_up(std::max<index_t>(1, 96 * 1024 / ldq), rows_per_tile)));
@@ -634,6 +775,8 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
   const index_t macs_per_task = std::min(mc, M) * block * kPanel * ldq;
   parallel_for(tasks, std::max<index_t>(1, 262144 / std::max<index_t>(1, macs_per_task)),
                [&](index_t t0, index_t t1, int) {
+                 int configured = 0;  // rows of the AMX tile configuration this range loaded (0: none)
+                 (void)configured;
                  for (index_t task = t0; task < t1; ++task) {
                    const index_t c = task / blocks, p = task % blocks * block;
                    const index_t m_end = std::min(M, (c + 1) * mc), n0 = p * kPanel;
@@ -650,9 +793,22 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
                      t.a = qa_buf + m * ldq;
                      t.rq = rq.data() + m;
                      t.y = y + m * ldy + n0;
-                     run_tile(kern, t, static_cast<int>(std::min<index_t>(rows_per_tile, m_end - m)));
+                     const int rows = static_cast<int>(std::min<index_t>(rows_per_tile, m_end - m));
+#ifdef CPUFORMER_HAVE_AMX
+                     if (kern == Kernel::kAmx) {
+                       // Configured here, not cached per thread: other libraries' AMX code may run in between.
+                       if (rows != configured) amx_configure(rows);
+                       configured = rows;
+                       run_tile_amx(t, rows);
+                       continue;
+                     }
+#endif
+                     run_tile(kern, t, rows);
                    }
                  }
+#ifdef CPUFORMER_HAVE_AMX
+                 if (configured) amx_release();
+#endif
                });
 }
 
@@ -660,8 +816,8 @@ std::string int8_kernel_name() { return kKernelNames[static_cast<int>(active_ker
 
 void set_int8_kernel(const std::string& name) {
   const int c = parse_kernel(name);
-  CPUFORMER_CHECK(c != kInvalid, "set_int8_kernel: name must be 'auto', 'avx512vnni' (or 'vnni'), 'avxvnni', 'avx2' "
-                  "or 'scalar', got '", name, "'");
+  CPUFORMER_CHECK(c != kInvalid, "set_int8_kernel: name must be 'auto', 'amx', 'avx512vnni' (or 'vnni'), 'avxvnni', "
+                  "'avx2' or 'scalar', got '", name, "'");
   CPUFORMER_CHECK(c == kAuto || cpu_has(static_cast<Kernel>(c)), "set_int8_kernel: this CPU or build lacks '", name,
                   "'");
   g_choice.store(c);
@@ -669,7 +825,7 @@ void set_int8_kernel(const std::string& name) {
 
 std::vector<std::string> int8_kernels_available() {
   std::vector<std::string> out;
-  for (int i = 3; i >= 0; --i)
+  for (int i = kNumKernels - 1; i >= 0; --i)
     if (cpu_has(static_cast<Kernel>(i))) out.push_back(kKernelNames[i]);
   return out;
 }

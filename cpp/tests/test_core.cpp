@@ -948,7 +948,8 @@ void test_int8_kernels(std::mt19937& gen) {
   std::uniform_int_distribution<int> small(1, 75);
   int mismatches = 0, cases = 0;
   for (int M = 1; M <= 37; ++M) {
-    const int K = M == 2 ? 1031 : small(gen), N = M == 3 ? 300 : small(gen);
+    // (M 20 and 33 also cover the AMX kernel's 64-k steps and their tails)
+    const int K = M == 2 ? 1031 : M == 20 ? 200 : M == 33 ? 130 : small(gen), N = M == 3 ? 300 : small(gen);
     const int ldx = K + 3, ldy = N + 5;
     auto X = random_vec(gen, size_t(M) * ldx, 4.0f), W = random_vec(gen, size_t(N) * K), bias = random_vec(gen, N);
     if (M > 4) {

@@ -34,7 +34,7 @@ def build_info() -> dict:
     """What this build is and how it runs: ``version``, ``compiler``, ``openmp`` (bool), ``simd`` (the path in
     use: ``"avx512"`` (the GEMM's AVX-512 kernel; every other kernel runs AVX2), ``"avx2"`` or ``"scalar"``),
     ``simd_compiled`` (``"avx512+avx2+scalar"``, ``"avx2+scalar"`` or ``"scalar"``), ``cpu_avx2_fma``,
-    ``cpu_avx512``, ``int8_kernel`` (the int8 Linear kernel in use: ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or
+    ``cpu_avx512``, ``int8_kernel`` (the int8 Linear kernel in use: ``"amx"``, ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or
     ``"scalar"``) and ``num_threads``."""
     return _core.build_info()
 

@@ -169,6 +169,21 @@ def test_int8_kernels_bitwise_equal_on_odd_shapes(rng, threads):
                 np.testing.assert_array_equal(g, r, err_msg=f"{kernel} rows M={M} K={K}")
 
 
+def test_int8_kernels_bitwise_equal_on_tile_shapes(rng, threads):
+    """Shapes around the AMX kernel's tiles (16 and 32 rows, 16 and 32 columns, 64-k steps and their tails): every
+    kernel still gives the scalar kernel's bits, with NaN/Inf and zero rows among the rows."""
+    shapes = [(M, K, N) for M in (15, 16, 17, 31, 32, 33, 47, 64, 100) for K, N in
+              ((int(rng.choice([4, 60, 63, 64, 65, 127, 128, 200, 384, 1031])), int(rng.choice([1, 16, 17, 32, 33, 95]))),)]
+    shapes += [(130, 384, 384), (64, 1536, 100), (40, 64, 48), (33, 66, 31)]
+    for M, K, N in shapes:
+        x, w, b = _odd_case(rng, M, K, N)
+        qw = _core.quantize_weight_int8(w)
+        ref = _on_kernel("scalar", lambda: _core.linear_int8(x, qw, b))
+        for kernel in INT8_KERNELS:
+            got = _on_kernel(kernel, lambda: _core.linear_int8(x, qw, b))
+            np.testing.assert_array_equal(got, ref, err_msg=f"{kernel} M={M} K={K} N={N}")
+
+
 def test_int8_kernel_matches_reference(int8_kernel, rng):
     for M, K, N in [(1, 37, 50), (11, 130, 33), (33, 64, 64)]:
         x = rng.standard_normal((M, K)).astype(np.float32)
@@ -181,7 +196,7 @@ def test_int8_kernel_matches_reference(int8_kernel, rng):
 
 def test_int8_kernel_choice():
     names = _core.int8_kernels()
-    assert names[-1] == "scalar" and set(names) <= {"avx512vnni", "avxvnni", "avx2", "scalar"}
+    assert names[-1] == "scalar" and set(names) <= {"amx", "avx512vnni", "avxvnni", "avx2", "scalar"}
     assert cpuformer.build_info()["int8_kernel"] == _core.int8_kernel()
     try:
         _core.set_simd_path("scalar")  # the scalar SIMD path wins over any int8 choice
@@ -199,7 +214,7 @@ def test_int8_kernel_choice():
         assert _core.int8_kernel() == (names[0] if cpuformer.build_info()["simd"] != "scalar" else "scalar")
         with pytest.raises(ValueError, match="must be 'auto'"):
             _core.set_int8_kernel("avx1024")
-        for missing in {"avx512vnni", "avxvnni", "avx2"} - set(names):
+        for missing in {"amx", "avx512vnni", "avxvnni", "avx2"} - set(names):
             with pytest.raises(ValueError, match="lacks"):
                 _core.set_int8_kernel(missing)
     finally:

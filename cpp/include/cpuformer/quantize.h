@@ -42,12 +42,13 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
 void quantize_rows_u7(const float* x, index_t M, index_t K, index_t ldx, std::uint8_t* qa, index_t ldq,
                       float* scale, std::int32_t* zero_point);
 
-// The kernel linear_int8 uses now: "avx512vnni" (AVX-512 VNNI, zmm), "avxvnni" (AVX-VNNI, ymm), "avx2" or
-// "scalar". By default the fastest this CPU has (VNNI also needs the OS to save the zmm/ymm state), and always
+// The kernel linear_int8 uses now: "amx" (AMX tiles for 16 rows or more, AVX-512 VNNI below; Linux), "avx512vnni"
+// (AVX-512 VNNI, zmm), "avxvnni" (AVX-VNNI, ymm), "avx2" or "scalar". By default the fastest this CPU has (VNNI
+// also needs the OS to save the zmm/ymm state, AMX the kernel's permission for the tile data), and always
 // "scalar" while the SIMD path is scalar (CPUFORMER_SIMD=scalar, set_simd_path("scalar")).
 std::string int8_kernel_name();
 
-// Forces an int8 kernel ("avx512vnni" or its alias "vnni", "avxvnni", "avx2", "scalar"), or "auto" for the default;
+// Forces an int8 kernel ("amx", "avx512vnni" or its alias "vnni", "avxvnni", "avx2", "scalar"), or "auto" for the default;
 // a forced SIMD kernel still yields to a scalar SIMD path. The environment variable CPUFORMER_INT8 sets the initial
 // choice (ignored when unknown or unavailable). Throws std::invalid_argument for an unknown name or a kernel this
 // CPU or build lacks. Process-wide, like set_simd_path; every kernel gives the same bits.
