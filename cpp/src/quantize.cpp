@@ -48,20 +48,9 @@
 #include <cpuid.h>
 #define CPUFORMER_AVX512VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 #define CPUFORMER_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
-#if defined(__linux__)
-#define CPUFORMER_HAVE_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
+#if defined(CPUFORMER_HAVE_AMX)
+#define CPUFORMER_AMX_INT8 1
 #define CPUFORMER_AMX __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-// The tile instructions as inline assembly with what they read and write declared ("memory"): GCC 12's intrinsics
-// declare neither the 64 bytes ldtilecfg reads nor tileloadd's reads, so the stores that prepare them could be
-// dropped as dead.
-#define CPUFORMER_TILE_LOADD(t, base, stride) \
-  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
-#define CPUFORMER_TILE_STORED(t, base, stride) \
-  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
-#define CPUFORMER_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
-#define CPUFORMER_TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
 #endif
 #endif
 
@@ -110,20 +99,6 @@ bool cpuid_avxvnni() {
 }
 #endif
 
-#ifdef CPUFORMER_HAVE_AMX
-// AMX-TILE and AMX-INT8 (CPUID.(7,0):EDX bits 24, 25), the tile state in XCR0 (bits 17, 18), and Linux's
-// permission for this process to use the 8 KiB tile data (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), asked once.
-bool amx_usable() {
-  static const bool ok = [] {
-    unsigned a = 0, b = 0, c = 0, d = 0;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 24)) || !(d & (1u << 25))) return false;
-    if ((read_xcr0() & 0x60000) != 0x60000) return false;
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-#endif
 
 bool cpu_has(Kernel k) {
   switch (k) {
@@ -145,9 +120,9 @@ bool cpu_has(Kernel k) {
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
              (read_xcr0() & 0xe6) == 0xe6;
 #endif
-#ifdef CPUFORMER_HAVE_AMX
+#ifdef CPUFORMER_AMX_INT8
     case Kernel::kAmx:  // dequantizes and takes the small products with AVX-512 VNNI
-      return cpu_has(Kernel::kAvx512Vnni) && amx_usable();
+      return cpu_has(Kernel::kAvx512Vnni) && detail::amx_int8_usable();
 #endif
     default: return false;
   }
@@ -553,27 +528,7 @@ void run_tile_avx512vnni(const Tile& t, int rows) {
   }
 }
 
-#ifdef CPUFORMER_HAVE_AMX
-// The tile palette: C tiles 0-3 (row half h, panel p at 2h + p; 16 int32 columns), A tiles 4, 5 (the row halves,
-// 64 bytes of k), B tiles 6, 7 (the panels: 16 groups of 64 bytes). rows1 == 0 leaves tiles 2, 3 and 5 unused.
-struct alignas(64) AmxConfig {
-  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  std::uint16_t colsb[16] = {};
-  std::uint8_t rows[16] = {};
-};
-
-void amx_configure(int rows) {
-  const int rows0 = std::min(rows, 16), rows1 = std::max(rows - 16, 0);
-  AmxConfig c;
-  for (int t : {0, 1, 4}) c.rows[t] = static_cast<std::uint8_t>(rows0), c.colsb[t] = 64;
-  if (rows1)
-    for (int t : {2, 3, 5}) c.rows[t] = static_cast<std::uint8_t>(rows1), c.colsb[t] = 64;
-  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
-  __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
-}
-
-void amx_release() { __asm__ volatile("tilerelease" ::); }
-
+#ifdef CPUFORMER_AMX_INT8
 // One k step of 16 groups: A halves from a (rows lda apart), B panels from w (panel_bytes apart, rows 64 apart).
 template <int H, int P>
 CPUFORMER_AMX static inline __attribute__((always_inline)) void amx_step(const std::uint8_t* a, index_t lda,
@@ -794,10 +749,10 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
                      t.rq = rq.data() + m;
                      t.y = y + m * ldy + n0;
                      const int rows = static_cast<int>(std::min<index_t>(rows_per_tile, m_end - m));
-#ifdef CPUFORMER_HAVE_AMX
+#ifdef CPUFORMER_AMX_INT8
                      if (kern == Kernel::kAmx) {
                        // Configured here, not cached per thread: other libraries' AMX code may run in between.
-                       if (rows != configured) amx_configure(rows);
+                       if (rows != configured) detail::amx_configure(rows);
                        configured = rows;
                        run_tile_amx(t, rows);
                        continue;
@@ -806,8 +761,8 @@ void linear_int8(const float* x, index_t M, index_t ldx, const Int8Weight& w, co
                      run_tile(kern, t, rows);
                    }
                  }
-#ifdef CPUFORMER_HAVE_AMX
-                 if (configured) amx_release();
+#ifdef CPUFORMER_AMX_INT8
+                 if (configured) detail::amx_release();
 #endif
                });
 }

@@ -17,8 +17,10 @@
 
 #if defined(__linux__)
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#include <cstdint>
 
 namespace cpuformer {
 namespace {
@@ -92,6 +94,33 @@ bool detect_avx512() {
 #endif
 }
 
+#ifdef CPUFORMER_HAVE_AMX
+// CPUID.(7,0):EDX bits 24 (AMX-TILE), 25 (AMX-INT8), 22 (AMX-BF16); XCR0 bits 17, 18 (tile config and data);
+// then Linux's permission for the 8 KiB of tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), which a
+// process must ask for before its first tile instruction.
+unsigned detect_amx() {
+  static const unsigned bits = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 24))) return 0u;
+    if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx) || !(ecx & bit_OSXSAVE)) return 0u;
+    unsigned lo = 0, hi = 0;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    if ((lo & 0x60000u) != 0x60000u) return 0u;
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return 0u;
+    __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx);
+    return edx;
+  }();
+  return bits;
+}
+
+struct alignas(64) AmxConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+#endif
+
 enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 int best_path() { return detect_avx512() ? kAvx512 : detect_avx2_fma() ? kAvx2 : kScalar; }
@@ -118,6 +147,30 @@ bool use_f16c() {
   static const bool f16c = detect_f16c();  // CPUID once
   return f16c && use_avx2();
 }
+
+#ifdef CPUFORMER_HAVE_AMX
+bool amx_int8_usable() { return (detect_amx() >> 25) & 1u; }
+bool amx_bf16_usable() { return (detect_amx() >> 22) & 1u; }
+
+void amx_configure(int rows) {
+  const int rows0 = std::min(rows, 16), rows1 = std::max(rows - 16, 0);
+  AmxConfig c;
+  for (int t : {0, 1, 4}) c.rows[t] = static_cast<std::uint8_t>(rows0), c.colsb[t] = 64;
+  if (rows1)
+    for (int t : {2, 3, 5}) c.rows[t] = static_cast<std::uint8_t>(rows1), c.colsb[t] = 64;
+  else  // one row half: tile 5 is a second A tile for it
+    c.rows[5] = static_cast<std::uint8_t>(rows0), c.colsb[5] = 64;
+  for (int t : {6, 7}) c.rows[t] = 16, c.colsb[t] = 64;
+  __asm__ volatile("ldtilecfg %0" ::"m"(c) : "memory");
+}
+
+void amx_release() { __asm__ volatile("tilerelease" ::); }
+#else
+bool amx_int8_usable() { return false; }
+bool amx_bf16_usable() { return false; }
+void amx_configure(int) {}
+void amx_release() {}
+#endif
 
 int kernel_threads() {
   int n = g_threads.load(std::memory_order_relaxed);

@@ -13,6 +13,18 @@ namespace cpuformer::detail {
 bool use_avx2();    // the SIMD path in use now (runtime.cpp): true on the "avx2" and "avx512" paths
 bool use_avx512();  // the "avx512" path: the GEMM's AVX-512 micro-kernel; every other kernel runs its AVX2 code
 bool use_f16c();    // use_avx2() and the CPU has F16C: the 16-bit weight kernels (half.cpp) run their AVX2 code
+
+// Intel AMX (Linux, runtime.cpp): the CPU has the tile unit with its INT8 / BF16 products, the OS saves the tile
+// state, and this process has the kernel's permission to use the tile data (asked once, on the first call).
+bool amx_int8_usable();
+bool amx_bf16_usable();
+// The tile palette of both AMX products (int8 in quantize.cpp, bf16 in half.cpp) for a block of rows (1..32) x 32
+// columns: C tiles 0-3 (row half h, 16-column panel p at 2h + p; 16 rows of 64 bytes), A tiles 4, 5 (the row
+// halves, 64 bytes of k; with one row half, both tiles have its rows), B tiles 6, 7 (the panels: 16 rows of 64
+// bytes). Loaded by every caller before its tiles:
+// other libraries' AMX code may have run on the thread in between.
+void amx_configure(int rows);
+void amx_release();  // back to the initial state: the tile data need not be saved on context switches
 }
 
 #if !defined(CPUFORMER_FORCE_SCALAR) && (defined(__x86_64__) || defined(__i386__)) && \
@@ -26,6 +38,18 @@ bool use_f16c();    // use_avx2() and the CPU has F16C: the 16-bit weight kernel
 // sanitizer builds (CPUFORMER_NO_AVX512, set by CMake): under GCC 12's -fsanitize=address the packed-A AVX-512
 // kernel computes wrong products (no report), while release builds match the float64 reference and the AVX2 path
 // bit for bit; until that is understood the sanitizer builds check the AVX2 and scalar paths.
+// AMX instructions as inline assembly with their memory effects declared ("memory"): GCC 12's intrinsics declare
+// neither the 64 bytes ldtilecfg reads nor tileloadd's reads, so the stores that prepare them could be dropped.
+#if defined(__linux__) && defined(__x86_64__)
+#define CPUFORMER_HAVE_AMX 1
+#define CPUFORMER_TILE_LOADD(t, base, stride) \
+  __asm__ volatile("tileloadd (%0,%1,1), %%tmm" #t ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define CPUFORMER_TILE_STORED(t, base, stride) \
+  __asm__ volatile("tilestored %%tmm" #t ", (%0,%1,1)" ::"r"(base), "r"(static_cast<long>(stride)) : "memory")
+#define CPUFORMER_TILE_ZERO(t) __asm__ volatile("tilezero %%tmm" #t ::)
+#define CPUFORMER_TILE_DPBUSD(c, a, b) __asm__ volatile("tdpbusd %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#define CPUFORMER_TILE_DPBF16PS(c, a, b) __asm__ volatile("tdpbf16ps %%tmm" #b ", %%tmm" #a ", %%tmm" #c ::)
+#endif
 #if !defined(CPUFORMER_NO_AVX512)
 #define CPUFORMER_HAVE_AVX512 1
 #define CPUFORMER_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")))

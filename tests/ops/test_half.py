@@ -137,6 +137,39 @@ def test_linear_half_leading_dims_and_large_values(simd, rng, kind):
     check_product(y.reshape(6, 40), x.reshape(6, 24), to_f64(h, kind), None, kind)
 
 
+@pytest.mark.parametrize("in_out", [False, True], ids=["out_in", "in_out"])
+def test_linear_half_keeps_float32_activations(simd, threads, rng, in_out):
+    """16+ rows of bf16 weights (AMX tiles where the CPU has them: the activations split exactly into three bf16
+    terms) are the float32 product: with few terms per output, no error above float32 rounding; a bf16 rounding or
+    truncation of the activations would show as 2^-9 or 2^-16 of the terms' size."""
+    for rows, n_in, n_out in [(48, 1, 20), (40, 3, 33), (17, 7, 64), (130, 2, 100)]:
+        x = (rng.standard_normal((rows, n_in)) * np.exp(rng.uniform(-20, 20, (rows, 1)))).astype(np.float32)
+        h = random_half(rng, (n_in, n_out) if in_out else (n_out, n_in), "bf16")
+        y = _core.linear_half(x, h, None, "bf16", in_out=in_out)
+        w64 = to_f64(h, "bf16")
+        w64 = w64.T if in_out else w64
+        ref = x.astype(np.float64) @ w64.T
+        mag = np.abs(x.astype(np.float64)) @ np.abs(w64).T
+        err = np.abs(y - ref) / (mag + 1e-300)
+        assert err.max() < n_in * 2.0 ** -23, f"rows={rows} in={n_in}: {err.max():.3g}"
+
+
+def test_linear_half_non_finite_activations(simd, rng):
+    # inf, -inf, NaN and float32's extremes in the activations: the same classes of result as the float32 product.
+    x = rng.standard_normal((40, 50)).astype(np.float32)
+    x[3, 7], x[5, 0], x[9, 49], x[11, 11] = np.inf, -np.inf, np.nan, np.float32(3.4e38)
+    x[13, :] = np.float32(1e-40)  # subnormal
+    h = random_half(rng, (30, 50), "bf16")
+    y = _core.linear_half(x, h, None, "bf16")
+    with np.errstate(all="ignore"):
+        ref = (x.astype(np.float64) @ to_f64(h, "bf16").T).astype(np.float32)
+    rest = np.arange(40) != 11  # 3.4e38 times the weights may overflow in partial sums, in any order
+    np.testing.assert_array_equal(np.isnan(y[rest]), np.isnan(ref[rest]))
+    np.testing.assert_array_equal(np.isinf(y[rest]), np.isinf(ref[rest]))
+    fine = np.isfinite(ref) & (np.abs(ref) < 1e30) & rest[:, None]
+    np.testing.assert_allclose(y[fine], ref[fine], rtol=1e-4, atol=1e-3)
+
+
 def test_linear_half_concurrent_callers(rng):
     # Many threads in the converted-block path at once (each has its own block buffer) give their serial results.
     cases = []
