@@ -1148,10 +1148,14 @@ py::dict build_info() {
   d["compiler"] = compiler_version();
   d["openmp"] = build_has_openmp();
   d["simd"] = get_simd_path();
-  d["simd_compiled"] = build_has_avx512() ? "avx512+avx2+scalar" : build_has_avx2() ? "avx2+scalar" : "scalar";
+  d["simd_compiled"] = build_has_amx()      ? "amx+avx512+avx2+scalar"
+                       : build_has_avx512() ? "avx512+avx2+scalar"
+                       : build_has_avx2()   ? "avx2+scalar"
+                                            : "scalar";
   d["cpu_avx2_fma"] = cpu_supports_avx2_fma();
   d["int8_kernel"] = int8_kernel_name();
   d["cpu_avx512"] = cpu_supports_avx512();
+  d["cpu_amx"] = cpu_supports_amx();
   d["num_threads"] = get_num_threads();
   return d;
 }

@@ -16,8 +16,9 @@ from cpuformer import _core, ops
 def test_build_info_fields():
     info = cpuformer.build_info()
     assert set(info) >= {"version", "compiler", "openmp", "simd", "num_threads"}
-    assert info["simd"] in ("avx512", "avx2", "scalar")
-    assert info["simd_compiled"] in ("avx512+avx2+scalar", "avx2+scalar", "scalar")
+    assert info["simd"] in ("amx", "avx512", "avx2", "scalar")
+    assert info["simd_compiled"] in ("amx+avx512+avx2+scalar", "avx512+avx2+scalar", "avx2+scalar", "scalar")
+    assert info["cpu_amx"] in (True, False) and (not info["cpu_amx"] or info["cpu_avx512"])
     assert isinstance(info["openmp"], bool)
     assert info["num_threads"] == cpuformer.get_num_threads() >= 1
     assert cpuformer.__version__ == info["version"]
@@ -67,7 +68,9 @@ def test_default_simd_path_is_the_best_available():
     code = "import cpuformer; print(cpuformer.build_info()['simd'])"
     env = {k: v for k, v in os.environ.items() if k != "CPUFORMER_SIMD"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    if info["cpu_avx512"] and "avx512" in info["simd_compiled"]:
+    if info["cpu_amx"] and "amx" in info["simd_compiled"]:
+        expected = "amx"
+    elif info["cpu_avx512"] and "avx512" in info["simd_compiled"]:
         expected = "avx512"
     elif info["cpu_avx2_fma"] and info["simd_compiled"] != "scalar":
         expected = "avx2"
@@ -87,6 +90,23 @@ def test_set_simd_path_avx512():
         else:
             with pytest.raises(ValueError, match="AVX-512"):
                 _core.set_simd_path("avx512")
+    finally:
+        _core.set_simd_path("auto")
+
+
+def test_set_simd_path_amx_and_env_cap():
+    info = cpuformer.build_info()
+    try:
+        if info["cpu_amx"] and "amx" in info["simd_compiled"]:
+            _core.set_simd_path("amx")
+            assert _core.get_simd_path() == cpuformer.build_info()["simd"] == "amx"
+            code = "import cpuformer; print(cpuformer.build_info()['simd'])"
+            env = dict(os.environ, CPUFORMER_SIMD="avx512")
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+            assert out.stdout.strip() == "avx512"
+        else:
+            with pytest.raises(ValueError, match="AMX"):
+                _core.set_simd_path("amx")
     finally:
         _core.set_simd_path("auto")
 

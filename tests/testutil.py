@@ -8,8 +8,10 @@ import numpy as np
 import cpuformer
 
 _INFO = cpuformer.build_info()
-# Every path this machine and build have: "avx512" (the GEMM's AVX-512 kernel, AVX2 elsewhere) where the CPU offers it.
-SIMD_PATHS = (["avx512"] if _INFO.get("cpu_avx512") and "avx512" in _INFO["simd_compiled"] else []) + \
+# Every path this machine and build have: "amx" (float32 and bf16-weight products on AMX tiles) and "avx512" (the
+# GEMM's AVX-512 kernel, AVX2 elsewhere) where the CPU offers them.
+SIMD_PATHS = (["amx"] if _INFO.get("cpu_amx") and "amx" in _INFO["simd_compiled"] else []) + \
+    (["avx512"] if _INFO.get("cpu_avx512") and "avx512" in _INFO["simd_compiled"] else []) + \
     (["avx2", "scalar"] if _INFO["cpu_avx2_fma"] and _INFO["simd_compiled"] != "scalar" else ["scalar"])
 
 def randn(rng, *shape, scale=1.0):

@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "cpuformer/matmul.h"
+#include "amx_internal.h"
 #include "gemm_internal.h"
 #include "half_internal.h"
 #include "parallel.h"
@@ -347,240 +348,25 @@ void blocked_share(const HalfGemm& g, index_t r0, index_t r1, index_t n0, index_
 }
 
 
-#if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
-// ---------------------------------------------------------------------------------------------------------------
-// AMX (bf16 weights; Sapphire Rapids and later, on the "avx512" path): tdpbf16ps multiplies bf16 tiles and sums in
-// float32. The float32 activations are split exactly into three bf16 terms, hi + mid + lo (the top, middle and low
-// 8 bits of the 24-bit significand, by truncation), so the three tile products together are the float32 product
-// up to float32 rounding of the sums: the activations are never rounded to bf16. Three tdpbf16ps per product still
-// do about 5x the multiply-adds per cycle of the AVX-512 float32 GEMM.
-// Each thread takes its share of C as blocked() cuts it; per chunk of 128 rows and block of 1024 k it splits its
-// rows into three bf16 planes, and per 32 columns packs op(H) into B tiles (16 rows of 16 columns x 2 consecutive
-// k), which every 32-row block of the chunk then meets.
-
-constexpr index_t kAmxK = 32;           // k per tile step: 16 pairs
-constexpr index_t kAmxKBlock = 1024;    // k per block
-constexpr index_t kAmxRowChunk = 128;   // rows whose planes stay in L2 (3 x 128 x 1024 x 2 bytes)
-constexpr index_t kAmxMinRows = 16;     // fewer rows: the float32 GEMM on converted blocks
-constexpr index_t kTileWords = 16 * 16;  // 32-bit words per tile
-
-bool use_amx(const HalfGemm& g) {
-  return g.t == HalfType::kBF16 && g.rows >= kAmxMinRows && detail::use_avx512() && detail::amx_bf16_usable();
-}
-
-thread_local detail::AlignedBuffer t_amx_planes, t_amx_b;
-
-// Rows [0, rows) of A's columns [k0, k0 + kc) as three bf16 planes of rows x kcp (kcp: kc rounded up to 32,
-// zero-padded), plane t at planes + t * rows * kcp. Non-finite values keep their class in hi (NaN made quiet so the
-// truncation cannot leave an infinity) with mid = lo = 0.
-CPUFORMER_AVX512 void split_rows(const float* A, index_t lda, index_t rows, index_t kc, index_t kcp,
-                                 std::uint16_t* planes) {
-  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), exp_bits = _mm512_set1_epi32(0x7F800000);
-  const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF), quiet = _mm512_set1_epi32(0x00400000);
-  for (index_t r = 0; r < rows; ++r) {
-    const float* a = A + r * lda;
-    std::uint16_t* out[3] = {planes + r * kcp, planes + (rows + r) * kcp, planes + (2 * rows + r) * kcp};
-    for (index_t k = 0; k < kcp; k += 16) {
-      const index_t n = std::max<index_t>(0, std::min<index_t>(16, kc - k));
-      const __mmask16 valid = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
-      const __m512 x = _mm512_maskz_loadu_ps(valid, a + k);
-      const __m512i xb = _mm512_castps_si512(x);
-      const __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(xb, exp_bits), exp_bits);
-      const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(xb, abs_bits), exp_bits);
-      __m512i hi = _mm512_and_si512(xb, top);
-      hi = _mm512_mask_or_epi32(hi, nan, hi, quiet);
-      const __m512 r1 = _mm512_maskz_sub_ps(static_cast<__mmask16>(~bad), x, _mm512_castsi512_ps(hi));  // exact
-      const __m512i mid = _mm512_and_si512(_mm512_castps_si512(r1), top);
-      const __m512 r2 = _mm512_sub_ps(r1, _mm512_castsi512_ps(mid));  // exact, and at most 8 significant bits
-      const __m512i lo = _mm512_castps_si512(r2);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[0] + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(hi, 16)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[1] + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(mid, 16)));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out[2] + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(lo, 16)));
-    }
-  }
-}
-
-// r[c] (16 rows of 16 words) becomes its transpose: r[i] word c = the old r[c] word i.
-CPUFORMER_AVX512 static inline __attribute__((always_inline)) void transpose16(__m512i (&r)[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  for (int j = 0; j < 4; ++j) {  // a 4 x 4 transpose of 128-bit lanes among r[j], r[4 + j], r[8 + j], r[12 + j]
-    const __m512i t0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), t1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
-    const __m512i t2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
-    const __m512i t3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
-    r[j] = _mm512_shuffle_i32x4(t0, t2, 0x88);
-    r[8 + j] = _mm512_shuffle_i32x4(t0, t2, 0xdd);
-    r[4 + j] = _mm512_shuffle_i32x4(t1, t3, 0x88);
-    r[12 + j] = _mm512_shuffle_i32x4(t1, t3, 0xdd);
-  }
-}
-
-// op(H)'s columns [j0, j0 + 16 * panels) x k [k0, k0 + kc) as B tiles: tile (p, s) at b + (p * steps + s) * 256
-// words, its row i holding, per column c, the bf16 pair (k0 + 32 s + 2 i, + 1). Past N or K: zeros.
-CPUFORMER_AVX512 void pack_b(const HalfGemm& g, index_t j0, int panels, index_t k0, index_t kc, index_t steps,
-                             std::uint32_t* b) {
-  for (int p = 0; p < panels; ++p)
-    for (index_t s = 0; s < steps; ++s) {
-      std::uint32_t* tile = b + (p * steps + s) * kTileWords;
-      const index_t n0 = j0 + 16 * p, k = k0 + s * kAmxK;
-      const index_t kn = std::max<index_t>(0, std::min<index_t>(kAmxK, k0 + kc - k));  // valid k in this step
-      if (g.trans_h) {  // H[n, k]: the 32 k of column n are one row of H
-        const __mmask32 km = static_cast<__mmask32>(kn >= 32 ? 0xFFFFFFFFu : (1u << kn) - 1u);
-        __m512i r[16];
-        for (int c = 0; c < 16; ++c)
-          r[c] = n0 + c < g.N ? _mm512_maskz_loadu_epi16(km, g.H + (n0 + c) * g.ldh + k) : _mm512_setzero_si512();
-        transpose16(r);
-        for (int i = 0; i < 16; ++i) _mm512_store_si512(tile + i * 16, r[i]);
-      } else {  // H[k, n]: interleave rows k and k + 1 of H
-        const index_t nn = std::max<index_t>(0, std::min<index_t>(16, g.N - n0));
-        const __mmask16 nm = static_cast<__mmask16>(nn >= 16 ? 0xFFFFu : (1u << nn) - 1u);
-        for (int i = 0; i < 16; ++i) {
-          const __m256i e = 2 * i < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i) * g.ldh + n0)
-                                       : _mm256_setzero_si256();
-          const __m256i o = 2 * i + 1 < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i + 1) * g.ldh + n0)
-                                           : _mm256_setzero_si256();
-          const __m512i v =
-              _mm512_or_si512(_mm512_cvtepu16_epi32(e), _mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16));
-          _mm512_store_si512(tile + i * 16, v);
-        }
-      }
-    }
-}
-
-// C[rows, 32 panels' columns] from the tiles: the first k block overwrites (unless accumulating), the last adds
-// the bias.
-CPUFORMER_AVX512 void write_block(const HalfGemm& g, const float (*acc)[32], index_t r0, int rows, index_t j0,
-                                  bool first, bool last) {
-  const index_t cols = std::min<index_t>(32, g.N - j0);
-  for (int half = 0; half < 2; ++half) {
-    const index_t c0 = half * 16, n = std::max<index_t>(0, std::min<index_t>(16, cols - c0));
-    if (n == 0) break;
-    const __mmask16 m = static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
-    const __m512 b = last && g.bias ? _mm512_maskz_loadu_ps(m, g.bias + j0 + c0) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; ++r) {
-      float* c = g.C + (r0 + r) * g.ldc + j0 + c0;
-      __m512 v = _mm512_loadu_ps(acc[r] + c0);
-      if (!first || g.accumulate) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
-      _mm512_mask_storeu_ps(c, m, _mm512_add_ps(v, b));
-    }
-  }
-}
-
-// One 32-row (or fewer: H = 1) block times 32 columns (or 16: P = 1) over `steps` k steps, A planes rows lda_p
-// (bytes) apart and plane_bytes apart, B tiles as pack_b left them.
-template <int H, int P>
-void amx_block(const std::uint16_t* a, index_t lda_bytes, index_t plane_bytes, const std::uint32_t* b, index_t steps,
-               float (*acc)[32]) {
-  CPUFORMER_TILE_ZERO(0);
-  if (P == 2) CPUFORMER_TILE_ZERO(1);
-  if (H == 2) {
-    CPUFORMER_TILE_ZERO(2);
-    if (P == 2) CPUFORMER_TILE_ZERO(3);
-  }
-  const char* ab = reinterpret_cast<const char*>(a);
-  const index_t half_bytes = 16 * lda_bytes;
-  for (index_t s = 0; s < steps; ++s, ab += kAmxK * 2) {
-    CPUFORMER_TILE_LOADD(6, b + s * kTileWords, 64);
-    if (P == 2) CPUFORMER_TILE_LOADD(7, b + (steps + s) * kTileWords, 64);
-    if (H == 2) {  // hi, mid, lo: the first 16 rows through tile 4, the others through tile 5
-      for (int t = 0; t < 3; ++t) {
-        CPUFORMER_TILE_LOADD(4, ab + t * plane_bytes, lda_bytes);
-        CPUFORMER_TILE_LOADD(5, ab + t * plane_bytes + half_bytes, lda_bytes);
-        CPUFORMER_TILE_DPBF16PS(0, 4, 6);
-        if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 4, 7);
-        CPUFORMER_TILE_DPBF16PS(2, 5, 6);
-        if (P == 2) CPUFORMER_TILE_DPBF16PS(3, 5, 7);
-      }
-    } else {  // hi, mid, lo through tiles 4 and 5 in turn (amx_configure gives tile 5 the rows of tile 4 here)
-      CPUFORMER_TILE_LOADD(4, ab, lda_bytes);
-      CPUFORMER_TILE_LOADD(5, ab + plane_bytes, lda_bytes);
-      CPUFORMER_TILE_DPBF16PS(0, 4, 6);
-      if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 4, 7);
-      CPUFORMER_TILE_LOADD(4, ab + 2 * plane_bytes, lda_bytes);
-      CPUFORMER_TILE_DPBF16PS(0, 5, 6);
-      if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 5, 7);
-      CPUFORMER_TILE_DPBF16PS(0, 4, 6);
-      if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 4, 7);
-    }
-  }
-  constexpr index_t kAccStride = 32 * sizeof(float);
-  CPUFORMER_TILE_STORED(0, acc[0], kAccStride);
-  if (P == 2) CPUFORMER_TILE_STORED(1, acc[0] + 16, kAccStride);
-  if (H == 2) {
-    CPUFORMER_TILE_STORED(2, acc[16], kAccStride);
-    if (P == 2) CPUFORMER_TILE_STORED(3, acc[16] + 16, kAccStride);
-  }
-}
-
-// Rows [r0, r1) x columns [n0, n1) of C through the tiles.
-void amx_share(const HalfGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
-  const index_t kb = std::min(g.K, kAmxKBlock), kbp = (kb + kAmxK - 1) / kAmxK * kAmxK;
-  const index_t mc = std::min(r1 - r0, kAmxRowChunk);
-  auto* planes = reinterpret_cast<std::uint16_t*>(t_amx_planes.get(3 * mc * kbp / 2));
-  auto* b = reinterpret_cast<std::uint32_t*>(t_amx_b.get(2 * (kbp / kAmxK) * kTileWords));
-  alignas(64) float acc[32][32];
-  int configured = 0;
-  for (index_t rc = r0; rc < r1; rc += mc) {
-    const index_t rows = std::min(mc, r1 - rc);
-    for (index_t k0 = 0; k0 < g.K; k0 += kb) {
-      const index_t kc = std::min(kb, g.K - k0), kcp = (kc + kAmxK - 1) / kAmxK * kAmxK, steps = kcp / kAmxK;
-      split_rows(g.A + rc * g.lda + k0, g.lda, rows, kc, kcp, planes);
-      const bool first = k0 == 0, last = k0 + kc == g.K;
-      for (index_t j0 = n0; j0 < n1; j0 += 32) {
-        const int panels = j0 + 16 < n1 ? 2 : 1;
-        pack_b(g, j0, panels, k0, kc, steps, b);
-        for (index_t m = 0; m < rows; m += 32) {
-          const int rb = static_cast<int>(std::min<index_t>(32, rows - m));
-          if (rb != configured) detail::amx_configure(rb);
-          configured = rb;
-          const std::uint16_t* a = planes + m * kcp;
-          const index_t lda_bytes = kcp * 2, plane_bytes = rows * kcp * 2;
-          if (rb > 16) {
-            if (panels == 2) amx_block<2, 2>(a, lda_bytes, plane_bytes, b, steps, acc);
-            else amx_block<2, 1>(a, lda_bytes, plane_bytes, b, steps, acc);
-          } else {
-            if (panels == 2) amx_block<1, 2>(a, lda_bytes, plane_bytes, b, steps, acc);
-            else amx_block<1, 1>(a, lda_bytes, plane_bytes, b, steps, acc);
-          }
-          write_block(g, acc, rc + m, rb, j0, first, last);
-        }
-      }
-    }
-  }
-  if (configured) detail::amx_release();
-}
-#endif
-
 void blocked(const HalfGemm& g) {
   const index_t useful = std::max<index_t>(1, g.rows * g.N * g.K / kMinMacsPerThread);
   const index_t nt = std::min<index_t>(detail::kernel_threads(), useful);
   const index_t groups = (g.N + 63) / 64;
   const index_t col_shares = std::min(nt, groups);
   const index_t row_shares = std::max<index_t>(1, std::min(nt / col_shares, g.rows / 48));  // >= 48 rows each
-#if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
-  const bool amx = use_amx(g);
-#endif
+  // bf16 on the "amx" path: AMX tiles (amx.cpp), the activations split exactly into bf16 terms
+  const bool amx = g.t == HalfType::kBF16 && detail::amx_gemm_applies(g.rows, g.N, g.K);
+  const detail::AmxGemm ag{false, g.trans_h, g.rows, g.N, g.K, 1.0f, g.A, g.lda, nullptr, g.H, g.ldh,
+                           g.accumulate ? 1.0f : 0.0f, g.C, g.ldc, g.bias};
   detail::parallel_for(col_shares * row_shares, 1, [&](index_t s0, index_t s1, int) {
     for (index_t s = s0; s < s1; ++s) {
       const index_t c = s % col_shares, r = s / col_shares;
       const index_t r0 = g.rows * r / row_shares, r1 = g.rows * (r + 1) / row_shares;
       const index_t n0 = std::min(g.N, groups * c / col_shares * 64), n1 = std::min(g.N, groups * (c + 1) / col_shares * 64);
-#if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
       if (amx) {
-        amx_share(g, r0, r1, n0, n1);
+        detail::amx_gemm_share(ag, r0, r1, n0, n1);
         continue;
       }
-#endif
       blocked_share(g, r0, r1, n0, n1);
     }
   });

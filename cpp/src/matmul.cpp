@@ -16,6 +16,7 @@
 #include <memory>
 #include <vector>
 
+#include "amx_internal.h"
 #include "gemm_internal.h"
 #include "parallel.h"
 #include "simd.h"
@@ -815,6 +816,12 @@ void gemm_run(const GemmArgs& g, int nt) {
       small_m_range(g, c0 * 64, std::min(g.N, c1 * 64));
     });
     return;
+  }
+  // The "amx" path (amx_internal.h); tiles already in cache (attention) stay on the AVX-512 kernel.
+  if (!g.prefer_direct_a && g.M * g.N * g.K >= 32 * 64 * 64 && detail::amx_gemm_applies(g.M, g.N, g.K)) {
+    const detail::AmxGemm ag{g.trans_a, g.trans_b, g.M, g.N, g.K, g.alpha, g.A, g.lda, g.B, nullptr, g.ldb,
+                             g.beta, g.C, g.ldc, g.bias};
+    return detail::amx_gemm(ag, nt);
   }
   const index_t panel = std::max(KC, KC_AVX512) * ((std::min(NC, g.N) + NR - 1) / NR * NR);
   float* b_panels = t_pack_b.get(2 * panel);

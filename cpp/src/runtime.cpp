@@ -121,9 +121,19 @@ struct alignas(64) AmxConfig {
 };
 #endif
 
-enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
-int best_path() { return detect_avx512() ? kAvx512 : detect_avx2_fma() ? kAvx2 : kScalar; }
+bool detect_amx_path() {
+#if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
+  return detect_avx512() && ((detect_amx() >> 22) & 1u);
+#else
+  return false;
+#endif
+}
+
+int best_path() {
+  return detect_amx_path() ? kAmx : detect_avx512() ? kAvx512 : detect_avx2_fma() ? kAvx2 : kScalar;
+}
 
 // CPUFORMER_SIMD=scalar|avx2|avx512 caps the start-up choice at that path (a path the CPU or build lacks falls back
 // to the best one it has below it); unset or anything else: the best the CPU offers.
@@ -133,6 +143,7 @@ int initial_simd_choice() {
   if (!env) return best;
   if (std::strcmp(env, "scalar") == 0) return kScalar;
   if (std::strcmp(env, "avx2") == 0) return std::min<int>(best, kAvx2);
+  if (std::strcmp(env, "avx512") == 0) return std::min<int>(best, kAvx512);
   return best;
 }
 
@@ -142,7 +153,8 @@ std::atomic<int> g_path{initial_simd_choice()};
 
 namespace detail {
 bool use_avx2() { return g_path.load(std::memory_order_relaxed) >= kAvx2; }
-bool use_avx512() { return g_path.load(std::memory_order_relaxed) == kAvx512; }
+bool use_avx512() { return g_path.load(std::memory_order_relaxed) >= kAvx512; }
+bool use_amx() { return g_path.load(std::memory_order_relaxed) == kAmx; }
 bool use_f16c() {
   static const bool f16c = detect_f16c();  // CPUID once
   return f16c && use_avx2();
@@ -203,6 +215,7 @@ int get_num_threads() {
 
 bool cpu_supports_avx2_fma() { return detect_avx2_fma(); }
 bool cpu_supports_avx512() { return detect_avx512(); }
+bool cpu_supports_amx() { return detect_amx_path(); }
 bool cpu_supports_f16c() { return detect_f16c(); }
 
 bool build_has_avx2() {
@@ -221,6 +234,14 @@ bool build_has_avx512() {
 #endif
 }
 
+bool build_has_amx() {
+#if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
+  return true;
+#else
+  return false;
+#endif
+}
+
 void set_simd_path(const std::string& path) {
   if (path == "scalar") {
     g_path.store(kScalar);
@@ -228,6 +249,10 @@ void set_simd_path(const std::string& path) {
     CPUFORMER_CHECK(build_has_avx2(), "set_simd_path: this build has no AVX2 kernels (CPUFORMER_FORCE_SCALAR)");
     CPUFORMER_CHECK(detect_avx2_fma(), "set_simd_path: this CPU lacks AVX2/FMA");
     g_path.store(kAvx2);
+  } else if (path == "amx") {
+    CPUFORMER_CHECK(build_has_amx(), "set_simd_path: this build has no AMX kernels (Linux x86-64 with AVX-512 only)");
+    CPUFORMER_CHECK(detect_amx_path(), "set_simd_path: this CPU (or OS) lacks AVX-512 with AMX-BF16");
+    g_path.store(kAmx);
   } else if (path == "avx512") {
     CPUFORMER_CHECK(build_has_avx512(), "set_simd_path: this build has no AVX-512 kernels (CPUFORMER_FORCE_SCALAR)");
     CPUFORMER_CHECK(detect_avx512(), "set_simd_path: this CPU (or OS) lacks AVX-512 F/DQ/BW/VL");
@@ -235,12 +260,13 @@ void set_simd_path(const std::string& path) {
   } else if (path == "auto") {
     g_path.store(initial_simd_choice());
   } else {
-    CPUFORMER_CHECK(false, "set_simd_path: path must be 'auto', 'avx512', 'avx2' or 'scalar', got '", path, "'");
+    CPUFORMER_CHECK(false, "set_simd_path: path must be 'auto', 'amx', 'avx512', 'avx2' or 'scalar', got '", path, "'");
   }
 }
 
 std::string get_simd_path() {
   switch (g_path.load(std::memory_order_relaxed)) {
+    case kAmx: return "amx";
     case kAvx512: return "avx512";
     case kAvx2: return "avx2";
     default: return "scalar";

@@ -11,7 +11,8 @@
 
 namespace cpuformer::detail {
 bool use_avx2();    // the SIMD path in use now (runtime.cpp): true on the "avx2" and "avx512" paths
-bool use_avx512();  // the "avx512" path: the GEMM's AVX-512 micro-kernel; every other kernel runs its AVX2 code
+bool use_avx512();  // the "avx512" or "amx" path: the GEMM's AVX-512 micro-kernel; every other kernel runs AVX2 code
+bool use_amx();     // the "amx" path: float32 and bf16-weight products of 16+ rows on AMX tiles (amx.cpp)
 bool use_f16c();    // use_avx2() and the CPU has F16C: the 16-bit weight kernels (half.cpp) run their AVX2 code
 
 // Intel AMX (Linux, runtime.cpp): the CPU has the tile unit with its INT8 / BF16 products, the OS saves the tile

@@ -216,3 +216,64 @@ def test_matmul_errors(rng):
         ops.gemm(a, randn(rng, 5, 3), ro)
     with pytest.raises(ValueError, match="finite"):
         ops.matmul(a, randn(rng, 5, 3), alpha=float("nan"))
+
+
+# The "amx" path: float32 operands split exactly into three bf16 terms each, six term products on AMX tiles.
+AMX_SHAPES = [(16, 16, 512), (17, 33, 300), (31, 47, 1100), (33, 64, 2100), (130, 70, 96), (257, 17, 64),
+              (64, 1000, 33), (200, 31, 1025)]
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+@pytest.mark.parametrize("M,N,K", AMX_SHAPES)
+@pytest.mark.parametrize("ta,tb", [(False, False), (False, True), (True, False), (True, True)])
+def test_amx_gemm_alpha_beta_bias(rng, threads, M, N, K, ta, tb):
+    from cpuformer import _core
+    a, b = operand(rng, M, K, ta), operand(rng, K, N, tb)
+    out, bias = randn(rng, M, N), randn(rng, N)
+    expected = 0.5 * ref_matmul(a, b, ta, tb) + 0.75 * out.astype(np.float64) + bias
+    mag = 0.5 * ref_matmul(np.abs(a), np.abs(b), ta, tb) + 0.75 * np.abs(out) + np.abs(bias)
+    _core.set_simd_path("amx")
+    try:
+        ops.gemm(a, b, out, transpose_a=ta, transpose_b=tb, alpha=0.5, beta=0.75, bias=bias)
+    finally:
+        _core.set_simd_path("auto")
+    err = np.abs(out - expected) / mag
+    assert err.max() < 2.0**-21 + 2 * (min(K, 1024) + K / 1024 + 3) * 2.0**-24, f"{err.max():.3g}"
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+@pytest.mark.parametrize("K", [2, 3, 5])
+def test_amx_gemm_keeps_float32_precision(rng, K):
+    # Few terms per output: the float32 product's error is a few 2^-24 of |a||b|; leaving out a term product of
+    # size 2^-16 (or rounding an operand to bf16) would show. Operands over a wide range of magnitudes.
+    from cpuformer import _core
+    a = (rng.standard_normal((256, K)) * np.exp(rng.uniform(-30, 30, (256, 1)))).astype(np.float32)
+    b = (rng.standard_normal((K, 260)) * np.exp(rng.uniform(-30, 30, (1, 260)))).astype(np.float32)
+    _core.set_simd_path("amx")
+    try:
+        c = ops.matmul(a, b)
+    finally:
+        _core.set_simd_path("auto")
+    mag = np.abs(a.astype(np.float64)) @ np.abs(b.astype(np.float64))
+    err = np.abs(c - ref_matmul(a, b, False, False)) / mag
+    assert err.max() < 2.0**-20, f"{err.max():.3g}"
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_amx_gemm_non_finite_like_avx512(rng):
+    from cpuformer import _core
+    a, b = randn(rng, 70, 90), randn(rng, 90, 80)
+    a[3, 4], a[10, 0], a[20, 89] = np.inf, -np.inf, np.nan
+    b[5, 7], b[0, 79] = np.nan, np.inf
+    a[30, :] = 0.0  # 0 x inf = NaN in both
+    outs = {}
+    for path in ("amx", "avx512"):
+        _core.set_simd_path(path)
+        try:
+            outs[path] = ops.matmul(a, b)
+        finally:
+            _core.set_simd_path("auto")
+    np.testing.assert_array_equal(np.isnan(outs["amx"]), np.isnan(outs["avx512"]))
+    np.testing.assert_array_equal(np.isinf(outs["amx"]), np.isinf(outs["avx512"]))
+    fine = np.isfinite(outs["avx512"])
+    assert rel_err(outs["amx"][fine], outs["avx512"][fine]) < 1e-5

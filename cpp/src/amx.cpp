@@ -1,0 +1,374 @@
+// amx.cpp: float32 products on AMX tiles (see amx_internal.h for the arithmetic and its error).
+//
+// Layout. Per block of at most 512 k, a thread's rows of op(A) are split into bf16 planes (plane t: rows x kcp, kcp
+// = the block's k rounded up to 32 and zero-padded). Per 32 columns op(B)'s block is packed into B tiles: tile
+// (t, p, s) of term t, 16-column panel p and k step s holds in its row i, for each column, the bf16 pair
+// (k = 32 s + 2 i, + 1). Every 32-row block then runs the k steps with its four C tiles (amx_configure's palette)
+// against each 32 columns of a 384-column block, and adds them to C.
+#include "amx_internal.h"
+
+#include <algorithm>
+
+#include "gemm_internal.h"
+#include "parallel.h"
+// GCC 12's AVX-512 headers initialise placeholders from themselves (__Y = __Y), which -Wuninitialized flags at every
+// use (GCC PR105593): silenced for warnings located in those headers only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include "simd.h"
+#pragma GCC diagnostic pop
+#else
+#include "simd.h"
+#endif
+
+namespace cpuformer::detail {
+
+#if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
+namespace {
+
+constexpr index_t kStepK = 32;            // k per tile step: 16 pairs
+constexpr index_t kKBlock = 512;          // k per block
+constexpr index_t kColBlock = 384;        // columns per packed block of op(B): 384 x 512 x 3 terms x 2 bytes in L2
+constexpr index_t kMaxPlaneBytes = index_t(16) << 20;  // the split rows of one k block, at most
+constexpr index_t kTileWords = 16 * 16;   // 32-bit words per tile
+
+thread_local AlignedBuffer t_planes, t_btiles;
+
+inline __mmask16 first_n16(index_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+inline __mmask32 first_n32(index_t n) {
+  return static_cast<__mmask32>(n >= 32 ? 0xFFFFFFFFu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+
+// x = t[0] + t[1] + t[2] exactly, each t a float whose low 16 bits are zero (a bf16 in the top half). Non-finite
+// values stay in t[0] (NaN made quiet so the truncation cannot leave an infinity). Every term of a nonzero x has
+// x's sign: a term that would be 0 becomes +-2^-126 (the smallest normal; its products with finite values vanish
+// below float32's resolution of the sums), so that a product with an infinity is that infinity, never 0 x inf.
+CPUFORMER_AVX512 static inline __attribute__((always_inline)) void split3(__m512 x, __m512i (&t)[3]) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), exp_bits = _mm512_set1_epi32(0x7F800000);
+  const __m512i xb = _mm512_castps_si512(x);
+  const __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(xb, exp_bits), exp_bits);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(xb, _mm512_set1_epi32(0x7FFFFFFF)), exp_bits);
+  t[0] = _mm512_mask_or_epi32(_mm512_and_si512(xb, top), nan, xb, _mm512_set1_epi32(0x00400000));
+  t[0] = _mm512_and_si512(t[0], top);
+  const __m512 r1 = _mm512_maskz_sub_ps(static_cast<__mmask16>(~bad), x, _mm512_castsi512_ps(t[0]));  // exact
+  t[1] = _mm512_and_si512(_mm512_castps_si512(r1), top);
+  t[2] = _mm512_castps_si512(_mm512_sub_ps(r1, _mm512_castsi512_ps(t[1])));  // exact, at most 8 significant bits
+  const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
+  const __mmask16 nonzero = _mm512_test_epi32_mask(xb, abs_bits);
+  const __m512i tiny = _mm512_or_si512(_mm512_andnot_si512(abs_bits, xb), _mm512_set1_epi32(0x00800000));
+  for (int i = 1; i < 3; ++i) t[i] = _mm512_mask_mov_epi32(t[i], nonzero & ~_mm512_test_epi32_mask(t[i], abs_bits), tiny);
+}
+
+CPUFORMER_AVX512 static inline __m256i to_bf16(__m512i t) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(t, 16)); }
+
+// r[c] (16 rows of 16 words) becomes its transpose: r[i] word c = the old r[c] word i.
+CPUFORMER_AVX512 static inline __attribute__((always_inline)) void transpose16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + j], 128-bit lane L: column 4L + j of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int j = 0; j < 4; ++j) {  // a 4 x 4 transpose of 128-bit lanes among r[j], r[4 + j], r[8 + j], r[12 + j]
+    const __m512i t0 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0x88), t1 = _mm512_shuffle_i32x4(r[j], r[4 + j], 0xdd);
+    const __m512i t2 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512i t3 = _mm512_shuffle_i32x4(r[8 + j], r[12 + j], 0xdd);
+    r[j] = _mm512_shuffle_i32x4(t0, t2, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t0, t2, 0xdd);
+    r[4 + j] = _mm512_shuffle_i32x4(t1, t3, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(t1, t3, 0xdd);
+  }
+}
+
+// op(A)'s rows [m0, m0 + rows) x k [k0, k0 + kc) as three planes (see the top of the file).
+CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_t k0, index_t kc, index_t kcp,
+                              std::uint16_t* planes) {
+  std::uint16_t* plane[3] = {planes, planes + rows * kcp, planes + 2 * rows * kcp};
+  __m512i t[3];
+  if (!g.trans_a) {
+    for (index_t r = 0; r < rows; ++r) {
+      const float* a = g.A + (m0 + r) * g.lda + k0;
+      for (index_t k = 0; k < kcp; k += 16) {
+        split3(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k), t);
+        for (int p = 0; p < 3; ++p)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + r * kcp + k), to_bf16(t[p]));
+      }
+    }
+    return;
+  }
+  // A is K x M: 16 x 16 blocks transposed on the way
+  for (index_t m = 0; m < rows; m += 16) {
+    const __mmask16 mm = first_n16(rows - m);
+    const index_t mn = std::min<index_t>(16, rows - m);
+    for (index_t k = 0; k < kcp; k += 16) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = k + i < kc ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + k + i) * g.lda + m0 + m))
+                          : _mm512_setzero_si512();
+      transpose16(r);
+      for (index_t j = 0; j < mn; ++j) {
+        split3(_mm512_castsi512_ps(r[j]), t);
+        for (int p = 0; p < 3; ++p)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + (m + j) * kcp + k), to_bf16(t[p]));
+      }
+    }
+  }
+}
+
+// op(B)'s columns [j0, j0 + 16 * panels) x k [k0, k0 + kc) as B tiles of each term: tile (t, p, s) at
+// b + ((t * 2 + p) * steps + s) * 256 words. Past N or K: zeros.
+CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k0, index_t kc, index_t steps,
+                             std::uint32_t* b) {
+  const int terms = g.H ? 1 : 3;
+  for (int p = 0; p < panels; ++p)
+    for (index_t s = 0; s < steps; ++s) {
+      const index_t n0 = j0 + 16 * p, k = k0 + s * kStepK, kn = std::min<index_t>(kStepK, k0 + kc - k);
+      std::uint32_t* tile[3];
+      for (int t = 0; t < terms; ++t) tile[t] = b + ((t * 2 + p) * steps + s) * kTileWords;
+      if (g.trans_b) {  // B is N x K: the 32 k of column n are one run of row n, transposed on the way
+        __m512i r[3][16];
+        for (int c = 0; c < 16; ++c) {
+          if (n0 + c >= g.N) {
+            for (int t = 0; t < terms; ++t) r[t][c] = _mm512_setzero_si512();
+          } else if (g.H) {
+            r[0][c] = _mm512_maskz_loadu_epi16(first_n32(kn), g.H + (n0 + c) * g.ldb + k);
+          } else {
+            const float* src = g.B + (n0 + c) * g.ldb + k;
+            __m512i lo[3], hi[3];
+            split3(_mm512_maskz_loadu_ps(first_n16(kn), src), lo);
+            split3(_mm512_maskz_loadu_ps(first_n16(kn - 16), src + 16), hi);
+            for (int t = 0; t < 3; ++t)
+              r[t][c] = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo[t])), to_bf16(hi[t]), 1);
+          }
+        }
+        for (int t = 0; t < terms; ++t) {
+          transpose16(r[t]);
+          for (int i = 0; i < 16; ++i) _mm512_store_si512(tile[t] + i * 16, r[t][i]);
+        }
+      } else {  // B is K x N: rows k + 2i and k + 2i + 1 interleaved
+        const __mmask16 nm = first_n16(g.N - n0);
+        for (int i = 0; i < 16; ++i) {
+          if (g.H) {
+            const __m256i e = 2 * i < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i) * g.ldb + n0)
+                                         : _mm256_setzero_si256();
+            const __m256i o = 2 * i + 1 < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i + 1) * g.ldb + n0)
+                                             : _mm256_setzero_si256();
+            _mm512_store_si512(tile[0] + i * 16, _mm512_or_si512(_mm512_cvtepu16_epi32(e),
+                                                                  _mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16)));
+          } else {
+            __m512i e[3], o[3];
+            split3(2 * i < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i) * g.ldb + n0) : _mm512_setzero_ps(), e);
+            split3(2 * i + 1 < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i + 1) * g.ldb + n0)
+                                  : _mm512_setzero_ps(),
+                   o);
+            for (int t = 0; t < 3; ++t)
+              _mm512_store_si512(tile[t] + i * 16, _mm512_or_si512(_mm512_srli_epi32(e[t], 16), o[t]));
+          }
+        }
+      }
+    }
+}
+
+// The tile instructions name their tiles in the instruction, so each combination is spelled out.
+template <int P>
+static inline __attribute__((always_inline)) void load_b(const std::uint32_t* b, index_t panel_words) {
+  CPUFORMER_TILE_LOADD(6, b, 64);
+  if (P == 2) CPUFORMER_TILE_LOADD(7, b + panel_words, 64);
+}
+template <int P>
+static inline __attribute__((always_inline)) void dp_rows4() {  // C tiles of the first 16 rows += tile 4 x B
+  CPUFORMER_TILE_DPBF16PS(0, 4, 6);
+  if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 4, 7);
+}
+template <int P>
+static inline __attribute__((always_inline)) void dp_rows5() {  // the same from tile 5
+  CPUFORMER_TILE_DPBF16PS(0, 5, 6);
+  if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 5, 7);
+}
+template <int P>
+static inline __attribute__((always_inline)) void dp_halves() {  // both row halves: tile 4 (first), tile 5 (next)
+  CPUFORMER_TILE_DPBF16PS(0, 4, 6);
+  if (P == 2) CPUFORMER_TILE_DPBF16PS(1, 4, 7);
+  CPUFORMER_TILE_DPBF16PS(2, 5, 6);
+  if (P == 2) CPUFORMER_TILE_DPBF16PS(3, 5, 7);
+}
+
+// One block of up to 32 rows (H = 2 row halves, or 1) x 32 columns (P = 2 panels, or 1) over `steps` k steps;
+// NB = the terms of B (1: bf16, 3: float32). A planes: rows lda bytes apart, planes plane_bytes apart.
+template <int H, int P, int NB>
+void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const std::uint32_t* b, index_t steps,
+                float (*acc)[32]) {
+  CPUFORMER_TILE_ZERO(0);
+  if (P == 2) CPUFORMER_TILE_ZERO(1);
+  if (H == 2) {
+    CPUFORMER_TILE_ZERO(2);
+    if (P == 2) CPUFORMER_TILE_ZERO(3);
+  }
+  const char* ab = reinterpret_cast<const char*>(a);
+  const index_t panel_words = steps * kTileWords, term_words = 2 * panel_words, half = 16 * lda;
+  // A term t into tile 4 (and its second row half into tile 5), or with one row half into tile 4 or 5
+  auto a_at = [&](int t) { return ab + t * plane_bytes; };
+  for (index_t s = 0; s < steps; ++s, ab += kStepK * 2) {
+    const std::uint32_t* bs = b + s * kTileWords;
+    load_b<P>(bs, panel_words);  // B term 0 with A terms 0, 1, 2
+    if (H == 2) {
+      for (int t = 0; t < 3; ++t) {
+        CPUFORMER_TILE_LOADD(4, a_at(t), lda);
+        CPUFORMER_TILE_LOADD(5, a_at(t) + half, lda);
+        dp_halves<P>();
+      }
+      if (NB == 3) {  // B term 1 with A terms 1, 0; B term 2 with A term 0 (still in tiles 4, 5)
+        load_b<P>(bs + term_words, panel_words);
+        CPUFORMER_TILE_LOADD(4, a_at(1), lda);
+        CPUFORMER_TILE_LOADD(5, a_at(1) + half, lda);
+        dp_halves<P>();
+        CPUFORMER_TILE_LOADD(4, a_at(0), lda);
+        CPUFORMER_TILE_LOADD(5, a_at(0) + half, lda);
+        dp_halves<P>();
+        load_b<P>(bs + 2 * term_words, panel_words);
+        dp_halves<P>();
+      }
+    } else {  // tiles 4 and 5 in turn
+      CPUFORMER_TILE_LOADD(4, a_at(0), lda);
+      CPUFORMER_TILE_LOADD(5, a_at(1), lda);
+      dp_rows4<P>();
+      CPUFORMER_TILE_LOADD(4, a_at(2), lda);
+      dp_rows5<P>();
+      dp_rows4<P>();
+      if (NB == 3) {
+        load_b<P>(bs + term_words, panel_words);
+        CPUFORMER_TILE_LOADD(4, a_at(0), lda);
+        dp_rows5<P>();  // A term 1, still in tile 5
+        dp_rows4<P>();
+        load_b<P>(bs + 2 * term_words, panel_words);
+        dp_rows4<P>();
+      }
+    }
+  }
+  constexpr index_t kAccStride = 32 * sizeof(float);
+  CPUFORMER_TILE_STORED(0, acc[0], kAccStride);
+  if (P == 2) CPUFORMER_TILE_STORED(1, acc[0] + 16, kAccStride);
+  if (H == 2) {
+    CPUFORMER_TILE_STORED(2, acc[16], kAccStride);
+    if (P == 2) CPUFORMER_TILE_STORED(3, acc[16] + 16, kAccStride);
+  }
+}
+
+template <int NB>
+void run_block(int rows, int panels, const std::uint16_t* a, index_t lda, index_t plane_bytes,
+               const std::uint32_t* b, index_t steps, float (*acc)[32]) {
+  if (rows > 16) {
+    if (panels == 2) tile_block<2, 2, NB>(a, lda, plane_bytes, b, steps, acc);
+    else tile_block<2, 1, NB>(a, lda, plane_bytes, b, steps, acc);
+  } else {
+    if (panels == 2) tile_block<1, 2, NB>(a, lda, plane_bytes, b, steps, acc);
+    else tile_block<1, 1, NB>(a, lda, plane_bytes, b, steps, acc);
+  }
+}
+
+// C's rows [r0, r0 + rows) x columns [j0, j0 + 32) += alpha acc: the first k block also scales the old C by beta
+// (or ignores it when beta == 0), the last adds the bias.
+CPUFORMER_AVX512 void write_block(const AmxGemm& g, const float (*acc)[32], index_t r0, int rows, index_t j0,
+                                  bool first, bool last) {
+  const __m512 alpha = _mm512_set1_ps(g.alpha), beta = _mm512_set1_ps(g.beta);
+  for (int h = 0; h < 2; ++h) {
+    const index_t c0 = h * 16;
+    if (j0 + c0 >= g.N) break;
+    const __mmask16 m = first_n16(g.N - j0 - c0);
+    const __m512 bias = last && g.bias ? _mm512_maskz_loadu_ps(m, g.bias + j0 + c0) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; ++r) {
+      float* c = g.C + (r0 + r) * g.ldc + j0 + c0;
+      __m512 v = _mm512_mul_ps(alpha, _mm512_loadu_ps(acc[r] + c0));
+      if (!first) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, c), v);
+      else if (g.beta != 0.0f) v = _mm512_add_ps(v, _mm512_mul_ps(beta, _mm512_maskz_loadu_ps(m, c)));
+      _mm512_mask_storeu_ps(c, m, _mm512_add_ps(v, bias));
+    }
+  }
+}
+
+}  // namespace
+
+bool amx_gemm_applies(index_t M, index_t N, index_t K) {
+  return M >= 16 && N >= 16 && K >= 16 && use_amx();
+}
+
+void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
+  if (r0 >= r1 || n0 >= n1) return;
+  const int nb = g.H ? 1 : 3;
+  const index_t kb = std::min(g.K, kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
+  // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
+  // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
+  const index_t span = std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
+  const index_t pair_words = nb * 2 * max_steps * kTileWords;
+  auto* planes = reinterpret_cast<std::uint16_t*>(t_planes.get(3 * span * kbp / 2));
+  auto* b = reinterpret_cast<std::uint32_t*>(t_btiles.get(kColBlock / 32 * pair_words));
+  alignas(64) float acc[32][32];
+  int configured = 0;  // the rows amx_configure last set here (0: none yet)
+  for (index_t rs = r0; rs < r1; rs += span) {
+    const index_t rows = std::min(span, r1 - rs);
+    for (index_t k0 = 0; k0 < g.K; k0 += kb) {
+      const index_t kc = std::min(kb, g.K - k0), kcp = (kc + kStepK - 1) / kStepK * kStepK, steps = kcp / kStepK;
+      const index_t lda = kcp * 2, plane_bytes = rows * kcp * 2, pw = nb * 2 * steps * kTileWords;
+      const bool first = k0 == 0, last = k0 + kc == g.K;
+      split_a(g, rs, rows, k0, kc, kcp, planes);
+      for (index_t jb = n0; jb < n1; jb += kColBlock) {
+        const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
+        for (index_t q = 0; q < pairs; ++q)
+          pack_b(g, jb + 32 * q, jb + 32 * q + 16 < je ? 2 : 1, k0, kc, steps, b + q * pw);
+        for (index_t m = 0; m < rows; m += 32) {
+          const int rb = static_cast<int>(std::min<index_t>(32, rows - m));
+          if (rb != configured) amx_configure(rb);  // per call: other code may have used the tiles in between
+          configured = rb;
+          for (index_t q = 0; q < pairs; ++q) {
+            const int panels = jb + 32 * q + 16 < je ? 2 : 1;
+            if (nb == 1) run_block<1>(rb, panels, planes + m * kcp, lda, plane_bytes, b + q * pw, steps, acc);
+            else run_block<3>(rb, panels, planes + m * kcp, lda, plane_bytes, b + q * pw, steps, acc);
+            write_block(g, acc, rs + m, rb, jb + 32 * q, first, last);
+          }
+        }
+      }
+    }
+  }
+  if (configured) amx_release();
+}
+
+void amx_gemm(const AmxGemm& g, int nt) {
+  // Each thread splits its rows of op(A) and packs its columns of op(B), both in proportion to K: so of the ways to
+  // cut C into nt shares (row shares x column shares, whole 32-row and 64-column groups) take the one that
+  // prepares the fewest elements per thread, M / rows + N / cols.
+  const index_t row_groups = (g.M + 31) / 32, col_groups = (g.N + 63) / 64;
+  index_t rs = 1, cs = 1;
+  double best = -1.0;
+  for (index_t r = 1; r <= nt; ++r) {
+    if (nt % r != 0 || r > row_groups || nt / r > col_groups) continue;
+    const double cost = double(g.M) / r + double(g.N) / (nt / r);
+    if (best < 0 || cost < best) best = cost, rs = r, cs = nt / r;
+  }
+  if (rs * cs == 1) return amx_gemm_share(g, 0, g.M, 0, g.N);
+  parallel_for(rs * cs, 1, [&](index_t s0, index_t s1, int) {
+    for (index_t s = s0; s < s1; ++s) {
+      const index_t c = s % cs, r = s / cs;
+      amx_gemm_share(g, std::min(g.M, row_groups * r / rs * 32), std::min(g.M, row_groups * (r + 1) / rs * 32),
+                     std::min(g.N, col_groups * c / cs * 64), std::min(g.N, col_groups * (c + 1) / cs * 64));
+    }
+  });
+}
+
+#else  // no AMX in this build: never applies
+
+bool amx_gemm_applies(index_t, index_t, index_t) { return false; }
+void amx_gemm_share(const AmxGemm&, index_t, index_t, index_t, index_t) {}
+void amx_gemm(const AmxGemm&, int) {}
+
+#endif
+
+}  // namespace cpuformer::detail

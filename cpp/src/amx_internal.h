@@ -1,0 +1,45 @@
+// amx_internal.h (private): float32 products on Intel AMX tiles (amx.cpp), behind the float32 GEMM (matmul.cpp)
+// and the 16-bit weight products (half.cpp) on the "amx" SIMD path.
+//
+// tdpbf16ps multiplies bf16 tiles and sums in float32. A float32 operand is split exactly into three bf16 terms,
+// x = x0 + x1 + x2 (the top, middle and low 8 bits of its 24-bit significand, by truncation). A bf16 operand is
+// its own single term. The product keeps every term pair whose size can reach 2^-16 of |a||b|:
+//   float32 x bf16:    a0 b, a1 b, a2 b           (exact products; only the float32 sums round)
+//   float32 x float32: a0 b0, a1 b0, a0 b1, a2 b0, a1 b1, a0 b2
+// The six leave out a1 b2 + a2 b1 + a2 b2 < 2^-21 |a||b| (about 8 float32 roundings of one product; the sums over K
+// round as the float32 GEMM's do). bf16 inputs are read with denormals as zero, so terms below 2^-126 (operands below
+// about 2^-110) drop out: products of such tiny values lose precision that the AVX-512 path ("avx512") keeps.
+#pragma once
+
+#include <cstdint>
+
+#include "cpuformer/common.h"
+
+namespace cpuformer::detail {
+
+struct AmxGemm {
+  // C[M, N] (row stride ldc) = alpha op(A) op(B) + beta C + bias[N]; beta == 0 ignores C's old values.
+  bool trans_a, trans_b;
+  index_t M, N, K;
+  float alpha;
+  const float* A;  // op(A) = A (M x K) or A^T (A is K x M)
+  index_t lda;
+  const float* B;         // op(B) = B (K x N) or B^T (B is N x K), float32 ...
+  const std::uint16_t* H;  // ... or bf16 (exactly one of B, H)
+  index_t ldb;
+  float beta;
+  float* C;
+  index_t ldc;
+  const float* bias;
+};
+
+// Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes.
+bool amx_gemm_applies(index_t M, index_t N, index_t K);
+
+// Rows [r0, r1) x columns [n0, n1) of C on the calling thread (its own scratch: callers may run many at once).
+void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1);
+
+// All of C, on up to nt threads (shares of columns, and of rows when there are few columns).
+void amx_gemm(const AmxGemm& g, int nt);
+
+}  // namespace cpuformer::detail
