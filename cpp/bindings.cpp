@@ -2611,7 +2611,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("dropout", &dropout_fwd, py::arg("x"), py::arg("p"), py::arg("seed"), "Returns (y, keep_mask).");
   m.def("dropout_backward", &dropout_bwd, py::arg("grad_output"), py::arg("p"), py::arg("seed"));
   m.def("lora_dropout_mask", &lora_dropout_mask_py, py::arg("seed"), py::arg("rows"), py::arg("cols"), py::arg("p"),
-        "Keep flags (rows, cols) of a LoRA adapter's dropout mask under its seed (element (i, j): counter i * cols + j).");
+        "Keep flags (rows, cols) of a LoRA adapter's dropout mask under its seed (element (i, j): counter "
+        "i * cols + j).");
   m.def("lora_dropout_seed", &lora_dropout_seed, py::arg("step_seed"), py::arg("index"),
         "The mask seed of a model's adapter `index` (in the order added) in the training step seeded step_seed.");
   m.def("add", &add, py::arg("a"), py::arg("b"));

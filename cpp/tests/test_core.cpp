@@ -1352,7 +1352,8 @@ void test_lora_dropout(std::mt19937& gen) {
     const int rows = 500, in = 300, out = 23, r = 5, ldx = in + 3, ldy = out + 2, lddx = in + 4;
     const float scale = 1.7f;
     auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * ldx), bias = random_vec(gen, out);
-    auto A = random_vec(gen, size_t(r) * in), Bm = random_vec(gen, size_t(out) * r), dY = random_vec(gen, size_t(rows) * ldy);
+    auto A = random_vec(gen, size_t(r) * in), Bm = random_vec(gen, size_t(out) * r);
+    auto dY = random_vec(gen, size_t(rows) * ldy);
     std::vector<float> gA(A.size(), 0.5f), gB(Bm.size(), -0.25f);
     cpuformer::LoraAdapter l;
     l.a = A.data(), l.b = Bm.data(), l.r = r, l.scale = scale, l.dropout = p, l.training = true, l.seed = seed;
@@ -1476,8 +1477,8 @@ void test_lora_dropout(std::mt19937& gen) {
   // L is linear in A and B, so central differences are exact but for rounding).
   {
     const int rows = 3, in = 4, out = 2, r = 2;
-    auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * in), A = random_vec(gen, size_t(r) * in);
-    auto Bm = random_vec(gen, size_t(out) * r), dY = random_vec(gen, size_t(rows) * out);
+    auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * in);
+    auto A = random_vec(gen, size_t(r) * in), Bm = random_vec(gen, size_t(out) * r), dY = random_vec(gen, size_t(rows) * out);
     std::vector<float> gA(A.size(), 0.0f), gB(Bm.size(), 0.0f), dX(X.size());
     cpuformer::LoraAdapter l;
     l.a = A.data(), l.b = Bm.data(), l.r = r, l.scale = 0.8f, l.dropout = 0.5f, l.training = true, l.seed = 99;
