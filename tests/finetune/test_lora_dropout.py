@@ -326,3 +326,31 @@ def test_saved_dropout_loads_in_peft_and_back(ft_bert, tmp_path):
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="lora_dropout must be a number"):
         lora.load_lora(from_pretrained(ft_bert[0]), tmp_path / "ad")
+
+
+def test_vit_patch_projection_adapter_gets_gradients(tmp_path):
+    """An adapter on ViT's patch projection (a frozen mapped base): its gradients are computed, with its dropout, and
+    agree with finite differences of the training forward."""
+    from ft_testlib import H
+    path = H.save(H.build("vit_cls"), tmp_path / "vit")
+    model = from_pretrained(path, verbose=False)
+    modules = lora.add_lora(model, r=2, alpha=4, dropout=0.2, target_modules=["projection"], modules_to_save=[])
+    assert modules == ["vit.embeddings.patch_embeddings.projection"]
+    _randomize_adapters(model, 6, std=0.1)
+    pixels = np.random.default_rng(7).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    model.train()
+    out, _ = _train_forward(model, pixels, step=4)
+    dout = np.random.default_rng(8).standard_normal(out.shape)
+    model.zero_grad()
+    model.backward(dout.astype(np.float32))
+    (_, a), (_, b) = lora.lora_parameters(model)
+    assert np.abs(a.grad).max() > 0 and np.abs(b.grad).max() > 0
+    for p_ in (a, b):
+        idx = np.unravel_index(int(np.abs(p_.grad).argmax()), p_.shape)
+        v0, eps, side = p_.data[idx], 1e-2, []
+        for v in (v0 + eps, v0 - eps):
+            p_.data[idx] = v
+            side.append(float((np.asarray(_train_forward(model, pixels, step=4)[0], np.float64) * dout).sum()))
+        p_.data[idx] = v0
+        fd = (side[0] - side[1]) / (2 * eps)
+        assert abs(fd - p_.grad[idx]) <= 1e-2 * max(1.0, abs(fd)), (fd, p_.grad[idx])
