@@ -635,6 +635,17 @@ F32 dropout_bwd(const py::object& dy_obj, float p, std::uint64_t seed) {
   return dx;
 }
 
+// The keep flags (rows, cols) of a LoRA adapter's dropout mask under its seed (linear.h's lora_dropout_keep).
+py::array lora_dropout_mask_py(std::uint64_t seed, std::int64_t rows, std::int64_t cols, float p) {
+  if (rows < 0 || cols < 0) value_error("lora_dropout_mask: rows and cols must be >= 0");
+  check_p(p);
+  py::array_t<bool, py::array::c_style> keep({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(cols)});
+  bool* pk = keep.mutable_data();
+  py::gil_scoped_release nogil;
+  for (std::int64_t i = 0; i < rows * cols; ++i) pk[i] = lora_dropout_keep(seed, static_cast<std::uint64_t>(i), p);
+  return keep;
+}
+
 F32 add(const py::object& a_obj, const py::object& b_obj) {
   const F32 a = f32(a_obj, "a"), b = f32(b_obj, "b");
   same_shape(a, "a", b, "b");
@@ -2275,12 +2286,13 @@ void bind_pretrained(py::module_& m) {
                   py::arg("num_labels") = 0, py::arg("init_seed") = 0)
       .def("new_parameters", &PM::new_parameters)
       .def("add_lora", [](PM& p, const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
-                          std::uint64_t seed) {
+                          std::uint64_t seed, double dropout) {
             std::vector<std::string> modules;
-            Status st = p.add_lora(targets, regex, r, alpha, seed, &modules);
+            Status st = p.add_lora(targets, regex, r, alpha, dropout, seed, &modules);
             if (!st.ok()) pretrained_fail(st);
             return modules;
-          }, py::arg("targets"), py::arg("regex"), py::arg("r"), py::arg("alpha"), py::arg("seed") = 0)
+          }, py::arg("targets"), py::arg("regex"), py::arg("r"), py::arg("alpha"), py::arg("seed") = 0,
+          py::arg("dropout") = 0.0)
       .def("merge_lora", [](PM& p) {
             Status st = p.merge_lora();
             if (!st.ok()) pretrained_fail(st);
@@ -2602,6 +2614,11 @@ PYBIND11_MODULE(_core, m) {
         "Accumulates grad_output (H, T, S) into table_grad (num_buckets, H).");
   m.def("dropout", &dropout_fwd, py::arg("x"), py::arg("p"), py::arg("seed"), "Returns (y, keep_mask).");
   m.def("dropout_backward", &dropout_bwd, py::arg("grad_output"), py::arg("p"), py::arg("seed"));
+  m.def("lora_dropout_mask", &lora_dropout_mask_py, py::arg("seed"), py::arg("rows"), py::arg("cols"), py::arg("p"),
+        "Keep flags (rows, cols) of a LoRA adapter's dropout mask under its seed (element (i, j): counter "
+        "i * cols + j).");
+  m.def("lora_dropout_seed", &lora_dropout_seed, py::arg("step_seed"), py::arg("index"),
+        "The mask seed of a model's adapter `index` (in the order added) in the training step seeded step_seed.");
   m.def("add", &add, py::arg("a"), py::arg("b"));
   m.def("embedding", &embedding_fwd, py::arg("ids"), py::arg("weight"));
   m.def("embedding_backward", &embedding_bwd, py::arg("weight_grad"), py::arg("grad_output"), py::arg("ids"),

@@ -2323,6 +2323,42 @@ struct Trainer {
     return it == grads.end() ? nullptr : const_cast<float*>(it->second.data());
   }
   LinearGrads lg(const LinearRef& l) const { return {g(l.weight), g(l.bias)}; }
+
+  // LoRA dropout of this step: copies of the model's adapters with training set and each one's mask seed
+  // (lora_dropout_seed(step seed, its index)), the model's own adapters untouched (inference may run meanwhile).
+  // Forward and backward build the same copies from the step's seed, so the masks are regenerated, never stored.
+  std::deque<LoraAdapter> lora_copies{};
+  std::map<const LoraAdapter*, const LoraAdapter*> lora_of{};
+
+  void lora_step(std::uint64_t step_seed, bool dropout) {
+    std::uint64_t index = 0;
+    for (const auto& l : m.loras) {
+      if (dropout && l.ref.dropout > 0.0f) {
+        lora_copies.push_back(l.ref);
+        lora_copies.back().training = true;
+        lora_copies.back().seed = lora_dropout_seed(step_seed, index);
+        lora_of[&l.ref] = &lora_copies.back();
+      }
+      ++index;
+    }
+  }
+  // w with this step's adapter (itself when it has none that drops).
+  LinearRef lin(const LinearRef& w) const {
+    if (!w.lora || lora_of.empty()) return w;
+    auto it = lora_of.find(w.lora);
+    if (it == lora_of.end()) return w;
+    LinearRef c = w;
+    c.lora = it->second;
+    return c;
+  }
+  BlockWeights block(const BlockWeights& w) const {
+    BlockWeights c = w;
+    if (lora_of.empty()) return c;
+    for (AttentionWeights* a : {&c.self_attn, &c.cross_attn})
+      for (LinearRef* l : {&a->qkv, &a->q, &a->k, &a->v, &a->kv, &a->o}) *l = lin(*l);
+    for (LinearRef* l : {&c.ff.up, &c.ff.gate, &c.ff.down}) *l = lin(*l);
+    return c;
+  }
   AttentionGrads ag(const AttentionWeights& a) const {
     AttentionGrads r;
     r.qkv = lg(a.qkv), r.q = lg(a.q), r.k = lg(a.k), r.v = lg(a.v), r.kv = lg(a.kv), r.o = lg(a.o);
@@ -2390,7 +2426,8 @@ struct Trainer {
       BlockConfig c = s.layers[l].cfg;
       if (!r.dropout) c.dropout = c.attention_dropout = c.ff_dropout = 0.0f;
       if (r.recompute) r.inputs[l] = x;
-      block_forward_train(y.data(), x.data(), c, s.layers[l].w, r.in, r.seed + 1 + l, r.saved[r.recompute ? 0 : l]);
+      block_forward_train(y.data(), x.data(), c, block(s.layers[l].w), r.in, r.seed + 1 + l,
+                          r.saved[r.recompute ? 0 : l]);
       x.swap(y);
     }
     if (s.final_norm.present) {
@@ -2411,11 +2448,12 @@ struct Trainer {
       BlockConfig c = s.layers[l].cfg;
       if (!r.dropout) c.dropout = c.attention_dropout = c.ff_dropout = 0.0f;
       BlockSaved& sv = r.saved[r.recompute ? 0 : l];
+      const BlockWeights w = block(s.layers[l].w);
       if (r.recompute) {  // the block's activations again, from its input and its dropout seed
         tmp.resize(dx.size());
-        block_forward_train(tmp.data(), r.inputs[l].data(), c, s.layers[l].w, r.in, r.seed + 1 + l, sv);
+        block_forward_train(tmp.data(), r.inputs[l].data(), c, w, r.in, r.seed + 1 + l, sv);
       }
-      block_backward(d.data(), dmemory, dx.data(), c, s.layers[l].w, bg(s.layers[l].w), sv);
+      block_backward(d.data(), dmemory, dx.data(), c, w, bg(w), sv);
       dx.swap(d);
     }
   }
@@ -2431,7 +2469,7 @@ struct Trainer {
       switch (op.kind) {
         case HeadOp::kLinear: {
           std::vector<float> next(static_cast<size_t>(rows * op.lin.out));
-          linear_forward(next.data(), op.lin.out, cur.data(), width, rows, op.lin);
+          linear_forward(next.data(), op.lin.out, cur.data(), width, rows, lin(op.lin));
           width = op.lin.out;
           cur.swap(next);
           break;
@@ -2457,7 +2495,7 @@ struct Trainer {
       switch (op.kind) {
         case HeadOp::kLinear:
           linear_backward(dx.data(), width, false, g(op.lin.weight), g(op.lin.bias), dy.data(), op.lin.out, in.data(),
-                          width, rows, op.lin);
+                          width, rows, lin(op.lin));
           break;
         case HeadOp::kAct: activation_backward(dx.data(), nullptr, dy.data(), in.data(), nullptr, rows, width, op.act); break;
         case HeadOp::kTanh:
@@ -2536,6 +2574,7 @@ Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions&
     st = TrainState::Impl();
     st.model = this, st.options = options;
     Trainer tr{m, m.grads};
+    tr.lora_step(options.seed, options.dropout);
     const auto setup = [&](StackRun& r, const std::int64_t* ids, index_t B, index_t T, const std::int64_t* types,
                            std::uint64_t seed) {
       r.B = B, r.T = T, r.seed = seed, r.dropout = options.dropout, r.recompute = options.recompute;
@@ -2558,7 +2597,7 @@ Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions&
                 std::memcpy(&st.patches[((b * N + gy * G + gx) * K) + (c * P + i) * P],
                             in.pixels + ((b * in.C + c) * in.H + gy * P + i) * in.W + gx * P, sizeof(float) * P);
       std::vector<float> emb(static_cast<size_t>(B * N * D)), x(static_cast<size_t>(B * T * D));
-      linear_forward(emb.data(), D, st.patches.data(), K, B * N, m.patch_proj);
+      linear_forward(emb.data(), D, st.patches.data(), K, B * N, tr.lin(m.patch_proj));
       for (index_t b = 0; b < B; ++b) {
         for (index_t c = 0; c < D; ++c) x[b * T * D + c] = m.cls_token[c] + m.vit_positions[c];
         for (index_t n = 0; n < N; ++n)
@@ -2605,7 +2644,7 @@ Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions&
       if (m.output_scale != 1.0f)
         for (float& v : st.lm_in) v *= m.output_scale;
       out->resize(static_cast<size_t>(in.B * in.Td * m.V));
-      linear_forward(out->data(), m.V, st.lm_in.data(), m.C, in.B * in.Td, m.lm_head);
+      linear_forward(out->data(), m.V, st.lm_in.data(), m.C, in.B * in.Td, tr.lin(m.lm_head));
       if (m.final_logits_bias)
         for (index_t r = 0; r < in.B * in.Td; ++r)
           for (index_t v = 0; v < m.V; ++v) (*out)[r * m.V + v] += m.final_logits_bias[v];
@@ -2642,7 +2681,7 @@ Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions&
       st.lm_in = x;
       st.head_rows = rows;
       out->resize(static_cast<size_t>(rows * m.V));
-      linear_forward(out->data(), m.V, x.data(), m.C, rows, m.lm_head);
+      linear_forward(out->data(), m.V, x.data(), m.C, rows, tr.lin(m.lm_head));
     } else {
       std::vector<HeadOp> ops = m.head_on_pooler ? m.pooler : std::vector<HeadOp>{};
       ops.insert(ops.end(), m.head_ops.begin(), m.head_ops.end());
@@ -2669,6 +2708,7 @@ Status PretrainedModel::train_backward(TrainState* state, const float* dout) {
     if (!st.valid || st.model != this) return Status::error("train_backward: no train_forward of this model to go back through");
     st.valid = false;
     Trainer tr{m, m.grads};
+    tr.lora_step(st.options.seed, st.options.dropout);
     // d(stack output) from d(out), through the head.
     const auto through_head = [&](index_t B, index_t T) {
       std::vector<float> dx(static_cast<size_t>(B * T * m.C), 0.0f);
@@ -2676,7 +2716,7 @@ Status PretrainedModel::train_backward(TrainState* state, const float* dout) {
         std::copy(dout, dout + B * T * m.C, dx.begin());
       } else if (m.head == Head::kCausalLM || m.head == Head::kSeq2SeqLM) {
         linear_backward(dx.data(), m.C, false, tr.g(m.lm_head.weight), tr.g(m.lm_head.bias), dout, m.V,
-                        st.lm_in.data(), m.C, B * T, m.lm_head);
+                        st.lm_in.data(), m.C, B * T, tr.lin(m.lm_head));
         if (m.output_scale != 1.0f)
           for (float& v : dx) v *= m.output_scale;
       } else {
@@ -2705,8 +2745,9 @@ Status PretrainedModel::train_backward(TrainState* state, const float* dout) {
       for (index_t b = 0; b < B; ++b) std::copy_n(&dx[(b * T + 1) * D], N * D, &demb[b * N * D]);
       float* gw = tr.g(m.patch_proj.weight);
       float* gb = tr.g(m.patch_proj.bias);
-      if (gw || gb)
-        linear_backward(nullptr, K, false, gw, gb, demb.data(), D, st.patches.data(), K, B * N, m.patch_proj);
+      const LinearRef proj = tr.lin(m.patch_proj);
+      if (gw || gb || (proj.lora && (proj.lora->grad_a || proj.lora->grad_b)))
+        linear_backward(nullptr, K, false, gw, gb, demb.data(), D, st.patches.data(), K, B * N, proj);
       return Status();
     }
     if (m.kind == Kind::kSeq2Seq) {
@@ -2738,11 +2779,14 @@ std::vector<std::string> PretrainedModel::new_parameters() const { return impl_-
 
 
 Status PretrainedModel::add_lora(const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
-                                 std::uint64_t seed, std::vector<std::string>* modules) {
+                                 double dropout, std::uint64_t seed, std::vector<std::string>* modules) {
   return no_throw([&]() -> Status {
     Impl& m = *impl_;
     if (r < 1 || r > 4096) return Status::error("add_lora: r must be in [1, 4096]");
     if (!std::isfinite(alpha) || alpha <= 0) return Status::error("add_lora: alpha must be finite and > 0");
+    // [0, 1) as a float too (a double just below 1 rounds to 1.0f: a division by zero)
+    if (!(dropout >= 0 && static_cast<float>(dropout) < 1.0f))
+      return Status::error("add_lora: dropout must be in [0, 1), got " + std::to_string(dropout));
     if (targets.empty()) return Status::error("add_lora: no target modules");
     std::vector<std::regex> patterns;
     if (regex)
@@ -2786,14 +2830,15 @@ Status PretrainedModel::add_lora(const std::vector<std::string>& targets, bool r
         std::uniform_real_distribution<double> u(-bound, bound);
         for (float& x : l.a) x = static_cast<float>(u(rng));
         l.ref.a = l.a.data(), l.ref.b = l.b.data(), l.ref.r = r, l.ref.scale = static_cast<float>(alpha / r);
+        l.ref.dropout = static_cast<float>(dropout);  // training stays false: only a training step's copies drop
         m.ck.params.push_back({module + ".lora_A.weight", {r, lin.in}, l.a.data()});
         m.ck.params.push_back({module + ".lora_B.weight", {lin.out, r}, l.b.data()});
         m.grads[l.a.data()].assign(l.a.size(), 0.0f);
         m.grads[l.b.data()].assign(l.b.size(), 0.0f);
         added.push_back(module);
         slot = &l;
-      } else if (slot->ref.r != r) {
-        st = Status::error("add_lora: " + module + " already has an adapter of another rank");
+      } else if (slot->ref.r != r || slot->ref.dropout != static_cast<float>(dropout)) {
+        st = Status::error("add_lora: " + module + " already has an adapter of another rank or dropout");
         return;
       }
       lin.lora = &slot->ref;

@@ -1337,6 +1337,195 @@ void test_half_linear(std::mt19937& gen) {
     }
 }
 
+// LoRA dropout at the Linear level: y = x W^T + scale (m x / (1 - p)) A^T B^T and its gradients against a
+// double-precision reference with the mask from lora_dropout_keep (several row blocks, strided x / y / dx), a probe
+// that reads the mask off the product itself, finite differences, and the p = 0 / eval paths.
+void test_lora_dropout(std::mt19937& gen) {
+  using cpuformer::index_t;
+  const std::string where = " path=" + cpuformer::get_simd_path() + " threads=" + std::to_string(cpuformer::get_num_threads());
+  const float p = 0.3f;
+  const std::uint64_t seed = 0x1234567ULL;
+  const auto keep = [&](std::uint64_t s, index_t i, index_t j, index_t in) {
+    return cpuformer::lora_dropout_keep(s, std::uint64_t(i) * std::uint64_t(in) + std::uint64_t(j), p);
+  };
+  for (int in_out = 0; in_out < 2; ++in_out) {
+    // 300 inputs: 218 rows per dropout block, so 500 rows take three blocks
+    const int rows = 500, in = 300, out = 23, r = 5, ldx = in + 3, ldy = out + 2, lddx = in + 4;
+    const float scale = 1.7f;
+    auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * ldx), bias = random_vec(gen, out);
+    auto A = random_vec(gen, size_t(r) * in), Bm = random_vec(gen, size_t(out) * r);
+    auto dY = random_vec(gen, size_t(rows) * ldy);
+    std::vector<float> gA(A.size(), 0.5f), gB(Bm.size(), -0.25f);
+    cpuformer::LoraAdapter l;
+    l.a = A.data(), l.b = Bm.data(), l.r = r, l.scale = scale, l.dropout = p, l.training = true, l.seed = seed;
+    l.grad_a = gA.data(), l.grad_b = gB.data();
+    cpuformer::LinearRef w;
+    w.in = in, w.out = out, w.weight = W.data(), w.bias = bias.data(), w.in_out = in_out, w.lora = &l;
+    std::vector<float> Y(size_t(rows) * ldy, -3.0f);
+    cpuformer::linear_forward(Y.data(), ldy, X.data(), ldx, rows, w);
+    // the reference, in double: xd = m x / (1 - p), t = xd A^T, u = dy B
+    std::vector<double> xd(size_t(rows) * in), t(size_t(rows) * r, 0.0), u(size_t(rows) * r, 0.0);
+    size_t dropped = 0;
+    for (int i = 0; i < rows; ++i)
+      for (int j = 0; j < in; ++j) {
+        const bool k = keep(seed, i, j, in);
+        dropped += !k;
+        xd[size_t(i) * in + j] = k ? double(X[size_t(i) * ldx + j]) / (1.0 - double(p)) : 0.0;
+      }
+    for (int i = 0; i < rows; ++i)
+      for (int k = 0; k < r; ++k) {
+        for (int j = 0; j < in; ++j) t[size_t(i) * r + k] += xd[size_t(i) * in + j] * A[size_t(k) * in + j];
+        for (int o = 0; o < out; ++o) u[size_t(i) * r + k] += double(dY[size_t(i) * ldy + o]) * Bm[size_t(o) * r + k];
+      }
+    double err = 0, mag = 1e-30;
+    bool gaps = true;
+    for (int i = 0; i < rows; ++i) {
+      for (int o = 0; o < out; ++o) {
+        double ref = bias[o];
+        for (int j = 0; j < in; ++j)
+          ref += double(X[size_t(i) * ldx + j]) * (in_out ? W[size_t(j) * out + o] : W[size_t(o) * in + j]);
+        for (int k = 0; k < r; ++k) ref += double(scale) * t[size_t(i) * r + k] * Bm[size_t(o) * r + k];
+        err = std::max(err, std::fabs(ref - Y[size_t(i) * ldy + o])), mag = std::max(mag, std::fabs(ref));
+      }
+      for (int o = out; o < ldy; ++o) gaps = gaps && Y[size_t(i) * ldy + o] == -3.0f;
+    }
+    const std::string shape = " in_out=" + std::to_string(in_out) + where;
+    const double frac = double(dropped) / (double(rows) * in);
+    check(err / mag < 1e-5 && gaps, "LoRA dropout forward vs double reference" + shape);
+    check(std::fabs(frac - p) < 0.01, "LoRA dropout drops about p of the input, got " + std::to_string(frac) + shape);
+
+    // Backward, dx overwritten then accumulated: dx = dy W + m / (1 - p) (scale u A), dA += scale u^T xd,
+    // dB += scale dy^T t.
+    for (bool acc : {false, true}) {
+      std::vector<float> dX(size_t(rows) * lddx, 0.75f), dW(W.size(), 0.0f);
+      std::fill(gA.begin(), gA.end(), 0.5f), std::fill(gB.begin(), gB.end(), -0.25f);
+      cpuformer::linear_backward(dX.data(), lddx, acc, dW.data(), nullptr, dY.data(), ldy, X.data(), ldx, rows, w);
+      double ex = 0, mx = 1e-30, ea = 0, ma = 1e-30, eb = 0, mb = 1e-30;
+      bool dx_gaps = true;
+      for (int i = 0; i < rows; ++i) {
+        for (int j = 0; j < in; ++j) {
+          double base = acc ? 0.75 : 0.0, lo = 0.0;
+          for (int o = 0; o < out; ++o)
+            base += double(dY[size_t(i) * ldy + o]) * (in_out ? W[size_t(j) * out + o] : W[size_t(o) * in + j]);
+          for (int k = 0; k < r; ++k) lo += double(scale) * u[size_t(i) * r + k] * A[size_t(k) * in + j];
+          const double ref = base + (keep(seed, i, j, in) ? lo / (1.0 - double(p)) : 0.0);
+          ex = std::max(ex, std::fabs(ref - dX[size_t(i) * lddx + j])), mx = std::max(mx, std::fabs(ref));
+        }
+        for (int j = in; j < lddx; ++j) dx_gaps = dx_gaps && dX[size_t(i) * lddx + j] == 0.75f;
+      }
+      for (int k = 0; k < r; ++k)
+        for (int j = 0; j < in; ++j) {
+          double ref = 0.5;
+          for (int i = 0; i < rows; ++i) ref += double(scale) * u[size_t(i) * r + k] * xd[size_t(i) * in + j];
+          ea = std::max(ea, std::fabs(ref - gA[size_t(k) * in + j])), ma = std::max(ma, std::fabs(ref));
+        }
+      for (int o = 0; o < out; ++o)
+        for (int k = 0; k < r; ++k) {
+          double ref = -0.25;
+          for (int i = 0; i < rows; ++i) ref += double(scale) * dY[size_t(i) * ldy + o] * t[size_t(i) * r + k];
+          eb = std::max(eb, std::fabs(ref - gB[size_t(o) * r + k])), mb = std::max(mb, std::fabs(ref));
+        }
+      const std::string s = " accumulate=" + std::to_string(acc) + shape;
+      check(ex / mx < 1e-5 && dx_gaps, "LoRA dropout dx vs double reference" + s);
+      check(ea / ma < 1e-5, "LoRA dropout grad A vs double reference" + s);
+      check(eb / mb < 1e-5, "LoRA dropout grad B vs double reference" + s);
+    }
+
+    // Not training (a model's own adapter: inference, merge): no dropout, bitwise the p = 0 adapter's product.
+    cpuformer::LoraAdapter off = l, zero = l;
+    off.training = false, zero.dropout = 0.0f;
+    std::vector<float> Y1(Y.size()), Y2(Y.size());
+    cpuformer::LinearRef w1 = w, w2 = w;
+    w1.lora = &off, w2.lora = &zero;
+    cpuformer::linear_forward(Y1.data(), ldy, X.data(), ldx, rows, w1);
+    cpuformer::linear_forward(Y2.data(), ldy, X.data(), ldx, rows, w2);
+    check(Y1 == Y2 && Y1 != Y, "LoRA dropout off (training=false) equals p=0, and differs from dropout" + shape);
+  }
+
+  // Probe: W = 0, A = B = I, x = 1, scale = 1 -> y = m / (1 - p): the product's own mask equals lora_dropout_keep's;
+  // another seed gives another mask.
+  {
+    const int rows = 40, n = 64;
+    std::vector<float> I(size_t(n) * n, 0.0f), W(size_t(n) * n, 0.0f), X(size_t(rows) * n, 1.0f), Y(X.size());
+    for (int i = 0; i < n; ++i) I[size_t(i) * n + i] = 1.0f;
+    cpuformer::LoraAdapter l;
+    l.a = I.data(), l.b = I.data(), l.r = n, l.scale = 1.0f, l.dropout = p, l.training = true;
+    cpuformer::LinearRef w;
+    w.in = n, w.out = n, w.weight = W.data(), w.lora = &l;
+    std::vector<std::vector<bool>> masks;
+    for (std::uint64_t s : {seed, seed + 1}) {
+      l.seed = s;
+      cpuformer::linear_forward(Y.data(), n, X.data(), n, rows, w);
+      bool same = true;
+      std::vector<bool> m(Y.size());
+      for (int i = 0; i < rows; ++i)
+        for (int j = 0; j < n; ++j) {
+          const float y = Y[size_t(i) * n + j];
+          same = same && (keep(s, i, j, n) ? y == 1.0f / (1.0f - p) : y == 0.0f);
+          m[size_t(i) * n + j] = y != 0.0f;
+        }
+      check(same, "LoRA dropout probe: the product's mask is lora_dropout_keep's" + where);
+      masks.push_back(m);
+    }
+    check(masks[0] != masks[1], "LoRA dropout: another seed, another mask" + where);
+    const std::uint64_t s0 = cpuformer::lora_dropout_seed(7, 0), s1 = cpuformer::lora_dropout_seed(7, 1),
+                        s2 = cpuformer::lora_dropout_seed(8, 0);
+    check(s0 != s1 && s0 != s2 && s1 != s2 && s0 == cpuformer::lora_dropout_seed(7, 0),
+          "lora_dropout_seed: a seed per (step, adapter), the same again for the same pair");
+  }
+
+  // Finite differences of L = sum(dy * y) in double over a tiny float product (eps large against float rounding;
+  // L is linear in A and B, so central differences are exact but for rounding).
+  {
+    const int rows = 3, in = 4, out = 2, r = 2;
+    auto W = random_vec(gen, size_t(in) * out), X = random_vec(gen, size_t(rows) * in);
+    auto A = random_vec(gen, size_t(r) * in), Bm = random_vec(gen, size_t(out) * r), dY = random_vec(gen, size_t(rows) * out);
+    std::vector<float> gA(A.size(), 0.0f), gB(Bm.size(), 0.0f), dX(X.size());
+    cpuformer::LoraAdapter l;
+    l.a = A.data(), l.b = Bm.data(), l.r = r, l.scale = 0.8f, l.dropout = 0.5f, l.training = true, l.seed = 99;
+    l.grad_a = gA.data(), l.grad_b = gB.data();
+    cpuformer::LinearRef w;
+    w.in = in, w.out = out, w.weight = W.data(), w.lora = &l;
+    const auto loss = [&]() {
+      std::vector<float> Y(size_t(rows) * out);
+      cpuformer::linear_forward(Y.data(), out, X.data(), in, rows, w);
+      double s = 0;
+      for (size_t i = 0; i < Y.size(); ++i) s += double(Y[i]) * dY[i];
+      return s;
+    };
+    cpuformer::linear_backward(dX.data(), in, false, nullptr, nullptr, dY.data(), out, X.data(), in, rows, w);
+    double worst = 0;
+    for (auto [v, g] : {std::make_pair(&A, &gA), std::make_pair(&Bm, &gB), std::make_pair(&X, &dX)})
+      for (size_t i = 0; i < v->size(); ++i) {
+        const float keep_v = (*v)[i], eps = 1e-2f;
+        (*v)[i] = keep_v + eps;
+        const double up = loss();
+        (*v)[i] = keep_v - eps;
+        const double down = loss();
+        (*v)[i] = keep_v;
+        const double fd = (up - down) / (2.0 * eps);
+        worst = std::max(worst, std::fabs(fd - (*g)[i]) / std::max(1.0, std::fabs(fd)));
+      }
+    check(worst < 1e-3, "LoRA dropout gradients vs finite differences, worst " + std::to_string(worst) + where);
+  }
+
+  // A dropout outside [0, 1) is an error, not a silent product.
+  {
+    std::vector<float> W(4, 1.0f), A(2, 1.0f), Bm(2, 1.0f), X(2, 1.0f), Y(2);
+    cpuformer::LoraAdapter l;
+    l.a = A.data(), l.b = Bm.data(), l.r = 1, l.scale = 1.0f, l.dropout = 1.0f, l.training = true;
+    cpuformer::LinearRef w;
+    w.in = 2, w.out = 2, w.weight = W.data(), w.lora = &l;
+    bool threw = false;
+    try {
+      cpuformer::linear_forward(Y.data(), 2, X.data(), 2, 1, w);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    check(threw, "LoRA dropout 1.0 throws std::invalid_argument");
+  }
+}
+
 void test_half_embedding(std::mt19937& gen) {
   using cpuformer::HalfType;
   using cpuformer::index_t;
@@ -1576,6 +1765,7 @@ int main() {
       test_int8_kernels(gen);
       test_positions_norms(gen);
       test_half_linear(gen);
+      test_lora_dropout(gen);
     }
     test_half_conversions(gen);
     test_half_embedding(gen);

@@ -55,12 +55,14 @@ def add_parser(sub) -> None:
     g.add_argument("--lora", type=_count(), default=None, metavar="R",
                    help="train LoRA adapters of rank R (and a new head) instead of every weight")
     g.add_argument("--lora-alpha", type=_number(0), default=None, help="LoRA alpha (default: 2 R)")
+    g.add_argument("--lora-dropout", type=_number(0, 1, low_open=False), default=0.0, metavar="P",
+                   help="dropout on the LoRA adapters' input while training, as PEFT's lora_dropout (default: 0)")
     g.add_argument("--lora-targets", default=None,
                    help="comma-separated module names (PEFT's rule), or a regular expression if it contains any "
                         "of ^$*+?()[]|\\ (default: PEFT's for the model type)")
     g.add_argument("--recompute", action="store_true",
                    help="gradient checkpointing: recompute each block's activations in backward (less memory)")
-    g.add_argument("--no-dropout", action="store_true", help="train without the config's dropout")
+    g.add_argument("--no-dropout", action="store_true", help="train without dropout (the config's and --lora-dropout)")
     g.add_argument("--patience", type=_count(), default=None,
                    help="classify/embed: stop after this many evaluations without improvement (keeps the best)")
 
@@ -214,7 +216,7 @@ def cmd_finetune(args) -> int:
             targets = [t.strip() for t in targets.split(",") if t.strip()]
         try:
             modules = lora_mod.add_lora(core_model, r=args.lora, alpha=args.lora_alpha or 2 * args.lora,
-                                        target_modules=targets, seed=args.seed)
+                                        dropout=args.lora_dropout, target_modules=targets, seed=args.seed)
         except ValueError as exc:
             raise UsageError(f"--lora: {exc}") from None
         if not modules:
@@ -244,7 +246,8 @@ def cmd_finetune(args) -> int:
         if args.lora:
             lora_mod.save_lora(core_model, os.path.join(args.output_dir, "lora"))
         job = {"job": "finetune", "task": args.task, "base": os.path.abspath(args.model_dir), "step": trainer.step,
-               "lora": args.lora, "lora_alpha": args.lora_alpha or (2 * args.lora if args.lora else None)}
+               "lora": args.lora, "lora_alpha": args.lora_alpha or (2 * args.lora if args.lora else None),
+               "lora_dropout": args.lora_dropout if args.lora else None}
         atomic_write_bytes(os.path.join(args.output_dir, "finetune.json"), [json.dumps(job, indent=2).encode()])
 
     cli._run(trainer, args, data["train"], data.get("val"), save)

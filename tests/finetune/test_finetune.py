@@ -218,10 +218,10 @@ def test_recompute_gives_the_same_gradients(ft_bert_seqcls):
     assert all(np.array_equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-def _lora_run(path, out_dir, steps, resume=False):
+def _lora_run(path, out_dir, steps, resume=False, lora_dropout=0.0):
     init.manual_seed(0)
     model = from_pretrained(path, task="text-classification", num_labels=2, verbose=False)
-    lora.add_lora(model, r=2, alpha=4, seed=1)
+    lora.add_lora(model, r=2, alpha=4, dropout=lora_dropout, seed=1)
     ids, mask = _batch(9, B=12)
     tr = _seqcls_trainer(model, lr=1e-2, output_dir=str(out_dir), save_every=2)
     tr.fit(x=[ids, mask], y=np.arange(12) % 2, epochs=10, batch_size=4, max_steps=steps,
@@ -229,19 +229,22 @@ def _lora_run(path, out_dir, steps, resume=False):
     return model, [r["loss"] for r in tr.history if "loss" in r]
 
 
-def test_lora_resume_is_exact(tmp_path, ft_bert):
-    """A LoRA fine-tune (frozen mapped base, dropout on) stopped at step 4 and resumed from its checkpoint equals the
-    uninterrupted run bitwise; the checkpoint holds only the adapters and the head."""
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.3])
+def test_lora_resume_is_exact(tmp_path, ft_bert, lora_dropout):
+    """A LoRA fine-tune (frozen mapped base, dropout on, LoRA dropout off and on) stopped at step 4 and resumed from
+    its checkpoint equals the uninterrupted run bitwise; the checkpoint holds only the adapters and the head."""
     d = tmp_path / "dropout_bert"
     import shutil
     shutil.copytree(ft_bert[0], d)
     cfg = json.loads((d / "config.json").read_text())
     cfg.update(hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     (d / "config.json").write_text(json.dumps(cfg))
-    full, full_losses = _lora_run(str(d), tmp_path / "a", 7)
-    _lora_run(str(d), tmp_path / "b", 4)
-    resumed, losses = _lora_run(str(d), tmp_path / "b", 7, resume=True)
+    full, full_losses = _lora_run(str(d), tmp_path / "a", 7, lora_dropout=lora_dropout)
+    _lora_run(str(d), tmp_path / "b", 4, lora_dropout=lora_dropout)
+    resumed, losses = _lora_run(str(d), tmp_path / "b", 7, resume=True, lora_dropout=lora_dropout)
     assert losses == full_losses
+    if lora_dropout:  # the LoRA dropout is in effect: the run differs from one without it
+        assert _lora_run(str(d), tmp_path / "c", 7)[1] != full_losses
     a, b = full.state_dict(), resumed.state_dict()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     from cpuformer.io import load_safetensors
@@ -288,16 +291,21 @@ def test_finetune_job_classify_lora(ft_bert_tok, tmp_path):
     (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n")
     out = tmp_path / "run"
     r = _cli("finetune", ft_bert_tok, "--task", "classify", "--train", "train.tsv", "--steps", "3",
-             "--batch-size", "4", "--lora", "2", "--output-dir", str(out), "--quiet", "--threads", "1", cwd=tmp_path)
+             "--batch-size", "4", "--lora", "2", "--lora-dropout", "0.1", "--output-dir", str(out), "--quiet",
+             "--threads", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     model = from_pretrained(out)
     assert model.head == "sequence-classification" and model.id2label == {0: "neg", 1: "pos"}
     assert model.tokenizer is not None and (out / "lora" / "adapter_config.json").is_file()
+    assert json.loads((out / "lora" / "adapter_config.json").read_text())["lora_dropout"] == 0.1
     assert (out / "checkpoint-3").is_dir()
     r = _cli("finetune", ft_bert_tok, "--task", "classify", "--train", "train.tsv", "--steps", "4",
-             "--batch-size", "4", "--lora", "2", "--output-dir", str(out), "--resume", "--threads", "1",
-             cwd=tmp_path)
+             "--batch-size", "4", "--lora", "2", "--lora-dropout", "0.1", "--output-dir", str(out), "--resume",
+             "--threads", "1", cwd=tmp_path)
     assert r.returncode == 0 and "resumed from checkpoint-3" in r.stdout, r.stderr
+    r = _cli("finetune", ft_bert_tok, "--task", "classify", "--train", "train.tsv", "--steps", "1", "--lora", "2",
+             "--lora-dropout", "1", cwd=tmp_path)
+    assert r.returncode == 2 and "--lora-dropout" in r.stderr
     r = _cli("finetune", ft_bert_tok, "--task", "lm", "--train", "train.tsv", "--steps", "1", cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "causal-lm" in r.stderr
 

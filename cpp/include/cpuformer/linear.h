@@ -15,8 +15,14 @@
 
 namespace cpuformer {
 
-// A LoRA adapter on a Linear layer (PEFT's layout): y += scale * (x A^T) B^T with A (r, in), B (out, r),
+// A LoRA adapter on a Linear layer (PEFT's layout): y += scale * (dropout(x) A^T) B^T with A (r, in), B (out, r),
 // scale = alpha / r. Gradients of A and B are accumulated into grad_a / grad_b when they are non-null.
+//
+// Dropout (PEFT's lora_dropout) acts on the adapter's input only (the base product sees x as it is), and only when
+// `training`: element (i, j) of x (row i, column j) is kept when lora_dropout_keep(seed, i * in + j, dropout) and
+// then scaled by 1 / (1 - dropout). The mask is a function of (seed, element) alone, so backward regenerates it
+// (nothing is stored) and it does not depend on the thread count. A model's own adapters keep training = false (its
+// inference and merge never drop); a training step uses copies with training set and a seed of its own per adapter.
 struct LoraAdapter {
   const float* a = nullptr;
   const float* b = nullptr;
@@ -24,7 +30,18 @@ struct LoraAdapter {
   float scale = 0.0f;
   float* grad_a = nullptr;
   float* grad_b = nullptr;
+  float dropout = 0.0f;     // in [0, 1)
+  bool training = false;    // apply the dropout
+  std::uint64_t seed = 0;   // the mask's seed (training)
 };
+
+// Whether dropout keeps element `counter` under `seed` (the draw of LoraAdapter's mask; element (i, j) of an
+// (rows, in) input is counter i * in + j).
+bool lora_dropout_keep(std::uint64_t seed, std::uint64_t counter, float dropout);
+
+// The seed of adapter `index` (its position among a model's adapters) in the training step seeded `step_seed`:
+// every adapter gets its own mask, every step new ones.
+std::uint64_t lora_dropout_seed(std::uint64_t step_seed, std::uint64_t index);
 
 struct LinearRef {
   index_t in = 0, out = 0;

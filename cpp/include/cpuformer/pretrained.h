@@ -79,7 +79,7 @@ struct TrainInputs {
   std::int64_t C = 0, H = 0, W = 0;
 };
 struct TrainOptions {
-  bool dropout = true;      // the config's dropout probabilities (hidden, attention); false: deterministic
+  bool dropout = true;      // the config's dropout probabilities (hidden, attention) and LoRA's; false: deterministic
   std::uint64_t seed = 0;   // the dropout masks' seed
   bool recompute = false;   // keep only each block's input; recompute its activations during backward
 };
@@ -176,7 +176,10 @@ class PretrainedModel {
   // an ECMAScript full match of one pattern; else PEFT's list rule: the name equals a target or ends with
   // "." + target). y += (alpha / r) B A x, in inference too. The adapters are parameters named
   // "<module>.lora_A.weight" / ".lora_B.weight" that require gradients. `modules` receives the adapted names.
-  Status add_lora(const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
+  // `dropout` in [0, 1): PEFT's lora_dropout on each adapter's input, in train_forward only (with
+  // TrainOptions::dropout): adapter i (the i-th added, counting earlier add_lora calls) draws its mask from
+  // lora_dropout_seed(TrainOptions::seed, i) (linear.h), so a step's masks follow from its seed alone.
+  Status add_lora(const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha, double dropout,
                   std::uint64_t seed, std::vector<std::string>* modules);
   // Folds every adapter into its weight (W += (alpha / r) B A) and removes the adapters; needs float32 weights of
   // the model's own (a trainable load).

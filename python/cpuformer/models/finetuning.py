@@ -10,10 +10,11 @@ A model loaded with ``trainable=True`` (every tensor copied into writable float3
   parameters without ``requires_grad``) no optimizer moments. A trainable load starts with every parameter frozen
   except new heads and adapters; call ``model.requires_grad_(True)`` for full fine-tuning.
 * ``train()`` / ``eval()``: in training mode calling the model runs the core's training forward (dropout as the
-  config says, unless ``model.train_dropout = False``; each call draws its dropout seed from
-  :mod:`cpuformer.nn.init`'s generator, which the Trainer's checkpoints save, so a resumed run is exact) and keeps
-  what ``backward(grad_output)`` needs, one state per thread. ``model.gradient_checkpointing = True`` recomputes each
-  block's activations in backward (less memory, bitwise the same gradients). In eval mode calls are inference.
+  config says, and the LoRA adapters' ``lora_dropout``, unless ``model.train_dropout = False``; each call draws its
+  dropout seed from :mod:`cpuformer.nn.init`'s generator, which the Trainer's checkpoints save, so a resumed run is
+  exact) and keeps what ``backward(grad_output)`` needs, one state per thread. ``model.gradient_checkpointing =
+  True`` recomputes each block's activations in backward (less memory, bitwise the same gradients). In eval mode
+  calls are inference.
 * ``state_dict()`` holds what training changes: the parameters that require gradients (LoRA adapters, new heads,
   and the base weights when they are trained). The Trainer's checkpoints store it; with a frozen base they are
   small, and resuming needs the same base directory. ``load_state_dict`` copies such a dict back.
@@ -100,7 +101,7 @@ class Trainable:
     ``_core`` (the C++ model), ``config``, ``directory``, ``tokenizer``."""
 
     training = False
-    train_dropout = True          # training-mode forwards apply the config's dropout
+    train_dropout = True          # training-mode forwards apply the config's dropout and LoRA's
     gradient_checkpointing = False  # recompute each block's activations in backward
     trainable = False             # loaded with trainable=True
     lora_config: Optional[dict] = None  # set by cpuformer.nn.lora.add_lora / load_lora

@@ -5,9 +5,13 @@ every Linear whose module name matches (a list: PEFT's rule, the name equals a t
 string: a regular expression the whole name must match), initialised as PEFT does (A uniform, B zero), and freezes
 everything else except ``modules_to_save`` (default: the task head the load created, as PEFT keeps a new
 classifier trainable). The base may be a memory-mapped or 16-bit load: it then stays frozen and costs no gradient
-memory. ``merge_lora`` folds the adapters into the weights (needs ``trainable=True``); ``save_lora`` writes
-``adapter_config.json`` + ``adapter_model.safetensors`` that ``peft.PeftModel.from_pretrained`` loads, and
-``load_lora`` reads such a directory (saved by PEFT or by ``save_lora``) back.
+memory. ``dropout=p`` is PEFT's ``lora_dropout``: in training-mode forwards (with ``model.train_dropout``) each
+adapter sees ``dropout(x)`` (inverted dropout, the base product sees ``x``); its masks follow from the step's
+dropout seed (drawn from :mod:`cpuformer.nn.init`'s generator, which checkpoints save), so a resumed run is exact;
+eval mode, inference and merging never drop. ``merge_lora`` folds the adapters into the weights (needs
+``trainable=True``); ``save_lora`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` that
+``peft.PeftModel.from_pretrained`` loads, and ``load_lora`` reads such a directory (saved by PEFT or by
+``save_lora``) back.
 """
 from __future__ import annotations
 
@@ -44,17 +48,27 @@ def _pretrained(model):
     return model
 
 
+def _dropout(p) -> float:
+    """A dropout probability in [0, 1) (as float32 too: the core's), else ValueError naming ``dropout``."""
+    try:
+        value = float(p)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(p, bool) or not (0.0 <= value < 1.0) or not np.float32(value) < 1.0:
+        raise ValueError(f"dropout must be a number in [0, 1), got {p!r}")
+    return value
+
+
 def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0,
              target_modules: Union[None, str, Sequence[str]] = None, modules_to_save: Optional[Sequence[str]] = None,
              seed: int = 0) -> List[str]:
     """Add LoRA adapters and make them (and ``modules_to_save``) the only trainable parameters; returns the adapted
-    module names. ``target_modules``: a list of names (PEFT's rule), a regex string, or None for PEFT's default for
+    module names. ``dropout``: PEFT's ``lora_dropout`` on each adapter's input, training mode only (module
+    docstring). ``target_modules``: a list of names (PEFT's rule), a regex string, or None for PEFT's default for
     the model type. ``modules_to_save``: module names (or name prefixes) whose parameters stay trainable; None = the
     task head the load created (``model.new_parameters``), ``[]`` = adapters only."""
     m = _pretrained(model)
-    if dropout:
-        raise NotImplementedError(f"LoRA dropout {dropout} is not implemented (cpuformer's adapters have no dropout "
-                                  "on their input): pass dropout=0.0")
+    dropout = _dropout(dropout)
     if isinstance(r, bool) or int(r) < 1:
         raise ValueError(f"r must be >= 1, got {r!r}")
     if m.lora_config:
@@ -65,7 +79,7 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0,
         target_modules = DEFAULT_TARGETS[m.model_type]
     regex = isinstance(target_modules, str)
     targets = [target_modules] if regex else [str(t) for t in target_modules]
-    modules = list(m._core.add_lora(targets, regex, int(r), float(alpha), int(seed)))
+    modules = list(m._core.add_lora(targets, regex, int(r), float(alpha), int(seed), dropout))
     m._changed()
     if modules_to_save is None:
         new = m.new_parameters
@@ -75,8 +89,10 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0,
         adapter = name.endswith((".lora_A.weight", ".lora_B.weight"))
         saved = any(name == k or name.startswith(k + ".") for k in keep)
         p.requires_grad = adapter or saved
-    m.lora_config = {"r": int(r), "lora_alpha": float(alpha), "target_modules": target_modules if regex else targets,
-                     "modules": modules, "modules_to_save": keep}
+    # "modules" is in the order the core added them: adapter i's masks come from lora_dropout_seed(step seed, i)
+    m.lora_config = {"r": int(r), "lora_alpha": float(alpha), "lora_dropout": dropout,
+                     "target_modules": target_modules if regex else targets, "modules": modules,
+                     "modules_to_save": keep}
     return modules
 
 
@@ -127,7 +143,7 @@ def save_lora(model, directory) -> str:
     save_safetensors(os.path.join(directory, "adapter_model.safetensors"), tensors, {"format": "pt"})
     targets = lc["target_modules"]
     config = {"peft_type": "LORA", "task_type": task_type, "r": lc["r"],
-              "lora_alpha": lc["lora_alpha"], "lora_dropout": 0.0, "target_modules": targets,
+              "lora_alpha": lc["lora_alpha"], "lora_dropout": lc.get("lora_dropout", 0.0), "target_modules": targets,
               "bias": "none", "fan_in_fan_out": _fan_in_fan_out(m), "modules_to_save": sorted(to_save) or None,
               "base_model_name_or_path": m.directory, "init_lora_weights": True, "inference_mode": True,
               "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
@@ -139,7 +155,8 @@ def save_lora(model, directory) -> str:
 def load_lora(model, directory, trainable: bool = True) -> List[str]:
     """Add the adapters of a PEFT LoRA directory (``adapter_config.json`` + ``adapter_model.safetensors``, saved
     by PEFT or :func:`save_lora`) to ``model`` with their values; ``modules_to_save`` weights are copied into the
-    model. Returns the adapted module names. ``trainable``: the adapters (and saved modules) require gradients."""
+    model; the config's ``lora_dropout`` applies when training on. Returns the adapted module names.
+    ``trainable``: the adapters (and saved modules) require gradients."""
     m = _pretrained(model)
     directory = os.fspath(directory)
     cfg_path = os.path.join(directory, "adapter_config.json")
@@ -158,6 +175,10 @@ def load_lora(model, directory, trainable: bool = True) -> List[str]:
     if cfg.get("layers_to_transform") is not None:
         raise ValueError(f"{cfg_path}: layers_to_transform is not supported")
     r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
+    try:
+        dropout = _dropout(cfg.get("lora_dropout") or 0.0)
+    except ValueError as exc:
+        raise ValueError(f"{cfg_path}: lora_{exc}") from None
     if cfg.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # rsLoRA's scale alpha / sqrt(r) = (alpha sqrt(r)) / r
     weights_path = os.path.join(directory, "adapter_model.safetensors")
@@ -167,7 +188,7 @@ def load_lora(model, directory, trainable: bool = True) -> List[str]:
     # PEFT's names: base_model.model.<torch module>.lora_A[.default].weight; ours: <checkpoint module>.lora_A.weight
     targets = cfg.get("target_modules")
     saved = cfg.get("modules_to_save") or []
-    modules = add_lora(m, r=r, alpha=alpha, target_modules=targets, modules_to_save=[])
+    modules = add_lora(m, r=r, alpha=alpha, dropout=dropout, target_modules=targets, modules_to_save=[])
     names = m.hf_names()
     ours_by_hf = {hf: ours for ours, hf in names.items()}
     views = m._views()
