@@ -245,11 +245,16 @@ def _schedule(args, box: list) -> Schedule:
     return sched
 
 
+def _data_parallel(model, args):
+    """The job's DataParallel when MPI started several ranks (else None); build the model completely first."""
+    if not _DIST["on"]:
+        return None
+    from .distributed import DataParallel
+    return DataParallel(model, threads=args.threads, seed=args.seed)
+
+
 def _trainer(model, args, metrics, callbacks=()) -> Trainer:
-    distributed = None
-    if _DIST["on"]:
-        from .distributed import DataParallel
-        distributed = DataParallel(model, threads=args.threads, seed=args.seed)
+    distributed = _data_parallel(model, args)
     box: list = []
     trainer = Trainer(model, CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0)),
                       AdamW(model, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01),

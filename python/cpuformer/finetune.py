@@ -159,7 +159,7 @@ def _load(args, num_labels=None):
         elif not arch.endswith("ForSequenceClassification"):
             raise UsageError(f"--task classify: {args.model_dir} is a {arch}, not an encoder")
     model = from_pretrained(args.model_dir, trainable=True, task=task, num_labels=num_labels if task else None,
-                            init_seed=args.seed)
+                            init_seed=args.seed, verbose=cli._is_main())
     want = {"classify": "sequence-classification", "lm": "causal-lm", "translate": "seq2seq-lm"}[args.task]
     if model.head != want:
         raise UsageError(f"--task {args.task}: {args.model_dir} has a {model.head} head ({model.architecture}), "
@@ -172,8 +172,6 @@ def _load(args, num_labels=None):
 
 
 def cmd_finetune(args) -> int:
-    if cli._DIST["on"]:
-        raise UsageError("finetune does not run data-parallel yet (start it without mpiexec)")
     cli._budget(args)
     if args.task == "translate":
         if not (args.train_src and args.train_tgt):
@@ -231,12 +229,14 @@ def cmd_finetune(args) -> int:
     callbacks = []
     if args.patience and "val" in data:
         callbacks.append(EarlyStopping("val_loss", patience=args.patience, mode="min", restore_best=True))
+    # after the adapters and requires_grad: it broadcasts and all-reduces the trainable parameters
+    distributed = cli._data_parallel(model, args)
     box: list = []
     trainer = Trainer(model, task_loss(model), AdamW(model, lr=args.lr, weight_decay=0.01),
                       schedule=cli._schedule(args, box), max_grad_norm=1.0, metrics=metrics,
                       output_dir=args.output_dir, save_every=args.save_every, eval_every=args.eval_every,
                       seed=args.seed, callbacks=callbacks, quiet=args.quiet, log_every=None,
-                      log_seconds=cli.PROGRESS_SECONDS)
+                      log_seconds=cli.PROGRESS_SECONDS, distributed=distributed)
     box.append(trainer)
 
     def save():
