@@ -178,12 +178,6 @@ def _setup(args) -> None:
     if args.threads:
         cpuformer.set_num_threads(args.threads)
     nn.init.manual_seed(args.seed)
-    if _DIST["on"]:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-        threads = comm.gather(cpuformer.get_num_threads(), root=0)
-        if comm.Get_rank() == 0:
-            print(f"data-parallel: {comm.Get_size()} ranks, threads per rank {threads}", flush=True)
 
 
 def _output_dir(args) -> str:
@@ -250,7 +244,11 @@ def _data_parallel(model, args):
     if not _DIST["on"]:
         return None
     from .distributed import DataParallel
-    return DataParallel(model, threads=args.threads, seed=args.seed)
+    dp = DataParallel(model, threads=args.threads, seed=args.seed)
+    threads = dp.comm.gather(cpuformer.get_num_threads(), root=0)  # (as DataParallel set them)
+    if dp.is_main:
+        print(f"data-parallel: {dp.size} ranks, threads per rank {threads}", flush=True)
+    return dp
 
 
 def _trainer(model, args, metrics, callbacks=()) -> Trainer:
