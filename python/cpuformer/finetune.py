@@ -57,12 +57,30 @@ _HEADS = {"classify": ("sequence-classification", "text-classification", "ForSeq
           "lm": ("causal-lm", None, None), "translate": ("seq2seq-lm", None, None)}
 
 
+def _task_list(paragraph: str, width: int = 100) -> str:
+    """The docstring's task list for --help: each task's text filled to ``width`` under a hanging indent."""
+    import textwrap
+    head, *lines = paragraph.splitlines()
+    entries: List[List[str]] = []
+    for line in lines:
+        if line.startswith("  ") and not line.startswith("   "):  # a new task
+            name, text = line.strip().split(None, 1)
+            entries.append([name, text])
+        else:
+            entries[-1][1] += " " + line.strip()
+    pad = 2 + max(len(name) for name, _ in entries) + 2
+    return head + "\n" + "\n".join(textwrap.fill(text, width, initial_indent=f"  {name}".ljust(pad),
+                                                 subsequent_indent=" " * pad, break_on_hyphens=False)
+                                 for name, text in entries)
+
+
 def add_parser(sub) -> None:
+    intro, tasks, rest = __doc__.split("\n\n")[:3]
     p = sub.add_parser("finetune", formatter_class=cli._Formatter,
-                       help="fine-tune a Hugging Face model directory (classify, token-classify, qa, lm, translate, embed; "
-                            "full or LoRA; data-parallel under mpiexec)",
-                       description=cli._describe(__doc__.split("\n\n", 1)[0].replace("``", ""),
-                                                 *__doc__.split("\n\n")[1:3]))
+                       help="fine-tune a Hugging Face model directory (classify, token-classify, qa, lm, translate, "
+                            "embed; full or LoRA; data-parallel under mpiexec)",
+                       description="\n\n".join((cli._describe(intro.replace("``", "")), _task_list(tasks),
+                                                 cli._describe(rest.replace(":mod:", "").replace("`", "")))))
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model directory (config.json, "
                    "model.safetensors, tokenizer)")
     g = p.add_argument_group("task and input")
