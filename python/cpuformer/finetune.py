@@ -1,7 +1,7 @@
-"""``python -m cpuformer finetune MODEL_DIR --task classify|token-classify|qa|lm|translate|embed --train FILE ...``: fine-tune a
-Hugging Face model directory on CPU (no PyTorch), fully or with LoRA (``--lora R``), then save the fine-tuned model
-(LoRA merged) with its tokenizer and config in the output folder, loadable by ``from_pretrained``, the C++ runtime
-and transformers.
+"""``python -m cpuformer finetune MODEL_DIR --task classify|token-classify|qa|lm|translate|embed --train FILE``:
+fine-tune a Hugging Face model directory on CPU (no PyTorch), fully or with LoRA (``--lora R``), then save the
+fine-tuned model (LoRA merged) with its tokenizer and config in the output folder, loadable by ``from_pretrained``,
+the pipelines, the C++ runtime and transformers.
 
 Tasks and files (UTF-8):
   classify        --train / --val: text<TAB>label lines (labels 0, 1, ... or names), as the classify job; an
@@ -448,6 +448,17 @@ def _qa_scores(model, data, batch_size: int = 32, max_answer_len: int = 30) -> d
 # ------------------------------------------------------------------------------------------------- the job
 
 def _load(args, num_labels=None):
+    model = _load_model(args, num_labels)
+    # (learned positions: a longer window would fail at the first batch that fills it)
+    limit = (model.model if isinstance(model, SentenceEncoder) else model)._core.max_positions
+    if limit and args.max_len > limit:
+        if cli._is_main():
+            print(f"--max-len {args.max_len} is more than the model's {limit} positions: using {limit}", flush=True)
+        args.max_len = limit
+    return model
+
+
+def _load_model(args, num_labels=None):
     if not os.path.isdir(args.model_dir):
         raise UsageError(f"MODEL_DIR {args.model_dir}: not a directory")
     if args.task == "embed":
@@ -502,12 +513,13 @@ def cmd_finetune(args) -> int:
         model = _load(args, num_labels=len(label_names))
         data = {k: _token_classify_data(model, v, index, args.max_len) for k, v in rows.items()}
     elif args.task == "qa":
-        if args.doc_stride is None:
-            args.doc_stride = min(128, args.max_len // 4)
         examples = {k: _qa_examples(p, option) for k, (option, p) in files.items()}
-        if os.path.isdir(args.model_dir) and _tokenizer_of(args.model_dir) is not None:  # before the slow load
-            _qa_layout(_tokenizer_of(args.model_dir), args.max_len, args.doc_stride)
+        tokenizer = _tokenizer_of(args.model_dir) if os.path.isdir(args.model_dir) else None
+        if args.doc_stride is not None and tokenizer is not None:  # a mistake in the arguments: before the load
+            _qa_layout(tokenizer, args.max_len, args.doc_stride)
         model = _load(args)
+        if args.doc_stride is None:  # (after _load: --max-len may have been cut to the model's positions)
+            args.doc_stride = min(128, args.max_len // 4)
         data = {k: _qa_data(model, v, args.max_len, args.doc_stride) for k, v in examples.items()}
     elif args.task == "lm":
         model = _load(args)

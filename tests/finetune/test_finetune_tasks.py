@@ -225,6 +225,20 @@ def test_finetune_job_qa_lora(ft_bert_tok, tmp_path):
     assert np.abs(o.end_logits.detach().numpy() - end).max() < 1e-4
 
 
+def test_max_len_is_cut_to_the_model_positions(ft_bert_tok, tmp_path):
+    """The default --max-len 128 on a 64-position model: windows of long contexts are cut to 64 tokens (with the
+    default stride derived from it) instead of failing at the first full window."""
+    _write_jsonl(tmp_path / "train.jsonl", squad_rows(6, 6, sentences=(6, 7)))
+    r = _cli("finetune", ft_bert_tok, "--task", "qa", "--train", "train.jsonl", "--steps", 2, "--batch-size", 4,
+             "--output-dir", tmp_path / "out", "--quiet", "--threads", 1, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--max-len 128 is more than the model's 64 positions: using 64" in r.stdout
+    examples = finetune._qa_examples(str(tmp_path / "train.jsonl"), "--train")
+    model = from_pretrained(ft_bert_tok, trainable=True, task="question-answering", verbose=False)
+    (ids, _, _), _ = finetune._qa_data(model, examples, 64, 16)[np.arange(6)]
+    assert ids.shape[1] == 64  # (these contexts do fill a window)
+
+
 # ----------------------------------------------------------------------------------------------- bad inputs
 
 _QA_OK = {"question": "cat ?", "context": "the cat sat .", "answers": {"text": ["cat"], "answer_start": [4]}}
