@@ -178,12 +178,6 @@ def _setup(args) -> None:
     if args.threads:
         cpuformer.set_num_threads(args.threads)
     nn.init.manual_seed(args.seed)
-    if _DIST["on"]:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-        threads = comm.gather(cpuformer.get_num_threads(), root=0)
-        if comm.Get_rank() == 0:
-            print(f"data-parallel: {comm.Get_size()} ranks, threads per rank {threads}", flush=True)
 
 
 def _output_dir(args) -> str:
@@ -245,11 +239,20 @@ def _schedule(args, box: list) -> Schedule:
     return sched
 
 
+def _data_parallel(model, args):
+    """The job's DataParallel when MPI started several ranks (else None); build the model completely first."""
+    if not _DIST["on"]:
+        return None
+    from .distributed import DataParallel
+    dp = DataParallel(model, threads=args.threads, seed=args.seed)
+    threads = dp.comm.gather(cpuformer.get_num_threads(), root=0)  # (as DataParallel set them)
+    if dp.is_main:
+        print(f"data-parallel: {dp.size} ranks, threads per rank {threads}", flush=True)
+    return dp
+
+
 def _trainer(model, args, metrics, callbacks=()) -> Trainer:
-    distributed = None
-    if _DIST["on"]:
-        from .distributed import DataParallel
-        distributed = DataParallel(model, threads=args.threads, seed=args.seed)
+    distributed = _data_parallel(model, args)
     box: list = []
     trainer = Trainer(model, CrossEntropyLoss(label_smoothing=getattr(args, "label_smoothing", 0.0)),
                       AdamW(model, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01),

@@ -19,6 +19,11 @@ What :class:`DataParallel` does:
   with the whole global batch, up to float rounding: the reported loss, the gradient norm and clipping are global;
 * gradients live in one flat float32 buffer cut into buckets (``bucket_mb``); while backward runs, a bucket's
   all-reduce starts as soon as the layers holding its parameters have finished (as PyTorch DDP does);
+* a model whose gradients live outside Python (:func:`cpuformer.models.from_pretrained`'s, a ``SentenceEncoder``:
+  views of C++ buffers) is reduced by copy: after backward the gradients of the parameters that have one (frozen
+  weights have none and are skipped) are packed into buckets, summed, and copied back. Only those trainable
+  parameters are broadcast at start (new heads and LoRA adapters included); frozen ones come from the same files
+  on every rank, and every rank must have the same parameters (checked at start);
 * threads per rank = cores on the node / ranks on the node (``Split_type(COMM_TYPE_SHARED)``), capped by the
   cores the rank may run on (Open MPI binds each rank to one core by default; MPICH does not bind); ``threads=``
   or the ``CPUFORMER_THREADS_PER_RANK`` environment variable overrides it;
@@ -39,7 +44,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from . import _core
 from .nn import init
-from .nn.module import ModuleList
+from .nn.module import ModuleList, Parameter
 
 __all__ = ["DataParallel", "threads_per_rank", "launched_with_mpi"]
 
@@ -93,30 +98,39 @@ class DataParallel:
         self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.threads = threads_per_rank(self.local_comm, threads)
         _core.set_num_threads(self.threads)
-        self.model, self.overlap = model, bool(overlap)
+        self.model = model
         self.comm_wait_s = 0.0     # time spent waiting for all-reduces after backward (not hidden by compute)
         self.early_starts = 0      # buckets whose all-reduce started while backward was still running
         self._armed = False
         self._next = 0             # the next bucket to start: buckets start in index order on every rank
         self._named = list(model.named_parameters())
-        self._flatten(bucket_mb)
+        self._bucket_limit = max(1, int(bucket_mb * 2**20 / 4))
+        # Gradients that the model owns elsewhere (C++ buffers) cannot be re-pointed into a flat buffer: copy them.
+        self.external = not all(isinstance(p, Parameter) for _, p in self._named)
+        self.overlap = bool(overlap) and not self.external  # (backward is one C++ call: nothing to overlap with)
+        if self.external:
+            self._check_same_parameters()
+            self._layout = None
+        else:
+            self._flatten()
         self.broadcast_parameters()
         # Dropout masks differ between ranks (each rank's samples are different samples).
         init.set_state(np.random.default_rng([int(seed), self.rank, 0x5EED]).bit_generator.state)
-        self._wrap_units()
+        if not self.external:
+            self._wrap_units()
 
     # -- setup ----------------------------------------------------------------------------------------------------
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def _flatten(self, bucket_mb: float) -> None:
+    def _flatten(self) -> None:
         """Gradients become views into one flat buffer, laid out in reverse parameter order (roughly the order in
         which backward finishes them), cut into contiguous buckets."""
         order = list(range(len(self._named)))[::-1]
         total = sum(self._named[i][1].grad.size for i in order)
         self.flat = np.zeros(total, np.float32)
-        limit = max(1, int(bucket_mb * 2**20 / 4))
+        limit = self._bucket_limit
         self.buckets: List[_Bucket] = []
         self._bucket_of: Dict[int, int] = {}
         offset, start, members = 0, 0, []
@@ -158,9 +172,21 @@ class DataParallel:
 
             object.__setattr__(unit, "backward", backward)
 
+    def _check_same_parameters(self) -> None:
+        """Every rank must hold the same parameters (names, shapes, which are trainable): the packed all-reduce
+        relies on it, and a rank that loaded another model would otherwise train garbage or hang."""
+        mine = [(n, tuple(p.data.shape), p.grad is not None) for n, p in self.model.named_parameters()]
+        ranks = self.comm.allgather(mine)
+        odd = [r for r, theirs in enumerate(ranks) if theirs != ranks[0]]
+        if odd:
+            raise ValueError(f"DataParallel: rank {odd[0]} has other parameters than rank 0 (names, shapes or "
+                             "which require gradients differ): every rank must build the same model")
+
     def broadcast_parameters(self, root: int = 0) -> None:
-        """Every rank takes ``root``'s weights."""
-        for _, p in self._named:
+        """Every rank takes ``root``'s weights (with external gradients: the trainable ones)."""
+        for _, p in (self.model.named_parameters() if self.external else self._named):
+            if self.external and p.grad is None:
+                continue  # frozen: loaded from the same files on every rank
             self.comm.Bcast(p.data, root=root)
 
     # -- per step -------------------------------------------------------------------------------------------------
@@ -215,8 +241,48 @@ class DataParallel:
     def _start(self, bucket: _Bucket) -> None:
         bucket.request = self.comm.Iallreduce(MPI.IN_PLACE, self.flat[bucket.start:bucket.stop], op=MPI.SUM)
 
+    def _external_layout(self):
+        """The trainable parameters' gradient views and their buckets (``(start, stop, [(offset, view)])`` in the
+        packed buffer); rebuilt when the set of parameters with a gradient changes."""
+        grads = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        key = [(n, g.shape) for n, g in grads]
+        if self._layout is None or self._layout[0] != key:
+            total = sum(g.size for _, g in grads)
+            self.flat = np.zeros(total, np.float32)
+            buckets, offset, start, members = [], 0, 0, []
+            for k, (_, g) in enumerate(grads):
+                members.append(offset)
+                offset += g.size
+                if offset - start >= self._bucket_limit or k == len(grads) - 1:
+                    buckets.append((start, offset, members))
+                    start, members = offset, []
+            self._layout = (key, buckets)
+        views = [g for _, g in grads]
+        out, k = [], 0
+        for start, stop, offsets in self._layout[1]:
+            out.append((start, stop, [(o, views[k + j]) for j, o in enumerate(offsets)]))
+            k += len(offsets)
+        return out
+
+    def _finish_external(self) -> None:
+        """Copy-in / all-reduce / copy-out: each bucket's all-reduce starts once it is packed."""
+        t0 = time.perf_counter()
+        buckets = self._external_layout()
+        requests = []
+        for start, stop, members in buckets:
+            for offset, g in members:
+                self.flat[offset:offset + g.size] = g.reshape(-1)
+            requests.append(self.comm.Iallreduce(MPI.IN_PLACE, self.flat[start:stop], op=MPI.SUM))
+        MPI.Request.Waitall(requests)
+        for _, _, members in buckets:
+            for offset, g in members:
+                g[...] = self.flat[offset:offset + g.size].reshape(g.shape)
+        self.comm_wait_s += time.perf_counter() - t0
+
     def finish_gradients(self) -> None:
         """Sum the gradients over ranks (waiting for the buckets started during backward, starting the rest)."""
+        if self.external:
+            return self._finish_external()
         t0 = time.perf_counter()
         self._armed = False
         self._next = len(self.buckets)

@@ -655,6 +655,20 @@ class TokenClassificationPipeline(_EncoderPipeline):
                 "start": ents[0]["start"], "end": ents[-1]["end"]}
 
 
+def pair_template(tokenizer):
+    """A text pair's special-token layout around (question, context): (prefix, middle, suffix) as (ids, type ids),
+    the type id of the question tokens and of the context tokens: ``prefix, q_type, middle, c_type, suffix``."""
+    e = tokenizer.encode("q", "c")
+    seq, ids, types = e.sequence_ids, e.ids, e.type_ids
+    firsts = [i for i, s in enumerate(seq) if s == 0]
+    seconds = [i for i, s in enumerate(seq) if s == 1]
+    if not firsts or not seconds:
+        raise ValueError("question-answering: the tokenizer does not encode text pairs")
+    a0, a1, b0, b1 = firsts[0], firsts[-1], seconds[0], seconds[-1]
+    part = lambda lo, hi: (ids[lo:hi], types[lo:hi])  # noqa: E731
+    return part(0, a0), types[a0], part(a1 + 1, b0), types[b0], part(b1 + 1, len(ids))
+
+
 class QuestionAnsweringPipeline(_EncoderPipeline):
     task = "question-answering"
 
@@ -677,17 +691,7 @@ class QuestionAnsweringPipeline(_EncoderPipeline):
         return results[0] if single else results
 
     def _template(self, q_ids):
-        """The pair's special-token layout around (question, context): (prefix, middle, suffix) as (ids, type ids),
-        and the type id of the context tokens."""
-        e = self.tokenizer.encode("q", "c")
-        seq, ids, types = e.sequence_ids, e.ids, e.type_ids
-        firsts = [i for i, s in enumerate(seq) if s == 0]
-        seconds = [i for i, s in enumerate(seq) if s == 1]
-        if not firsts or not seconds:
-            raise ValueError("question-answering: the tokenizer does not encode text pairs")
-        a0, a1, b0, b1 = firsts[0], firsts[-1], seconds[0], seconds[-1]
-        part = lambda lo, hi: (ids[lo:hi], types[lo:hi])  # noqa: E731
-        return part(0, a0), types[a0], part(a1 + 1, b0), types[b0], part(b1 + 1, len(ids))
+        return pair_template(self.tokenizer)
 
     def _answer(self, question, context, top_k=1, doc_stride=None, max_answer_len=15, max_seq_len=None,
                 max_question_len=64, handle_impossible_answer=False, align_to_words=True):

@@ -289,7 +289,9 @@ class Trainable:
         arch = head_architecture(self.model_type, self.architecture or "", self.head)
         if arch:
             config["architectures"] = [arch]
-        if self.head in ("sequence-classification", "token-classification", "image-classification"):
+        # (question answering too: transformers sizes qa_outputs by num_labels, 2)
+        if self.head in ("sequence-classification", "token-classification", "image-classification",
+                         "question-answering"):
             n = int(self._core.num_labels)
             old = {int(k): v for k, v in (config.get("id2label") or {}).items()}
             names_ = list(labels) if labels is not None else [old.get(i, f"LABEL_{i}") for i in range(n)]
