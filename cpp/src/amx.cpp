@@ -297,9 +297,13 @@ CPUFORMER_AVX512 void write_block(const AmxGemm& g, const float (*acc)[32], inde
 
 }  // namespace
 
-bool amx_gemm_applies(index_t M, index_t N, index_t K) {
-  return M >= 16 && N >= 16 && K >= 16 && use_amx();
+// Measured on 2 cores of a Sapphire Rapids Xeon against the AVX-512 GEMM: 1.2x at 128 x 384 x 1536, 1.55x at
+// 2048 x 384 x 1536, even at 512^3, behind below (0.5x at 16 rows).
+bool amx_float32_applies(index_t M, index_t N, index_t K) {
+  return M >= 128 && N >= 128 && K >= 64 && (M >= 1024 || N >= 1024) && use_amx();
 }
+
+bool amx_bf16_applies(index_t M, index_t N, index_t K) { return M >= 16 && N >= 16 && K >= 16 && use_amx(); }
 
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
   if (r0 >= r1 || n0 >= n1) return;
@@ -365,7 +369,8 @@ void amx_gemm(const AmxGemm& g, int nt) {
 
 #else  // no AMX in this build: never applies
 
-bool amx_gemm_applies(index_t, index_t, index_t) { return false; }
+bool amx_float32_applies(index_t, index_t, index_t) { return false; }
+bool amx_bf16_applies(index_t, index_t, index_t) { return false; }
 void amx_gemm_share(const AmxGemm&, index_t, index_t, index_t, index_t) {}
 void amx_gemm(const AmxGemm&, int) {}
 

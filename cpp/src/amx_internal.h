@@ -33,8 +33,10 @@ struct AmxGemm {
   const float* bias;
 };
 
-// Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes.
-bool amx_gemm_applies(index_t M, index_t N, index_t K);
+// Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes: with a float32 op(B), whose
+// split and packing cost about as much per element as a few rows of products, or with bf16 weights.
+bool amx_float32_applies(index_t M, index_t N, index_t K);
+bool amx_bf16_applies(index_t M, index_t N, index_t K);
 
 // Rows [r0, r1) x columns [n0, n1) of C on the calling thread (its own scratch: callers may run many at once).
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1);

@@ -355,7 +355,7 @@ void blocked(const HalfGemm& g) {
   const index_t col_shares = std::min(nt, groups);
   const index_t row_shares = std::max<index_t>(1, std::min(nt / col_shares, g.rows / 48));  // >= 48 rows each
   // bf16 on the "amx" path: AMX tiles (amx.cpp), the activations split exactly into bf16 terms
-  const bool amx = g.t == HalfType::kBF16 && detail::amx_gemm_applies(g.rows, g.N, g.K);
+  const bool amx = g.t == HalfType::kBF16 && detail::amx_bf16_applies(g.rows, g.N, g.K);
   const detail::AmxGemm ag{false, g.trans_h, g.rows, g.N, g.K, 1.0f, g.A, g.lda, nullptr, g.H, g.ldh,
                            g.accumulate ? 1.0f : 0.0f, g.C, g.ldc, g.bias};
   detail::parallel_for(col_shares * row_shares, 1, [&](index_t s0, index_t s1, int) {

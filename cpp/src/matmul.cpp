@@ -818,7 +818,7 @@ void gemm_run(const GemmArgs& g, int nt) {
     return;
   }
   // The "amx" path (amx_internal.h); tiles already in cache (attention) stay on the AVX-512 kernel.
-  if (!g.prefer_direct_a && g.M * g.N * g.K >= 32 * 64 * 64 && detail::amx_gemm_applies(g.M, g.N, g.K)) {
+  if (!g.prefer_direct_a && detail::amx_float32_applies(g.M, g.N, g.K)) {
     const detail::AmxGemm ag{g.trans_a, g.trans_b, g.M, g.N, g.K, g.alpha, g.A, g.lda, g.B, nullptr, g.ldb,
                              g.beta, g.C, g.ldc, g.bias};
     return detail::amx_gemm(ag, nt);
