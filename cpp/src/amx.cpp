@@ -33,6 +33,7 @@ constexpr index_t kKBlock = 512;          // k per block
 constexpr index_t kColBlock = 384;        // columns per packed block of op(B): 384 x 512 x 3 terms x 2 bytes in L2
 constexpr index_t kMaxPlaneBytes = index_t(16) << 20;  // the split rows of one k block, at most
 constexpr index_t kTileWords = 16 * 16;   // 32-bit words per tile
+constexpr index_t kPackedNc = 4080;       // the column panels of detail::pack_b (matmul.cpp's NC)
 
 thread_local AlignedBuffer t_planes, t_btiles;
 
@@ -129,6 +130,27 @@ CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_
 CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k0, index_t kc, index_t steps,
                              std::uint32_t* b) {
   const int terms = g.H ? 1 : 3;
+  if (g.packed) {  // sgemm_pack_b's panels: rows of 16 consecutive columns, zero-padded, read like B (K x N)
+    for (int p = 0; p < panels; ++p) {
+      const index_t n0 = j0 + 16 * p, jc = n0 / kPackedNc * kPackedNc;
+      const index_t slivers = (std::min(kPackedNc, g.N - jc) + 15) / 16;
+      for (index_t s = 0; s < steps; ++s) {
+        const index_t k = k0 + s * kStepK, kn = std::min<index_t>(kStepK, k0 + kc - k);
+        const index_t pc = k / g.packed_kc * g.packed_kc, kcb = std::min(g.packed_kc, g.K - pc);
+        const float* sliver = g.packed + jc * g.K + pc * slivers * 16 + (n0 - jc) / 16 * 16 * kcb + (k - pc) * 16;
+        std::uint32_t* tile[3];
+        for (int t = 0; t < 3; ++t) tile[t] = b + ((t * 2 + p) * steps + s) * kTileWords;
+        for (int i = 0; i < 16; ++i) {
+          __m512i e[3], o[3];
+          split3(2 * i < kn ? _mm512_load_ps(sliver + 2 * i * 16) : _mm512_setzero_ps(), e);
+          split3(2 * i + 1 < kn ? _mm512_load_ps(sliver + (2 * i + 1) * 16) : _mm512_setzero_ps(), o);
+          for (int t = 0; t < 3; ++t)
+            _mm512_store_si512(tile[t] + i * 16, _mm512_or_si512(_mm512_srli_epi32(e[t], 16), o[t]));
+        }
+      }
+    }
+    return;
+  }
   for (int p = 0; p < panels; ++p)
     for (index_t s = 0; s < steps; ++s) {
       const index_t n0 = j0 + 16 * p, k = k0 + s * kStepK, kn = std::min<index_t>(kStepK, k0 + kc - k);

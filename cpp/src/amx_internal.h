@@ -25,12 +25,14 @@ struct AmxGemm {
   const float* A;  // op(A) = A (M x K) or A^T (A is K x M)
   index_t lda;
   const float* B;         // op(B) = B (K x N) or B^T (B is N x K), float32 ...
-  const std::uint16_t* H;  // ... or bf16 (exactly one of B, H)
+  const std::uint16_t* H;  // ... or bf16 ...
   index_t ldb;
   float beta;
   float* C;
   index_t ldc;
   const float* bias;
+  const float* packed = nullptr;  // ... or op(B) packed by sgemm_pack_b (detail::pack_b's layout), ...
+  index_t packed_kc = 0;          // ... cut at K blocks of this size (a multiple of 32); exactly one of B, H, packed
 };
 
 // Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes: with a float32 op(B), whose

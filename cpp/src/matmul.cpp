@@ -28,7 +28,7 @@ constexpr int MR = 6;    // micro-tile rows (broadcasts of A)
 constexpr int NR = 16;   // micro-tile columns (two 8-float vectors of B)
 constexpr index_t KC = detail::kGemmKC;  // 256: B sliver KC x NR = 16 KiB, half of L1d
 constexpr index_t MC = 144;   // A block MC x KC = 144 KiB in a 512 KiB L2
-constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3
+constexpr index_t NC = 4080;  // B panel KC x NC = 4 MiB in L3 (amx.cpp's kPackedNc reads these panels)
 // AVX-512 path (Sapphire Rapids: 48 KiB L1d, 2 MiB L2 per core). NC stays that of the AVX2 path. K blocks of
 // KC_AVX512 = 512 when it packs B itself, and in the PackedMatrix panels sgemm_pack_b cuts while it is the path in
 // use (PackedMatrix::kc records the cut; either path reads either cut): half the read-modify-write passes over C, one
@@ -904,6 +904,12 @@ void sgemm_packed(index_t M, const float* A, index_t lda, const PackedMatrix& B,
   const GemmArgs g{false, false, M, B.N, B.K, 1.0f, A, lda, nullptr, 0, 0.0f, C, ldc, bias};
   const int nt = threads_for(M, B.N, B.K);
   const index_t kc = B.kc > 0 ? B.kc : KC;
+  if (kc % 32 == 0 && detail::amx_float32_applies(M, B.N, B.K)) {  // the tiles read the panels: same bits as sgemm
+    detail::AmxGemm ag{false, false, M, B.N, B.K, 1.0f, A, lda, nullptr, nullptr, 0, 0.0f, C, ldc, bias};
+    ag.packed = B.storage.get();
+    ag.packed_kc = kc;
+    return detail::amx_gemm(ag, nt);
+  }
   if (nt <= 1) return gemm_team(g, nullptr, 0, 0, 1, B.storage.get(), kc);
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt)

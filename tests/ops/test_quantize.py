@@ -310,7 +310,7 @@ def test_releases_gil(rng):
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 1, 1), (5, 3, 2), (7, 300, 33), (64, 257, 4100), (130, 1000, 70),
-                                   (300, 4100, 20)])
+                                   (300, 4100, 20), (128, 96, 4200), (1030, 129, 65), (200, 1025, 1100)])
 def test_packed_weight_matches_matmul(simd, threads, rng, M, K, N):
     x = rng.standard_normal((M, K)).astype(np.float32)
     w = rng.standard_normal((N, K)).astype(np.float32)
@@ -320,7 +320,7 @@ def test_packed_weight_matches_matmul(simd, threads, rng, M, K, N):
     y = _core.linear_packed(x, packed, b)
     expected = x.astype(np.float64) @ w.T.astype(np.float64) + b
     assert rel_err(y, expected) < 1e-5
-    if M > 4:  # the same panels and kernel as an unpacked product: the same bits
+    if M > 4:  # the same panels and kernel as an unpacked product (on the amx path, the same tiles): the same bits
         np.testing.assert_array_equal(y, _core.matmul(x, w, transpose_b=True, bias=b))
     with pytest.raises(ValueError, match=f"in_features {K}"):
         _core.linear_packed(np.zeros((2, K + 1), np.float32), packed)
