@@ -10,12 +10,13 @@ import os as _os
 # libgomp's threads spin for ~300,000 iterations (10-30 ms) after each parallel region before sleeping. When the
 # cores are shared with other work, a spinning thread holds the core its descheduled partner needs, and every
 # barrier stalls for a time slice (measured: a small GPT step took 304 ms instead of 5 ms). A short spin keeps
-# back-to-back kernels fast and degrades gracefully under load: 5000 keeps the threads awake between a forward's
-# kernels (at 1000-2000 they slept: a MiniLM int8 batch-1 call took 7.2 ms instead of 5.3) and costs 1.8x beside
-# a busy process (30,000: 3.9x; the README has the figures). libgomp reads this once, when it is loaded: set
-# before our extension loads it; a user's own GOMP_SPINCOUNT / OMP_WAIT_POLICY wins.
+# back-to-back kernels fast and degrades gracefully under load: 30,000 keeps the threads awake between a forward's
+# kernels (a MiniLM int8 batch-1 call: 5-7 ms; at 1000 they slept and every region paid a wake-up, 11 ms; at 5000
+# some did, 5-23 ms) and costs 2x beside a process that keeps a core busy (21 ms against 11; the README has the
+# figures). libgomp reads this once, when it is loaded: set before our extension loads it; a user's own
+# GOMP_SPINCOUNT / OMP_WAIT_POLICY wins.
 if "OMP_WAIT_POLICY" not in _os.environ:
-    _os.environ.setdefault("GOMP_SPINCOUNT", "5000")
+    _os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 from . import _core, data, io, models, nn, ops, plot, train
 from ._core import get_num_threads
