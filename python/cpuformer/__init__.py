@@ -35,9 +35,10 @@ __all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quanti
 
 def build_info() -> dict:
     """What this build is and how it runs: ``version``, ``compiler``, ``openmp`` (bool), ``simd`` (the path in
-    use: ``"avx512"`` (the GEMM's AVX-512 kernel; every other kernel runs AVX2), ``"avx2"`` or ``"scalar"``),
-    ``simd_compiled`` (``"avx512+avx2+scalar"``, ``"avx2+scalar"`` or ``"scalar"``), ``cpu_avx2_fma``,
-    ``cpu_avx512``, ``int8_kernel`` (the int8 Linear kernel in use: ``"amx"``, ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or
+    use: ``"amx"`` (``"avx512"`` plus AMX tiles for large float32 and bf16-weight products), ``"avx512"`` (the
+    GEMM's AVX-512 kernel; every other kernel runs AVX2), ``"avx2"`` or ``"scalar"``), ``simd_compiled``
+    (``"amx+avx512+avx2+scalar"``, ``"avx512+avx2+scalar"``, ``"avx2+scalar"`` or ``"scalar"``), ``cpu_avx2_fma``,
+    ``cpu_avx512``, ``cpu_amx``, ``int8_kernel`` (the int8 Linear kernel in use: ``"amx"``, ``"avx512vnni"``, ``"avxvnni"``, ``"avx2"`` or
     ``"scalar"``) and ``num_threads``."""
     return _core.build_info()
 
