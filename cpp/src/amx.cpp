@@ -11,17 +11,7 @@
 
 #include "gemm_internal.h"
 #include "parallel.h"
-// GCC 12's AVX-512 headers initialise placeholders from themselves (__Y = __Y), which -Wuninitialized flags at every
-// use (GCC PR105593): silenced for warnings located in those headers only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "simd.h"
-#pragma GCC diagnostic pop
-#else
-#include "simd.h"
-#endif
 
 namespace cpuformer::detail {
 
@@ -65,6 +55,15 @@ CPUFORMER_AVX512 static inline __attribute__((always_inline)) void split3(__m512
 }
 
 CPUFORMER_AVX512 static inline __m256i to_bf16(__m512i t) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(t, 16)); }
+
+// Row i of each term's B tile from 16 columns of two consecutive k (even, odd): per column the bf16 pair.
+CPUFORMER_AVX512 static inline __attribute__((always_inline)) void store_pairs3(__m512 even, __m512 odd,
+                                                                               std::uint32_t* const (&tile)[3], int i) {
+  __m512i e[3], o[3];
+  split3(even, e);
+  split3(odd, o);
+  for (int t = 0; t < 3; ++t) _mm512_store_si512(tile[t] + i * 16, _mm512_or_si512(_mm512_srli_epi32(e[t], 16), o[t]));
+}
 
 // r[c] (16 rows of 16 words) becomes its transpose: r[i] word c = the old r[c] word i.
 CPUFORMER_AVX512 static inline __attribute__((always_inline)) void transpose16(__m512i (&r)[16]) {
@@ -140,13 +139,9 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
         const float* sliver = g.packed + jc * g.K + pc * slivers * 16 + (n0 - jc) / 16 * 16 * kcb + (k - pc) * 16;
         std::uint32_t* tile[3];
         for (int t = 0; t < 3; ++t) tile[t] = b + ((t * 2 + p) * steps + s) * kTileWords;
-        for (int i = 0; i < 16; ++i) {
-          __m512i e[3], o[3];
-          split3(2 * i < kn ? _mm512_load_ps(sliver + 2 * i * 16) : _mm512_setzero_ps(), e);
-          split3(2 * i + 1 < kn ? _mm512_load_ps(sliver + (2 * i + 1) * 16) : _mm512_setzero_ps(), o);
-          for (int t = 0; t < 3; ++t)
-            _mm512_store_si512(tile[t] + i * 16, _mm512_or_si512(_mm512_srli_epi32(e[t], 16), o[t]));
-        }
+        for (int i = 0; i < 16; ++i)
+          store_pairs3(2 * i < kn ? _mm512_load_ps(sliver + 2 * i * 16) : _mm512_setzero_ps(),
+                       2 * i + 1 < kn ? _mm512_load_ps(sliver + (2 * i + 1) * 16) : _mm512_setzero_ps(), tile, i);
       }
     }
     return;
@@ -187,13 +182,10 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
             _mm512_store_si512(tile[0] + i * 16, _mm512_or_si512(_mm512_cvtepu16_epi32(e),
                                                                   _mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16)));
           } else {
-            __m512i e[3], o[3];
-            split3(2 * i < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i) * g.ldb + n0) : _mm512_setzero_ps(), e);
-            split3(2 * i + 1 < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i + 1) * g.ldb + n0)
-                                  : _mm512_setzero_ps(),
-                   o);
-            for (int t = 0; t < 3; ++t)
-              _mm512_store_si512(tile[t] + i * 16, _mm512_or_si512(_mm512_srli_epi32(e[t], 16), o[t]));
+            store_pairs3(2 * i < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i) * g.ldb + n0) : _mm512_setzero_ps(),
+                         2 * i + 1 < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i + 1) * g.ldb + n0)
+                                        : _mm512_setzero_ps(),
+                         tile, i);
           }
         }
       }

@@ -12,17 +12,7 @@
 #include "gemm_internal.h"
 #include "half_internal.h"
 #include "parallel.h"
-// GCC 12's AVX-512 headers initialise placeholders from themselves (__Y = __Y), which -Wuninitialized flags at every
-// use (GCC PR105593): silenced for warnings located in those headers only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "simd.h"
-#pragma GCC diagnostic pop
-#else
-#include "simd.h"
-#endif
 
 namespace cpuformer {
 namespace {

@@ -29,17 +29,7 @@
 #include <stdexcept>
 
 #include "parallel.h"
-// GCC 12's AVX-512 headers initialise placeholders from themselves (__Y = __Y), which -Wuninitialized flags at every
-// use (GCC PR105593): silenced for warnings located in those headers only.
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "simd.h"
-#pragma GCC diagnostic pop
-#else
-#include "simd.h"
-#endif
 
 // VNNI needs GCC >= 11 or clang >= 12 for the avxvnni target; both carry avx512vnni too.
 #if defined(CPUFORMER_HAVE_AVX2) && \
@@ -50,7 +40,6 @@
 #define CPUFORMER_AVXVNNI __attribute__((target("avx2,fma,avxvnni")))
 #if defined(CPUFORMER_HAVE_AMX)
 #define CPUFORMER_AMX_INT8 1
-#define CPUFORMER_AMX __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
 #endif
 #endif
 
@@ -459,6 +448,28 @@ CPUFORMER_AVXVNNI void tile_avxvnni(const Tile& t) {
   finish_avx2<R>(t, acc);
 }
 
+// Dequantizes and stores `rows` rows of panel p (columns p * 16 ...) from their int32 sums, row r's at
+// sums[r * stride]: the same float operations as finish_scalar and finish_avx2, 16 lanes at a time.
+CPUFORMER_AVX512VNNI static inline __attribute__((always_inline)) void finish_zmm(const Tile& t, int p, int rows,
+                                                                                const __m512i* sums, int stride) {
+  const index_t j0 = p * kPanel, cols = std::min<index_t>(kPanel, t.cols - j0);
+  const __mmask16 m = static_cast<__mmask16>(cols >= kPanel ? 0xffffu : (1u << cols) - 1);
+  const __m512i cs = _mm512_loadu_si512(t.col_sum + j0);  // padded to whole panels
+  const __m512 sw = _mm512_loadu_ps(t.scale + j0);
+  const __m512 b = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0) : _mm512_setzero_ps();
+  for (int r = 0; r < rows; ++r) {
+    const __m512i z = _mm512_set1_epi32(t.rq[r].zero);
+    const __m512 sa = _mm512_set1_ps(t.rq[r].scale);
+    const __m512i sum = _mm512_load_si512(sums + r * stride);
+    const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_mullo_epi32(z, cs)));
+    const __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(sa, sw)), b);
+    if (cols == kPanel)
+      _mm512_storeu_ps(t.y + r * t.ldy + j0, y);
+    else
+      _mm512_mask_storeu_ps(t.y + r * t.ldy + j0, m, y);
+  }
+}
+
 // AVX-512 VNNI: R rows (1..8) times P panels (1, 2) of 16 columns, one zmm accumulator each; per 4-k group one
 // 64-byte load per panel, one 4-byte broadcast per row and R * P vpdpbusd. Small tiles (R * P <= 4) keep two sets
 // of sums over alternate groups so that at least eight independent vpdpbusd chains hide its latency.
@@ -495,23 +506,7 @@ CPUFORMER_AVX512VNNI void tile_avx512vnni(const Tile& t) {
   if (kSplit)
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) acc[r][p] = _mm512_add_epi32(acc[r][p], acc2[r][p]);
-  for (int p = 0; p < P; ++p) {  // the same dequantization as finish_scalar and finish_avx2, 16 lanes at a time
-    const index_t j0 = p * kPanel, cols = std::min<index_t>(kPanel, t.cols - j0);
-    const __mmask16 m = static_cast<__mmask16>(cols >= kPanel ? 0xffffu : (1u << cols) - 1);
-    const __m512i cs = _mm512_loadu_si512(t.col_sum + j0);  // padded to whole panels
-    const __m512 sw = _mm512_loadu_ps(t.scale + j0);
-    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0) : _mm512_setzero_ps();
-    for (int r = 0; r < R; ++r) {
-      const __m512i z = _mm512_set1_epi32(t.rq[r].zero);
-      const __m512 sa = _mm512_set1_ps(t.rq[r].scale);
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(z, cs)));
-      const __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(sa, sw)), b);
-      if (cols == kPanel)
-        _mm512_storeu_ps(t.y + r * t.ldy + j0, y);
-      else
-        _mm512_mask_storeu_ps(t.y + r * t.ldy + j0, m, y);
-    }
-  }
+  for (int p = 0; p < P; ++p) finish_zmm(t, p, R, &acc[0][p], P);
 }
 
 template <int P>
@@ -531,7 +526,7 @@ void run_tile_avx512vnni(const Tile& t, int rows) {
 #ifdef CPUFORMER_AMX_INT8
 // One k step of 16 groups: A halves from a (rows lda apart), B panels from w (panel_bytes apart, rows 64 apart).
 template <int H, int P>
-CPUFORMER_AMX static inline __attribute__((always_inline)) void amx_step(const std::uint8_t* a, index_t lda,
+CPUFORMER_AVX512VNNI static inline __attribute__((always_inline)) void amx_step(const std::uint8_t* a, index_t lda,
                                                                         const std::int8_t* w, index_t panel_bytes) {
   CPUFORMER_TILE_LOADD(6, w, 64);
   if (P == 2) CPUFORMER_TILE_LOADD(7, w + panel_bytes, 64);
@@ -547,7 +542,7 @@ CPUFORMER_AMX static inline __attribute__((always_inline)) void amx_step(const s
 
 // rows (<= 16 * H, configured by amx_configure(rows)) times P panels.
 template <int H, int P>
-CPUFORMER_AMX void tile_amx(const Tile& t, int rows) {
+CPUFORMER_AVX512VNNI void tile_amx(const Tile& t, int rows) {
   constexpr index_t kStepBytes = kAmxGroups * kPanel * kGroup;  // one B tile
   CPUFORMER_TILE_ZERO(0);
   if (P == 2) CPUFORMER_TILE_ZERO(1);
@@ -576,24 +571,7 @@ CPUFORMER_AMX void tile_amx(const Tile& t, int rows) {
     CPUFORMER_TILE_STORED(2, acc[16], kAccStride);
     if (P == 2) CPUFORMER_TILE_STORED(3, acc[16] + kPanel, kAccStride);
   }
-  for (int p = 0; p < P; ++p) {  // the same dequantization as the AVX-512 VNNI kernel
-    const index_t j0 = p * kPanel, cols = std::min<index_t>(kPanel, t.cols - j0);
-    const __mmask16 m = static_cast<__mmask16>(cols >= kPanel ? 0xffffu : (1u << cols) - 1);
-    const __m512i cs = _mm512_loadu_si512(t.col_sum + j0);
-    const __m512 sw = _mm512_loadu_ps(t.scale + j0);
-    const __m512 b = t.bias ? _mm512_maskz_loadu_ps(m, t.bias + j0) : _mm512_setzero_ps();
-    for (int r = 0; r < rows; ++r) {
-      const __m512i z = _mm512_set1_epi32(t.rq[r].zero);
-      const __m512 sa = _mm512_set1_ps(t.rq[r].scale);
-      const __m512i sum = _mm512_load_si512(acc[r] + j0);
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, _mm512_mullo_epi32(z, cs)));
-      const __m512 y = _mm512_add_ps(_mm512_mul_ps(d, _mm512_mul_ps(sa, sw)), b);
-      if (cols == kPanel)
-        _mm512_storeu_ps(t.y + r * t.ldy + j0, y);
-      else
-        _mm512_mask_storeu_ps(t.y + r * t.ldy + j0, m, y);
-    }
-  }
+  for (int p = 0; p < P; ++p) finish_zmm(t, p, rows, reinterpret_cast<const __m512i*>(acc[0] + p * kPanel), 2);
 }
 
 void run_tile_amx(const Tile& t, int rows) {

@@ -31,7 +31,17 @@ void amx_release();  // back to the initial state: the tile data need not be sav
 #if !defined(CPUFORMER_FORCE_SCALAR) && (defined(__x86_64__) || defined(__i386__)) && \
     (defined(__GNUC__) || defined(__clang__))
 #define CPUFORMER_HAVE_AVX2 1
+// GCC 12's AVX-512 headers initialise placeholders from themselves (__Y = __Y), which -Wuninitialized flags at every
+// use (GCC PR105593): silenced for warnings located in those headers only.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ == 12
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#include <immintrin.h>
+#endif
 #define CPUFORMER_AVX2 __attribute__((target("avx2,fma")))
 // The 16-bit weight kernels (half.cpp): AVX2 + FMA + F16C (vcvtph2ps), reached only when use_f16c().
 #define CPUFORMER_F16C __attribute__((target("avx2,fma,f16c")))

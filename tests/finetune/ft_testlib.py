@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 
 _spec = importlib.util.spec_from_file_location("_cpuformer_hf_testlib",
@@ -14,6 +15,20 @@ H = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(H)
 torch, transformers = H.torch, H.transformers
 rand_ids = H.rand_ids
+
+
+def small_batch(seed=0, B=4, T=7):
+    """Token ids (B, T) and an attention mask with the second row padded after 5 tokens."""
+    ids = rand_ids(seed, (B, T), 3, 100)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    return ids, mask
+
+
+def rel_max(a, b):
+    """max |a - b| over max |b| (in float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 def _fixture(name, spec):

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from ft_testlib import H, rand_ids
+from ft_testlib import H, rand_ids, rel_max, small_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -19,17 +19,6 @@ from cpuformer.models import SentenceEncoder, from_pretrained  # noqa: E402
 from cpuformer.nn import init, lora  # noqa: E402
 from cpuformer.train import (AdamW, CausalLMLoss, CrossEntropyLoss, MultipleNegativesRankingLoss,  # noqa: E402
                              QuestionAnsweringLoss, Trainer, shift_tokens_right, task_loss)
-
-
-def _batch(seed=0, B=4, T=7):
-    ids = rand_ids(seed, (B, T), 3, 100)
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    return ids, mask
-
-
-def _rel(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / max(np.abs(np.asarray(b)).max(), 1e-12))
 
 
 def test_requires_grad_semantics(ft_bert_seqcls):
@@ -50,7 +39,7 @@ def test_requires_grad_semantics(ft_bert_seqcls):
     frozen = params["bert.embeddings.word_embeddings.weight"].data.copy()
     head = params["classifier.weight"].data.copy()
     model.train()
-    ids, mask = _batch()
+    ids, mask = small_batch()
     out = model(ids, mask)
     model.backward(np.ones_like(out))
     opt.step()
@@ -63,7 +52,7 @@ def test_new_task_head_is_reported_and_trainable(ft_bert, capsys):
     model = from_pretrained(ft_bert[0], task="text-classification", num_labels=5)
     assert model.new_parameters == ["classifier.weight", "classifier.bias"]
     assert "newly initialized" in capsys.readouterr().err
-    assert model(*_batch()).shape == (4, 5)
+    assert model(*small_batch()).shape == (4, 5)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"classifier.weight", "classifier.bias"}  # a mapped base: only the head is a parameter
     ref = transformers.BertForSequenceClassification.from_pretrained(ft_bert[0], num_labels=5).eval()
@@ -76,7 +65,7 @@ def _seqcls_trainer(model, **kw):
 
 def test_full_finetune_decreases_loss(ft_bert_seqcls):
     model = from_pretrained(ft_bert_seqcls[0], trainable=True).requires_grad_(True)
-    ids, mask = _batch(1, B=8)
+    ids, mask = small_batch(1, B=8)
     y = np.arange(8) % 3
     init.manual_seed(0)
     tr = _seqcls_trainer(model, lr=3e-3)
@@ -88,7 +77,7 @@ def test_full_finetune_decreases_loss(ft_bert_seqcls):
 def test_task_losses_equal_transformers(ft_llama, ft_bert_qa, ft_t5):
     """Causal LM (shift inside), QA (clamped positions) and seq2seq (shift_tokens_right) losses equal the loss
     transformers computes from labels."""
-    ids, _ = _batch(2)
+    ids, _ = small_batch(2)
     labels = ids.copy()
     labels[0, :2] = -100
     model = from_pretrained(ft_llama[0])
@@ -125,7 +114,7 @@ def test_lora_saved_loads_in_peft_with_new_head(ft_bert, tmp_path):
     assert len(modules) == 4
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
         {m + s for m in modules for s in (".lora_A.weight", ".lora_B.weight")} | {"classifier.weight", "classifier.bias"}
-    ids, mask = _batch(4, B=6)
+    ids, mask = small_batch(4, B=6)
     init.manual_seed(0)
     _seqcls_trainer(model, lr=1e-2).fit(x=[ids, mask], y=np.arange(6) % 2, epochs=3, batch_size=6)
     model.eval()
@@ -135,7 +124,7 @@ def test_lora_saved_loads_in_peft_with_new_head(ft_bert, tmp_path):
     base = transformers.AutoModelForSequenceClassification.from_pretrained(ft_bert[0], num_labels=2).eval()
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
     ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.detach().numpy()
-    assert _rel(model(ids, mask), ref) < 1e-4
+    assert rel_max(model(ids, mask), ref) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["ft_llama", "ft_gpt2"])
@@ -152,16 +141,16 @@ def test_peft_saved_adapter_loads(request, name, tmp_path):
                 p.normal_(0, 0.2)
     pm.save_pretrained(str(tmp_path))
     pm.eval()
-    ids, _ = _batch(5)
+    ids, _ = small_batch(5)
     ref = pm(input_ids=torch.tensor(ids)).logits.detach().numpy()
     model = from_pretrained(path)
     lora.load_lora(model, tmp_path)
-    assert _rel(model(ids), ref) < 1e-4
+    assert rel_max(model(ids), ref) < 1e-4
     # and back: save_lora -> PEFT loads the same adapters
     lora.save_lora(model, tmp_path / "again")
     base2 = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     pm2 = peft.PeftModel.from_pretrained(base2, str(tmp_path / "again")).eval()
-    assert _rel(pm2(input_ids=torch.tensor(ids)).logits.detach().numpy(), ref) < 1e-5
+    assert rel_max(pm2(input_ids=torch.tensor(ids)).logits.detach().numpy(), ref) < 1e-5
 
 
 def test_merge_lora_and_save_pretrained(ft_llama, tmp_path):
@@ -170,16 +159,16 @@ def test_merge_lora_and_save_pretrained(ft_llama, tmp_path):
     model = from_pretrained(ft_llama[0], trainable=True)
     lora.add_lora(model, r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
     _randomize_adapters(model)
-    ids, _ = _batch(6)
+    ids, _ = small_batch(6)
     adapted = model(ids)
     model.save_pretrained(tmp_path)
     assert lora.lora_parameters(model)  # still there
-    assert _rel(from_pretrained(tmp_path)(ids), adapted) < 1e-5
+    assert rel_max(from_pretrained(tmp_path)(ids), adapted) < 1e-5
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
-    assert _rel(ref(input_ids=torch.tensor(ids)).logits.detach().numpy(), adapted) < 1e-4
+    assert rel_max(ref(input_ids=torch.tensor(ids)).logits.detach().numpy(), adapted) < 1e-4
     lora.merge_lora(model)
     assert not lora.lora_parameters(model)
-    assert _rel(model(ids), adapted) < 1e-5
+    assert rel_max(model(ids), adapted) < 1e-5
     mapped = from_pretrained(ft_llama[0])
     lora.add_lora(mapped, r=2, alpha=4)
     with pytest.raises(ValueError, match="trainable=True"):
@@ -189,7 +178,7 @@ def test_merge_lora_and_save_pretrained(ft_llama, tmp_path):
 def test_save_pretrained_round_trip_new_head(ft_bert, tmp_path):
     model = from_pretrained(ft_bert[0], trainable=True, task="text-classification", num_labels=2, verbose=False)
     model.requires_grad_(True)
-    ids, mask = _batch(7, B=6)
+    ids, mask = small_batch(7, B=6)
     init.manual_seed(0)
     _seqcls_trainer(model, lr=1e-2).fit(x=[ids, mask], y=np.arange(6) % 2, epochs=2, batch_size=6)
     model.eval()
@@ -200,13 +189,13 @@ def test_save_pretrained_round_trip_new_head(ft_bert, tmp_path):
     assert again.new_parameters == []
     assert np.array_equal(again(ids, mask), model(ids, mask))
     ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path)).eval()
-    assert _rel(ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.detach().numpy(),
+    assert rel_max(ref(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.detach().numpy(),
                 model(ids, mask)) < 1e-4
 
 
 def test_recompute_gives_the_same_gradients(ft_bert_seqcls):
     model = from_pretrained(ft_bert_seqcls[0], trainable=True).requires_grad_(True).train()
-    ids, mask = _batch(8)
+    ids, mask = small_batch(8)
     grads = []
     for recompute in (False, True):
         model.gradient_checkpointing = recompute
@@ -222,7 +211,7 @@ def _lora_run(path, out_dir, steps, resume=False, lora_dropout=0.0):
     init.manual_seed(0)
     model = from_pretrained(path, task="text-classification", num_labels=2, verbose=False)
     lora.add_lora(model, r=2, alpha=4, dropout=lora_dropout, seed=1)
-    ids, mask = _batch(9, B=12)
+    ids, mask = small_batch(9, B=12)
     tr = _seqcls_trainer(model, lr=1e-2, output_dir=str(out_dir), save_every=2)
     tr.fit(x=[ids, mask], y=np.arange(12) % 2, epochs=10, batch_size=4, max_steps=steps,
            resume_from="latest" if resume else None)

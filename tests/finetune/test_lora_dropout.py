@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from ft_testlib import rand_ids
+from ft_testlib import rand_ids, rel_max, small_batch
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -22,18 +22,6 @@ from cpuformer import _core  # noqa: E402
 from cpuformer.models import from_pretrained  # noqa: E402
 from cpuformer.nn import init, lora  # noqa: E402
 from cpuformer.train import AdamW, Trainer, task_loss  # noqa: E402
-
-
-def _batch(seed=0, B=4, T=7):
-    ids = rand_ids(seed, (B, T), 3, 100)
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    return ids, mask
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
 def _randomize_adapters(model, seed=0, std=0.3):
@@ -68,7 +56,7 @@ def test_forward_and_gradients_equal_numpy_reference(ft_bert_seqcls):
     lora.add_lora(model, r=r, alpha=alpha, dropout=p, target_modules=["classifier"],
                   modules_to_save=["bert.pooler.dense"])
     _randomize_adapters(model, 1)
-    ids, mask = _batch(2, B=6)
+    ids, mask = small_batch(2, B=6)
     views = {n: v[0] for n, v in model._views().items()}
     f64 = {n: np.asarray(v, np.float64) for n, v in views.items()}
     W, b = f64["classifier.weight"], f64["classifier.bias"]
@@ -84,9 +72,9 @@ def test_forward_and_gradients_equal_numpy_reference(ft_bert_seqcls):
     assert 0 < (~keep).sum() < keep.size  # some dropped, some kept
     xd = keep * pooled / (1 - p)
     ref = pooled @ W.T + b + scale * (xd @ A.T) @ Bm.T
-    assert _rel(out, ref) < 1e-5
+    assert rel_max(out, ref) < 1e-5
     undropped = pooled @ W.T + b + scale * (pooled @ A.T) @ Bm.T
-    assert _rel(out, undropped) > 1e-2  # the reference is not blind to the mask
+    assert rel_max(out, undropped) > 1e-2  # the reference is not blind to the mask
 
     dout = np.random.default_rng(3).standard_normal(out.shape)
     model.zero_grad()
@@ -97,10 +85,10 @@ def test_forward_and_gradients_equal_numpy_reference(ft_bert_seqcls):
     u = dout @ Bm
     dpooled = dout @ W + keep / (1 - p) * (scale * u @ A)
     dz = dpooled * (1 - pooled ** 2)
-    assert _rel(grads["classifier.lora_A.weight"], scale * u.T @ xd) < 1e-5
-    assert _rel(grads["classifier.lora_B.weight"], scale * dout.T @ (xd @ A.T)) < 1e-5
-    assert _rel(grads["bert.pooler.dense.weight"], dz.T @ h0) < 1e-5
-    assert _rel(grads["bert.pooler.dense.bias"], dz.sum(0)) < 1e-5
+    assert rel_max(grads["classifier.lora_A.weight"], scale * u.T @ xd) < 1e-5
+    assert rel_max(grads["classifier.lora_B.weight"], scale * dout.T @ (xd @ A.T)) < 1e-5
+    assert rel_max(grads["bert.pooler.dense.weight"], dz.T @ h0) < 1e-5
+    assert rel_max(grads["bert.pooler.dense.bias"], dz.sum(0)) < 1e-5
 
     # finite differences of sum(dout * out) through the core's own forward (same step, same masks)
     def loss():
@@ -195,7 +183,7 @@ def test_every_layer_has_its_mask_against_peft(request, name, tmp_path):
     assert len(modules) == count
     _randomize_adapters(model, 2)
     lora.save_lora(model, tmp_path / "ad")
-    ids, mask = _batch(5)
+    ids, mask = small_batch(5)
     args = (ids, mask) if name != "ft_t5" else (ids, mask, rand_ids(7, (4, 5), 3, 100))
     kwargs = dict(input_ids=torch.tensor(args[0]), attention_mask=torch.tensor(args[1]))
     if name == "ft_t5":
@@ -217,18 +205,18 @@ def test_every_layer_has_its_mask_against_peft(request, name, tmp_path):
 
     pm = _peft_with_masks(auto, path, model, tmp_path / "ad", seed)
     logits = pm(**kwargs).logits
-    assert _rel(out, logits.detach().numpy()) < 1e-5
+    assert rel_max(out, logits.detach().numpy()) < 1e-5
     (logits * torch.from_numpy(dout)).sum().backward()
     hf = {"base_model.model." + h: n for n, h in model.hf_names().items()}
     checked = 0
     for n, prm in pm.named_parameters():
         if "lora_" in n:
             # float32 against float64 through up to four blocks (T5's encoder adapters); a wrong mask is O(1)
-            assert _rel(grads[hf[n.replace(".default.", ".")]], prm.grad.numpy()) < 1e-4, n
+            assert rel_max(grads[hf[n.replace(".default.", ".")]], prm.grad.numpy()) < 1e-4, n
             checked += 1
     assert checked == 2 * count
     wrong = _peft_with_masks(auto, path, model, tmp_path / "ad", other)
-    assert _rel(out, wrong(**kwargs).logits.detach().numpy()) > 1e-2
+    assert rel_max(out, wrong(**kwargs).logits.detach().numpy()) > 1e-2
 
     again, _ = _train_forward(model, *args, step=11)
     model.zero_grad()
@@ -243,7 +231,7 @@ def test_recompute_gives_the_same_gradients(ft_t5):
     model = from_pretrained(ft_t5[0], verbose=False)
     lora.add_lora(model, r=2, alpha=4, dropout=0.3, target_modules=["q", "v", "wi"])
     _randomize_adapters(model, 5)
-    ids, mask = _batch(9)
+    ids, mask = small_batch(9)
     dec = rand_ids(10, (4, 5), 3, 100)
     model.train()
     grads = []
@@ -261,7 +249,7 @@ def test_recompute_gives_the_same_gradients(ft_t5):
 def test_eval_and_no_train_dropout_equal_p0(ft_llama):
     """Eval mode (inference), train_dropout=False and merge_lora never drop: bitwise what adapters with p = 0 give
     (merge: to float rounding); training mode with dropout differs."""
-    ids, _ = _batch(8)
+    ids, _ = small_batch(8)
     outs = {}
     for p in (0.0, 0.6):
         model = from_pretrained(ft_llama[0], trainable=True)
@@ -278,8 +266,8 @@ def test_eval_and_no_train_dropout_equal_p0(ft_llama):
         outs[p] = evaluated, plain, dropped, model(ids)
     (e0, t0, d0, m0), (e1, t1, d1, m1) = outs[0.0], outs[0.6]
     assert np.array_equal(e0, e1) and np.array_equal(t0, t1) and np.array_equal(d0, t0)
-    assert _rel(d1, t1) > 1e-2
-    assert _rel(m1, e1) < 1e-5 and _rel(m0, e0) < 1e-5
+    assert rel_max(d1, t1) > 1e-2
+    assert rel_max(m1, e1) < 1e-5 and rel_max(m0, e0) < 1e-5
 
 
 def test_dropout_is_validated(ft_bert):
@@ -301,7 +289,7 @@ def test_saved_dropout_loads_in_peft_and_back(ft_bert, tmp_path):
     p = 0.25
     model = from_pretrained(ft_bert[0], task="text-classification", num_labels=2, verbose=False)
     lora.add_lora(model, r=4, alpha=8, dropout=p, target_modules=["query", "value"])
-    ids, mask = _batch(4, B=6)
+    ids, mask = small_batch(4, B=6)
     init.manual_seed(0)
     Trainer(model, task_loss(model), AdamW(model, lr=1e-2), quiet=True, progress=False).fit(
         x=[ids, mask], y=np.arange(6) % 2, epochs=3, batch_size=6)
@@ -313,7 +301,7 @@ def test_saved_dropout_loads_in_peft_and_back(ft_bert, tmp_path):
     pm = peft.PeftModel.from_pretrained(base, str(tmp_path / "ad")).eval()
     assert pm.peft_config["default"].lora_dropout == p
     ref = pm(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.detach().numpy()
-    assert _rel(model(ids, mask), ref) < 1e-4
+    assert rel_max(model(ids, mask), ref) < 1e-4
 
     again = from_pretrained(ft_bert[0], task="text-classification", num_labels=2, verbose=False)
     lora.load_lora(again, tmp_path / "ad")
