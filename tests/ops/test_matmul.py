@@ -278,3 +278,34 @@ def test_amx_gemm_non_finite_like_avx512(rng):
     np.testing.assert_array_equal(np.isinf(outs["amx"]), np.isinf(outs["avx512"]))
     fine = np.isfinite(outs["avx512"])
     assert rel_err(outs["amx"][fine], outs["avx512"][fine]) < 1e-5
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_amx_products_from_many_threads(rng):
+    """Callers on several threads at once (each with its own tile configuration and scratch) get their serial
+    results: float32 GEMMs above the AMX threshold, bf16-weight and int8 products of 16+ rows."""
+    import threading
+    from cpuformer import _core
+    cases = []
+    for i in range(4):
+        a, b = randn(rng, 130 + 7 * i, 96), randn(rng, 1030 + 5 * i, 96)
+        h = _core.float_to_half(randn(rng, 70 + i, 200), "bf16")
+        x = randn(rng, 20 + i, 200)
+        q = _core.quantize_weight_int8(randn(rng, 50 + i, 200))
+        run = (lambda a=a, b=b, h=h, x=x, q=q: (ops.matmul(a, b, transpose_b=True), _core.linear_half(x, h, None, "bf16"),
+                                                _core.linear_int8(x, q, None)))
+        cases.append((run, run()))
+    errors = []
+
+    def work(case):
+        run, expected = case
+        for _ in range(10):
+            if not all(np.array_equal(g, e) for g, e in zip(run(), expected)):
+                errors.append("differs")
+
+    ts = [threading.Thread(target=work, args=(c,)) for c in cases]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
