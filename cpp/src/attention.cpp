@@ -37,6 +37,8 @@ constexpr index_t kMaxBlockQ = 256;
 // Query rows per tile. Taller tiles read each packed key block fewer times at long T; short sequences keep enough
 // tiles to share between threads when there are few (b, h) pairs. With keys packed once per (b, h), 64, 128 and
 // 256 rows measured within 2% of each other at T = 128..2048 (one thread).
+// Up to this many query rows, attention_forward reads keys and values in place (matmul.cpp's few-rows path).
+constexpr index_t kFewQueryRows = 4;
 index_t block_q(index_t T) { return T >= 768 ? 256 : T >= 192 ? 128 : 64; }
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -272,6 +274,9 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
     s.scores.resize(kMaxBlockQ * kBlockK);
     float* S = s.scores.data();
     PackedKeyBlocks keys_t(s.keys_t, true, n_kblocks, D), values(s.values, false, n_kblocks, D);
+    // Decoding (a few query rows): each key and value is used once per head, so packing them would cost as much as
+    // the products; the GEMM's few-rows path reads them in place.
+    const bool pack_keys = c.T > kFewQueryRows;
     for (index_t qb = qb_begin; qb < qb_end; ++qb) {
       const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
       const KeyRange kr = key_range(mask, r, t0, bq);
@@ -284,10 +289,10 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
           for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
         for (index_t kb = kr.lo / kBlockK, s0 = kb * kBlockK; s0 < kr.hi; s0 += kBlockK, ++kb) {
           const index_t bk = std::min(kBlockK, kr.hi - s0), full = std::min(kBlockK, r.keys - s0);
-          const float* kt = keys_t.block(kb, at(k, b, s0, g, D), k.st, full);
-          const float* vb = values.block(kb, at(v, b, s0, g, D), v.st, full);
-          const bool whole = bk == full;
-          score_tile(S, kBlockK, bq, bk, r, t0, s0, q, k, whole ? kt : nullptr, mask, c);
+          const bool whole = pack_keys && bk == full;
+          const float* kt = whole ? keys_t.block(kb, at(k, b, s0, g, D), k.st, full) : nullptr;
+          const float* vb = whole ? values.block(kb, at(v, b, s0, g, D), v.st, full) : nullptr;
+          score_tile(S, kBlockK, bq, bk, r, t0, s0, q, k, kt, mask, c);
           for (index_t i = 0; i < bq; ++i) {  // online softmax
             float* row = S + i * kBlockK;
             const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));

@@ -640,16 +640,42 @@ void KVCache::reorder(const std::int64_t* rows, index_t n) {
   CPUFORMER_CHECK(n >= 1, "KVCache::reorder: n must be >= 1");
   for (index_t i = 0; i < n; ++i)
     CPUFORMER_CHECK(rows[i] >= 0 && rows[i] < batch, "KVCache::reorder: row ", rows[i], " outside [0, ", batch, ")");
+  // In place, once per beam-search step: rows that keep their own data are not touched, and only the sources that
+  // a move would overwrite are saved first (a fresh copy of the whole cache each step cost more than the moves).
   const index_t row = capacity * width;
-  std::vector<float> nk(static_cast<size_t>(n * row)), nv(static_cast<size_t>(n * row));
-  std::vector<std::int64_t> nl(static_cast<size_t>(n));
-  for (index_t i = 0; i < n; ++i) {
-    const index_t len = length[rows[i]] * width;  // only the filled part matters
-    std::copy_n(k.data() + rows[i] * row, len, nk.data() + i * row);
-    std::copy_n(v.data() + rows[i] * row, len, nv.data() + i * row);
-    nl[i] = length[rows[i]];
+  std::vector<std::uint8_t> moved(static_cast<size_t>(std::max(n, batch)), 0), needed(static_cast<size_t>(batch), 0);
+  for (index_t i = 0; i < n; ++i)
+    if (rows[i] != i) moved[i] = 1, needed[rows[i]] = 1;
+  std::vector<index_t> saved_slot(static_cast<size_t>(batch), -1);
+  index_t n_saved = 0;
+  for (index_t j = 0; j < batch; ++j)
+    if (needed[j] && moved[j]) saved_slot[j] = n_saved++;
+  std::vector<float> saved(static_cast<size_t>(2 * n_saved * row));
+  std::vector<std::int64_t> saved_len(static_cast<size_t>(batch));
+  for (index_t j = 0; j < batch; ++j) {
+    saved_len[j] = length[j];
+    if (saved_slot[j] < 0) continue;
+    float* dst = saved.data() + 2 * saved_slot[j] * row;
+    std::copy_n(k.data() + j * row, length[j] * width, dst);  // only the filled part matters
+    std::copy_n(v.data() + j * row, length[j] * width, dst + row);
   }
-  k.swap(nk), v.swap(nv), length.swap(nl);
+  if (n > batch) {
+    k.resize(static_cast<size_t>(n * row)), v.resize(static_cast<size_t>(n * row));
+    length.resize(static_cast<size_t>(n));
+  }
+  for (index_t i = 0; i < n; ++i) {
+    if (!moved[i]) continue;
+    const index_t j = rows[i], len = saved_len[j] * width;
+    const float* sk = saved_slot[j] >= 0 ? saved.data() + 2 * saved_slot[j] * row : k.data() + j * row;
+    const float* sv = saved_slot[j] >= 0 ? saved.data() + (2 * saved_slot[j] + 1) * row : v.data() + j * row;
+    std::copy_n(sk, len, k.data() + i * row);
+    std::copy_n(sv, len, v.data() + i * row);
+    length[i] = saved_len[j];
+  }
+  if (n < batch) {
+    k.resize(static_cast<size_t>(n * row)), v.resize(static_cast<size_t>(n * row));
+    length.resize(static_cast<size_t>(n));
+  }
   batch = n;
 }
 

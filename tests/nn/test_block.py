@@ -355,6 +355,25 @@ def test_cache_reorder_for_beams():
         block.decode(rng.standard_normal((3, 3, 16)).astype(np.float32), cache)
 
 
+@pytest.mark.parametrize("rows", [[2, 0, 1], [1, 0, 2], [0, 0, 0], [2, 2], [1], [3, 1, 1, 0, 2, 3, 0], [0, 1, 2, 3]])
+def test_cache_reorder_moves_rows_of_different_lengths(rows):
+    """Any map (cycles, one source for many rows, fewer or more rows): each new row continues its source row."""
+    rng = np.random.default_rng(5)
+    nn.init.manual_seed(5)
+    block = nn.TransformerBlock(16, 2, 24).eval()
+    lengths = [5, 2, 7, 3]
+    prompts = rng.standard_normal((4, 7, 16)).astype(np.float32)
+    cache = block.new_cache(4, 12)
+    block.decode(prompts, cache, new_tokens=np.array(lengths))
+    cache.reorder(np.array(rows, np.int64))
+    assert cache.batch == len(rows) and cache.length == [lengths[r] for r in rows]
+    nxt = rng.standard_normal((len(rows), 1, 16)).astype(np.float32)
+    got = block.decode(nxt, cache)
+    for i, src in enumerate(rows):
+        full = block(np.concatenate([prompts[src, :lengths[src]], nxt[i]])[None], is_causal=True)[0, -1]
+        np.testing.assert_allclose(got[i, 0], full, rtol=0, atol=2e-5)
+
+
 def test_threads_share_one_eval_block():
     """Many threads calling one eval-mode block (and its backward) get their single-thread results."""
     rng = np.random.default_rng(8)
