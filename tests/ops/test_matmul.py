@@ -117,7 +117,10 @@ def test_simd_paths_agree(rng):
 # Around the AVX-512 12x32 tile (two 6-row A slivers x two 16-wide B slivers), the blocking and the direct/small-M paths.
 ODD_SHAPES = [(1, 1, 1), (2, 3, 1), (4, 70, 33), (5, 17, 1), (6, 16, 8), (7, 31, 2), (11, 33, 9), (12, 32, 256),
               (13, 47, 257), (18, 48, 100), (23, 15, 513), (25, 64, 40), (97, 95, 96), (130, 70, 600),
-              (145, 97, 300), (289, 31, 513), (300, 4100, 20), (37, 4097, 7), (1, 2304, 768), (3, 1000, 333)]
+              (145, 97, 300), (289, 31, 513), (300, 4100, 20), (37, 4097, 7), (1, 2304, 768), (3, 1000, 333),
+              # x W^T with 5-128 rows, N >= 4M, K >= 128: the AVX-512 path computes C^T = W A^T (gemm_wide_bt)
+              (5, 20, 128), (13, 100, 256), (29, 131, 200), (64, 300, 256), (128, 515, 129), (7, 4100, 256),
+              (100, 1100, 600)]
 
 
 @pytest.mark.skipif("avx512" not in SIMD_PATHS, reason="no AVX-512 on this CPU or build")
@@ -154,6 +157,37 @@ def test_avx512_gemm_bitwise_equals_avx2(rng, threads_):
                         assert rel_err(nan_out, ref) < 1e-5
                         assert rel_err(mm, ref + bias) < 1e-5
                 assert rel_err(outs[1][2], ref_matmul(a, b, ta, tb) + bias) < 1e-5
+    finally:
+        _core.set_simd_path("auto")
+        cpuformer.set_num_threads(before)
+
+
+@pytest.mark.skipif("avx512" not in SIMD_PATHS, reason="no AVX-512 on this CPU or build")
+@pytest.mark.parametrize("threads_", [1, 2])
+def test_wide_transposed_b_bitwise_equals_blocked_path(rng, threads_):
+    """x W^T with few rows and a wide W is computed as C^T = W A^T (no transpose of W): the same bits as the blocked
+    path, which B given untransposed takes (same K blocks of 512, each element written back as it would be there:
+    fused inside whole 6x16 tiles, rounded step by step at the edges), for alpha, beta, bias and several K blocks."""
+    import cpuformer
+    from cpuformer import _core
+    before = cpuformer.get_num_threads()
+    cpuformer.set_num_threads(threads_)
+    _core.set_simd_path("avx512")
+    try:
+        for M, N, K in [(5, 20, 128), (6, 96, 512), (17, 69, 513), (64, 58101 // 8, 512), (96, 385, 1100),
+                        (128, 512, 2048), (61, 4099, 300)]:
+            for ta in (False, True):
+                a, w = operand(rng, M, K, ta), randn(rng, N, K)
+                wt = np.ascontiguousarray(w.T)
+                bias, c0 = randn(rng, N), randn(rng, M, N)
+                for alpha, beta, b in [(1.0, 0.0, None), (1.0, 0.0, bias), (0.5, 0.75, bias), (-1.25, 1.0, None)]:
+                    wide, blocked = c0.copy(), c0.copy()
+                    ops.gemm(a, w, wide, transpose_a=ta, transpose_b=True, alpha=alpha, beta=beta, bias=b)
+                    ops.gemm(a, wt, blocked, transpose_a=ta, alpha=alpha, beta=beta, bias=b)
+                    msg = f"{M}x{N}x{K} ta={ta} alpha={alpha} beta={beta} bias={b is not None}"
+                    assert wide.tobytes() == blocked.tobytes(), msg
+                    ref = alpha * ref_matmul(a, w, ta, True) + beta * c0.astype(np.float64)
+                    assert rel_err(wide, ref + (0 if b is None else b)) < 1e-5, msg
     finally:
         _core.set_simd_path("auto")
         cpuformer.set_num_threads(before)
