@@ -315,8 +315,12 @@ class Checkpoint {
     tb.rows = rows, tb.cols = cols;
     const TensorView* t = find(name, {rows, cols}, optional);
     if (!t) return tb;
-    if (keeps_half(*t)) {
+    // A 16-bit table stays 16-bit for its lookups (exact conversions of the rows read) unless float32 was asked
+    // for or it is trained, whatever form the Linear weights take (a tied int8/packed head: tied()).
+    if ((t->dtype == DType::kF16 || t->dtype == DType::kBF16) && opt.dtype == PretrainedOptions::kAuto &&
+        !opt.trainable) {
       tb.h = half_data(*t), tb.ht = t->dtype == DType::kF16 ? HalfType::kF16 : HalfType::kBF16;
+      if (reinterpret_cast<const void*>(tb.h) == t->data) mapped_tables[tb.h] = t;
     } else {
       tb.f = floats(name, {rows, cols});
     }
@@ -341,7 +345,34 @@ class Checkpoint {
     return prepare(l);
   }
   // A Linear over a table's rows (a tied head), prepared like the others.
-  LinearRef tied(const Table& tb) { return tb.h ? tb.as_linear() : prepare(tb.as_linear()); }
+  // An int8 or packed head over a 16-bit table is prepared from a float copy of it, dropped once prepared (with
+  // the table's mapped pages the conversion read: lookups touch only their rows).
+  LinearRef tied(const Table& tb) {
+    if (!tb.h) return prepare(tb.as_linear());
+    if (opt.weights == LoadOptions::kFloat32 || opt.trainable) return tb.as_linear();
+    const auto mapped = mapped_tables.find(tb.h);
+    const auto release = [&](index_t r0, index_t r1) {
+      if (mapped != mapped_tables.end()) release_range(tb.h + r0 * tb.cols, (r1 - r0) * tb.cols * 2);
+    };
+    LinearRef l = tb.as_linear();
+    l.half = nullptr;
+    if (opt.weights == LoadOptions::kInt8) {  // a block of rows at a time: no float copy of the whole table
+      int8.push_back(quantize_weight_int8_blocked(tb.rows, tb.cols, [&](index_t r0, index_t r1, float* out) {
+        half_to_float_n(out, tb.h + r0 * tb.cols, (r1 - r0) * tb.cols, tb.ht);
+        release(r0, r1);
+      }));
+      l.int8 = &int8.back();
+      return l;
+    }
+    std::vector<float> f(static_cast<size_t>(tb.rows * tb.cols));
+    half_to_float_n(f.data(), tb.h, tb.rows * tb.cols, tb.ht);
+    release(0, tb.rows);
+    l.weight = f.data();
+    l = prepare(l);
+    l.weight = nullptr;  // only the prepared form serves the head
+    return l;
+  }
+  std::map<const std::uint16_t*, const TensorView*> mapped_tables;  // 16-bit tables read in place
 
   std::uint64_t owned_bytes() const {
     std::uint64_t n = 0;
@@ -378,13 +409,17 @@ class Checkpoint {
   // A converted tensor's mapped pages are not read again: let the kernel drop them from this process's resident
   // set now (they stay in the page cache), so converting at load does not hold the file and its copy at once.
   static void release_pages(const TensorView& t) {
+    if (t.file != "(new)") release_range(t.data, t.nbytes);
+  }
+  // Only for memory mapped from a file (MADV_DONTNEED would zero anonymous memory).
+  static void release_range(const void* data, std::int64_t nbytes) {
 #if defined(__unix__) || defined(__APPLE__)
     static const std::uintptr_t page = static_cast<std::uintptr_t>(sysconf(_SC_PAGESIZE));
-    const auto begin = reinterpret_cast<std::uintptr_t>(t.data), end = begin + t.nbytes;
+    const auto begin = reinterpret_cast<std::uintptr_t>(data), end = begin + static_cast<std::uintptr_t>(nbytes);
     const std::uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;  // whole pages only
-    if (t.file != "(new)" && last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
 #else
-    (void)t;
+    (void)data, (void)nbytes;
 #endif
   }
   LinearRef prepare(LinearRef l) {

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -622,11 +623,9 @@ std::vector<std::int8_t> Int8Weight::unpack() const {
   return out;
 }
 
-Int8Weight quantize_weight_int8(const float* w, index_t N, index_t K, index_t ldw) {
-  CPUFORMER_CHECK(N > 0 && K > 0 && ldw >= K, "quantize_weight_int8: bad sizes N=", N, " K=", K, " ldw=", ldw);
-  for (index_t i = 0; i < N; ++i)
-    for (index_t j = 0; j < K; ++j)
-      CPUFORMER_CHECK(std::isfinite(w[i * ldw + j]), "quantize_weight_int8: weight[", i, ", ", j, "] is not finite");
+namespace {
+
+Int8Weight empty_int8_weight(index_t N, index_t K) {
   Int8Weight q;
   q.n = N;
   q.k = K;
@@ -634,22 +633,57 @@ Int8Weight quantize_weight_int8(const float* w, index_t N, index_t K, index_t ld
   q.packed.assign(static_cast<size_t>(np * groups * kGroup), 0);
   q.scale.assign(static_cast<size_t>(np), 0.0f);
   q.col_sum.assign(static_cast<size_t>(np), 0);
-  for (index_t i = 0; i < N; ++i) {
-    const float* row = w + i * ldw;
-    float amax = 0.0f;
-    for (index_t j = 0; j < K; ++j) amax = std::max(amax, std::fabs(row[j]));
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    q.scale[i] = scale;
-    const index_t p = i / kPanel, c = i % kPanel;
-    std::int32_t sum = 0;
-    for (index_t j = 0; j < K; ++j) {
-      // Division, not a reciprocal: this runs once per weight, and the nearest level should be exact.
-      const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[j] / scale)));
-      const auto qv = static_cast<std::int8_t>(v);
-      q.packed[((p * groups + j / kGroup) * kPanel + c) * kGroup + j % kGroup] = qv;
-      sum += qv;
-    }
-    q.col_sum[i] = sum;
+  return q;
+}
+
+// Row i of the weight (K floats, finite: checked by the callers) into q's panel layout, scale and column sum.
+void quantize_weight_row(Int8Weight& q, index_t i, const float* row) {
+  const index_t K = q.k, groups = round_up(K, kGroup) / kGroup;
+  float amax = 0.0f;
+  for (index_t j = 0; j < K; ++j) amax = std::max(amax, std::fabs(row[j]));
+  const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+  q.scale[i] = scale;
+  const index_t p = i / kPanel, c = i % kPanel;
+  std::int32_t sum = 0;
+  for (index_t j = 0; j < K; ++j) {
+    // Division, not a reciprocal: this runs once per weight, and the nearest level should be exact.
+    const float v = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[j] / scale)));
+    const auto qv = static_cast<std::int8_t>(v);
+    q.packed[((p * groups + j / kGroup) * kPanel + c) * kGroup + j % kGroup] = qv;
+    sum += qv;
+  }
+  q.col_sum[i] = sum;
+}
+
+void check_finite_rows(const float* w, index_t r0, index_t r1, index_t K, index_t ldw) {
+  for (index_t i = r0; i < r1; ++i)
+    for (index_t j = 0; j < K; ++j)
+      CPUFORMER_CHECK(std::isfinite(w[(i - r0) * ldw + j]), "quantize_weight_int8: weight[", i, ", ", j,
+                      "] is not finite");
+}
+
+}  // namespace
+
+Int8Weight quantize_weight_int8(const float* w, index_t N, index_t K, index_t ldw) {
+  CPUFORMER_CHECK(N > 0 && K > 0 && ldw >= K, "quantize_weight_int8: bad sizes N=", N, " K=", K, " ldw=", ldw);
+  check_finite_rows(w, 0, N, K, ldw);
+  Int8Weight q = empty_int8_weight(N, K);
+  for (index_t i = 0; i < N; ++i) quantize_weight_row(q, i, w + i * ldw);
+  return q;
+}
+
+Int8Weight quantize_weight_int8_blocked(index_t N, index_t K,
+                                        const std::function<void(index_t, index_t, float*)>& fill,
+                                        index_t block_rows) {
+  CPUFORMER_CHECK(N > 0 && K > 0 && block_rows >= 0, "quantize_weight_int8: bad sizes N=", N, " K=", K);
+  Int8Weight q = empty_int8_weight(N, K);
+  const index_t block = block_rows > 0 ? block_rows : std::max<index_t>(1, (1 << 22) / K);  // ~16 MiB of floats
+  std::vector<float> rows(static_cast<size_t>(std::min(N, block) * K));
+  for (index_t r0 = 0; r0 < N; r0 += block) {
+    const index_t r1 = std::min(N, r0 + block);
+    fill(r0, r1, rows.data());
+    check_finite_rows(rows.data(), r0, r1, K, K);
+    for (index_t i = r0; i < r1; ++i) quantize_weight_row(q, i, rows.data() + (i - r0) * K);
   }
   return q;
 }

@@ -940,6 +940,37 @@ void test_prepared_weights(std::mt19937& gen) {
   }
 }
 
+// quantize_weight_int8_blocked (a weight fed a block of rows at a time) equals quantizing the whole weight, for
+// blocks that cut the 16-row panels anywhere; a non-finite value in a later block is refused with its row.
+void test_int8_quantize_blocked() {
+  std::mt19937 gen(17);  // its own stream: the other tests' draws stay as they were
+  for (int block : {1, 5, 16, 37, 0}) {
+    const int N = 83, K = 29;
+    auto W = random_vec(gen, size_t(N) * K);
+    const cpuformer::Int8Weight whole = cpuformer::quantize_weight_int8(W.data(), N, K, K);
+    int calls = 0;
+    const cpuformer::Int8Weight blocked = cpuformer::quantize_weight_int8_blocked(
+        N, K, [&](cpuformer::index_t r0, cpuformer::index_t r1, float* out) {
+          ++calls;
+          std::copy(W.begin() + r0 * K, W.begin() + r1 * K, out);
+        }, block);
+    check(blocked.packed == whole.packed && blocked.scale == whole.scale && blocked.col_sum == whole.col_sum &&
+              calls == (block ? (N + block - 1) / block : 1),
+          "quantize_weight_int8_blocked == whole, block " + std::to_string(block));
+    W[size_t(70) * K + 3] = std::numeric_limits<float>::infinity();
+    bool threw = false;
+    try {
+      cpuformer::quantize_weight_int8_blocked(
+          N, K, [&](cpuformer::index_t r0, cpuformer::index_t r1, float* out) {
+            std::copy(W.begin() + r0 * K, W.begin() + r1 * K, out);
+          }, block);
+    } catch (const std::invalid_argument& e) {
+      threw = std::string(e.what()).find("weight[70, 3]") != std::string::npos;
+    }
+    check(threw, "quantize_weight_int8_blocked refuses a non-finite weight, block " + std::to_string(block));
+  }
+}
+
 // Every int8 kernel this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2, scalar) gives the scalar kernel's bits: M = 1..37,
 // N and K off the panel and group sizes, strided x and y (the gaps are left alone), NaN/Inf and zero rows.
 void test_int8_kernels(std::mt19937& gen) {
@@ -1768,6 +1799,7 @@ int main() {
       test_lora_dropout(gen);
     }
     test_half_conversions(gen);
+    test_int8_quantize_blocked();
     test_half_embedding(gen);
   }
   test_sgemm_avx512_equals_avx2(gen);

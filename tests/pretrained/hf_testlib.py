@@ -338,7 +338,7 @@ def hf(request):
 # 16-bit and sharded copies
 
 
-def _half_copy(model, dtype, path):
+def half_copy(model, dtype, path):
     half = copy.deepcopy(model).to(dtype)
     half.save_pretrained(str(path))
     # the float32 model of the rounded weights: round the parameters only (a module-wide .to() would also round
@@ -353,13 +353,13 @@ def _half_copy(model, dtype, path):
 @pytest.fixture(scope="session", params=["float16", "bfloat16"])
 def half_llama(request, tmp_path_factory, llama):
     """(dir of a 16-bit copy of the llama fixture, torch float32 model of the same rounded weights, dtype name)."""
-    d, ref = _half_copy(llama[1], getattr(torch, request.param), tmp_path_factory.mktemp("llama_" + request.param))
+    d, ref = half_copy(llama[1], getattr(torch, request.param), tmp_path_factory.mktemp("llama_" + request.param))
     return d, ref, request.param
 
 
 @pytest.fixture(scope="session", params=["float16", "bfloat16"])
 def half_bert(request, tmp_path_factory, bert_model):
-    d, ref = _half_copy(bert_model[1], getattr(torch, request.param), tmp_path_factory.mktemp("bert_" + request.param))
+    d, ref = half_copy(bert_model[1], getattr(torch, request.param), tmp_path_factory.mktemp("bert_" + request.param))
     return d, ref, request.param
 
 

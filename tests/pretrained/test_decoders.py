@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_testlib import (DECODERS, check_rel, edit_config, gen_positions, left_padded, load, rand_ids,  # noqa: E402
-                      rel_err, to_np)
+from hf_testlib import (DECODERS, check_rel, edit_config, gen_positions, half_copy, left_padded, load,  # noqa: E402
+                        rand_ids, rel_err, to_np)
 
 B, T = 3, 13
 LENGTHS = [13, 10, 6]
@@ -159,6 +159,23 @@ def test_llama_16bit_copies(half_llama):
         got = load(path, **kw)(ids, attention_mask=mask)
         assert got.dtype == np.float32
         check_rel(got[keep], ref[keep], f"{dtype} {kw}")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_tied_table_stays_16bit_under_int8_and_packed_heads(llama3, tmp_path, dtype):
+    """weights="int8"/"packed" over a 16-bit checkpoint with a tied head: the embedding table stays 16-bit for its
+    lookups (exact), the head is prepared from its float conversion a block of rows at a time, so no float32 copy of
+    the table is kept; outputs are bitwise those of converting everything to float32 first."""
+    path, _ = half_copy(llama3[1], getattr(torch, dtype), tmp_path / dtype)
+    ids, mask = _inputs(llama3[1], seed=9)
+    V, C = llama3[1].config.vocab_size, llama3[1].config.hidden_size
+    for weights in ("int8", "packed"):
+        kept, converted = load(path, weights=weights), load(path, weights=weights, dtype="float32")
+        np.testing.assert_array_equal(kept(ids, attention_mask=mask), converted(ids, attention_mask=mask))
+        np.testing.assert_array_equal(kept.generate(ids[:1, :5], 12), converted.generate(ids[:1, :5], 12))
+        # the converted load owns a float32 table (V x C x 4 bytes) that the 16-bit one maps instead
+        assert converted.memory["owned"] - kept.memory["owned"] >= V * C * 4, (weights, kept.memory,
+                                                                                 converted.memory)
 
 
 def test_llama_sharded_equals_single_file(sharded_llama, llama):

@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,12 @@ struct Int8Weight {
 
 // Quantizes w (N x K, row stride ldw). Throws std::invalid_argument on non-finite weights.
 Int8Weight quantize_weight_int8(const float* w, index_t N, index_t K, index_t ldw);
+// The same, with the weight given a block of rows at a time: fill(r0, r1, rows) writes rows [r0, r1) of it (row
+// stride K) into `rows`. For a weight held in another form (a 16-bit table), so that no float copy of all of it
+// exists at once. Same result as quantize_weight_int8 on the whole weight. block_rows: rows per call (0: ~16 MiB).
+Int8Weight quantize_weight_int8_blocked(index_t N, index_t K,
+                                        const std::function<void(index_t, index_t, float*)>& fill,
+                                        index_t block_rows = 0);
 
 // y[M,N] (row stride ldy) = dynamically quantized x[M,K] (row stride ldx) times w^T, plus bias (may be null).
 // A row of x holding NaN or Inf gives a row of NaN.
