@@ -68,7 +68,7 @@ QUICK = {
                    decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256, vocab_size=1001,
                    pad_token_id=1000, decoder_start_token_id=1000),
 }
-PRECISION = {"fp32": "float32", "packed": "float32", "bf16": "bf16", "int8": "int8"}
+PRECISION = {"fp32": "float32", "packed": "float32", "bf16": "bf16", "bf16act": "bf16", "int8": "int8"}
 
 
 def kib_to_mib(k: float) -> float:
@@ -235,7 +235,8 @@ def load_engine(spec: dict):
         cpuformer.set_num_threads(threads)
         prec = eng.split("-")[1]
         kw = {"fp32": dict(dtype="float32"), "packed": dict(dtype="float32", weights="packed"),
-              "bf16": dict(dtype=None), "int8": dict(dtype=None, weights="int8")}[prec]
+              "bf16": dict(dtype=None), "bf16act": dict(dtype=None, activations="bfloat16"),
+              "int8": dict(dtype=None, weights="int8")}[prec]
 
         def load():
             return from_pretrained(spec["dir"], **kw)
@@ -536,7 +537,8 @@ def fmt_ms(v):
 
 def ratio_base(eng: str, have: set) -> str:
     prec = eng.split("-")[1] if "-" in eng else "fp32"
-    base = {"fp32": "cpf-fp32", "packed": "cpf-fp32", "bf16": "cpf-bf16", "int8": "cpf-int8"}.get(prec, "cpf-fp32")
+    base = {"fp32": "cpf-fp32", "packed": "cpf-fp32", "bf16": "cpf-bf16", "bf16act": "cpf-bf16",
+            "int8": "cpf-int8"}.get(prec, "cpf-fp32")
     return base if base in have else "cpf-fp32"
 
 
@@ -673,7 +675,8 @@ def section_decoder(args, cache):
                 print(f"  CTranslate2 {q}: {spec['ct2_error'][:200]}")
         if spec["ct2"]:
             spec["ct2_vocab"] = json.load(open(os.path.join(next(iter(spec["ct2"].values())), "vocabulary.json")))
-    engines = ["cpf-fp32", "cpf-packed", "cpf-bf16", "cpf-int8", "torch-fp32", "torch-bf16", "ct2-fp32", "ct2-int8", "calib"]
+    engines = ["cpf-fp32", "cpf-packed", "cpf-bf16", "cpf-bf16act", "cpf-int8", "torch-fp32", "torch-bf16", "ct2-fp32",
+               "ct2-int8", "calib"]
     workers = start_workers(engines, spec, args)
     ids = np.random.default_rng(0).integers(0, fields["vocab_size"] - 1, size=(1, prompt_len))
     base = {"ids": ids.tolist(), "mask": np.ones_like(ids).tolist(), "pad": 0}
@@ -714,6 +717,14 @@ def section_decoder(args, cache):
           f"(generate - prompt), medians. Ratios are time ratios engine / cpuformer at the same precision (fp32 vs "
           f"cpf-fp32, bf16 vs cpf-bf16, int8 vs cpf-int8; > 1: cpuformer faster); the decode ratio is "
           f"cpuformer tok/s / engine tok/s.")
+    if "cpf-bf16act" in med["prompt"] and "torch-bf16" in med["prompt"]:
+        # cpf-bf16act: activations="bfloat16", the products' precision of PyTorch's bf16 (its norms, attention and
+        # residuals stay float32): the like-for-like row against torch-bf16
+        pa, pt = med["prompt"]["cpf-bf16act"], med["prompt"]["torch-bf16"]
+        da, dt = dec.get("cpf-bf16act"), dec.get("torch-bf16")
+        print(f"bf16 at equal product precision (cpf-bf16act = activations='bfloat16', as PyTorch's bf16 rounds "
+              f"them): prompt torch-bf16 / cpf-bf16act = {pt / pa:.2f}"
+              + (f", decode cpf-bf16act / torch-bf16 tok/s = {da / dt:.2f}" if da and dt else ""))
     memory_lines(workers)
     close_all(workers)
     print(f"loadavg after: {loadavg()}", flush=True)

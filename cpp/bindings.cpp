@@ -2126,12 +2126,13 @@ U16 float_to_half_py(const py::object& aobj, const std::string& kind) {
 
 // x (..., in) -> x W^T + bias with W (out, in), or x W + bias with W (in, out) when in_out.
 F32 linear_half_py(const py::object& xobj, const py::object& wobj, const py::object& bobj, const std::string& kind,
-                   bool in_out) {
+                   bool in_out, bool bf16_activations) {
   const HalfType t = half_kind(kind);
   const U16 w = u16(wobj, "weight", 2, 2);
   const index_t in = w.shape(in_out ? 0 : 1), out = w.shape(in_out ? 1 : 0);
   LinearRef ref;
   ref.in = in, ref.out = out, ref.half = w.data(), ref.half_type = t, ref.in_out = in_out;
+  ref.bf16_activations = bf16_activations;
   return prepared_linear("linear_half", xobj, in, out, bobj, py::none(),
                          [&](const float* x, index_t rows, const float* bias, float* y) {
                            ref.bias = bias;
@@ -2159,9 +2160,9 @@ void def_half(py::module_& m) {
   m.def("float_to_half", &float_to_half_py, py::arg("a"), py::arg("kind"),
         "float32 array -> uint16 bit patterns of bf16 ('bf16') or float16 ('f16'), round to nearest even.");
   m.def("linear_half", &linear_half_py, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
-        py::arg("kind") = "bf16", py::arg("in_out") = false,
+        py::arg("kind") = "bf16", py::arg("in_out") = false, py::arg("bf16_activations") = false,
         "x (..., in) @ W^T + bias with a 16-bit weight W (out, in) (or x @ W with W (in, out) when in_out), converted "
-        "to float32 inside the product.");
+        "to float32 inside the product; bf16_activations: x rounded to bf16 first (PyTorch's bf16 precision).");
   m.def("embedding_half", &embedding_half_py, py::arg("ids"), py::arg("table"), py::arg("kind"),
         "Rows of a 16-bit (V, C) table -> float32 (..., C).");
 }
@@ -2238,9 +2239,13 @@ const char* head_name(PretrainedModel::Head h) {
 
 std::shared_ptr<PretrainedModel> pretrained_load(const std::string& dir, const std::string& dtype,
                                                  const std::string& weights, bool trainable, const std::string& task,
-                                                 std::int64_t num_labels, std::uint64_t init_seed) {
+                                                 std::int64_t num_labels, std::uint64_t init_seed,
+                                                 const std::string& activations) {
   PretrainedOptions o;
   o.trainable = trainable, o.task = task, o.num_labels = num_labels, o.init_seed = init_seed;
+  if (activations == "bfloat16") o.bf16_activations = true;
+  else if (activations != "float32")
+    value_error("activations must be 'float32' or 'bfloat16', got '" + activations + "'");
   if (dtype == "float32") o.dtype = PretrainedOptions::kFloat32;
   else if (dtype != "auto") value_error("dtype must be 'auto' or 'float32', got '" + dtype + "'");
   if (weights == "packed") o.weights = LoadOptions::kPacked;
@@ -2283,7 +2288,7 @@ void bind_pretrained(py::module_& m) {
                                      "A Hugging Face model directory run by the C++ core (cpuformer/pretrained.h).")
       .def_static("load", &pretrained_load, py::arg("directory"), py::arg("dtype") = "auto",
                   py::arg("weights") = "float32", py::arg("trainable") = false, py::arg("task") = "",
-                  py::arg("num_labels") = 0, py::arg("init_seed") = 0)
+                  py::arg("num_labels") = 0, py::arg("init_seed") = 0, py::arg("activations") = "float32")
       .def("new_parameters", &PM::new_parameters)
       .def("add_lora", [](PM& p, const std::vector<std::string>& targets, bool regex, std::int64_t r, double alpha,
                           std::uint64_t seed, double dropout) {

@@ -8,7 +8,8 @@
 //                                                                             source row (greedy when BEAM is 1)
 //
 // Options before MODEL: --frozen (Linear weights packed once, as cpuformer.nn.freeze) or --int8 (int8 weights, as
-// cpuformer.nn.quantize_dynamic).
+// cpuformer.nn.quantize_dynamic); for a Hugging Face DIR with 16-bit weights, --bf16-activations (their products
+// take bf16-rounded activations, as from_pretrained(activations="bfloat16")).
 //
 // IDS and MASK are comma-separated integers (BATCH rows of equal length). Output: numbers separated by spaces,
 // one row per line.
@@ -142,6 +143,7 @@ static bool generate_options(int argc, char** argv, int first, int* max_new, cpu
 }
 
 static cpuformer::LoadOptions load_options;
+static bool bf16_activations = false;
 
 static void print_ids(const std::vector<std::int64_t>& ids) {
   for (size_t i = 0; i < ids.size(); ++i) std::printf(i ? " %lld" : "%lld", static_cast<long long>(ids[i]));
@@ -241,6 +243,7 @@ static int run_pretrained(const std::string& dir, int argc, char** argv) {
   if (!st.ok()) return fail(st.message());
   cpuformer::PretrainedOptions options;
   options.weights = load_options.weights;
+  options.bf16_activations = bf16_activations;
   std::unique_ptr<cpuformer::PretrainedModel> model;
   st = cpuformer::PretrainedModel::load(dir, &model, options);
   if (!st.ok()) return fail(st.message());
@@ -320,8 +323,10 @@ int main(int argc, char** argv) {
       load_options.weights = cpuformer::LoadOptions::kInt8;
     else if (option == "--frozen")
       load_options.weights = cpuformer::LoadOptions::kPacked;
+    else if (option == "--bf16-activations")
+      bf16_activations = true;
     else
-      return fail("unknown option '" + option + "' (--int8, --frozen)");
+      return fail("unknown option '" + option + "' (--int8, --frozen, --bf16-activations)");
     argv[1] = argv[0];
     ++argv, --argc;
   }
@@ -330,6 +335,7 @@ int main(int argc, char** argv) {
                             "{generate|logits|classify|embed|translate|tokenize} TEXT [...]");
   if (is_directory(argv[1]) && is_file(std::string(argv[1]) + "/config.json"))
     return run_pretrained(argv[1], argc, argv);
+  if (bf16_activations) return fail("--bf16-activations applies to Hugging Face directories (config.json)");
   if (is_directory(argv[1])) return run_text(argv[1], argc, argv);
   std::unique_ptr<cpuformer::Model> model;
   cpuformer::Status st = cpuformer::Model::load(argv[1], &model, load_options);

@@ -99,7 +99,7 @@ CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_
       const float* a = g.A + (m0 + r) * g.lda + k0;
       for (index_t k = 0; k < kcp; k += 16) {
         split3(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k), t);
-        for (int p = 0; p < 3; ++p)
+        for (int p = 0; p < (g.prerounded ? 1 : 3); ++p)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + r * kcp + k), to_bf16(t[p]));
       }
     }
@@ -117,7 +117,7 @@ CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_
       transpose16(r);
       for (index_t j = 0; j < mn; ++j) {
         split3(_mm512_castsi512_ps(r[j]), t);
-        for (int p = 0; p < 3; ++p)
+        for (int p = 0; p < (g.prerounded ? 1 : 3); ++p)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + (m + j) * kcp + k), to_bf16(t[p]));
       }
     }
@@ -157,6 +157,8 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
           if (n0 + c >= g.N) {
             for (int t = 0; t < terms; ++t) r[t][c] = _mm512_setzero_si512();
           } else if (g.H) {
+            // rows of H are 16 streams at a stride: fetch each a few steps ahead (the hardware does not keep up)
+            _mm_prefetch(reinterpret_cast<const char*>(g.H + (n0 + c) * g.ldb + k + 4 * kStepK), _MM_HINT_T0);
             r[0][c] = _mm512_maskz_loadu_epi16(first_n32(kn), g.H + (n0 + c) * g.ldb + k);
           } else {
             const float* src = g.B + (n0 + c) * g.ldb + k;
@@ -217,8 +219,9 @@ static inline __attribute__((always_inline)) void dp_halves() {  // both row hal
 }
 
 // One block of up to 32 rows (H = 2 row halves, or 1) x 32 columns (P = 2 panels, or 1) over `steps` k steps;
-// NB = the terms of B (1: bf16, 3: float32). A planes: rows lda bytes apart, planes plane_bytes apart.
-template <int H, int P, int NB>
+// NB = the terms of B (1: bf16, 3: float32), NA those of A (3, or 1 for prerounded activations with NB 1). A planes:
+// rows lda bytes apart, planes plane_bytes apart.
+template <int H, int P, int NB, int NA = 3>
 void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const std::uint32_t* b, index_t steps,
                 float (*acc)[32]) {
   CPUFORMER_TILE_ZERO(0);
@@ -234,6 +237,17 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
   for (index_t s = 0; s < steps; ++s, ab += kStepK * 2) {
     const std::uint32_t* bs = b + s * kTileWords;
     load_b<P>(bs, panel_words);  // B term 0 with A terms 0, 1, 2
+    if (NA == 1) {  // one A term (activations already bf16) against bf16 B: its rows into tile 4 (and 5)
+      static_assert(NA == 3 || NB == 1, "one A term only with bf16 B");
+      CPUFORMER_TILE_LOADD(4, a_at(0), lda);
+      if (H == 2) {
+        CPUFORMER_TILE_LOADD(5, a_at(0) + half, lda);
+        dp_halves<P>();
+      } else {
+        dp_rows4<P>();
+      }
+      continue;
+    }
     if (H == 2) {
       for (int t = 0; t < 3; ++t) {
         CPUFORMER_TILE_LOADD(4, a_at(t), lda);
@@ -277,15 +291,15 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
   }
 }
 
-template <int NB>
+template <int NB, int NA = 3>
 void run_block(int rows, int panels, const std::uint16_t* a, index_t lda, index_t plane_bytes,
                const std::uint32_t* b, index_t steps, float (*acc)[32]) {
   if (rows > 16) {
-    if (panels == 2) tile_block<2, 2, NB>(a, lda, plane_bytes, b, steps, acc);
-    else tile_block<2, 1, NB>(a, lda, plane_bytes, b, steps, acc);
+    if (panels == 2) tile_block<2, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc);
+    else tile_block<2, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc);
   } else {
-    if (panels == 2) tile_block<1, 2, NB>(a, lda, plane_bytes, b, steps, acc);
-    else tile_block<1, 1, NB>(a, lda, plane_bytes, b, steps, acc);
+    if (panels == 2) tile_block<1, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc);
+    else tile_block<1, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc);
   }
 }
 
@@ -321,7 +335,8 @@ bool amx_bf16_applies(index_t M, index_t N, index_t K) { return M >= 16 && N >= 
 
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
   if (r0 >= r1 || n0 >= n1) return;
-  const int nb = g.H ? 1 : 3;
+  CPUFORMER_CHECK(!g.prerounded || g.H, "amx_gemm: prerounded needs bf16 weights (H)");
+  const int nb = g.H ? 1 : 3, na = g.prerounded ? 1 : 3;
   const index_t kb = std::min(g.K, kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
   // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
@@ -348,8 +363,11 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
           configured = rb;
           for (index_t q = 0; q < pairs; ++q) {
             const int panels = jb + 32 * q + 16 < je ? 2 : 1;
-            if (nb == 1) run_block<1>(rb, panels, planes + m * kcp, lda, plane_bytes, b + q * pw, steps, acc);
-            else run_block<3>(rb, panels, planes + m * kcp, lda, plane_bytes, b + q * pw, steps, acc);
+            const std::uint16_t* a = planes + m * kcp;
+            const std::uint32_t* bq = b + q * pw;
+            if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
+            else if (nb == 1) run_block<1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
+            else run_block<3>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             write_block(g, acc, rs + m, rb, jb + 32 * q, first, last);
           }
         }

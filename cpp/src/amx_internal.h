@@ -33,6 +33,9 @@ struct AmxGemm {
   const float* bias;
   const float* packed = nullptr;  // ... or op(B) packed by sgemm_pack_b (detail::pack_b's layout), ...
   index_t packed_kc = 0;          // ... cut at K blocks of this size (a multiple of 32); exactly one of B, H, packed
+  // With H: op(A) already holds bf16 values (activations rounded by the caller), so it is one term instead of the
+  // exact split's three: one tile product per pair of tiles.
+  bool prerounded = false;
 };
 
 // Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes: with a float32 op(B), whose

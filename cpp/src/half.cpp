@@ -128,6 +128,7 @@ struct HalfGemm {
   float* C;
   index_t ldc;
   const float* bias;
+  bool bf16_activations;  // A already rounded to bf16 (gemm_half did it): AMX's one-term product
 
   void store(index_t r, index_t j, float acc) const {
     float* c = C + r * ldc + j;
@@ -346,8 +347,9 @@ void blocked(const HalfGemm& g) {
   const index_t row_shares = std::max<index_t>(1, std::min(nt / col_shares, g.rows / 48));  // >= 48 rows each
   // bf16 on the "amx" path: AMX tiles (amx.cpp), the activations split exactly into bf16 terms
   const bool amx = g.t == HalfType::kBF16 && detail::amx_bf16_applies(g.rows, g.N, g.K);
-  const detail::AmxGemm ag{false, g.trans_h, g.rows, g.N, g.K, 1.0f, g.A, g.lda, nullptr, g.H, g.ldh,
-                           g.accumulate ? 1.0f : 0.0f, g.C, g.ldc, g.bias};
+  detail::AmxGemm ag{false, g.trans_h, g.rows, g.N, g.K, 1.0f, g.A, g.lda, nullptr, g.H, g.ldh,
+                     g.accumulate ? 1.0f : 0.0f, g.C, g.ldc, g.bias};
+  ag.prerounded = g.bf16_activations;
   detail::parallel_for(col_shares * row_shares, 1, [&](index_t s0, index_t s1, int) {
     for (index_t s = s0; s < s1; ++s) {
       const index_t c = s % col_shares, r = s / col_shares;
@@ -358,6 +360,41 @@ void blocked(const HalfGemm& g) {
         continue;
       }
       blocked_share(g, r0, r1, n0, n1);
+    }
+  });
+}
+
+// dst[r, :] = src[r, :] rounded to bf16 (nearest even; NaN stays NaN, a carry past the largest finite is inf),
+// kept as float32 values.
+#ifdef CPUFORMER_HAVE_AVX512
+CPUFORMER_AVX512 static void round_bf16_avx512(float* dst, const float* src, index_t n) {
+  const __m512i one = _mm512_set1_epi32(1), half_ulp = _mm512_set1_epi32(0x7FFF);
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
+  const __m512i inf = _mm512_set1_epi32(0x7F800000), quiet = _mm512_set1_epi32(0x00400000);
+  for (index_t i = 0; i < n; i += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu : (1u << (n - i)) - 1u);
+    const __m512i x = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, src + i));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, half_ulp), _mm512_and_si512(_mm512_srli_epi32(x, 16), one));
+    r = _mm512_and_si512(r, top);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, abs_bits), inf);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_and_si512(_mm512_or_si512(x, quiet), top));
+    _mm512_mask_storeu_ps(dst + i, m, _mm512_castsi512_ps(r));
+  }
+}
+#endif
+
+thread_local detail::AlignedBuffer t_rounded;
+
+void round_rows_to_bf16(float* dst, const float* src, index_t lds, index_t rows, index_t K) {
+  detail::parallel_for(rows, std::max<index_t>(1, (index_t(1) << 16) / K), [&](index_t r0, index_t r1, int) {
+    for (index_t r = r0; r < r1; ++r) {
+#ifdef CPUFORMER_HAVE_AVX512
+      if (detail::use_avx512()) {
+        round_bf16_avx512(dst + r * K, src + r * lds, K);
+        continue;
+      }
+#endif
+      for (index_t k = 0; k < K; ++k) dst[r * K + k] = bf16_to_float(float_to_bf16(src[r * lds + k]));
     }
   });
 }
@@ -388,14 +425,20 @@ void float_to_half_n(std::uint16_t* dst, const float* src, index_t n, HalfType t
 }
 
 void gemm_half(bool trans_h, index_t rows, index_t N, index_t K, const float* A, index_t lda, const std::uint16_t* H,
-               index_t ldh, HalfType t, bool accumulate, float* C, index_t ldc, const float* bias) {
+               index_t ldh, HalfType t, bool accumulate, float* C, index_t ldc, const float* bias,
+               bool bf16_activations) {
   CPUFORMER_CHECK(rows >= 0 && N >= 1 && K >= 1, "gemm_half: bad sizes rows=", rows, " N=", N, " K=", K);
   CPUFORMER_CHECK(lda >= K && ldc >= N && ldh >= (trans_h ? K : N), "gemm_half: bad strides lda=", lda, " ldc=", ldc,
                   " ldh=", ldh, " for N=", N, " K=", K);
   CPUFORMER_CHECK(t == HalfType::kBF16 || t == HalfType::kF16, "gemm_half: unknown HalfType ", int(t));
   if (rows == 0) return;
   CPUFORMER_CHECK(A && H && C, "gemm_half: null A, H or C");
-  const HalfGemm g{trans_h, rows, N, K, A, lda, H, ldh, t, accumulate, C, ldc, bias};
+  if (bf16_activations) {  // every path then multiplies the rounded values (AMX: as one bf16 term)
+    float* rounded = t_rounded.get(rows * K);  // the calling thread's: no page faults per call
+    round_rows_to_bf16(rounded, A, lda, rows, K);
+    A = rounded, lda = K;
+  }
+  const HalfGemm g{trans_h, rows, N, K, A, lda, H, ldh, t, accumulate, C, ldc, bias, bf16_activations};
   if (rows <= kSmallRows) small_rows(g);
   else blocked(g);
 }

@@ -110,7 +110,7 @@ void linear_forward(float* y, index_t ldy, const float* x, index_t ldx, index_t 
     sgemm_packed(rows, x, ldx, *w.packed, y, ldy, w.bias);
   } else if (!w.weight && w.half) {  // (out, in) is H (N x K) against x: trans_h; (in, out) is H (K x N)
     gemm_half(!w.in_out, rows, w.out, w.in, x, ldx, w.half, w.in_out ? w.out : w.in, w.half_type, false, y, ldy,
-              w.bias);
+              w.bias, w.bf16_activations);
   } else {
     CPUFORMER_CHECK(w.weight != nullptr, "linear_forward: no weight");
     if (w.in_out)

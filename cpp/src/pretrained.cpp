@@ -338,6 +338,8 @@ class Checkpoint {
     if (!t) return l;
     if (keeps_half(*t)) {
       l.half = half_data(*t), l.half_type = t->dtype == DType::kF16 ? HalfType::kF16 : HalfType::kBF16;
+      l.bf16_activations = opt.bf16_activations;
+      ++half_linears;
       names[l.half] = t->name;
       return l;
     }
@@ -349,7 +351,12 @@ class Checkpoint {
   // the table's mapped pages the conversion read: lookups touch only their rows).
   LinearRef tied(const Table& tb) {
     if (!tb.h) return prepare(tb.as_linear());
-    if (opt.weights == LoadOptions::kFloat32 || opt.trainable) return tb.as_linear();
+    if (opt.weights == LoadOptions::kFloat32 || opt.trainable) {
+      LinearRef l = tb.as_linear();
+      l.bf16_activations = opt.bf16_activations;
+      ++half_linears;
+      return l;
+    }
     const auto mapped = mapped_tables.find(tb.h);
     const auto release = [&](index_t r0, index_t r1) {
       if (mapped != mapped_tables.end()) release_range(tb.h + r0 * tb.cols, (r1 - r0) * tb.cols * 2);
@@ -373,6 +380,7 @@ class Checkpoint {
     return l;
   }
   std::map<const std::uint16_t*, const TensorView*> mapped_tables;  // 16-bit tables read in place
+  std::int64_t half_linears = 0;  // Linear layers (heads included) whose weights stay 16-bit
 
   std::uint64_t owned_bytes() const {
     std::uint64_t n = 0;
@@ -1832,6 +1840,9 @@ Status PretrainedModel::load(const std::string& directory, std::unique_ptr<Pretr
       case Kind::kVision: st = load_vit(m, cfg); break;
     }
     if (!st.ok()) return st;
+    if (options.bf16_activations && m.ck.half_linears == 0)  // never a silently different (or unchanged) model
+      return Status::error(directory + ": bf16 activations apply to 16-bit weights kept 16-bit, and this load has "
+                           "none (a float32 checkpoint, dtype float32, or packed/int8/trainable weights)");
     for (const Stack* s : {&m.enc, &m.dec})
       for (const Layer& L : s->layers) block_check(L.cfg, L.w);
     st = load_generation(m, cfg, directory);

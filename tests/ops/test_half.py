@@ -154,6 +154,42 @@ def test_linear_half_keeps_float32_activations(simd, threads, rng, in_out):
         assert err.max() < n_in * 2.0 ** -23, f"rows={rows} in={n_in}: {err.max():.3g}"
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 17, 64, 130])
+@pytest.mark.parametrize("in_out", [False, True], ids=["out_in", "in_out"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_linear_half_bf16_activations(simd, threads, rng, kind, in_out, rows):
+    """bf16_activations=True: the activations are rounded to bf16 (nearest even, as PyTorch's bf16 tensors hold
+    them) and exactly those values are multiplied (AMX: one tile product instead of three). Against the float64
+    product of the rounded activations; and visibly not the float32-activation product."""
+    for n_in, n_out in [(7, 33), (96, 40), (300, 70), (1100, 20)]:
+        h = random_half(rng, (n_in, n_out) if in_out else (n_out, n_in), kind)
+        x = rng.standard_normal((rows, n_in)).astype(np.float32)
+        x[0, : min(3, n_in)] = np.array([1.00390625, 1.01171875, -2.00781250], np.float32)[: min(3, n_in)]  # ties
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        y = _core.linear_half(x, h, bias, kind, in_out, True)
+        w64 = to_f64(h, kind)
+        w64 = w64.T if in_out else w64
+        rounded = to_f64(to_half_ref(x, "bf16"), "bf16").astype(np.float32)
+        what = f"{kind} rows={rows} in={n_in} out={n_out} in_out={in_out}"
+        check_product(y, rounded, w64, bias, what)
+        full = _core.linear_half(x, h, bias, kind, in_out, False)
+        ref = x.astype(np.float64) @ w64.T + bias
+        mag = np.abs(x.astype(np.float64)) @ np.abs(w64).T + np.abs(bias)
+        assert (np.abs(y - ref) / mag).max() > 2.0 ** -14 > (np.abs(full - ref) / mag).max(), what
+
+
+def test_linear_half_bf16_activations_non_finite(simd, rng):
+    x = rng.standard_normal((40, 50)).astype(np.float32)
+    x[3, 7], x[5, 0], x[9, 49] = np.inf, -np.inf, np.nan
+    x[11, 11] = np.float32(3.4e38)  # rounds up past bf16's largest finite: inf, as torch's bf16 cast gives
+    h = random_half(rng, (30, 50), "bf16")
+    y = _core.linear_half(x, h, None, "bf16", False, True)
+    bad = {3, 5, 9, 11}
+    for r in range(40):
+        assert np.isfinite(y[r]).all() == (r not in bad), r
+    assert np.isnan(y[9]).all()
+
+
 def test_linear_half_non_finite_activations(simd, rng):
     # inf, -inf, NaN and float32's extremes in the activations: the same classes of result as the float32 product.
     x = rng.standard_normal((40, 50)).astype(np.float32)

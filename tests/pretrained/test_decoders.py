@@ -178,6 +178,27 @@ def test_16bit_tied_table_stays_16bit_under_int8_and_packed_heads(llama3, tmp_pa
                                                                                  converted.memory)
 
 
+def test_bf16_activations_option(llama3, tmp_path):
+    """activations="bfloat16": the products with 16-bit weights take bf16-rounded activations (PyTorch's bf16
+    precision for them), so logits move by about bf16's resolution and no more; refused where no weight stays 16-bit
+    (never a silently unchanged model)."""
+    path, _ = half_copy(llama3[1], torch.bfloat16, tmp_path / "bf16")
+    ids, mask = _inputs(llama3[1], seed=10)
+    keep = mask.astype(bool)
+    exact, fast = load(path), load(path, activations="bfloat16")
+    a, b = exact(ids, attention_mask=mask)[keep], fast(ids, attention_mask=mask)[keep]
+    err = np.abs(a - b).max() / np.abs(a).max()
+    assert 1e-6 < err < 3e-2, err
+    assert fast.generate(ids[:1, :5], 8).shape == (1, 13)
+    for bad in (dict(dtype="float32"), dict(weights="int8")):
+        with pytest.raises(ValueError, match="bf16 activations"):
+            load(path, activations="bfloat16", **bad)
+    with pytest.raises(ValueError, match="bf16 activations"):
+        load(llama3[0], activations="bfloat16")  # a float32 checkpoint
+    with pytest.raises(ValueError, match="activations must be"):
+        load(path, activations="float16")
+
+
 def test_llama_sharded_equals_single_file(sharded_llama, llama):
     path, _ = sharded_llama
     shards = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))

@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from hf_testlib import SENTENCES, load, wordpiece_tokenizer_json, write_st_dir  # noqa: E402
+from hf_testlib import SENTENCES, half_copy, load, wordpiece_tokenizer_json, write_st_dir  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
     "_cpuformer_tests_cpp_runtime", os.path.join(os.path.dirname(__file__), "..", "test_cpp_runtime.py"))
@@ -100,6 +100,19 @@ def test_generate_matches_python_generate_and_decode(runner, request, tmp_path, 
     ids = np.array([model.tokenizer.encode(SENTENCES[0]).ids])
     out = model.generate(ids, 8, do_sample=True, top_k=5, temperature=0.8, seed=3)
     assert cli(runner, d, "generate", SENTENCES[0], 8, 5, 0.8, 3).stdout == model.tokenizer.decode(out[0].tolist()) + "\n"
+
+
+def test_generate_with_bf16_activations_matches_python(runner, llama, tmp_path):
+    import torch
+    d, _ = half_copy(llama[1], torch.bfloat16, tmp_path / "bf16")
+    wordpiece_tokenizer_json(d)
+    model = load(d, activations="bfloat16")
+    ids = np.array([model.tokenizer.encode(SENTENCES[1]).ids])
+    expected = model.tokenizer.decode(model.generate(ids, 12)[0].tolist())
+    assert cli(runner, "--bf16-activations", d, "generate", SENTENCES[1], 12).stdout == expected + "\n"
+    f32 = with_tokenizer(llama, tmp_path, "f32")
+    out = cli(runner, "--bf16-activations", f32, "generate", SENTENCES[1], 4, ok=False)
+    assert out.returncode != 0 and "bf16 activations" in out.stderr
 
 
 @pytest.mark.parametrize("name", ["t5", "marian", "bart"])

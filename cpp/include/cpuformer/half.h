@@ -37,7 +37,11 @@ void float_to_half_n(std::uint16_t* dst, const float* src, index_t n, HalfType t
 //   more rows: each thread converts blocks of its own share of H to float32 (1 MB, its own buffer) and multiplies
 //   them with the float32 GEMM.
 // The results equal the float32 product with half_to_float(H) up to float32 rounding.
+// bf16_activations: A's values are first rounded to bf16 (nearest even), as PyTorch's bf16 computation has them,
+// and those are multiplied (exact products, float32 sums): on the "amx" path one tile product per pair instead of
+// the three that keep A's float32 precision.
 void gemm_half(bool trans_h, index_t rows, index_t N, index_t K, const float* A, index_t lda, const std::uint16_t* H,
-               index_t ldh, HalfType t, bool accumulate, float* C, index_t ldc, const float* bias = nullptr);
+               index_t ldh, HalfType t, bool accumulate, float* C, index_t ldc, const float* bias = nullptr,
+               bool bf16_activations = false);
 
 }  // namespace cpuformer

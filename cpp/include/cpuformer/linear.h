@@ -52,6 +52,7 @@ struct LinearRef {
   const Int8Weight* int8 = nullptr;      // int8 per-channel weight (inference)
   const std::uint16_t* half = nullptr;   // 16-bit weight in weight's layout (inference; training only needs dx)
   HalfType half_type = HalfType::kBF16;
+  bool bf16_activations = false;         // with `half`: products with x rounded to bf16 (gemm_half's option)
 
   const LoraAdapter* lora = nullptr;     // an adapter added to the product (fine-tuning), or null
   bool present() const { return weight || packed || int8 || half; }

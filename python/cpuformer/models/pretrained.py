@@ -311,10 +311,13 @@ def _tokenizer_of(directory: str):
 
 def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "float32", trainable: bool = False,
                     task: Optional[str] = None, num_labels: Optional[int] = None, init_seed: int = 0,
-                    verbose: bool = True) -> PretrainedModel:
+                    verbose: bool = True, activations: str = "float32") -> PretrainedModel:
     """Load a Hugging Face model directory (see the module docstring). ``dtype``: None / "auto" keeps the
     weights' on-disk precision (16-bit weights stay 16-bit, computed in float32), "float32" converts at load.
     ``weights``: "float32", "packed" (packed once into the GEMM's panels) or "int8" (dynamic int8 quantization).
+    ``activations="bfloat16"`` (16-bit weights kept 16-bit only): the products with those weights take the
+    activations rounded to bfloat16, PyTorch's bf16 precision for them (norms, attention and the residual stream
+    stay float32); on CPUs with AMX one tile product instead of three, about 1.7x faster prompts and batches.
 
     Fine-tuning (:mod:`cpuformer.models.finetuning`): ``trainable=True`` copies every tensor into writable float32
     parameters (all frozen until ``requires_grad_``); ``task`` ("text-classification", "token-classification",
@@ -326,6 +329,8 @@ def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "floa
         raise FileNotFoundError(f"{directory}: not a directory (a Hugging Face model directory is expected)")
     if dtype not in (None, "auto", "float32"):
         raise ValueError(f"dtype must be None, 'auto' or 'float32', got {dtype!r}")
+    if activations not in ("float32", "bfloat16"):
+        raise ValueError(f"activations must be 'float32' or 'bfloat16', got {activations!r}")
     config_path = os.path.join(directory, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{directory}: no config.json (a Hugging Face model directory is expected)")
@@ -340,7 +345,7 @@ def from_pretrained(directory, dtype: Optional[str] = None, weights: str = "floa
     if num_labels is not None and (isinstance(num_labels, bool) or int(num_labels) < 1):
         raise ValueError(f"num_labels must be >= 1, got {num_labels!r}")
     core = _core._PretrainedModel.load(directory, dtype or "auto", weights, bool(trainable), task or "",
-                                       int(num_labels or 0), int(init_seed))
+                                       int(num_labels or 0), int(init_seed), activations)
     model = _CLASSES[core.kind](core, directory, config, _tokenizer_of(directory), trainable)
     created = model.new_parameters
     for name in created:  # a new head is there to be trained
@@ -379,7 +384,7 @@ class SentenceEncoder:
 
     @classmethod
     def from_pretrained(cls, directory, dtype: Optional[str] = None, weights: str = "float32",
-                        trainable: bool = False) -> "SentenceEncoder":
+                        trainable: bool = False, activations: str = "float32") -> "SentenceEncoder":
         directory = os.fspath(directory)
         modules_path = os.path.join(directory, "modules.json")
         modules = _read_json(modules_path) if os.path.isfile(modules_path) else [
@@ -393,7 +398,8 @@ class SentenceEncoder:
             kind = str(mod.get("type", "")).rsplit(".", 1)[-1]
             path = os.path.join(directory, mod.get("path", ""))
             if kind == "Transformer":
-                model = from_pretrained(path, dtype=dtype, weights=weights, trainable=trainable)
+                model = from_pretrained(path, dtype=dtype, weights=weights, trainable=trainable,
+                                        activations=activations)
                 if not isinstance(model, EncoderModel):
                     raise ValueError(f"{path}: a sentence encoder needs an encoder model, got {model.model_type!r}")
                 for name in ("sentence_bert_config.json", "sentence_roberta_config.json",
