@@ -20,6 +20,9 @@ namespace {
 
 constexpr index_t kStepK = 32;            // k per tile step: 16 pairs
 constexpr index_t kKBlock = 512;          // k per block
+// With bf16 weights (one B term) twice the k per block: half the passes that add each block's sums into C (the B
+// block, 384 x 1024 x 2 bytes, and the A planes of up to 128 rows still fit a 2 MiB L2 together).
+constexpr index_t kKBlockBf16 = 1024;
 constexpr index_t kColBlock = 384;        // columns per packed block of op(B): 384 x 512 x 3 terms x 2 bytes in L2
 constexpr index_t kMaxPlaneBytes = index_t(16) << 20;  // the split rows of one k block, at most
 constexpr index_t kTileWords = 16 * 16;   // 32-bit words per tile
@@ -337,7 +340,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   if (r0 >= r1 || n0 >= n1) return;
   CPUFORMER_CHECK(!g.prerounded || g.H, "amx_gemm: prerounded needs bf16 weights (H)");
   const int nb = g.H ? 1 : 3, na = g.prerounded ? 1 : 3;
-  const index_t kb = std::min(g.K, kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
+  const index_t kb = std::min(g.K, g.H ? kKBlockBf16 : kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
   // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
   const index_t span = std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
