@@ -29,6 +29,7 @@ struct PackedMatrix {
   };
   index_t K = 0, N = 0, size = 0;
   index_t kc = 0;  // K block the panels are cut at (the SIMD path's when packed; 0: the default, 256)
+  bool trans_b = false;  // packed from B^T (a Linear's (out, in) weight): sgemm_packed chooses kernels as sgemm does
   std::unique_ptr<float, FreeDeleter> storage;  // 64-byte aligned
 };
 PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb);
