@@ -457,7 +457,7 @@ CPUFORMER_AVX512 static inline void row_writeback_512(float* c, __m512 x, __m512
   }
 }
 
-template <int MA, int NB, bool PACKED>
+template <int MA, int NB, bool PACKED, bool PREFETCH_A = false>
 CPUFORMER_AVX512 __attribute__((always_inline)) static inline void kernel_avx512_body(
     index_t kc, const float* a0, const float* a1, index_t rs, index_t ks, const float* b0, const float* b1, float* c,
     index_t ldc, float alpha, float beta, const float* bias, int mr, int nr) {
@@ -485,6 +485,10 @@ CPUFORMER_AVX512 __attribute__((always_inline)) static inline void kernel_avx512
     if (PACKED) {
       _mm_prefetch(reinterpret_cast<const char*>(a0 + k * MR + 8 * MR), _MM_HINT_T0);
       if (MA == 2) _mm_prefetch(reinterpret_cast<const char*>(a1 + k * MR + 8 * MR), _MM_HINT_T0);
+    }
+    if (PREFETCH_A && k % 16 == 0) {  // A rows along k from memory (gemm_wide_bt's W): 12 streams, 4 lines ahead
+#pragma GCC unroll 12
+      for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ap[r] + (k + 64) * ks), _MM_HINT_T0);
     }
 #pragma GCC unroll 12
     for (int r = 0; r < R; ++r) {
@@ -537,6 +541,15 @@ CPUFORMER_AVX512 static void kernel_avx512_direct(index_t kc, const float* a0, i
                                     nr);
 }
 
+// The same reading A's rows (ks == 1) from memory: each row's next lines fetched ahead (gemm_wide_bt).
+template <int MA, int NB>
+CPUFORMER_AVX512 static void kernel_avx512_direct_rows(index_t kc, const float* a0, index_t rs, index_t ks,
+                                                       const float* b0, float* c, index_t ldc, float alpha, float beta,
+                                                       const float* bias, int mr, int nr) {
+  kernel_avx512_body<MA, NB, false, true>(kc, a0, a0 + MR * rs, rs, ks, b0, b0 + kc * NR, c, ldc, alpha, beta, bias,
+                                          mr, nr);
+}
+
 using Kernel512Fn = void (*)(index_t, const float*, const float*, float*, index_t, float, float, const float*, int,
                              int);
 using Kernel512DirectFn = void (*)(index_t, const float*, index_t, index_t, const float*, float*, index_t, float,
@@ -546,6 +559,9 @@ constexpr Kernel512Fn kKernels512[2][2] = {{kernel_avx512<1, 1>, kernel_avx512<1
 constexpr Kernel512DirectFn kKernels512Direct[2][2] = {
     {kernel_avx512_direct<1, 1>, kernel_avx512_direct<1, 2>},
     {kernel_avx512_direct<2, 1>, kernel_avx512_direct<2, 2>}};
+constexpr Kernel512DirectFn kKernels512DirectRows[2][2] = {
+    {kernel_avx512_direct_rows<1, 1>, kernel_avx512_direct_rows<1, 2>},
+    {kernel_avx512_direct_rows<2, 1>, kernel_avx512_direct_rows<2, 2>}};
 #endif
 
 using KernelFn = void (*)(index_t, const float*, const float*, float*, index_t, float, float, const float*, int, int);
@@ -872,8 +888,10 @@ void gemm_wide_bt(const GemmArgs& g, int nt) {
           const index_t m0 = s * NR;
           const int nb = static_cast<int>(std::min<index_t>(2, slivers - s));
           const int nr = static_cast<int>(std::min<index_t>(nb * NR, M - m0));
-          kKernels512Direct[mr > MR ? 1 : 0][nb - 1](kc, g.B + n0 * g.ldb + pc, g.ldb, 1, at + pc * mp + s * NR * kc,
-                                                      local, 2 * NR, 1.0f, 0.0f, nullptr, mr, nr);
+          // The first column pair meets W's rows in memory: fetch ahead; later pairs find them in cache.
+          const Kernel512DirectFn kernel = (s == 0 ? kKernels512DirectRows : kKernels512Direct)[mr > MR ? 1 : 0][nb - 1];
+          kernel(kc, g.B + n0 * g.ldb + pc, g.ldb, 1, at + pc * mp + s * NR * kc, local, 2 * NR, 1.0f, 0.0f, nullptr,
+                 mr, nr);
           write_transposed(local, mr, nr, g, m0, n0, m_whole, n_whole, beta, bias);
         }
       }
