@@ -32,3 +32,24 @@ def rel_err(actual, expected):
     actual = np.asarray(actual, np.float64)
     expected = np.asarray(expected, np.float64)
     return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
+
+
+def assert_same_in_threads(runs, repeats=10):
+    """Each zero-argument callable in ``runs`` (returning an array or a tuple of arrays), called on its own thread
+    ``repeats`` times while the others run, returns what it returned when called alone."""
+    import threading
+    as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
+    expected = [as_tuple(run()) for run in runs]
+    errors = []
+
+    def work(i):
+        for _ in range(repeats):
+            if not all(np.array_equal(g, e) for g, e in zip(as_tuple(runs[i]()), expected[i])):
+                errors.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(runs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, f"calls {sorted(set(errors))} differed from their serial results"

@@ -1,12 +1,11 @@
 """16-bit (bf16/f16) weights (cpuformer/half.h): conversions and products against float64 NumPy references."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 from cpuformer import _core
+from testutil import assert_same_in_threads
 
 KINDS = ["bf16", "f16"]
 
@@ -207,27 +206,15 @@ def test_linear_half_non_finite_activations(simd, rng):
 
 
 def test_linear_half_concurrent_callers(rng):
-    # Many threads in the converted-block path at once (each has its own block buffer) give their serial results.
-    cases = []
+    # Many threads in the converted-block path at once (each has its own block buffer, and its own buffer of
+    # bf16-rounded activations) give their serial results.
+    runs = []
     for i in range(6):
         n_in, n_out = 200 + 37 * i, 150 + 11 * i
         h = random_half(rng, (n_out, n_in), "bf16")
         x = rng.standard_normal((9 + i, n_in)).astype(np.float32)
-        cases.append((x, h, _core.linear_half(x, h, None, "bf16")))
-    errors = []
-
-    def work(case):
-        x, h, expected = case
-        for _ in range(20):
-            if not np.array_equal(_core.linear_half(x, h, None, "bf16"), expected):
-                errors.append("differs")
-
-    ts = [threading.Thread(target=work, args=(c,)) for c in cases]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+        runs.append(lambda x=x, h=h, act=i % 2 == 1: _core.linear_half(x, h, None, "bf16", False, act))
+    assert_same_in_threads(runs, repeats=20)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from cpuformer import ops
-from testutil import SIMD_PATHS, randn, rel_err
+from testutil import SIMD_PATHS, assert_same_in_threads, randn, rel_err
 
 # Sizes around the micro-tile (6x16), the blocking (MC=144, KC=256) and odd values.
 SHAPES = [(1, 1, 1), (1, 7, 5), (5, 1, 3), (2, 3, 1), (6, 16, 8), (7, 17, 9), (15, 33, 31), (64, 64, 64),
@@ -317,29 +317,17 @@ def test_amx_gemm_non_finite_like_avx512(rng):
 @pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
 def test_amx_products_from_many_threads(rng):
     """Callers on several threads at once (each with its own tile configuration and scratch) get their serial
-    results: float32 GEMMs above the AMX threshold, bf16-weight and int8 products of 16+ rows."""
-    import threading
+    results: float32 GEMMs above the AMX threshold, bf16-weight and int8 products of 16+ rows, and x W^T of a few
+    rows as C^T = W A^T."""
     from cpuformer import _core
-    cases = []
+    runs = []
     for i in range(4):
         a, b = randn(rng, 130 + 7 * i, 96), randn(rng, 1030 + 5 * i, 96)
         h = _core.float_to_half(randn(rng, 70 + i, 200), "bf16")
         x = randn(rng, 20 + i, 200)
         q = _core.quantize_weight_int8(randn(rng, 50 + i, 200))
-        run = (lambda a=a, b=b, h=h, x=x, q=q: (ops.matmul(a, b, transpose_b=True), _core.linear_half(x, h, None, "bf16"),
-                                                _core.linear_int8(x, q, None)))
-        cases.append((run, run()))
-    errors = []
-
-    def work(case):
-        run, expected = case
-        for _ in range(10):
-            if not all(np.array_equal(g, e) for g, e in zip(run(), expected)):
-                errors.append("differs")
-
-    ts = [threading.Thread(target=work, args=(c,)) for c in cases]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+        w = randn(rng, 300 + 9 * i, 200)
+        runs.append(lambda a=a, b=b, h=h, x=x, q=q, w=w: (
+            ops.matmul(a, b, transpose_b=True), _core.linear_half(x, h, None, "bf16"),
+            _core.linear_int8(x, q, None), ops.matmul(x, w, transpose_b=True)))
+    assert_same_in_threads(runs)
