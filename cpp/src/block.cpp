@@ -493,8 +493,16 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
   const Dims d(c);
   const index_t B = in.B, T = in.T, rows = B * T, n = rows * d.C;
   const std::uint64_t seed = s.seed;
-  std::vector<float> tmp, dy(static_cast<size_t>(n)), gcur(dout, dout + n), dsum;
-  std::vector<float>& scratch = s.scratch;
+  // Backward's work buffers: this thread's own, kept from call to call and shared by every layer it runs (fresh
+  // multi-megabyte buffers per call cost a page fault per 4 KB; one set per layer would add to training's peak).
+  struct Work {
+    std::vector<float> tmp, dy, gcur, dsum, scratch;
+  };
+  static thread_local Work t_back;
+  std::vector<float>&tmp = t_back.tmp, &dy = t_back.dy, &gcur = t_back.gcur, &dsum = t_back.dsum,
+  &scratch = t_back.scratch;
+  grow(dy, n);
+  std::memcpy(grow(gcur, n), dout, sizeof(float) * n);
   // One sublayer backward: g (d of the sublayer's output stream) -> d of its input stream, in place in gcur.
   auto sublayer = [&](int i, std::vector<float>& in_vec, std::vector<float>& normed, std::vector<float>& sa,
                       std::vector<float>& sb, const NormRef& nr, const NormGrads& ng, auto&& run_back) {

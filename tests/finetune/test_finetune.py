@@ -207,6 +207,36 @@ def test_recompute_gives_the_same_gradients(ft_bert_seqcls):
     assert all(np.array_equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
+@pytest.mark.parametrize("fixture", ["ft_bert_seqcls", "ft_llama", "ft_t5"])
+def test_work_buffers_kept_between_steps_change_nothing(request, fixture):
+    """A thread's training state keeps its saved activations and work buffers from step to step (grown, never
+    shrunk): a step after a larger one (longer rows, more of them, dropout on) gives bitwise the gradients and
+    outputs a fresh model gives."""
+    path = request.getfixturevalue(fixture)[0]
+    seq2seq = fixture == "ft_t5"
+
+    def step(model, B, T, seed):
+        ids, mask = small_batch(seed, B=B, T=T)
+        args = (ids, mask) + ((ids[:, ::-1].copy(),) if seq2seq else ())
+        model.zero_grad()
+        init.manual_seed(seed)
+        out = model(*args)
+        model.backward(np.cos(np.arange(out.size, dtype=np.float32)).reshape(out.shape))
+        return out, {n: p.grad.copy() for n, p in model.named_parameters()}
+
+    used = from_pretrained(path, trainable=True).requires_grad_(True).train()
+    used.train_dropout = True
+    step(used, 6, 11, 1)
+    used.train_dropout = False
+    for fresh_each in range(2):
+        fresh = from_pretrained(path, trainable=True).requires_grad_(True).train()
+        fresh.train_dropout = used.train_dropout = bool(fresh_each)
+        out_a, grads_a = step(used, 3, 5, 2 + fresh_each)
+        out_b, grads_b = step(fresh, 3, 5, 2 + fresh_each)
+        assert np.array_equal(out_a, out_b)
+        assert all(np.array_equal(grads_a[n], grads_b[n]) for n in grads_b)
+
+
 def _lora_run(path, out_dir, steps, resume=False, lora_dropout=0.0):
     init.manual_seed(0)
     model = from_pretrained(path, task="text-classification", num_labels=2, verbose=False)

@@ -120,8 +120,7 @@ struct BlockSaved {
   std::vector<float> x0, normed1, stat1a, stat1b, qkv, q_pre, k_pre, qk_rstd, attn, lse, bias;
   std::vector<float> x1, normed2, stat2a, stat2b, cq, ckv, cattn, clse;
   std::vector<float> x2, normed3, stat3a, stat3b, u, a;
-  std::vector<float> y, x3, tmp;  // the forward's work buffers
-  std::vector<float> scratch;     // backward's work buffers
+  std::vector<float> y, x3, tmp;  // the forward's work buffers (backward's are the calling thread's own)
 };
 
 // Checks a configuration and weights (sizes, presence, divisibility); throws std::invalid_argument naming the
