@@ -98,9 +98,13 @@ CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_
   std::uint16_t* plane[3] = {planes, planes + rows * kcp, planes + 2 * rows * kcp};
   __m512i t[3];
   if (!g.trans_a) {
+    // The rows come from memory one short run each, too short for the hardware to see a stream: each line of the
+    // row two ahead is fetched as this row's line at the same k is split.
     for (index_t r = 0; r < rows; ++r) {
       const float* a = g.A + (m0 + r) * g.lda + k0;
+      const char* ahead = reinterpret_cast<const char*>(a + 2 * g.lda);
       for (index_t k = 0; k < kcp; k += 16) {
+        if (r + 2 < rows && k < kc) _mm_prefetch(ahead + k * sizeof(float), _MM_HINT_T0);
         split3(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k), t);
         for (int p = 0; p < (g.prerounded ? 1 : 3); ++p)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + r * kcp + k), to_bf16(t[p]));
@@ -114,6 +118,11 @@ CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_
     const index_t mn = std::min<index_t>(16, rows - m);
     for (index_t k = 0; k < kcp; k += 16) {
       __m512i r[16];
+      // 16 rows at a stride of M floats, a page or more apart: no hardware prefetcher follows them, so each line of
+      // the block two ahead (k + 32) is fetched now.
+      for (int i = 0; i < 16; ++i)
+        if (k + 32 + i < kc)
+          _mm_prefetch(reinterpret_cast<const char*>(g.A + (k0 + k + 32 + i) * g.lda + m0 + m), _MM_HINT_T0);
       for (int i = 0; i < 16; ++i)
         r[i] = k + i < kc ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + k + i) * g.lda + m0 + m))
                           : _mm512_setzero_si512();
@@ -165,6 +174,9 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
             r[0][c] = _mm512_maskz_loadu_epi16(first_n32(kn), g.H + (n0 + c) * g.ldb + k);
           } else {
             const float* src = g.B + (n0 + c) * g.ldb + k;
+            // 16 row streams, as for H
+            _mm_prefetch(reinterpret_cast<const char*>(src + 4 * kStepK), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(src + 4 * kStepK + 16), _MM_HINT_T0);
             __m512i lo[3], hi[3];
             split3(_mm512_maskz_loadu_ps(first_n16(kn), src), lo);
             split3(_mm512_maskz_loadu_ps(first_n16(kn - 16), src + 16), hi);
@@ -187,6 +199,13 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
             _mm512_store_si512(tile[0] + i * 16, _mm512_or_si512(_mm512_cvtepu16_epi32(e),
                                                                   _mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16)));
           } else {
+            // one line from each of 32 rows N floats apart (a page or more: no hardware prefetcher follows them):
+            // fetch the rows of the step two ahead
+            if (k + 2 * kStepK + 2 * i + 1 < g.K) {
+              _mm_prefetch(reinterpret_cast<const char*>(g.B + (k + 2 * kStepK + 2 * i) * g.ldb + n0), _MM_HINT_T0);
+              _mm_prefetch(reinterpret_cast<const char*>(g.B + (k + 2 * kStepK + 2 * i + 1) * g.ldb + n0),
+                           _MM_HINT_T0);
+            }
             store_pairs3(2 * i < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i) * g.ldb + n0) : _mm512_setzero_ps(),
                          2 * i + 1 < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i + 1) * g.ldb + n0)
                                         : _mm512_setzero_ps(),
@@ -329,9 +348,10 @@ CPUFORMER_AVX512 void write_block(const AmxGemm& g, const float (*acc)[32], inde
 }  // namespace
 
 // Measured on 2 cores of a Sapphire Rapids Xeon against the AVX-512 GEMM: 1.2x at 128 x 384 x 1536, 1.55x at
-// 2048 x 384 x 1536, even at 512^3, behind below (0.5x at 16 rows).
+// 2048 x 384 x 1536, even at 512^3, behind below (0.5x at 16 rows); with K >= 1024 ahead from 256 x 256 on
+// (1.07-1.1x at 384 x 384 x 2048 and 256 x 256 x 1024, the weight gradients of small layers).
 bool amx_float32_applies(index_t M, index_t N, index_t K) {
-  return M >= 128 && N >= 128 && K >= 64 && (M >= 1024 || N >= 1024) && use_amx();
+  return M >= 128 && N >= 128 && K >= 64 && (M >= 1024 || N >= 1024 || K >= 1024) && use_amx();
 }
 
 bool amx_bf16_applies(index_t M, index_t N, index_t K) { return M >= 16 && N >= 16 && K >= 16 && use_amx(); }
