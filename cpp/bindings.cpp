@@ -2209,10 +2209,16 @@ TextArgs text_args(const py::object& ids, const py::object& mask, const py::obje
 }
 const std::int64_t* opt_data(const std::optional<I64>& a) { return a ? a->data() : nullptr; }
 
+// The vector becomes the array's memory (no copy: a (B, T, V) float32 logits array is hundreds of MB, and a copy
+// doubled the peak of every call returning one).
 F32 to_f32(std::vector<float>&& v, std::vector<py::ssize_t> shape) {
-  F32 out(shape);
-  std::copy(v.begin(), v.end(), out.mutable_data());
-  return out;
+  py::ssize_t n = 1;
+  for (py::ssize_t d : shape) n *= d;
+  if (n != static_cast<py::ssize_t>(v.size())) throw std::logic_error("to_f32: the shape does not match the data");
+  if (v.empty()) return F32(shape);
+  auto* owner = new std::vector<float>(std::move(v));
+  py::capsule free_with_array(owner, [](void* p) { delete static_cast<std::vector<float>*>(p); });
+  return F32(shape, owner->data(), free_with_array);
 }
 
 const char* kind_name(PretrainedModel::Kind k) {
