@@ -2781,6 +2781,11 @@ PYBIND11_MODULE(_core, m) {
   py::class_<PyBlockSaved>(m, "BlockSaved", "What a training-mode block forward keeps for its backward.")
       .def(py::init<>())
       .def_property_readonly("valid", [](const PyBlockSaved& s) { return s.s.valid; })
+      .def_property(
+          "keep_ff_activation", [](const PyBlockSaved& s) { return s.s.keep_ff_activation; },
+          [](PyBlockSaved& s, bool keep) { s.s.keep_ff_activation = keep; },
+          "False: the next training forward keeps no copy of the feed-forward activation (its backward then refuses "
+          "a gradient of the down projection)")
       .def("__deepcopy__", [](const PyBlockSaved&, py::dict) { return PyBlockSaved(); });
   py::class_<KVCache>(m, "KVCache", "A block's key/value cache for incremental decoding.")
       .def(py::init([](index_t batch, index_t capacity, index_t width) {

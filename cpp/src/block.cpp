@@ -385,25 +385,32 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
   const float p_res = train ? c.dropout : 0.0f, p_ff = train ? c.ff_dropout : 0.0f,
               p_att = train ? c.attention_dropout : 0.0f;
   static thread_local BlockSaved t_work;  // inference: this thread's buffers, reused from call to call
+  // Training keeps per layer only what backward reads. This thread's work buffers (one set for every layer) hold
+  // the rest: the sublayers' outputs, pre-norm sublayers' normalised inputs (backward recomputes them from the
+  // kept input and statistics) and the feed-forward activation when nothing needs it (keep_ff_activation false).
+  struct TrainWork {
+    std::vector<float> y, normed, a;
+  };
+  static thread_local TrainWork t_train;
   BlockSaved& s = train ? *sv : t_work;
   s.valid = false;
   if (train) s.in = in, s.seed = seed;
   std::vector<float>& tmp = s.tmp;
-  float* y = grow(s.y, n);
+  float* y = grow(train ? t_train.y : s.y, n);
   // The residual stream: cur holds the current x; for training every stage is kept.
   float* cur = grow(s.x0, n);
   std::memcpy(cur, x, sizeof(float) * n);
   auto sublayer = [&](int i, std::vector<float>& in_vec, std::vector<float>& normed, std::vector<float>& sa,
-                      std::vector<float>& sb, std::vector<float>& next, const NormRef& nr, auto&& run) {
+                      std::vector<float>& sb, float* xn, const NormRef& nr, auto&& run) {
     float* xin = in_vec.data();
     const float* h = xin;
     if (c.norm_first) {
-      h = grow(normed, n);
-      norm_forward(c, nr, grow(normed, n), grow(sa, rows), grow(sb, rows), xin, rows, d.C);
+      float* hn = grow(train ? t_train.normed : normed, n);
+      norm_forward(c, nr, hn, grow(sa, rows), grow(sb, rows), xin, rows, d.C);
+      h = hn;
     }
     run(y, h);
     dropout_inplace(y, n, p_res, sub_seed(seed, 10 + i));
-    float* xn = grow(next, n);
     if (c.norm_first) {
       residual_forward(xn, xin, y, n);
     } else {  // normed keeps the sum (the norm's input)
@@ -427,17 +434,16 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
   auto run_ff = [&](float* yy, const float* h) {
     const index_t F = w.ff.up.out;
     float* u = grow(s.u, rows * feedforward_u_width(w.ff));
-    float* a = grow(s.a, rows * F);
+    float* a = grow(train && !s.keep_ff_activation ? t_train.a : s.a, rows * F);
     feedforward_forward(yy, u, a, h, w.ff, rows, c.activation, p_ff, sub_seed(seed, 3));
   };
-  sublayer(0, s.x0, s.normed1, s.stat1a, s.stat1b, s.x1, w.norm1, run_self);
+  sublayer(0, s.x0, s.normed1, s.stat1a, s.stat1b, grow(s.x1, n), w.norm1, run_self);
   std::vector<float>* last = &s.x1;
   if (c.cross_attention) {
-    sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, s.x2, w.norm2, run_cross);
+    sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, grow(s.x2, n), w.norm2, run_cross);
     last = &s.x2;
   }
-  sublayer(2, *last, s.normed3, s.stat3a, s.stat3b, s.x3, w.norm_ff, run_ff);
-  std::memcpy(out, s.x3.data(), sizeof(float) * n);
+  sublayer(2, *last, s.normed3, s.stat3a, s.stat3b, out, w.norm_ff, run_ff);  // x was copied: out may alias it
   if (train) s.valid = true;
 }
 
@@ -496,7 +502,7 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
   // Backward's work buffers: this thread's own, kept from call to call and shared by every layer it runs (fresh
   // multi-megabyte buffers per call cost a page fault per 4 KB; one set per layer would add to training's peak).
   struct Work {
-    std::vector<float> tmp, dy, gcur, dsum, scratch;
+    std::vector<float> tmp, dy, gcur, dsum, scratch, normed;
   };
   static thread_local Work t_back;
   std::vector<float>&tmp = t_back.tmp, &dy = t_back.dy, &gcur = t_back.gcur, &dsum = t_back.dsum,
@@ -512,7 +518,10 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
       std::memcpy(dy.data(), gcur.data(), sizeof(float) * n);
       if (p_res > 0.0f) dropout_backward(dy.data(), dy.data(), n, p_res, sub_seed(seed, 10 + i));
       float* dh = grow(dsum, n);
-      run_back(dh, false, dy.data(), normed.data());
+      // The sublayer's input, normalised again (the forward did not keep it): the same rows, the same bits.
+      float* h = grow(t_back.normed, n);
+      norm_forward(c, nr, h, sa.data(), sb.data(), in_vec.data(), rows, d.C);
+      run_back(dh, false, dy.data(), h);
       norm_backward(c, nr, ng, gcur.data(), true, dh, in_vec.data(), sa.data(), sb.data(), rows, d.C);
     } else {
       // x_next = norm(x + drop(y(x))): ds = norm'(g); dy = drop'(ds); dx = ds + y'(dy)
@@ -527,8 +536,11 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
   const float p_att = c.attention_dropout;
   auto back_ff = [&](float* dh, bool acc, const float* dyy, const float* h) {
     float* sc = grow(scratch, rows * feedforward_scratch_width(w.ff));
-    feedforward_backward(dh, acc, g.ff, dyy, h, s.u.data(), s.a.data(), w.ff, sc, rows, c.activation, c.ff_dropout,
-                         sub_seed(seed, 3));
+    CPUFORMER_CHECK(s.keep_ff_activation || (!g.ff.down_w && !w.ff.down.lora),
+                    "block_backward: the down projection's gradient needs the activation the forward did not keep "
+                    "(keep_ff_activation)");
+    feedforward_backward(dh, acc, g.ff, dyy, h, s.u.data(), s.keep_ff_activation ? s.a.data() : nullptr, w.ff, sc,
+                         rows, c.activation, c.ff_dropout, sub_seed(seed, 3));
   };
   auto back_cross = [&](float* dh, bool acc, const float* dyy, const float* h) {
     cross_attention_backward(dh, acc, dmemory, dmemory, dyy, h, in.memory, in.memory, d, w.cross_attn, g.cross_attn, in,

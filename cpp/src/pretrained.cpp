@@ -2462,6 +2462,9 @@ struct Trainer {
     }
   }
 
+  // Whether backward reads the feed-forward's activation: for its down projection's weight gradient or adapter.
+  bool keeps_ff_activation(const BlockWeights& w) const { return g(w.ff.down.weight) != nullptr || w.ff.down.lora; }
+
   // The blocks and the final norm over x (B*T, C) in place.
   void blocks_forward(const Stack& s, StackRun& r, std::vector<float>& x) const {
     const index_t L = static_cast<index_t>(s.layers.size()), n = r.B * r.T * s.C;
@@ -2472,8 +2475,10 @@ struct Trainer {
       BlockConfig c = s.layers[l].cfg;
       if (!r.dropout) c.dropout = c.attention_dropout = c.ff_dropout = 0.0f;
       if (r.recompute) r.inputs[l] = x;
-      block_forward_train(y.data(), x.data(), c, block(s.layers[l].w), r.in, r.seed + 1 + l,
-                          r.saved[r.recompute ? 0 : l]);
+      const BlockWeights w = block(s.layers[l].w);
+      BlockSaved& sv = r.saved[r.recompute ? 0 : l];
+      sv.keep_ff_activation = keeps_ff_activation(w);
+      block_forward_train(y.data(), x.data(), c, w, r.in, r.seed + 1 + l, sv);
       x.swap(y);
     }
     if (s.final_norm.present) {
@@ -2497,6 +2502,7 @@ struct Trainer {
       const BlockWeights w = block(s.layers[l].w);
       if (r.recompute) {  // the block's activations again, from its input and its dropout seed
         tmp.resize(dx.size());
+        sv.keep_ff_activation = keeps_ff_activation(w);
         block_forward_train(tmp.data(), r.inputs[l].data(), c, w, r.in, r.seed + 1 + l, sv);
       }
       block_backward(d.data(), dmemory, dx.data(), c, w, bg(w), sv);

@@ -295,6 +295,40 @@ def test_dropout_is_seeded_and_backward_consistent():
     assert abs(numeric - float((dx * d).sum())) <= 2e-2 * max(1.0, abs(numeric))
 
 
+@pytest.mark.parametrize("kind", ["gated-pre-norm", "gelu-post-norm"])
+def test_feed_forward_activation_not_kept_when_nothing_reads_it(kind):
+    """keep_ff_activation = False (what fine-tuning sets when the MLP's down projection is frozen and has no
+    adapter): the forward's output, the input gradient and every other gradient are bitwise those of a forward that
+    kept it; a down-projection gradient is refused by name instead of read from memory that was not kept."""
+    rng = np.random.default_rng(11)
+    nn.init.manual_seed(4)
+    kw = VARIANTS["post-norm-layernorm"] if kind == "gelu-post-norm" else dict(position="rotary", gated=True)
+    block = nn.TransformerBlock(16, 2, 24, **kw)
+    x = rng.standard_normal((2, 9, 16)).astype(np.float32)
+    g = rng.standard_normal((2, 9, 16)).astype(np.float32)
+    cfg, w = block.block_config, block._weights()
+    outs = []
+    for keep in (True, False):
+        _, grads = block._weights_and_grads()
+        grads = {k: np.zeros_like(v) for k, v in grads.items() if not k.startswith("ff.down.")}
+        saved = cpuformer._core.BlockSaved()
+        saved.keep_ff_activation = keep
+        y = cpuformer._core.block_forward_train(cfg, w, x, 0, saved, is_causal=True)
+        # a forward of another block in between: the work buffers this thread shares between layers are reused
+        cpuformer._core.block_forward_train(cfg, w, 2 * x, 0, cpuformer._core.BlockSaved(), is_causal=True)
+        dx, _ = cpuformer._core.block_backward(cfg, w, grads, g, saved)
+        outs.append((y, dx, grads))
+        if not keep:
+            _, with_down = block._weights_and_grads()
+            with pytest.raises(ValueError, match="keep_ff_activation"):
+                cpuformer._core.block_backward(cfg, w, with_down, g, saved)
+    (y1, dx1, g1), (y2, dx2, g2) = outs
+    np.testing.assert_array_equal(y1, y2)
+    np.testing.assert_array_equal(dx1, dx2)
+    for k in g1:
+        np.testing.assert_array_equal(g1[k], g2[k], err_msg=k)
+
+
 # -- incremental decoding --------------------------------------------------------------------------------------
 
 DECODE = {

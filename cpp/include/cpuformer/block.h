@@ -120,7 +120,10 @@ struct BlockSaved {
   std::vector<float> x0, normed1, stat1a, stat1b, qkv, q_pre, k_pre, qk_rstd, attn, lse, bias;
   std::vector<float> x1, normed2, stat2a, stat2b, cq, ckv, cattn, clse;
   std::vector<float> x2, normed3, stat3a, stat3b, u, a;
-  std::vector<float> y, x3, tmp;  // the forward's work buffers (backward's are the calling thread's own)
+  std::vector<float> y, tmp;  // inference's work buffers (training's and backward's are the calling thread's own)
+  // Set by the caller before the training forward: false when no gradient of the feed-forward's down projection
+  // (and no adapter on it) is wanted, so its input activation need not be kept (a frozen or LoRA-only MLP).
+  bool keep_ff_activation = true;
 };
 
 // Checks a configuration and weights (sizes, presence, divisibility); throws std::invalid_argument naming the
