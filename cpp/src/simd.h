@@ -45,7 +45,8 @@ void amx_release();  // back to the initial state: the tile data need not be sav
 #define CPUFORMER_AVX2 __attribute__((target("avx2,fma")))
 // The 16-bit weight kernels (half.cpp): AVX2 + FMA + F16C (vcvtph2ps), reached only when use_f16c().
 #define CPUFORMER_F16C __attribute__((target("avx2,fma,f16c")))
-// AVX-512 code (the GEMM micro-kernel only) likewise: per function, reached only when use_avx512(). Left out of
+// AVX-512 code (the GEMM micro-kernels, and exp over 16 lanes with exp_ps's operations lane for lane) likewise:
+// per function, reached only when use_avx512(). Left out of
 // sanitizer builds (CPUFORMER_NO_AVX512, set by CMake): under GCC 12's -fsanitize=address the packed-A AVX-512
 // kernel computes wrong products (no report), while release builds match the float64 reference and the AVX2 path
 // bit for bit; until that is understood the sanitizer builds check the AVX2 and scalar paths.
@@ -131,6 +132,30 @@ CPUFORMER_AVX2 static inline __m256 erf_ps(__m256 x) {
   const __m256 r = _mm256_fnmadd_ps(p, e, one);
   return _mm256_or_ps(r, sign);
 }
+
+#ifdef CPUFORMER_HAVE_AVX512
+// exp_ps over 16 lanes: the same operations on each lane, so the same bits (callers keep the 8-lane order of any
+// sums, so results do not depend on the path).
+CPUFORMER_AVX512 static inline __m512 exp512_ps(__m512 x) {
+  const __m512 magic = _mm512_set1_ps(12583039.0f);
+  x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), x);
+  const __m512 shifted = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+  const __m512 n = _mm512_sub_ps(shifted, magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 one = _mm512_set1_ps(1.0f);
+  y = _mm512_fmadd_ps(_mm512_fmadd_ps(y, r, one), r, one);
+  const __m512 pow2n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(shifted), 23));
+  return _mm512_mul_ps(y, pow2n);
+}
+#endif
 
 }  // namespace cpuformer::simd
 #endif

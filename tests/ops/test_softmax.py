@@ -76,3 +76,31 @@ def test_softmax_errors(rng):
         ops.softmax_backward(randn(rng, 3, 4), randn(rng, 3, 5))
     with pytest.raises(TypeError, match="real numbers"):
         ops.softmax(np.array(["a", "b"]))
+
+
+@pytest.mark.skipif("avx512" not in __import__("testutil").SIMD_PATHS, reason="no AVX-512 on this CPU or build")
+def test_avx512_exponentials_bitwise_equal_avx2(rng):
+    """The AVX-512 path computes the row exponentials 16 at a time with exp_ps's operations lane for lane and adds
+    them in the AVX2 loop's order: softmax, log-softmax, cross-entropy and attention (forward and backward) give
+    the AVX2 path's bits, at widths around the 8/16-lane groups and the 1024-element flushes, with -inf entries."""
+    from cpuformer import _core
+    outs = {}
+    try:
+        for path in ("avx2", "avx512"):
+            _core.set_simd_path(path)
+            res = []
+            for cols in (1, 7, 8, 15, 16, 17, 24, 31, 33, 1023, 1024, 1025, 1040, 2063):
+                x = randn(np.random.default_rng(cols), 3, cols, scale=4.0)
+                x[1, ::5] = -np.inf
+                res += [ops.softmax(x), ops.log_softmax(x)]
+                targets = np.arange(3) % cols
+                res.append(np.float64(ops.cross_entropy(x[[0, 2]], targets[:2])))
+            q, k, v = (randn(np.random.default_rng(i), 2, 300, 48) for i in range(3))
+            out, lse = ops.attention(q, k, v, 3, is_causal=True, need_lse=True)
+            g = randn(np.random.default_rng(9), 2, 300, 48)
+            res += [out, lse, *ops.attention_backward(g, q, k, v, out, lse, 3, is_causal=True)]
+            outs[path] = res
+    finally:
+        _core.set_simd_path("auto")
+    for a, b in zip(outs["avx2"], outs["avx512"]):
+        np.testing.assert_array_equal(a, b)
