@@ -133,6 +133,116 @@ CPUFORMER_AVX2 static inline __m256 act_grad_avx2(__m256 x, Activation act) {
   }
 }
 
+#endif
+
+#ifdef CPUFORMER_HAVE_AVX512
+CPUFORMER_AVX512 static inline void tanh_parts_avx512(__m512 x, __m512& e, __m512& r) {
+  const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+  __m512 u = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi), _mm512_fmadd_ps(_mm512_set1_ps(kGeluCoef), x3, x));
+  u = _mm512_min_ps(_mm512_set1_ps(kTanhClamp), _mm512_max_ps(_mm512_set1_ps(-kTanhClamp), u));
+  e = simd::exp512_ps(_mm512_add_ps(u, u));
+  r = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f)));
+}
+
+// 1 / (1 + exp(-x)); exp_ps saturates at exp(88.37) for x < -88.37, which leaves sigmoid at about 3e-39 there
+// (SiLU within 1e-36 of 0) instead of +inf / NaN.
+CPUFORMER_AVX512 static inline __m512 sigmoid_avx512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, simd::exp512_ps(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+CPUFORMER_AVX512 static inline __m512 act_avx512(__m512 x, Activation act) {
+  using namespace simd;
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  switch (act) {
+    case Activation::kRelu: return _mm512_max_ps(x, _mm512_setzero_ps());
+    case Activation::kGeluErf:
+      return _mm512_mul_ps(_mm512_mul_ps(half, x),
+                           _mm512_add_ps(one, erf512_ps(_mm512_mul_ps(x, _mm512_set1_ps(kSqrt1_2)))));
+    case Activation::kGeluTanh: {
+      __m512 e, r;
+      tanh_parts_avx512(x, e, r);
+      return _mm512_mul_ps(x, _mm512_mul_ps(e, r));
+    }
+    case Activation::kSilu: return _mm512_mul_ps(x, sigmoid_avx512(x));
+    default: return x;
+  }
+}
+
+CPUFORMER_AVX512 static inline __m512 act_grad_avx512(__m512 x, Activation act) {
+  using namespace simd;
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  switch (act) {
+    case Activation::kRelu:
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), one);
+    case Activation::kGeluErf: {
+      const __m512 cdf = _mm512_mul_ps(half, _mm512_add_ps(one, erf512_ps(_mm512_mul_ps(x, _mm512_set1_ps(kSqrt1_2)))));
+      const __m512 pdf = _mm512_mul_ps(_mm512_set1_ps(kInvSqrt2Pi),
+                                       exp512_ps(_mm512_mul_ps(_mm512_set1_ps(-0.5f), _mm512_mul_ps(x, x))));
+      return _mm512_fmadd_ps(x, pdf, cdf);
+    }
+    case Activation::kGeluTanh: {
+      __m512 e, r;
+      tanh_parts_avx512(x, e, r);
+      const __m512 one_plus_t = _mm512_mul_ps(_mm512_add_ps(e, e), r);
+      const __m512 sech2 = _mm512_mul_ps(one_plus_t, _mm512_add_ps(r, r));
+      const __m512 du = _mm512_mul_ps(_mm512_set1_ps(kSqrt2OverPi),
+                                      _mm512_fmadd_ps(_mm512_set1_ps(3.0f * kGeluCoef), _mm512_mul_ps(x, x), one));
+      return _mm512_fmadd_ps(half, one_plus_t, _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_mul_ps(sech2, du)));
+    }
+    case Activation::kSilu: {
+      const __m512 sg = sigmoid_avx512(x);
+      return _mm512_mul_ps(sg, _mm512_fmadd_ps(x, _mm512_sub_ps(one, sg), one));
+    }
+    default: return one;
+  }
+}
+
+// The AVX2 loops 16 lanes at a time: the vector part of each row ([0, cols rounded down to 8)) in 16-lane groups,
+// the last one masked, the rest scalar as there; every element goes through the AVX2 code's operations (and the
+// bias sums through its order), so the results are its bits.
+CPUFORMER_AVX512 static inline __mmask16 lanes(index_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : (1u << n) - 1u);
+}
+
+CPUFORMER_AVX512 static void forward_rows_avx512(float* out, const float* inp, const float* bias, index_t r0,
+                                                 index_t r1, index_t cols, Activation act) {
+  const index_t vec = cols / simd::kWidth * simd::kWidth;
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = inp + r * cols;
+    float* y = out + r * cols;
+    for (index_t j = 0; j < vec; j += 16) {
+      const __mmask16 m = lanes(vec - j);
+      __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + j));
+      _mm512_mask_storeu_ps(y + j, m, act_avx512(v, act));
+    }
+    for (index_t j = vec; j < cols; ++j) y[j] = act_scalar(bias ? x[j] + bias[j] : x[j], act);
+  }
+}
+
+CPUFORMER_AVX512 static void backward_rows_avx512(float* dinp, double* dbias_part, const float* dout,
+                                                  const float* inp, const float* bias, index_t r0, index_t r1,
+                                                  index_t cols, Activation act) {
+  const index_t vec = cols / simd::kWidth * simd::kWidth;
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = inp + r * cols;
+    const float* dy = dout + r * cols;
+    float* dx = dinp + r * cols;
+    for (index_t j = 0; j < vec; j += 16) {
+      const __mmask16 m = lanes(vec - j);
+      __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+      if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, bias + j));
+      _mm512_mask_storeu_ps(dx + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dy + j), act_grad_avx512(v, act)));
+    }
+    for (index_t j = vec; j < cols; ++j) dx[j] = dy[j] * act_grad_scalar(bias ? x[j] + bias[j] : x[j], act);
+    if (dbias_part)
+      for (index_t j = 0; j < cols; ++j) dbias_part[j] += dx[j];
+  }
+}
+#endif
+
+#ifdef CPUFORMER_HAVE_AVX2
 CPUFORMER_AVX2 static void forward_rows_avx2(float* out, const float* inp, const float* bias, index_t r0, index_t r1,
                                              index_t cols, Activation act) {
   using namespace simd;
@@ -243,6 +353,41 @@ CPUFORMER_AVX2 static void gated_backward_avx2(float* dgate, index_t lddg, float
 }
 #endif
 
+#ifdef CPUFORMER_HAVE_AVX512
+CPUFORMER_AVX512 static void gated_forward_avx512(float* out, index_t ldo, const float* gate, index_t ldg,
+                                                  const float* up, index_t ldu, index_t r0, index_t r1, index_t cols,
+                                                  Activation act) {
+  const index_t vec = cols / simd::kWidth * simd::kWidth;
+  for (index_t r = r0; r < r1; ++r) {
+    const float *g = gate + r * ldg, *u = up + r * ldu;
+    float* o = out + r * ldo;
+    for (index_t j = 0; j < vec; j += 16) {
+      const __mmask16 m = lanes(vec - j);
+      _mm512_mask_storeu_ps(o + j, m, _mm512_mul_ps(act_avx512(_mm512_maskz_loadu_ps(m, g + j), act),
+                                                    _mm512_maskz_loadu_ps(m, u + j)));
+    }
+  }
+  if (vec < cols) gated_forward_scalar(out, ldo, gate, ldg, up, ldu, r0, r1, cols, act, vec);
+}
+
+CPUFORMER_AVX512 static void gated_backward_avx512(float* dgate, index_t lddg, float* dup, index_t lddu,
+                                                   const float* dout, index_t ldo, const float* gate, index_t ldg,
+                                                   const float* up, index_t ldu, index_t r0, index_t r1, index_t cols,
+                                                   Activation act) {
+  const index_t vec = cols / simd::kWidth * simd::kWidth;
+  for (index_t r = r0; r < r1; ++r)
+    for (index_t j = 0; j < vec; j += 16) {
+      const __mmask16 m = lanes(vec - j);
+      const __m512 d = _mm512_maskz_loadu_ps(m, dout + r * ldo + j), g = _mm512_maskz_loadu_ps(m, gate + r * ldg + j),
+                   u = _mm512_maskz_loadu_ps(m, up + r * ldu + j);
+      const __m512 a = act_avx512(g, act), da = act_grad_avx512(g, act);
+      _mm512_mask_storeu_ps(dgate + r * lddg + j, m, _mm512_mul_ps(_mm512_mul_ps(d, u), da));
+      _mm512_mask_storeu_ps(dup + r * lddu + j, m, _mm512_mul_ps(d, a));
+    }
+  if (vec < cols) gated_backward_scalar(dgate, lddg, dup, lddu, dout, ldo, gate, ldg, up, ldu, r0, r1, cols, act, vec);
+}
+#endif
+
 void check_gated(const char* who, index_t rows, index_t cols, std::initializer_list<index_t> lds) {
   CPUFORMER_CHECK(rows >= 0 && cols >= 0, who, ": negative size rows=", rows, " cols=", cols);
   for (index_t ld : lds)
@@ -255,6 +400,9 @@ void activation_forward(float* out, const float* inp, const float* bias, index_t
                         Activation act) {
   CPUFORMER_CHECK(rows >= 0 && cols >= 0, "activation_forward: negative size");
   detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int) {
+#ifdef CPUFORMER_HAVE_AVX512
+    if (detail::use_avx512()) return forward_rows_avx512(out, inp, bias, r0, r1, cols, act);
+#endif
 #ifdef CPUFORMER_HAVE_AVX2
     if (detail::use_avx2()) return forward_rows_avx2(out, inp, bias, r0, r1, cols, act);
 #endif
@@ -271,6 +419,9 @@ void activation_backward(float* dinp, float* dbias, const float* dout, const flo
   detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int t) {
     double* part = dbias ? partial.data() + static_cast<size_t>(t) * cols : nullptr;
     used[t] = 1;
+#ifdef CPUFORMER_HAVE_AVX512
+    if (detail::use_avx512()) return backward_rows_avx512(dinp, part, dout, inp, bias, r0, r1, cols, act);
+#endif
 #ifdef CPUFORMER_HAVE_AVX2
     if (detail::use_avx2()) return backward_rows_avx2(dinp, part, dout, inp, bias, r0, r1, cols, act);
 #endif
@@ -334,6 +485,9 @@ void gated_forward(float* out, index_t ldo, const float* gate, index_t ldg, cons
                    index_t cols, Activation act) {
   check_gated("gated_forward", rows, cols, {ldo, ldg, ldu});
   detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int) {
+#ifdef CPUFORMER_HAVE_AVX512
+    if (detail::use_avx512()) return gated_forward_avx512(out, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
+#endif
 #ifdef CPUFORMER_HAVE_AVX2
     if (detail::use_avx2()) return gated_forward_avx2(out, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
 #endif
@@ -346,6 +500,10 @@ void gated_backward(float* dgate, index_t lddg, float* dup, index_t lddu, const 
                     Activation act) {
   check_gated("gated_backward", rows, cols, {lddg, lddu, ldo, ldg, ldu});
   detail::parallel_for(rows, rows_per_chunk(cols), [&](index_t r0, index_t r1, int) {
+#ifdef CPUFORMER_HAVE_AVX512
+    if (detail::use_avx512())
+      return gated_backward_avx512(dgate, lddg, dup, lddu, dout, ldo, gate, ldg, up, ldu, r0, r1, cols, act);
+#endif
 #ifdef CPUFORMER_HAVE_AVX2
     if (detail::use_avx2())
       return gated_backward_avx2(dgate, lddg, dup, lddu, dout, ldo, gate, ldg, up, ldu, r0, r1, cols, act);

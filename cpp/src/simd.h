@@ -45,7 +45,8 @@ void amx_release();  // back to the initial state: the tile data need not be sav
 #define CPUFORMER_AVX2 __attribute__((target("avx2,fma")))
 // The 16-bit weight kernels (half.cpp): AVX2 + FMA + F16C (vcvtph2ps), reached only when use_f16c().
 #define CPUFORMER_F16C __attribute__((target("avx2,fma,f16c")))
-// AVX-512 code (the GEMM micro-kernels, and exp over 16 lanes with exp_ps's operations lane for lane) likewise:
+// AVX-512 code (the GEMM micro-kernels; exp, erf and the element-wise activations over 16 lanes with the AVX2
+// code's operations lane for lane, so with its bits) likewise:
 // per function, reached only when use_avx512(). Left out of
 // sanitizer builds (CPUFORMER_NO_AVX512, set by CMake): under GCC 12's -fsanitize=address the packed-A AVX-512
 // kernel computes wrong products (no report), while release builds match the float64 reference and the AVX2 path
@@ -154,6 +155,23 @@ CPUFORMER_AVX512 static inline __m512 exp512_ps(__m512 x) {
   y = _mm512_fmadd_ps(_mm512_fmadd_ps(y, r, one), r, one);
   const __m512 pow2n = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(shifted), 23));
   return _mm512_mul_ps(y, pow2n);
+}
+
+// erf_ps over 16 lanes, the same operations on each lane.
+CPUFORMER_AVX512 static inline __m512 erf512_ps(__m512 x) {
+  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.0f));
+  const __m512 ax = _mm512_andnot_ps(_mm512_set1_ps(-0.0f), x);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), ax, one));
+  __m512 p = _mm512_set1_ps(1.061405429f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-1.453152027f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.421413741f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(-0.284496736f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.254829592f));
+  p = _mm512_mul_ps(p, t);
+  const __m512 e = exp512_ps(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(ax, ax)));
+  const __m512 r = _mm512_fnmadd_ps(p, e, one);
+  return _mm512_or_ps(r, sign);
 }
 #endif
 
