@@ -436,16 +436,40 @@ void activation_backward(float* dinp, float* dbias, const float* dout, const flo
   }
 }
 
-void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols) {
-  CPUFORMER_CHECK(rows >= 0 && cols >= 0, "bias_backward: negative size");
+namespace {
+// acc[c] += row[c] for c < n, in double: each column's sum in row order (the same bits on every path; the wider
+// paths only take more columns per instruction).
+void add_row_scalar(double* acc, const float* row, index_t n) {
+  for (index_t c = 0; c < n; ++c) acc[c] += row[c];
+}
+#ifdef CPUFORMER_HAVE_AVX2
+CPUFORMER_AVX2 void add_row_avx2(double* acc, const float* row, index_t n) {
+  for (index_t c = 0; c < n; ++c) acc[c] += row[c];
+}
+#endif
+#ifdef CPUFORMER_HAVE_AVX512
+CPUFORMER_AVX512 void add_row_avx512(double* acc, const float* row, index_t n) {
+  for (index_t c = 0; c < n; ++c) acc[c] += row[c];
+}
+#endif
+}  // namespace
+
+void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols, index_t ld) {
+  if (ld < 0) ld = cols;
+  CPUFORMER_CHECK(rows >= 0 && cols >= 0 && (rows <= 1 || ld >= cols), "bias_backward: bad size rows=", rows,
+                  " cols=", cols, " ld=", ld);
+  auto add_row = add_row_scalar;
+#ifdef CPUFORMER_HAVE_AVX2
+  if (detail::use_avx2()) add_row = add_row_avx2;
+#endif
+#ifdef CPUFORMER_HAVE_AVX512
+  if (detail::use_avx512()) add_row = add_row_avx512;
+#endif
   // Threads own column ranges and sum rows in order: deterministic, no partial buffers.
   detail::parallel_for(cols, std::max<index_t>(16, (1 << 14) / std::max<index_t>(1, rows)),
                        [&](index_t c0, index_t c1, int) {
                          std::vector<double> acc(static_cast<size_t>(c1 - c0), 0.0);
-                         for (index_t r = 0; r < rows; ++r) {
-                           const float* row = dout + r * cols;
-                           for (index_t c = c0; c < c1; ++c) acc[c - c0] += row[c];
-                         }
+                         for (index_t r = 0; r < rows; ++r) add_row(acc.data(), dout + r * ld + c0, c1 - c0);
                          for (index_t c = c0; c < c1; ++c) dbias[c] += static_cast<float>(acc[c - c0]);
                        });
 }

@@ -142,14 +142,7 @@ void linear_backward(float* dx, index_t lddx, bool accumulate_dx, float* dweight
       sgemm(true, false, w.out, w.in, rows, 1.0f, dy, lddy, x, ldx, 1.0f, dweight, w.in);
   }
   if (dbias) {
-    if (lddy == w.out) {
-      bias_backward(dbias, dy, rows, w.out);
-    } else {  // strided rows (one projection's columns of a fused buffer): the same double-accumulated sums
-      std::vector<double> acc(static_cast<size_t>(w.out), 0.0);
-      for (index_t r = 0; r < rows; ++r)
-        for (index_t c = 0; c < w.out; ++c) acc[c] += dy[r * lddy + c];
-      for (index_t c = 0; c < w.out; ++c) dbias[c] += static_cast<float>(acc[c]);
-    }
+    bias_backward(dbias, dy, rows, w.out, lddy);  // rows may be strided (one projection's columns of a fused buffer)
   }
   if (dx) {
     const float beta = accumulate_dx ? 1.0f : 0.0f;

@@ -179,3 +179,16 @@ def test_avx512_activations_bitwise_equal_avx2():
     assert len(outs["avx2"]) == len(outs["avx512"])
     for i, (a, b) in enumerate(zip(outs["avx2"], outs["avx512"])):
         np.testing.assert_array_equal(a, b, err_msg=str(i))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 7, 17), (300, 33), (4096, 3)])
+def test_bias_grad_sums_rows_in_double(rng, simd, threads, shape):
+    """out += grad_output summed over every leading axis, each column in row order in double: against float64, and
+    the same bits on every SIMD path and thread count (the sums are ordered, not split)."""
+    g = randn(rng, *shape, scale=3.0)
+    out0 = randn(rng, shape[-1])
+    out = ops.bias_grad(g, out0.copy())
+    ref = out0.astype(np.float64) + g.reshape(-1, shape[-1]).astype(np.float64).sum(0)
+    assert_close(out, ref, rtol=1e-6, atol=1e-6, what="bias_grad")
+    sums = np.cumsum(g.reshape(-1, shape[-1]).astype(np.float64), 0)[-1]  # in row order, in double
+    np.testing.assert_array_equal(out, out0 + sums.astype(np.float32))

@@ -27,8 +27,9 @@ void gated_backward(float* dgate, index_t lddg, float* dup, index_t lddu, const 
                     const float* gate, index_t ldg, const float* up, index_t ldu, index_t rows, index_t cols,
                     Activation act);
 
-// dbias[c] += sum over rows of dout[r, c] (the gradient of a bias added to every row).
-void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols);
+// dbias[c] += sum over rows of dout[r, c] (the gradient of a bias added to every row); rows ld floats apart (ld < 0:
+// cols). Each column is summed in row order in double: the same bits for any thread count and SIMD path.
+void bias_backward(float* dbias, const float* dout, index_t rows, index_t cols, index_t ld = -1);
 
 // Inverted dropout: out = inp * keep / (1 - p), keep ~ Bernoulli(1 - p) drawn from a counter-based hash of
 // (seed, element index), so the mask does not depend on the thread count and backward regenerates it
