@@ -285,8 +285,9 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
         s.m.assign(bq, kNegInf);
         s.l.assign(bq, 0.0f);
         float* O = at(out, b, t0, h, D);
-        for (index_t i = 0; i < bq; ++i)
-          for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
+        // The first key block's product writes O (beta 0: its rows that see nothing yet have P = 0, so O = 0 there),
+        // later ones add to it; O is zeroed only when no key block is visible at all.
+        float beta = 0.0f;
         for (index_t kb = kr.lo / kBlockK, s0 = kb * kBlockK; s0 < kr.hi; s0 += kBlockK, ++kb) {
           const index_t bk = std::min(kBlockK, kr.hi - s0), full = std::min(kBlockK, r.keys - s0);
           const bool whole = pack_keys && bk == full;
@@ -295,7 +296,8 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
           score_tile(S, kBlockK, bq, bk, r, t0, s0, q, k, kt, mask, c);
           for (index_t i = 0; i < bq; ++i) {  // online softmax
             float* row = S + i * kBlockK;
-            const float m_new = std::fmax(s.m[i], detail::row_max(row, bk));
+            const float block_max = detail::row_max(row, bk);  // NaN when a score is: kept, not skipped by fmax
+            const float m_new = std::isnan(block_max) ? block_max : std::fmax(s.m[i], block_max);
             if (m_new == kNegInf) {  // nothing visible yet in this row
               for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
               continue;
@@ -312,11 +314,15 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
           }
           if (c.dropout_p > 0.0f) dropout_tile(S, kBlockK, bq, bk, b, h, t0, s0, c);
           if (whole)
-            detail::sgemm_single_thread_packed(false, bq, D, bk, 1.0f, S, kBlockK, vb, 1.0f, O, out.st);
+            detail::sgemm_single_thread_packed(false, bq, D, bk, 1.0f, S, kBlockK, vb, beta, O, out.st);
           else
-            detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, g, D), v.st, 1.0f,
+            detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, g, D), v.st, beta,
                                         O, out.st);
+          beta = 1.0f;
         }
+        if (beta == 0.0f)
+          for (index_t i = 0; i < bq; ++i)
+            for (index_t d = 0; d < D; ++d) O[i * out.st + d] = 0.0f;
         for (index_t i = 0; i < bq; ++i) {
           const bool empty = s.l[i] == 0.0f;  // every key masked: output 0, lse -inf
           detail::row_scale(O + i * out.st, D, empty ? 0.0f : 1.0f / s.l[i]);

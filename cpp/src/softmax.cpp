@@ -16,10 +16,16 @@ constexpr index_t kMinElemsPerThread = 1 << 14;
 
 index_t rows_per_chunk(index_t cols) { return std::max<index_t>(1, kMinElemsPerThread / std::max<index_t>(1, cols)); }
 
+// Every path returns the same value: the largest element (max is exact, so the order does not matter), or NaN when
+// any element is NaN (a softmax row with a NaN is NaN throughout, never mistaken for a fully masked row).
 float row_max_scalar(const float* x, index_t n) {
   float m = -std::numeric_limits<float>::infinity();
-  for (index_t j = 0; j < n; ++j) m = std::fmax(m, x[j]);
-  return m;
+  bool nan = false;
+  for (index_t j = 0; j < n; ++j) {
+    m = std::fmax(m, x[j]);
+    nan |= std::isnan(x[j]);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 double row_exp_sum_scalar(float* out, const float* x, index_t n, float shift) {
@@ -35,13 +41,41 @@ double row_exp_sum_scalar(float* out, const float* x, index_t n, float shift) {
 #ifdef CPUFORMER_HAVE_AVX2
 CPUFORMER_AVX2 static float row_max_avx2(const float* x, index_t n) {
   using namespace simd;
-  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 vm = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), vnan = _mm256_setzero_ps();
   index_t j = 0;
-  for (; j + kWidth <= n; j += kWidth) vm = _mm256_max_ps(vm, _mm256_loadu_ps(x + j));
-  float m = hmax(vm);
-  for (; j < n; ++j) m = std::fmax(m, x[j]);
-  return m;
+  for (; j + kWidth <= n; j += kWidth) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    vm = _mm256_max_ps(vm, v);
+    vnan = _mm256_or_ps(vnan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  const float m = hmax(vm), rest = row_max_scalar(x + j, n - j);
+  if (_mm256_movemask_ps(vnan) || std::isnan(rest)) return std::numeric_limits<float>::quiet_NaN();
+  return std::fmax(m, rest);
 }
+
+#ifdef CPUFORMER_HAVE_AVX512
+// row_max_avx2's value with 16 lanes and two independent chains (max is exact: any order gives the same result).
+CPUFORMER_AVX512 static float row_max_avx512(const float* x, index_t n) {
+  const __m512 lowest = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 m0 = lowest, m1 = lowest;
+  __mmask16 nan = 0;
+  index_t j = 0;
+  for (; j + 32 <= n; j += 32) {
+    const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+    m0 = _mm512_max_ps(m0, a);
+    m1 = _mm512_max_ps(m1, b);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q);
+  }
+  for (; j < n; j += 16) {
+    const __mmask16 k = static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1u);
+    const __m512 a = _mm512_mask_loadu_ps(lowest, k, x + j);
+    m0 = _mm512_max_ps(m0, a);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+  }
+  if (nan) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+#endif
 
 CPUFORMER_AVX2 static double row_exp_sum_avx2(float* out, const float* x, index_t n, float shift) {
   using namespace simd;
@@ -106,6 +140,16 @@ CPUFORMER_AVX512 static double row_exp_sum_avx512(float* out, const float* x, in
 }
 #endif
 
+#ifdef CPUFORMER_HAVE_AVX512
+CPUFORMER_AVX512 static void row_scale_avx512(float* x, index_t n, float s) {  // element-wise: the same bits
+  const __m512 vs = _mm512_set1_ps(s);
+  for (index_t j = 0; j < n; j += 16) {
+    const __mmask16 k = static_cast<__mmask16>(n - j >= 16 ? 0xFFFFu : (1u << (n - j)) - 1u);
+    _mm512_mask_storeu_ps(x + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + j), vs));
+  }
+}
+#endif
+
 // The row max m and sum of exp(x - m); writes exp(x - m) to out when out is non-null. s = 0 for an all -inf row.
 void exp_sum_row(float* out, const float* x, index_t n, float& m, double& s) {
   m = detail::row_max(x, n);
@@ -120,6 +164,9 @@ void check_sizes(const char* who, index_t rows, index_t cols) {
 
 namespace detail {
 float row_max(const float* x, index_t n) {
+#ifdef CPUFORMER_HAVE_AVX512
+  if (use_avx512()) return row_max_avx512(x, n);
+#endif
 #ifdef CPUFORMER_HAVE_AVX2
   if (use_avx2()) return row_max_avx2(x, n);
 #endif
@@ -137,6 +184,9 @@ double row_exp_sum(float* out, const float* x, index_t n, float shift) {
 }
 
 void row_scale(float* x, index_t n, float s) {
+#ifdef CPUFORMER_HAVE_AVX512
+  if (use_avx512()) return row_scale_avx512(x, n, s);
+#endif
   for (index_t j = 0; j < n; ++j) x[j] *= s;
 }
 }  // namespace detail

@@ -104,3 +104,27 @@ def test_avx512_exponentials_bitwise_equal_avx2(rng):
         _core.set_simd_path("auto")
     for a, b in zip(outs["avx2"], outs["avx512"]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_nan_rows_are_nan_on_every_path():
+    """A row with a NaN is NaN throughout on every SIMD path (the row max keeps it: never a 'fully masked' row of
+    zeros, never a finite row that hides it), for softmax, log-softmax and attention."""
+    from cpuformer import _core
+    from testutil import SIMD_PATHS
+    x = randn(np.random.default_rng(0), 4, 37)
+    x[1, :] = -np.inf
+    x[1, 20] = np.nan          # NaN among -inf only
+    x[2, 36] = np.nan          # in the scalar tail
+    x[3, 5] = np.nan           # in a vector group
+    q, k, v = (randn(np.random.default_rng(i), 1, 40, 8) for i in range(3))
+    q[0, 7, 3] = np.nan        # one query row's scores are all NaN
+    try:
+        for path in SIMD_PATHS:
+            _core.set_simd_path(path)
+            for y in (ops.softmax(x), ops.log_softmax(x)):
+                assert np.isnan(y[1:]).all(), path
+                assert np.isfinite(y[0]).all(), path
+            out, _ = ops.attention(q, k, v, 2)
+            assert np.isnan(out[0, 7, :4]).all() and np.isfinite(np.delete(out[0], 7, 0)).all(), path
+    finally:
+        _core.set_simd_path("auto")
