@@ -37,6 +37,7 @@
 #include "cpuformer/softmax.h"
 #include "json.h"
 #include "no_throw.h"
+#include "parallel.h"
 #include "sampling.h"
 
 namespace cpuformer {
@@ -2614,7 +2615,22 @@ Status PretrainedModel::set_requires_grad(const std::string& name, bool requires
 }
 
 void PretrainedModel::zero_grad() {
-  for (auto& [p, g] : impl_->grads) std::fill(g.begin(), g.end(), 0.0f);
+  // One even split of all the gradients' elements between the threads (a MiniLM's 90 MB took 12 ms on one).
+  std::vector<std::pair<float*, index_t>> spans;
+  index_t total = 0;
+  for (auto& [p, g] : impl_->grads) {
+    spans.emplace_back(g.data(), static_cast<index_t>(g.size()));
+    total += static_cast<index_t>(g.size());
+  }
+  detail::parallel_for(total, 1 << 18, [&](index_t i0, index_t i1, int) {
+    index_t offset = 0;
+    for (const auto& [data, n] : spans) {
+      const index_t b = std::max(i0, offset), e = std::min(i1, offset + n);
+      if (b < e) std::memset(data + (b - offset), 0, sizeof(float) * static_cast<size_t>(e - b));
+      offset += n;
+      if (offset >= i1) break;
+    }
+  });
 }
 
 Status PretrainedModel::train_forward(const TrainInputs& in, const TrainOptions& options, TrainState* state,

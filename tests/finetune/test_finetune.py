@@ -237,6 +237,32 @@ def test_work_buffers_kept_between_steps_change_nothing(request, fixture):
         assert all(np.array_equal(grads_a[n], grads_b[n]) for n in grads_b)
 
 
+def test_zero_grad_clears_every_gradient_across_threads(tmp_path):
+    """zero_grad splits all the gradients' elements between the threads (spans cut inside and across tensors): every
+    element of every gradient is zero afterwards, with 1 and 2 threads, on a model big enough to be split."""
+    import cpuformer
+    cfg = transformers.BertConfig(vocab_size=6001, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=200, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path, safe_serialization=True)
+    model = from_pretrained(str(tmp_path), trainable=True).requires_grad_(True).train()
+    params = dict(model.named_parameters())
+    assert sum(p.grad.size for p in params.values()) > 2 * (1 << 18)
+    ids, mask = small_batch(3, B=3, T=9)
+    before = cpuformer.get_num_threads()
+    try:
+        for threads in (1, 2):
+            cpuformer.set_num_threads(threads)
+            for p in params.values():
+                p.grad[...] = 1.5  # every element nonzero, not only those a backward reaches
+            out = model(ids, mask)
+            model.backward(np.ones_like(out))
+            model.zero_grad()
+            assert all(not p.grad.any() for p in params.values())
+    finally:
+        cpuformer.set_num_threads(before)
+
+
 def _lora_run(path, out_dir, steps, resume=False, lora_dropout=0.0):
     init.manual_seed(0)
     model = from_pretrained(path, task="text-classification", num_labels=2, verbose=False)
