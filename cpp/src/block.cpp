@@ -514,23 +514,30 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
                       std::vector<float>& sb, const NormRef& nr, const NormGrads& ng, auto&& run_back) {
     const float p_res = c.dropout;
     if (c.norm_first) {
-      // x_next = x + drop(y(norm(x))): dy = drop'(g); dh = y'(dy); dx = g + norm'(dh)
-      std::memcpy(dy.data(), gcur.data(), sizeof(float) * n);
-      if (p_res > 0.0f) dropout_backward(dy.data(), dy.data(), n, p_res, sub_seed(seed, 10 + i));
+      // x_next = x + drop(y(norm(x))): dy = drop'(g); dh = y'(dy); dx = g + norm'(dh). Without dropout dy is g
+      // itself (run_back only reads it; gcur changes after).
+      const float* dyy = gcur.data();
+      if (p_res > 0.0f) {
+        dropout_backward(dy.data(), gcur.data(), n, p_res, sub_seed(seed, 10 + i));
+        dyy = dy.data();
+      }
       float* dh = grow(dsum, n);
       // The sublayer's input, normalised again (the forward did not keep it): the same rows, the same bits.
       float* h = grow(t_back.normed, n);
       norm_forward(c, nr, h, sa.data(), sb.data(), in_vec.data(), rows, d.C);
-      run_back(dh, false, dy.data(), h);
+      run_back(dh, false, dyy, h);
       norm_backward(c, nr, ng, gcur.data(), true, dh, in_vec.data(), sa.data(), sb.data(), rows, d.C);
     } else {
       // x_next = norm(x + drop(y(x))): ds = norm'(g); dy = drop'(ds); dx = ds + y'(dy)
       float* ds = grow(dsum, n);
       norm_backward(c, nr, ng, ds, false, gcur.data(), normed.data(), sa.data(), sb.data(), rows, d.C);
-      std::memcpy(dy.data(), ds, sizeof(float) * n);
-      if (p_res > 0.0f) dropout_backward(dy.data(), dy.data(), n, p_res, sub_seed(seed, 10 + i));
+      const float* dyy = ds;  // without dropout dy is ds itself (run_back reads it and writes gcur only)
+      if (p_res > 0.0f) {
+        dropout_backward(dy.data(), ds, n, p_res, sub_seed(seed, 10 + i));
+        dyy = dy.data();
+      }
       std::memcpy(gcur.data(), ds, sizeof(float) * n);
-      run_back(gcur.data(), true, dy.data(), in_vec.data());
+      run_back(gcur.data(), true, dyy, in_vec.data());
     }
   };
   const float p_att = c.attention_dropout;
