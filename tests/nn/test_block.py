@@ -5,7 +5,6 @@ masks), incremental decoding against the full forward, beams, threads."""
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 import cpuformer  # noqa: E402
 from cpuformer import nn  # noqa: E402
+from testutil import assert_same_in_threads  # noqa: E402
 
 TOL = 2e-4
 
@@ -409,35 +409,12 @@ def test_cache_reorder_moves_rows_of_different_lengths(rows):
 
 
 def test_threads_share_one_eval_block():
-    """Many threads calling one eval-mode block (and its backward) get their single-thread results."""
+    """Many threads calling one eval-mode block get their single-thread results."""
     rng = np.random.default_rng(8)
     nn.init.manual_seed(8)
     block = nn.TransformerBlock(32, 4, 48, num_kv_heads=2).eval()
     xs = [rng.standard_normal((2, 5 + i, 32)).astype(np.float32) for i in range(6)]
-    gs = [rng.standard_normal(x.shape).astype(np.float32) for x in xs]
-    want = []
-    for x, g in zip(xs, gs):
-        want.append((block(x, is_causal=True), block.backward(g) if False else None))
-    want = [w[0] for w in want]
-    got = [None] * len(xs)
-    errors = []
-
-    def run(i):
-        try:
-            for _ in range(20):
-                y = block(xs[i], is_causal=True)
-                if not np.array_equal(y, want[i]):
-                    raise AssertionError(f"thread {i}: result differs")
-            got[i] = y
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    assert_same_in_threads([lambda x=x: block(x, is_causal=True) for x in xs], repeats=20)
 
 
 def test_bad_configs_and_inputs():
