@@ -26,7 +26,6 @@ import numpy as np  # noqa: E402
 
 import cpuformer  # noqa: E402
 from cpuformer.models import GPT, BertModel  # noqa: E402
-from cpuformer.models.pretrained import _bert_state, _gpt2_state  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import compare, loadavg  # noqa: E402
@@ -41,6 +40,44 @@ try:
 except ImportError:
     onnxruntime = None
 
+
+
+def bert_state(w: dict, n_layers: int) -> dict:
+    """transformers' BertModel state dict (numpy) under cpuformer.models.BertModel's names (q, k, v fused)."""
+    sd = {"word_embeddings.weight": w["embeddings.word_embeddings.weight"],
+          "position_embeddings.weight": w["embeddings.position_embeddings.weight"],
+          "token_type_embeddings.weight": w["embeddings.token_type_embeddings.weight"],
+          "embeddings_norm.weight": w["embeddings.LayerNorm.weight"],
+          "embeddings_norm.bias": w["embeddings.LayerNorm.bias"]}
+    for i in range(n_layers):
+        h, o = f"encoder.layer.{i}.", f"layers.{i}."
+        for part in ("weight", "bias"):
+            sd[o + f"self_attn.in_proj_{part}"] = np.concatenate(
+                [w[h + f"attention.self.{n}.{part}"] for n in ("query", "key", "value")])
+        pairs = {"self_attn.out_proj": "attention.output.dense", "norm1": "attention.output.LayerNorm",
+                 "linear1": "intermediate.dense", "linear2": "output.dense", "norm2": "output.LayerNorm"}
+        for ours, theirs in pairs.items():
+            for part in ("weight", "bias"):
+                sd[f"{o}{ours}.{part}"] = w[f"{h}{theirs}.{part}"]
+    return sd
+
+
+def gpt2_state(w: dict, n_layers: int) -> dict:
+    """transformers' GPT2LMHeadModel state dict (numpy) under cpuformer.models.GPT's names (Conv1D weights are
+    stored (in, out): transposed to Linear's (out, in))."""
+    w = {k.removeprefix("transformer."): v for k, v in w.items()}
+    sd = {k: w[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")}
+    for i in range(n_layers):
+        h, o = f"h.{i}.", f"blocks.{i}."
+        for ours, theirs in (("self_attn.in_proj", "attn.c_attn"), ("self_attn.out_proj", "attn.c_proj"),
+                             ("linear1", "mlp.c_fc"), ("linear2", "mlp.c_proj")):
+            sd[o + ours + ("_weight" if ours.endswith("in_proj") else ".weight")] = \
+                np.ascontiguousarray(w[h + theirs + ".weight"].T)
+            sd[o + ours + ("_bias" if ours.endswith("in_proj") else ".bias")] = w[h + theirs + ".bias"]
+        for ours, theirs in (("norm1", "ln_1"), ("norm2", "ln_2")):
+            for part in ("weight", "bias"):
+                sd[f"{o}{ours}.{part}"] = w[f"{h}{theirs}.{part}"]
+    return sd
 
 
 def bert_onnx_session(state: dict, shape: dict, eps: float, threads: int):
@@ -156,8 +193,8 @@ for name, shape in ENCODERS:
     hf = transformers.BertModel(cfg, add_pooling_layer=False).eval()
     ours = BertModel(30522, shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"],
                      shape["intermediate_size"], 512, 2, cfg.layer_norm_eps, "gelu", pooler=False)
-    ours.load_state_dict(_bert_state({k: v.numpy() for k, v in hf.state_dict().items()},
-                                     shape["num_hidden_layers"], False))
+    ours.load_state_dict(bert_state({k: v.numpy() for k, v in hf.state_dict().items()},
+                                    shape["num_hidden_layers"]))
     ort = bert_onnx_session(ours.state_dict(), shape, cfg.layer_norm_eps, args.threads) if onnxruntime else None
     ours.eval()
     ours_int8 = cpuformer.quantize_dynamic(ours)
@@ -208,7 +245,7 @@ cfg = transformers.GPT2Config()
 hf = transformers.GPT2LMHeadModel(cfg).eval()
 gpt = GPT(cfg.vocab_size, cfg.n_positions, cfg.n_layer, cfg.n_head, cfg.n_embd, 0.0, "learned", True, "gelu_tanh",
           cfg.layer_norm_epsilon)
-gpt.load_state_dict(_gpt2_state({k: v.numpy() for k, v in hf.state_dict().items()}, cfg.n_layer))
+gpt.load_state_dict(gpt2_state({k: v.numpy() for k, v in hf.state_dict().items()}, cfg.n_layer))
 prompt = rng.integers(0, cfg.vocab_size, size=(1, 16))
 
 
