@@ -202,9 +202,14 @@ void rows_dot(float* d, const ConstHeadTensor& dout, const ConstHeadTensor& out,
   for (index_t i = 0; i < bq; ++i) {
     const float* o = at(out, b, t0 + i, h, D);
     const float* g = at(dout, b, t0 + i, h, D);
-    double acc = 0.0;
-    for (index_t e = 0; e < D; ++e) acc += static_cast<double>(o[e]) * g[e];
-    d[i] = static_cast<float>(acc);
+    // Eight running sums (lanes of one vector where there are vectors; the same order, so the same bits, on every
+    // path): one sum would chain D dependent additions per row.
+    double acc[8] = {};
+    index_t e = 0;
+    for (; e + 8 <= D; e += 8)
+      for (int l = 0; l < 8; ++l) acc[l] += static_cast<double>(o[e + l]) * g[e + l];
+    for (; e < D; ++e) acc[0] += static_cast<double>(o[e]) * g[e];
+    d[i] = static_cast<float>(((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])));
   }
 }
 
