@@ -359,6 +359,7 @@ bool amx_bf16_applies(index_t M, index_t N, index_t K) { return M >= 16 && N >= 
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
   if (r0 >= r1 || n0 >= n1) return;
   CPUFORMER_CHECK(!g.prerounded || g.H, "amx_gemm: prerounded needs bf16 weights (H)");
+  CPUFORMER_CHECK(!g.tiles || (!g.H && !g.prerounded), "amx_gemm: split tiles hold float32 B");
   const int nb = g.H ? 1 : 3, na = g.prerounded ? 1 : 3;
   const index_t kb = std::min(g.K, g.H ? kKBlockBf16 : kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
   // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
@@ -366,7 +367,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   const index_t span = std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
   const index_t pair_words = nb * 2 * max_steps * kTileWords;
   auto* planes = reinterpret_cast<std::uint16_t*>(t_planes.get(3 * span * kbp / 2));
-  auto* b = reinterpret_cast<std::uint32_t*>(t_btiles.get(kColBlock / 32 * pair_words));
+  auto* b = g.tiles ? nullptr : reinterpret_cast<std::uint32_t*>(t_btiles.get(kColBlock / 32 * pair_words));
   alignas(64) float acc[32][32];
   int configured = 0;  // the rows amx_configure last set here (0: none yet)
   for (index_t rs = r0; rs < r1; rs += span) {
@@ -378,8 +379,12 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
       split_a(g, rs, rows, k0, kc, kcp, planes);
       for (index_t jb = n0; jb < n1; jb += kColBlock) {
         const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
-        for (index_t q = 0; q < pairs; ++q)
-          pack_b(g, jb + 32 * q, jb + 32 * q + 16 < je ? 2 : 1, k0, kc, steps, b + q * pw);
+        const std::uint32_t* bb = b;  // the block's pairs, pw words apart
+        if (g.tiles)  // split already: k block k0 / kb (those before it whole) and its pairs in order
+          bb = g.tiles + k0 / kb * ((g.N + 31) / 32) * pair_words + jb / 32 * pw;
+        else
+          for (index_t q = 0; q < pairs; ++q)
+            pack_b(g, jb + 32 * q, jb + 32 * q + 16 < je ? 2 : 1, k0, kc, steps, b + q * pw);
         for (index_t m = 0; m < rows; m += 32) {
           const int rb = static_cast<int>(std::min<index_t>(32, rows - m));
           if (rb != configured) amx_configure(rb);  // per call: other code may have used the tiles in between
@@ -387,7 +392,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
           for (index_t q = 0; q < pairs; ++q) {
             const int panels = jb + 32 * q + 16 < je ? 2 : 1;
             const std::uint16_t* a = planes + m * kcp;
-            const std::uint32_t* bq = b + q * pw;
+            const std::uint32_t* bq = bb + q * pw;
             if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else if (nb == 1) run_block<1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else run_block<3>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
@@ -422,12 +427,32 @@ void amx_gemm(const AmxGemm& g, int nt) {
   });
 }
 
+index_t amx_split_b_words(index_t N, index_t K) {
+  const index_t kb = std::min(K, kKBlock), steps = (kb + kStepK - 1) / kStepK;
+  return (K + kb - 1) / kb * ((N + 31) / 32) * (3 * 2 * steps * kTileWords);
+}
+
+void amx_split_b(const AmxGemm& g, std::uint32_t* dst) {
+  CPUFORMER_CHECK(!g.H && !g.tiles, "amx_split_b: float32 B only");
+  const index_t kb = std::min(g.K, kKBlock), pairs = (g.N + 31) / 32;
+  const index_t pair_words = 3 * 2 * ((kb + kStepK - 1) / kStepK) * kTileWords;
+  parallel_for(pairs, 8, [&](index_t q0, index_t q1, int) {
+    for (index_t k0 = 0; k0 < g.K; k0 += kb) {
+      const index_t kc = std::min(kb, g.K - k0), steps = (kc + kStepK - 1) / kStepK, pw = 3 * 2 * steps * kTileWords;
+      for (index_t q = q0; q < q1; ++q)
+        pack_b(g, 32 * q, 32 * q + 16 < g.N ? 2 : 1, k0, kc, steps, dst + k0 / kb * pairs * pair_words + q * pw);
+    }
+  });
+}
+
 #else  // no AMX in this build: never applies
 
 bool amx_float32_applies(index_t, index_t, index_t) { return false; }
 bool amx_bf16_applies(index_t, index_t, index_t) { return false; }
 void amx_gemm_share(const AmxGemm&, index_t, index_t, index_t, index_t) {}
 void amx_gemm(const AmxGemm&, int) {}
+index_t amx_split_b_words(index_t, index_t) { return 0; }
+void amx_split_b(const AmxGemm&, std::uint32_t*) {}
 
 #endif
 

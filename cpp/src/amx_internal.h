@@ -36,6 +36,8 @@ struct AmxGemm {
   // With H: op(A) already holds bf16 values (activations rounded by the caller), so it is one term instead of the
   // exact split's three: one tile product per pair of tiles.
   bool prerounded = false;
+  // ... or op(B) already split into B tiles by amx_split_b (with float32 A only).
+  const std::uint32_t* tiles = nullptr;
 };
 
 // Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes: with a float32 op(B), whose
@@ -48,5 +50,10 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
 
 // All of C, on up to nt threads (shares of columns, and of rows when there are few columns).
 void amx_gemm(const AmxGemm& g, int nt);
+
+// op(B) of g (float32 B or packed panels) split into the B tiles of every k block and 32 columns, in the order
+// amx_gemm reads them with g.tiles: amx_split_b_words() 32-bit words at dst (64-byte aligned).
+index_t amx_split_b_words(index_t N, index_t K);
+void amx_split_b(const AmxGemm& g, std::uint32_t* dst);
 
 }  // namespace cpuformer::detail

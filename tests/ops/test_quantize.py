@@ -320,10 +320,78 @@ def test_packed_weight_matches_matmul(simd, threads, rng, M, K, N):
     y = _core.linear_packed(x, packed, b)
     expected = x.astype(np.float64) @ w.T.astype(np.float64) + b
     assert rel_err(y, expected) < 1e-5
-    if M > 4:  # the same panels and kernel as an unpacked product (on the amx path, the same tiles): the same bits
+    # The same panels and kernel as an unpacked product (on the amx path, the same tiles): the same bits; except
+    # where the amx path splits the packed weight once and runs the tiles at 128 rows or more, whatever the width
+    # (test_packed_weight_split_once_on_amx), where an unpacked product of that shape may take the AVX-512 kernel.
+    if M > 4 and not (simd == "amx" and M >= 128 and min(N, K) >= 32):
         np.testing.assert_array_equal(y, _core.matmul(x, w, transpose_b=True, bias=b))
     with pytest.raises(ValueError, match=f"in_features {K}"):
         _core.linear_packed(np.zeros((2, K + 1), np.float32), packed)
     out = np.full((M, N), np.nan, np.float32)  # a reused buffer: written over, same bits
     assert _core.linear_packed(x, packed, b, out) is out
     np.testing.assert_array_equal(out, y)
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+@pytest.mark.parametrize("M,K,N", [(128, 32, 32), (130, 1000, 70), (1030, 129, 65), (128, 384, 1536),
+                                   (200, 1100, 33), (129, 40, 1025), (127, 384, 384)])
+def test_packed_weight_split_once_on_amx(threads, rng, M, K, N):
+    """On the amx path a packed weight is split into AMX tile terms at its first product of 128+ rows and kept:
+    float32 precision (as the per-call split's products), the same bits on later calls, at either thread count,
+    and for rows the AVX-512 kernel still computes (127) as before."""
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    _core.set_simd_path("amx")
+    try:
+        packed = _core.pack_linear_weight(w)
+        y = _core.linear_packed(x, packed, b)
+        again = _core.linear_packed(x, packed, b)
+        before = cpuformer.get_num_threads()
+        cpuformer.set_num_threads(3 - threads)
+        try:
+            other_threads = _core.linear_packed(x, packed, b)
+        finally:
+            cpuformer.set_num_threads(before)
+        fresh = _core.linear_packed(x, _core.pack_linear_weight(w), b)
+        unpacked = _core.matmul(x, w, transpose_b=True, bias=b)
+    finally:
+        _core.set_simd_path("auto")
+    expected = x.astype(np.float64) @ w.T.astype(np.float64) + b
+    mag = np.abs(x).astype(np.float64) @ np.abs(w).T.astype(np.float64) + np.abs(b)
+    err = np.abs(y - expected) / mag
+    assert err.max() < 2.0**-21 + 2 * (min(K, 512) + K / 512 + 3) * 2.0**-24, f"{err.max():.3g}"
+    for other in (again, other_threads, fresh):
+        np.testing.assert_array_equal(other, y)
+    if M < 128:
+        np.testing.assert_array_equal(y, unpacked)
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_packed_weight_first_split_from_many_threads(rng):
+    """Threads whose first products with one packed weight start together (one splits it, the others wait for
+    it) get the serial result, every call."""
+    x = [rng.standard_normal((130 + 9 * i, 200)).astype(np.float32) for i in range(4)]
+    w = rng.standard_normal((300, 200)).astype(np.float32)
+    _core.set_simd_path("amx")
+    try:
+        serial = _core.pack_linear_weight(w)
+        expected = [_core.linear_packed(xi, serial) for xi in x]
+        for _ in range(3):
+            shared = _core.pack_linear_weight(w)
+            start, errors = threading.Barrier(len(x)), []
+
+            def work(i):
+                start.wait()
+                for _ in range(5):
+                    if not np.array_equal(_core.linear_packed(x[i], shared), expected[i]):
+                        errors.append(i)
+
+            workers = [threading.Thread(target=work, args=(i,)) for i in range(len(x))]
+            for t in workers:
+                t.start()
+            for t in workers:
+                t.join()
+            assert not errors, f"threads {sorted(set(errors))} differed from the serial result"
+    finally:
+        _core.set_simd_path("auto")

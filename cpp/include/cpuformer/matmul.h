@@ -23,6 +23,7 @@ void sgemm_strided_batched(bool trans_a, bool trans_b, index_t M, index_t N, ind
 
 // op(B) packed once into the GEMM's panel layout, for many products with the same B (inference weights): packing
 // costs a pass over B on every sgemm call, up to a tenth of the time at 128 rows.
+struct PackedTiles;  // op(B) split into AMX tiles' bf16 terms (matmul.cpp), made at its first product that uses them
 struct PackedMatrix {
   struct FreeDeleter {
     void operator()(float* p) const { std::free(p); }
@@ -31,6 +32,9 @@ struct PackedMatrix {
   index_t kc = 0;  // K block the panels are cut at (the SIMD path's when packed; 0: the default, 256)
   bool trans_b = false;  // packed from B^T (a Linear's (out, in) weight): sgemm_packed chooses kernels as sgemm does
   std::unique_ptr<float, FreeDeleter> storage;  // 64-byte aligned
+  // On the "amx" path, products of 128 rows or more run on AMX tiles from B split once (1.5x the panels' bytes,
+  // kept from the first such product on) instead of split on every call; smaller products read the panels.
+  std::shared_ptr<PackedTiles> tiles;
 };
 PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb);
 
