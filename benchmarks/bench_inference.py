@@ -212,7 +212,8 @@ for name, shape in ENCODERS:
 
         ref = run_torch().numpy()
         got = ours(ids, attention_mask=mask)
-        assert np.array_equal(ours_frozen(ids, attention_mask=mask), got), "freeze changed the result"
+        # frozen weights run the AMX tiles from 128 rows (split once) where float32 ones may take the AVX-512 kernel
+        assert np.abs(ours_frozen(ids, attention_mask=mask) - got).max() <= 1e-5 * np.abs(got).max(), "freeze changed the result"
         assert np.abs(got - ref).max() < 1e-3, "cpuformer and torch disagree"
         fns = {"ours": lambda: ours(ids, attention_mask=mask), "frozen": lambda: ours_frozen(ids, attention_mask=mask),
                "int8": lambda: ours_int8(ids, attention_mask=mask),

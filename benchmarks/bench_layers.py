@@ -162,7 +162,9 @@ for B, T, C, H, F in LAYER_CONFIGS:
     measure(f"encoder layer fwd (eval) B={B} T={T} C={C} H={H}", enc_ours_fwd, enc_torch_fwd)
     # inference deployments: weights packed once (cpuformer.freeze) against torch's no-grad fast path
     enc_frozen = cnn.freeze(enc_o)
-    assert np.array_equal(enc_frozen(x), enc_o(x))
+    # the same products (AMX tiles split once, from 128 rows, where float32 weights may take the AVX-512 kernel)
+    ref_o = enc_o(x)
+    assert np.abs(enc_frozen(x) - ref_o).max() <= 1e-5 * np.abs(ref_o).max()
     measure(f"encoder layer fwd (eval, frozen) B={B} T={T} C={C} H={H}", lambda: enc_frozen(x), enc_torch_fwd)
     enc_t.train()
     enc_o.train()
