@@ -1018,7 +1018,7 @@ const std::uint32_t* split_tiles(const PackedMatrix& B, const detail::AmxGemm& g
 
 }  // namespace
 
-PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb) {
+PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb, bool amx_tiles) {
   CPUFORMER_CHECK(K > 0 && N > 0 && B != nullptr && ldb >= (trans_b ? K : N),
                   "sgemm_pack_b: bad sizes K=", K, " N=", N, " ldb=", ldb);
   PackedMatrix p;
@@ -1031,7 +1031,7 @@ PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, in
   p.storage.reset(static_cast<float*>(std::aligned_alloc(64, ((p.size * sizeof(float) + 63) / 64) * 64)));
   if (!p.storage) throw std::bad_alloc();
   detail::pack_b(p.storage.get(), trans_b, K, N, B, ldb, p.kc);
-  p.tiles = std::make_shared<PackedTiles>();
+  if (amx_tiles) p.tiles = std::make_shared<PackedTiles>();
   return p;
 }
 

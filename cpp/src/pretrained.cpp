@@ -209,6 +209,7 @@ class Checkpoint {
   std::deque<std::vector<std::uint16_t>> owned_h;
   std::deque<PackedMatrix> packed;
   std::deque<Int8Weight> int8;
+  bool amx_tiles = true;  // packed weights may keep AMX tiles (sgemm_pack_b): not a decoder's, see load_decoder
 
   const TensorView* lookup(const std::string& name) const {
     for (const std::string& n : {prefix + name, name}) {
@@ -443,7 +444,7 @@ class Checkpoint {
       w = transposed.data();
     }
     if (opt.weights == LoadOptions::kPacked) {
-      packed.push_back(sgemm_pack_b(true, l.in, l.out, w, l.in));
+      packed.push_back(sgemm_pack_b(true, l.in, l.out, w, l.in, amx_tiles));
       l.packed = &packed.back();
     } else {
       int8.push_back(quantize_weight_int8(w, l.out, l.in, l.in));
@@ -1357,6 +1358,9 @@ Status rotary_of(HFConfig& cfg, std::int64_t head_dim, std::int64_t max_pos, Rot
 
 Status load_decoder(Impl& m, HFConfig& cfg) {
   Checkpoint& ck = m.ck;
+  // Packed weights without AMX tiles: a decoder's products of 128+ rows are its prompts, one per request, and the
+  // tiles would keep 1.5x the float32 weights (gigabytes at 0.5B parameters) for them.
+  ck.amx_tiles = false;
   const std::string& t = m.model_type;
   Stack& s = m.dec;
   if (t == "gpt2") {

@@ -36,7 +36,9 @@ struct PackedMatrix {
   // kept from the first such product on) instead of split on every call; smaller products read the panels.
   std::shared_ptr<PackedTiles> tiles;
 };
-PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb);
+// amx_tiles = false leaves the panels alone (no AMX tile copy, whatever the rows: for weights whose 128-row products
+// are rare, such as a decoder's prompt, the copy would cost memory for good and pay once).
+PackedMatrix sgemm_pack_b(bool trans_b, index_t K, index_t N, const float* B, index_t ldb, bool amx_tiles = true);
 
 // C[M,N] = A[M,K] * op(B) + bias (alpha 1, beta 0, A not transposed, row stride lda), with B from sgemm_pack_b.
 void sgemm_packed(index_t M, const float* A, index_t lda, const PackedMatrix& B, float* C, index_t ldc,
