@@ -1217,11 +1217,11 @@ F32 linear_int8_fwd(const py::object& xobj, const Int8Weight& w, const py::objec
                          });
 }
 
-std::shared_ptr<PackedMatrix> pack_linear_weight(const py::object& wobj) {
+std::shared_ptr<PackedMatrix> pack_linear_weight(const py::object& wobj, bool amx_tiles) {
   F32 w = f32(wobj, "weight", 2, 2);
   auto p = std::make_shared<PackedMatrix>();
   py::gil_scoped_release nogil;
-  *p = sgemm_pack_b(true, w.shape(1), w.shape(0), w.data(), w.shape(1));  // x @ W^T: B = W^T
+  *p = sgemm_pack_b(true, w.shape(1), w.shape(0), w.data(), w.shape(1), amx_tiles);  // x @ W^T: B = W^T
   return p;
 }
 
@@ -2700,9 +2700,13 @@ PYBIND11_MODULE(_core, m) {
                                                           "A float32 Linear weight packed for the GEMM kernel.")
       .def_readonly("in_features", &PackedMatrix::K)
       .def_readonly("out_features", &PackedMatrix::N)
-      .def_property_readonly("nbytes", [](const PackedMatrix& p) { return p.size * 4; });
-  m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"),
-        "Pack a (out_features, in_features) weight once for linear_packed.");
+      .def_property_readonly("nbytes", [](const PackedMatrix& p) { return p.size * 4; })
+      .def_property_readonly("amx_tiles", [](const PackedMatrix& p) { return p.tiles != nullptr; },
+                             "Whether products of 128+ rows on the amx path split it once into AMX tiles and keep "
+                             "them (1.5x nbytes more), or read the panels.");
+  m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"), py::arg("amx_tiles") = true,
+        "Pack a (out_features, in_features) weight once for linear_packed; amx_tiles=False: never split it into "
+        "AMX tiles (products keep the unpacked product's kernels and bits).");
   m.def("linear_packed", &linear_packed_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),
         py::arg("out") = py::none(),
         "x @ weight^T + bias with a weight from pack_linear_weight; written into out when given.");

@@ -8,7 +8,7 @@ import cpuformer
 from cpuformer import nn
 from cpuformer.models import GPT, Seq2SeqTransformer, TransformerClassifier
 
-from testutil import rel_err
+from testutil import SIMD_PATHS, rel_err
 
 
 def _close_but_quantized(q, f, bound):
@@ -126,6 +126,29 @@ def test_freeze_is_exact_and_inference_only(rng):
         nn.quantize_dynamic(frozen)
     with pytest.raises(RuntimeError, match="inference-only"):
         frozen.backward(np.ones((2, 20, 97), np.float32))
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_freeze_amx_tiles_within_float32_precision_or_off(rng):
+    """On the amx path a frozen model's products of 128+ rows run on tiles split once (within 1e-5 of the float
+    model); amx_tiles=False keeps the float model's bits, and weights re-prepared for a slice keep the choice."""
+    from cpuformer import _core
+    nn.init.manual_seed(8)
+    model = nn.TransformerEncoderLayer(64, 4, 256, batch_first=True).eval()
+    x = rng.standard_normal((4, 40, 64)).astype(np.float32)  # 160 rows
+    _core.set_simd_path("amx")
+    try:
+        ref = model(x)
+        tiled, panels = nn.freeze(model), nn.freeze(model, amx_tiles=False)
+        assert rel_err(tiled(x), ref) < 1e-5
+        np.testing.assert_array_equal(panels(x), ref)
+        for frozen, want in ((tiled, True), (panels, False)):
+            kinds = {w.amx_tiles for m in frozen.modules() for w in
+                     (m._frozen.values() if isinstance(getattr(m, "_frozen", None), dict)
+                      else [m._frozen] if getattr(m, "_frozen", None) is not None else [])}
+            assert kinds == {want}
+    finally:
+        _core.set_simd_path("auto")
 
 
 def test_int8_kernels_give_the_same_model_outputs(rng):

@@ -44,12 +44,16 @@ def quantize_dynamic(model: Module, inplace: bool = False) -> Module:
     return _prepare(model, inplace, _core.quantize_weight_int8, "quantize_dynamic")
 
 
-def freeze(model: Module, inplace: bool = False) -> Module:
+def freeze(model: Module, inplace: bool = False, amx_tiles: bool = True) -> Module:
     """Float32 inference: every Linear weight packed once into the GEMM kernel's panel layout (a product otherwise
-    repacks its weight on every call), weights made read-only. Same results as the float model (bitwise for more
-    than 4 rows; a few ulp for 1-4 rows); inference-only like :func:`quantize_dynamic`. Returns an eval-mode copy
-    unless ``inplace``."""
-    return _prepare(model, inplace, _core.pack_linear_weight, "freeze")
+    repacks its weight on every call), weights made read-only; inference-only like :func:`quantize_dynamic`.
+    Returns an eval-mode copy unless ``inplace``.
+
+    On the ``"amx"`` SIMD path (Sapphire Rapids and later) a weight's first product of 128 rows or more also splits
+    it once into AMX tile terms, kept for every such product (1.5x the float32 weight's bytes): float32-precision
+    products within 1e-5 of the float model's. With ``amx_tiles=False``, or elsewhere, the results are the float
+    model's (bitwise for more than 4 rows; a few ulp for 1-4 rows)."""
+    return _prepare(model, inplace, lambda w: _core.pack_linear_weight(w, amx_tiles), "freeze")
 
 
 def is_quantized(model: Module) -> bool:
@@ -71,7 +75,9 @@ def _kinds(module) -> set:
 
 def same_kind(example, weight):
     """``weight`` prepared the way ``example`` was."""
-    return (_core.quantize_weight_int8 if isinstance(example, _core.Int8Weight) else _core.pack_linear_weight)(weight)
+    if isinstance(example, _core.Int8Weight):
+        return _core.quantize_weight_int8(weight)
+    return _core.pack_linear_weight(weight, example.amx_tiles)
 
 
 def require_inference(module: Module) -> None:
