@@ -34,15 +34,19 @@ def rel_err(actual, expected):
     return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
 
 
-def assert_same_in_threads(runs, repeats=10):
+def assert_same_in_threads(runs, repeats=10, expected=None):
     """Each zero-argument callable in ``runs`` (returning an array or a tuple of arrays), called on its own thread
-    ``repeats`` times while the others run, returns what it returned when called alone."""
+    ``repeats`` times while the others run, returns what it returned when called alone; or, given ``expected``
+    (one result per run), returns that from its very first call, the threads starting together."""
     import threading
     as_tuple = lambda r: r if isinstance(r, tuple) else (r,)  # noqa: E731
-    expected = [as_tuple(run()) for run in runs]
+    start = threading.Barrier(len(runs)) if expected is not None else None
+    expected = [as_tuple(run()) for run in runs] if expected is None else [as_tuple(e) for e in expected]
     errors = []
 
     def work(i):
+        if start is not None:
+            start.wait()
         for _ in range(repeats):
             if not all(np.array_equal(g, e) for g, e in zip(as_tuple(runs[i]()), expected[i])):
                 errors.append(i)

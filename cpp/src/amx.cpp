@@ -356,6 +356,21 @@ bool amx_float32_applies(index_t M, index_t N, index_t K) {
 
 bool amx_bf16_applies(index_t M, index_t N, index_t K) { return M >= 16 && N >= 16 && K >= 16 && use_amx(); }
 
+namespace {
+
+// The layout of amx_split_b: per k block of kKBlock (the last one shorter), every 32 columns' pair of B tiles in
+// order, each pack_b's (pw words for that block's steps); the whole blocks before block k0 / kKBlock take this
+// many words each.
+index_t split_block_words(index_t N, index_t K) {
+  return (N + 31) / 32 * (3 * 2 * ((std::min(K, kKBlock) + kStepK - 1) / kStepK) * kTileWords);
+}
+template <class Word>
+Word* split_block(const AmxGemm& g, Word* tiles, index_t k0) {
+  return tiles + k0 / std::min(g.K, kKBlock) * split_block_words(g.N, g.K);
+}
+
+}  // namespace
+
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1) {
   if (r0 >= r1 || n0 >= n1) return;
   CPUFORMER_CHECK(!g.prerounded || g.H, "amx_gemm: prerounded needs bf16 weights (H)");
@@ -380,8 +395,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
       for (index_t jb = n0; jb < n1; jb += kColBlock) {
         const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
         const std::uint32_t* bb = b;  // the block's pairs, pw words apart
-        if (g.tiles)  // split already: k block k0 / kb (those before it whole) and its pairs in order
-          bb = g.tiles + k0 / kb * ((g.N + 31) / 32) * pair_words + jb / 32 * pw;
+        if (g.tiles) bb = split_block(g, g.tiles, k0) + jb / 32 * pw;  // split already
         else
           for (index_t q = 0; q < pairs; ++q)
             pack_b(g, jb + 32 * q, jb + 32 * q + 16 < je ? 2 : 1, k0, kc, steps, b + q * pw);
@@ -428,19 +442,18 @@ void amx_gemm(const AmxGemm& g, int nt) {
 }
 
 index_t amx_split_b_words(index_t N, index_t K) {
-  const index_t kb = std::min(K, kKBlock), steps = (kb + kStepK - 1) / kStepK;
-  return (K + kb - 1) / kb * ((N + 31) / 32) * (3 * 2 * steps * kTileWords);
+  const index_t kb = std::min(K, kKBlock);
+  return (K + kb - 1) / kb * split_block_words(N, K);
 }
 
 void amx_split_b(const AmxGemm& g, std::uint32_t* dst) {
   CPUFORMER_CHECK(!g.H && !g.tiles, "amx_split_b: float32 B only");
-  const index_t kb = std::min(g.K, kKBlock), pairs = (g.N + 31) / 32;
-  const index_t pair_words = 3 * 2 * ((kb + kStepK - 1) / kStepK) * kTileWords;
-  parallel_for(pairs, 8, [&](index_t q0, index_t q1, int) {
+  const index_t kb = std::min(g.K, kKBlock);
+  parallel_for((g.N + 31) / 32, 8, [&](index_t q0, index_t q1, int) {
     for (index_t k0 = 0; k0 < g.K; k0 += kb) {
       const index_t kc = std::min(kb, g.K - k0), steps = (kc + kStepK - 1) / kStepK, pw = 3 * 2 * steps * kTileWords;
       for (index_t q = q0; q < q1; ++q)
-        pack_b(g, 32 * q, 32 * q + 16 < g.N ? 2 : 1, k0, kc, steps, dst + k0 / kb * pairs * pair_words + q * pw);
+        pack_b(g, 32 * q, 32 * q + 16 < g.N ? 2 : 1, k0, kc, steps, split_block(g, dst, k0) + q * pw);
     }
   });
 }

@@ -996,7 +996,7 @@ void detail::sgemm_single_thread_packed(bool trans_a, index_t M, index_t N, inde
 
 struct PackedTiles {
   std::once_flag once;
-  std::unique_ptr<std::uint32_t, void (*)(void*)> words{nullptr, std::free};
+  detail::AlignedBuffer words;  // 32-bit words (the size of a float)
 };
 
 namespace {
@@ -1006,14 +1006,9 @@ namespace {
 const std::uint32_t* split_tiles(const PackedMatrix& B, const detail::AmxGemm& g) {
   PackedTiles& t = *B.tiles;
   std::call_once(t.once, [&] {
-    const size_t bytes = static_cast<size_t>(detail::amx_split_b_words(B.N, B.K)) * sizeof(std::uint32_t);
-    std::unique_ptr<std::uint32_t, void (*)(void*)> w(
-        static_cast<std::uint32_t*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64)), std::free);
-    if (!w) throw std::bad_alloc();
-    detail::amx_split_b(g, w.get());
-    t.words = std::move(w);
+    detail::amx_split_b(g, reinterpret_cast<std::uint32_t*>(t.words.get(detail::amx_split_b_words(B.N, B.K))));
   });
-  return t.words.get();
+  return reinterpret_cast<const std::uint32_t*>(t.words.data);
 }
 
 }  // namespace

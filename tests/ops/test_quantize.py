@@ -13,7 +13,7 @@ import pytest
 import cpuformer
 from cpuformer import _core
 
-from testutil import SIMD_PATHS, rel_err
+from testutil import SIMD_PATHS, assert_same_in_threads, rel_err
 
 
 def ref_weight(w):
@@ -379,19 +379,6 @@ def test_packed_weight_first_split_from_many_threads(rng):
         expected = [_core.linear_packed(xi, serial) for xi in x]
         for _ in range(3):
             shared = _core.pack_linear_weight(w)
-            start, errors = threading.Barrier(len(x)), []
-
-            def work(i):
-                start.wait()
-                for _ in range(5):
-                    if not np.array_equal(_core.linear_packed(x[i], shared), expected[i]):
-                        errors.append(i)
-
-            workers = [threading.Thread(target=work, args=(i,)) for i in range(len(x))]
-            for t in workers:
-                t.start()
-            for t in workers:
-                t.join()
-            assert not errors, f"threads {sorted(set(errors))} differed from the serial result"
+            assert_same_in_threads([lambda xi=xi: _core.linear_packed(xi, shared) for xi in x], 5, expected)
     finally:
         _core.set_simd_path("auto")
