@@ -2704,7 +2704,7 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("amx_tiles", [](const PackedMatrix& p) { return p.tiles != nullptr; },
                              "Whether products of 128+ rows on the amx path split it once into AMX tiles and keep "
                              "them (1.5x nbytes more), or read the panels.");
-  m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"), py::arg("amx_tiles") = true,
+  m.def("pack_linear_weight", &pack_linear_weight, py::arg("weight"), py::arg("amx_tiles").noconvert() = true,
         "Pack a (out_features, in_features) weight once for linear_packed; amx_tiles=False: never split it into "
         "AMX tiles (products keep the unpacked product's kernels and bits).");
   m.def("linear_packed", &linear_packed_fwd, py::arg("x"), py::arg("weight"), py::arg("bias") = py::none(),

@@ -151,6 +151,14 @@ def test_freeze_amx_tiles_within_float32_precision_or_off(rng):
         _core.set_simd_path("auto")
 
 
+def test_freeze_amx_tiles_must_be_a_bool():
+    layer = nn.Linear(8, 4)
+    with pytest.raises(TypeError, match="amx_tiles must be True or False"):
+        nn.freeze(layer, amx_tiles="no")
+    with pytest.raises(TypeError):
+        cpuformer._core.pack_linear_weight(np.zeros((4, 8), np.float32), amx_tiles=None)
+
+
 def test_int8_kernels_give_the_same_model_outputs(rng):
     """Whole models on every int8 kernel this CPU has (AVX-512 VNNI, AVX-VNNI, AVX2, scalar): the same bits."""
     from cpuformer import _core

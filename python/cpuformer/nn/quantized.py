@@ -53,6 +53,8 @@ def freeze(model: Module, inplace: bool = False, amx_tiles: bool = True) -> Modu
     it once into AMX tile terms, kept for every such product (1.5x the float32 weight's bytes): float32-precision
     products within 1e-5 of the float model's. With ``amx_tiles=False``, or elsewhere, the results are the float
     model's (bitwise for more than 4 rows; a few ulp for 1-4 rows)."""
+    if not isinstance(amx_tiles, bool):
+        raise TypeError(f"freeze: amx_tiles must be True or False, got {type(amx_tiles).__name__}")
     return _prepare(model, inplace, lambda w: _core.pack_linear_weight(w, amx_tiles), "freeze")
 
 
