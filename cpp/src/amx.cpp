@@ -37,30 +37,41 @@ inline __mmask32 first_n32(index_t n) {
   return static_cast<__mmask32>(n >= 32 ? 0xFFFFFFFFu : n <= 0 ? 0u : (1u << n) - 1u);
 }
 
+// The amx path's AVX-512 code: VBMI for the one-instruction pairing of bf16 halves (every AMX CPU has it; the path's
+// detection checks).
+#define CPUFORMER_AMX_SIMD __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vbmi,avx2,fma")))
+
 // x = t[0] + t[1] + t[2] exactly, each t a float whose low 16 bits are zero (a bf16 in the top half). Non-finite
 // values stay in t[0] (NaN made quiet so the truncation cannot leave an infinity). Every term of a nonzero x has
 // x's sign: a term that would be 0 becomes +-2^-126 (the smallest normal; its products with finite values vanish
 // below float32's resolution of the sums), so that a product with an infinity is that infinity, never 0 x inf.
-CPUFORMER_AVX512 static inline __attribute__((always_inline)) void split3(__m512 x, __m512i (&t)[3]) {
-  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), exp_bits = _mm512_set1_epi32(0x7F800000);
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void split3(__m512 x, __m512i (&t)[3]) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
   const __m512i xb = _mm512_castps_si512(x);
-  const __mmask16 bad = _mm512_cmpeq_epi32_mask(_mm512_and_si512(xb, exp_bits), exp_bits);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(xb, _mm512_set1_epi32(0x7FFFFFFF)), exp_bits);
-  t[0] = _mm512_mask_or_epi32(_mm512_and_si512(xb, top), nan, xb, _mm512_set1_epi32(0x00400000));
-  t[0] = _mm512_and_si512(t[0], top);
+  const __mmask16 bad = _mm512_fpclass_ps_mask(x, 0x99), nan = _mm512_fpclass_ps_mask(x, 0x81);  // inf or NaN; NaN
+  t[0] = _mm512_and_si512(_mm512_mask_or_epi32(xb, nan, xb, _mm512_set1_epi32(0x00400000)), top);
   const __m512 r1 = _mm512_maskz_sub_ps(static_cast<__mmask16>(~bad), x, _mm512_castsi512_ps(t[0]));  // exact
   t[1] = _mm512_and_si512(_mm512_castps_si512(r1), top);
   t[2] = _mm512_castps_si512(_mm512_sub_ps(r1, _mm512_castsi512_ps(t[1])));  // exact, at most 8 significant bits
-  const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
   const __mmask16 nonzero = _mm512_test_epi32_mask(xb, abs_bits);
-  const __m512i tiny = _mm512_or_si512(_mm512_andnot_si512(abs_bits, xb), _mm512_set1_epi32(0x00800000));
-  for (int i = 1; i < 3; ++i) t[i] = _mm512_mask_mov_epi32(t[i], nonzero & ~_mm512_test_epi32_mask(t[i], abs_bits), tiny);
+  // x's sign | 2^-126
+  const __m512i tiny = _mm512_ternarylogic_epi32(xb, _mm512_set1_epi32(static_cast<int>(0x80000000u)),
+                                                 _mm512_set1_epi32(0x00800000), 0xEA);
+  for (int i = 1; i < 3; ++i)
+    t[i] = _mm512_mask_mov_epi32(t[i], _mm512_mask_testn_epi32_mask(nonzero, t[i], abs_bits), tiny);
 }
 
-CPUFORMER_AVX512 static inline __m256i to_bf16(__m512i t) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(t, 16)); }
+// The 32 bf16 (top halves) of 16 terms lo then 16 terms hi, in order: one byte permutation of the two.
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) __m512i pack_bf16(__m512i lo, __m512i hi) {
+  alignas(64) static constexpr std::uint8_t kTopHalves[64] = {
+      2,  3,  6,  7,  10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31, 34,  35,  38,  39,  42,  43,
+      46, 47, 50, 51, 54, 55, 58, 59, 62, 63, 66, 67, 70, 71, 74, 75, 78, 79,  82,  83,  86,  87,
+      90, 91, 94, 95, 98, 99, 102, 103, 106, 107, 110, 111, 114, 115, 118, 119, 122, 123, 126, 127};
+  return _mm512_permutex2var_epi8(lo, _mm512_load_si512(kTopHalves), hi);
+}
 
 // Row i of each term's B tile from 16 columns of two consecutive k (even, odd): per column the bf16 pair.
-CPUFORMER_AVX512 static inline __attribute__((always_inline)) void store_pairs3(__m512 even, __m512 odd,
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void store_pairs3(__m512 even, __m512 odd,
                                                                                std::uint32_t* const (&tile)[3], int i) {
   __m512i e[3], o[3];
   split3(even, e);
@@ -69,7 +80,7 @@ CPUFORMER_AVX512 static inline __attribute__((always_inline)) void store_pairs3(
 }
 
 // r[c] (16 rows of 16 words) becomes its transpose: r[i] word c = the old r[c] word i.
-CPUFORMER_AVX512 static inline __attribute__((always_inline)) void transpose16(__m512i (&r)[16]) {
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void transpose16(__m512i (&r)[16]) {
   __m512i t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
@@ -93,44 +104,51 @@ CPUFORMER_AVX512 static inline __attribute__((always_inline)) void transpose16(_
 }
 
 // op(A)'s rows [m0, m0 + rows) x k [k0, k0 + kc) as three planes (see the top of the file).
-CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_t k0, index_t kc, index_t kcp,
+CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, index_t k0, index_t kc, index_t kcp,
                               std::uint16_t* planes) {
   std::uint16_t* plane[3] = {planes, planes + rows * kcp, planes + 2 * rows * kcp};
-  __m512i t[3];
+  const int terms = g.prerounded ? 1 : 3;
+  __m512i lo[3], hi[3];
   if (!g.trans_a) {
     // The rows come from memory one short run each, too short for the hardware to see a stream: each line of the
     // row two ahead is fetched as this row's line at the same k is split.
     for (index_t r = 0; r < rows; ++r) {
       const float* a = g.A + (m0 + r) * g.lda + k0;
       const char* ahead = reinterpret_cast<const char*>(a + 2 * g.lda);
-      for (index_t k = 0; k < kcp; k += 16) {
+      for (index_t k = 0; k < kcp; k += 32) {  // kcp: a multiple of 32
         if (r + 2 < rows && k < kc) _mm_prefetch(ahead + k * sizeof(float), _MM_HINT_T0);
-        split3(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k), t);
-        for (int p = 0; p < (g.prerounded ? 1 : 3); ++p)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + r * kcp + k), to_bf16(t[p]));
+        if (r + 2 < rows && k + 16 < kc) _mm_prefetch(ahead + (k + 16) * sizeof(float), _MM_HINT_T0);
+        split3(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k), lo);
+        split3(_mm512_maskz_loadu_ps(first_n16(kc - k - 16), a + k + 16), hi);
+        for (int p = 0; p < terms; ++p) _mm512_store_si512(plane[p] + r * kcp + k, pack_bf16(lo[p], hi[p]));
       }
     }
     return;
   }
-  // A is K x M: 16 x 16 blocks transposed on the way
+  // A is K x M: 16 x 16 blocks transposed on the way, two k blocks at a time through rows of 32 k on the stack
+  alignas(64) float rows32[16][32];
   for (index_t m = 0; m < rows; m += 16) {
     const __mmask16 mm = first_n16(rows - m);
     const index_t mn = std::min<index_t>(16, rows - m);
-    for (index_t k = 0; k < kcp; k += 16) {
-      __m512i r[16];
-      // 16 rows at a stride of M floats, a page or more apart: no hardware prefetcher follows them, so each line of
-      // the block two ahead (k + 32) is fetched now.
-      for (int i = 0; i < 16; ++i)
-        if (k + 32 + i < kc)
-          _mm_prefetch(reinterpret_cast<const char*>(g.A + (k0 + k + 32 + i) * g.lda + m0 + m), _MM_HINT_T0);
-      for (int i = 0; i < 16; ++i)
-        r[i] = k + i < kc ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + k + i) * g.lda + m0 + m))
-                          : _mm512_setzero_si512();
-      transpose16(r);
+    for (index_t k = 0; k < kcp; k += 32) {
+      for (int h = 0; h < 2; ++h) {
+        const index_t kh = k + 16 * h;
+        __m512i r[16];
+        // 16 rows at a stride of M floats, a page or more apart: no hardware prefetcher follows them, so each line
+        // of the block two ahead (k + 32) is fetched now.
+        for (int i = 0; i < 16; ++i)
+          if (kh + 32 + i < kc)
+            _mm_prefetch(reinterpret_cast<const char*>(g.A + (k0 + kh + 32 + i) * g.lda + m0 + m), _MM_HINT_T0);
+        for (int i = 0; i < 16; ++i)
+          r[i] = kh + i < kc ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + kh + i) * g.lda + m0 + m))
+                             : _mm512_setzero_si512();
+        transpose16(r);
+        for (index_t j = 0; j < mn; ++j) _mm512_store_si512(rows32[j] + 16 * h, r[j]);
+      }
       for (index_t j = 0; j < mn; ++j) {
-        split3(_mm512_castsi512_ps(r[j]), t);
-        for (int p = 0; p < (g.prerounded ? 1 : 3); ++p)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(plane[p] + (m + j) * kcp + k), to_bf16(t[p]));
+        split3(_mm512_load_ps(rows32[j]), lo);
+        split3(_mm512_load_ps(rows32[j] + 16), hi);
+        for (int p = 0; p < terms; ++p) _mm512_store_si512(plane[p] + (m + j) * kcp + k, pack_bf16(lo[p], hi[p]));
       }
     }
   }
@@ -138,7 +156,7 @@ CPUFORMER_AVX512 void split_a(const AmxGemm& g, index_t m0, index_t rows, index_
 
 // op(B)'s columns [j0, j0 + 16 * panels) x k [k0, k0 + kc) as B tiles of each term: tile (t, p, s) at
 // b + ((t * 2 + p) * steps + s) * 256 words. Past N or K: zeros.
-CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k0, index_t kc, index_t steps,
+CPUFORMER_AMX_SIMD void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k0, index_t kc, index_t steps,
                              std::uint32_t* b) {
   const int terms = g.H ? 1 : 3;
   if (g.packed) {  // sgemm_pack_b's panels: rows of 16 consecutive columns, zero-padded, read like B (K x N)
@@ -180,8 +198,7 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
             __m512i lo[3], hi[3];
             split3(_mm512_maskz_loadu_ps(first_n16(kn), src), lo);
             split3(_mm512_maskz_loadu_ps(first_n16(kn - 16), src + 16), hi);
-            for (int t = 0; t < 3; ++t)
-              r[t][c] = _mm512_inserti64x4(_mm512_castsi256_si512(to_bf16(lo[t])), to_bf16(hi[t]), 1);
+            for (int t = 0; t < 3; ++t) r[t][c] = pack_bf16(lo[t], hi[t]);
           }
         }
         for (int t = 0; t < terms; ++t) {
@@ -214,6 +231,29 @@ CPUFORMER_AVX512 void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k
         }
       }
     }
+}
+
+// pack_b for a whole column block [j0, j1) of a float32 B that is K x N (not transposed): the same tiles, at b + q *
+// pw words for the block's pair q, written row pair by row pair so that B is read along its rows (pack_b's order
+// reads 64 bytes of each of 512 rows per panel, a pattern no prefetcher follows).
+CPUFORMER_AMX_SIMD void pack_b_rows(const AmxGemm& g, index_t j0, index_t j1, index_t k0, index_t kc, index_t steps,
+                                    std::uint32_t* b, index_t pw) {
+  const index_t panels = (j1 - j0 + 15) / 16;
+  for (index_t s = 0; s < steps; ++s) {
+    const index_t k = k0 + s * kStepK, kn = std::min<index_t>(kStepK, k0 + kc - k);
+    for (int i = 0; i < 16; ++i) {
+      const float* even = 2 * i < kn ? g.B + (k + 2 * i) * g.ldb : nullptr;
+      const float* odd = 2 * i + 1 < kn ? g.B + (k + 2 * i + 1) * g.ldb : nullptr;
+      for (index_t pp = 0; pp < panels; ++pp) {
+        const index_t n0 = j0 + 16 * pp;
+        const __mmask16 nm = first_n16(g.N - n0);
+        std::uint32_t* tile[3];
+        for (int t = 0; t < 3; ++t) tile[t] = b + (pp / 2) * pw + ((t * 2 + pp % 2) * steps + s) * kTileWords;
+        store_pairs3(even ? _mm512_maskz_loadu_ps(nm, even + n0) : _mm512_setzero_ps(),
+                     odd ? _mm512_maskz_loadu_ps(nm, odd + n0) : _mm512_setzero_ps(), tile, i);
+      }
+    }
+  }
 }
 
 // The tile instructions name their tiles in the instruction, so each combination is spelled out.
@@ -327,7 +367,7 @@ void run_block(int rows, int panels, const std::uint16_t* a, index_t lda, index_
 
 // C's rows [r0, r0 + rows) x columns [j0, j0 + 32) += alpha acc: the first k block also scales the old C by beta
 // (or ignores it when beta == 0), the last adds the bias.
-CPUFORMER_AVX512 void write_block(const AmxGemm& g, const float (*acc)[32], index_t r0, int rows, index_t j0,
+CPUFORMER_AMX_SIMD void write_block(const AmxGemm& g, const float (*acc)[32], index_t r0, int rows, index_t j0,
                                   bool first, bool last) {
   const __m512 alpha = _mm512_set1_ps(g.alpha), beta = _mm512_set1_ps(g.beta);
   for (int h = 0; h < 2; ++h) {
@@ -396,6 +436,8 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
         const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
         const std::uint32_t* bb = b;  // the block's pairs, pw words apart
         if (g.tiles) bb = split_block(g, g.tiles, k0) + jb / 32 * pw;  // split already
+        else if (g.B && !g.trans_b)
+          pack_b_rows(g, jb, je, k0, kc, steps, b, pw);
         else
           for (index_t q = 0; q < pairs; ++q)
             pack_b(g, jb + 32 * q, jb + 32 * q + 16 < je ? 2 : 1, k0, kc, steps, b + q * pw);
@@ -407,6 +449,13 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
             const int panels = jb + 32 * q + 16 < je ? 2 : 1;
             const std::uint16_t* a = planes + m * kcp;
             const std::uint32_t* bq = bb + q * pw;
+            // C's lines of this block, fetched while the tiles run: write_block's stores otherwise wait on each line
+            // in turn (8-17% of a 2048 x 1536 x 384 product)
+            for (int r = 0; r < rb; ++r) {
+              const char* c = reinterpret_cast<const char*>(g.C + (rs + m + r) * g.ldc + jb + 32 * q);
+              _mm_prefetch(c, _MM_HINT_T0);
+              if (panels == 2) _mm_prefetch(c + 64, _MM_HINT_T0);
+            }
             if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else if (nb == 1) run_block<1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else run_block<3>(rb, panels, a, lda, plane_bytes, bq, steps, acc);

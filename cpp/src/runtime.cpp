@@ -125,7 +125,8 @@ enum Path : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
 
 bool detect_amx_path() {
 #if defined(CPUFORMER_HAVE_AMX) && defined(CPUFORMER_HAVE_AVX512)
-  return detect_avx512() && ((detect_amx() >> 22) & 1u);
+  // VBMI: amx.cpp pairs bf16 halves with one byte permutation (every AMX CPU so far has it)
+  return detect_avx512() && __builtin_cpu_supports("avx512vbmi") && ((detect_amx() >> 22) & 1u);
 #else
   return false;
 #endif
