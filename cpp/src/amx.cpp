@@ -419,9 +419,13 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   const index_t kb = std::min(g.K, g.H ? kKBlockBf16 : kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
   // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
-  const index_t span = std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
+  // With one column block the split rows are met once: each 32-row block is split just before its tiles instead,
+  // into planes that stay in L2 (all rows' planes at once would be written out past L2 and read back).
+  const bool just_in_time = n1 - n0 <= kColBlock && !g.trans_a;
+  const index_t span = just_in_time ? r1 - r0
+                                    : std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
   const index_t pair_words = nb * 2 * max_steps * kTileWords;
-  auto* planes = reinterpret_cast<std::uint16_t*>(t_planes.get(3 * span * kbp / 2));
+  auto* planes = reinterpret_cast<std::uint16_t*>(t_planes.get(3 * (just_in_time ? 32 : span) * kbp / 2));
   auto* b = g.tiles ? nullptr : reinterpret_cast<std::uint32_t*>(t_btiles.get(kColBlock / 32 * pair_words));
   alignas(64) float acc[32][32];
   int configured = 0;  // the rows amx_configure last set here (0: none yet)
@@ -429,9 +433,9 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
     const index_t rows = std::min(span, r1 - rs);
     for (index_t k0 = 0; k0 < g.K; k0 += kb) {
       const index_t kc = std::min(kb, g.K - k0), kcp = (kc + kStepK - 1) / kStepK * kStepK, steps = kcp / kStepK;
-      const index_t lda = kcp * 2, plane_bytes = rows * kcp * 2, pw = nb * 2 * steps * kTileWords;
+      const index_t lda = kcp * 2, pw = nb * 2 * steps * kTileWords;
       const bool first = k0 == 0, last = k0 + kc == g.K;
-      split_a(g, rs, rows, k0, kc, kcp, planes);
+      if (!just_in_time) split_a(g, rs, rows, k0, kc, kcp, planes);
       for (index_t jb = n0; jb < n1; jb += kColBlock) {
         const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
         const std::uint32_t* bb = b;  // the block's pairs, pw words apart
@@ -445,9 +449,11 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
           const int rb = static_cast<int>(std::min<index_t>(32, rows - m));
           if (rb != configured) amx_configure(rb);  // per call: other code may have used the tiles in between
           configured = rb;
+          if (just_in_time) split_a(g, rs + m, rb, k0, kc, kcp, planes);
+          const index_t plane_bytes = (just_in_time ? rb : rows) * kcp * 2;
+          const std::uint16_t* a = just_in_time ? planes : planes + m * kcp;
           for (index_t q = 0; q < pairs; ++q) {
             const int panels = jb + 32 * q + 16 < je ? 2 : 1;
-            const std::uint16_t* a = planes + m * kcp;
             const std::uint32_t* bq = bb + q * pw;
             // C's lines of this block, fetched while the tiles run: write_block's stores otherwise wait on each line
             // in turn (8-17% of a 2048 x 1536 x 384 product)
