@@ -9,6 +9,7 @@
 #include <memory>
 
 #include "cpuformer/layernorm.h"
+#include "parallel.h"
 
 namespace cpuformer {
 namespace {
@@ -76,6 +77,13 @@ void norm_backward(const BlockConfig& c, const NormRef& n, const NormGrads& g, f
 float* grow(std::vector<float>& v, index_t n) {
   if (static_cast<index_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   return v.data();
+}
+
+// dst[0, n) = src[0, n) on the kernel threads: a multi-megabyte copy on one thread leaves the other cores idle.
+void copy_floats(float* dst, const float* src, index_t n) {
+  detail::parallel_for(n, index_t(1) << 16, [&](index_t i0, index_t i1, int) {
+    std::memcpy(dst + i0, src + i0, sizeof(float) * (i1 - i0));
+  });
 }
 
 // RMSNorm over each head of the q (or k) columns of a fused row (heads side by side at row stride ld), in place;
@@ -399,7 +407,7 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
   float* y = grow(train ? t_train.y : s.y, n);
   // The residual stream: cur holds the current x; for training every stage is kept.
   float* cur = grow(s.x0, n);
-  std::memcpy(cur, x, sizeof(float) * n);
+  copy_floats(cur, x, n);
   auto sublayer = [&](int i, std::vector<float>& in_vec, std::vector<float>& normed, std::vector<float>& sa,
                       std::vector<float>& sb, float* xn, const NormRef& nr, auto&& run) {
     float* xin = in_vec.data();
@@ -502,13 +510,14 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
   // Backward's work buffers: this thread's own, kept from call to call and shared by every layer it runs (fresh
   // multi-megabyte buffers per call cost a page fault per 4 KB; one set per layer would add to training's peak).
   struct Work {
-    std::vector<float> tmp, dy, gcur, dsum, scratch, normed;
+    std::vector<float> tmp, dy, dsum, scratch, normed;
   };
   static thread_local Work t_back;
-  std::vector<float>&tmp = t_back.tmp, &dy = t_back.dy, &gcur = t_back.gcur, &dsum = t_back.dsum,
-  &scratch = t_back.scratch;
+  std::vector<float>&tmp = t_back.tmp, &dy = t_back.dy, &dsum = t_back.dsum, &scratch = t_back.scratch;
   grow(dy, n);
-  std::memcpy(grow(gcur, n), dout, sizeof(float) * n);
+  // The gradient of the residual stream, in place in dx (one copy of dout rather than two through a buffer).
+  float* const gcur = dx;
+  if (dx != dout) copy_floats(dx, dout, n);
   // One sublayer backward: g (d of the sublayer's output stream) -> d of its input stream, in place in gcur.
   auto sublayer = [&](int i, std::vector<float>& in_vec, std::vector<float>& normed, std::vector<float>& sa,
                       std::vector<float>& sb, const NormRef& nr, const NormGrads& ng, auto&& run_back) {
@@ -516,9 +525,9 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
     if (c.norm_first) {
       // x_next = x + drop(y(norm(x))): dy = drop'(g); dh = y'(dy); dx = g + norm'(dh). Without dropout dy is g
       // itself (run_back only reads it; gcur changes after).
-      const float* dyy = gcur.data();
+      const float* dyy = gcur;
       if (p_res > 0.0f) {
-        dropout_backward(dy.data(), gcur.data(), n, p_res, sub_seed(seed, 10 + i));
+        dropout_backward(dy.data(), gcur, n, p_res, sub_seed(seed, 10 + i));
         dyy = dy.data();
       }
       float* dh = grow(dsum, n);
@@ -526,18 +535,18 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
       float* h = grow(t_back.normed, n);
       norm_forward(c, nr, h, sa.data(), sb.data(), in_vec.data(), rows, d.C);
       run_back(dh, false, dyy, h);
-      norm_backward(c, nr, ng, gcur.data(), true, dh, in_vec.data(), sa.data(), sb.data(), rows, d.C);
+      norm_backward(c, nr, ng, gcur, true, dh, in_vec.data(), sa.data(), sb.data(), rows, d.C);
     } else {
       // x_next = norm(x + drop(y(x))): ds = norm'(g); dy = drop'(ds); dx = ds + y'(dy)
       float* ds = grow(dsum, n);
-      norm_backward(c, nr, ng, ds, false, gcur.data(), normed.data(), sa.data(), sb.data(), rows, d.C);
+      norm_backward(c, nr, ng, ds, false, gcur, normed.data(), sa.data(), sb.data(), rows, d.C);
       const float* dyy = ds;  // without dropout dy is ds itself (run_back reads it and writes gcur only)
       if (p_res > 0.0f) {
         dropout_backward(dy.data(), ds, n, p_res, sub_seed(seed, 10 + i));
         dyy = dy.data();
       }
-      std::memcpy(gcur.data(), ds, sizeof(float) * n);
-      run_back(gcur.data(), true, dyy, in_vec.data());
+      copy_floats(gcur, ds, n);
+      run_back(gcur, true, dyy, in_vec.data());
     }
   };
   const float p_att = c.attention_dropout;
@@ -562,7 +571,6 @@ void block_backward(float* dx, float* dmemory, const float* dout, const BlockCon
   sublayer(2, c.cross_attention ? s.x2 : s.x1, s.normed3, s.stat3a, s.stat3b, w.norm_ff, g.norm_ff, back_ff);
   if (c.cross_attention) sublayer(1, s.x1, s.normed2, s.stat2a, s.stat2b, w.norm2, g.norm2, back_cross);
   sublayer(0, s.x0, s.normed1, s.stat1a, s.stat1b, w.norm1, g.norm1, back_self);
-  std::memcpy(dx, gcur.data(), sizeof(float) * n);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
