@@ -61,13 +61,19 @@ CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void split3(__m5
     t[i] = _mm512_mask_mov_epi32(t[i], _mm512_mask_testn_epi32_mask(nonzero, t[i], abs_bits), tiny);
 }
 
-// The 32 bf16 (top halves) of 16 terms lo then 16 terms hi, in order: one byte permutation of the two.
-CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) __m512i pack_bf16(__m512i lo, __m512i hi) {
+// 32 consecutive floats (lo, then hi) as the 32 bf16 of each of their three terms, in order: per term the top
+// halves of the two splits, paired by one byte permutation.
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void split3_32(__m512 lo, __m512 hi,
+                                                                            __m512i (&t)[3]) {
   alignas(64) static constexpr std::uint8_t kTopHalves[64] = {
       2,  3,  6,  7,  10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31, 34,  35,  38,  39,  42,  43,
       46, 47, 50, 51, 54, 55, 58, 59, 62, 63, 66, 67, 70, 71, 74, 75, 78, 79,  82,  83,  86,  87,
       90, 91, 94, 95, 98, 99, 102, 103, 106, 107, 110, 111, 114, 115, 118, 119, 122, 123, 126, 127};
-  return _mm512_permutex2var_epi8(lo, _mm512_load_si512(kTopHalves), hi);
+  __m512i l[3], h[3];
+  split3(lo, l);
+  split3(hi, h);
+  const __m512i index = _mm512_load_si512(kTopHalves);
+  for (int i = 0; i < 3; ++i) t[i] = _mm512_permutex2var_epi8(l[i], index, h[i]);
 }
 
 // Row i of each term's B tile from 16 columns of two consecutive k (even, odd): per column the bf16 pair.
@@ -108,7 +114,7 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
                               std::uint16_t* planes) {
   std::uint16_t* plane[3] = {planes, planes + rows * kcp, planes + 2 * rows * kcp};
   const int terms = g.prerounded ? 1 : 3;
-  __m512i lo[3], hi[3];
+  __m512i t[3];
   if (!g.trans_a) {
     // The rows come from memory one short run each, too short for the hardware to see a stream: each line of the
     // row two ahead is fetched as this row's line at the same k is split.
@@ -118,9 +124,9 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
       for (index_t k = 0; k < kcp; k += 32) {  // kcp: a multiple of 32
         if (r + 2 < rows && k < kc) _mm_prefetch(ahead + k * sizeof(float), _MM_HINT_T0);
         if (r + 2 < rows && k + 16 < kc) _mm_prefetch(ahead + (k + 16) * sizeof(float), _MM_HINT_T0);
-        split3(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k), lo);
-        split3(_mm512_maskz_loadu_ps(first_n16(kc - k - 16), a + k + 16), hi);
-        for (int p = 0; p < terms; ++p) _mm512_store_si512(plane[p] + r * kcp + k, pack_bf16(lo[p], hi[p]));
+        split3_32(_mm512_maskz_loadu_ps(first_n16(kc - k), a + k),
+                  _mm512_maskz_loadu_ps(first_n16(kc - k - 16), a + k + 16), t);
+        for (int p = 0; p < terms; ++p) _mm512_store_si512(plane[p] + r * kcp + k, t[p]);
       }
     }
     return;
@@ -152,10 +158,8 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
           for (index_t j = 0; j < mn; ++j) _mm512_store_si512(rows32[j] + 16 * h, r[j]);
         }
         for (index_t j = 0; j < mn; ++j) {
-          split3(_mm512_load_ps(rows32[j]), lo);
-          split3(_mm512_load_ps(rows32[j] + 16), hi);
-          for (int p = 0; p < terms; ++p)
-            _mm512_store_si512(plane[p] + (m + j) * kcp + k, pack_bf16(lo[p], hi[p]));
+          split3_32(_mm512_load_ps(rows32[j]), _mm512_load_ps(rows32[j] + 16), t);
+          for (int p = 0; p < terms; ++p) _mm512_store_si512(plane[p] + (m + j) * kcp + k, t[p]);
         }
       }
     }
@@ -166,6 +170,7 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
 // b + ((t * 2 + p) * steps + s) * 256 words. Past N or K: zeros.
 CPUFORMER_AMX_SIMD void pack_b(const AmxGemm& g, index_t j0, int panels, index_t k0, index_t kc, index_t steps,
                              std::uint32_t* b) {
+  CPUFORMER_CHECK(g.packed || g.H || g.trans_b, "amx pack_b: a float32 B that is not transposed goes to pack_b_rows");
   const int terms = g.H ? 1 : 3;
   if (g.packed) {  // sgemm_pack_b's panels: rows of 16 consecutive columns, zero-padded, read like B (K x N)
     for (int p = 0; p < panels; ++p) {
@@ -203,39 +208,25 @@ CPUFORMER_AMX_SIMD void pack_b(const AmxGemm& g, index_t j0, int panels, index_t
             // 16 row streams, as for H
             _mm_prefetch(reinterpret_cast<const char*>(src + 4 * kStepK), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(src + 4 * kStepK + 16), _MM_HINT_T0);
-            __m512i lo[3], hi[3];
-            split3(_mm512_maskz_loadu_ps(first_n16(kn), src), lo);
-            split3(_mm512_maskz_loadu_ps(first_n16(kn - 16), src + 16), hi);
-            for (int t = 0; t < 3; ++t) r[t][c] = pack_bf16(lo[t], hi[t]);
+            __m512i t[3];
+            split3_32(_mm512_maskz_loadu_ps(first_n16(kn), src), _mm512_maskz_loadu_ps(first_n16(kn - 16), src + 16),
+                      t);
+            for (int i = 0; i < 3; ++i) r[i][c] = t[i];
           }
         }
         for (int t = 0; t < terms; ++t) {
           transpose16(r[t]);
           for (int i = 0; i < 16; ++i) _mm512_store_si512(tile[t] + i * 16, r[t][i]);
         }
-      } else {  // B is K x N: rows k + 2i and k + 2i + 1 interleaved
+      } else {  // bf16 B that is K x N: rows k + 2i and k + 2i + 1 interleaved (float32 B: pack_b_rows)
         const __mmask16 nm = first_n16(g.N - n0);
         for (int i = 0; i < 16; ++i) {
-          if (g.H) {
-            const __m256i e = 2 * i < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i) * g.ldb + n0)
-                                         : _mm256_setzero_si256();
-            const __m256i o = 2 * i + 1 < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i + 1) * g.ldb + n0)
-                                             : _mm256_setzero_si256();
-            _mm512_store_si512(tile[0] + i * 16, _mm512_or_si512(_mm512_cvtepu16_epi32(e),
-                                                                  _mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16)));
-          } else {
-            // one line from each of 32 rows N floats apart (a page or more: no hardware prefetcher follows them):
-            // fetch the rows of the step two ahead
-            if (k + 2 * kStepK + 2 * i + 1 < g.K) {
-              _mm_prefetch(reinterpret_cast<const char*>(g.B + (k + 2 * kStepK + 2 * i) * g.ldb + n0), _MM_HINT_T0);
-              _mm_prefetch(reinterpret_cast<const char*>(g.B + (k + 2 * kStepK + 2 * i + 1) * g.ldb + n0),
-                           _MM_HINT_T0);
-            }
-            store_pairs3(2 * i < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i) * g.ldb + n0) : _mm512_setzero_ps(),
-                         2 * i + 1 < kn ? _mm512_maskz_loadu_ps(nm, g.B + (k + 2 * i + 1) * g.ldb + n0)
-                                        : _mm512_setzero_ps(),
-                         tile, i);
-          }
+          const __m256i e = 2 * i < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i) * g.ldb + n0)
+                                       : _mm256_setzero_si256();
+          const __m256i o = 2 * i + 1 < kn ? _mm256_maskz_loadu_epi16(nm, g.H + (k + 2 * i + 1) * g.ldb + n0)
+                                           : _mm256_setzero_si256();
+          _mm512_store_si512(tile[0] + i * 16, _mm512_or_si512(_mm512_cvtepu16_epi32(e),
+                                                                _mm512_slli_epi32(_mm512_cvtepu16_epi32(o), 16)));
         }
       }
     }
