@@ -135,6 +135,15 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
   // chunk of 64 rows of op(A) the k steps go outermost: each step reads 256 contiguous bytes of 32 rows of A (which
   // the prefetchers follow) and its planes' 196 KB stay in L2 (2-7% faster weight-gradient products than one
   // 16-row strip at a time down all of k).
+  // From packed panels, 16 rows of op(A) (one panel's 16 columns, m a multiple of 16) at 16 k from k (a multiple of
+  // 16, so inside one K block) are 16 floats apart.
+  const index_t kstep = g.packed_a ? 16 : g.lda;
+  const auto at = [&](index_t k, index_t m) -> const float* {
+    if (!g.packed_a) return g.A + k * g.lda + m;
+    const index_t jc = m / kPackedNc * kPackedNc, pc = k / g.packed_a_kc * g.packed_a_kc;
+    const index_t kcb = std::min(g.packed_a_kc, g.K - pc), panels = (std::min(kPackedNc, g.M - jc) + 15) / 16;
+    return g.packed_a + jc * g.K + pc * panels * 16 + (m - jc) * kcb + (k - pc) * 16;
+  };
   constexpr index_t kRowChunk = 64;
   alignas(64) float rows32[16][32];
   for (index_t mc = 0; mc < rows; mc += kRowChunk) {
@@ -147,13 +156,15 @@ CPUFORMER_AMX_SIMD void split_a(const AmxGemm& g, index_t m0, index_t rows, inde
           __m512i r[16];
           // 16 rows at a stride of M floats, a page or more apart: each line of the block two ahead (k + 32) is
           // fetched now.
+          if (kh + 32 < kc) {
+            const float* ahead = at(k0 + kh + 32, m0 + m);
+            for (int i = 0; i < 16; ++i)
+              if (kh + 32 + i < kc) _mm_prefetch(reinterpret_cast<const char*>(ahead + i * kstep), _MM_HINT_T0);
+          }
+          const float* src = kh < kc ? at(k0 + kh, m0 + m) : nullptr;
           for (int i = 0; i < 16; ++i)
-            if (kh + 32 + i < kc)
-              _mm_prefetch(reinterpret_cast<const char*>(g.A + (k0 + kh + 32 + i) * g.lda + m0 + m), _MM_HINT_T0);
-          for (int i = 0; i < 16; ++i)
-            r[i] = kh + i < kc
-                       ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, g.A + (k0 + kh + i) * g.lda + m0 + m))
-                       : _mm512_setzero_si512();
+            r[i] = kh + i < kc ? _mm512_castps_si512(_mm512_maskz_loadu_ps(mm, src + i * kstep))
+                               : _mm512_setzero_si512();
           transpose16(r);
           for (index_t j = 0; j < mn; ++j) _mm512_store_si512(rows32[j] + 16 * h, r[j]);
         }
@@ -369,6 +380,26 @@ void run_block(int rows, int panels, const std::uint16_t* a, index_t lda, index_
 CPUFORMER_AMX_SIMD void write_block(const AmxGemm& g, const float (*acc)[32], index_t r0, int rows, index_t j0,
                                   bool first, bool last) {
   const __m512 alpha = _mm512_set1_ps(g.alpha), beta = _mm512_set1_ps(g.beta);
+  if (g.c_transposed) {  // each 16 x 16 quarter transposed: C's row j0 + c, its columns r0 .. r0 + 16
+    for (int hr = 0; hr * 16 < rows; ++hr) {
+      const __mmask16 m = first_n16(rows - 16 * hr);
+      const __m512 bias = last && g.bias ? _mm512_maskz_loadu_ps(m, g.bias + r0 + 16 * hr) : _mm512_setzero_ps();
+      for (int hc = 0; hc < 2; ++hc) {
+        if (j0 + 16 * hc >= g.N) break;
+        __m512i t[16];
+        for (int i = 0; i < 16; ++i) t[i] = _mm512_loadu_si512(acc[16 * hr + i] + 16 * hc);
+        transpose16(t);
+        for (int c = 0; c < 16 && j0 + 16 * hc + c < g.N; ++c) {
+          float* out = g.C + (j0 + 16 * hc + c) * g.ldc + r0 + 16 * hr;
+          __m512 v = _mm512_mul_ps(alpha, _mm512_castsi512_ps(t[c]));
+          if (!first) v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, out), v);
+          else if (g.beta != 0.0f) v = _mm512_add_ps(v, _mm512_mul_ps(beta, _mm512_maskz_loadu_ps(m, out)));
+          _mm512_mask_storeu_ps(out, m, _mm512_add_ps(v, bias));
+        }
+      }
+    }
+    return;
+  }
   for (int h = 0; h < 2; ++h) {
     const index_t c0 = h * 16;
     if (j0 + c0 >= g.N) break;
@@ -395,6 +426,14 @@ bool amx_float32_applies(index_t M, index_t N, index_t K) {
 
 bool amx_bf16_applies(index_t M, index_t N, index_t K) { return M >= 16 && N >= 16 && K >= 16 && use_amx(); }
 
+// Measured against the unswapped products (2 threads): 0.77-0.9x at 96-128 rows (128 x 1152 x 384: 0.27 against
+// 0.36 ms; 128 x 30522 x 384: 9.0 against 13.1), 0.91-0.95x at 256 rows; behind at 512 rows, with N < 2M, and at
+// 64 rows or fewer once the weights come from memory (64 x 16384 x 1024: 1.5x), where the split is met too few
+// times.
+bool amx_swapped_applies(index_t M, index_t N, index_t K) {
+  return M >= 96 && M <= 256 && N >= 2 * M && K >= 64 && use_amx();
+}
+
 namespace {
 
 // The layout of amx_split_b: per k block of kKBlock (the last one shorter), every 32 columns' pair of B tiles in
@@ -420,7 +459,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
   // With one column block the split rows are met once: each 32-row block is split just before its tiles instead,
   // into planes that stay in L2 (all rows' planes at once would be written out past L2 and read back).
-  const bool just_in_time = n1 - n0 <= kColBlock && !g.trans_a;
+  const bool just_in_time = n1 - n0 <= kColBlock && (!g.trans_a || g.packed_a);
   const index_t span = just_in_time ? r1 - r0
                                     : std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
   const index_t pair_words = nb * 2 * max_steps * kTileWords;
@@ -456,7 +495,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
             const std::uint32_t* bq = bb + q * pw;
             // C's lines of this block, fetched while the tiles run: write_block's stores otherwise wait on each line
             // in turn (8-17% of a 2048 x 1536 x 384 product)
-            for (int r = 0; r < rb; ++r) {
+            for (int r = 0; r < rb && !g.c_transposed; ++r) {
               const char* c = reinterpret_cast<const char*>(g.C + (rs + m + r) * g.ldc + jb + 32 * q);
               _mm_prefetch(c, _MM_HINT_T0);
               if (panels == 2) _mm_prefetch(c + 64, _MM_HINT_T0);
@@ -516,6 +555,7 @@ void amx_split_b(const AmxGemm& g, std::uint32_t* dst) {
 
 bool amx_float32_applies(index_t, index_t, index_t) { return false; }
 bool amx_bf16_applies(index_t, index_t, index_t) { return false; }
+bool amx_swapped_applies(index_t, index_t, index_t) { return false; }
 void amx_gemm_share(const AmxGemm&, index_t, index_t, index_t, index_t) {}
 void amx_gemm(const AmxGemm&, int) {}
 index_t amx_split_b_words(index_t, index_t) { return 0; }

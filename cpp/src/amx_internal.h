@@ -38,12 +38,22 @@ struct AmxGemm {
   bool prerounded = false;
   // ... or op(B) already split into B tiles by amx_split_b (with float32 A only).
   const std::uint32_t* tiles = nullptr;
+  // op(A) read from sgemm_pack_b's panels (with trans_a): the panels of a K x M matrix, cut at K blocks of
+  // packed_a_kc (a multiple of 16), instead of from A.
+  const float* packed_a = nullptr;
+  index_t packed_a_kc = 0;
+  // C holds the product's transpose: C[n, m] (row stride ldc) = alpha op(A) op(B)[m, n] + beta C[n, m] + bias[m]
+  // (the bias runs along op(A)'s rows). The swapped product computes X W^T as (W X^T)^T this way.
+  bool c_transposed = false;
 };
 
 // Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes: with a float32 op(B), whose
 // split and packing cost about as much per element as a few rows of products, or with bf16 weights.
 bool amx_float32_applies(index_t M, index_t N, index_t K);
 bool amx_bf16_applies(index_t M, index_t N, index_t K);
+// Whether C = op(A) op(B) of a few rows and many more columns runs swapped, as C^T = op(B)^T op(A)^T with
+// c_transposed: the weights' side is then split in place (not transposed), the small op(A) packed instead.
+bool amx_swapped_applies(index_t M, index_t N, index_t K);
 
 // Rows [r0, r1) x columns [n0, n1) of C on the calling thread (its own scratch: callers may run many at once).
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1);

@@ -927,10 +927,17 @@ void gemm_run(const GemmArgs& g, int nt) {
     });
     return;
   }
+  // The "amx" path (amx_internal.h); tiles already in cache (attention) stay on the AVX-512 kernel.
+  if (!g.prefer_direct_a && detail::amx_swapped_applies(g.M, g.N, g.K)) {
+    // C^T = op(B)^T op(A)^T: op(B)^T is op(B) read the other way (not transposed when B is N x K), op(A)^T likewise.
+    detail::AmxGemm ag{!g.trans_b, !g.trans_a, g.N, g.M, g.K, g.alpha, g.B, g.ldb, g.A, nullptr, g.lda,
+                       g.beta, g.C, g.ldc, g.bias};
+    ag.c_transposed = true;
+    return detail::amx_gemm(ag, nt);
+  }
 #ifdef CPUFORMER_HAVE_AVX512
   if (wide_bt_applies(g)) return gemm_wide_bt(g, nt);
 #endif
-  // The "amx" path (amx_internal.h); tiles already in cache (attention) stay on the AVX-512 kernel.
   if (!g.prefer_direct_a && detail::amx_float32_applies(g.M, g.N, g.K)) {
     const detail::AmxGemm ag{g.trans_a, g.trans_b, g.M, g.N, g.K, g.alpha, g.A, g.lda, g.B, nullptr, g.ldb,
                              g.beta, g.C, g.ldc, g.bias};
@@ -1048,6 +1055,13 @@ void sgemm_packed(index_t M, const float* A, index_t lda, const PackedMatrix& B,
   // With B split once (PackedMatrix::tiles), the tiles pay off from 128 rows at every width (MiniLM's layers at 128
   // rows: 11.1 against 13.2 ms per forward, measured); without, where the per-call split does.
   const bool split_once = B.tiles && M >= 128 && B.N >= 32 && B.K >= 32 && detail::use_amx();
+  if (kc % 32 == 0 && !split_once && detail::amx_swapped_applies(M, B.N, B.K)) {  // as sgemm: the same planes
+    detail::AmxGemm ag{true, true, B.N, M, B.K, 1.0f, nullptr, 0, A, nullptr, lda, 0.0f, C, ldc, bias};
+    ag.packed_a = B.storage.get();
+    ag.packed_a_kc = kc;
+    ag.c_transposed = true;
+    return detail::amx_gemm(ag, nt);
+  }
   if (kc % 32 == 0 && (split_once || (!wide && detail::amx_float32_applies(M, B.N, B.K)))) {
     detail::AmxGemm ag{false, false, M, B.N, B.K, 1.0f, A, lda, nullptr, nullptr, 0, 0.0f, C, ldc, bias};
     ag.packed = B.storage.get();

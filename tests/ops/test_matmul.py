@@ -253,9 +253,12 @@ def test_matmul_errors(rng):
 
 
 # The "amx" path: float32 operands split exactly into three bf16 terms each, six term products on AMX tiles (for
-# products of 128+ rows and columns with 1024+ of either: below that the AVX-512 kernel runs).
+# products of 128+ rows and columns with 1024+ of either: below that the AVX-512 kernel runs). 96-256 rows with at
+# least twice as many columns run swapped, as C^T = op(B)^T op(A)^T written back transposed: (97, 4099, 65) has a
+# ragged last 16 rows and columns past one 4080-column panel, (256, 600, 1100) three K blocks, (130, 1025, 100),
+# (128, 1024, 64) and (200, 1031, 1025) are swapped too, (1030, 129, 65) and the rest not.
 AMX_SHAPES = [(128, 1024, 64), (130, 1025, 100), (1030, 129, 65), (1041, 130, 1100), (200, 1031, 1025),
-              (1100, 200, 70)]
+              (1100, 200, 70), (97, 4099, 65), (256, 600, 1100)]
 
 
 @pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
@@ -315,10 +318,55 @@ def test_amx_gemm_non_finite_like_avx512(rng):
 
 
 @pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+@pytest.mark.parametrize("M,N,K", [(97, 4099, 1100), (128, 384, 384), (120, 2000, 96), (256, 515, 530)])
+def test_amx_swapped_packed_panels_keep_the_float_bits(rng, threads, M, N, K):
+    """x W^T of 96-256 rows runs swapped (W's rows split in place, x^T packed, C written back transposed). Weights
+    packed once (sgemm_pack_b's panels, read back as W's rows) give sgemm's bits: without AMX tiles at every row
+    count, and with them below 128 rows (where the tiles are not used). Each K block and panel boundary is crossed."""
+    from cpuformer import _core
+    x, w, bias = randn(rng, M, K), randn(rng, N, K), randn(rng, N)
+    _core.set_simd_path("amx")
+    try:
+        want = ops.matmul(x, w, transpose_b=True, bias=bias)
+        for amx_tiles in (False, True):
+            got = np.full((M, N), np.nan, np.float32)
+            _core.linear_packed(x, _core.pack_linear_weight(w, amx_tiles), bias, got)
+            if amx_tiles and M >= 128:
+                assert rel_err(got, want) < 1e-5
+            else:
+                assert got.tobytes() == want.tobytes(), f"amx_tiles={amx_tiles}"
+    finally:
+        _core.set_simd_path("auto")
+    ref = ref_matmul(x, w, False, True) + bias
+    mag = ref_matmul(np.abs(x), np.abs(w), False, True) + np.abs(bias)
+    assert (np.abs(want - ref) / mag).max() < 2.0**-21 + 2 * (min(K, 512) + K / 512 + 3) * 2.0**-24
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_amx_swapped_non_finite_like_avx512(rng):
+    from cpuformer import _core
+    x, w = randn(rng, 130, 90), randn(rng, 700, 90)
+    x[3, 4], x[10, 0], x[20, 89] = np.inf, -np.inf, np.nan
+    w[5, 7], w[139, 0], w[139, 1] = np.nan, np.inf, np.inf
+    x[30, :] = 0.0  # 0 x inf = NaN in both
+    outs = {}
+    for path in ("amx", "avx512"):
+        _core.set_simd_path(path)
+        try:
+            outs[path] = ops.matmul(x, w, transpose_b=True)
+        finally:
+            _core.set_simd_path("auto")
+    np.testing.assert_array_equal(np.isnan(outs["amx"]), np.isnan(outs["avx512"]))
+    np.testing.assert_array_equal(np.isinf(outs["amx"]), np.isinf(outs["avx512"]))
+    fine = np.isfinite(outs["avx512"])
+    assert rel_err(outs["amx"][fine], outs["avx512"][fine]) < 1e-5
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
 def test_amx_products_from_many_threads(rng):
     """Callers on several threads at once (each with its own tile configuration and scratch) get their serial
-    results: float32 GEMMs above the AMX threshold, bf16-weight and int8 products of 16+ rows, and x W^T of a few
-    rows as C^T = W A^T."""
+    results: float32 GEMMs above the AMX threshold (130-151 rows against 1030+ columns: swapped), bf16-weight and
+    int8 products of 16+ rows, and x W^T of a few rows as C^T = W A^T."""
     from cpuformer import _core
     runs = []
     for i in range(4):
