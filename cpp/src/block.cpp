@@ -423,8 +423,12 @@ void forward_impl(float* out, const float* x, const BlockConfig& c, const BlockW
       residual_forward(xn, xin, y, n);
     } else {  // normed keeps the sum (the norm's input)
       float* sum = grow(normed, n);
-      residual_forward(sum, xin, y, n);
-      norm_forward(c, nr, xn, grow(sa, rows), grow(sb, rows), sum, rows, d.C);
+      if (c.norm == NormKind::kLayerNorm)
+        residual_layernorm_forward(xn, sum, grow(sa, rows), grow(sb, rows), xin, y, nr.weight, nr.bias, rows, d.C,
+                                   c.norm_eps);
+      else
+        residual_rmsnorm_forward(xn, sum, grow(sb, rows), xin, y, nr.weight, rows, d.C, c.norm_eps,
+                                 c.norm_one_plus);
     }
   };
   auto run_self = [&](float* yy, const float* h) {

@@ -219,20 +219,50 @@ inline float scale_of(const float* weight, index_t j, bool one_plus) {
 
 }  // namespace
 
+namespace {
+
+// The rows' input: inp's row, or with a and b their sum, written into sum's row just before the norm reads it.
+inline const float* row_input(const float* inp, float* sum, const float* a, const float* b, index_t r, index_t C) {
+  if (!a) return inp + r * C;
+  float* x = sum + r * C;
+  for (index_t j = 0; j < C; ++j) x[j] = a[r * C + j] + b[r * C + j];
+  return x;
+}
+
+void layernorm_rows(float* out, float* mean, float* rstd, const float* inp, float* sum, const float* a,
+                    const float* b, const float* weight, const float* bias, index_t r0, index_t r1, index_t C,
+                    float eps) {
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = row_input(inp, sum, a, b, r, C);
+    float m, var;
+    moments(x, C, m, var);
+    const float rs = 1.0f / std::sqrt(var + eps);
+    normalize_row(out + r * C, x, weight, bias, C, m, rs);
+    if (mean) mean[r] = m;
+    if (rstd) rstd[r] = rs;
+  }
+}
+
+void check_norm(const char* name, index_t rows, index_t C, float eps) {
+  CPUFORMER_CHECK(rows >= 0 && C >= 1, name, ": bad size rows=", rows, " C=", C);
+  CPUFORMER_CHECK(eps >= 0.0f && std::isfinite(eps), name, ": eps must be finite and >= 0, got ", eps);
+}
+
+}  // namespace
+
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
                        const float* bias, index_t rows, index_t C, float eps) {
-  CPUFORMER_CHECK(rows >= 0 && C >= 1, "layernorm_forward: bad size rows=", rows, " C=", C);
-  CPUFORMER_CHECK(eps >= 0.0f && std::isfinite(eps), "layernorm_forward: eps must be finite and >= 0, got ", eps);
+  check_norm("layernorm_forward", rows, C, eps);
   detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int) {
-    for (index_t r = r0; r < r1; ++r) {
-      const float* x = inp + r * C;
-      float m, var;
-      moments(x, C, m, var);
-      const float rs = 1.0f / std::sqrt(var + eps);
-      normalize_row(out + r * C, x, weight, bias, C, m, rs);
-      if (mean) mean[r] = m;
-      if (rstd) rstd[r] = rs;
-    }
+    layernorm_rows(out, mean, rstd, inp, nullptr, nullptr, nullptr, weight, bias, r0, r1, C, eps);
+  });
+}
+
+void residual_layernorm_forward(float* out, float* sum, float* mean, float* rstd, const float* a, const float* b,
+                                const float* weight, const float* bias, index_t rows, index_t C, float eps) {
+  check_norm("residual_layernorm_forward", rows, C, eps);
+  detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int) {
+    layernorm_rows(out, mean, rstd, nullptr, sum, a, b, weight, bias, r0, r1, C, eps);
   });
 }
 
@@ -265,26 +295,42 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
   }
 }
 
+namespace {
+
+void rmsnorm_rows(float* out, float* rstd, const float* inp, float* sum, const float* a, const float* b,
+                  const float* weight, index_t r0, index_t r1, index_t C, float eps, bool one_plus) {
+  for (index_t r = r0; r < r1; ++r) {
+    const float* x = row_input(inp, sum, a, b, r, C);
+    float* y = out + r * C;
+    const float ms = static_cast<float>(row_dot(x, x, C) / C);
+    const float rs = 1.0f / std::sqrt(ms + eps);
+    // (x * rstd) * w: the order of torch.nn.RMSNorm, LlamaRMSNorm and Gemma's (x * rstd) * (1 + w)
+    if (!weight) {
+      for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs;
+    } else if (one_plus) {
+      for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs * (1.0f + weight[j]);
+    } else {
+      for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs * weight[j];
+    }
+    if (rstd) rstd[r] = rs;
+  }
+}
+
+}  // namespace
+
 void rmsnorm_forward(float* out, float* rstd, const float* inp, const float* weight, index_t rows, index_t C,
                      float eps, bool one_plus) {
-  CPUFORMER_CHECK(rows >= 0 && C >= 1, "rmsnorm_forward: bad size rows=", rows, " C=", C);
-  CPUFORMER_CHECK(eps >= 0.0f && std::isfinite(eps), "rmsnorm_forward: eps must be finite and >= 0, got ", eps);
+  check_norm("rmsnorm_forward", rows, C, eps);
   detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int) {
-    for (index_t r = r0; r < r1; ++r) {
-      const float* x = inp + r * C;
-      float* y = out + r * C;
-      const float ms = static_cast<float>(row_dot(x, x, C) / C);
-      const float rs = 1.0f / std::sqrt(ms + eps);
-      // (x * rstd) * w: the order of torch.nn.RMSNorm, LlamaRMSNorm and Gemma's (x * rstd) * (1 + w)
-      if (!weight) {
-        for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs;
-      } else if (one_plus) {
-        for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs * (1.0f + weight[j]);
-      } else {
-        for (index_t j = 0; j < C; ++j) y[j] = x[j] * rs * weight[j];
-      }
-      if (rstd) rstd[r] = rs;
-    }
+    rmsnorm_rows(out, rstd, inp, nullptr, nullptr, nullptr, weight, r0, r1, C, eps, one_plus);
+  });
+}
+
+void residual_rmsnorm_forward(float* out, float* sum, float* rstd, const float* a, const float* b,
+                              const float* weight, index_t rows, index_t C, float eps, bool one_plus) {
+  check_norm("residual_rmsnorm_forward", rows, C, eps);
+  detail::parallel_for(rows, rows_per_chunk(C), [&](index_t r0, index_t r1, int) {
+    rmsnorm_rows(out, rstd, nullptr, sum, a, b, weight, r0, r1, C, eps, one_plus);
   });
 }
 

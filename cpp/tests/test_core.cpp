@@ -207,6 +207,30 @@ void test_softmax_layernorm_ce(std::mt19937& gen) {
     }
   }
   check(worst < 1e-4, "layernorm_forward");
+  {  // the fused post-norm residual: the bits of residual_forward then the norm; a sum written over its input a
+    const int n = rows * cols;
+    std::mt19937 own(17);  // its own stream: the tests after this one keep their data
+    std::vector<float> a = random_vec(own, n), sum(n), ref_sum(n), ref_out(n), ref_mean(rows), ref_rstd(rows);
+    cpuformer::residual_forward(ref_sum.data(), a.data(), x.data(), n);
+    for (int kind = 0; kind < 2; ++kind) {
+      std::vector<float> in_place = a;
+      float* s = kind ? in_place.data() : sum.data();
+      if (kind == 0) {
+        cpuformer::layernorm_forward(ref_out.data(), ref_mean.data(), ref_rstd.data(), ref_sum.data(), w.data(),
+                                     b.data(), rows, cols, 1e-5f);
+        cpuformer::residual_layernorm_forward(out.data(), s, mean.data(), rstd.data(), a.data(), x.data(), w.data(),
+                                              b.data(), rows, cols, 1e-5f);
+      } else {
+        cpuformer::rmsnorm_forward(ref_out.data(), ref_rstd.data(), ref_sum.data(), w.data(), rows, cols, 1e-6f,
+                                   true);
+        cpuformer::residual_rmsnorm_forward(out.data(), s, rstd.data(), in_place.data(), x.data(), w.data(), rows,
+                                            cols, 1e-6f, true);
+      }
+      check(std::vector<float>(s, s + n) == ref_sum && out == ref_out && rstd == ref_rstd &&
+                (kind || mean == ref_mean),
+            kind ? "residual_rmsnorm_forward" : "residual_layernorm_forward");
+    }
+  }
 
   std::vector<std::int64_t> targets = {0, 5, 76, -100, 3, 3, 9, 1, 2};
   std::vector<float> grad(x.size());
