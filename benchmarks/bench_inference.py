@@ -215,7 +215,11 @@ for name, shape in ENCODERS:
         # frozen weights run the AMX tiles from 128 rows (split once) where float32 ones may take the AVX-512 kernel
         assert np.abs(ours_frozen(ids, attention_mask=mask) - got).max() <= 1e-5 * np.abs(got).max(), "freeze changed the result"
         assert np.abs(got - ref).max() < 1e-3, "cpuformer and torch disagree"
-        fns = {"ours": lambda: ours(ids, attention_mask=mask), "frozen": lambda: ours_frozen(ids, attention_mask=mask),
+        def run_ours():
+            with cpuformer.no_grad():  # as torch.no_grad() below: nothing kept for a backward
+                return ours(ids, attention_mask=mask)
+
+        fns = {"ours": run_ours, "frozen": lambda: ours_frozen(ids, attention_mask=mask),
                "int8": lambda: ours_int8(ids, attention_mask=mask),
                "torch": run_torch}
         if hf_int8 is not None:

@@ -20,6 +20,7 @@ if "OMP_WAIT_POLICY" not in _os.environ:
 
 from . import _core, data, io, models, nn, ops, plot, train
 from ._core import get_num_threads
+from .nn.module import is_grad_enabled, no_grad
 from .nn.quantized import freeze, quantize_dynamic
 from .serialization import load, save
 from .tokenizer import Tokenizer
@@ -30,7 +31,8 @@ from .pipelines import pipeline
 __version__ = _core.build_info()["version"]
 
 __all__ = ["ops", "nn", "models", "train", "data", "io", "save", "load", "quantize_dynamic", "freeze", "Tokenizer",
-           "train_bpe", "pipeline", "pipelines", "build_info", "set_num_threads", "get_num_threads", "__version__"]
+           "train_bpe", "pipeline", "pipelines", "build_info", "set_num_threads", "get_num_threads", "no_grad",
+           "is_grad_enabled", "__version__"]
 
 
 def build_info() -> dict:

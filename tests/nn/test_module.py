@@ -145,3 +145,43 @@ def test_reused_workspace_never_leaks_into_results(rng, prepare):
     np.testing.assert_array_equal(dx_again, dx)
     for (name, p), (_, q) in zip(layer.named_parameters(), fresh.named_parameters()):
         np.testing.assert_array_equal(p.grad, q.grad, err_msg=name)
+
+
+def test_no_grad_keeps_nothing_for_backward_in_eval_mode(rng):
+    """Under cpuformer.no_grad() an eval-mode forward gives the same bits and keeps nothing: a backward after it
+    raises (never the gradient of an earlier forward); outside it, forward and backward pair as before. Training
+    mode still keeps what backward needs; the switch is per thread, nests, and works as a decorator."""
+    import threading
+
+    import cpuformer
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    x, g = randn(rng, 2, 5, 16), randn(rng, 2, 5, 16)
+    want = layer(x)
+    dx = layer.backward(g)
+    assert cpuformer.is_grad_enabled()
+    with cpuformer.no_grad():
+        assert not cpuformer.is_grad_enabled()
+        with nn.no_grad():
+            np.testing.assert_array_equal(layer(x), want)
+        assert not cpuformer.is_grad_enabled()
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(cpuformer.is_grad_enabled()))
+        other.start()
+        other.join()
+        assert seen == [True]
+    assert cpuformer.is_grad_enabled()
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer.backward(g)
+    np.testing.assert_array_equal(layer(x), want)
+    np.testing.assert_array_equal(layer.backward(g), dx)
+
+    @cpuformer.no_grad()
+    def infer(v):
+        return layer(v)
+    np.testing.assert_array_equal(infer(x), want)
+    with pytest.raises(RuntimeError, match="no_grad"):
+        layer.backward(g)
+    layer.train()
+    with cpuformer.no_grad():
+        layer(x)
+    np.testing.assert_array_equal(layer.backward(g), dx)

@@ -6,7 +6,7 @@ from . import init
 from .attention import MultiheadAttention, attention_maps, record_attention
 from .layers import (GELU, Dropout, Embedding, FeedForward, LayerNorm, Linear, PositionalEncoding, RelativePositionBias,
                      ReLU, RMSNorm, RotaryEmbedding, SiLU)
-from .module import Module, ModuleList, Parameter, Sequential
+from .module import Module, ModuleList, Parameter, Sequential, is_grad_enabled, no_grad
 from .quantized import freeze, is_frozen, is_quantized, quantize_dynamic
 from .block import KVCache, TransformerBlock
 from .transformer import (Transformer, TransformerDecoder, TransformerDecoderLayer, TransformerEncoder,
@@ -16,4 +16,5 @@ __all__ = ["init", "Parameter", "Module", "Sequential", "ModuleList", "Linear", 
            "LayerNorm", "RMSNorm", "Dropout", "ReLU", "GELU", "SiLU", "FeedForward", "RotaryEmbedding",
            "RelativePositionBias", "MultiheadAttention", "TransformerEncoderLayer",
            "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "Transformer",
-           "generate_square_subsequent_mask", "TransformerBlock", "KVCache", "record_attention", "attention_maps", "quantize_dynamic", "is_quantized", "freeze", "is_frozen"]
+           "generate_square_subsequent_mask", "TransformerBlock", "KVCache", "record_attention", "attention_maps", "quantize_dynamic", "is_quantized", "freeze", "is_frozen", "no_grad",
+           "is_grad_enabled"]

@@ -20,7 +20,7 @@ import numpy as np
 from .. import _core, ops
 from . import init, quantized
 from .layers import LayerNorm, Linear, RMSNorm, activation_name
-from .module import Module, Parameter, check_grad_shape, thread_state
+from .module import Module, Parameter, check_grad_shape, is_grad_enabled, thread_state
 
 __all__ = ["BlockLayer", "TransformerBlock", "KVCache"]
 
@@ -116,7 +116,9 @@ class BlockLayer(Module):
         prepared = any(k.endswith((".packed", ".int8")) for k in weights)
         if prepared:  # frozen / int8: inference only
             quantized.require_inference(self)
-        if prepared or not (keep or self.training):  # nothing kept
+        if prepared or not (self.training or (keep and is_grad_enabled())):  # nothing kept
+            if keep and not self.training:  # under no_grad: a backward now would be one without its forward
+                thread_state(self).saved = None
             return _core.block_forward(cfg, weights, x, **kw)
         # A float model keeps what backward needs, in training and in eval mode alike (as PyTorch's autograd
         # does outside no_grad): per thread, so eval-mode forwards from many threads never share a buffer.
@@ -151,7 +153,8 @@ class BlockLayer(Module):
         if saved is None or not saved.valid:
             if quantized.is_frozen(self):
                 quantized.no_backward(self)
-            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward (or after an eval-mode "
+                               "forward under cpuformer.no_grad(), which keeps nothing for it)")
         g = ops._f32(grad_output, "grad_output")
         check_grad_shape(g, local.shape, type(self).__name__)
         weights, grads = self._weights_and_grads()
