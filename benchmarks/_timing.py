@@ -77,6 +77,21 @@ def threads_line(n: int) -> str:
             f"{os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}), loadavg before: {loadavg()}")
 
 
+def peak_rss_kib() -> float:
+    """This process's peak resident set size in KiB: VmHWM, the peak of its own address space. (ru_maxrss also
+    carries the peak of the process it was forked from, through exec: a worker started by a parent that built a
+    multi-GB model would start from that parent's peak and under-count its own growth.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    import resource
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
 def peak_rss_growth_mib(step: Callable[[], object]) -> float:
     """Run ``step()`` once while a thread samples the resident set size every 0.5 ms; returns the peak growth over
     the RSS before the call, in MiB. (ru_maxrss cannot see below an earlier peak, such as torch's import.)"""

@@ -32,7 +32,7 @@ each switch; one step per sample, as a step lasts far longer than the timer's re
 protocol of benchmarks/_timing.py and benchmarks/bench_pretrained.py). The first step (a warm-up: first touch of
 mapped weights and buffers, thread pools) is not timed. Each table has a calibration row: numpy float32 matmul
 GFLOP/s, timed in its own subprocess inside the same rounds, so a drifting machine shows up there.
-Memory: peak RSS = ru_maxrss growth over the worker's baseline after its imports, read after the warm-up and the
+Memory: peak RSS = peak-RSS (VmHWM) growth over the worker's baseline after its imports, read after the warm-up and the
 timed steps (it includes the weights: for cpuformer's memory-mapped base those are file pages, shared with the page
 cache, counted once touched). The workers of a section are alive together (the lora section holds about 3 copies
 of the 2 GB decoder plus activations); the full fine-tuning memory row runs after they exit.
@@ -43,7 +43,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -54,7 +53,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _timing import loadavg, paired_ratio  # noqa: E402
+from _timing import loadavg, paired_ratio, peak_rss_kib  # noqa: E402
 from bench_pretrained import (CALIB_N, Worker, EMBED_SHAPES, QUICK as PRETRAINED_QUICK, QWEN2_05B, _digest,  # noqa: E402
                               available, build_dir, fmt_ms, kib_to_mib, set_threads, statm_mib)
 
@@ -218,12 +217,12 @@ def worker(spec: dict) -> None:
         proto.write(json.dumps(obj) + "\n")
 
     def peak():
-        return kib_to_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_peak)
+        return kib_to_mib(peak_rss_kib() - base_peak)
 
     try:
         load, step_of = load_engine(spec)
         gc.collect()
-        base_peak, base_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, statm_mib()
+        base_peak, base_now = peak_rss_kib(), statm_mib()
         t0 = time.perf_counter()
         model = load()
         load_s = time.perf_counter() - t0
@@ -362,7 +361,7 @@ def header(args, title):
 def notes(args):
     return (f"ms per optimizer step (forward, loss, backward, AdamW, zero_grad), median over rounds of one step each "
             f"after one untimed warm-up step; ratio = engine / {{base}} (> 1: cpuformer faster); peak load / peak run: "
-            f"ru_maxrss growth (MiB) over the worker after its imports, after loading / after the warm-up and timed "
+            f"peak RSS (VmHWM) growth (MiB) over the worker after its imports, after loading / after the warm-up and timed "
             f"steps; loss 1st: the warm-up step's loss (same weights, so with dropout off the engines should agree), loss last: after "
             f"the timed steps (every engine ran the same 1 + {args.rounds} steps on the same batch, so with dropout off "
             f"these should agree closely too). Dropout "
@@ -510,7 +509,7 @@ def main():
           f"loadavg {loadavg()}")
     if args.quick:
         print("--quick: tiny shapes and 2 rounds; the figures only show that every engine runs (memory growth of a "
-              "tiny model is below ru_maxrss's reach after the imports)")
+              "tiny model is below the peak RSS's reach after the imports)")
     t0 = time.perf_counter()
     for name, fn in (("minilm", section_minilm), ("lora", section_lora)):
         if args.only in (None, name):

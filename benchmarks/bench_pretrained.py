@@ -29,7 +29,6 @@ import gc
 import hashlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _timing import _loops_for, loadavg  # noqa: E402
+from _timing import _loops_for, loadavg, peak_rss_kib  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ configuration
 
@@ -72,7 +71,7 @@ PRECISION = {"fp32": "float32", "packed": "float32", "bf16": "bf16", "bf16act": 
 
 
 def kib_to_mib(k: float) -> float:
-    return k / 1024.0  # ru_maxrss is in KiB on Linux
+    return k / 1024.0  # peak_rss_kib() is in KiB
 
 
 def statm_mib() -> float:
@@ -377,12 +376,12 @@ def worker(spec: dict) -> None:
     try:
         load, case_of, extra = load_engine(spec)
         gc.collect()
-        base_peak, base_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, statm_mib()
+        base_peak, base_now = peak_rss_kib(), statm_mib()
         t0 = time.perf_counter()
         model = load()
         load_s = time.perf_counter() - t0
         gc.collect()
-        info = {"load_s": load_s, "peak_load_mib": kib_to_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        info = {"load_s": load_s, "peak_load_mib": kib_to_mib(peak_rss_kib()
                                                               - base_peak),
                 "rss_load_mib": statm_mib() - base_now}
         if "memory" in extra:
@@ -403,7 +402,7 @@ def worker(spec: dict) -> None:
                 fns[cmd["name"]] = (fn, loops)
                 gc.collect()
                 send({"ok": True, "loops": loops, **summarize(kind, out),
-                      "peak_run_mib": kib_to_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_peak)})
+                      "peak_run_mib": kib_to_mib(peak_rss_kib() - base_peak)})
             elif cmd["op"] == "time":
                 fn, loops = fns[cmd["name"]]
                 ts = []
@@ -711,7 +710,7 @@ def section_decoder(args, cache):
         print(f"{'calibration':<12} numpy {CALIB_N}^3 float32 matmul, timed in every round: median "
               f"{statistics.median(gf):.1f} GFLOP/s (min {min(gf):.1f}, max {max(gf):.1f})")
     print(f"load s: from_pretrained / Generator() on a warm page cache (the files were just written or read); "
-          f"RSS load: resident growth over the process after imports; peak load / peak run: ru_maxrss growth over "
+          f"RSS load: resident growth over the process after imports; peak load / peak run: peak RSS (VmHWM) growth over "
           f"that baseline after loading / after the first {new}-token generate (memory-mapped weights, cpuformer's "
           f"bf16, count once touched: file pages, shared with the page cache). decode tok/s = {new - 1} / "
           f"(generate - prompt), medians. Ratios are time ratios engine / cpuformer at the same precision (fp32 vs "
