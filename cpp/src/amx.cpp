@@ -309,8 +309,17 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
   for (index_t s = 0; s < steps; ++s, ab += kStepK * 2) {
     const std::uint32_t* bs = b + s * kTileWords;
     load_b<P>(bs, panel_words);  // B term 0 with A terms 0, 1, 2
+    if (NA == 1 && NB == 3) {  // one bf16 A term (weights, swapped) against float32 B's three terms, in order
+      CPUFORMER_TILE_LOADD(4, a_at(0), lda);
+      if (H == 2) CPUFORMER_TILE_LOADD(5, a_at(0) + half, lda);
+      for (int t = 0; t < 3; ++t) {
+        if (t > 0) load_b<P>(bs + t * term_words, panel_words);
+        if (H == 2) dp_halves<P>();
+        else dp_rows4<P>();
+      }
+      continue;
+    }
     if (NA == 1) {  // one A term (activations already bf16) against bf16 B: its rows into tile 4 (and 5)
-      static_assert(NA == 3 || NB == 1, "one A term only with bf16 B");
       CPUFORMER_TILE_LOADD(4, a_at(0), lda);
       if (H == 2) {
         CPUFORMER_TILE_LOADD(5, a_at(0) + half, lda);
@@ -453,8 +462,9 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   if (r0 >= r1 || n0 >= n1) return;
   CPUFORMER_CHECK(!g.prerounded || g.H, "amx_gemm: prerounded needs bf16 weights (H)");
   CPUFORMER_CHECK(!g.tiles || (!g.H && !g.prerounded), "amx_gemm: split tiles hold float32 B");
-  const int nb = g.H ? 1 : 3, na = g.prerounded ? 1 : 3;
-  const index_t kb = std::min(g.K, g.H ? kKBlockBf16 : kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
+  CPUFORMER_CHECK(!g.HA || (g.B && !g.H && !g.trans_a && g.K % kStepK == 0), "amx_gemm: bf16 A needs float32 B, K % 32 == 0");
+  const int nb = g.H ? 1 : 3, na = g.prerounded || g.HA ? 1 : 3;
+  const index_t kb = std::min(g.K, g.H || g.HA ? kKBlockBf16 : kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
   // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
   // With one column block the split rows are met once: each 32-row block is split just before its tiles instead,
@@ -473,7 +483,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
       const index_t kc = std::min(kb, g.K - k0), kcp = (kc + kStepK - 1) / kStepK * kStepK, steps = kcp / kStepK;
       const index_t lda = kcp * 2, pw = nb * 2 * steps * kTileWords;
       const bool first = k0 == 0, last = k0 + kc == g.K;
-      if (!just_in_time) split_a(g, rs, rows, k0, kc, kcp, planes);
+      if (!just_in_time && !g.HA) split_a(g, rs, rows, k0, kc, kcp, planes);
       for (index_t jb = n0; jb < n1; jb += kColBlock) {
         const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
         const std::uint32_t* bb = b;  // the block's pairs, pw words apart
@@ -487,9 +497,10 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
           const int rb = static_cast<int>(std::min<index_t>(32, rows - m));
           if (rb != configured) amx_configure(rb);  // per call: other code may have used the tiles in between
           configured = rb;
-          if (just_in_time) split_a(g, rs + m, rb, k0, kc, kcp, planes);
+          if (just_in_time && !g.HA) split_a(g, rs + m, rb, k0, kc, kcp, planes);
           const index_t plane_bytes = (just_in_time ? rb : rows) * kcp * 2;
-          const std::uint16_t* a = just_in_time ? planes : planes + m * kcp;
+          const std::uint16_t* a = g.HA ? g.HA + (rs + m) * g.ldha + k0 : just_in_time ? planes : planes + m * kcp;
+          const index_t a_stride = g.HA ? g.ldha * 2 : lda;
           for (index_t q = 0; q < pairs; ++q) {
             const int panels = jb + 32 * q + 16 < je ? 2 : 1;
             const std::uint32_t* bq = bb + q * pw;
@@ -500,7 +511,8 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
               _mm_prefetch(c, _MM_HINT_T0);
               if (panels == 2) _mm_prefetch(c + 64, _MM_HINT_T0);
             }
-            if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
+            if (g.HA) run_block<3, 1>(rb, panels, a, a_stride, plane_bytes, bq, steps, acc);
+            else if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else if (nb == 1) run_block<1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else run_block<3>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             write_block(g, acc, rs + m, rb, jb + 32 * q, first, last);

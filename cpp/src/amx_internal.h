@@ -38,6 +38,10 @@ struct AmxGemm {
   bool prerounded = false;
   // ... or op(B) already split into B tiles by amx_split_b (with float32 A only).
   const std::uint32_t* tiles = nullptr;
+  // op(A) given as bf16 values (M x K, row stride ldha), one term each, which the tiles read in place: no split
+  // (with float32 B, K a multiple of 32: the tiles read whole 32-k steps of each row).
+  const std::uint16_t* HA = nullptr;
+  index_t ldha = 0;
   // op(A) read from sgemm_pack_b's panels (with trans_a): the panels of a K x M matrix, cut at K blocks of
   // packed_a_kc (a multiple of 16), instead of from A.
   const float* packed_a = nullptr;

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from cpuformer import _core
-from testutil import assert_same_in_threads
+from testutil import SIMD_PATHS, assert_same_in_threads
 
 KINDS = ["bf16", "f16"]
 
@@ -203,6 +203,27 @@ def test_linear_half_non_finite_activations(simd, rng):
     np.testing.assert_array_equal(np.isinf(y[rest]), np.isinf(ref[rest]))
     fine = np.isfinite(ref) & (np.abs(ref) < 1e30) & rest[:, None]
     np.testing.assert_allclose(y[fine], ref[fine], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_linear_half_swapped_rows_equal_the_unswapped_product(threads, rng):
+    """96-256 rows of bf16 weights (N >= 2 rows, K a multiple of 32) run swapped on AMX tiles, the weights' rows
+    read by the tiles in place: the same three term products in the same order, so each row's bits equal those of a
+    300-row call (not swapped); and within float32 rounding of the float64 product, non-finite values as there."""
+    for rows, n_in, n_out in [(97, 96, 400), (128, 64, 1030), (200, 2080, 401), (130, 100, 300)]:  # K=100: not
+        h = random_half(rng, (n_out, n_in), "bf16")
+        x = rng.standard_normal((300, n_in)).astype(np.float32)
+        x[7, 3], x[20, 0] = np.inf, np.nan
+        h[5, 1] = to_half_ref(np.array([np.inf], np.float32), "bf16")[0]
+        bias = rng.standard_normal(n_out).astype(np.float32)
+        big = _core.linear_half(x, h, bias, "bf16")
+        y = _core.linear_half(np.ascontiguousarray(x[:rows]), h, bias, "bf16")
+        assert y.tobytes() == big[:rows].tobytes(), f"rows={rows} in={n_in} out={n_out}"
+        fine = np.isfinite(x[:rows]).all(axis=1)
+        w = to_f64(h, "bf16")
+        ok = np.arange(n_out) != 5
+        check_product(y[fine][:, ok], x[:rows][fine], w[ok], bias[ok], f"rows={rows} in={n_in} out={n_out}")
+        assert np.isnan(y[20]).all() and not np.isfinite(y[7]).any() and not np.isfinite(y[:, 5]).any()
 
 
 def test_linear_half_concurrent_callers(rng):
