@@ -655,7 +655,68 @@ void quantize_weight_row(Int8Weight& q, index_t i, const float* row) {
   q.col_sum[i] = sum;
 }
 
+#ifdef CPUFORMER_HAVE_AVX512
+// quantize_weight_row's arithmetic 16 weights at a time (the same division, round-to-nearest-even and clamp per
+// weight, the same exact maximum and sum): the same bytes, scale and sum.
+CPUFORMER_AVX512 static void quantize_weight_row_avx512(Int8Weight& q, index_t i, const float* row) {
+  const index_t K = q.k, groups = round_up(K, kGroup) / kGroup;
+  const auto lanes = [&](index_t j) {
+    return static_cast<__mmask16>(K - j >= 16 ? 0xFFFFu : (1u << (K - j)) - 1u);
+  };
+  __m512 vmax = _mm512_setzero_ps();
+  for (index_t j = 0; j < K; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(j), row + j)));
+  const float amax = _mm512_reduce_max_ps(vmax);
+  const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+  q.scale[i] = scale;
+  const index_t p = i / kPanel, c = i % kPanel;
+  const __m512 vs = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+  __m512i sum = _mm512_setzero_si512();
+  for (index_t j = 0; j < K; j += 16) {
+    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes(j), row + j), vs);
+    const __m512 r = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m512i qi = _mm512_cvtps_epi32(r);
+    sum = _mm512_add_epi32(sum, qi);
+    alignas(16) std::int32_t bytes[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtsepi32_epi8(qi));
+    for (index_t t = 0; t < 4 && j / kGroup + t < groups; ++t)
+      std::memcpy(&q.packed[((p * groups + j / kGroup + t) * kPanel + c) * kGroup], &bytes[t], kGroup);
+  }
+  q.col_sum[i] = _mm512_reduce_add_epi32(sum);
+}
+#endif
+
+// Rows [r0, r1) of the weight (w holds row r0 first, rows ldw apart) into q, on the kernel threads. Each thread
+// takes whole panels: every 64-byte line of the layout belongs to one panel, so no two threads write one line.
+void quantize_weight_rows(Int8Weight& q, index_t r0, index_t r1, const float* w, index_t ldw) {
+  const index_t p0 = r0 / kPanel, p1 = (r1 + kPanel - 1) / kPanel;
+  parallel_for(p1 - p0, std::max<index_t>(1, (index_t(1) << 16) / (kPanel * q.k)), [&](index_t a, index_t b, int) {
+    for (index_t i = std::max(r0, (p0 + a) * kPanel); i < std::min(r1, (p0 + b) * kPanel); ++i) {
+#ifdef CPUFORMER_HAVE_AVX512
+      if (detail::use_avx512()) {
+        quantize_weight_row_avx512(q, i, w + (i - r0) * ldw);
+        continue;
+      }
+#endif
+      quantize_weight_row(q, i, w + (i - r0) * ldw);
+    }
+  });
+}
+
+// Every weight of rows [r0, r1) finite, else an error naming the first that is not (checked on the kernel threads;
+// the error is raised outside them).
 void check_finite_rows(const float* w, index_t r0, index_t r1, index_t K, index_t ldw) {
+  std::atomic<bool> bad{false};
+  parallel_for(r1 - r0, std::max<index_t>(1, (index_t(1) << 16) / K), [&](index_t a, index_t b, int) {
+    std::uint32_t any = 0;  // an exponent of all ones: inf or NaN
+    for (index_t i = a; i < b; ++i)
+      for (index_t j = 0; j < K; ++j) {
+        std::uint32_t bits;
+        std::memcpy(&bits, w + i * ldw + j, sizeof bits);
+        any |= static_cast<std::uint32_t>((bits & 0x7F800000u) == 0x7F800000u);
+      }
+    if (any) bad.store(true, std::memory_order_relaxed);
+  });
+  if (!bad.load()) return;
   for (index_t i = r0; i < r1; ++i)
     for (index_t j = 0; j < K; ++j)
       CPUFORMER_CHECK(std::isfinite(w[(i - r0) * ldw + j]), "quantize_weight_int8: weight[", i, ", ", j,
@@ -668,7 +729,7 @@ Int8Weight quantize_weight_int8(const float* w, index_t N, index_t K, index_t ld
   CPUFORMER_CHECK(N > 0 && K > 0 && ldw >= K, "quantize_weight_int8: bad sizes N=", N, " K=", K, " ldw=", ldw);
   check_finite_rows(w, 0, N, K, ldw);
   Int8Weight q = empty_int8_weight(N, K);
-  for (index_t i = 0; i < N; ++i) quantize_weight_row(q, i, w + i * ldw);
+  quantize_weight_rows(q, 0, N, w, ldw);
   return q;
 }
 
@@ -683,7 +744,7 @@ Int8Weight quantize_weight_int8_blocked(index_t N, index_t K,
     const index_t r1 = std::min(N, r0 + block);
     fill(r0, r1, rows.data());
     check_finite_rows(rows.data(), r0, r1, K, K);
-    for (index_t i = r0; i < r1; ++i) quantize_weight_row(q, i, rows.data() + (i - r0) * K);
+    quantize_weight_rows(q, r0, r1, rows.data(), K);
   }
   return q;
 }

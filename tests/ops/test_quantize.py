@@ -77,6 +77,24 @@ def test_weight_values_and_scales(rng):
     assert qw.nbytes < w.nbytes  # int8 panels (padded) + per-channel scale and column sum
 
 
+@pytest.mark.parametrize("N,K", [(1, 1), (37, 5), (16, 17), (33, 100), (300, 129)])
+def test_weight_quantization_on_every_path(simd, threads, rng, N, K):
+    """The weight quantizer (16 weights at a time on AVX-512, row by row elsewhere; panels split over threads)
+    gives the reference's values and scales on every path: exact ties round to even, all-zero rows get scale 1."""
+    w = rng.standard_normal((N, K)).astype(np.float32)
+    w[0, 0] = 127.0  # scale 1 for row 0: its ties are exact
+    if K >= 5:
+        w[0, 1:5] = [2.5, -3.5, 0.5, -126.5]
+    if N > 3:
+        w[3] = 0.0
+    qw = _core.quantize_weight_int8(w)
+    q, scale = ref_weight(w)
+    np.testing.assert_array_equal(qw.values(), q.astype(np.int8))
+    np.testing.assert_array_equal(qw.scale, scale)
+    if K >= 5:
+        np.testing.assert_array_equal(qw.values()[0, 1:5], [2, -4, 0, -126])
+
+
 def test_row_quantization(simd, rng):
     x = rng.standard_normal((6, 45)).astype(np.float32)
     x[1] = 0.0
@@ -284,6 +302,10 @@ def test_bad_input(rng):
         bad = w.copy()
         bad[2, 1] = np.nan
         _core.quantize_weight_int8(bad)
+    big = rng.standard_normal((1000, 129)).astype(np.float32)  # rows checked on both threads: the first is named
+    big[950, 7], big[960, 0], big[700, 128] = np.inf, np.nan, -np.inf
+    with pytest.raises(ValueError, match=r"weight\[700, 128\] is not finite"):
+        _core.quantize_weight_int8(big)
     with pytest.raises(ValueError, match="dimensions"):
         _core.quantize_weight_int8(np.zeros(6, np.float32))
 
