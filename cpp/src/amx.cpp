@@ -462,9 +462,11 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   if (r0 >= r1 || n0 >= n1) return;
   CPUFORMER_CHECK(!g.prerounded || g.H, "amx_gemm: prerounded needs bf16 weights (H)");
   CPUFORMER_CHECK(!g.tiles || (!g.H && !g.prerounded), "amx_gemm: split tiles hold float32 B");
-  CPUFORMER_CHECK(!g.HA || (g.B && !g.H && !g.trans_a && g.K % kStepK == 0), "amx_gemm: bf16 A needs float32 B, K % 32 == 0");
+  CPUFORMER_CHECK(!g.HA || (g.B && !g.H && !g.trans_a && g.K % kStepK == 0),
+                  "amx_gemm: bf16 A needs float32 B and K % 32 == 0");
   const int nb = g.H ? 1 : 3, na = g.prerounded || g.HA ? 1 : 3;
-  const index_t kb = std::min(g.K, g.H || g.HA ? kKBlockBf16 : kKBlock), kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
+  const index_t kb = std::min(g.K, g.H || g.HA ? kKBlockBf16 : kKBlock);
+  const index_t kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
   // Rows split per k block at once (up to kMaxPlaneBytes of planes), so each is split once; per block of kColBlock
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
   // With one column block the split rows are met once: each 32-row block is split just before its tiles instead,

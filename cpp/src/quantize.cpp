@@ -664,7 +664,8 @@ CPUFORMER_AVX512 static void quantize_weight_row_avx512(Int8Weight& q, index_t i
     return static_cast<__mmask16>(K - j >= 16 ? 0xFFFFu : (1u << (K - j)) - 1u);
   };
   __m512 vmax = _mm512_setzero_ps();
-  for (index_t j = 0; j < K; j += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(j), row + j)));
+  for (index_t j = 0; j < K; j += 16)
+    vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(j), row + j)));
   const float amax = _mm512_reduce_max_ps(vmax);
   const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
   q.scale[i] = scale;
@@ -673,7 +674,8 @@ CPUFORMER_AVX512 static void quantize_weight_row_avx512(Int8Weight& q, index_t i
   __m512i sum = _mm512_setzero_si512();
   for (index_t j = 0; j < K; j += 16) {
     const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(lanes(j), row + j), vs);
-    const __m512 r = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)));
+    const __m512 nearest = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_min_ps(hi, _mm512_max_ps(lo, nearest));
     const __m512i qi = _mm512_cvtps_epi32(r);
     sum = _mm512_add_epi32(sum, qi);
     alignas(16) std::int32_t bytes[4];

@@ -16,5 +16,5 @@ __all__ = ["init", "Parameter", "Module", "Sequential", "ModuleList", "Linear", 
            "LayerNorm", "RMSNorm", "Dropout", "ReLU", "GELU", "SiLU", "FeedForward", "RotaryEmbedding",
            "RelativePositionBias", "MultiheadAttention", "TransformerEncoderLayer",
            "TransformerDecoderLayer", "TransformerEncoder", "TransformerDecoder", "Transformer",
-           "generate_square_subsequent_mask", "TransformerBlock", "KVCache", "record_attention", "attention_maps", "quantize_dynamic", "is_quantized", "freeze", "is_frozen", "no_grad",
-           "is_grad_enabled"]
+           "generate_square_subsequent_mask", "TransformerBlock", "KVCache", "record_attention", "attention_maps",
+           "quantize_dynamic", "is_quantized", "freeze", "is_frozen", "no_grad", "is_grad_enabled"]
