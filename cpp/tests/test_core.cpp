@@ -230,6 +230,20 @@ void test_softmax_layernorm_ce(std::mt19937& gen) {
                 (kind || mean == ref_mean),
             kind ? "residual_rmsnorm_forward" : "residual_layernorm_forward");
     }
+    bool threw = false;  // bad arguments: std::invalid_argument, nothing written
+    try {
+      cpuformer::residual_layernorm_forward(out.data(), sum.data(), mean.data(), rstd.data(), a.data(), x.data(),
+                                            w.data(), b.data(), rows, cols, -1.0f);
+    } catch (const std::invalid_argument&) {
+      threw = true;
+    }
+    try {
+      cpuformer::residual_rmsnorm_forward(out.data(), sum.data(), rstd.data(), a.data(), x.data(), w.data(), rows, 0,
+                                          1e-6f);
+      threw = false;
+    } catch (const std::invalid_argument&) {
+    }
+    check(threw, "residual_layernorm_forward / residual_rmsnorm_forward: bad eps or C throws");
   }
 
   std::vector<std::int64_t> targets = {0, 5, 76, -100, 3, 3, 9, 1, 2};

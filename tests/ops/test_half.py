@@ -226,6 +226,17 @@ def test_linear_half_swapped_rows_equal_the_unswapped_product(threads, rng):
         assert np.isnan(y[20]).all() and not np.isfinite(y[7]).any() and not np.isfinite(y[:, 5]).any()
 
 
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_linear_half_swapped_concurrent_callers(rng):
+    # The swapped bf16 product from several threads at once (each packs its own x^T): their serial results.
+    runs = []
+    for i in range(4):
+        h = random_half(rng, (400 + 32 * i, 128), "bf16")
+        x = rng.standard_normal((100 + 9 * i, 128)).astype(np.float32)
+        runs.append(lambda x=x, h=h: _core.linear_half(x, h, None, "bf16"))
+    assert_same_in_threads(runs, repeats=10)
+
+
 def test_linear_half_concurrent_callers(rng):
     # Many threads in the converted-block path at once (each has its own block buffer, and its own buffer of
     # bf16-rounded activations) give their serial results.
