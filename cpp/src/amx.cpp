@@ -8,6 +8,8 @@
 #include "amx_internal.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "gemm_internal.h"
 #include "parallel.h"
@@ -61,17 +63,37 @@ CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void split3(__m5
     t[i] = _mm512_mask_mov_epi32(t[i], _mm512_mask_testn_epi32_mask(nonzero, t[i], abs_bits), tiny);
 }
 
+// The bytes of the top halves of 32 words of two vectors (vpermt2b's index): 32 bf16 in order.
+alignas(64) constexpr std::uint8_t kTopHalves[64] = {
+    2,  3,  6,  7,  10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31, 34,  35,  38,  39,  42,  43,
+    46, 47, 50, 51, 54, 55, 58, 59, 62, 63, 66, 67, 70, 71, 74, 75, 78, 79,  82,  83,  86,  87,
+    90, 91, 94, 95, 98, 99, 102, 103, 106, 107, 110, 111, 114, 115, 118, 119, 122, 123, 126, 127};
+
 // 32 consecutive floats (lo, then hi) as the 32 bf16 of each of their three terms, in order: per term the top
 // halves of the two splits, paired by one byte permutation.
 CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void split3_32(__m512 lo, __m512 hi,
                                                                             __m512i (&t)[3]) {
-  alignas(64) static constexpr std::uint8_t kTopHalves[64] = {
-      2,  3,  6,  7,  10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31, 34,  35,  38,  39,  42,  43,
-      46, 47, 50, 51, 54, 55, 58, 59, 62, 63, 66, 67, 70, 71, 74, 75, 78, 79,  82,  83,  86,  87,
-      90, 91, 94, 95, 98, 99, 102, 103, 106, 107, 110, 111, 114, 115, 118, 119, 122, 123, 126, 127};
   __m512i l[3], h[3];
   split3(lo, l);
   split3(hi, h);
+  const __m512i index = _mm512_load_si512(kTopHalves);
+  for (int i = 0; i < 3; ++i) t[i] = _mm512_permutex2var_epi8(l[i], index, h[i]);
+}
+
+// split3_32 of finite values that only meet finite values: a term may be 0 (0 x inf cannot happen), no NaN to
+// quieten, so four instructions a vector instead of split3's dozen.
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) void split3_32_finite(__m512 lo, __m512 hi,
+                                                                                   __m512i (&t)[3]) {
+  const __m512i top = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  __m512i l[3], h[3];
+  for (int half = 0; half < 2; ++half) {
+    const __m512 x = half ? hi : lo;
+    __m512i (&r)[3] = half ? h : l;
+    r[0] = _mm512_and_si512(_mm512_castps_si512(x), top);
+    const __m512 r1 = _mm512_sub_ps(x, _mm512_castsi512_ps(r[0]));  // exact
+    r[1] = _mm512_and_si512(_mm512_castps_si512(r1), top);
+    r[2] = _mm512_castps_si512(_mm512_sub_ps(r1, _mm512_castsi512_ps(r[1])));  // exact
+  }
   const __m512i index = _mm512_load_si512(kTopHalves);
   for (int i = 0; i < 3; ++i) t[i] = _mm512_permutex2var_epi8(l[i], index, h[i]);
 }
@@ -293,14 +315,26 @@ static inline __attribute__((always_inline)) void dp_halves() {  // both row hal
 // One block of up to 32 rows (H = 2 row halves, or 1) x 32 columns (P = 2 panels, or 1) over `steps` k steps;
 // NB = the terms of B (1: bf16, 3: float32), NA those of A (3, or 1 for prerounded activations with NB 1). A planes:
 // rows lda bytes apart, planes plane_bytes apart.
+// The sums start from zero and go to acc (32 floats a row), or with c (direct C: row stride ldc floats) start from
+// c's values when load_c (else zero) and go back to c.
 template <int H, int P, int NB, int NA = 3>
 void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const std::uint32_t* b, index_t steps,
-                float (*acc)[32]) {
-  CPUFORMER_TILE_ZERO(0);
-  if (P == 2) CPUFORMER_TILE_ZERO(1);
-  if (H == 2) {
-    CPUFORMER_TILE_ZERO(2);
-    if (P == 2) CPUFORMER_TILE_ZERO(3);
+                float (*acc)[32], float* c, index_t ldc, bool load_c) {
+  const index_t cb = ldc * static_cast<index_t>(sizeof(float));
+  if (c && load_c) {
+    CPUFORMER_TILE_LOADD(0, c, cb);
+    if (P == 2) CPUFORMER_TILE_LOADD(1, c + 16, cb);
+    if (H == 2) {
+      CPUFORMER_TILE_LOADD(2, c + 16 * ldc, cb);
+      if (P == 2) CPUFORMER_TILE_LOADD(3, c + 16 * ldc + 16, cb);
+    }
+  } else {
+    CPUFORMER_TILE_ZERO(0);
+    if (P == 2) CPUFORMER_TILE_ZERO(1);
+    if (H == 2) {
+      CPUFORMER_TILE_ZERO(2);
+      if (P == 2) CPUFORMER_TILE_ZERO(3);
+    }
   }
   const char* ab = reinterpret_cast<const char*>(a);
   const index_t panel_words = steps * kTileWords, term_words = 2 * panel_words, half = 16 * lda;
@@ -363,6 +397,15 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
       }
     }
   }
+  if (c) {
+    CPUFORMER_TILE_STORED(0, c, cb);
+    if (P == 2) CPUFORMER_TILE_STORED(1, c + 16, cb);
+    if (H == 2) {
+      CPUFORMER_TILE_STORED(2, c + 16 * ldc, cb);
+      if (P == 2) CPUFORMER_TILE_STORED(3, c + 16 * ldc + 16, cb);
+    }
+    return;
+  }
   constexpr index_t kAccStride = 32 * sizeof(float);
   CPUFORMER_TILE_STORED(0, acc[0], kAccStride);
   if (P == 2) CPUFORMER_TILE_STORED(1, acc[0] + 16, kAccStride);
@@ -374,13 +417,14 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
 
 template <int NB, int NA = 3>
 void run_block(int rows, int panels, const std::uint16_t* a, index_t lda, index_t plane_bytes,
-               const std::uint32_t* b, index_t steps, float (*acc)[32]) {
+               const std::uint32_t* b, index_t steps, float (*acc)[32], float* c = nullptr, index_t ldc = 0,
+               bool load_c = false) {
   if (rows > 16) {
-    if (panels == 2) tile_block<2, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc);
-    else tile_block<2, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc);
+    if (panels == 2) tile_block<2, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
+    else tile_block<2, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
   } else {
-    if (panels == 2) tile_block<1, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc);
-    else tile_block<1, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc);
+    if (panels == 2) tile_block<1, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
+    else tile_block<1, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
   }
 }
 
@@ -464,6 +508,10 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   CPUFORMER_CHECK(!g.tiles || (!g.H && !g.prerounded), "amx_gemm: split tiles hold float32 B");
   CPUFORMER_CHECK(!g.HA || (g.B && !g.H && !g.trans_a && g.K % kStepK == 0),
                   "amx_gemm: bf16 A needs float32 B and K % 32 == 0");
+  CPUFORMER_CHECK(!g.planes || (g.K <= kKBlock && !g.H && !g.HA), "amx_gemm: split planes need K <= 512");
+  CPUFORMER_CHECK(!g.direct_c || (g.alpha == 1.0f && (g.beta == 0.0f || g.beta == 1.0f) && !g.bias &&
+                                  !g.c_transposed && !g.H && !g.HA && !g.prerounded),
+                  "amx_gemm: direct C needs alpha 1, beta 0 or 1, float32 terms, no bias");
   const int nb = g.H ? 1 : 3, na = g.prerounded || g.HA ? 1 : 3;
   const index_t kb = std::min(g.K, g.H || g.HA ? kKBlockBf16 : kKBlock);
   const index_t kbp = (kb + kStepK - 1) / kStepK * kStepK, max_steps = kbp / kStepK;
@@ -471,11 +519,13 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
   // columns op(B) is packed once per k block and stays in L2 while every 32-row block of the rows meets it.
   // With one column block the split rows are met once: each 32-row block is split just before its tiles instead,
   // into planes that stay in L2 (all rows' planes at once would be written out past L2 and read back).
-  const bool just_in_time = n1 - n0 <= kColBlock && (!g.trans_a || g.packed_a);
+  const bool just_in_time = !g.planes && n1 - n0 <= kColBlock && (!g.trans_a || g.packed_a);
   const index_t span = just_in_time ? r1 - r0
                                     : std::min(r1 - r0, std::max<index_t>(32, kMaxPlaneBytes / (6 * kbp) / 32 * 32));
   const index_t pair_words = nb * 2 * max_steps * kTileWords;
-  auto* planes = reinterpret_cast<std::uint16_t*>(t_planes.get(3 * (just_in_time ? 32 : span) * kbp / 2));
+  auto* planes = g.planes || g.HA
+                     ? nullptr
+                     : reinterpret_cast<std::uint16_t*>(t_planes.get(3 * (just_in_time ? 32 : span) * kbp / 2));
   auto* b = g.tiles ? nullptr : reinterpret_cast<std::uint32_t*>(t_btiles.get(kColBlock / 32 * pair_words));
   alignas(64) float acc[32][32];
   int configured = 0;  // the rows amx_configure last set here (0: none yet)
@@ -485,7 +535,7 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
       const index_t kc = std::min(kb, g.K - k0), kcp = (kc + kStepK - 1) / kStepK * kStepK, steps = kcp / kStepK;
       const index_t lda = kcp * 2, pw = nb * 2 * steps * kTileWords;
       const bool first = k0 == 0, last = k0 + kc == g.K;
-      if (!just_in_time && !g.HA) split_a(g, rs, rows, k0, kc, kcp, planes);
+      if (!just_in_time && !g.HA && !g.planes) split_a(g, rs, rows, k0, kc, kcp, planes);
       for (index_t jb = n0; jb < n1; jb += kColBlock) {
         const index_t je = std::min(n1, jb + kColBlock), pairs = (je - jb + 31) / 32;
         const std::uint32_t* bb = b;  // the block's pairs, pw words apart
@@ -500,8 +550,11 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
           if (rb != configured) amx_configure(rb);  // per call: other code may have used the tiles in between
           configured = rb;
           if (just_in_time && !g.HA) split_a(g, rs + m, rb, k0, kc, kcp, planes);
-          const index_t plane_bytes = (just_in_time ? rb : rows) * kcp * 2;
-          const std::uint16_t* a = g.HA ? g.HA + (rs + m) * g.ldha + k0 : just_in_time ? planes : planes + m * kcp;
+          const index_t plane_bytes = (g.planes ? g.M : just_in_time ? rb : rows) * kcp * 2;
+          const std::uint16_t* a = g.HA       ? g.HA + (rs + m) * g.ldha + k0
+                                   : g.planes ? g.planes + (rs + m) * kcp
+                                   : just_in_time ? planes
+                                                  : planes + m * kcp;
           const index_t a_stride = g.HA ? g.ldha * 2 : lda;
           for (index_t q = 0; q < pairs; ++q) {
             const int panels = jb + 32 * q + 16 < je ? 2 : 1;
@@ -512,6 +565,12 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
               const char* c = reinterpret_cast<const char*>(g.C + (rs + m + r) * g.ldc + jb + 32 * q);
               _mm_prefetch(c, _MM_HINT_T0);
               if (panels == 2) _mm_prefetch(c + 64, _MM_HINT_T0);
+            }
+            // Direct C: the tiles start from C and are stored back, when the block's columns are whole panels.
+            if (g.direct_c && jb + 32 * q + 16 * panels <= g.N) {
+              run_block<3>(rb, panels, a, lda, plane_bytes, bq, steps, acc, g.C + (rs + m) * g.ldc + jb + 32 * q,
+                           g.ldc, !first || g.beta != 0.0f);
+              continue;
             }
             if (g.HA) run_block<3, 1>(rb, panels, a, a_stride, plane_bytes, bq, steps, acc);
             else if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
@@ -553,16 +612,81 @@ index_t amx_split_b_words(index_t N, index_t K) {
   return (K + kb - 1) / kb * split_block_words(N, K);
 }
 
+// Columns [32 q0, 32 q1) of amx_split_b's tiles on the calling thread.
+static void split_b_pairs(const AmxGemm& g, std::uint32_t* dst, index_t q0, index_t q1) {
+  const index_t kb = std::min(g.K, kKBlock);
+  for (index_t k0 = 0; k0 < g.K; k0 += kb) {
+    const index_t kc = std::min(kb, g.K - k0), steps = (kc + kStepK - 1) / kStepK, pw = 3 * 2 * steps * kTileWords;
+    std::uint32_t* block = split_block(g, dst, k0);
+    if (g.B && !g.trans_b) {
+      pack_b_rows(g, 32 * q0, std::min(g.N, 32 * q1), k0, kc, steps, block + q0 * pw, pw);
+    } else {
+      for (index_t q = q0; q < q1; ++q) pack_b(g, 32 * q, 32 * q + 16 < g.N ? 2 : 1, k0, kc, steps, block + q * pw);
+    }
+  }
+}
+
 void amx_split_b(const AmxGemm& g, std::uint32_t* dst) {
   CPUFORMER_CHECK(!g.H && !g.tiles, "amx_split_b: float32 B only");
-  const index_t kb = std::min(g.K, kKBlock);
-  parallel_for((g.N + 31) / 32, 8, [&](index_t q0, index_t q1, int) {
-    for (index_t k0 = 0; k0 < g.K; k0 += kb) {
-      const index_t kc = std::min(kb, g.K - k0), steps = (kc + kStepK - 1) / kStepK, pw = 3 * 2 * steps * kTileWords;
-      for (index_t q = q0; q < q1; ++q)
-        pack_b(g, 32 * q, 32 * q + 16 < g.N ? 2 : 1, k0, kc, steps, split_block(g, dst, k0) + q * pw);
+  parallel_for((g.N + 31) / 32, 8, [&](index_t q0, index_t q1, int) { split_b_pairs(g, dst, q0, q1); });
+}
+
+void amx_split_b_here(const AmxGemm& g, std::uint32_t* dst) {
+  CPUFORMER_CHECK(!g.H && !g.tiles, "amx_split_b: float32 B only");
+  split_b_pairs(g, dst, 0, (g.N + 31) / 32);
+}
+
+CPUFORMER_AMX_SIMD bool amx_all_finite(const float* x, index_t rows, index_t cols, index_t ld) {
+  __mmask16 bad = 0;
+  for (index_t r = 0; r < rows; ++r)
+    for (index_t c = 0; c < cols; c += 16) {
+      const __mmask16 m = first_n16(cols - c);
+      bad |= _mm512_mask_fpclass_ps_mask(m, _mm512_maskz_loadu_ps(m, x + r * ld + c), 0x99);  // inf or NaN
     }
-  });
+  return bad == 0;
+}
+
+// exp(x - m) of the lanes in mask, zeros elsewhere (exp of a masked-off lane's 0 - m would not be 0).
+CPUFORMER_AMX_SIMD static inline __attribute__((always_inline)) __m512 masked_exp(const float* x, __mmask16 mask,
+                                                                               __m512 m) {
+  return _mm512_maskz_mov_ps(mask, simd::exp512_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, x), m)));
+}
+
+CPUFORMER_AMX_SIMD void amx_exp_split(const float* S, index_t lds, index_t rows, index_t n, const float* shift,
+                                     std::uint16_t* planes, float* sums, bool finite_b) {
+  CPUFORMER_CHECK(n <= kKBlock, "amx_exp_split: at most 512 columns");
+  const index_t kcp = (n + kStepK - 1) / kStepK * kStepK;
+  std::uint16_t* plane[3] = {planes, planes + rows * kcp, planes + 2 * rows * kcp};
+  for (index_t i = 0; i < rows; ++i) {
+    const float* x = S + i * lds;
+    if (shift[i] == -std::numeric_limits<float>::infinity()) {  // nothing visible: P = 0
+      for (int t = 0; t < 3; ++t)
+        for (index_t k = 0; k < kcp; k += 32) _mm512_store_si512(plane[t] + i * kcp + k, _mm512_setzero_si512());
+      sums[i] = 0.0f;
+      continue;
+    }
+    const __m512 m = _mm512_set1_ps(shift[i]);
+    const bool simple = finite_b && std::isfinite(shift[i]);
+    __m512 acc_lo = _mm512_setzero_ps(), acc_hi = _mm512_setzero_ps();  // two chains, not one
+    __m512i t[3];
+    for (index_t k = 0; k < kcp; k += 32) {
+      const __mmask16 lo = first_n16(n - k), hi = first_n16(n - k - 16);
+      const __m512 e_lo = masked_exp(x + k, lo, m), e_hi = masked_exp(x + k + 16, hi, m);
+      acc_lo = _mm512_add_ps(acc_lo, e_lo);
+      acc_hi = _mm512_add_ps(acc_hi, e_hi);
+      if (simple) split3_32_finite(e_lo, e_hi, t);  // P finite, V finite
+      else split3_32(e_lo, e_hi, t);
+      for (int p = 0; p < 3; ++p) _mm512_store_si512(plane[p] + i * kcp + k, t[p]);
+    }
+    sums[i] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo, acc_hi));
+  }
+}
+
+index_t amx_split_a_words(index_t M, index_t K) { return 3 * M * ((K + kStepK - 1) / kStepK * kStepK); }
+
+void amx_split_a(const AmxGemm& g, std::uint16_t* dst) {
+  CPUFORMER_CHECK(g.K <= kKBlock && !g.prerounded && !g.HA && !g.packed_a, "amx_split_a: float32 A, K <= 512");
+  split_a(g, 0, g.M, 0, g.K, (g.K + kStepK - 1) / kStepK * kStepK, dst);
 }
 
 #else  // no AMX in this build: never applies
@@ -574,6 +698,11 @@ void amx_gemm_share(const AmxGemm&, index_t, index_t, index_t, index_t) {}
 void amx_gemm(const AmxGemm&, int) {}
 index_t amx_split_b_words(index_t, index_t) { return 0; }
 void amx_split_b(const AmxGemm&, std::uint32_t*) {}
+void amx_split_b_here(const AmxGemm&, std::uint32_t*) {}
+index_t amx_split_a_words(index_t, index_t) { return 0; }
+void amx_split_a(const AmxGemm&, std::uint16_t*) {}
+void amx_exp_split(const float*, index_t, index_t, index_t, const float*, std::uint16_t*, float*, bool) {}
+bool amx_all_finite(const float*, index_t, index_t, index_t) { return true; }
 
 #endif
 

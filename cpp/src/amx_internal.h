@@ -46,9 +46,15 @@ struct AmxGemm {
   // packed_a_kc (a multiple of 16), instead of from A.
   const float* packed_a = nullptr;
   index_t packed_a_kc = 0;
+  // ... or op(A) already split by amx_split_a (K at most 512: one k block), which the tiles read in place.
+  const std::uint16_t* planes = nullptr;
   // C holds the product's transpose: C[n, m] (row stride ldc) = alpha op(A) op(B)[m, n] + beta C[n, m] + bias[m]
   // (the bias runs along op(A)'s rows). The swapped product computes X W^T as (W X^T)^T this way.
   bool c_transposed = false;
+  // The tiles' sums start from C (or zero when beta == 0) and are stored straight back (alpha 1, beta 0 or 1, no
+  // bias; columns of a partial 16-column panel go the usual way): C's products accumulate in the tiles' order, so
+  // the bits differ from the usual C + (op(A) op(B)).
+  bool direct_c = false;
 };
 
 // Whether the AMX product runs now (the "amx" SIMD path) and pays off for these sizes: with a float32 op(B), whose
@@ -69,5 +75,22 @@ void amx_gemm(const AmxGemm& g, int nt);
 // amx_gemm reads them with g.tiles: amx_split_b_words() 32-bit words at dst (64-byte aligned).
 index_t amx_split_b_words(index_t N, index_t K);
 void amx_split_b(const AmxGemm& g, std::uint32_t* dst);
+void amx_split_b_here(const AmxGemm& g, std::uint32_t* dst);  // the same on the calling thread
+
+// op(A) of g (float32, K at most amx_max_split_a_k) split into its three bf16 planes, as amx_gemm reads them with
+// g.planes: amx_split_a_words() 16-bit words at dst (64-byte aligned). On the calling thread.
+constexpr index_t amx_max_split_a_k = 512;
+index_t amx_split_a_words(index_t M, index_t K);
+void amx_split_a(const AmxGemm& g, std::uint16_t* dst);
+
+// Whether every element of rows x cols (row stride ld) is finite.
+bool amx_all_finite(const float* x, index_t rows, index_t cols, index_t ld);
+
+// P = exp(S - shift[i]) of rows x n scores (row stride lds; n at most 512) straight into amx_split_a's planes of P
+// (rows x n), and each row's sum of P into sums[i]; a row whose shift is -inf is zeros. Attention's softmax: P is
+// never written as float32 and read back to be split. finite_b: the other operand (V) is all finite, so a term of
+// P may be zero (the split skips amx_internal's care for 0 x inf) when the row's shift is finite.
+void amx_exp_split(const float* S, index_t lds, index_t rows, index_t n, const float* shift, std::uint16_t* planes,
+                   float* sums, bool finite_b);
 
 }  // namespace cpuformer::detail

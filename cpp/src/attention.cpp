@@ -16,6 +16,8 @@
 // task alone it is added in the same pass; when the mask is broadcast over axes that several tasks cover (a (T, S)
 // mask, or a per-batch mask with grouped heads), a second pass owns the mask's rows instead: tasks over (mask slice,
 // query block), each summing over the broadcast (b, h) in a fixed order (recomputing S and dP: two more GEMMs).
+// On the "amx" SIMD path long sequences run the score and value products on AMX tiles (amx_attention below); the
+// backward passes recompute their scores on the same tiles, so P = exp(S - lse) is the forward's P bit for bit.
 // See the shared design note kernels.md section 2 (PyTorch's CPU flash attention, ggml).
 #include "cpuformer/attention.h"
 
@@ -23,10 +25,12 @@
 #include <limits>
 #include <vector>
 
+#include "amx_internal.h"
 #include "gemm_internal.h"
 #include "parallel.h"
 #include "random.h"
 #include "rowops.h"
+#include "simd.h"
 
 namespace cpuformer {
 namespace {
@@ -138,7 +142,8 @@ void mask_tile(float* S, index_t ld, index_t bq, index_t bk, const Rows& r, inde
 
 // The score tile S = scale * Q[t0:t0+bq] K[s0:s0+bk]^T + masks (ld = row stride of S); K^T comes from packed_kt
 // when given (a PackedKeyBlocks block), else it is read in place. Forward, backward and the weights path all go
-// through here, and packing does not change the arithmetic, so backward recomputes exactly the forward's scores.
+// through here (amx_score_tile instead on the amx path), and packing does not change the arithmetic, so backward
+// recomputes exactly the forward's scores.
 void score_tile(float* S, index_t ld, index_t bq, index_t bk, const Rows& r, index_t t0, index_t s0,
                 const ConstHeadTensor& q, const ConstHeadTensor& k, const float* packed_kt, const AttentionMask& m,
                 const AttentionConfig& c) {
@@ -215,9 +220,11 @@ void rows_dot(float* d, const ConstHeadTensor& dout, const ConstHeadTensor& out,
 
 // Grow-only per-thread scratch.
 struct Scratch {
-  std::vector<float> scores, probs, dropped, m, l, d;
+  std::vector<float> scores, probs, dropped, m, l, d, shift, sums;
   // Packed operands of one (batch, kv head): keys (as K^T and as K), values (as V or V^T), and one query block's rows.
   detail::AlignedBuffer keys_t, keys, values, rows;
+  // The amx path: K and V as tiles; one query block's rows and probabilities split into bf16 planes.
+  detail::AlignedBuffer keys_amx, values_amx, planes;
 };
 thread_local Scratch t_scratch;
 
@@ -252,6 +259,113 @@ class PackedKeyBlocks {
   float* data_;
 };
 
+// The "amx" path (long sequences on AMX CPUs): the products on AMX tiles (amx_internal.h: float32 operands split
+// exactly into bf16 terms; about 2^-21 relative error per product, like the float32 GEMM on that path). Each query
+// block's rows are scaled and split once, each key block's K and V once per task; score tiles cover whole key blocks
+// (S = (scale Q) K^T, the tiles stored straight into S), and with no dropout the exponentials go straight into P's
+// split planes for O += P V. Measured against the AVX-512 kernel (2 threads, 3 interleaved runs): 0.80-0.95x at
+// T = 2048 (causal too), 0.85-0.97x at T = 512 and at causal T = 1024; level at T = 128-256, behind for causal
+// T < 1024 (whole score blocks past the diagonal: 0.7 ms against 0.57 at T = 128).
+bool amx_attention(const AttentionMask& m, const AttentionConfig& c) {
+  return detail::use_amx() && c.T >= (m.causal ? 1024 : 512) && c.D <= detail::amx_max_split_a_k;
+}
+
+// K (keys: the B of S = Q K^T, transposed) or V (the B of O += P V) of a (batch, kv head) split into AMX tiles block
+// by block on first use.
+class AmxKeyBlocks {
+ public:
+  AmxKeyBlocks(detail::AlignedBuffer& buffer, bool keys, index_t n_blocks, index_t D)
+      : slot_(keys ? detail::amx_split_b_words(kBlockK, D) : detail::amx_split_b_words(D, kBlockK)),
+        D_(D),
+        keys_(keys),
+        split_(static_cast<size_t>(n_blocks), 0),
+        data_(reinterpret_cast<std::uint32_t*>(buffer.get(std::max<index_t>(1, n_blocks) * slot_))) {}
+
+  // Block kb of x, whose first row is x0 (row stride `stride`, n_keys rows in the block).
+  const std::uint32_t* block(index_t kb, const float* x0, index_t stride, index_t n_keys) {
+    std::uint32_t* p = data_ + kb * slot_;
+    if (!split_[kb]) {
+      detail::AmxGemm g{};
+      g.trans_b = keys_;
+      g.N = keys_ ? n_keys : D_;
+      g.K = keys_ ? D_ : n_keys;
+      g.B = x0;
+      g.ldb = stride;
+      detail::amx_split_b_here(g, p);
+      split_[kb] = detail::amx_all_finite(x0, n_keys, D_, stride) ? 1 : 2;
+    }
+    return p;
+  }
+  // Whether block kb (split already) holds only finite values.
+  bool finite(index_t kb) const { return split_[kb] == 1; }
+
+ private:
+  index_t slot_, D_;
+  bool keys_;
+  std::vector<unsigned char> split_;  // 0: not split yet; 1: split, all finite; 2: split, not all finite
+  std::uint32_t* data_;
+};
+
+// C (rows x cols, row stride ldc) = A B (+ C when accumulate) on the calling thread's tiles, the tiles' sums
+// stored straight into C; A from its split planes or from A itself (rows x K, row stride lda), B from its tiles.
+void amx_product(index_t rows, index_t cols, index_t K, const std::uint16_t* a_planes, const float* A, index_t lda,
+                 const std::uint32_t* b_tiles, bool accumulate, float* C, index_t ldc) {
+  detail::AmxGemm g{};
+  g.M = rows;
+  g.N = cols;
+  g.K = K;
+  g.alpha = 1.0f;
+  g.planes = a_planes;
+  g.A = A;
+  g.lda = lda;
+  g.tiles = b_tiles;
+  g.beta = accumulate ? 1.0f : 0.0f;
+  g.C = C;
+  g.ldc = ldc;
+  g.direct_c = true;
+  detail::amx_gemm_share(g, 0, rows, 0, cols);
+}
+
+// Rows t0 .. t0+bq-1 of (b, h)'s queries, times the scale, split into planes (at most kMaxBlockQ rows; scaled: a
+// kMaxBlockQ x D scratch).
+void amx_split_queries(std::uint16_t* planes, float* scaled, const ConstHeadTensor& q, const Rows& r, index_t t0,
+                       index_t bq, const AttentionConfig& c) {
+  for (index_t i = 0; i < bq; ++i) {
+    const float* row = at(q, r.b, t0 + i, r.h, c.D);
+    for (index_t d = 0; d < c.D; ++d) scaled[i * c.D + d] = c.scale * row[d];
+  }
+  detail::AmxGemm g{};
+  g.M = bq;
+  g.K = c.D;
+  g.A = scaled;
+  g.lda = c.D;
+  detail::amx_split_a(g, planes);
+}
+
+// score_tile on the amx path: S over the whole key block (full keys from s0; the forward's tile, whatever bk the
+// caller then reads), masks on its first bk columns.
+void amx_score_tile(float* S, index_t ld, index_t bq, index_t bk, index_t full, const Rows& r, index_t t0, index_t s0,
+                    const std::uint16_t* q_planes, const std::uint32_t* k_tiles, const AttentionMask& m,
+                    const AttentionConfig& c) {
+  amx_product(bq, full, c.D, q_planes, nullptr, 0, k_tiles, false, S, ld);
+  mask_tile(S, ld, bq, bk, r, t0, s0, m, c);
+}
+
+// The amx path's per-thread operands: one query block's planes (and P's, kMaxBlockQ x kBlockK) and scaled rows.
+struct AmxRows {
+  std::uint16_t* q_planes = nullptr;
+  std::uint16_t* p_planes = nullptr;
+  float* scaled = nullptr;
+  AmxRows() = default;
+  AmxRows(Scratch& s, index_t D) {
+    const index_t q_words = detail::amx_split_a_words(kMaxBlockQ, D);
+    const index_t p_words = detail::amx_split_a_words(kMaxBlockQ, kBlockK);
+    q_planes = reinterpret_cast<std::uint16_t*>(s.planes.get((q_words + p_words) / 2 + kMaxBlockQ * D));
+    p_planes = q_planes + q_words;
+    scaled = reinterpret_cast<float*>(p_planes + p_words);
+  }
+};
+
 }  // namespace
 
 void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadTensor k, ConstHeadTensor v,
@@ -278,7 +392,14 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
     Scratch& s = t_scratch;
     s.scores.resize(kMaxBlockQ * kBlockK);
     float* S = s.scores.data();
-    PackedKeyBlocks keys_t(s.keys_t, true, n_kblocks, D), values(s.values, false, n_kblocks, D);
+    const bool amx = amx_attention(mask, c);
+    PackedKeyBlocks keys_t(s.keys_t, true, amx ? 0 : n_kblocks, D), values(s.values, false, amx ? 0 : n_kblocks, D);
+    AmxKeyBlocks keys_amx(s.keys_amx, true, amx ? n_kblocks : 0, D);
+    AmxKeyBlocks values_amx(s.values_amx, false, amx ? n_kblocks : 0, D);
+    const AmxRows amx_rows = amx ? AmxRows(s, D) : AmxRows{};
+    const bool fused = amx && c.dropout_p == 0.0f;  // the exponentials straight into P's planes (no dropout)
+    s.shift.resize(block);
+    s.sums.resize(block);
     // Decoding (a few query rows): each key and value is used once per head, so packing them would cost as much as
     // the products; the GEMM's few-rows path reads them in place.
     const bool pack_keys = c.T > kFewQueryRows;
@@ -293,21 +414,20 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
         // The first key block's product writes O (beta 0: its rows that see nothing yet have P = 0, so O = 0 there),
         // later ones add to it; O is zeroed only when no key block is visible at all.
         float beta = 0.0f;
+        if (amx) amx_split_queries(amx_rows.q_planes, amx_rows.scaled, q, r, t0, bq, c);
         for (index_t kb = kr.lo / kBlockK, s0 = kb * kBlockK; s0 < kr.hi; s0 += kBlockK, ++kb) {
-          const index_t bk = std::min(kBlockK, kr.hi - s0), full = std::min(kBlockK, r.keys - s0);
-          const bool whole = pack_keys && bk == full;
+          const index_t full = std::min(kBlockK, r.keys - s0), bk = amx ? full : std::min(kBlockK, kr.hi - s0);
+          const bool whole = pack_keys && bk == full && !amx;
           const float* kt = whole ? keys_t.block(kb, at(k, b, s0, g, D), k.st, full) : nullptr;
           const float* vb = whole ? values.block(kb, at(v, b, s0, g, D), v.st, full) : nullptr;
-          score_tile(S, kBlockK, bq, bk, r, t0, s0, q, k, kt, mask, c);
-          for (index_t i = 0; i < bq; ++i) {  // online softmax
-            float* row = S + i * kBlockK;
-            const float block_max = detail::row_max(row, bk);  // NaN when a score is: kept, not skipped by fmax
-            const float m_new = std::isnan(block_max) ? block_max : std::fmax(s.m[i], block_max);
-            if (m_new == kNegInf) {  // nothing visible yet in this row
-              for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
-              continue;
-            }
-            const double row_sum = detail::row_exp_sum(row, row, bk, m_new);
+          if (amx)
+            amx_score_tile(S, kBlockK, bq, bk, full, r, t0, s0, amx_rows.q_planes,
+                           keys_amx.block(kb, at(k, b, s0, g, D), k.st, full), mask, c);
+          else
+            score_tile(S, kBlockK, bq, bk, r, t0, s0, q, k, kt, mask, c);
+          // Online softmax: row i's new running max m_new and the sum of exp(S - m_new) over this block rescale
+          // what O and l hold so far.
+          const auto update = [&](index_t i, float m_new, double row_sum) {
             if (s.m[i] == kNegInf) {  // first visible keys: O and l are still zero
               s.l[i] = static_cast<float>(row_sum);
             } else {
@@ -316,9 +436,30 @@ void attention_forward(HeadTensor out, float* lse, ConstHeadTensor q, ConstHeadT
               if (correction != 1.0f) detail::row_scale(O + i * out.st, D, correction);
             }
             s.m[i] = m_new;
+          };
+          for (index_t i = 0; i < bq; ++i) {
+            float* row = S + i * kBlockK;
+            const float block_max = detail::row_max(row, bk);  // NaN when a score is: kept, not skipped by fmax
+            const float m_new = std::isnan(block_max) ? block_max : std::fmax(s.m[i], block_max);
+            if (fused) {
+              s.shift[i] = m_new;  // exponentials below, straight into P's planes
+            } else if (m_new == kNegInf) {  // nothing visible yet in this row
+              for (index_t j = 0; j < bk; ++j) row[j] = 0.0f;
+            } else {
+              update(i, m_new, detail::row_exp_sum(row, row, bk, m_new));
+            }
+          }
+          const std::uint32_t* v_tiles = amx ? values_amx.block(kb, at(v, b, s0, g, D), v.st, full) : nullptr;
+          if (fused) {
+            detail::amx_exp_split(S, kBlockK, bq, bk, s.shift.data(), amx_rows.p_planes, s.sums.data(),
+                                  values_amx.finite(kb));
+            for (index_t i = 0; i < bq; ++i)
+              if (s.shift[i] != kNegInf) update(i, s.shift[i], s.sums[i]);
           }
           if (c.dropout_p > 0.0f) dropout_tile(S, kBlockK, bq, bk, b, h, t0, s0, c);
-          if (whole)
+          if (amx)
+            amx_product(bq, D, bk, fused ? amx_rows.p_planes : nullptr, S, kBlockK, v_tiles, beta != 0.0f, O, out.st);
+          else if (whole)
             detail::sgemm_single_thread_packed(false, bq, D, bk, 1.0f, S, kBlockK, vb, beta, O, out.st);
           else
             detail::sgemm_single_thread(false, false, bq, D, bk, 1.0f, S, kBlockK, at(v, b, s0, g, D), v.st, beta,
@@ -359,18 +500,26 @@ void additive_grad_pass(float* dadd, ConstHeadTensor dout, ConstHeadTensor q, Co
     s.d.resize(kMaxBlockQ);
     float* P = s.scores.data();
     float* dS = s.probs.data();
+    const bool amx = amx_attention(m, c);  // the forward's score tiles (see attention_backward)
+    const AmxRows amx_rows = amx ? AmxRows(s, D) : AmxRows{};
     for (index_t b = b_begin; b < b_end; ++b)
       for (index_t h = h_begin; h < h_end; ++h) {
         const Rows r = rows_of(m, c, b, h);
+        AmxKeyBlocks keys_amx(s.keys_amx, true, amx ? (c.S + kBlockK - 1) / kBlockK : 0, D);
         for (index_t qb = qb_begin; qb < qb_end; ++qb) {
           const index_t t0 = qb * block, bq = std::min(block, c.T - t0);
           const KeyRange kr = key_range(m, r, t0, bq);
           if (kr.lo >= kr.hi) continue;
           rows_dot(s.d.data(), dout, out, b, h, t0, bq, D);
           const float* dout_rows = at(dout, b, t0, h, D);
+          if (amx) amx_split_queries(amx_rows.q_planes, amx_rows.scaled, q, r, t0, bq, c);
           for (index_t s0 = kr.lo / kBlockK * kBlockK; s0 < kr.hi; s0 += kBlockK) {
-            const index_t bk = std::min(kBlockK, kr.hi - s0);
-            score_tile(P, kBlockK, bq, bk, r, t0, s0, q, k, nullptr, m, c);
+            const index_t bk = std::min(kBlockK, kr.hi - s0), full = std::min(kBlockK, r.keys - s0);
+            if (amx)
+              amx_score_tile(P, kBlockK, bq, bk, full, r, t0, s0, amx_rows.q_planes,
+                             keys_amx.block(s0 / kBlockK, at(k, b, s0, r.g, D), k.st, full), m, c);
+            else
+              score_tile(P, kBlockK, bq, bk, r, t0, s0, q, k, nullptr, m, c);
             probs_from_lse(P, kBlockK, bq, bk, lse + (b * c.H + h) * c.T + t0);
             detail::sgemm_single_thread(false, true, bq, bk, D, 1.0f, dout_rows, dout.st, at(v, b, s0, r.g, D), v.st,
                                         0.0f, dS, kBlockK);
@@ -415,6 +564,10 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
     const index_t n_kblocks = (key_range(mask, r, t_last, c.T - t_last).hi + kBlockK - 1) / kBlockK;
     PackedKeyBlocks keys_t(s.keys_t, true, n_kblocks, D), values_t(s.values, true, n_kblocks, D),
         keys(s.keys, false, n_kblocks, D);
+    // The forward's score tiles, the same bits: on the amx path its products (the other products stay here).
+    const bool amx = amx_attention(mask, c);
+    AmxKeyBlocks keys_amx(s.keys_amx, true, amx ? n_kblocks : 0, D);
+    const AmxRows amx_rows = amx ? AmxRows(s, D) : AmxRows{};
     // One query block's dO and Q rows, packed as the B of dV += P^T dO and dK += dS^T Q.
     const index_t rows_slot = detail::packed_b_size(block, D);
     float* packed_dout = s.rows.get(2 * rows_slot);
@@ -434,13 +587,18 @@ void attention_backward(HeadTensor dq, HeadTensor dk, HeadTensor dv, ConstHeadTe
         const float* dout_rows = at(dout, b, t0, h, D);
         detail::pack_b(packed_dout, false, bq, D, dout_rows, dout.st);
         detail::pack_b(packed_q, false, bq, D, at(q, b, t0, h, D), q.st);
+        if (amx) amx_split_queries(amx_rows.q_planes, amx_rows.scaled, q, r, t0, bq, c);
         for (index_t kb = kr.lo / kBlockK, s0 = kb * kBlockK; s0 < kr.hi; s0 += kBlockK, ++kb) {
           const index_t bk = std::min(kBlockK, kr.hi - s0), full = std::min(kBlockK, r.keys - s0);
           const float* kt = keys_t.block(kb, at(k, b, s0, g, D), k.st, full);
           const float* vt = values_t.block(kb, at(v, b, s0, g, D), v.st, full);
           const float* kn = keys.block(kb, at(k, b, s0, g, D), k.st, full);
           const bool whole = bk == full;  // else the causal diagonal cuts the block: read K and V in place
-          score_tile(P, kBlockK, bq, bk, r, t0, s0, q, k, whole ? kt : nullptr, mask, c);
+          if (amx)
+            amx_score_tile(P, kBlockK, bq, bk, full, r, t0, s0, amx_rows.q_planes,
+                           keys_amx.block(kb, at(k, b, s0, g, D), k.st, full), mask, c);
+          else
+            score_tile(P, kBlockK, bq, bk, r, t0, s0, q, k, whole ? kt : nullptr, mask, c);
           probs_from_lse(P, kBlockK, bq, bk, lse_bh + t0);
           // dP = dO V^T (into dS), through the dropout mask when there is one.
           if (whole)

@@ -10,7 +10,7 @@ import pytest
 
 import cpuformer
 from cpuformer import _core, ops
-from testutil import assert_close, randn
+from testutil import SIMD_PATHS, assert_close, randn
 
 
 def _mask4(a, B, H, T, S):
@@ -286,10 +286,86 @@ def test_torch_sdpa_enable_gqa_parity(rng, H, kvh, causal):
         assert_close(ours, theirs, rtol=1e-3, atol=1e-5)
 
 
+# The "amx" path runs long sequences' products on AMX tiles (T >= 512, causal T >= 1024): scores of whole key blocks
+# from scaled, split queries; the exponentials straight into P's split planes; backward recomputes the forward's
+# scores on the same tiles. Sizes cross key blocks and query tiles with partial ones (D = 24: a partial 16-column
+# panel of O; S = 1100: a last key block of 76).
+AMX_CASES = [("none", "none", 4, 4), ("window", "mask_1hts", 4, 2), ("decode", "mask_bts", 4, 1),
+             ("none", "mask_ts", 2, 2), ("causal", "padding", 4, 2), ("window_causal", "alibi", 2, 1),
+             ("decode_window", "mask_bhts", 2, 2)]
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+@pytest.mark.parametrize("positions,extra,H,kvh", AMX_CASES)
+def test_amx_path_matches_float64_reference(rng, threads, positions, extra, H, kvh):
+    _core.set_simd_path("amx")
+    try:
+        T = 1030 if "causal" in positions or "decode" in positions else 600
+        run_and_check(rng, 1, T, 1100, 24, H, kvh, positions, extra, grad_tol=2e-3)
+        # float32 precision, not merely close: a dropped term product (2^-16 of a product) would show
+        q, k, v = randn(rng, 1, T, H * 24), randn(rng, 1, 1100, kvh * 24), randn(rng, 1, 1100, kvh * 24)
+        kw, rkw = make_case(rng, 1, T, 1100, H, kvh, positions, extra)
+        out = ops.attention(q, k, v, H, num_kv_heads=kvh, **kw)[0]
+        r_out = ref(q, k, v, H, grad=randn(rng, 1, T, H * 24), **rkw)[0]
+        assert np.linalg.norm(out - r_out) < 1e-6 * np.linalg.norm(r_out)
+    finally:
+        _core.set_simd_path("auto")
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+@pytest.mark.parametrize("where", ["v_inf", "v_nan", "v_both_infs", "q_inf", "k_nan"])
+def test_amx_path_non_finite_like_avx512(rng, where):
+    B, T, E, H = 1, 600, 64, 2
+    q, k, v = randn(rng, B, T, E), randn(rng, B, T, E), randn(rng, B, T, E)
+    x = {"v": v, "q": q, "k": k}[where[0]]
+    x[0, 300, 40] = np.nan if where.endswith("nan") else np.inf
+    if where == "v_both_infs":
+        x[0, 301, 40] = -np.inf
+    outs = {}
+    try:
+        for path in ("amx", "avx512"):
+            _core.set_simd_path(path)
+            outs[path] = ops.attention(q, k, v, H)[0]
+    finally:
+        _core.set_simd_path("auto")
+    np.testing.assert_array_equal(np.isnan(outs["amx"]), np.isnan(outs["avx512"]))
+    np.testing.assert_array_equal(np.isinf(outs["amx"]), np.isinf(outs["avx512"]))
+    assert np.isnan(outs["amx"]).any() or np.isinf(outs["amx"]).any()
+    fine = np.isfinite(outs["amx"])
+    assert_close(outs["amx"][fine], outs["avx512"][fine], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
+def test_amx_path_from_many_threads_at_once(rng):
+    """Each caller's tiles, planes and split keys are its own: callers at once get the single-caller results."""
+    import threading
+    B, T, E, H = 1, 520, 32, 2
+    inputs = [[randn(rng, B, T, E) for _ in range(3)] for _ in range(3)]
+    _core.set_simd_path("amx")
+    try:
+        refs = [ops.attention(*x, H)[0] for x in inputs]
+        bad = []
+
+        def work(i):
+            for _ in range(5):
+                if not np.array_equal(ops.attention(*inputs[i % 3], H)[0], refs[i % 3]):
+                    bad.append(i)
+
+        ts = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    finally:
+        _core.set_simd_path("auto")
+    assert not bad
+
+
 @pytest.mark.parametrize("extra", ["mask_ts", "mask_bts", "mask_1hts", "mask_bhts"])
 @pytest.mark.parametrize("kvh", [4, 2, 1])
-def test_results_do_not_depend_on_the_thread_count(rng, extra, kvh):
-    B, T, S, D, H = 3, 150, 290, 8, 4
+@pytest.mark.parametrize("T,S,dropout", [(150, 290, 0.1), (1030, 1100, 0.0), (1030, 1100, 0.1)])  # long: amx path
+def test_results_do_not_depend_on_the_thread_count(rng, extra, kvh, T, S, dropout):
+    B, D, H = 3, 8, 4
     q, k, v, g = randn(rng, B, T, H * D), randn(rng, B, S, kvh * D), randn(rng, B, S, kvh * D), randn(rng, B, T, H * D)
     kw, _ = make_case(rng, B, T, S, H, kvh, "decode_window", extra)
     kw["alibi_slopes"] = alibi(H)
@@ -298,9 +374,9 @@ def test_results_do_not_depend_on_the_thread_count(rng, extra, kvh):
     try:
         for n in (1, 2, 1):
             cpuformer.set_num_threads(n)
-            out, lse = ops.attention(q, k, v, H, num_kv_heads=kvh, need_lse=True, dropout_p=0.1, seed=3, **kw)
+            out, lse = ops.attention(q, k, v, H, num_kv_heads=kvh, need_lse=True, dropout_p=dropout, seed=3, **kw)
             dmask = np.zeros(kw["attn_mask"].shape, np.float32)
-            grads = ops.attention_backward(g, q, k, v, out, lse, H, num_kv_heads=kvh, dropout_p=0.1, seed=3,
+            grads = ops.attention_backward(g, q, k, v, out, lse, H, num_kv_heads=kvh, dropout_p=dropout, seed=3,
                                            grad_attn_mask=dmask, **kw)
             results.append((out, lse, *grads, dmask))
     finally:
