@@ -279,7 +279,7 @@ class AmxKeyBlocks {
         D_(D),
         keys_(keys),
         split_(static_cast<size_t>(n_blocks), 0),
-        data_(reinterpret_cast<std::uint32_t*>(buffer.get(std::max<index_t>(1, n_blocks) * slot_))) {}
+        data_(n_blocks > 0 ? reinterpret_cast<std::uint32_t*>(buffer.get(n_blocks * slot_)) : nullptr) {}
 
   // Block kb of x, whose first row is x0 (row stride `stride`, n_keys rows in the block).
   const std::uint32_t* block(index_t kb, const float* x0, index_t stride, index_t n_keys) {

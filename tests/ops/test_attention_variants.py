@@ -5,6 +5,8 @@ weights, dq/dk/dv and the mask gradient), float64 finite differences of that ref
 scaled_dot_product_attention(enable_gqa=True), odd sizes, thread-count independence, and bad arguments."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -338,7 +340,6 @@ def test_amx_path_non_finite_like_avx512(rng, where):
 @pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
 def test_amx_path_from_many_threads_at_once(rng):
     """Each caller's tiles, planes and split keys are its own: callers at once get the single-caller results."""
-    import threading
     B, T, E, H = 1, 520, 32, 2
     inputs = [[randn(rng, B, T, E) for _ in range(3)] for _ in range(3)]
     _core.set_simd_path("amx")
