@@ -15,8 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from hf_testlib import (DECODERS, check_rel, edit_config, gen_positions, half_copy, left_padded, load,  # noqa: E402
-                        rand_ids, rel_err, to_np)
+from hf_testlib import (DECODERS, _llama_cfg, check_rel, edit_config, gen_positions, half_copy,  # noqa: E402
+                        left_padded, load, rand_ids, randomize, rel_err, to_np)
 
 B, T = 3, 13
 LENGTHS = [13, 10, 6]
@@ -176,6 +176,20 @@ def test_16bit_tied_table_stays_16bit_under_int8_and_packed_heads(llama3, tmp_pa
         # the converted load owns a float32 table (V x C x 4 bytes) that the 16-bit one maps instead
         assert converted.memory["owned"] - kept.memory["owned"] >= V * C * 4, (weights, kept.memory,
                                                                                  converted.memory)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_int8_from_16bit_weights_equals_int8_from_their_float32_copy(tmp_path, dtype):
+    """weights="int8" quantizes a 16-bit checkpoint's Linear weights from blocks of converted rows (256K values: no
+    float32 copy of a whole weight): bitwise what quantizing a float32 checkpoint of the same (rounded) weights
+    gives. A feed-forward of 8224 keeps every MLP weight over two blocks (8224 x 32 and 32 x 8224)."""
+    torch.manual_seed(12)
+    model = randomize(transformers.LlamaForCausalLM(_llama_cfg(intermediate_size=8224, num_hidden_layers=1))).eval()
+    path, ref = half_copy(model, getattr(torch, dtype), tmp_path / dtype)
+    ref.save_pretrained(str(tmp_path / "f32"))
+    ids, mask = _inputs(model, seed=11)
+    half, full = load(path, weights="int8"), load(str(tmp_path / "f32"), weights="int8")
+    np.testing.assert_array_equal(half(ids, attention_mask=mask), full(ids, attention_mask=mask))
 
 
 def test_bf16_activations_option(llama3, tmp_path):
