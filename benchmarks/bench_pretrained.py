@@ -609,6 +609,24 @@ def close_all(workers):
         w.close()
 
 
+def load_rounds(engines: list, spec: dict, args) -> dict:
+    """{engine: [load seconds]}: each engine loaded in a fresh process, one at a time with every other worker
+    closed, interleaved round by round (rotating the order, pausing before each). The load of a worker started
+    while the section's others are alive depends on what was started before it: right after the float32 and
+    packed workers (which allocate and free gigabytes) an int8 load measured 1.65 s in cpuformer and 2.4 s in
+    CTranslate2, against 0.6-1.0 s later in the same sequence."""
+    out = {e: [] for e in engines}
+    for r in range(args.rounds):
+        for i in range(len(engines)):
+            eng = engines[(i + r) % len(engines)]
+            time.sleep(args.pause)
+            w = Worker(dict(spec, engine=eng), args.threads)
+            if w.alive:
+                out[eng].append(w.info["load_s"])
+            w.close()
+    return out
+
+
 def header(args, title):
     print(f"\n=== {title} === threads {args.threads}; loadavg before {loadavg()}", flush=True)
 
@@ -709,7 +727,8 @@ def section_decoder(args, cache):
         gf = [2 * CALIB_N ** 3 / t / 1e9 for t in times["prompt"]["calib"] + times["generate"]["calib"]]
         print(f"{'calibration':<12} numpy {CALIB_N}^3 float32 matmul, timed in every round: median "
               f"{statistics.median(gf):.1f} GFLOP/s (min {min(gf):.1f}, max {max(gf):.1f})")
-    print(f"load s: from_pretrained / Generator() on a warm page cache (the files were just written or read); "
+    print(f"load s: from_pretrained / Generator() on a warm page cache (the files were just written or read), each "
+          f"started after the engines above it, which stay alive (the line after the memory lines loads each alone); "
           f"RSS load: resident growth over the process after imports; peak load / peak run: peak RSS (VmHWM) growth over "
           f"that baseline after loading / after the first {new}-token generate (memory-mapped weights, cpuformer's "
           f"bf16, count once touched: file pages, shared with the page cache). decode tok/s = {new - 1} / "
@@ -726,6 +745,9 @@ def section_decoder(args, cache):
               + (f", decode cpf-bf16act / torch-bf16 tok/s = {da / dt:.2f}" if da and dt else ""))
     memory_lines(workers)
     close_all(workers)
+    loads = load_rounds([w.name for w in workers if w.name != "calib"], spec, args)
+    print(f"load s, each engine alone in a fresh process ({args.rounds} interleaved rounds, the other workers closed): "
+          + ", ".join(f"{e} {statistics.median(v):.2f}" for e, v in loads.items() if v))
     print(f"loadavg after: {loadavg()}", flush=True)
 
 
