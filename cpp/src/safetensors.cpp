@@ -441,41 +441,48 @@ std::uint64_t load_le(const unsigned char* p, int n) {
 
 }  // namespace
 
-Status tensor_to_float(const TensorView& t, std::vector<float>* out) {
+Status tensor_to_float(const TensorView& t, float* out) {
   const std::string where = prefix_of(t.file) + "tensor " + quoted(t.name);
   const DType d = t.dtype;
   if (d != DType::kF32 && d != DType::kF16 && d != DType::kBF16 && d != DType::kF64)
     return Status::error(where + ": unsupported dtype " + quoted(dtype_name(d)) + " for float32 (F32, F16, BF16, F64)");
   const std::uint64_t itemsize = dtype_size(d);
-  if (!out) return Status::error(where + ": null output");
   if (t.nbytes % itemsize || (t.nbytes && !t.data)) return Status::error(where + ": inconsistent view");
+  const size_t n = static_cast<size_t>(t.nbytes / itemsize);
+  if (!out && n) return Status::error(where + ": null output");
   return no_throw(where + ": ", [&] {
-    std::vector<float> v(static_cast<size_t>(t.nbytes / itemsize));
     const unsigned char* p = t.data;
     if ((d == DType::kF16 || d == DType::kBF16)) {  // the one 16-bit conversion (half.h)
       const HalfType ht = d == DType::kF16 ? HalfType::kF16 : HalfType::kBF16;
       if (reinterpret_cast<std::uintptr_t>(p) % 2 == 0) {
-        half_to_float_n(v.data(), reinterpret_cast<const std::uint16_t*>(p), static_cast<index_t>(v.size()), ht);
+        half_to_float_n(out, reinterpret_cast<const std::uint16_t*>(p), static_cast<index_t>(n), ht);
       } else {
-        for (size_t i = 0; i < v.size(); ++i, p += 2) v[i] = half_to_float(static_cast<std::uint16_t>(load_le(p, 2)), ht);
+        for (size_t i = 0; i < n; ++i, p += 2) out[i] = half_to_float(static_cast<std::uint16_t>(load_le(p, 2)), ht);
       }
-      *out = std::move(v);
       return Status();
     }
-    for (size_t i = 0; i < v.size(); ++i, p += itemsize) {
+    for (size_t i = 0; i < n; ++i, p += itemsize) {
       if (d == DType::kF64) {
         const std::uint64_t bits = load_le(p, 8);
         double x;
         std::memcpy(&x, &bits, 8);
-        v[i] = static_cast<float>(x);
+        out[i] = static_cast<float>(x);
       } else {  // F32
         const auto bits = static_cast<std::uint32_t>(load_le(p, 4));
-        std::memcpy(&v[i], &bits, 4);
+        std::memcpy(&out[i], &bits, 4);
       }
     }
-    *out = std::move(v);
     return Status();
   });
+}
+
+Status tensor_to_float(const TensorView& t, std::vector<float>* out) {
+  if (!out) return Status::error(prefix_of(t.file) + "tensor " + quoted(t.name) + ": null output");
+  const std::uint64_t itemsize = dtype_size(t.dtype);
+  std::vector<float> v(itemsize ? static_cast<size_t>(t.nbytes / itemsize) : 0);
+  Status st = tensor_to_float(t, v.data());
+  if (st.ok()) *out = std::move(v);
+  return st;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

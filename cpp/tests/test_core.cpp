@@ -840,6 +840,17 @@ void test_safetensors_map() {
   check(!st.ok() && contains(st.message(), "'i64'") && contains(st.message(), "unsupported dtype 'I64'") &&
             f == std::vector<float>{0.25f},
         "tensor_to_float I64 is an error, output untouched: " + st.message());
+  float into[3] = {7.0f, 7.0f, 7.0f};  // the caller's buffer: written in place, nothing past the tensor's elements
+  check(cpuformer::tensor_to_float(*map->find("bf16"), into).ok() && into[0] == 1.5f && into[1] == -2.0f &&
+            into[2] == 7.0f,
+        "tensor_to_float BF16 into a buffer");
+  check(cpuformer::tensor_to_float(*map->find("f32"), into).ok() && into[0] == 1.5f && into[1] == -2.0f,
+        "tensor_to_float F32 into a buffer");
+  st = cpuformer::tensor_to_float(*map->find("i64"), into);
+  check(!st.ok() && contains(st.message(), "unsupported dtype 'I64'") && into[0] == 1.5f,
+        "tensor_to_float I64 into a buffer is an error, buffer untouched: " + st.message());
+  st = cpuformer::tensor_to_float(*map->find("f32"), static_cast<float*>(nullptr));
+  check(!st.ok() && contains(st.message(), "null output"), "tensor_to_float into a null buffer: " + st.message());
 
   // Bad headers: the same checks as read_safetensors, messages naming the tensor.
   const std::vector<std::pair<std::string, std::string>> bad = {

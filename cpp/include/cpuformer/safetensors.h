@@ -89,5 +89,8 @@ class SafetensorsMap {
 // A float32 copy of a tensor of a floating dtype (F32, F16, BF16, F64; any alignment); an error Status naming the
 // file and tensor for the others. out is written only on success.
 Status tensor_to_float(const TensorView& t, std::vector<float>* out);
+// The same into out[0 .. t.nbytes / dtype_size(t.dtype)) (the caller's buffer, written in place: fresh pages are
+// first touched by the conversion itself).
+Status tensor_to_float(const TensorView& t, float* out);
 
 }  // namespace cpuformer
