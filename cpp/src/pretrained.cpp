@@ -197,23 +197,42 @@ struct Norm {
 
 // The weight files of a directory plus what loading converted or prepared. Lookups follow transformers' prefix
 // rule (`prefix` + name, or the name alone) and its legacy LayerNorm gamma/beta names; the first problem is kept in
-// A float32 copy the loader owns, not zeroed first: the conversion's own first touch (on the kernel threads) faults
-// its pages in. A zero-filled std::vector faulted every page on one thread before the conversion wrote it again:
-// converting a 0.5B-parameter bf16 checkpoint to float32 took 0.96-1.04 s, now 0.45-0.49 (3 interleaved runs).
-// (Transparent huge pages on request, MADV_HUGEPAGE, measured 0.3 s at best but 1.0-3.5 s in half the runs here:
-// the kernel's compaction stalls.)
+// A float32 copy the loader owns. Large ones are mapped straight from the kernel: their pages come zeroed on first
+// touch, which the conversion itself makes on the kernel threads, and go back whole when the copy is dropped (a
+// packed or int8 load drops each one once prepared: freed heap blocks had stayed resident, up to 1 GB of them). A
+// zero-filled std::vector faulted every page on one thread before the conversion wrote it again: converting a
+// 0.5B-parameter bf16 checkpoint to float32 took 0.96-1.04 s, now 0.45-0.51 (3 interleaved runs). (Transparent
+// huge pages on request, MADV_HUGEPAGE, measured 0.3 s at best but 1.0-3.5 s in half the runs: compaction stalls.)
 class FloatBuffer {
  public:
-  FloatBuffer(size_t n, bool zero) : n_(n) {
-    p_ = static_cast<float*>(std::aligned_alloc(64, std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64)));
+  FloatBuffer(size_t n, bool zero) : n_(n), bytes_(std::max<size_t>(64, (n * sizeof(float) + 63) / 64 * 64)) {
+#if defined(__unix__) || defined(__APPLE__)
+    if (bytes_ >= (size_t(1) << 20)) {
+      void* p = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) throw std::bad_alloc();
+      p_ = static_cast<float*>(p), mapped_ = true;  // zero pages
+      return;
+    }
+#endif
+    p_ = static_cast<float*>(std::aligned_alloc(64, bytes_));
     if (!p_) throw std::bad_alloc();
     if (zero) std::fill(p_, p_ + n, 0.0f);
   }
-  FloatBuffer(FloatBuffer&& o) noexcept : p_(o.p_), n_(o.n_) { o.p_ = nullptr, o.n_ = 0; }
+  FloatBuffer(FloatBuffer&& o) noexcept : p_(o.p_), n_(o.n_), bytes_(o.bytes_), mapped_(o.mapped_) {
+    o.p_ = nullptr, o.n_ = 0;
+  }
   FloatBuffer(const FloatBuffer&) = delete;
   FloatBuffer& operator=(const FloatBuffer&) = delete;
   FloatBuffer& operator=(FloatBuffer&&) = delete;
-  ~FloatBuffer() { std::free(p_); }
+  ~FloatBuffer() {
+#if defined(__unix__) || defined(__APPLE__)
+    if (mapped_) {
+      if (p_) munmap(p_, bytes_);
+      return;
+    }
+#endif
+    std::free(p_);
+  }
   float* data() { return p_; }
   const float* data() const { return p_; }
   size_t size() const { return n_; }
@@ -222,7 +241,8 @@ class FloatBuffer {
 
  private:
   float* p_ = nullptr;
-  size_t n_ = 0;
+  size_t n_ = 0, bytes_ = 0;
+  bool mapped_ = false;
 };
 
 // `status`, naming the tensor and its file.
