@@ -195,8 +195,6 @@ struct Norm {
   }
 };
 
-// The weight files of a directory plus what loading converted or prepared. Lookups follow transformers' prefix
-// rule (`prefix` + name, or the name alone) and its legacy LayerNorm gamma/beta names; the first problem is kept in
 // A float32 copy the loader owns. Large ones are mapped straight from the kernel: their pages come zeroed on first
 // touch, which the conversion itself makes on the kernel threads, and go back whole when the copy is dropped (a
 // packed or int8 load drops each one once prepared: freed heap blocks had stayed resident, up to 1 GB of them). A
@@ -245,6 +243,8 @@ class FloatBuffer {
   bool mapped_ = false;
 };
 
+// The weight files of a directory plus what loading converted or prepared. Lookups follow transformers' prefix
+// rule (`prefix` + name, or the name alone) and its legacy LayerNorm gamma/beta names; the first problem is kept in
 // `status`, naming the tensor and its file.
 class Checkpoint {
  public:
