@@ -5,14 +5,12 @@ weights, dq/dk/dv and the mask gradient), float64 finite differences of that ref
 scaled_dot_product_attention(enable_gqa=True), odd sizes, thread-count independence, and bad arguments."""
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 
 import cpuformer
 from cpuformer import _core, ops
-from testutil import SIMD_PATHS, assert_close, randn
+from testutil import SIMD_PATHS, assert_close, assert_same_in_threads, randn
 
 
 def _mask4(a, B, H, T, S):
@@ -341,25 +339,12 @@ def test_amx_path_non_finite_like_avx512(rng, where):
 def test_amx_path_from_many_threads_at_once(rng):
     """Each caller's tiles, planes and split keys are its own: callers at once get the single-caller results."""
     B, T, E, H = 1, 520, 32, 2
-    inputs = [[randn(rng, B, T, E) for _ in range(3)] for _ in range(3)]
+    inputs = [[randn(rng, B, T, E) for _ in range(3)] for _ in range(6)]
     _core.set_simd_path("amx")
     try:
-        refs = [ops.attention(*x, H)[0] for x in inputs]
-        bad = []
-
-        def work(i):
-            for _ in range(5):
-                if not np.array_equal(ops.attention(*inputs[i % 3], H)[0], refs[i % 3]):
-                    bad.append(i)
-
-        ts = [threading.Thread(target=work, args=(i,)) for i in range(6)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
+        assert_same_in_threads([lambda x=x: ops.attention(*x, H)[0] for x in inputs], repeats=5)
     finally:
         _core.set_simd_path("auto")
-    assert not bad
 
 
 @pytest.mark.parametrize("extra", ["mask_ts", "mask_bts", "mask_1hts", "mask_bhts"])
