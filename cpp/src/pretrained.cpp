@@ -403,7 +403,7 @@ class Checkpoint {
           out, in,
           [&](index_t r0, index_t r1, float* rows) {
             half_to_float_n(rows, h + r0 * in, (r1 - r0) * in, ht);
-            if (t->file != "(new)") release_range(t->data + r0 * in * 2, (r1 - r0) * in * 2);
+            release_pages(*t, r0 * in * 2, (r1 - r0) * in * 2);
           },
           std::max<index_t>(1, (index_t(1) << 18) / in)));
       l.int8 = &int8.back();
@@ -483,8 +483,9 @@ class Checkpoint {
   }
   // A converted tensor's mapped pages are not read again: let the kernel drop them from this process's resident
   // set now (they stay in the page cache), so converting at load does not hold the file and its copy at once.
-  static void release_pages(const TensorView& t) {
-    if (t.file != "(new)") release_range(t.data, t.nbytes);
+  // (Or bytes [offset, offset + nbytes) of it.)
+  static void release_pages(const TensorView& t, std::int64_t offset = 0, std::int64_t nbytes = -1) {
+    if (t.file != "(new)") release_range(t.data + offset, nbytes < 0 ? static_cast<std::int64_t>(t.nbytes) : nbytes);
   }
   // Only for memory mapped from a file (MADV_DONTNEED would zero anonymous memory).
   static void release_range(const void* data, std::int64_t nbytes) {
