@@ -65,10 +65,10 @@ def tags_file(path, seed, n):
 
 
 def assert_same_training(one, two, rtol, noisy=(), noisy_atol=0.0):
-    """Losses within 1e-6 relative; every tensor within ``rtol`` of its largest magnitude, except ``noisy`` ones
+    """Losses within 1e-4 relative; every tensor within ``rtol`` of its largest magnitude, except ``noisy`` ones
     (names ending so) within ``noisy_atol``."""
     (a, la), (b, lb) = one, two
-    np.testing.assert_allclose(lb, la, rtol=1e-6)
+    np.testing.assert_allclose(lb, la, rtol=1e-4)
     assert set(a) == set(b)
     for k in a:
         diff = np.abs(a[k] - b[k]).max()
@@ -98,12 +98,14 @@ COMMON = ["--steps", 7, "--no-dropout", "--warmup", 2, "--seed", 5]
 
 def test_lora_two_ranks_equal_one_process_with_doubled_batch(ft_bert_tok, tmp_path):
     """LoRA adapters and a new head (the rest frozen: no gradient, not reduced), AdamW with clipping and the
-    warm-up / cosine schedule: 2 ranks x batch 4 make one process's updates with batch 8 to float32 summation order
-    (6e-8 on the losses, held to 1e-6; up to 5e-6 of its largest value on the head). The adapters are moved by AdamW's
-    normalised steps, which magnify summation-order differences in their small gradients (lora_B starts at zero):
-    up to 1.8e-4 of lora_B's largest value (7e-6) and 2.4e-5 of lora_A's (4.5e-6) seen, depending on the tiny
-    tokenizer's vocabulary order (the hash seed). Both are held to a thousandth of what 7 steps of lr 1e-2 can move
-    them (7e-5); a reduction that dropped a rank's gradient moves them by ~lr, and shows in the losses first."""
+    warm-up / cosine schedule: 2 ranks x batch 4 make one process's updates with batch 8 up to float32 summation
+    order. AdamW's normalised steps magnify that rounding in the adapters' small gradients (lora_B starts at zero), by
+    an amount that depends on the tiny tokenizer's vocabulary order, which the tokenizers library's trainer draws
+    afresh in each process. Over ~140 runs on the AMX, AVX-512 and AVX2 paths and one CI run: losses up to 3.3e-6
+    apart (mostly ~5e-8), the head up to 5e-5 of its largest value, the adapters up to 2.6e-4. Held to 1e-4 (losses),
+    1e-3 of the largest value (head, merged model) and lr / 10 (adapters). The bug this guards against is far above
+    that: ranks that average their own samples instead of the global batch (the last batch of an epoch splits 3 + 2)
+    move the losses by 6e-3, the head by 0.4 of its largest value and every adapter by 2e-3 to 1e-2."""
     train = classify_file(tmp_path / "train.tsv", 0, 21)
     args = [ft_bert_tok, "--task", "classify", "--train", train, "--lora", 4, "--lr", 1e-2, *COMMON]
     finetune([*args, "--batch-size", 8, "--output-dir", "one"], tmp_path)
@@ -113,26 +115,28 @@ def test_lora_two_ranks_equal_one_process_with_doubled_batch(ft_bert_tok, tmp_pa
     one, two = trained(tmp_path / "one", 7), trained(tmp_path / "two", 7)
     assert len(one[1]) == 7 and any("lora_B" in k for k in one[0])
     assert not any(k.endswith(("query.weight", "key.bias")) for k in one[0])  # the frozen base: not trained
-    assert_same_training(one, two, 2e-5, noisy=("lora_A.weight", "lora_B.weight"), noisy_atol=1e-3 * 7 * 1e-2)
+    assert_same_training(one, two, 1e-3, noisy=("lora_A.weight", "lora_B.weight"), noisy_atol=1e-2 / 10)
     # the saved model (adapters merged) is the same model
     merged = [load_safetensors(str(tmp_path / d / "model.safetensors"))[0] for d in ("one", "two")]
     for k in merged[0]:
-        assert np.abs(merged[0][k] - merged[1][k]).max() <= 2e-5 * max(np.abs(merged[0][k]).max(), 1e-3), k
+        assert np.abs(merged[0][k] - merged[1][k]).max() <= 1e-3 * max(np.abs(merged[0][k]).max(), 1e-3), k
 
 
 def test_full_finetune_two_ranks_equal_one_process(ft_bert_tok, tmp_path):
     """Every weight trained, token classification (per-token targets: each rank's count weighs its gradient). As
     in tests/test_distributed.py, AdamW divides by the gradient's RMS, which magnifies rounding in gradients that
-    nearly cancel (1.2e-5 of a tensor's largest value seen; the standard there is 1e-4) and turns the rounding noise
-    of a gradient that is analytically zero (the attention key bias: softmax ignores a constant added to every
-    score) into steps of its own, so that bias is only held to a quarter of what 7 steps of lr 3e-3 can move it."""
+    nearly cancel (up to 5.9e-5 of a tensor's largest value seen over 36 runs on the AMX, AVX-512 and AVX2 paths; held
+    to 5e-4) and turns the rounding noise of a gradient that is analytically zero (the attention key bias: softmax
+    ignores a constant added to every score) into steps of its own, so that bias is only held to a quarter of what 7
+    steps of lr 3e-3 can move it (3.4e-4 seen). Ranks that average their own samples instead of the global batch
+    move the losses by 6e-3 and a tensor by 0.37 of its largest value."""
     train = tags_file(tmp_path / "train.jsonl", 1, 21)
     args = [ft_bert_tok, "--task", "token-classify", "--train", train, "--lr", 3e-3, *COMMON]
     finetune([*args, "--batch-size", 8, "--output-dir", "one"], tmp_path)
     finetune([*args, "--batch-size", 4, "--output-dir", "two"], tmp_path, ranks=2)
     one, two = trained(tmp_path / "one", 7), trained(tmp_path / "two", 7)
     assert "encoder.layer.0.attention.self.query.weight" in one[0]
-    assert_same_training(one, two, 1e-4, noisy=("key.bias",), noisy_atol=0.25 * 7 * 3e-3)
+    assert_same_training(one, two, 5e-4, noisy=("key.bias",), noisy_atol=0.25 * 7 * 3e-3)
 
 
 def test_resume_under_mpi_is_exact(ft_bert_tok, tmp_path):
