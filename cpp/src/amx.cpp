@@ -312,6 +312,14 @@ static inline __attribute__((always_inline)) void dp_halves() {  // both row hal
   if (P == 2) CPUFORMER_TILE_DPBF16PS(3, 5, 7);
 }
 
+// Rows of memory that a block's k steps fetch into L2 while its tiles run, one 64-byte line of each row per step
+// (the line of the step's k): `rows` rows from `at`, `ld` bytes apart.
+struct Prefetch {
+  const char* at = nullptr;
+  index_t ld = 0;
+  int rows = 0;
+};
+
 // One block of up to 32 rows (H = 2 row halves, or 1) x 32 columns (P = 2 panels, or 1) over `steps` k steps;
 // NB = the terms of B (1: bf16, 3: float32), NA those of A (3, or 1 for prerounded activations with NB 1). A planes:
 // rows lda bytes apart, planes plane_bytes apart.
@@ -319,7 +327,7 @@ static inline __attribute__((always_inline)) void dp_halves() {  // both row hal
 // c's values when load_c (else zero) and go back to c.
 template <int H, int P, int NB, int NA = 3>
 void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const std::uint32_t* b, index_t steps,
-                float (*acc)[32], float* c, index_t ldc, bool load_c) {
+                float (*acc)[32], float* c, index_t ldc, bool load_c, const Prefetch& pf) {
   const index_t cb = ldc * static_cast<index_t>(sizeof(float));
   if (c && load_c) {
     CPUFORMER_TILE_LOADD(0, c, cb);
@@ -342,6 +350,7 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
   auto a_at = [&](int t) { return ab + t * plane_bytes; };
   for (index_t s = 0; s < steps; ++s, ab += kStepK * 2) {
     const std::uint32_t* bs = b + s * kTileWords;
+    for (int r = 0; r < pf.rows; ++r) _mm_prefetch(pf.at + r * pf.ld + s * kStepK * 2, _MM_HINT_T1);
     load_b<P>(bs, panel_words);  // B term 0 with A terms 0, 1, 2
     if (NA == 1 && NB == 3) {  // one bf16 A term (weights, swapped) against float32 B's three terms, in order
       CPUFORMER_TILE_LOADD(4, a_at(0), lda);
@@ -418,13 +427,13 @@ void tile_block(const std::uint16_t* a, index_t lda, index_t plane_bytes, const 
 template <int NB, int NA = 3>
 void run_block(int rows, int panels, const std::uint16_t* a, index_t lda, index_t plane_bytes,
                const std::uint32_t* b, index_t steps, float (*acc)[32], float* c = nullptr, index_t ldc = 0,
-               bool load_c = false) {
+               bool load_c = false, const Prefetch& pf = Prefetch{}) {
   if (rows > 16) {
-    if (panels == 2) tile_block<2, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
-    else tile_block<2, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
+    if (panels == 2) tile_block<2, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c, pf);
+    else tile_block<2, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c, pf);
   } else {
-    if (panels == 2) tile_block<1, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
-    else tile_block<1, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c);
+    if (panels == 2) tile_block<1, 2, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c, pf);
+    else tile_block<1, 1, NB, NA>(a, lda, plane_bytes, b, steps, acc, c, ldc, load_c, pf);
   }
 }
 
@@ -561,10 +570,19 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
             const std::uint32_t* bq = bb + q * pw;
             // C's lines of this block, fetched while the tiles run: write_block's stores otherwise wait on each line
             // in turn (8-17% of a 2048 x 1536 x 384 product)
-            for (int r = 0; r < rb && !g.c_transposed; ++r) {
-              const char* c = reinterpret_cast<const char*>(g.C + (rs + m + r) * g.ldc + jb + 32 * q);
-              _mm_prefetch(c, _MM_HINT_T0);
-              if (panels == 2) _mm_prefetch(c + 64, _MM_HINT_T0);
+            if (!g.c_transposed) {
+              for (int r = 0; r < rb; ++r) {
+                const char* c = reinterpret_cast<const char*>(g.C + (rs + m + r) * g.ldc + jb + 32 * q);
+                _mm_prefetch(c, _MM_HINT_T0);
+                if (panels == 2) _mm_prefetch(c + 64, _MM_HINT_T0);
+              }
+            } else {  // C's rows are this block's columns, its columns the block's rows
+              const index_t cols = std::min<index_t>(32, g.N - jb - 32 * q);
+              for (index_t j = 0; j < cols; ++j) {
+                const char* c = reinterpret_cast<const char*>(g.C + (jb + 32 * q + j) * g.ldc + rs + m);
+                _mm_prefetch(c, _MM_HINT_T0);
+                if (rb > 16) _mm_prefetch(c + 64, _MM_HINT_T0);
+              }
             }
             // Direct C: the tiles start from C and are stored back, when the block's columns are whole panels.
             if (g.direct_c && jb + 32 * q + 16 * panels <= g.N) {
@@ -572,7 +590,19 @@ void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_
                            g.ldc, !first || g.beta != 0.0f);
               continue;
             }
-            if (g.HA) run_block<3, 1>(rb, panels, a, a_stride, plane_bytes, bq, steps, acc);
+            if (g.HA) {
+              // bf16 weights read in place: the first of the block's passes would wait on memory for each of its
+              // tiles, so each pass fetches its share of the next block's rows into L2 instead.
+              Prefetch pf;
+              const index_t next = m + 32, next_rows = std::min<index_t>(32, rows - next);
+              if (next_rows > 0) {
+                const index_t per = (next_rows + pairs - 1) / pairs, r_lo = std::min(next_rows, q * per);
+                pf.at = reinterpret_cast<const char*>(g.HA + (rs + next + r_lo) * g.ldha + k0);
+                pf.ld = a_stride;
+                pf.rows = static_cast<int>(std::min(next_rows, r_lo + per) - r_lo);
+              }
+              run_block<3, 1>(rb, panels, a, a_stride, plane_bytes, bq, steps, acc, nullptr, 0, false, pf);
+            }
             else if (na == 1) run_block<1, 1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else if (nb == 1) run_block<1>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
             else run_block<3>(rb, panels, a, lda, plane_bytes, bq, steps, acc);
