@@ -64,6 +64,8 @@ bool amx_bf16_applies(index_t M, index_t N, index_t K);
 // Whether C = op(A) op(B) of a few rows and many more columns runs swapped, as C^T = op(B)^T op(A)^T with
 // c_transposed: the weights' side is then split in place (not transposed), the small op(A) packed instead.
 bool amx_swapped_applies(index_t M, index_t N, index_t K);
+// The same for bf16 weights read in place (C = x W^T: no weight packing to save, so from fewer columns on).
+bool amx_swapped_bf16_applies(index_t M, index_t N, index_t K);
 
 // Rows [r0, r1) x columns [n0, n1) of C on the calling thread (its own scratch: callers may run many at once).
 void amx_gemm_share(const AmxGemm& g, index_t r0, index_t r1, index_t n0, index_t n1);

@@ -399,7 +399,7 @@ void blocked(const HalfGemm& g) {
   detail::AmxGemm ag{false, g.trans_h, g.rows, g.N, g.K, 1.0f, g.A, g.lda, nullptr, g.H, g.ldh,
                      g.accumulate ? 1.0f : 0.0f, g.C, g.ldc, g.bias};
   ag.prerounded = g.bf16_activations;
-  if (amx && g.trans_h && !g.bf16_activations && g.K % 32 == 0 && detail::amx_swapped_applies(g.rows, g.N, g.K)) {
+  if (amx && g.trans_h && !g.bf16_activations && g.K % 32 == 0 && detail::amx_swapped_bf16_applies(g.rows, g.N, g.K)) {
     // Swapped, as the float32 product (matmul.cpp): C^T = H x^T, H's rows read by the tiles in place (no
     // transpose of the weights), x^T split and packed once per thread.
     detail::AmxGemm sw{false, true, g.N, g.rows, g.K, 1.0f, nullptr, 0, g.A, nullptr, g.lda,

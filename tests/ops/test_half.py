@@ -207,10 +207,11 @@ def test_linear_half_non_finite_activations(simd, rng):
 
 @pytest.mark.skipif("amx" not in SIMD_PATHS, reason="no AMX on this CPU or build")
 def test_linear_half_swapped_rows_equal_the_unswapped_product(threads, rng):
-    """96-256 rows of bf16 weights (N >= 2 rows, K a multiple of 32) run swapped on AMX tiles, the weights' rows
+    """96-256 rows of bf16 weights (N >= rows / 2, K a multiple of 32) run swapped on AMX tiles, the weights' rows
     read by the tiles in place: the same three term products in the same order, so each row's bits equal those of a
     300-row call (not swapped); and within float32 rounding of the float64 product, non-finite values as there."""
-    for rows, n_in, n_out in [(97, 96, 400), (128, 64, 1030), (200, 2080, 401), (130, 100, 300)]:  # K=100: not
+    cases = [(97, 96, 400), (128, 64, 1030), (200, 2080, 401), (256, 128, 130), (96, 64, 48), (130, 100, 300)]
+    for rows, n_in, n_out in cases:  # the last (K=100): not swapped
         h = random_half(rng, (n_out, n_in), "bf16")
         x = rng.standard_normal((300, n_in)).astype(np.float32)
         x[7, 3], x[20, 0] = np.inf, np.nan
