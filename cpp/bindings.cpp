@@ -1850,7 +1850,8 @@ py::tuple block_bwd(const BlockConfig& c, const py::dict& weights, const py::dic
 }
 
 py::object block_decode_py(const BlockConfig& c, const py::dict& weights, const py::object& x_obj, KVCache& cache,
-                           const py::object& new_tokens, const KVCache* cross, const py::object& memory_key_padding_mask) {
+                           const py::object& new_tokens, const KVCache* cross, const py::object& memory_key_padding_mask,
+                           const py::object& output_rows) {
   const BlockWeights w = block_weights(c, weights);
   F32 x = f32(x_obj, "x", 3, 3);
   if (x.shape(2) != c.d_model) value_error("x must be (batch, length, " + std::to_string(c.d_model) + ")");
@@ -1865,11 +1866,16 @@ py::object block_decode_py(const BlockConfig& c, const py::dict& weights, const 
     if (!cross) value_error("memory_key_padding_mask needs the cross cache");
     mm = mask_args(py::none(), memory_key_padding_mask, false, B, c.num_heads, T, cross->capacity);
   }
-  F32 out({B, T, c.d_model});
+  std::optional<I64> rows;
+  if (!output_rows.is_none()) {
+    rows = i64(output_rows, "output_rows");
+    if (rows->ndim() != 1 || rows->shape(0) != B) value_error("output_rows must have shape (" + std::to_string(B) + ",)");
+  }
+  F32 out({B, rows ? 1 : T, c.d_model});
   {
     py::gil_scoped_release nogil;
     block_decode(out.mutable_data(), x.data(), c, w, B, T, n_new ? n_new->data() : nullptr, cache, cross,
-                 mm.mask.key_padding);
+                 mm.mask.key_padding, rows ? rows->data() : nullptr);
   }
   return std::move(out);
 }
@@ -2843,7 +2849,9 @@ PYBIND11_MODULE(_core, m) {
         }, py::arg("config"), py::arg("weights"), py::arg("memory"));
   m.def("block_decode", &block_decode_py, py::arg("config"), py::arg("weights"), py::arg("x"), py::arg("cache"),
         py::arg("new_tokens") = py::none(), py::arg("cross") = nullptr, py::arg("memory_key_padding_mask") = py::none(),
-        "Next positions of each row over the block's cache (appended).");
+        py::arg("output_rows") = py::none(),
+        "Next positions of each row over the block's cache (appended); output_rows (B,): only that position's "
+        "output per row, (B, 1, d_model).");
   py::class_<PyAttentionSaved>(m, "AttentionSaved", "What a training-mode attention forward keeps for backward.")
       .def(py::init<>())
       .def_property_readonly("valid", [](const PyAttentionSaved& s) { return s.s.valid; })

@@ -737,7 +737,7 @@ void block_cross_cache(const float* memory, index_t B, index_t S, const BlockCon
 
 void block_decode(float* out, const float* x, const BlockConfig& c, const BlockWeights& w, index_t B, index_t T,
                   const std::int64_t* new_tokens, KVCache& cache, const KVCache* cross,
-                  const std::uint8_t* memory_padding) {
+                  const std::uint8_t* memory_padding, const std::int64_t* output_rows) {
   block_check(c, w);
   const Dims d(c);
   CPUFORMER_CHECK(B >= 1 && T >= 1, "block_decode: B and T must be >= 1");
@@ -754,23 +754,39 @@ void block_decode(float* out, const float* x, const BlockConfig& c, const BlockW
     CPUFORMER_CHECK(key_len[b] <= cache.capacity, "block_decode: row ", b, " would hold ", key_len[b],
                     " positions, past the cache's capacity ", cache.capacity);
     S = std::max<index_t>(S, std::max<std::int64_t>(key_len[b], 1));
+    CPUFORMER_CHECK(!output_rows || (output_rows[b] >= 0 && output_rows[b] < std::max<std::int64_t>(n_new[b], 1)),
+                    "block_decode: output_rows[", b, "] must be one of the row's new positions [0, ", n_new[b], ")");
   }
   const index_t rows = B * T, n = rows * d.C;
+  // With output_rows only one position per row goes on past the keys and values (the queries, the output
+  // projection, the feed-forward): Tq positions per row, q_offset their positions.
+  const index_t Tq = output_rows ? 1 : T, rows_q = B * Tq, n_q = rows_q * d.C;
+  std::vector<std::int64_t> q_offset(offset);
+  if (output_rows)
+    for (index_t b = 0; b < B; ++b) q_offset[b] += output_rows[b];
   // Every buffer below is written in full before it is read: no zero fill (a 128-token prompt through a 0.5B model
   // zeroed ~200 MB of fresh pages per call).
   const auto buffer = [](index_t count) { return std::unique_ptr<float[]>(new float[static_cast<size_t>(count)]); };
   std::vector<float> cur(x, x + n), tmp;
   const auto y = buffer(n), h = buffer(n);
-  auto sublayer = [&](const NormRef& nr, auto&& run) {
-    std::vector<float> sa(static_cast<size_t>(rows)), sb(static_cast<size_t>(rows));
+  // A sublayer over `r` rows of cur: norm (first or after), run(y, input), residual. `keep` (self-attention with
+  // output_rows) runs on all rows, then cur keeps only the output rows before the residual.
+  auto sublayer = [&](const NormRef& nr, auto&& run, bool keep = false) {
+    const index_t r = keep ? rows : rows_q;
+    std::vector<float> sa(static_cast<size_t>(r)), sb(static_cast<size_t>(r));
     const float* in = cur.data();
     if (c.norm_first) {
-      norm_forward(c, nr, h.get(), sa.data(), sb.data(), cur.data(), rows, d.C);
+      norm_forward(c, nr, h.get(), sa.data(), sb.data(), cur.data(), r, d.C);
       in = h.get();
     }
     run(y.get(), in);
-    residual_forward(cur.data(), cur.data(), y.get(), n);
-    if (!c.norm_first) norm_forward(c, nr, cur.data(), sa.data(), sb.data(), cur.data(), rows, d.C);
+    if (keep && output_rows) {
+      for (index_t b = 0; b < B; ++b)  // row b's output position moves to row b (never past it: in place)
+        std::memmove(cur.data() + b * d.C, cur.data() + (b * T + output_rows[b]) * d.C, sizeof(float) * d.C);
+      cur.resize(static_cast<size_t>(n_q));
+    }
+    residual_forward(cur.data(), cur.data(), y.get(), n_q);
+    if (!c.norm_first) norm_forward(c, nr, cur.data(), sa.data(), sb.data(), cur.data(), rows_q, d.C);
   };
   // Self-attention over the cache.
   sublayer(w.norm1, [&](float* yy, const float* hh) {
@@ -795,44 +811,54 @@ void block_decode(float* out, const float* x, const BlockConfig& c, const BlockW
       }
     AttentionMask m;
     m.causal = true;
-    m.query_offset = offset.data();
+    m.query_offset = q_offset.data();
     m.key_length = key_len.data();
     m.window = c.sliding_window;
     std::vector<float> slopes, bias;
     if (c.position == PositionKind::kAlibi) slopes = alibi_slopes(d.H), m.alibi_slopes = slopes.data();
     if (c.position == PositionKind::kRelativeBias) {
-      bias.resize(static_cast<size_t>(B * d.H * T * S));
+      bias.resize(static_cast<size_t>(B * d.H * Tq * S));
       for (index_t b = 0; b < B; ++b)
-        relative_bias_forward(bias.data() + b * d.H * T * S, w.self_attn.relative_table, d.H, T, S, offset[b],
+        relative_bias_forward(bias.data() + b * d.H * Tq * S, w.self_attn.relative_table, d.H, Tq, S, q_offset[b],
                               c.relative);
-      m.additive = bias.data(), m.add_sb = d.H * T * S, m.add_sh = T * S, m.add_st = S;
+      m.additive = bias.data(), m.add_sb = d.H * Tq * S, m.add_sh = Tq * S, m.add_st = S;
+    }
+    // the queries: every new position's, or each row's output position's
+    std::vector<float> picked;
+    const float* q = qkv;
+    index_t ldq = d.width;
+    if (output_rows) {
+      picked.resize(static_cast<size_t>(B * d.qdim));
+      for (index_t b = 0; b < B; ++b)
+        std::copy_n(qkv + (b * T + output_rows[b]) * d.width, d.qdim, picked.data() + b * d.qdim);
+      q = picked.data(), ldq = d.qdim;
     }
     const index_t cs = cache.capacity * d.kvdim;
-    attention_forward(HeadTensor{attn.get(), T * d.qdim, d.qdim}, nullptr,
-                      ConstHeadTensor{qkv, T * d.width, d.width}, ConstHeadTensor{cache.k.data(), cs, d.kvdim},
-                      ConstHeadTensor{cache.v.data(), cs, d.kvdim}, m, attention_config(d, B, T, S, 0.0f, 0));
-    linear_forward(yy, d.C, attn.get(), d.qdim, rows, w.self_attn.o);
-  });
+    attention_forward(HeadTensor{attn.get(), Tq * d.qdim, d.qdim}, nullptr, ConstHeadTensor{q, Tq * ldq, ldq},
+                      ConstHeadTensor{cache.k.data(), cs, d.kvdim}, ConstHeadTensor{cache.v.data(), cs, d.kvdim}, m,
+                      attention_config(d, B, Tq, S, 0.0f, 0));
+    linear_forward(yy, d.C, attn.get(), d.qdim, rows_q, w.self_attn.o);
+  }, true);
   if (c.cross_attention) {
     sublayer(w.norm2, [&](float* yy, const float* hh) {
-      const auto q = buffer(rows * d.qdim), attn = buffer(rows * d.qdim);
-      linear_forward(q.get(), d.qdim, hh, d.C, rows, w.cross_attn.q);
+      const auto q = buffer(rows_q * d.qdim), attn = buffer(rows_q * d.qdim);
+      linear_forward(q.get(), d.qdim, hh, d.C, rows_q, w.cross_attn.q);
       AttentionMask m;
       m.key_padding = memory_padding;
       const index_t Sm = cross->capacity, cs = Sm * d.kvdim;
-      attention_forward(HeadTensor{attn.get(), T * d.qdim, d.qdim}, nullptr,
-                        ConstHeadTensor{q.get(), T * d.qdim, d.qdim}, ConstHeadTensor{cross->k.data(), cs, d.kvdim},
-                        ConstHeadTensor{cross->v.data(), cs, d.kvdim}, m, attention_config(d, B, T, Sm, 0.0f, 0));
-      linear_forward(yy, d.C, attn.get(), d.qdim, rows, w.cross_attn.o);
+      attention_forward(HeadTensor{attn.get(), Tq * d.qdim, d.qdim}, nullptr,
+                        ConstHeadTensor{q.get(), Tq * d.qdim, d.qdim}, ConstHeadTensor{cross->k.data(), cs, d.kvdim},
+                        ConstHeadTensor{cross->v.data(), cs, d.kvdim}, m, attention_config(d, B, Tq, Sm, 0.0f, 0));
+      linear_forward(yy, d.C, attn.get(), d.qdim, rows_q, w.cross_attn.o);
     });
   }
   sublayer(w.norm_ff, [&](float* yy, const float* hh) {
     const index_t F = w.ff.up.out;
-    const auto u = buffer(rows * feedforward_u_width(w.ff)), a = buffer(rows * F);
-    feedforward_forward(yy, u.get(), a.get(), hh, w.ff, rows, c.activation, 0.0f, 0);
+    const auto u = buffer(rows_q * feedforward_u_width(w.ff)), a = buffer(rows_q * F);
+    feedforward_forward(yy, u.get(), a.get(), hh, w.ff, rows_q, c.activation, 0.0f, 0);
   });
   for (index_t b = 0; b < B; ++b) cache.length[b] = key_len[b];
-  std::memcpy(out, cur.data(), sizeof(float) * n);
+  std::memcpy(out, cur.data(), sizeof(float) * n_q);
 }
 
 }  // namespace cpuformer

@@ -425,10 +425,12 @@ class GptModel : public ModelBase {
             std::vector<float>* logits) const {
     std::vector<float> x(static_cast<size_t>(n * C));
     embed(ids, n, start, n, x.data());
+    const std::int64_t final_row = n - 1;  // the last block carries only it past its keys and values
     for (size_t l = 0; l < blocks.size(); ++l)
-      block_decode(x.data(), x.data(), blocks[l].cfg, blocks[l].w, 1, n, nullptr, caches[l]);
+      block_decode(x.data(), x.data(), blocks[l].cfg, blocks[l].w, 1, n, nullptr, caches[l], nullptr, nullptr,
+                   l + 1 == blocks.size() ? &final_row : nullptr);
     std::vector<float> last(static_cast<size_t>(C));
-    ln_f.apply(last.data(), x.data() + (n - 1) * C, 1, C);
+    ln_f.apply(last.data(), x.data(), 1, C);
     logits->resize(static_cast<size_t>(V));
     linear_forward(logits->data(), V, last.data(), C, 1, head);
   }

@@ -941,16 +941,18 @@ void decoder_generate(const Impl& m, const std::int64_t* ids, index_t B, index_t
   reset_caches(m.dec, B, Tr + std::min<index_t>(steps, 64), &caches);
   std::vector<float> x(static_cast<size_t>(B * Tr * m.C));
   m.embed(m.dec, compact.data(), B, Tr, nullptr, zero.data(), x.data());
-  for (std::size_t l = 0; l < m.dec.layers.size(); ++l)
-    block_decode(x.data(), x.data(), m.dec.layers[l].cfg, m.dec.layers[l].w, B, Tr, count.data(), caches[l]);
-  std::vector<std::int64_t> last(static_cast<size_t>(B));
-  for (index_t b = 0; b < B; ++b) last[b] = b * Tr + count[b] - 1;
+  // The last block carries only each row's last real token past its keys and values: x's first B rows.
+  std::vector<std::int64_t> last(static_cast<size_t>(B)), all(static_cast<size_t>(B));
+  for (index_t b = 0; b < B; ++b) last[b] = count[b] - 1, all[b] = b;
+  const std::size_t L = m.dec.layers.size();
+  for (std::size_t l = 0; l < L; ++l)
+    block_decode(x.data(), x.data(), m.dec.layers[l].cfg, m.dec.layers[l].w, B, Tr, count.data(), caches[l], nullptr,
+                 nullptr, l + 1 == L ? last.data() : nullptr);
   std::vector<float> logits;
-  rows_to_logits(m, m.dec, x.data(), last, &logits);
+  rows_to_logits(m, m.dec, x.data(), all, &logits);
   std::mt19937_64 rng(o.seed);
   std::vector<std::uint8_t> done(static_cast<size_t>(B), 0);
-  std::vector<std::int64_t> tok(static_cast<size_t>(B)), pos(static_cast<size_t>(B)), all(static_cast<size_t>(B));
-  for (index_t b = 0; b < B; ++b) all[b] = b;
+  std::vector<std::int64_t> tok(static_cast<size_t>(B)), pos(static_cast<size_t>(B));
   const std::int64_t max_length = T + steps;
   for (index_t s = 0; s < steps; ++s) {
     bool all_done = true;
@@ -2312,8 +2314,10 @@ Status DecoderBatch::prefill(std::int64_t slot, const std::vector<std::int64_t>&
     std::vector<float> x(static_cast<size_t>(T * m.C));
     const std::int64_t zero = 0;
     m.embed(m.dec, prompt.data(), 1, T, nullptr, &zero, x.data());
+    const std::int64_t last = T - 1;  // the last block carries only the last token past its keys and values
     for (std::size_t l = 0; l < m.dec.layers.size(); ++l) {
-      block_decode(x.data(), x.data(), m.dec.layers[l].cfg, m.dec.layers[l].w, 1, T, nullptr, one[l]);
+      block_decode(x.data(), x.data(), m.dec.layers[l].cfg, m.dec.layers[l].w, 1, T, nullptr, one[l], nullptr, nullptr,
+                   l + 1 == m.dec.layers.size() ? &last : nullptr);
       KVCache& c = d.caches[l];
       std::copy_n(one[l].k.data(), T * c.width, c.k.data() + slot * c.capacity * c.width);
       std::copy_n(one[l].v.data(), T * c.width, c.v.data() + slot * c.capacity * c.width);
@@ -2321,7 +2325,7 @@ Status DecoderBatch::prefill(std::int64_t slot, const std::vector<std::int64_t>&
     }
     d.history[slot] = prompt;
     d.max_length[slot] = T + max_new_tokens;
-    d.logits_of(x.data() + (T - 1) * m.C, 1, {slot}, logits);
+    d.logits_of(x.data(), 1, {slot}, logits);
     return Status();
   });
 }

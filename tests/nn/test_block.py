@@ -369,6 +369,43 @@ def test_decode_equals_full_forward(variant):
         np.testing.assert_allclose(np.concatenate(got[b]), full, rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("variant", sorted(DECODE) + ["post-norm", "cross-attention"])
+def test_decode_output_rows_equal_those_rows_of_the_full_decode(variant):
+    """output_rows: one position per row carried past the keys and values (a prompt's last token in the last
+    block) gives that row of the full decode, and the cache it leaves is the full decode's bit for bit, so the
+    steps after it agree too."""
+    rng = np.random.default_rng(12)
+    nn.init.manual_seed(3)
+    if variant == "cross-attention":  # torch's decoder layer (post-norm)
+        block = nn.TransformerDecoderLayer(32, 4, 40, batch_first=True).eval()
+    else:
+        kw = dict(norm_first=False) if variant == "post-norm" else DECODE[variant]
+        block = nn.TransformerBlock(32, 4, 40, **kw).eval()
+    lengths = np.array([5, 1, 3])
+    prompt = rng.standard_normal((3, 5, 32)).astype(np.float32)
+    extra = {}
+    if variant == "cross-attention":
+        memory = rng.standard_normal((3, 6, 32)).astype(np.float32)
+        pad = np.zeros((3, 6), bool)
+        pad[1, 4:] = True
+        extra = dict(cross=block.cross_cache(memory), memory_key_padding_mask=pad)
+    full_cache, some_cache = block.new_cache(3, 8), block.new_cache(3, 8)
+    full = block.decode(prompt, full_cache, new_tokens=lengths, **extra)
+    for rows in (lengths - 1, np.array([0, 0, 1])):
+        cache = block.new_cache(3, 8)
+        some = block.decode(prompt, cache, new_tokens=lengths, output_rows=rows, **extra)
+        assert some.shape == (3, 1, 32)
+        np.testing.assert_allclose(some[:, 0], full[np.arange(3), rows], rtol=0, atol=2e-5)
+        assert cache.length == full_cache.length
+    block.decode(prompt, some_cache, new_tokens=lengths, output_rows=lengths - 1, **extra)
+    nxt = rng.standard_normal((3, 1, 32)).astype(np.float32)
+    np.testing.assert_array_equal(block.decode(nxt, some_cache, **extra), block.decode(nxt, full_cache, **extra))
+    with pytest.raises(ValueError, match=r"output_rows\[1\]"):
+        block.decode(prompt, block.new_cache(3, 8), new_tokens=lengths, output_rows=np.array([4, 1, 2]), **extra)
+    with pytest.raises(ValueError, match="output_rows must have shape"):
+        block.decode(prompt, block.new_cache(3, 8), new_tokens=lengths, output_rows=np.array([4, 0]), **extra)
+
+
 def test_cache_reorder_for_beams():
     rng = np.random.default_rng(4)
     nn.init.manual_seed(4)

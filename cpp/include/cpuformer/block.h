@@ -189,8 +189,11 @@ void block_cross_cache(const float* memory, index_t B, index_t S, const BlockCon
 // length; new_tokens (B, may be null: all T) says how many of them are real for each row (a batch of prompts of
 // different lengths: the rest are ignored and not kept). Attends over the cache (causal, window, positions from
 // the row's length). Cross-attention blocks read `cross` (block_cross_cache) with memory_padding (B, S).
+// output_rows (B, may be null: every position) names one new position per row whose output alone is wanted (a
+// prompt's last token in the last block): every real position's keys and values still go into the cache, and out
+// is then (B, d_model).
 void block_decode(float* out, const float* x, const BlockConfig& cfg, const BlockWeights& w, index_t B, index_t T,
                   const std::int64_t* new_tokens, KVCache& cache, const KVCache* cross = nullptr,
-                  const std::uint8_t* memory_padding = nullptr);
+                  const std::uint8_t* memory_padding = nullptr, const std::int64_t* output_rows = nullptr);
 
 }  // namespace cpuformer

@@ -172,16 +172,19 @@ class BlockLayer(Module):
         return _core.block_cross_cache(self.block_config, self._weights(), ops._f32(memory, "memory"))
 
     def decode(self, x, cache: KVCache, new_tokens=None, cross: Optional[KVCache] = None,
-               memory_key_padding_mask=None) -> np.ndarray:
+               memory_key_padding_mask=None, output_rows=None) -> np.ndarray:
         """The next positions ``x`` (B, T, d_model) of each row, attending over and appended to ``cache``
-        (``new_tokens`` (B,): how many of the T are real per row). Inference only."""
+        (``new_tokens`` (B,): how many of the T are real per row). ``output_rows`` (B,): only that new position's
+        output per row is computed past the keys and values (a prompt's last token in a stack's last block), and
+        the result is (B, 1, d_model). Inference only."""
         if self.training:
             raise RuntimeError(f"{type(self).__name__}.decode runs in eval mode: call .eval() first")
         mpad = None
         if memory_key_padding_mask is not None:
             mpad = np.ascontiguousarray(np.asarray(memory_key_padding_mask) != 0, dtype=np.uint8)
         nt = None if new_tokens is None else ops._ids(new_tokens, "new_tokens").reshape(-1)
-        return _core.block_decode(self.block_config, self._weights(), ops._f32(x, "x"), cache, nt, cross, mpad)
+        rows = None if output_rows is None else ops._ids(output_rows, "output_rows").reshape(-1)
+        return _core.block_decode(self.block_config, self._weights(), ops._f32(x, "x"), cache, nt, cross, mpad, rows)
 
 
 class _Parts(Module):
